@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.errors import UserError
+
 #: Joint order of FLAME's kinematic tree. The demo head uses the same names and order.
 JOINT_NAMES: tuple[str, ...] = ("root", "neck", "jaw", "left_eye", "right_eye")
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UserError):
     """A model file is missing, unreadable or malformed. The message is one line meant for the user."""
 
 
