@@ -34,7 +34,7 @@ class Embedding:
 
 @dataclass(frozen=True)
 class ContourEmbedding:
-    """FLAME's 17 jaw-contour landmarks, one row of candidates per head yaw (degrees, -39..+39 as in DECA)."""
+    """FLAME's 17 jaw-contour landmarks, one row of candidates per head yaw (rows as DECA orders them)."""
 
     face_idx: np.ndarray  # (79, 17) int64
     bary: np.ndarray  # (79, 17, 3) float64
