@@ -48,42 +48,59 @@ def _skew(vectors: torch.Tensor) -> torch.Tensor:
 
 
 class _Table:
-    """Per-(landmark, joint) rest points and their bases for a fixed list of landmarks."""
+    """Per-(landmark, active joint) rest points and their bases for a list of landmarks.
 
-    def __init__(self, layer: FlameLayer, vertex_idx: torch.Tensor, bary: torch.Tensor) -> None:
-        # vertex_idx, bary: (..., N, 3); the leading dims (if any) index alternatives such as contour rows.
-        weights = layer.lbs_weights[vertex_idx] * bary[..., None]  # (..., N, 3, J): b_k w_kj
-        self.weight = weights.sum(dim=-2)  # (..., N, J)
-        basis = torch.cat([layer.shapedirs, layer.exprdirs], dim=-1)[vertex_idx]  # (..., N, 3, 3xyz, C)
-        self.rest = torch.einsum("...kj,...kx->...jx", weights, layer.v_template[vertex_idx])  # (..., N, J, 3)
-        self.coeff_basis = torch.einsum("...kj,...kxc->...jxc", weights, basis)  # (..., N, J, 3, C)
-        self.pose_basis = torch.einsum("...kj,...kxp->...jxp", weights, layer.posedirs[vertex_idx])
+    Bases are stored joint-major, (..., Ja, 3, L, C), so that rotating them by each joint's world rotation is
+    one batched product without copies. Joints with zero weight on every landmark are left out.
+    """
+
+    def __init__(self, weight: torch.Tensor, rest: torch.Tensor, coeff_basis: torch.Tensor, pose_basis: torch.Tensor, joints: torch.Tensor) -> None:
+        self.weight = weight  # (..., L, Ja)
+        self.rest = rest  # (..., L, Ja, 3)
+        self.coeff_basis = coeff_basis  # (..., Ja, 3, L, C)
+        self.pose_basis = pose_basis  # (..., Ja, 3, L, P)
+        self.joints = joints  # (Ja,) indices of the active joints
 
     @classmethod
-    def _of(cls, weight: torch.Tensor, rest: torch.Tensor, coeff_basis: torch.Tensor, pose_basis: torch.Tensor) -> _Table:
-        table = cls.__new__(cls)
-        table.weight, table.rest, table.coeff_basis, table.pose_basis = weight, rest, coeff_basis, pose_basis
-        return table
+    def build(cls, layer: FlameLayer, vertex_idx: torch.Tensor, bary: torch.Tensor) -> _Table:
+        # vertex_idx, bary: (..., L, 3); leading dims (if any) index alternatives such as contour rows.
+        skin = layer.lbs_weights[vertex_idx] * bary[..., None]  # (..., L, 3 corners, J): b_k w_kj
+        joints = torch.nonzero(skin.abs().reshape(-1, skin.shape[-1]).sum(0) > 0).flatten()
+        skin = skin[..., joints]
+        basis = torch.cat([layer.shapedirs, layer.exprdirs], dim=-1)[vertex_idx]  # (..., L, 3 corners, 3, C)
+        return cls(
+            skin.sum(dim=-2),
+            torch.einsum("...lkj,...lkx->...ljx", skin, layer.v_template[vertex_idx]),
+            torch.einsum("...lkj,...lkxc->...jxlc", skin, basis).contiguous(),
+            torch.einsum("...lkj,...lkxp->...jxlp", skin, layer.posedirs[vertex_idx]).contiguous(),
+            joints,
+        )
 
     def select(self, rows: torch.Tensor) -> _Table:
         """One alternative per batch item: (B,) rows of a table with a leading alternatives dimension."""
-        return _Table._of(self.weight[rows], self.rest[rows], self.coeff_basis[rows], self.pose_basis[rows])
+        return _Table(self.weight[rows], self.rest[rows], self.coeff_basis[rows], self.pose_basis[rows], self.joints)
 
-    def expand(self, batch: int) -> _Table:
-        """The same landmarks for every batch item (views, no copies)."""
-        return _Table._of(*(a.expand(batch, *a.shape) for a in (self.weight, self.rest, self.coeff_basis, self.pose_basis)))
+    def with_fixed_shape(self, shape: torch.Tensor, n_shape: int) -> _Table:
+        """The same landmarks with the identity coefficients ``shape`` (n_shape,) folded into the rest points."""
+        shaped = torch.einsum("...jxlc,c->...ljx", self.coeff_basis[..., :n_shape], shape)
+        return _Table(self.weight, self.rest + shaped, self.coeff_basis[..., n_shape:].contiguous(), self.pose_basis, self.joints)
 
-    def concat(self, other: _Table) -> _Table:
-        """Landmarks of ``self`` followed by those of ``other``; both batched."""
-        pairs = zip((self.weight, self.rest, self.coeff_basis, self.pose_basis), (other.weight, other.rest, other.coeff_basis, other.pose_basis))
-        return _Table._of(*(torch.cat([a, b], dim=1) for a, b in pairs))
+
+@dataclass
+class _Kinematics:
+    rest_joints: torch.Tensor  # (B, J, 3)
+    world_rot: torch.Tensor  # (B, J, 3, 3)
+    world_pos: torch.Tensor  # (B, J, 3)
+    d_pos: torch.Tensor | None  # (B, J, 3, C): d world_pos / d coeffs
+    pose_feature: torch.Tensor  # (B, 9 (J-1))
 
 
 class LandmarkModel:
     """The landmark points of a FlameLayer for chosen groups, evaluated with analytic Jacobians.
 
-    Coefficients ``coeffs`` are shape then expression, (B, n_shape + n_exp). ``rotations`` are local joint
-    rotations (B, J, 3, 3). The landmarks are ordered by group (GROUPS), each group's slice in ``slices``.
+    ``coeffs`` are shape then expression, (B, n_shape + n_exp), or expression alone for a model made by
+    :meth:`with_fixed_shape`. ``rotations`` are local joint rotations (B, J, 3, 3). Landmarks are ordered by
+    group (GROUPS); each group's slice is in ``slices``.
     """
 
     def __init__(self, layer: FlameLayer, groups: tuple[str, ...] = GROUPS) -> None:
@@ -91,15 +108,12 @@ class LandmarkModel:
         self.n_joints = layer.n_joints
         self.parents = layer.parents
         self.n_coeffs = layer.n_shape + layer.n_exp
-        self.groups: list[str] = []
         self.slices: dict[str, slice] = {}
         static_idx, static_bary = [], []
-        offset = 0
-        contour_rows = 17 if layer.has_contour and "lmk68" in groups else 0
-        offset += contour_rows
-        if contour_rows:
+        with_contour = layer.has_contour and "lmk68" in groups
+        offset = 17 if with_contour else 0
+        if with_contour:
             self.slices["lmk68"] = slice(0, 68)
-            self.groups.append("lmk68")
         for name, part in layer._static_slices.items():
             group = "lmk68" if name in ("static68", "full68") else name
             if group not in groups:
@@ -107,16 +121,26 @@ class LandmarkModel:
             static_idx.append(layer.static_vertex_idx[part])
             static_bary.append(layer.static_bary[part])
             count = part.stop - part.start
-            if group not in self.slices:
-                self.slices[group] = slice(offset, offset + count)
-                self.groups.append(group)
+            self.slices.setdefault(group, slice(offset, offset + count))
             offset += count
         self.n_landmarks = offset
-        self.contour = _Table(layer, layer.contour_vertex_idx, layer.contour_bary) if contour_rows else None
-        self.static = _Table(layer, torch.cat(static_idx), torch.cat(static_bary))
+        self.contour = _Table.build(layer, layer.contour_vertex_idx, layer.contour_bary) if with_contour else None
+        self.static = _Table.build(layer, torch.cat(static_idx), torch.cat(static_bary))
         self.joint_coeff_basis = torch.cat([layer.j_shapedirs, layer.j_exprdirs], dim=-1)  # (J, 3, C)
         self.joint_rest = layer.j_template
-        self._subtree = self._subtree_masks()
+        self.subtree = self._subtree_masks()
+
+    def with_fixed_shape(self, shape: torch.Tensor) -> LandmarkModel:
+        """A model for per-frame tracking: identity ``shape`` (n_shape,) frozen, coefficients = expression."""
+        n_shape = self.layer.n_shape
+        fixed = LandmarkModel.__new__(LandmarkModel)
+        fixed.__dict__.update(self.__dict__)
+        fixed.n_coeffs = self.n_coeffs - n_shape
+        fixed.contour = self.contour.with_fixed_shape(shape, n_shape) if self.contour is not None else None
+        fixed.static = self.static.with_fixed_shape(shape, n_shape)
+        fixed.joint_rest = self.joint_rest + torch.einsum("jxc,c->jx", self.joint_coeff_basis[..., :n_shape], shape)
+        fixed.joint_coeff_basis = self.joint_coeff_basis[..., n_shape:].contiguous()
+        return fixed
 
     def _subtree_masks(self) -> torch.Tensor:
         """(J, J) mask: [k, j] is 1 when joint j is k or below k in the tree."""
@@ -128,28 +152,11 @@ class LandmarkModel:
                 ancestor = self.parents[ancestor]
         return mask
 
-    def table(self, rotations: torch.Tensor) -> _Table:
-        """The batched landmark table for this pose: the contour row the head yaw selects, then static points."""
-        static = self.static.expand(rotations.shape[0])
-        if self.contour is None:
-            return static
-        return self.contour.select(self.layer.contour_rows(rotations)).concat(static)
-
-    def evaluate(
-        self,
-        coeffs: torch.Tensor,
-        rotations: torch.Tensor,
-        transl: torch.Tensor,
-        jacobians: bool = True,
-        table: _Table | None = None,
-    ) -> LandmarkEvaluation:
+    def _kinematics(self, coeffs: torch.Tensor, rotations: torch.Tensor, jacobians: bool) -> _Kinematics:
         batch = coeffs.shape[0]
-        table = self.table(rotations) if table is None else table
-        eye = torch.eye(3, dtype=coeffs.dtype, device=coeffs.device)
-
         rest_joints = self.joint_rest + torch.einsum("jxc,bc->bjx", self.joint_coeff_basis, coeffs)
         world_rot, world_pos = [rotations[:, 0]], [rest_joints[:, 0]]
-        d_pos_d_coeffs = [self.joint_coeff_basis[0].expand(batch, -1, -1)] if jacobians else []
+        d_pos = [self.joint_coeff_basis[0].expand(batch, -1, -1)] if jacobians else []
         for joint in range(1, self.n_joints):
             parent = self.parents[joint]
             world_rot.append(world_rot[parent] @ rotations[:, joint])
@@ -157,37 +164,57 @@ class LandmarkModel:
             world_pos.append((world_rot[parent] @ offset[..., None])[..., 0] + world_pos[parent])
             if jacobians:
                 d_offset = self.joint_coeff_basis[joint] - self.joint_coeff_basis[parent]
-                d_pos_d_coeffs.append(world_rot[parent] @ d_offset + d_pos_d_coeffs[parent])
-        rot_w = torch.stack(world_rot, dim=1)  # (B, J, 3, 3)
-        pos_w = torch.stack(world_pos, dim=1)  # (B, J, 3)
+                d_pos.append(world_rot[parent] @ d_offset + d_pos[parent])
+        eye = torch.eye(3, dtype=coeffs.dtype, device=coeffs.device)
+        return _Kinematics(
+            rest_joints,
+            torch.stack(world_rot, dim=1),
+            torch.stack(world_pos, dim=1),
+            torch.stack(d_pos, dim=1) if jacobians else None,
+            (rotations[:, 1:] - eye).reshape(batch, -1),
+        )
 
-        pose_feature = (rotations[:, 1:] - eye).reshape(batch, -1)
-        rest = (
-            table.rest
-            + torch.einsum("bljxc,bc->bljx", table.coeff_basis, coeffs)
-            + torch.einsum("bljxp,bp->bljx", table.pose_basis, pose_feature)
-        )  # (B, L, J, 3)
-        weight = table.weight  # (B, L, J)
-        local = rest - weight[..., None] * rest_joints[:, None]
+    def evaluate(self, coeffs: torch.Tensor, rotations: torch.Tensor, transl: torch.Tensor, jacobians: bool = True) -> LandmarkEvaluation:
+        kin = self._kinematics(coeffs, rotations, jacobians)
+        parts = [self.static]
+        if self.contour is not None:
+            parts.insert(0, self.contour.select(self.layer.contour_rows(rotations)))
+        evaluations = [self._evaluate_part(part, coeffs, rotations, kin, jacobians) for part in parts]
+        if len(evaluations) == 1:
+            points, d_coeffs, d_rot = evaluations[0]
+        else:
+            points, d_coeffs, d_rot = (None if e[0] is None else torch.cat(e, dim=1) for e in zip(*evaluations))
+        return LandmarkEvaluation(points + transl[:, None], d_coeffs, d_rot, kin.world_rot)
+
+    def _evaluate_part(
+        self, table: _Table, coeffs: torch.Tensor, rotations: torch.Tensor, kin: _Kinematics, jacobians: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        batched = table.weight.dim() == 3  # a per-item table (the selected contour rows)
+        tb = "b" if batched else ""  # the table's own batch subscript
+        joints = table.joints
+        rot_w, pos_w = kin.world_rot[:, joints], kin.world_pos[:, joints]
+        weight = table.weight if batched else table.weight[None]  # (B|1, L, Ja)
+        rest = table.rest + torch.einsum(f"{tb}jxlc,bc->bljx", table.coeff_basis, coeffs) + torch.einsum(f"{tb}jxlp,bp->bljx", table.pose_basis, kin.pose_feature)
+        local = rest - weight[..., None] * kin.rest_joints[:, None, joints]
         contributions = torch.einsum("bjxy,bljy->bljx", rot_w, local) + weight[..., None] * pos_w[:, None]
-        points = contributions.sum(dim=2) + transl[:, None]
+        points = contributions.sum(dim=2)
         if not jacobians:
-            return LandmarkEvaluation(points)
+            return points, None, None
 
-        # Coefficients: through the rest points, the rest joints and the joints' world positions.
-        d_rest = table.coeff_basis - weight[..., None, None] * self.joint_coeff_basis  # (B, L, J, 3, C)
-        d_pos = torch.stack(d_pos_d_coeffs, dim=1)  # (B, J, 3, C)
-        d_coeffs = torch.einsum("bjxy,bljyc->blxc", rot_w, d_rest) + torch.einsum("blj,bjxc->blxc", weight, d_pos)
+        # Coefficients: sum_j Rw_j dS_lj/dc + W_lj (dPw_j/dc - Rw_j dJr_j/dc).
+        rotated_basis = torch.einsum(f"bjxy,{tb}jylc->blxc", rot_w, table.coeff_basis)
+        joint_term = kin.d_pos[:, joints] - rot_w @ self.joint_coeff_basis[joints]  # (B, Ja, 3, C)
+        d_coeffs = rotated_basis + torch.einsum("blj,bjxc->blxc", weight.expand(coeffs.shape[0], -1, -1), joint_term)
 
         # Rotations: rigid turn of each subtree about its joint, plus the pose correctives' change.
-        arms = contributions[:, :, None] - weight[:, :, None, :, None] * pos_w[:, None, :, None]  # (B,L,K,J,3)
-        arm = torch.einsum("kj,blkjx->blkx", self._subtree, arms)  # (B, L, K, 3)
-        d_rot = -_skew(arm) @ rot_w[:, None]  # (B, L, K, 3, 3)
-        # d vec(R_k)/d delta = vec(R_k [e_a]x) for a in x, y, z; pose features exist for joints 1..J-1.
-        generators = _skew(eye)  # (3 axes, 3, 3)
-        d_feature = torch.einsum("bkxy,ayz->bkxza", rotations[:, 1:], generators).reshape(batch, self.n_joints - 1, 9, 3)
-        pose_basis = table.pose_basis.reshape(*table.pose_basis.shape[:-1], self.n_joints - 1, 9)
-        d_rest_rot = torch.einsum("bljxkf,bkfa->bljxka", pose_basis, d_feature)  # (B, L, J, 3, K-1, 3)
-        d_rot[:, :, 1:] += torch.einsum("bjxy,bljyka->blkxa", rot_w, d_rest_rot)
-        return LandmarkEvaluation(points, d_coeffs, d_rot.permute(0, 1, 3, 2, 4), rot_w)
-
+        subtree = self.subtree[:, joints]  # (J, Ja)
+        arm = torch.einsum("kj,bljx->blkx", subtree, contributions) - torch.einsum(
+            "kj,blj,bkx->blkx", subtree, weight.expand(contributions.shape[0], -1, -1), kin.world_pos
+        )
+        d_rot = -_skew(arm) @ kin.world_rot[:, None]  # (B, L, J, 3, 3)
+        # d vec(R_k)/d delta_a = vec(R_k [e_a]x); pose features exist for joints 1..J-1.
+        eye = torch.eye(3, dtype=coeffs.dtype, device=coeffs.device)
+        d_feature = torch.einsum("bkxy,ayz->bkxza", rotations[:, 1:], _skew(eye)).reshape(coeffs.shape[0], -1, 3)
+        rotated_pose = torch.einsum(f"bjxy,{tb}jylp->blxp", rot_w, table.pose_basis)  # (B, L, 3, P)
+        d_rot[:, :, 1:] += torch.einsum("blxkf,bkfa->blkxa", rotated_pose.reshape(*rotated_pose.shape[:3], self.n_joints - 1, 9), d_feature.reshape(coeffs.shape[0], self.n_joints - 1, 9, 3))
+        return points, d_coeffs, d_rot.permute(0, 1, 3, 2, 4)
