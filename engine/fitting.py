@@ -1,0 +1,414 @@
+"""Levenberg-Marquardt fitting of a head model to 2D landmarks.
+
+Two problems share one residual model:
+- :func:`fit_frames` fits per-frame parameters (expression, joint rotations, translation) for a batch of
+  independent frames with the identity fixed: the per-frame tracking step, warm-started, a few iterations;
+- :func:`calibrate` fits one identity (shape) and focal length shared by several frames jointly with each
+  frame's parameters, eliminating the per-frame blocks with a Schur complement so the cost grows linearly
+  with the number of frames.
+
+Residuals are pixel errors divided by ``noise * face size`` (so every weight is independent of image
+resolution and face size) under a Cauchy robust loss (IRLS weights), plus Gaussian priors on shape,
+expression and joint rotations (jaw hinge, coupled eyes) and, when tracking, temporal terms that pull each
+parameter towards its prediction from the previous frames. Rotations are updated multiplicatively,
+R <- R exp([delta]), so no Euler singularities arise. A step that raises the cost is refused and the damping
+raised; a non-finite step leaves the state as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from engine.camera import project_with_jacobian
+from engine.flame import matrix_to_axis_angle, rodrigues
+from engine.head_model import JOINT_NAMES
+from engine.landmark_model import LandmarkEvaluation, LandmarkModel
+
+ROOT, NECK, JAW, LEFT_EYE, RIGHT_EYE = (JOINT_NAMES.index(n) for n in JOINT_NAMES)
+
+
+@dataclass
+class Priors:
+    """Weights of the Gaussian priors, in units of one landmark's squared normalised residual."""
+
+    shape: float = 1.0
+    exp: float = 0.05
+    #: Jaw rotation about its local x (opening), y and z; opening beyond closed (negative x) is penalised hard.
+    jaw: tuple[float, float, float] = (0.5, 200.0, 200.0)
+    jaw_overclose: float = 500.0
+    neck: float = 50.0
+    eyes: float = 2.0
+    eye_coupling: float = 50.0  # the two eyes look the same way
+    fov_deg: float = 50.0
+    fov: float = 2.0  # on log(focal)
+
+
+@dataclass
+class Temporal:
+    """Weights pulling each parameter towards its prediction from previous frames (tracking only)."""
+
+    exp: float = 0.5
+    jaw: float = 20.0
+    eyes: float = 2.0
+    neck: float = 50.0
+    head_rotation: float = 200.0  # per radian^2
+    translation: float = 2.0e4  # per metre^2
+
+
+@dataclass
+class FitConfig:
+    group_weights: dict[str, float] = field(default_factory=lambda: {"lmk68": 1.0, "mediapipe": 0.5, "eyes": 2.0})
+    noise: float = 0.004  # expected landmark noise as a fraction of the face size (bounding-box diagonal)
+    robust_scale: float = 3.0  # Cauchy scale, in units of the noise
+    priors: Priors = field(default_factory=Priors)
+    temporal: Temporal = field(default_factory=Temporal)
+    fit_neck: bool = False
+    track_iterations: int = 4
+    calib_iterations: int = 25
+    initial_damping: float = 1e-3
+    #: Stop when no parameter moves more than this (radians, coefficients, metres / 10).
+    step_tolerance: float = 1e-4
+
+
+@dataclass
+class FrameParams:
+    """Per-frame parameters of a batch of frames. ``coeffs`` are expression coefficients."""
+
+    exp: torch.Tensor  # (B, E)
+    rotations: torch.Tensor  # (B, J, 3, 3) local joint rotations; root = head rotation in the world
+    transl: torch.Tensor  # (B, 3)
+
+    def clone(self) -> FrameParams:
+        return FrameParams(self.exp.clone(), self.rotations.clone(), self.transl.clone())
+
+    def pose(self) -> torch.Tensor:
+        """(B, J, 3) axis-angle."""
+        return matrix_to_axis_angle(self.rotations)
+
+    def index(self, rows: torch.Tensor | slice) -> FrameParams:
+        return FrameParams(self.exp[rows], self.rotations[rows], self.transl[rows])
+
+
+@dataclass
+class Targets:
+    """Observed pixels per landmark of a LandmarkModel, NaN where not observed, and per-landmark weights."""
+
+    pixels: torch.Tensor  # (B, L, 2)
+    weights: torch.Tensor  # (L,) group weight of each landmark
+
+    @property
+    def observed(self) -> torch.Tensor:
+        return torch.isfinite(self.pixels).all(dim=-1)
+
+    def face_size(self) -> torch.Tensor:
+        """(B,) bounding-box diagonal of the observed points, in pixels."""
+        big = torch.finfo(self.pixels.dtype).max
+        observed = self.observed[..., None]
+        low = torch.where(observed, self.pixels, torch.full_like(self.pixels, big)).amin(dim=1)
+        high = torch.where(observed, self.pixels, torch.full_like(self.pixels, -big)).amax(dim=1)
+        return torch.linalg.vector_norm(high - low, dim=-1).clamp_min(1.0)
+
+
+def landmark_weights(model: LandmarkModel, config: FitConfig) -> torch.Tensor:
+    weights = torch.zeros(model.n_landmarks, dtype=model.joint_rest.dtype, device=model.joint_rest.device)
+    for group, part in model.slices.items():
+        weights[part] = config.group_weights.get(group, 1.0)
+    return weights
+
+
+def fitted_joints(n_joints: int, config: FitConfig) -> list[int]:
+    joints = [ROOT] + ([NECK] if config.fit_neck else []) + [JAW]
+    return joints + ([LEFT_EYE, RIGHT_EYE] if n_joints > RIGHT_EYE else [])
+
+
+@dataclass
+class _Residuals:
+    values: torch.Tensor  # (B, L*2) normalised residuals, zero where not observed
+    weights: torch.Tensor  # (B, L*2) robust weight times group weight, zero where not observed
+    data_cost: torch.Tensor  # (B,)
+    d_points: torch.Tensor  # (B, L*2, 3) d residual / d world point, already normalised
+    d_log_focal: torch.Tensor  # (B, L*2)
+
+
+def _residuals(evaluation: LandmarkEvaluation, focal: torch.Tensor, center: tuple[float, float], targets: Targets, config: FitConfig) -> _Residuals:
+    pixels, d_points, d_log_focal = project_with_jacobian(evaluation.points, focal, center)
+    observed = targets.observed
+    scale = (config.noise * targets.face_size())[:, None, None]
+    error = torch.where(observed[..., None], (pixels - targets.pixels) / scale, torch.zeros_like(pixels))
+    squared = (error**2).sum(dim=-1)  # (B, L)
+    c2 = config.robust_scale**2
+    robust = 1.0 / (1.0 + squared / c2)
+    weights = torch.where(observed, targets.weights * robust, torch.zeros_like(robust))
+    data_cost = (targets.weights * observed * c2 * torch.log1p(squared / c2)).sum(dim=1)
+    batch, count = squared.shape
+    return _Residuals(
+        error.reshape(batch, count * 2),
+        weights.repeat_interleave(2, dim=1),
+        data_cost,
+        (d_points / scale[..., None]).reshape(batch, count * 2, 3),
+        (d_log_focal / scale).reshape(batch, count * 2),
+    )
+
+
+class _FrameBlock:
+    """Jacobian columns and priors of the per-frame parameters: [exp, rotation increments, translation]."""
+
+    def __init__(self, n_exp: int, joints: list[int], config: FitConfig) -> None:
+        self.n_exp = n_exp
+        self.joints = joints
+        self.config = config
+        self.size = n_exp + 3 * len(joints) + 3
+
+    def jacobian(self, evaluation: LandmarkEvaluation, residuals: _Residuals) -> torch.Tensor:
+        """(B, L*2, size) d residual / d frame parameters."""
+        batch = residuals.values.shape[0]
+        d_points = residuals.d_points.reshape(batch, -1, 2, 3)
+        d_exp = d_points @ evaluation.d_coeffs[..., -self.n_exp :] if self.n_exp else d_points[..., :0]
+        d_rot = torch.einsum("blpx,blxka->blpka", d_points, evaluation.d_rotations[:, :, :, self.joints])
+        columns = [d_exp, d_rot.flatten(-2), d_points]
+        return torch.cat(columns, dim=-1).reshape(batch, residuals.values.shape[1], self.size)
+
+    def prior(
+        self, params: FrameParams, prediction: FrameParams | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prior cost (B,), gradient (B, size) and Hessian (B, size, size) of the per-frame parameters."""
+        priors, temporal = self.config.priors, self.config.temporal
+        batch = params.exp.shape[0]
+        options = {"dtype": params.exp.dtype, "device": params.exp.device}
+        hessian_diag = torch.zeros(batch, self.size, **options)
+        gradient = torch.zeros(batch, self.size, **options)
+        hessian = torch.zeros(batch, self.size, self.size, **options)
+        axis_angles = matrix_to_axis_angle(params.rotations)
+
+        cost = torch.zeros(batch, **options)
+
+        def add(slc: slice, weight: torch.Tensor | float, value: torch.Tensor) -> None:
+            nonlocal cost
+            hessian_diag[:, slc] += weight
+            gradient[:, slc] += weight * value
+            cost = cost + 0.5 * (weight * value**2).sum(dim=-1)
+
+        exp_slice = slice(0, self.n_exp)
+        add(exp_slice, priors.exp, params.exp)
+        rot_slices = {joint: slice(self.n_exp + 3 * i, self.n_exp + 3 * i + 3) for i, joint in enumerate(self.joints)}
+        if JAW in rot_slices:
+            jaw = axis_angles[:, JAW]
+            weight = torch.tensor(priors.jaw, **options).expand(batch, 3).clone()
+            weight[:, 0] = torch.where(jaw[:, 0] < 0, torch.full_like(jaw[:, 0], priors.jaw_overclose), weight[:, 0])
+            add(rot_slices[JAW], weight, jaw)
+        if NECK in rot_slices:
+            add(rot_slices[NECK], priors.neck, axis_angles[:, NECK])
+        if LEFT_EYE in rot_slices:
+            left, right = rot_slices[LEFT_EYE], rot_slices[RIGHT_EYE]
+            add(left, priors.eyes, axis_angles[:, LEFT_EYE])
+            add(right, priors.eyes, axis_angles[:, RIGHT_EYE])
+            difference = axis_angles[:, LEFT_EYE] - axis_angles[:, RIGHT_EYE]
+            eye3 = priors.eye_coupling * torch.eye(3, **options)
+            hessian[:, left, left] += eye3
+            hessian[:, right, right] += eye3
+            hessian[:, left, right] -= eye3
+            hessian[:, right, left] -= eye3
+            gradient[:, left] += priors.eye_coupling * difference
+            gradient[:, right] -= priors.eye_coupling * difference
+            cost = cost + 0.5 * priors.eye_coupling * (difference**2).sum(dim=-1)
+        if prediction is not None:
+            add(exp_slice, temporal.exp, params.exp - prediction.exp)
+            relative = matrix_to_axis_angle(prediction.rotations.transpose(-1, -2) @ params.rotations)
+            weights = {ROOT: temporal.head_rotation, NECK: temporal.neck, JAW: temporal.jaw, LEFT_EYE: temporal.eyes, RIGHT_EYE: temporal.eyes}
+            for joint, slc in rot_slices.items():
+                add(slc, weights[joint], relative[:, joint])
+            add(slice(self.size - 3, self.size), temporal.translation, params.transl - prediction.transl)
+        return cost, gradient, hessian + torch.diag_embed(hessian_diag)
+
+    def apply(self, params: FrameParams, step: torch.Tensor) -> FrameParams:
+        exp = params.exp + step[:, : self.n_exp]
+        rotations = params.rotations.clone()
+        for i, joint in enumerate(self.joints):
+            delta = step[:, self.n_exp + 3 * i : self.n_exp + 3 * i + 3]
+            rotations[:, joint] = rotations[:, joint] @ rodrigues(delta)
+        return FrameParams(exp, rotations, params.transl + step[:, -3:])
+
+
+
+@dataclass
+class FitResult:
+    params: FrameParams
+    cost: torch.Tensor  # (B,) final cost
+    rms_px: torch.Tensor  # (B,) robustly weighted RMS landmark error in pixels
+    iterations: int
+
+
+def _weighted_rms_px(residuals: _Residuals, targets: Targets, config: FitConfig) -> torch.Tensor:
+    weights = residuals.weights
+    mean_square = (weights * residuals.values**2).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-12) * 2
+    return mean_square.sqrt() * config.noise * targets.face_size()
+
+
+def _solve(hessian: torch.Tensor, gradient: torch.Tensor, damping: torch.Tensor) -> torch.Tensor:
+    """Marquardt step: (H + damping * diag(H) + tiny I) step = -gradient, batched."""
+    diagonal = torch.diagonal(hessian, dim1=-2, dim2=-1)
+    regular = diagonal * damping[:, None] + 1e-9 * diagonal.amax(dim=-1, keepdim=True).clamp_min(1e-9)
+    factor, info = torch.linalg.cholesky_ex(hessian + torch.diag_embed(regular))
+    step = -torch.cholesky_solve(gradient[..., None], factor)[..., 0]
+    return torch.where((info == 0)[:, None] & torch.isfinite(step), step, torch.zeros_like(step))
+
+
+def fit_frames(
+    model: LandmarkModel,
+    params: FrameParams,
+    targets: Targets,
+    focal: torch.Tensor,
+    center: tuple[float, float],
+    config: FitConfig,
+    prediction: FrameParams | None = None,
+    iterations: int | None = None,
+) -> FitResult:
+    """Per-frame fit with the identity fixed (``model`` from LandmarkModel.with_fixed_shape)."""
+    block = _FrameBlock(model.n_coeffs, fitted_joints(model.n_joints, config), config)
+    iterations = config.track_iterations if iterations is None else iterations
+    batch = params.exp.shape[0]
+    damping = torch.full((batch,), config.initial_damping, dtype=params.exp.dtype, device=params.exp.device)
+
+    def assess(state: FrameParams) -> tuple[LandmarkEvaluation, _Residuals, torch.Tensor, torch.Tensor, torch.Tensor]:
+        evaluation = model.evaluate(state.exp, state.rotations, state.transl)
+        residuals = _residuals(evaluation, focal, center, targets, config)
+        prior_cost, prior_gradient, prior_hessian = block.prior(state, prediction)
+        return evaluation, residuals, residuals.data_cost + prior_cost, prior_gradient, prior_hessian
+
+    state = params
+    evaluation, residuals, cost, prior_gradient, prior_hessian = assess(state)
+    used = 0
+    for used in range(1, iterations + 1):
+        jacobian = block.jacobian(evaluation, residuals)
+        weighted = jacobian * residuals.weights[..., None]
+        hessian = weighted.transpose(1, 2) @ jacobian + prior_hessian
+        gradient = (weighted.transpose(1, 2) @ residuals.values[..., None])[..., 0] + prior_gradient
+        step = _solve(hessian, gradient, damping)
+        candidate = block.apply(state, step)
+        evaluation_c, residuals_c, cost_c, prior_gradient_c, prior_hessian_c = assess(candidate)
+        accept = torch.isfinite(cost_c) & (cost_c <= cost)
+        damping = torch.where(accept, damping / 3, damping * 10).clamp(1e-7, 1e7)
+        if bool(accept.all()):
+            state, evaluation, residuals, cost = candidate, evaluation_c, residuals_c, cost_c
+            prior_gradient, prior_hessian = prior_gradient_c, prior_hessian_c
+        elif bool(accept.any()):
+            state = _merge(accept, candidate, state)
+            evaluation, residuals, cost, prior_gradient, prior_hessian = assess(state)
+        if bool((step.abs().amax(dim=1) < config.step_tolerance).all()):
+            break
+    return FitResult(state, cost, _weighted_rms_px(residuals, targets, config), used)
+
+
+def _merge(take_first: torch.Tensor, first: FrameParams, second: FrameParams) -> FrameParams:
+    def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(take_first.reshape(-1, *([1] * (a.dim() - 1))), a, b)
+
+    return FrameParams(pick(first.exp, second.exp), pick(first.rotations, second.rotations), pick(first.transl, second.transl))
+
+
+@dataclass
+class Calibration:
+    """One identity and focal length shared by several frames, and each frame's own parameters."""
+
+    shape: torch.Tensor  # (S,)
+    focal: float
+    frames: FitResult
+
+
+def calibrate(
+    model: LandmarkModel,
+    params: FrameParams,
+    targets: Targets,
+    focal: float,
+    center: tuple[float, float],
+    config: FitConfig,
+    fit_focal: bool = True,
+    shape: torch.Tensor | None = None,
+    iterations: int | None = None,
+) -> Calibration:
+    """Joint fit of shape (and focal length) with the per-frame parameters of K frames.
+
+    ``model`` evaluates shape and expression coefficients (not a fixed-shape model). The per-frame blocks
+    are eliminated by a Schur complement: each iteration solves K small systems and one of size n_shape(+1).
+    """
+    n_shape = model.layer.n_shape
+    block = _FrameBlock(model.n_coeffs - n_shape, fitted_joints(model.n_joints, config), config)
+    options = {"dtype": params.exp.dtype, "device": params.exp.device}
+    frames = params.exp.shape[0]
+    shape = torch.zeros(n_shape, **options) if shape is None else shape.to(**options)
+    log_focal = torch.tensor(math.log(focal), **options)
+    prior_log_focal = math.log(focal if not fit_focal else _focal_for_fov(config.priors.fov_deg, center))
+    n_shared = n_shape + (1 if fit_focal else 0)
+    iterations = config.calib_iterations if iterations is None else iterations
+
+    def assess(state: FrameParams, shape: torch.Tensor, log_focal: torch.Tensor):
+        coeffs = torch.cat([shape.expand(frames, -1), state.exp], dim=1)
+        evaluation = model.evaluate(coeffs, state.rotations, state.transl)
+        residuals = _residuals(evaluation, log_focal.exp(), center, targets, config)
+        prior_cost, prior_gradient, prior_hessian = block.prior(state, None)
+        shared_cost = 0.5 * config.priors.shape * (shape**2).sum()
+        if fit_focal:
+            shared_cost = shared_cost + 0.5 * config.priors.fov * (log_focal - prior_log_focal) ** 2
+        total = (residuals.data_cost + prior_cost).sum() + shared_cost
+        return evaluation, residuals, total, prior_gradient, prior_hessian
+
+    state = params
+    evaluation, residuals, cost, prior_gradient, prior_hessian = assess(state, shape, log_focal)
+    damping = torch.tensor([config.initial_damping], **options)
+    used = 0
+    for used in range(1, iterations + 1):
+        frame_jacobian = block.jacobian(evaluation, residuals)  # (K, 2L, P)
+        d_points = residuals.d_points.reshape(frames, -1, 2, 3)
+        shared_columns = [(d_points @ evaluation.d_coeffs[..., :n_shape]).flatten(1, 2)]
+        if fit_focal:
+            shared_columns.append(residuals.d_log_focal[..., None])
+        shared_jacobian = torch.cat(shared_columns, dim=-1)  # (K, 2L, n_shared)
+        weights = residuals.weights[..., None]
+        h_ff = (frame_jacobian * weights).transpose(1, 2) @ frame_jacobian + prior_hessian
+        h_sf = (shared_jacobian * weights).transpose(1, 2) @ frame_jacobian  # (K, n_shared, P)
+        h_ss = ((shared_jacobian * weights).transpose(1, 2) @ shared_jacobian).sum(dim=0)
+        g_f = ((frame_jacobian * weights).transpose(1, 2) @ residuals.values[..., None])[..., 0] + prior_gradient
+        g_s = ((shared_jacobian * weights).transpose(1, 2) @ residuals.values[..., None])[..., 0].sum(dim=0)
+        h_ss = h_ss + torch.diag_embed(torch.cat([torch.full((n_shape,), config.priors.shape, **options), torch.full((n_shared - n_shape,), config.priors.fov, **options)]))
+        g_s[:n_shape] += config.priors.shape * shape
+        if fit_focal:
+            g_s[n_shape] += config.priors.fov * (log_focal - prior_log_focal)
+
+        h_ff_damped = h_ff + torch.diag_embed(torch.diagonal(h_ff, dim1=-2, dim2=-1) * damping + 1e-9)
+        factor, info = torch.linalg.cholesky_ex(h_ff_damped)
+        if bool((info != 0).any()):
+            damping = damping * 10
+            continue
+        solved = torch.cholesky_solve(torch.cat([h_sf.transpose(1, 2), g_f[..., None]], dim=-1), factor)
+        schur = h_ss - (h_sf @ solved[..., :n_shared]).sum(dim=0)
+        reduced = g_s - (h_sf @ solved[..., n_shared:]).sum(dim=0)[..., 0]
+        shared_step = _solve(schur[None], reduced[None], damping)[0]
+        frame_step = -(solved[..., n_shared:][..., 0] + (solved[..., :n_shared] @ shared_step[:, None])[..., 0])
+        if not bool(torch.isfinite(frame_step).all() and torch.isfinite(shared_step).all()):
+            damping = damping * 10
+            continue
+
+        candidate = block.apply(state, frame_step)
+        shape_c = shape + shared_step[:n_shape]
+        log_focal_c = log_focal + shared_step[n_shape] if fit_focal else log_focal
+        evaluation_c, residuals_c, cost_c, prior_gradient_c, prior_hessian_c = assess(candidate, shape_c, log_focal_c)
+        if bool(torch.isfinite(cost_c)) and bool(cost_c <= cost):
+            state, shape, log_focal = candidate, shape_c, log_focal_c
+            evaluation, residuals, prior_gradient, prior_hessian = evaluation_c, residuals_c, prior_gradient_c, prior_hessian_c
+            converged = bool(cost - cost_c <= 1e-7 * cost) or max(frame_step.abs().max(), shared_step.abs().max()) < config.step_tolerance
+            cost = cost_c
+            damping = (damping / 3).clamp_min(1e-7)
+            if converged:
+                break
+        else:
+            damping = (damping * 10).clamp_max(1e7)
+    frame_costs = residuals.data_cost
+    result = FitResult(state, frame_costs, _weighted_rms_px(residuals, targets, config), used)
+    return Calibration(shape, float(log_focal.exp()), result)
+
+
+def _focal_for_fov(fov_deg: float, center: tuple[float, float]) -> float:
+    return center[1] / math.tan(math.radians(fov_deg) / 2)
