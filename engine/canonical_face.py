@@ -126,7 +126,9 @@ def _repeated_uint32(fields: list[tuple[int, int, int | bytes]], number: int) ->
 
 def parse_geometry_metadata(data: bytes) -> CanonicalFace:
     """Decode a GeometryPipelineMetadata message into the canonical face; ValueError if malformed."""
-    meshes = [value for number, wire, value in _fields(data) if number == _CANONICAL_MESH_FIELD and wire == _WIRE_LENGTH]
+    meshes = [
+        value for number, wire, value in _fields(data) if number == _CANONICAL_MESH_FIELD and wire == _WIRE_LENGTH
+    ]
     if not meshes:
         raise _WireFormatError("no canonical_mesh field")
     mesh_fields = _fields(meshes[-1])
@@ -159,7 +161,8 @@ def load_canonical_face(task_path: Path) -> CanonicalFace:
         with zipfile.ZipFile(task_path) as archive:
             data = archive.read(GEOMETRY_MEMBER)
     except (zipfile.BadZipFile, KeyError, OSError) as exc:
-        raise ModelFileError(f"{task_path} is not a readable MediaPipe face landmarker bundle ({exc}): {hint}") from None
+        reason = f"{task_path} is not a readable MediaPipe face landmarker bundle ({exc})"
+        raise ModelFileError(f"{reason}: {hint}") from None
     try:
         return parse_geometry_metadata(data)
     except _WireFormatError as exc:

@@ -170,7 +170,8 @@ def observe(images: list[LabelledImage], task_path: Path) -> list[View]:
                         offset = oriented.points68[0] - crop.points68[0] / zoom
                         runs.append(observation.points[:468] / zoom + offset)
                 if len(runs) < len(CROP_JITTER) // 2:
-                    raise RuntimeError(f"MediaPipe found {oriented.name} in only {len(runs)} of {len(CROP_JITTER)} crops")
+                    found = f"{len(runs)} of {len(CROP_JITTER)}"
+                    raise RuntimeError(f"MediaPipe found {oriented.name} in only {found} crops")
                 views.append(View(oriented.name, np.median(runs, axis=0), oriented.points68))
     return views
 

@@ -151,7 +151,9 @@ class FaceLandmarker:
         self._last_timestamp_ms = timestamp_ms
         return timestamp_ms
 
-    def _observation(self, result: FaceLandmarkerResult, face: int, image_size: tuple[int, int], timestamp_ms: int) -> FaceObservation:
+    def _observation(
+        self, result: FaceLandmarkerResult, face: int, image_size: tuple[int, int], timestamp_ms: int
+    ) -> FaceObservation:
         height, width = image_size
         xyz = np.array([(p.x, p.y, p.z) for p in result.face_landmarks[face]], dtype=np.float32)
         points = xyz[:, :2] * np.array([width, height], dtype=np.float32)
