@@ -1,0 +1,58 @@
+"""Observed 2D landmarks -> the per-landmark pixel targets of a LandmarkModel.
+
+Observations come as MediaPipe's 478 points and/or iBUG 68 points (pixels, NaN where not observed). Each
+landmark group of the model takes its targets from them:
+- ``lmk68``: the given 68 points, else the 68 points converted from MediaPipe (engine.landmarks.to_68);
+- ``mediapipe``: MediaPipe's points at the embedding's ``landmark_indices``;
+- ``eyes``: MediaPipe's iris centres (the subject's left, then right, as FLAME orders its eye joints).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.fitting import FitConfig, Targets, landmark_weights
+from engine.head_model import HeadModel
+from engine.landmark_model import LandmarkModel
+from engine.landmarks import LEFT_IRIS_CENTER, N_LANDMARKS, RIGHT_IRIS_CENTER, to_68
+
+
+def groups_for(model: HeadModel) -> tuple[str, ...]:
+    """Landmark groups to fit for a model.
+
+    The demo head embeds all 478 MediaPipe points, irises included, so its 68 points and pupils would only
+    repeat them. FLAME uses its 68 points, its MediaPipe embedding when the user has one, and the pupils.
+    """
+    if model.is_demo:
+        return ("mediapipe",)
+    return ("lmk68", "mediapipe", "eyes") if model.mediapipe is not None else ("lmk68", "eyes")
+
+
+class TargetBuilder:
+    """Builds Targets for one LandmarkModel; reuses its index arrays for every frame."""
+
+    def __init__(self, model: LandmarkModel, head: HeadModel, config: FitConfig) -> None:
+        self.model = model
+        self.weights = landmark_weights(model, config)
+        self.mediapipe_indices = head.mediapipe.landmark_indices if head.mediapipe is not None else None
+        self.dtype, self.device = model.joint_rest.dtype, model.joint_rest.device
+
+    def pixels(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> np.ndarray:
+        """(B, L, 2) float pixels in the model's landmark order from (B, 478, 2) and/or (B, 68, 2) arrays."""
+        if mp478 is None and lmk68 is None:
+            raise ValueError("an observation needs MediaPipe 478 points or 68 points")
+        batch = (mp478 if mp478 is not None else lmk68).shape[0]
+        out = np.full((batch, self.model.n_landmarks, 2), np.nan, dtype=np.float64)
+        for group, part in self.model.slices.items():
+            if group == "lmk68":
+                out[:, part] = lmk68 if lmk68 is not None else to_68(mp478)
+            elif group == "mediapipe" and mp478 is not None:
+                out[:, part] = mp478[:, self.mediapipe_indices]
+            elif group == "eyes" and mp478 is not None and mp478.shape[1] == N_LANDMARKS:
+                out[:, part] = mp478[:, [LEFT_IRIS_CENTER, RIGHT_IRIS_CENTER]]
+        return out
+
+    def __call__(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> Targets:
+        pixels = torch.as_tensor(self.pixels(mp478, lmk68), dtype=self.dtype, device=self.device)
+        return Targets(pixels, self.weights)

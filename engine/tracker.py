@@ -1,0 +1,378 @@
+"""Tracking: fit one image, calibrate identity once from diverse frames, then fit every frame warm-started.
+
+The per-frame life of a :class:`Tracker`:
+
+1. Until calibrated, every tracked frame (fitted with the current identity, the mean face at first) is a
+   candidate for calibration; after ``calibration_seconds`` the most diverse ones (head pose and expression,
+   farthest-point selection) are fitted jointly for one identity and focal length, which is then frozen.
+2. Each frame starts from the previous one (or a constant-velocity prediction) and runs a few
+   Levenberg-Marquardt iterations with temporal priors; a frame without a face, with too few landmarks or
+   with a residual that is too high is marked invalid, the last good parameters are held, and the next
+   face is re-acquired from a cold start (PnP on the mean pose).
+
+Output frames follow the conventions of ARCHITECTURE.md; :func:`reference_arrays` converts one into the
+per-frame arrays of the "FLAME Head Tracker" reference format.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+
+from engine.camera import FLIP, Camera
+from engine.filters import OneEuroConfig, OneEuroFilter
+from engine.fitting import Calibration, FitConfig, FrameParams, Targets, calibrate, fit_frames
+from engine.flame import FlameLayer, matrix_to_axis_angle, rodrigues
+from engine.head_model import HeadModel
+from engine.landmark_model import LandmarkModel
+from engine.targets import TargetBuilder, groups_for
+
+log = logging.getLogger(__name__)
+
+_FLIP = np.array(FLIP)
+
+
+@dataclass
+class TrackerConfig:
+    n_shape: int = 100
+    n_exp: int = 50
+    #: Vertical field of view in degrees; None estimates it during calibration.
+    fov_deg: float | None = None
+    fit: FitConfig = field(default_factory=FitConfig)
+    calibration_frames: int = 8
+    #: Live: how long to gather candidate frames before calibrating.
+    calibration_seconds: float = 2.0
+    candidate_pool: int = 64
+    warm_start: Literal["velocity", "previous", "none"] = "velocity"
+    cold_iterations: int = 12
+    #: A fit whose weighted RMS landmark error exceeds this fraction of the face size counts as lost.
+    loss_threshold: float = 0.06
+    #: At least this fraction of the landmarks must be observed (finite) for a frame to be fitted.
+    min_observed_fraction: float = 0.5
+    output_filter: OneEuroConfig | None = None
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class TrackedFrame:
+    """One frame's result. Rotations axis-angle; ``pose`` is FLAME's joints with root = head rotation."""
+
+    valid: bool
+    exp: np.ndarray  # (E,)
+    pose: np.ndarray  # (J, 3): root, neck, jaw, left eye, right eye
+    transl: np.ndarray  # (3,) FLAME translation in the fitting world (camera at origin, looking down -z)
+    head_rot: np.ndarray  # (3,) camera space (OpenCV): x_cv = R (FLIP x_model) + head_trans
+    head_trans: np.ndarray  # (3,) metres, camera space
+    fov_deg: float
+    rms_px: float
+    iterations: int
+    fit_ms: float
+    calibrated: bool
+    shape_version: int
+
+
+@dataclass
+class _Candidate:
+    mp478: np.ndarray | None
+    lmk68: np.ndarray | None
+    params: FrameParams
+    feature: np.ndarray
+
+
+class Tracker:
+    """Calibrate-once, track-every-frame fitting of one head model to one camera's landmarks."""
+
+    def __init__(self, head: HeadModel, image_size: tuple[int, int], config: TrackerConfig | None = None) -> None:
+        self.config = config or TrackerConfig()
+        self.head = head
+        height, width = image_size
+        self.layer = FlameLayer(head, self.config.n_shape, self.config.n_exp, self.config.device, self.config.dtype)
+        self.full = LandmarkModel(self.layer, groups_for(head))
+        self.targets = TargetBuilder(self.full, head, self.config.fit)
+        fov = self.config.fov_deg if self.config.fov_deg is not None else self.config.fit.priors.fov_deg
+        self.camera = Camera(width, height, fov)
+        self.shape = torch.zeros(self.layer.n_shape, dtype=self.config.dtype, device=self.config.device)
+        self.fixed = self.full.with_fixed_shape(self.shape)
+        self.calibrated = False
+        self.shape_version = 0
+        self.last_calibration: Calibration | None = None
+        self._history: list[tuple[float, FrameParams]] = []  # last valid frames, newest last
+        self._lost = True
+        self._pool: list[_Candidate] = []
+        self._pool_started: float | None = None
+        self._filter = OneEuroFilter(self.config.output_filter) if self.config.output_filter else None
+        self._last_frame: TrackedFrame | None = None
+
+    # --------------------------------------------------------------------------------------------- helpers
+    @property
+    def focal(self) -> torch.Tensor:
+        return torch.tensor(self.camera.focal, dtype=self.config.dtype, device=self.config.device)
+
+    def _observed_enough(self, targets: Targets) -> bool:
+        observed = targets.observed & (targets.weights > 0)
+        return float(observed.float().mean()) >= self.config.min_observed_fraction
+
+    def cold_start(self, targets: Targets, model: LandmarkModel | None = None, exp: torch.Tensor | None = None) -> FrameParams:
+        """Rigid pose from PnP of the neutral model's landmarks; expression zero, joints at rest."""
+        model = model or self.fixed
+        batch = targets.pixels.shape[0]
+        options = {"dtype": self.config.dtype, "device": self.config.device}
+        n_coeffs = model.n_coeffs
+        coeffs = torch.zeros(1, n_coeffs, **options)
+        if exp is not None:
+            coeffs[:, -exp.shape[-1] :] = exp
+        identity = torch.eye(3, **options).expand(1, model.n_joints, 3, 3).clone()
+        neutral = model.evaluate(coeffs, identity, torch.zeros(1, 3, **options), jacobians=False).points[0]
+        object_points = (neutral.cpu().double().numpy() * _FLIP).astype(np.float64)
+        root_rest = model.joint_rest[0] + model.joint_coeff_basis[0] @ coeffs[0]
+        root_rest = root_rest.cpu().double().numpy()
+        rotations = identity.expand(batch, -1, -1, -1).clone()
+        transl = torch.zeros(batch, 3, **options)
+        intrinsics = self.camera.intrinsics()
+        for item in range(batch):
+            pixels = targets.pixels[item].cpu().double().numpy()
+            usable = np.isfinite(pixels).all(axis=1) & (targets.weights.cpu().numpy() > 0)
+            rot_cv, trans_cv = self._solve_pnp(object_points[usable], pixels[usable], intrinsics)
+            root = _FLIP[:, None] * rot_cv * _FLIP[None, :]
+            rotations[item, 0] = torch.as_tensor(root, **options)
+            transl[item] = torch.as_tensor(_FLIP * trans_cv - root_rest + root @ root_rest, **options)
+        exp0 = torch.zeros(batch, self.layer.n_exp, **options)
+        return FrameParams(exp0, rotations, transl)
+
+    def _solve_pnp(self, object_points: np.ndarray, pixels: np.ndarray, intrinsics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(pixels) >= 6:
+            ok, rvec, tvec = cv2.solvePnP(object_points, pixels, intrinsics, None, flags=cv2.SOLVEPNP_EPNP)
+            if ok:
+                ok, rvec, tvec = cv2.solvePnP(object_points, pixels, intrinsics, None, rvec, tvec, True, cv2.SOLVEPNP_ITERATIVE)
+            if ok and np.all(np.isfinite(tvec)) and tvec[2, 0] > 0:
+                return cv2.Rodrigues(rvec)[0], tvec[:, 0]
+        # Degenerate input: a frontal head at the depth that matches the observed face size.
+        extent = np.ptp(pixels, axis=0).max() if len(pixels) else self.camera.height / 3
+        model_extent = np.ptp(object_points, axis=0)[:2].max() if len(object_points) else 0.15
+        depth = self.camera.focal * model_extent / max(extent, 1.0)
+        center = pixels.mean(axis=0) if len(pixels) else np.array(self.camera.center)
+        offset = (center - np.array(self.camera.center)) * depth / self.camera.focal
+        return np.eye(3), np.array([offset[0], offset[1], depth])
+
+    def _predict(self, timestamp: float) -> FrameParams:
+        t1, last = self._history[-1]
+        if self.config.warm_start != "velocity" or len(self._history) < 2:
+            return last.clone()
+        t0, before = self._history[-2]
+        ratio = min((timestamp - t1) / max(t1 - t0, 1e-3), 2.0) * 0.5  # damped: half the observed velocity
+        predicted = last.clone()
+        spin = matrix_to_axis_angle(before.rotations[:, 0].transpose(-1, -2) @ last.rotations[:, 0])
+        predicted.rotations[:, 0] = last.rotations[:, 0] @ rodrigues(spin * ratio)
+        predicted.transl = last.transl + (last.transl - before.transl) * ratio
+        return predicted
+
+    # -------------------------------------------------------------------------------------------- tracking
+    def track(self, mp478: np.ndarray | None, lmk68: np.ndarray | None = None, timestamp: float | None = None) -> TrackedFrame:
+        """Fit one frame. ``mp478`` (478, 2) and/or ``lmk68`` (68, 2) pixels, NaN unobserved; None = no face."""
+        timestamp = time.monotonic() if timestamp is None else timestamp
+        started = time.perf_counter()
+        if mp478 is None and lmk68 is None:
+            return self._invalid(started)
+        targets = self.targets(None if mp478 is None else mp478[None], None if lmk68 is None else lmk68[None])
+        if not self._observed_enough(targets):
+            return self._invalid(started)
+        warm = not self._lost and self._history and self.config.warm_start != "none"
+        if warm:
+            initial = self._predict(timestamp)
+            result = fit_frames(self.fixed, initial, targets, self.focal, self.camera.center, self.config.fit, prediction=initial)
+        else:
+            initial = self.cold_start(targets)
+            result = fit_frames(self.fixed, initial, targets, self.focal, self.camera.center, self.config.fit, iterations=self.config.cold_iterations)
+        rms_px = float(result.rms_px[0])
+        face_size = float(targets.face_size()[0])
+        params = result.params
+        if not math.isfinite(rms_px) or rms_px > self.config.loss_threshold * face_size or not _finite(params):
+            log.debug("fit rejected: rms %.2f px for a face of %.0f px", rms_px, face_size)
+            return self._invalid(started, rms_px, result.iterations)
+        self._lost = False
+        self._history = (self._history + [(timestamp, params)])[-2:]
+        if not self.calibrated:
+            self._offer_candidate(mp478, lmk68, params, timestamp)
+        frame = self._frame(params, True, rms_px, result.iterations, started, timestamp)
+        self._last_frame = frame
+        return frame
+
+    def _invalid(self, started: float, rms_px: float = float("nan"), iterations: int = 0) -> TrackedFrame:
+        """No usable fit: hold the last good parameters, mark invalid, re-acquire from a cold start next."""
+        self._lost = True
+        if self._filter is not None:
+            self._filter.reset()
+        if self._last_frame is not None:
+            held = self._last_frame
+            return TrackedFrame(
+                False, held.exp, held.pose, held.transl, held.head_rot, held.head_trans, held.fov_deg, rms_px,
+                iterations, (time.perf_counter() - started) * 1e3, self.calibrated, self.shape_version,
+            )
+        neutral = FrameParams(
+            torch.zeros(1, self.layer.n_exp, dtype=self.config.dtype),
+            torch.eye(3, dtype=self.config.dtype).expand(1, self.layer.n_joints, 3, 3),
+            torch.zeros(1, 3, dtype=self.config.dtype),
+        )
+        frame = self._frame(neutral, False, rms_px, iterations, started, None)
+        return frame
+
+    def frame_from(self, params: FrameParams, rms_px: float = float("nan")) -> TrackedFrame:
+        """A valid TrackedFrame for given parameters (batch of one), e.g. a calibration frame."""
+        return self._frame(params, True, rms_px, 0, time.perf_counter(), None)
+
+    def _frame(self, params: FrameParams, valid: bool, rms_px: float, iterations: int, started: float, timestamp: float | None) -> TrackedFrame:
+        exp = params.exp[0].cpu().double().numpy()
+        pose = params.pose()[0].cpu().double().numpy()
+        transl = params.transl[0].cpu().double().numpy()
+        if self._filter is not None and timestamp is not None:
+            packed = self._filter(np.concatenate([exp, pose.ravel(), transl]), timestamp)
+            exp, pose, transl = packed[: exp.size], packed[exp.size : exp.size + pose.size].reshape(pose.shape), packed[-3:]
+        root_rest = self.root_rest_joint(exp)
+        head_rot = _FLIP * pose[0]  # conjugating by FLIP (a half turn about x) maps the axis by FLIP
+        rot_world = cv2.Rodrigues(pose[0])[0]
+        head_trans = _FLIP * (root_rest - rot_world @ root_rest + transl)
+        return TrackedFrame(
+            valid, exp, pose, transl, head_rot, head_trans, self.camera.fov_deg, rms_px, iterations,
+            (time.perf_counter() - started) * 1e3, self.calibrated, self.shape_version,
+        )
+
+    def root_rest_joint(self, exp: np.ndarray) -> np.ndarray:
+        """The root joint of the shaped, expressed template (the pivot of the head rotation), metres."""
+        coeffs = torch.as_tensor(exp, dtype=self.config.dtype, device=self.config.device)
+        return (self.fixed.joint_rest[0] + self.fixed.joint_coeff_basis[0] @ coeffs).cpu().double().numpy()
+
+    # ----------------------------------------------------------------------------------------- calibration
+    def _feature(self, params: FrameParams) -> np.ndarray:
+        """What makes frames diverse for calibration: head rotation (radians) and leading expressions."""
+        rotation = params.pose()[0, 0].cpu().double().numpy()
+        expression = params.exp[0, :10].cpu().double().numpy()
+        return np.concatenate([2.0 * rotation, 0.3 * expression])
+
+    def _offer_candidate(self, mp478: np.ndarray | None, lmk68: np.ndarray | None, params: FrameParams, timestamp: float) -> None:
+        if self._pool_started is None:
+            self._pool_started = timestamp
+        feature = self._feature(params)
+        distinct = all(np.linalg.norm(feature - c.feature) > 0.02 for c in self._pool)
+        if distinct and len(self._pool) < self.config.candidate_pool:
+            self._pool.append(_Candidate(None if mp478 is None else mp478.copy(), None if lmk68 is None else lmk68.copy(), params.clone(), feature))
+        if timestamp - self._pool_started >= self.config.calibration_seconds or len(self._pool) >= self.config.candidate_pool:
+            self._calibrate_from_pool()
+
+    def request_recalibration(self) -> None:
+        """Gather new candidate frames and calibrate again (the current identity is kept meanwhile)."""
+        self.calibrated = False
+        self._pool, self._pool_started = [], None
+
+    def _calibrate_from_pool(self) -> None:
+        chosen = select_diverse([c.feature for c in self._pool], self.config.calibration_frames)
+        candidates = [self._pool[i] for i in chosen]
+        self.calibrate([(c.mp478, c.lmk68) for c in candidates], [c.params for c in candidates])
+        self._pool, self._pool_started = [], None
+
+    def calibrate(
+        self, observations: list[tuple[np.ndarray | None, np.ndarray | None]], initial: list[FrameParams] | None = None
+    ) -> Calibration:
+        """Fit identity (and FOV unless fixed) jointly over these frames, then freeze it for tracking."""
+        started = time.perf_counter()
+        mp = [o[0] for o in observations]
+        lmk = [o[1] for o in observations]
+        targets = self.targets(
+            None if any(m is None for m in mp) else np.stack(mp),
+            None if any(m is None for m in lmk) else np.stack(lmk),
+        )
+        if initial is None:
+            params = self.cold_start(targets, self.fixed)
+        else:
+            params = FrameParams(
+                torch.cat([p.exp for p in initial]), torch.cat([p.rotations for p in initial]), torch.cat([p.transl for p in initial])
+            )
+        result = calibrate(
+            self.full, params, targets, self.camera.focal, self.camera.center, self.config.fit,
+            fit_focal=self.config.fov_deg is None, shape=self.shape,
+        )
+        self.shape = result.shape
+        self.camera = self.camera.with_focal(result.focal)
+        self.fixed = self.full.with_fixed_shape(self.shape)
+        self.calibrated = True
+        self.shape_version += 1
+        self.last_calibration = result
+        log.info(
+            "calibrated on %d frames in %.0f ms: fov %.1f deg, rms %.2f px",
+            len(observations), (time.perf_counter() - started) * 1e3, self.camera.fov_deg, float(result.frames.rms_px.mean()),
+        )
+        return result
+
+
+def fit_single(
+    head: HeadModel,
+    image_size: tuple[int, int],
+    mp478: np.ndarray | None = None,
+    lmk68: np.ndarray | None = None,
+    config: TrackerConfig | None = None,
+) -> dict[str, np.ndarray]:
+    """Fit one image's landmarks (shape, expression, pose, FOV): the reference tracker's arrays."""
+    tracker = Tracker(head, image_size, config)
+    result = tracker.calibrate([(mp478, lmk68)])
+    frame = tracker.frame_from(result.frames.params, float(result.frames.rms_px[0]))
+    return reference_arrays(tracker, frame)
+
+
+def euler_from_matrix(rotation: np.ndarray) -> np.ndarray:
+    """(yaw, pitch, roll) in radians with rotation = Rz(roll) @ Ry(yaw) @ Rx(pitch), the reference's order."""
+    yaw = math.atan2(-rotation[2, 0], math.hypot(rotation[2, 1], rotation[2, 2]))
+    pitch = math.atan2(rotation[2, 1], rotation[2, 2])
+    roll = math.atan2(rotation[1, 0], rotation[0, 0])
+    return np.array([yaw, pitch, roll])
+
+
+def reference_arrays(tracker: Tracker, frame: TrackedFrame) -> dict[str, np.ndarray]:
+    """One frame in the reference tracker's per-frame format (leading dimension 1), plus ``valid``.
+
+    As in the reference, ``head_pose`` stays zero and the camera moves: ``cam`` = (yaw, pitch, roll, x, y, z)
+    is the world-to-view transform x_view = R x + t of the FLAME mesh posed with a zero head pose, with
+    R = Rz(roll) Ry(yaw) Rx(pitch) in radians and an OpenGL-style view (y up, looking down -z). Our own head
+    rotation is R itself, and our camera-space head pose (OpenCV axes) is ``head_rot = FLIP * rotvec(R)``,
+    ``head_trans = FLIP * t``.
+    """
+    rotation = cv2.Rodrigues(np.asarray(frame.pose[0], dtype=np.float64))[0]
+    translation = _FLIP * frame.head_trans
+    n_joints = frame.pose.shape[0]
+    eyes = frame.pose[3:5].reshape(-1) if n_joints >= 5 else np.zeros(6)
+    return {
+        "shape": tracker.shape.cpu().double().numpy()[None].astype(np.float32),
+        "exp": frame.exp[None].astype(np.float32),
+        "head_pose": np.zeros((1, 3), np.float32),
+        "jaw_pose": frame.pose[2][None].astype(np.float32),
+        "neck_pose": frame.pose[1][None].astype(np.float32),
+        "eye_pose": eyes[None].astype(np.float32),
+        "cam": np.concatenate([euler_from_matrix(rotation), translation])[None].astype(np.float32),
+        "fov": np.array([frame.fov_deg], np.float32),
+        "K": tracker.camera.intrinsics()[None].astype(np.float32),
+        "valid": np.array([frame.valid]),
+    }
+
+
+def select_diverse(features: list[np.ndarray], count: int) -> list[int]:
+    """Farthest-point selection: start from the most neutral frame, then add the frame farthest from the set."""
+    if len(features) <= count:
+        return list(range(len(features)))
+    stacked = np.stack(features)
+    chosen = [int(np.argmin(np.linalg.norm(stacked, axis=1)))]
+    distance = np.linalg.norm(stacked - stacked[chosen[0]], axis=1)
+    while len(chosen) < count:
+        nxt = int(np.argmax(distance))
+        chosen.append(nxt)
+        distance = np.minimum(distance, np.linalg.norm(stacked - stacked[nxt], axis=1))
+    return sorted(chosen)
+
+
+def _finite(params: FrameParams) -> bool:
+    return bool(torch.isfinite(params.exp).all() and torch.isfinite(params.rotations).all() and torch.isfinite(params.transl).all())
