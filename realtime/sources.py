@@ -208,7 +208,7 @@ class FrameSource:
             log.warning("%s: the capture thread did not stop within %g s", self.description, _STOP_TIMEOUT_S)
 
     def frames(self) -> Iterator[Frame]:
-        """Every frame the consumer gets, newest first-come, until the stream ends."""
+        """The frames this consumer gets (the newest each time), until the stream ends."""
         while (frame := self.slot.get()) is not None:
             yield frame
 
@@ -315,7 +315,9 @@ class _CameraReader:
         self._capture.release()
 
 
-def _open_video_container(path_or_url: str, options: dict[str, str], timeout: tuple[float, float] | None):
+def _open_video_container(
+    path_or_url: str, options: dict[str, str], timeout: tuple[float, float] | None
+) -> av.container.InputContainer:
     container = av.open(path_or_url, options=options, timeout=timeout)
     if not container.streams.video:
         container.close()
@@ -323,12 +325,12 @@ def _open_video_container(path_or_url: str, options: dict[str, str], timeout: tu
     return container
 
 
-def _decode_rgb(container) -> Iterator[RawFrame]:
+def _decode_rgb(container: av.container.InputContainer) -> Iterator[RawFrame]:
     for video_frame in container.decode(container.streams.video[0]):
         yield video_frame.to_ndarray(format="rgb24"), video_frame.time
 
 
-def _video_geometry(container) -> tuple[tuple[int, int], float | None]:
+def _video_geometry(container: av.container.InputContainer) -> tuple[tuple[int, int], float | None]:
     stream = container.streams.video[0]
     rate = stream.average_rate or stream.guessed_rate
     return (stream.codec_context.width, stream.codec_context.height), (float(rate) if rate else None)
@@ -375,7 +377,7 @@ class _StreamReader:
         self._container = self._open()
         self.size, self.fps = _video_geometry(self._container)
 
-    def _open(self):
+    def _open(self) -> av.container.InputContainer:
         timeout = (self._options.open_timeout_s, self._options.read_timeout_s)
         started = time.monotonic()
         try:
