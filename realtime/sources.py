@@ -196,7 +196,7 @@ class FrameSource:
         return self
 
     def stop(self) -> None:
-        """Stop capturing and release the device or file; frames not yet taken are discarded."""
+        """Stop capturing and release the device or file."""
         self._stop.set()
         self.slot.close()
         if self._thread is None:
