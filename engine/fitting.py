@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from engine.camera import project_with_jacobian
-from engine.flame import matrix_to_axis_angle, rodrigues
+from engine.flame import matrix_to_axis_angle, rodrigues, small_rotation_log
 from engine.head_model import JOINT_NAMES
 from engine.landmark_model import LandmarkEvaluation, LandmarkModel
 
@@ -69,8 +69,10 @@ class FitConfig:
     track_iterations: int = 4
     calib_iterations: int = 25
     initial_damping: float = 1e-3
-    #: Stop when no parameter moves more than this (radians, coefficients, metres / 10).
+    #: Stop when no parameter moves more than this (radians, coefficients, metres) ...
     step_tolerance: float = 1e-4
+    #: ... or when an accepted step lowers the cost by less than this fraction.
+    cost_tolerance: float = 1e-3
 
 
 @dataclass
@@ -119,6 +121,10 @@ def landmark_weights(model: LandmarkModel, config: FitConfig) -> torch.Tensor:
     return weights
 
 
+def _options(like: torch.Tensor) -> dict:
+    return {"dtype": like.dtype, "device": like.device}
+
+
 def fitted_joints(n_joints: int, config: FitConfig) -> list[int]:
     joints = [ROOT] + ([NECK] if config.fit_neck else []) + [JAW]
     return joints + ([LEFT_EYE, RIGHT_EYE] if n_joints > RIGHT_EYE else [])
@@ -154,74 +160,68 @@ def _residuals(evaluation: LandmarkEvaluation, focal: torch.Tensor, center: tupl
 
 
 class _FrameBlock:
-    """Jacobian columns and priors of the per-frame parameters: [exp, rotation increments, translation]."""
+    """Jacobian columns and priors of the per-frame parameters: [exp, rotation increments, translation].
 
-    def __init__(self, n_exp: int, joints: list[int], config: FitConfig) -> None:
+    The priors act on one vector per frame, [exp, axis-angle of each fitted joint, translation], with
+    per-element weights built once; only the jaw's over-closing hinge changes per evaluation.
+    """
+
+    def __init__(self, n_exp: int, joints: list[int], config: FitConfig, options: dict) -> None:
         self.n_exp = n_exp
         self.joints = joints
         self.config = config
         self.size = n_exp + 3 * len(joints) + 3
+        priors, temporal = config.priors, config.temporal
+        prior = torch.zeros(self.size, **options)
+        motion = torch.zeros(self.size, **options)
+        self.coupling = torch.zeros(self.size, self.size, **options)
+        prior[:n_exp], motion[:n_exp] = priors.exp, temporal.exp
+        motion[-3:] = temporal.translation
+        joint_prior = {NECK: priors.neck, JAW: torch.tensor(priors.jaw, **options), LEFT_EYE: priors.eyes, RIGHT_EYE: priors.eyes}
+        joint_motion = {ROOT: temporal.head_rotation, NECK: temporal.neck, JAW: temporal.jaw, LEFT_EYE: temporal.eyes, RIGHT_EYE: temporal.eyes}
+        self.rot_slices = {joint: slice(n_exp + 3 * i, n_exp + 3 * i + 3) for i, joint in enumerate(joints)}
+        for joint, part in self.rot_slices.items():
+            prior[part] = joint_prior.get(joint, 0.0)
+            motion[part] = joint_motion[joint]
+        if LEFT_EYE in self.rot_slices:
+            left, right = self.rot_slices[LEFT_EYE], self.rot_slices[RIGHT_EYE]
+            eye3 = priors.eye_coupling * torch.eye(3, **options)
+            self.coupling[left, left], self.coupling[right, right] = eye3, eye3
+            self.coupling[left, right], self.coupling[right, left] = -eye3, -eye3
+        self.jaw_opening = self.rot_slices[JAW].start
+        self.prior_weight, self.motion_weight = prior, motion
 
     def jacobian(self, evaluation: LandmarkEvaluation, residuals: _Residuals) -> torch.Tensor:
         """(B, L*2, size) d residual / d frame parameters."""
         batch = residuals.values.shape[0]
         d_points = residuals.d_points.reshape(batch, -1, 2, 3)
         d_exp = d_points @ evaluation.d_coeffs[..., -self.n_exp :] if self.n_exp else d_points[..., :0]
-        d_rot = torch.einsum("blpx,blxka->blpka", d_points, evaluation.d_rotations[:, :, :, self.joints])
-        columns = [d_exp, d_rot.flatten(-2), d_points]
+        d_rot = d_points @ evaluation.d_rotations[:, :, :, self.joints].flatten(-2)
+        columns = [d_exp, d_rot, d_points]
         return torch.cat(columns, dim=-1).reshape(batch, residuals.values.shape[1], self.size)
 
-    def prior(
-        self, params: FrameParams, prediction: FrameParams | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _vector(self, exp: torch.Tensor, rotations: torch.Tensor, transl: torch.Tensor) -> torch.Tensor:
+        return torch.cat([exp, small_rotation_log(rotations[:, self.joints]).flatten(1), transl], dim=1)
+
+    def prior(self, params: FrameParams, prediction: FrameParams | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prior cost (B,), gradient (B, size) and Hessian (B, size, size) of the per-frame parameters."""
-        priors, temporal = self.config.priors, self.config.temporal
-        batch = params.exp.shape[0]
-        options = {"dtype": params.exp.dtype, "device": params.exp.device}
-        hessian_diag = torch.zeros(batch, self.size, **options)
-        gradient = torch.zeros(batch, self.size, **options)
-        hessian = torch.zeros(batch, self.size, self.size, **options)
-        axis_angles = matrix_to_axis_angle(params.rotations)
-
-        cost = torch.zeros(batch, **options)
-
-        def add(slc: slice, weight: torch.Tensor | float, value: torch.Tensor) -> None:
-            nonlocal cost
-            hessian_diag[:, slc] += weight
-            gradient[:, slc] += weight * value
-            cost = cost + 0.5 * (weight * value**2).sum(dim=-1)
-
-        exp_slice = slice(0, self.n_exp)
-        add(exp_slice, priors.exp, params.exp)
-        rot_slices = {joint: slice(self.n_exp + 3 * i, self.n_exp + 3 * i + 3) for i, joint in enumerate(self.joints)}
-        if JAW in rot_slices:
-            jaw = axis_angles[:, JAW]
-            weight = torch.tensor(priors.jaw, **options).expand(batch, 3).clone()
-            weight[:, 0] = torch.where(jaw[:, 0] < 0, torch.full_like(jaw[:, 0], priors.jaw_overclose), weight[:, 0])
-            add(rot_slices[JAW], weight, jaw)
-        if NECK in rot_slices:
-            add(rot_slices[NECK], priors.neck, axis_angles[:, NECK])
-        if LEFT_EYE in rot_slices:
-            left, right = rot_slices[LEFT_EYE], rot_slices[RIGHT_EYE]
-            add(left, priors.eyes, axis_angles[:, LEFT_EYE])
-            add(right, priors.eyes, axis_angles[:, RIGHT_EYE])
-            difference = axis_angles[:, LEFT_EYE] - axis_angles[:, RIGHT_EYE]
-            eye3 = priors.eye_coupling * torch.eye(3, **options)
-            hessian[:, left, left] += eye3
-            hessian[:, right, right] += eye3
-            hessian[:, left, right] -= eye3
-            hessian[:, right, left] -= eye3
-            gradient[:, left] += priors.eye_coupling * difference
-            gradient[:, right] -= priors.eye_coupling * difference
-            cost = cost + 0.5 * priors.eye_coupling * (difference**2).sum(dim=-1)
+        value = self._vector(params.exp, params.rotations, params.transl)
+        weight = self.prior_weight.expand_as(value).clone()
+        weight[:, self.jaw_opening] = torch.where(
+            value[:, self.jaw_opening] < 0, self.config.priors.jaw_overclose, self.prior_weight[self.jaw_opening]
+        )
+        weight[:, -3:] = 0  # translation has no prior of its own
+        coupled = value @ self.coupling
+        gradient = weight * value + coupled
+        cost = 0.5 * ((weight * value**2).sum(dim=1) + (coupled * value).sum(dim=1))
+        diagonal = weight
         if prediction is not None:
-            add(exp_slice, temporal.exp, params.exp - prediction.exp)
-            relative = matrix_to_axis_angle(prediction.rotations.transpose(-1, -2) @ params.rotations)
-            weights = {ROOT: temporal.head_rotation, NECK: temporal.neck, JAW: temporal.jaw, LEFT_EYE: temporal.eyes, RIGHT_EYE: temporal.eyes}
-            for joint, slc in rot_slices.items():
-                add(slc, weights[joint], relative[:, joint])
-            add(slice(self.size - 3, self.size), temporal.translation, params.transl - prediction.transl)
-        return cost, gradient, hessian + torch.diag_embed(hessian_diag)
+            relative = prediction.rotations.transpose(-1, -2) @ params.rotations
+            change = self._vector(params.exp - prediction.exp, relative, params.transl - prediction.transl)
+            gradient = gradient + self.motion_weight * change
+            cost = cost + 0.5 * (self.motion_weight * change**2).sum(dim=1)
+            diagonal = diagonal + self.motion_weight
+        return cost, gradient, torch.diag_embed(diagonal) + self.coupling
 
     def apply(self, params: FrameParams, step: torch.Tensor) -> FrameParams:
         exp = params.exp + step[:, : self.n_exp]
@@ -267,7 +267,7 @@ def fit_frames(
     iterations: int | None = None,
 ) -> FitResult:
     """Per-frame fit with the identity fixed (``model`` from LandmarkModel.with_fixed_shape)."""
-    block = _FrameBlock(model.n_coeffs, fitted_joints(model.n_joints, config), config)
+    block = _FrameBlock(model.n_coeffs, fitted_joints(model.n_joints, config), config, _options(params.exp))
     iterations = config.track_iterations if iterations is None else iterations
     batch = params.exp.shape[0]
     damping = torch.full((batch,), config.initial_damping, dtype=params.exp.dtype, device=params.exp.device)
@@ -290,6 +290,7 @@ def fit_frames(
         candidate = block.apply(state, step)
         evaluation_c, residuals_c, cost_c, prior_gradient_c, prior_hessian_c = assess(candidate)
         accept = torch.isfinite(cost_c) & (cost_c <= cost)
+        gain = (cost - cost_c) / cost.clamp_min(1e-12)
         damping = torch.where(accept, damping / 3, damping * 10).clamp(1e-7, 1e7)
         if bool(accept.all()):
             state, evaluation, residuals, cost = candidate, evaluation_c, residuals_c, cost_c
@@ -297,7 +298,8 @@ def fit_frames(
         elif bool(accept.any()):
             state = _merge(accept, candidate, state)
             evaluation, residuals, cost, prior_gradient, prior_hessian = assess(state)
-        if bool((step.abs().amax(dim=1) < config.step_tolerance).all()):
+        settled = (step.abs().amax(dim=1) < config.step_tolerance) | (accept & (gain < config.cost_tolerance))
+        if bool(settled.all()):
             break
     return FitResult(state, cost, _weighted_rms_px(residuals, targets, config), used)
 
@@ -335,8 +337,8 @@ def calibrate(
     are eliminated by a Schur complement: each iteration solves K small systems and one of size n_shape(+1).
     """
     n_shape = model.layer.n_shape
-    block = _FrameBlock(model.n_coeffs - n_shape, fitted_joints(model.n_joints, config), config)
-    options = {"dtype": params.exp.dtype, "device": params.exp.device}
+    options = _options(params.exp)
+    block = _FrameBlock(model.n_coeffs - n_shape, fitted_joints(model.n_joints, config), config, options)
     frames = params.exp.shape[0]
     shape = torch.zeros(n_shape, **options) if shape is None else shape.to(**options)
     log_focal = torch.tensor(math.log(focal), **options)

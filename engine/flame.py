@@ -56,6 +56,19 @@ def matrix_to_axis_angle(rotation: torch.Tensor) -> torch.Tensor:
     return xyz * scale
 
 
+def small_rotation_log(rotation: torch.Tensor) -> torch.Tensor:
+    """Axis-angle of rotations (..., 3, 3) well below a half turn (joint angles, frame-to-frame changes).
+
+    Cheaper than :func:`matrix_to_axis_angle`; loses precision only as the angle approaches pi.
+    """
+    r = rotation
+    vee = 0.5 * torch.stack([r[..., 2, 1] - r[..., 1, 2], r[..., 0, 2] - r[..., 2, 0], r[..., 1, 0] - r[..., 0, 1]], -1)
+    sin = torch.linalg.vector_norm(vee, dim=-1, keepdim=True)
+    cos = 0.5 * (r[..., 0, 0] + r[..., 1, 1] + r[..., 2, 2] - 1)[..., None]
+    angle = torch.atan2(sin, cos)
+    return vee * torch.where(sin > 1e-7, angle / sin.clamp_min(1e-12), 1 + sin**2 / 6)
+
+
 def _matrix_to_quaternion(rotation: torch.Tensor) -> torch.Tensor:
     """(w, x, y, z) with w >= 0, choosing the numerically best of four formulas per matrix."""
     m = rotation

@@ -60,6 +60,8 @@ class _Table:
         self.coeff_basis = coeff_basis  # (..., Ja, 3, L, C)
         self.pose_basis = pose_basis  # (..., Ja, 3, L, P)
         self.joints = joints  # (Ja,) indices of the active joints
+        # The demo head has none; skipping them saves most of the rotation Jacobian's work.
+        self.has_pose_correctives = bool(pose_basis.abs().amax() > 0)
 
     @classmethod
     def build(cls, layer: FlameLayer, vertex_idx: torch.Tensor, bary: torch.Tensor) -> _Table:
@@ -201,20 +203,29 @@ class LandmarkModel:
         if not jacobians:
             return points, None, None
 
+        # Rotating the joint-major bases by each joint's world rotation and summing over joints is one
+        # product: (B, 3, Ja*3) @ (Ja*3, L*C), with no copy of the (large) bases.
+        batch, count = coeffs.shape[0], weight.shape[1]
+        rotation_rows = rot_w.permute(0, 2, 1, 3).reshape(batch, 3, -1)
+
+        def rotate_sum(basis: torch.Tensor) -> torch.Tensor:  # (.., Ja, 3, L, N) -> (B, L, 3, N)
+            flat = basis.reshape(*basis.shape[:-4], basis.shape[-4] * 3, -1)
+            return (rotation_rows @ flat).reshape(batch, 3, count, -1).transpose(1, 2)
+
         # Coefficients: sum_j Rw_j dS_lj/dc + W_lj (dPw_j/dc - Rw_j dJr_j/dc).
-        rotated_basis = torch.einsum(f"bjxy,{tb}jylc->blxc", rot_w, table.coeff_basis)
         joint_term = kin.d_pos[:, joints] - rot_w @ self.joint_coeff_basis[joints]  # (B, Ja, 3, C)
-        d_coeffs = rotated_basis + torch.einsum("blj,bjxc->blxc", weight.expand(coeffs.shape[0], -1, -1), joint_term)
+        d_coeffs = rotate_sum(table.coeff_basis) + torch.einsum("blj,bjxc->blxc", weight.expand(batch, -1, -1), joint_term)
 
         # Rotations: rigid turn of each subtree about its joint, plus the pose correctives' change.
         subtree = self.subtree[:, joints]  # (J, Ja)
         arm = torch.einsum("kj,bljx->blkx", subtree, contributions) - torch.einsum(
-            "kj,blj,bkx->blkx", subtree, weight.expand(contributions.shape[0], -1, -1), kin.world_pos
+            "kj,blj,bkx->blkx", subtree, weight.expand(batch, -1, -1), kin.world_pos
         )
         d_rot = -_skew(arm) @ kin.world_rot[:, None]  # (B, L, J, 3, 3)
-        # d vec(R_k)/d delta_a = vec(R_k [e_a]x); pose features exist for joints 1..J-1.
-        eye = torch.eye(3, dtype=coeffs.dtype, device=coeffs.device)
-        d_feature = torch.einsum("bkxy,ayz->bkxza", rotations[:, 1:], _skew(eye)).reshape(coeffs.shape[0], -1, 3)
-        rotated_pose = torch.einsum(f"bjxy,{tb}jylp->blxp", rot_w, table.pose_basis)  # (B, L, 3, P)
-        d_rot[:, :, 1:] += torch.einsum("blxkf,bkfa->blkxa", rotated_pose.reshape(*rotated_pose.shape[:3], self.n_joints - 1, 9), d_feature.reshape(coeffs.shape[0], self.n_joints - 1, 9, 3))
+        if table.has_pose_correctives:
+            # d vec(R_k)/d delta_a = vec(R_k [e_a]x); pose features exist for joints 1..J-1.
+            eye = torch.eye(3, dtype=coeffs.dtype, device=coeffs.device)
+            d_feature = torch.einsum("bkxy,ayz->bkxza", rotations[:, 1:], _skew(eye)).reshape(batch, self.n_joints - 1, 9, 3)
+            rotated_pose = rotate_sum(table.pose_basis).reshape(batch, count, 3, self.n_joints - 1, 9)
+            d_rot[:, :, 1:] += torch.einsum("blxkf,bkfa->blkxa", rotated_pose, d_feature)
         return points, d_coeffs, d_rot.permute(0, 1, 3, 2, 4)
