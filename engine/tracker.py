@@ -69,7 +69,7 @@ class TrackedFrame:
     exp: np.ndarray  # (E,)
     pose: np.ndarray  # (J, 3): root, neck, jaw, left eye, right eye
     transl: np.ndarray  # (3,) FLAME translation in the fitting world (camera at origin, looking down -z)
-    head_rot: np.ndarray  # (3,) camera space (OpenCV): x_cv = R (FLIP x_model) + head_trans
+    head_rot: np.ndarray  # (3,) places the model in OpenCV camera space: x_cam = R(head_rot) x_model + head_trans
     head_trans: np.ndarray  # (3,) metres, camera space
     fov_deg: float
     rms_px: float
@@ -236,8 +236,9 @@ class Tracker:
             packed = self._filter(np.concatenate([exp, pose.ravel(), transl]), timestamp)
             exp, pose, transl = packed[: exp.size], packed[exp.size : exp.size + pose.size].reshape(pose.shape), packed[-3:]
         root_rest = self.root_rest_joint(exp)
-        head_rot = _FLIP * pose[0]  # conjugating by FLIP (a half turn about x) maps the axis by FLIP
         rot_world = cv2.Rodrigues(pose[0])[0]
+        # x_cam = FLIP (R (x - J0) + J0 + transl): facing the camera, head_rot is a half turn about x.
+        head_rot = cv2.Rodrigues(_FLIP[:, None] * rot_world)[0][:, 0]
         head_trans = _FLIP * (root_rest - rot_world @ root_rest + transl)
         return TrackedFrame(
             valid, exp, pose, transl, head_rot, head_trans, self.camera.fov_deg, rms_px, iterations,
@@ -338,9 +339,9 @@ def reference_arrays(tracker: Tracker, frame: TrackedFrame) -> dict[str, np.ndar
 
     As in the reference, ``head_pose`` stays zero and the camera moves: ``cam`` = (yaw, pitch, roll, x, y, z)
     is the world-to-view transform x_view = R x + t of the FLAME mesh posed with a zero head pose, with
-    R = Rz(roll) Ry(yaw) Rx(pitch) in radians and an OpenGL-style view (y up, looking down -z). Our own head
-    rotation is R itself, and our camera-space head pose (OpenCV axes) is ``head_rot = FLIP * rotvec(R)``,
-    ``head_trans = FLIP * t``.
+    R = Rz(roll) Ry(yaw) Rx(pitch) in radians and an OpenGL-style view (y up, looking down -z). R is our root
+    joint rotation, and the camera-space pose on the wire is ``R(head_rot) = FLIP R``, ``head_trans = FLIP t``
+    (FLIP = diag(1, -1, -1): OpenCV axes from OpenGL's).
     """
     rotation = cv2.Rodrigues(np.asarray(frame.pose[0], dtype=np.float64))[0]
     translation = _FLIP * frame.head_trans

@@ -15,7 +15,7 @@ address                        types      content
 ``/flame/exp``                 f x N      expression coefficients
 ``/flame/blendshapes``         f x 52     MediaPipe scores in ``BLENDSHAPE_NAMES`` order
 ``/flame/blendshape/<name>``   f          one per MediaPipe name, only with ``blendshape_addresses=True``
-``/flame/fov``                 f          horizontal field of view, degrees
+``/flame/fov``                 f          vertical field of view, degrees
 ``/flame/model``               s s        model name, model checksum           (shape bundle: on change and
 ``/flame/shape``               f x N      identity coefficients                 every 2 s, for late joiners)
 ``/flame/tex``, ``/flame/light``  f x N   optional albedo and lighting coefficients
