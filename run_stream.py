@@ -153,12 +153,44 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _add_models(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    models = subparsers.add_parser("models", parents=[common], help="list model files: found, missing, where to get")
+    models = subparsers.add_parser(
+        "models",
+        parents=[common],
+        help="list model files: found, missing, where to get",
+        description="List every model file (required or optional): found or missing, sha256, where to get it, "
+        "its license; then load the FLAME model to check it. Exit status 1 when a required file is missing: "
+        "the FLAME model or a 68-point landmark embedding (unless --flame demo). face_landmarker.task never "
+        "counts as missing: it downloads on first use. See models/README.md.",
+    )
     models.set_defaults(handler=_run_models)
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from engine.errors import UserError
+    from engine.model_files import model_inventory, resolve_models_dir
+
+    models_dir = resolve_models_dir(args.models)
+    flame = None if args.flame == "demo" else Path(args.flame).expanduser() if args.flame else models_dir
+    if flame is not None and not flame.exists():
+        raise UserError(f"--flame {flame}: no such file or folder; give the folder holding generic_model.pkl, or 'demo'")
+    inventory = model_inventory(models_dir, flame)
+    print(f"models folder: {models_dir}")
+    print(inventory.table())
+    if not inventory.ready:
+        print("\nmissing for FLAME tracking (see models/README.md; without them, --flame demo uses the demo head):")
+        print("\n".join(f"  - {item}" for item in inventory.missing))
+        return 1
+    if flame is not None:
+        from engine.assets import load_flame
+
+        model = load_flame(flame, n_tex=0)
+        landmarks = "68 (with jaw contour)" if model.contour68 is not None else "51 (no jaw contour)"
+        mediapipe = f", {len(model.mediapipe.face_idx)} MediaPipe" if model.mediapipe is not None else ""
+        print(
+            f"\n{model.name} loads: {model.n_vertices} vertices, {model.n_shape} shape + {model.n_exp} expression "
+            f"components, landmarks {landmarks}{mediapipe}; checksum {model.checksum}"
+        )
+    return 0
 
 
 def _add_export(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -67,63 +67,63 @@ FLAME_MODEL = ModelFileSpec(
     names=("generic_model.pkl", "generic_model.npz", "flame2023.pkl", "flame2023.npz"),
     purpose="FLAME 2020/2023 head model",
     need=Need.FLAME,
-    source=f"{FLAME_SITE} (free registration; FLAME 2020 or FLAME 2023 zip)",
+    source="flame.is.tue.mpg.de (free registration; FLAME 2020 or 2023)",
     license="FLAME model license, per user, no redistribution",
 )
 DECA_EMBEDDING = ModelFileSpec(
     names=("landmark_embedding.npy",),
     purpose="68 landmarks on FLAME, with yaw-dependent jaw contour (DECA)",
     need=Need.FLAME_68,
-    source="https://github.com/yfeng95/DECA data/landmark_embedding.npy",
+    source="github.com/yfeng95/DECA, data/",
     license="DECA license (non-commercial research)",
 )
 STATIC_EMBEDDING = ModelFileSpec(
     names=("flame_static_embedding.pkl",),
     purpose="51 inner-face landmarks on FLAME (RingNet / FLAME_PyTorch)",
     need=Need.FLAME_68,
-    source="https://github.com/soubhiksanyal/FLAME_PyTorch model/",
+    source="github.com/soubhiksanyal/FLAME_PyTorch, model/",
     license="FLAME-derived data (FLAME terms)",
 )
 DYNAMIC_EMBEDDING = ModelFileSpec(
     names=("flame_dynamic_embedding.npy",),
     purpose="17 jaw-contour landmarks per head yaw, pairs with the static one",
     need=Need.FLAME_68,
-    source="https://github.com/soubhiksanyal/FLAME_PyTorch model/",
+    source="github.com/soubhiksanyal/FLAME_PyTorch, model/",
     license="FLAME-derived data (FLAME terms)",
 )
 MEDIAPIPE_EMBEDDING = ModelFileSpec(
     names=("mediapipe_landmark_embedding.npz",),
     purpose="105 MediaPipe landmarks on FLAME (denser fits)",
     need=Need.OPTIONAL,
-    source="https://github.com/Zielon/metrical-tracker flame/mediapipe/",
+    source="github.com/Zielon/metrical-tracker, flame/mediapipe/",
     license="metrical-tracker license (non-commercial research)",
 )
 BFM_ALBEDO = ModelFileSpec(
     names=("FLAME_albedo_from_BFM.npz",),
     purpose="albedo space for photometric refinement (BFM in FLAME's UV map)",
     need=Need.OPTIONAL,
-    source="build with https://github.com/TimoBolkart/BFM_to_FLAME",
+    source="build it: github.com/TimoBolkart/BFM_to_FLAME",
     license="Basel Face Model 2017 license (non-commercial research)",
 )
 FLAME_TEXTURE = ModelFileSpec(
     names=("FLAME_texture.npz",),
     purpose="FLAME texture space + UV map for photometric refinement",
     need=Need.OPTIONAL,
-    source=f"{FLAME_SITE} (FLAME texture space)",
+    source="flame.is.tue.mpg.de (texture space download)",
     license="FLAME model license, per user, no redistribution",
 )
 HEAD_TEMPLATE = ModelFileSpec(
     names=("head_template.obj",),
     purpose="FLAME mesh with its UV map (texture coordinates)",
     need=Need.OPTIONAL,
-    source=f"{FLAME_SITE} or DECA data/head_template.obj",
+    source="flame.is.tue.mpg.de, or DECA's data/",
     license="FLAME model license, per user, no redistribution",
 )
 FACE_LANDMARKER = ModelFileSpec(
     names=(LANDMARKER_NAME,),
     purpose="MediaPipe Face Landmarker (478 landmarks, blendshapes)",
     need=Need.AUTO,
-    source="storage.googleapis.com/mediapipe-models (downloaded automatically)",
+    source="Google's MediaPipe models (automatic)",
     license="Apache-2.0 (Google)",
 )
 
@@ -258,6 +258,7 @@ class FileStatus:
     sha256: str | None
     state: str  # found / missing / cached / missing (downloads on first use) / found (not the official file)
     required: bool
+    needed_for: str
 
 
 @dataclass(frozen=True)
@@ -279,7 +280,7 @@ class Inventory:
             (
                 row.spec.name if row.path is None else row.path.name,
                 row.state,
-                row.spec.need.value if row.required or row.spec.need is Need.OPTIONAL else "FLAME (not chosen)",
+                row.needed_for,
                 row.sha256[:16] if row.sha256 else "-",
                 row.spec.source,
                 row.spec.license,
@@ -290,17 +291,21 @@ class Inventory:
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip() for cells in (header, *lines))
 
 
-def model_inventory(models_dir: Path, flame_dir: Path | None = None, *, cache_dir: Path | None = None) -> Inventory:
+def model_inventory(models_dir: Path, flame: Path | None = None, *, cache_dir: Path | None = None) -> Inventory:
     """Check which model files are present (with their sha256) without loading them.
 
-    ``flame_dir`` is where the FLAME files are looked up (usually ``models_dir``); None means the demo head
-    was chosen (``--flame demo``), so only the landmarker is required. "Required and missing" means: the
-    FLAME model, or any complete 68-point embedding (DECA's file, or the static + dynamic pair), is absent.
-    The landmarker never counts as missing: it downloads on first use.
+    ``flame`` is the FLAME model file or the folder holding it (usually ``models_dir``); None means the demo
+    head was chosen (``--flame demo``), so only the landmarker is required. "Required and missing" means:
+    the FLAME model, or any complete 68-point embedding (DECA's file, or the static + dynamic pair), is
+    absent. The landmarker never counts as missing: it downloads on first use.
     """
+    flame_dir = flame.parent if flame is not None and flame.is_file() else flame
     rows = [_landmarker_status(models_dir, cache_dir or default_cache_dir())]
     for spec in FLAME_FILES:
-        path = find_spec_file(flame_dir, spec) if flame_dir is not None else None
+        if flame is not None and flame.is_file() and spec is FLAME_MODEL:
+            path: Path | None = flame
+        else:
+            path = find_spec_file(flame_dir, spec) if flame_dir is not None else None
         rows.append(
             FileStatus(
                 spec=spec,
@@ -308,17 +313,18 @@ def model_inventory(models_dir: Path, flame_dir: Path | None = None, *, cache_di
                 sha256=sha256_of(path) if path else None,
                 state="found" if path else "missing",
                 required=flame_dir is not None and spec.need in (Need.FLAME, Need.FLAME_68),
+                needed_for=spec.need.value if flame_dir is not None else "FLAME only (--flame demo chosen)",
             )
         )
-    found = {row.spec for row in rows if row.path is not None}
+    found = {row.spec.name for row in rows if row.path is not None}
     missing: list[str] = []
     if flame_dir is not None:
-        if FLAME_MODEL not in found:
-            missing.append(f"{FLAME_MODEL.name} (the FLAME model)")
-        if DECA_EMBEDDING not in found and not {STATIC_EMBEDDING, DYNAMIC_EMBEDDING} <= found:
+        if FLAME_MODEL.name not in found:
+            missing.append(f"{FLAME_MODEL.name} (the FLAME model) from {FLAME_MODEL.source}")
+        if DECA_EMBEDDING.name not in found and not {STATIC_EMBEDDING.name, DYNAMIC_EMBEDDING.name} <= found:
             missing.append(
-                f"a 68-point landmark embedding ({DECA_EMBEDDING.name}, or "
-                f"{STATIC_EMBEDDING.name} + {DYNAMIC_EMBEDDING.name})"
+                f"a 68-point landmark embedding: {DECA_EMBEDDING.name} from {DECA_EMBEDDING.source}, or "
+                f"{STATIC_EMBEDDING.name} + {DYNAMIC_EMBEDDING.name} from {STATIC_EMBEDDING.source}"
             )
     return Inventory(models_dir=models_dir, flame_dir=flame_dir, rows=tuple(rows), missing=tuple(missing))
 
@@ -328,5 +334,7 @@ def _landmarker_status(models_dir: Path, cache_dir: Path) -> FileStatus:
         if path.is_file():
             digest = sha256_of(path)
             state = where if digest == LANDMARKER_SHA256 else f"{where} (not the official file)"
-            return FileStatus(FACE_LANDMARKER, path, digest, state, required=True)
-    return FileStatus(FACE_LANDMARKER, None, None, "missing (downloads on first use)", required=True)
+            return FileStatus(FACE_LANDMARKER, path, digest, state, required=True, needed_for=Need.AUTO.value)
+    return FileStatus(
+        FACE_LANDMARKER, None, None, "missing (downloads on first use)", required=True, needed_for=Need.AUTO.value
+    )
