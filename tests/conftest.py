@@ -31,3 +31,20 @@ def shared_clips() -> Path:
 @pytest.fixture(scope="session")
 def shared_landmarks68() -> Path:
     return _shared_path("data/landmarks68")
+
+
+@pytest.fixture(scope="session")
+def flame_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic FLAME folder as users have it: generic_model.pkl (chumpy-style pickle), DECA and RingNet
+    embeddings, the MediaPipe embedding and FLAME_texture.npz (see tests/flame_fixtures.py)."""
+    from flame_fixtures import write_flame_folder
+
+    return write_flame_folder(tmp_path_factory.mktemp("flame"))
+
+
+@pytest.fixture(scope="session")
+def flame_npz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model as ``flame_dir`` with generic_model.npz, FLAME_albedo_from_BFM.npz and head_template.obj."""
+    from flame_fixtures import write_flame_folder
+
+    return write_flame_folder(tmp_path_factory.mktemp("flame_npz"), model_format="npz", texture="bfm", head_template=True)
