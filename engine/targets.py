@@ -9,11 +9,14 @@ landmark group of the model takes its targets from them:
 
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import lru_cache
+
 import numpy as np
 import torch
 
 from engine.fitting import FitConfig, Targets, landmark_weights
-from engine.head_model import HeadModel
+from engine.head_model import HeadModel, MediapipeEmbedding
 from engine.landmark_model import LandmarkModel
 from engine.landmarks import LEFT_IRIS_CENTER, N_LANDMARKS, RIGHT_IRIS_CENTER, to_68
 
@@ -27,6 +30,35 @@ def groups_for(model: HeadModel) -> tuple[str, ...]:
     if model.is_demo:
         return ("mediapipe",)
     return ("lmk68", "mediapipe", "eyes") if model.mediapipe is not None else ("lmk68", "eyes")
+
+
+@lru_cache(maxsize=1)
+def mediapipe_contour_landmarks() -> np.ndarray:
+    """MediaPipe's own feature contours (lips, eyes, brows, face oval, nose, irises): 160 of the 478 points."""
+    from mediapipe.tasks.python import vision
+
+    connections = vision.FaceLandmarksConnections
+    groups = (
+        connections.FACE_LANDMARKS_LIPS, connections.FACE_LANDMARKS_LEFT_EYE, connections.FACE_LANDMARKS_RIGHT_EYE,
+        connections.FACE_LANDMARKS_LEFT_EYEBROW, connections.FACE_LANDMARKS_RIGHT_EYEBROW,
+        connections.FACE_LANDMARKS_FACE_OVAL, connections.FACE_LANDMARKS_NOSE,
+        connections.FACE_LANDMARKS_LEFT_IRIS, connections.FACE_LANDMARKS_RIGHT_IRIS,
+    )  # fmt: skip
+    return np.array(sorted({index for group in groups for c in group for index in (c.start, c.end)}))
+
+
+def tracking_head(head: HeadModel) -> HeadModel:
+    """The head as the tracker fits it.
+
+    An embedding of all 478 MediaPipe points (the demo head's) is reduced to MediaPipe's feature contours:
+    the dense cheek and forehead points add a third of the work each and little information.
+    """
+    embedding = head.mediapipe
+    if embedding is None or len(embedding.landmark_indices) < N_LANDMARKS:
+        return head
+    keep = np.isin(embedding.landmark_indices, mediapipe_contour_landmarks())
+    reduced = MediapipeEmbedding(embedding.face_idx[keep], embedding.bary[keep], embedding.landmark_indices[keep])
+    return replace(head, mediapipe=reduced)
 
 
 class TargetBuilder:

@@ -32,7 +32,7 @@ from engine.fitting import Calibration, FitConfig, FrameParams, Targets, calibra
 from engine.flame import FlameLayer, matrix_to_axis_angle, rodrigues
 from engine.head_model import HeadModel
 from engine.landmark_model import LandmarkModel
-from engine.targets import TargetBuilder, groups_for
+from engine.targets import TargetBuilder, groups_for, tracking_head
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,10 @@ class Tracker:
         self.config = config or TrackerConfig()
         self.head = head
         height, width = image_size
-        self.layer = FlameLayer(head, self.config.n_shape, self.config.n_exp, self.config.device, self.config.dtype)
+        fitted = tracking_head(head)
+        self.layer = FlameLayer(fitted, self.config.n_shape, self.config.n_exp, self.config.device, self.config.dtype)
         self.full = LandmarkModel(self.layer, groups_for(head))
-        self.targets = TargetBuilder(self.full, head, self.config.fit)
+        self.targets = TargetBuilder(self.full, fitted, self.config.fit)
         fov = self.config.fov_deg if self.config.fov_deg is not None else self.config.fit.priors.fov_deg
         self.camera = Camera(width, height, fov)
         self.shape = torch.zeros(self.layer.n_shape, dtype=self.config.dtype, device=self.config.device)
