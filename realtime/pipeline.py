@@ -1,0 +1,499 @@
+"""The live loop: newest frame -> MediaPipe -> tracker -> publishers, recorder and keyframe queue, with metrics.
+
+Threads: the source's capture thread fills a one-frame slot (a frame the loop had no time for is replaced
+and counted as dropped); the loop runs in the calling thread; the recorder writes in its own thread.
+Nothing queues without bound: the slot holds one frame, publishers drop what they cannot send at once,
+the recorder's queue is bounded, and the keyframe queue drops its oldest entry when full.
+
+Per frame, in this order: landmarks, fit, ``flame.shape`` if the identity changed, ``flame.frame`` to every
+publisher (latency is measured here, from the frame's capture), recording, keyframe selection, preview.
+About once a second the loop publishes ``flame.metrics`` and refreshes the status line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import math
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from engine.filters import OneEuroConfig
+from engine.head_model import HeadModel
+from engine.landmarks import N_LANDMARKS, FaceLandmarker, FaceObservation, LandmarkerConfig
+from engine.tracker import TrackedFrame, Tracker, TrackerConfig
+from realtime.keyframes import KeyframeConfig, KeyframeSelector
+from realtime.messages import (
+    BLENDSHAPE_NAMES,
+    SCHEMA_VERSION,
+    TOPIC_FRAME,
+    TOPIC_SHAPE,
+    frame_message,
+    metrics_message,
+    shape_message,
+)
+from realtime.outputs import PublisherOptions, close_all, dropped_messages, open_publishers
+from realtime.preview import PreviewWindow
+from realtime.publishers import Publisher
+from realtime.recorder import SessionRecorder
+from realtime.sources import Frame, FrameSource, SourceOptions, open_source
+
+log = logging.getLogger(__name__)
+
+_NO_LANDMARKS = np.full((N_LANDMARKS, 2), np.nan)
+_NO_BLENDSHAPES = np.zeros(len(BLENDSHAPE_NAMES))
+_RESTING_EYES = np.zeros((2, 3))
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    """How the loop runs, independent of where frames come from and where results go."""
+
+    max_frames: int | None = None
+    """Stop after this many processed frames (None: until the source ends or a stop is requested)."""
+    include_landmarks: bool = False
+    """Put MediaPipe's 478 landmarks into every ``flame.frame`` (about 10 KB more per message)."""
+    frame_size: tuple[int, int] | None = None
+    """Resize every frame to (width, height) before tracking; None keeps the source's size."""
+    keyframes: KeyframeConfig | None = None
+    """Select keyframes for the refiner into ``LivePipeline.keyframes.queue``; None turns selection off."""
+    preview: bool = False
+    show_status: bool = True
+    """A status line once a second (one updating line on a terminal, else a log line)."""
+    metrics_interval_s: float = 1.0
+    metrics_window: int = 64
+    """Frames the published percentiles and stage times are taken over."""
+    summary_window: int = 4096
+    """Frames the end-of-run summary is taken over (the most recent ones)."""
+
+
+@dataclass(frozen=True)
+class LiveSummary:
+    """What a run did, as returned by :meth:`LivePipeline.run`; times in milliseconds unless named otherwise."""
+
+    frames: int
+    valid_frames: int
+    dropped_frames: int
+    """Frames the source captured but the loop had no time for."""
+    publisher_dropped: int
+    duration_s: float
+    fps: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    """Capture to publish, over the last ``summary_window`` frames."""
+    mediapipe_ms: float
+    tracker_ms: float
+    """Median per-frame times of the two stages."""
+    tracker_max_ms: float
+    """The slowest fit, usually the frame that calibrated the identity."""
+    keyframes: int
+    keyframes_dropped: int
+
+    def describe(self) -> str:
+        return (
+            f"processed {self.frames} frames ({self.valid_frames} with a face) in {self.duration_s:.1f} s: "
+            f"{self.fps:.1f} fps, capture->publish p50 {self.latency_p50_ms:.0f} ms p95 {self.latency_p95_ms:.0f} ms, "
+            f"{self.dropped_frames} frames dropped"
+        )
+
+
+class _Samples:
+    """The most recent `capacity` values of one measurement, in a preallocated ring."""
+
+    def __init__(self, capacity: int) -> None:
+        self._values = np.zeros(capacity)
+        self._count = 0
+
+    def add(self, value: float) -> None:
+        self._values[self._count % len(self._values)] = value
+        self._count += 1
+
+    def percentile(self, q: float) -> float:
+        if self._count == 0:
+            return 0.0
+        return float(np.percentile(self._values[: min(self._count, len(self._values))], q))
+
+    def maximum(self) -> float:
+        return float(self._values[: min(self._count, len(self._values))].max()) if self._count else 0.0
+
+
+class _StageTimes:
+    """Latency and stage times of recent frames."""
+
+    def __init__(self, capacity: int) -> None:
+        self.latency_ms = _Samples(capacity)
+        self.mediapipe_ms = _Samples(capacity)
+        self.tracker_ms = _Samples(capacity)
+
+    def add(self, latency_ms: float, mediapipe_ms: float, tracker_ms: float) -> None:
+        self.latency_ms.add(latency_ms)
+        self.mediapipe_ms.add(mediapipe_ms)
+        self.tracker_ms.add(tracker_ms)
+
+
+class _StatusLine:
+    """One line that rewrites itself on a terminal; a log line per update elsewhere (files, CI logs)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled
+        self._terminal = enabled and sys.stderr.isatty()
+        self._shown = False
+
+    def show(self, text: str) -> None:
+        if not self._enabled:
+            return
+        if self._terminal:
+            sys.stderr.write("\r" + text + "\x1b[K")
+            sys.stderr.flush()
+            self._shown = True
+        else:
+            log.info(text)
+
+    def finish(self) -> None:
+        if self._shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def horizontal_fov(vertical_fov_deg: float, width: int, height: int) -> float:
+    """The horizontal field of view (degrees) of a pinhole camera with this vertical one and image size."""
+    return math.degrees(2.0 * math.atan(math.tan(math.radians(vertical_fov_deg) / 2.0) * width / height))
+
+
+def camera_metadata(tracker: Tracker) -> dict[str, Any]:
+    camera = tracker.camera
+    return {
+        "image_size": [camera.width, camera.height],
+        "fov_deg_vertical": camera.fov_deg,
+        "fov_deg_horizontal": horizontal_fov(camera.fov_deg, camera.width, camera.height),
+        "intrinsics": camera.intrinsics().tolist(),
+    }
+
+
+class LivePipeline:
+    """Runs the loop over components opened by the caller (see :func:`run_live`), who also closes them.
+
+    The tracker must have been made for the size of the frames it will see (after ``frame_size``).
+    """
+
+    def __init__(
+        self,
+        source: FrameSource,
+        landmarker: FaceLandmarker,
+        tracker: Tracker,
+        publishers: Sequence[Publisher],
+        recorder: SessionRecorder | None = None,
+        config: LiveConfig | None = None,
+        preview: PreviewWindow | None = None,
+    ) -> None:
+        self.config = config or LiveConfig()
+        self.source = source
+        self.landmarker = landmarker
+        self.tracker = tracker
+        self.publishers = list(publishers)
+        self.recorder = recorder
+        self.preview = preview
+        self.keyframes = KeyframeSelector(self.config.keyframes) if self.config.keyframes else None
+        self.frames = 0
+        self.valid_frames = 0
+        self._image_size = (tracker.camera.width, tracker.camera.height)
+        self._blendshapes = _NO_BLENDSHAPES
+        self._shape_version: int | None = None
+        self._recent = _StageTimes(self.config.metrics_window)
+        self._history = _StageTimes(self.config.summary_window)
+        self._status = _StatusLine(self.config.show_status)
+        self._last_report = (0.0, 0)  # (monotonic time, frames processed) at the last metrics report
+        self._fps = 0.0
+
+    def run(self, stop: threading.Event | None = None) -> LiveSummary:
+        """Track until the source ends, `max_frames` are processed, the preview closes or `stop` is set."""
+        stop = stop or threading.Event()
+        # MediaPipe and the capture thread need the other cores; PyTorch's small solves gain nothing from threads.
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        started = time.monotonic()
+        self._last_report = (started, 0)
+        self._publish_shape_if_changed()
+        self.source.start()
+        try:
+            while not stop.is_set() and not self._reached_max_frames():
+                frame = self.source.slot.get(timeout=0.1)
+                if frame is None:
+                    if self.source.ended:
+                        break
+                elif not self._process(frame):
+                    break
+                self._report_when_due()
+        finally:
+            self.source.stop()
+            if self.keyframes is not None:
+                self.keyframes.queue.close()
+            self._status.finish()
+            torch.set_num_threads(torch_threads)
+        return self._summary(time.monotonic() - started)
+
+    def _reached_max_frames(self) -> bool:
+        return self.config.max_frames is not None and self.frames >= self.config.max_frames
+
+    def _frame_time(self, frame: Frame) -> float:
+        """Seconds on the clock the frame was shot on: media time when every frame of a file is read
+        (possibly faster than real time), else the capture clock."""
+        if not self.source.delivers_every_frame:
+            return frame.t_monotonic
+        if frame.source_pts is not None:
+            return frame.source_pts
+        return frame.index / (self.source.fps or 25.0)
+
+    def _process(self, frame: Frame) -> bool:
+        """Track and publish one frame; False when the user closed the preview."""
+        if self.config.frame_size is not None and frame.image.shape[1::-1] != self.config.frame_size:
+            frame = replace(frame, image=_resized(frame.image, self.config.frame_size))
+        frame_time = self._frame_time(frame)
+        before_landmarks = time.perf_counter()
+        observation = self.landmarker.detect(frame.image, round(frame_time * 1000.0))
+        before_fit = time.perf_counter()
+        tracked = self.tracker.track(None if observation is None else observation.points, timestamp=frame_time)
+        after_fit = time.perf_counter()
+
+        self._publish_shape_if_changed(frame)
+        message = self._frame_message(frame, observation, tracked)
+        for publisher in self.publishers:
+            publisher.publish_frame(message)
+        latency_ms = (time.monotonic() - frame.t_monotonic) * 1e3
+
+        self.frames += 1
+        self.valid_frames += int(tracked.valid)
+        stage_times = (latency_ms, (before_fit - before_landmarks) * 1e3, (after_fit - before_fit) * 1e3)
+        self._recent.add(*stage_times)
+        self._history.add(*stage_times)
+        if self.recorder is not None:
+            self.recorder.write(frame, TOPIC_FRAME, message)
+        landmarks = None if observation is None else observation.points
+        if self.keyframes is not None:
+            self.keyframes.offer(frame, landmarks, tracked)
+        if self.preview is not None:
+            return self.preview.show(frame.image, landmarks, tracked.valid, self._fps)
+        return True
+
+    def _frame_message(self, frame: Frame, observation: FaceObservation | None, tracked: TrackedFrame) -> dict[str, Any]:
+        if observation is not None and np.isfinite(observation.blendshapes).all():
+            self._blendshapes = observation.blendshapes
+        landmarks = None
+        if self.config.include_landmarks:
+            landmarks = _NO_LANDMARKS if observation is None else observation.points
+        pose = tracked.pose
+        width, height = self._image_size
+        return frame_message(
+            seq=frame.index,
+            t_capture=frame.t_capture,
+            valid=tracked.valid,
+            exp=tracked.exp,
+            jaw_pose=pose[2],
+            eye_pose=pose[3:5] if len(pose) >= 5 else _RESTING_EYES,
+            neck_pose=pose[1],
+            head_rot=tracked.head_rot,
+            head_trans=tracked.head_trans,
+            fov_deg=horizontal_fov(tracked.fov_deg, width, height),
+            blendshapes=self._blendshapes,
+            landmarks=landmarks,
+            image_size=self._image_size,
+        )
+
+    def _publish_shape_if_changed(self, frame: Frame | None = None) -> None:
+        """``flame.shape`` at the start and after every change of identity (calibration, refinement)."""
+        if self.tracker.shape_version == self._shape_version:
+            return
+        self._shape_version = self.tracker.shape_version
+        head = self.tracker.head
+        shape = self.tracker.shape.detach().cpu().numpy()
+        message = shape_message(shape, head.name, head.checksum)
+        for publisher in self.publishers:
+            publisher.publish_shape(message)
+        if self.recorder is None:
+            return
+        self.recorder.write(None, TOPIC_SHAPE, message)
+        if self.tracker.calibrated:
+            calibration = {
+                "shape_version": self._shape_version,
+                "shape": shape.tolist(),
+                "t_capture": None if frame is None else frame.t_capture,
+            }
+            self.recorder.update_metadata({"calibration": calibration, "camera": camera_metadata(self.tracker)})
+
+    def _report_when_due(self) -> None:
+        now = time.monotonic()
+        last_time, last_frames = self._last_report
+        if now - last_time < self.config.metrics_interval_s:
+            return
+        self._fps = (self.frames - last_frames) / (now - last_time)
+        self._last_report = (now, self.frames)
+        recent = self._recent
+        extra = {"frames": self.frames, "valid_frames": self.valid_frames, "publisher_dropped": self._publisher_dropped()}
+        if self.keyframes is not None:
+            extra |= {"keyframes": self.keyframes.selected, "keyframes_dropped": self.keyframes.queue.dropped}
+        message = metrics_message(
+            fps=self._fps,
+            latency_p50_ms=recent.latency_ms.percentile(50),
+            latency_p95_ms=recent.latency_ms.percentile(95),
+            dropped_frames=self.source.dropped,
+            mediapipe_ms=recent.mediapipe_ms.percentile(50),
+            tracker_ms=recent.tracker_ms.percentile(50),
+            extra=extra,
+        )
+        for publisher in self.publishers:
+            publisher.publish_metrics(message)
+        self._status.show(
+            f"{self._fps:5.1f} fps | latency p50 {message['latency_p50_ms']:4.0f} ms p95 {message['latency_p95_ms']:4.0f} ms"
+            f" | mediapipe {message['mediapipe_ms']:3.0f} ms | tracker {message['tracker_ms']:3.0f} ms"
+            f" | dropped {self.source.dropped} | {'calibrated' if self.tracker.calibrated else 'calibrating'}"
+        )
+
+    def _publisher_dropped(self) -> int:
+        return dropped_messages(self.publishers)
+
+    def _summary(self, duration_s: float) -> LiveSummary:
+        history = self._history
+        return LiveSummary(
+            frames=self.frames,
+            valid_frames=self.valid_frames,
+            dropped_frames=self.source.dropped,
+            publisher_dropped=self._publisher_dropped(),
+            duration_s=duration_s,
+            fps=self.frames / duration_s if duration_s > 0 else 0.0,
+            latency_p50_ms=history.latency_ms.percentile(50),
+            latency_p95_ms=history.latency_ms.percentile(95),
+            mediapipe_ms=history.mediapipe_ms.percentile(50),
+            tracker_ms=history.tracker_ms.percentile(50),
+            tracker_max_ms=history.tracker_ms.maximum(),
+            keyframes=0 if self.keyframes is None else self.keyframes.selected,
+            keyframes_dropped=0 if self.keyframes is None else self.keyframes.queue.dropped,
+        )
+
+
+def _resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    shrinking = size[0] * size[1] < image.shape[0] * image.shape[1]
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Opening everything a live run needs, in an order that reports user mistakes before the slow steps
+
+
+@dataclass(frozen=True)
+class LiveOptions:
+    """Everything ``run_stream.py live`` decides."""
+
+    source: str = "0"
+    realtime: bool = True
+    """Play files at their own rate (dropping frames the loop has no time for); False reads every frame."""
+    flame: str | None = None
+    """A FLAME folder, "demo", or None for FLAME when the models folder has it, else the demo head."""
+    models_dir: Path | None = None
+    device: str = "cpu"
+    fov_deg: float | None = None
+    """Known vertical field of view; None estimates it during calibration."""
+    publishers: PublisherOptions = field(default_factory=PublisherOptions)
+    record_dir: Path | None = None
+    overwrite: bool = False
+    open_timeout_s: float = 5.0
+    loop: LiveConfig = field(default_factory=LiveConfig)
+
+
+def _software_versions() -> dict[str, str]:
+    versions = {"torch": torch.__version__, "opencv": cv2.__version__}
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        versions["mediapipe"] = importlib.metadata.version("mediapipe")
+    return versions
+
+
+def _session_metadata(options: LiveOptions, source: FrameSource, head: HeadModel, tracker: Tracker) -> dict[str, Any]:
+    return {
+        "source": source.description,
+        "source_fps": source.fps,
+        "model": {"name": head.name, "checksum": head.checksum, "is_demo": head.is_demo, "files": head.sources},
+        "tracker": {"n_shape": tracker.layer.n_shape, "n_exp": tracker.layer.n_exp, "device": options.device},
+        "camera": camera_metadata(tracker),
+        "fov_fixed": options.fov_deg is not None,
+        "calibration": None,
+        "schema_version": SCHEMA_VERSION,
+        "landmarks_in_messages": options.loop.include_landmarks,
+        "versions": _software_versions(),
+    }
+
+
+def run_live(options: LiveOptions, stop: threading.Event | None = None) -> LiveSummary:
+    """Open the source, publishers, models and recorder, run the loop, and close everything again.
+
+    User mistakes (no such camera or file, port in use, recording folder taken, no display) raise UserError;
+    the cheap checks come first, so they are reported before the models load.
+    """
+    from engine.model_files import find_face_landmarker, resolve_models_dir
+    from engine.model_selection import select_head_model
+
+    with contextlib.ExitStack() as stack:
+        preview = stack.enter_context(PreviewWindow()) if options.loop.preview else None
+        source = open_source(options.source, options.realtime, SourceOptions(open_timeout_s=options.open_timeout_s))
+        stack.callback(source.stop)
+        publishers = open_publishers(options.publishers)
+        stack.callback(close_all, publishers)
+
+        models_dir = resolve_models_dir(options.models_dir)
+        head = select_head_model(options.flame, models_dir)
+        landmarker = stack.enter_context(FaceLandmarker(LandmarkerConfig(find_face_landmarker(models_dir))))
+        width, height = options.loop.frame_size or source.size
+        tracker_config = TrackerConfig(fov_deg=options.fov_deg, output_filter=OneEuroConfig(), device=options.device)
+        tracker = Tracker(head, (height, width), tracker_config)
+        log.info("tracking %s (%dx%d) with the %s on %s", source.description, width, height, head.name, options.device)
+
+        recorder = None
+        if options.record_dir is not None:
+            metadata = _session_metadata(options, source, head, tracker)
+            recorder = SessionRecorder(options.record_dir, source.fps, (width, height), metadata, overwrite=options.overwrite)
+            stack.enter_context(recorder)
+        pipeline = LivePipeline(source, landmarker, tracker, publishers, recorder, options.loop, preview)
+        return pipeline.run(stop)
+
+
+def run_live_benchmark(
+    source: str | Path,
+    flame: str | None = "demo",
+    models_dir: Path | None = None,
+    device: str = "cpu",
+    max_frames: int = 300,
+    frame_size: tuple[int, int] | None = (640, 480),
+    realtime: bool = True,
+) -> dict[str, Any]:
+    """End-to-end speed of the live loop on a file: fps, capture->publish latency, MediaPipe and tracker ms.
+
+    Frames are resized to `frame_size` (640x480 by default, a typical webcam) and published on a ZeroMQ
+    socket on a free local port. With realtime=True the file plays at its own rate, as a camera would, so
+    fps is capped by the file's rate and slow frames show up as drops; realtime=False measures throughput.
+    """
+    options = LiveOptions(
+        source=str(source),
+        realtime=realtime,
+        flame=flame,
+        models_dir=models_dir,
+        device=device,
+        publishers=PublisherOptions(zmq="tcp://127.0.0.1:*"),
+        loop=LiveConfig(max_frames=max_frames, frame_size=frame_size, show_status=False),
+    )
+    summary = run_live(options)
+    return {
+        "source": str(source),
+        "frame_size": list(frame_size) if frame_size else None,
+        "realtime": realtime,
+        "device": device,
+        "torch_threads": 1,
+        **asdict(summary),
+    }

@@ -1,0 +1,75 @@
+"""Publishing a recorded session again with its original timing, so receivers can be tested without a camera.
+
+Each recorded ``flame.frame`` and ``flame.shape`` message goes out as it was published live, with only
+``t_publish`` renewed; metrics describe the machine that ran live, not this replay, and are not repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from realtime.messages import TOPIC_FRAME, TOPIC_SHAPE, MessageError, validate
+from realtime.outputs import PublisherOptions, close_all, open_publishers
+from realtime.publishers import Publisher
+from realtime.session import SessionReader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplaySummary:
+    frames: int
+    shapes: int
+    skipped: int
+    """Recorded messages that break the wire schema (a damaged or edited file), not published."""
+    duration_s: float
+
+    def describe(self) -> str:
+        skipped = f", skipped {self.skipped} invalid messages" if self.skipped else ""
+        return f"replayed {self.frames} frames and {self.shapes} identities in {self.duration_s:.1f} s{skipped}"
+
+
+def replay_session(
+    reader: SessionReader, publishers: Sequence[Publisher], speed: float = 1.0, stop: threading.Event | None = None
+) -> ReplaySummary:
+    """Publish the session's frame and shape messages at their recorded pace divided by `speed`."""
+    started = time.monotonic()
+    frames = shapes = skipped = 0
+    for record in reader.iter_timed(speed):
+        if stop is not None and stop.is_set():
+            break
+        if record.topic not in (TOPIC_FRAME, TOPIC_SHAPE):
+            continue
+        message = {**record.message, "t_publish": time.time()}
+        try:
+            validate(record.topic, message)
+        except MessageError as error:
+            skipped += 1
+            log.log(logging.WARNING if skipped == 1 else logging.DEBUG, "skipping a recorded %s: %s", record.topic, error)
+            continue
+        if record.topic == TOPIC_FRAME:
+            for publisher in publishers:
+                publisher.publish_frame(message)
+            frames += 1
+        else:
+            for publisher in publishers:
+                publisher.publish_shape(message)
+            shapes += 1
+    return ReplaySummary(frames, shapes, skipped, time.monotonic() - started)
+
+
+def run_replay(
+    directory: Path, publisher_options: PublisherOptions, speed: float = 1.0, stop: threading.Event | None = None
+) -> ReplaySummary:
+    """Open the session and the publishers, replay, and close the publishers."""
+    reader = SessionReader(directory)
+    publishers = open_publishers(publisher_options)
+    try:
+        return replay_session(reader, publishers, speed, stop)
+    finally:
+        close_all(publishers)
