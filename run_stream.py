@@ -57,13 +57,83 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_publisher_options(parser: argparse.ArgumentParser) -> None:
+    """--zmq, --no-zmq, --osc and --vmc, shared by live and replay."""
+    outputs = parser.add_argument_group("outputs")
+    outputs.add_argument("--zmq", metavar="ADDR", help="ZeroMQ PUB address (default tcp://127.0.0.1:5555)")
+    outputs.add_argument("--no-zmq", action="store_true", help="do not publish on ZeroMQ")
+    outputs.add_argument("--osc", metavar="HOST:PORT", help="also send OSC (/flame/...) to this receiver")
+    outputs.add_argument(
+        "--vmc", metavar="HOST:PORT", nargs="?", const="",
+        help="also send the VMC protocol (VSeeFace, EVMC4U, VMC4B); default receiver 127.0.0.1:39539",
+    )  # fmt: skip
+
+
 def _add_live(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    live = subparsers.add_parser("live", parents=[common], help="track a camera, stream or file live (default)")
+    live = subparsers.add_parser(
+        "live",
+        parents=[common],
+        help="track a camera, stream or file live (default)",
+        description="Track faces live and publish FLAME parameters (ZeroMQ by default, OSC and VMC on request). "
+        "Ctrl-C stops cleanly.",
+    )
+    live.add_argument("--source", default="0", metavar="0|rtsp://...|FILE|DIR", help="camera index, stream URL, "
+                      "video or image file, or folder of images (default: camera 0)")  # fmt: skip
+    live.add_argument("--list-cameras", action="store_true", help="list the cameras that work and exit")
+    live.add_argument("--fov", type=float, metavar="DEG", help="known vertical field of view (default: estimated)")
+    timing = live.add_mutually_exclusive_group()
+    timing.add_argument("--realtime", dest="realtime", action="store_true", default=True,
+                        help="play files at their own rate, dropping frames there is no time for (default)")  # fmt: skip
+    timing.add_argument("--as-fast-as-possible", dest="realtime", action="store_false",
+                        help="track every frame of a file, as fast as this machine can")  # fmt: skip
+    live.add_argument("--max-frames", type=int, metavar="N", help="stop after N processed frames")
+    live.add_argument("--landmarks", action="store_true", help="include MediaPipe's 478 landmarks in frame messages")
+    live.add_argument("--record", type=Path, metavar="DIR", help="record the video and every published message here")
+    live.add_argument("--overwrite", action="store_true", help="replace a session already recorded in --record DIR")
+    live.add_argument("--preview", action="store_true", help="show a window with the landmarks and the frame rate")
+    live.add_argument("--open-timeout", type=float, default=5.0, metavar="S",
+                      help="seconds to wait for a network stream to open (default 5)")  # fmt: skip
+    _add_publisher_options(live)
     live.set_defaults(handler=_run_live)
 
 
 def _run_live(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    import threading
+
+    from engine.errors import UserError
+    from realtime.messages import DEFAULT_ZMQ_ADDRESS
+    from realtime.outputs import publisher_options
+    from realtime.pipeline import LiveConfig, LiveOptions, run_live
+    from realtime.shutdown import stop_on_signals
+    from realtime.sources import format_camera_list, list_cameras
+
+    if args.list_cameras:
+        print(format_camera_list(list_cameras()))
+        return 0
+    if args.fov is not None and not 5.0 <= args.fov <= 150.0:
+        raise UserError(f"--fov {args.fov}: expected a vertical field of view between 5 and 150 degrees")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise UserError(f"--max-frames {args.max_frames}: give at least 1")
+    if not args.open_timeout > 0:
+        raise UserError(f"--open-timeout {args.open_timeout}: give a positive number of seconds")
+    options = LiveOptions(
+        source=args.source,
+        realtime=args.realtime,
+        flame=args.flame,
+        models_dir=args.models,
+        device=_device(args.device),
+        fov_deg=args.fov,
+        publishers=publisher_options(None if args.no_zmq else args.zmq or DEFAULT_ZMQ_ADDRESS, args.osc, args.vmc),
+        record_dir=args.record,
+        overwrite=args.overwrite,
+        open_timeout_s=args.open_timeout,
+        loop=LiveConfig(max_frames=args.max_frames, include_landmarks=args.landmarks, preview=args.preview),
+    )
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        summary = run_live(options, stop)
+    print(summary.describe())
+    return 0
 
 
 def _add_track(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -135,12 +205,36 @@ def _run_refine(args: argparse.Namespace) -> int:
 
 
 def _add_replay(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    replay = subparsers.add_parser("replay", parents=[common], help="publish a recording again with its timing")
+    replay = subparsers.add_parser(
+        "replay",
+        parents=[common],
+        help="publish a recording again with its timing",
+        description="Publish the frame and shape messages of a session recorded with 'live --record' again, "
+        "with their original timing, so receivers (Unity, Blender, your code) can be tested without a camera.",
+    )
+    replay.add_argument("session", type=Path, metavar="SESSION_DIR", help="folder written by live --record")
+    replay.add_argument("--speed", type=float, default=1.0, help="playback speed factor (default 1; 2 = twice as fast)")
+    _add_publisher_options(replay)
     replay.set_defaults(handler=_run_replay)
 
 
 def _run_replay(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    import threading
+
+    from engine.errors import UserError
+    from realtime.messages import DEFAULT_ZMQ_ADDRESS
+    from realtime.outputs import publisher_options
+    from realtime.replay import run_replay
+    from realtime.shutdown import stop_on_signals
+
+    if not args.speed > 0:
+        raise UserError(f"--speed {args.speed}: give a positive factor, e.g. 1 for the original timing")
+    outputs = publisher_options(None if args.no_zmq else args.zmq or DEFAULT_ZMQ_ADDRESS, args.osc, args.vmc)
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        summary = run_replay(args.session, outputs, args.speed, stop)
+    print(summary.describe())
+    return 0
 
 
 def _add_bench(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
