@@ -65,7 +65,7 @@ def load_flame(
         sources=sources,
     )
     _attach_landmark_embeddings(model, folder, n_faces)
-    _attach_uv_and_texture(model, folder, n_vertices, n_faces, n_tex)
+    _attach_uv_and_texture(model, folder, n_faces, n_tex)
     model.validate()
     log.info(
         "loaded %s from %s: %d vertices, %d joints, %d shape + %d expression components",
@@ -111,7 +111,10 @@ def _read_dict(path: Path, source: str, keys: tuple[str, ...] | None = None) -> 
     else:
         content = _read(path, _read_pickle_file, source)
     if not isinstance(content, dict):
-        raise ModelFileError(f"{path.name} holds a {type(content).__name__}, not the expected dict of arrays; download it again from {source}")
+        raise ModelFileError(
+            f"{path.name} holds a {type(content).__name__}, not the expected dict of arrays; "
+            f"download it again from {source}"
+        )
     return content
 
 
@@ -124,7 +127,9 @@ def _read_model_arrays(path: Path) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     for key in _FLAME_KEYS:
         if key not in content:
-            raise ModelFileError(f"{path.name} has no '{key}': it is not a FLAME model; get {mf.FLAME_MODEL.name} from {mf.FLAME_SITE}")
+            raise ModelFileError(
+                f"{path.name} has no '{key}': it is not a FLAME model; get {mf.FLAME_MODEL.name} from {mf.FLAME_SITE}"
+            )
         try:
             arrays[key] = np.asarray(content[key], dtype=np.int64 if key in ("kintree_table", "f") else np.float64)
         except (TypeError, ValueError) as error:
@@ -133,11 +138,12 @@ def _read_model_arrays(path: Path) -> dict[str, np.ndarray]:
     _check_shape(path, "kintree_table", arrays["kintree_table"], (2, None), "(2, J)")
     _check_shape(path, "f", arrays["f"], (None, 3), "(F, 3)")
     n_vertices, n_joints = arrays["v_template"].shape[0], arrays["kintree_table"].shape[1]
-    _check_shape(path, "shapedirs", arrays["shapedirs"], (n_vertices, 3, None), f"({n_vertices}, 3, {FLAME_SHAPE_COMPONENTS} + E)")
+    shapedirs_layout = f"({n_vertices}, 3, {FLAME_SHAPE_COMPONENTS} + E)"
+    _check_shape(path, "shapedirs", arrays["shapedirs"], (n_vertices, 3, None), shapedirs_layout)
     if arrays["shapedirs"].shape[2] <= FLAME_SHAPE_COMPONENTS:
         raise ModelFileError(
-            f"{path.name}: 'shapedirs' has shape {arrays['shapedirs'].shape}, expected ({n_vertices}, 3, "
-            f"{FLAME_SHAPE_COMPONENTS} + E): {FLAME_SHAPE_COMPONENTS} identity then E expression components"
+            f"{path.name}: 'shapedirs' has shape {arrays['shapedirs'].shape}, expected {shapedirs_layout}: "
+            f"{FLAME_SHAPE_COMPONENTS} identity then E expression components"
         )
     _check_shape(path, "posedirs", arrays["posedirs"], (n_vertices, 3, 9 * (n_joints - 1)))
     _check_shape(path, "J_regressor", arrays["J_regressor"], (n_joints, n_vertices))
@@ -148,7 +154,9 @@ def _read_model_arrays(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _check_shape(path: Path, key: str, array: np.ndarray, shape: tuple[int | None, ...], pretty: str | None = None) -> None:
+def _check_shape(
+    path: Path, key: str, array: np.ndarray, shape: tuple[int | None, ...], pretty: str | None = None
+) -> None:
     """Raise naming the key and the expected shape unless ``array`` has it (None matches any length)."""
     if array.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, array.shape)):
         pretty = pretty or str(shape)
@@ -159,7 +167,9 @@ def _component_count(requested: int | None, available: int, kind: str, path: Pat
     if requested is None:
         return available
     if not 0 <= requested <= available:
-        raise UserError(f"asked for {requested} {kind} components, but {path.name} has {available}: choose 0..{available}")
+        raise UserError(
+            f"asked for {requested} {kind} components, but {path.name} has {available}: choose 0..{available}"
+        )
     return requested
 
 
@@ -169,7 +179,9 @@ def _parents_from_kintree(kintree: np.ndarray, path: Path) -> np.ndarray:
     try:
         parents = [-1] + [column_of[int(parent_id)] for parent_id in kintree[0, 1:]]
     except KeyError as missing:
-        raise ModelFileError(f"{path.name}: kintree_table names parent joint {missing}, which is not in the table") from None
+        raise ModelFileError(
+            f"{path.name}: kintree_table names parent joint {missing}, which is not in the table"
+        ) from None
     return np.asarray(parents, dtype=np.int64)
 
 
@@ -188,9 +200,12 @@ def _attach_landmark_embeddings(model: HeadModel, folder: Path, n_faces: int) ->
     dynamic = mf.find_spec_file(folder, mf.DYNAMIC_EMBEDDING)
     if deca is not None:
         content = _read_dict(deca, mf.DECA_EMBEDDING.source)
-        model.static68 = _embedding(content, deca, "static_lmk_faces_idx", "static_lmk_bary_coords", (N_STATIC_POINTS,), n_faces)
+        model.static68 = _embedding(
+            content, deca, "static_lmk_faces_idx", "static_lmk_bary_coords", (N_STATIC_POINTS,), n_faces
+        )
         model.contour68 = _contour(content, deca, "dynamic_lmk_faces_idx", "dynamic_lmk_bary_coords", n_faces)
-        model.full68 = _embedding(content, deca, "full_lmk_faces_idx", "full_lmk_bary_coords", (68,), n_faces)
+        if "full_lmk_faces_idx" in content:  # not in every DECA-derived variant of the file
+            model.full68 = _embedding(content, deca, "full_lmk_faces_idx", "full_lmk_bary_coords", (68,), n_faces)
         model.sources[deca.name] = mf.sha256_of(deca)
     elif static is not None:
         content = _read_dict(static, mf.STATIC_EMBEDDING.source)
@@ -206,9 +221,8 @@ def _attach_landmark_embeddings(model: HeadModel, folder: Path, n_faces: int) ->
     if mediapipe is not None:
         content = _read_dict(mediapipe, mf.MEDIAPIPE_EMBEDDING.source)
         embedding = _embedding(content, mediapipe, "lmk_face_idx", "lmk_b_coords", ("K",), n_faces)
-        indices = _indices(
-            content, mediapipe, "landmark_indices", embedding.face_idx.shape, N_MEDIAPIPE_LANDMARKS, "MediaPipe landmarks"
-        )
+        count = embedding.face_idx.shape
+        indices = _indices(content, mediapipe, "landmark_indices", count, N_MEDIAPIPE_LANDMARKS, "MediaPipe landmarks")
         model.mediapipe = MediapipeEmbedding(face_idx=embedding.face_idx, bary=embedding.bary, landmark_indices=indices)
         model.sources[mediapipe.name] = mf.sha256_of(mediapipe)
 
@@ -232,7 +246,7 @@ def _array(
 ) -> np.ndarray:
     """A float array of the given shape (a leading 1, as in DECA's (1, 68, 3), is dropped)."""
     if key not in content:
-        raise ModelFileError(f"{path.name} has no '{key}': it is not the expected landmark file; download it again")
+        raise ModelFileError(f"{path.name} has no '{key}': it is not the expected file; download it again")
     try:
         array = np.asarray(content[key], dtype=dtype)
     except (TypeError, ValueError):
@@ -246,7 +260,9 @@ def _array(
     return array
 
 
-def _indices(content: dict[str, Any], path: Path, key: str, shape: tuple[Any, ...], limit: int, what: str) -> np.ndarray:
+def _indices(
+    content: dict[str, Any], path: Path, key: str, shape: tuple[Any, ...], limit: int, what: str
+) -> np.ndarray:
     array = _array(content, path, key, shape)
     if np.any(array != np.round(array)):
         raise ModelFileError(f"{path.name}: '{key}' should hold whole-number indices")
@@ -258,7 +274,7 @@ def _indices(content: dict[str, Any], path: Path, key: str, shape: tuple[Any, ..
     return array.astype(np.int64)
 
 
-def _attach_uv_and_texture(model: HeadModel, folder: Path, n_vertices: int, n_faces: int, n_tex: int | None) -> None:
+def _attach_uv_and_texture(model: HeadModel, folder: Path, n_faces: int, n_tex: int | None) -> None:
     flame_texture = mf.find_spec_file(folder, mf.FLAME_TEXTURE)
     head_template = mf.find_spec_file(folder, mf.HEAD_TEMPLATE)
     if flame_texture is not None:
@@ -279,6 +295,10 @@ def _attach_uv_and_texture(model: HeadModel, folder: Path, n_vertices: int, n_fa
     elif flame_texture is not None:
         model.texture = _flame_texture(flame_texture, n_tex)
         model.sources[flame_texture.name] = mf.sha256_of(flame_texture)
+    if model.texture is not None and model.uv_coords is None:
+        log.warning(
+            "%s has no UV map: add %s or %s to use it", model.texture.name, mf.FLAME_TEXTURE.name, mf.HEAD_TEMPLATE.name
+        )
 
 
 def _uv(vt: Any, ft: Any, path: Path, n_faces: int) -> tuple[np.ndarray, np.ndarray]:
@@ -303,11 +323,15 @@ def _read_obj_uv(path: Path, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]
             elif fields[0] == "f":
                 corners = [corner.split("/") for corner in fields[1:]]
                 if len(corners) != 3 or any(len(c) < 2 or not c[1] for c in corners):
-                    raise ModelFileError(f"{path.name}: faces must be triangles with texture indices (f v/vt v/vt v/vt)")
+                    raise ModelFileError(
+                        f"{path.name}: faces must be triangles with texture indices (f v/vt v/vt v/vt)"
+                    )
                 vertex_faces.append([int(c[0]) - 1 for c in corners])
                 uv_faces.append([int(c[1]) - 1 for c in corners])
     if not np.array_equal(np.asarray(vertex_faces, dtype=np.int64).reshape(-1, 3), faces):
-        raise ModelFileError(f"{path.name}: its triangles differ from the FLAME model's, so its UV map does not fit this model")
+        raise ModelFileError(
+            f"{path.name}: its triangles differ from the FLAME model's, so its UV map does not fit this model"
+        )
     return np.asarray(uv), np.asarray(uv_faces)
 
 
@@ -330,11 +354,13 @@ def _flame_texture(path: Path, n_tex: int | None) -> TextureSpace:
     return _texture_space(mean, basis, 1.0 / 255.0, n_tex, "FLAME texture space")
 
 
-def _texture_space(mean_bgr: np.ndarray, basis_bgr: np.ndarray, scale: float, n_tex: int | None, name: str) -> TextureSpace:
+def _texture_space(
+    mean_bgr: np.ndarray, basis_bgr: np.ndarray, scale: float, n_tex: int | None, name: str
+) -> TextureSpace:
     """RGB in [0, 1] from the files' OpenCV-style BGR; float32 because a full basis is about a gigabyte."""
     n_tex = basis_bgr.shape[-1] if n_tex is None else min(n_tex, basis_bgr.shape[-1])
-    return TextureSpace(
-        mean=np.ascontiguousarray(mean_bgr[..., ::-1]) * np.float32(scale),
-        basis=np.ascontiguousarray(basis_bgr[..., ::-1, :n_tex]) * np.float32(scale),
-        name=name,
-    )
+    mean = np.ascontiguousarray(mean_bgr[..., ::-1])
+    basis = np.ascontiguousarray(basis_bgr[..., ::-1, :n_tex])
+    mean *= np.float32(scale)
+    basis *= np.float32(scale)
+    return TextureSpace(mean=mean, basis=basis, name=name)

@@ -243,7 +243,9 @@ def _download_verified(url: str, target: Path, sha256: str, models_dir: Path, ti
         partial = None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", None) or error
-        raise UserError(f"{LANDMARKER_NAME} is not in {models_dir} and could not be downloaded ({reason}); {manual_fix}") from None
+        raise UserError(
+            f"{LANDMARKER_NAME} is not in {models_dir} and could not be downloaded ({reason}); {manual_fix}"
+        ) from None
     finally:
         if partial is not None:
             partial.unlink(missing_ok=True)
@@ -288,7 +290,9 @@ class Inventory:
             for row in self.rows
         ]
         widths = [max(len(cells[i]) for cells in (header, *lines)) for i in range(len(header))]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip() for cells in (header, *lines))
+        return "\n".join(
+            "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip() for cells in (header, *lines)
+        )
 
 
 def model_inventory(models_dir: Path, flame: Path | None = None, *, cache_dir: Path | None = None) -> Inventory:
@@ -330,7 +334,8 @@ def model_inventory(models_dir: Path, flame: Path | None = None, *, cache_dir: P
 
 
 def _landmarker_status(models_dir: Path, cache_dir: Path) -> FileStatus:
-    for path, where in ((models_dir / LANDMARKER_NAME, "found"), (cache_dir / LANDMARKER_NAME, f"cached in {cache_dir}")):
+    places = ((models_dir / LANDMARKER_NAME, "found"), (cache_dir / LANDMARKER_NAME, f"cached in {cache_dir}"))
+    for path, where in places:
         if path.is_file():
             digest = sha256_of(path)
             state = where if digest == LANDMARKER_SHA256 else f"{where} (not the official file)"

@@ -191,6 +191,8 @@ _NUMPY_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
 _NUMPY_SCALAR = np.float64(0).__reduce__()[0]
 _NUMPY_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
 
+_CSC_NAMES, _CSR_NAMES = ("csc_matrix", "csc_array"), ("csr_matrix", "csr_array")
+
 _ALLOWED: dict[tuple[str, str], Any] = {
     **{(m, "_reconstruct"): _NUMPY_RECONSTRUCT for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
     **{(m, "scalar"): _NUMPY_SCALAR for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
@@ -198,8 +200,8 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("chumpy.ch", "Ch"): _ChumpyArray,
-    **{(m, c): _CompressedSparse for m in ("scipy.sparse.csc", "scipy.sparse._csc") for c in ("csc_matrix", "csc_array")},
-    **{(m, c): _CsrSparse for m in ("scipy.sparse.csr", "scipy.sparse._csr") for c in ("csr_matrix", "csr_array")},
+    **{(m, c): _CompressedSparse for m in ("scipy.sparse.csc", "scipy.sparse._csc") for c in _CSC_NAMES},
+    **{(m, c): _CsrSparse for m in ("scipy.sparse.csr", "scipy.sparse._csr") for c in _CSR_NAMES},
     ("copyreg", "_reconstructor"): _reconstructor,
     ("builtins", "object"): object,
     ("builtins", "set"): set,

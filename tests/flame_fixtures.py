@@ -36,7 +36,8 @@ N_SHAPE, N_EXP = 300, 100
 HEAD_SEGMENTS, HEAD_RINGS = 60, 74
 EYE_SEGMENTS, EYE_RINGS = 17, 17
 HEAD_POLAR_MAX = np.radians(160.0)
-SEMI_AXES = np.array([0.08, 0.11, 0.10])  # x (ear to ear), y (up), z (towards the face), metres
+SEMI_AXES = np.array([0.08, 0.12, 0.10])  # x (ear to ear), y (up), z (towards the face), metres
+HEAD_CENTRE = np.array([0.0, -0.01, 0.0])  # low enough that the chin (y = -9.4 cm) clears the neck rim
 FRONT_DENSITY = 0.5  # azimuth samples are (1 + d) / (1 - d) times denser on the face than at the back
 EYE_RADIUS = 0.0122
 EYE_CENTRES_XY = {"left": (0.0315, 0.026), "right": (-0.0315, 0.026)}  # the subject's left is +x
@@ -142,15 +143,16 @@ def _ring_polar(i: np.ndarray | int) -> np.ndarray:
 
 def _head_surface(polar: np.ndarray, azimuth: np.ndarray) -> np.ndarray:
     """Ellipsoid point pushed outwards by the face bumps (only on the front half)."""
-    base = SEMI_AXES * np.stack(
+    offset = SEMI_AXES * np.stack(
         [np.sin(polar) * np.sin(azimuth), np.cos(polar), np.sin(polar) * np.cos(azimuth)], axis=-1
     )
-    frontness = np.clip((base[..., 2] / SEMI_AXES[2] - 0.2) / 0.4, 0.0, 1.0)
+    base = HEAD_CENTRE + offset
+    frontness = np.clip((offset[..., 2] / SEMI_AXES[2] - 0.2) / 0.4, 0.0, 1.0)
     height = sum(
         amp * np.exp(-0.5 * (((base[..., 0] - cx) / sx) ** 2 + ((base[..., 1] - cy) / sy) ** 2))
         for cx, cy, sx, sy, amp in _FACE_BUMPS
     )
-    direction = base / np.linalg.norm(base, axis=-1, keepdims=True)
+    direction = offset / np.linalg.norm(offset, axis=-1, keepdims=True)
     return base + (frontness * height)[..., None] * direction
 
 
@@ -213,7 +215,7 @@ def _surface_embedding(polar: np.ndarray, azimuth: np.ndarray) -> tuple[np.ndarr
 
 def _frontal_to_surface(xy_m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(polar, azimuth) of the ellipsoid point seen at frontal position (x, y)."""
-    polar = np.arccos(np.clip(xy_m[..., 1] / SEMI_AXES[1], -1.0, 1.0))
+    polar = np.arccos(np.clip((xy_m[..., 1] - HEAD_CENTRE[1]) / SEMI_AXES[1], -1.0, 1.0))
     azimuth = np.arcsin(np.clip(xy_m[..., 0] / (SEMI_AXES[0] * np.sin(polar)), -1.0, 1.0))
     return polar, azimuth
 
@@ -269,20 +271,21 @@ def flame_arrays(seed: int = 0) -> FlameArrays:
     is_left &= ~is_right
     on_head = ~(is_left | is_right)
 
-    # Joints: the regressor averages the neck rim (root), a ring higher up (neck), patches in front of both
+    # Joints: the regressor averages the neck rim (root), a ring just above it (neck), patches in front of both
     # ears (jaw hinge) and each eyeball; the joints are whatever it gives for the template.
     ring_of = np.r_[0, 1 + np.arange(N_HEAD_VERTICES - 1) // HEAD_SEGMENTS, np.zeros(2 * N_EYE_VERTICES, int)]
     azimuth_of = np.r_[0.0, np.tile(_azimuth(-1 + 2 * np.arange(HEAD_SEGMENTS) / HEAD_SEGMENTS), HEAD_RINGS), np.zeros(2 * N_EYE_VERTICES)]
     polar_deg = np.degrees(_ring_polar(ring_of))
     ear_patch = on_head & (np.abs(np.abs(np.degrees(azimuth_of)) - 90) <= 10) & (np.abs(polar_deg - 95) <= 5)
-    members = [ring_of == HEAD_RINGS, on_head & (ring_of == 60), ear_patch, is_left, is_right]
+    members = [ring_of == HEAD_RINGS, on_head & (ring_of == HEAD_RINGS - 6), ear_patch, is_left, is_right]
     j_regressor = np.stack([m / m.sum() for m in members]).astype(np.float64)
     joints = j_regressor @ v_template
 
     y, z = v_template[:, 1], v_template[:, 2]
     smoothstep = lambda e: np.clip(e, 0, 1) ** 2 * (3 - 2 * np.clip(e, 0, 1))  # noqa: E731
     w_root = 1 - smoothstep((y - joints[0, 1]) / (joints[1, 1] - joints[0, 1]))
-    w_jaw = (1 - w_root) * smoothstep((-0.036 - y) / 0.02) * smoothstep((z / np.linalg.norm(v_template, axis=1) + 0.1) / 0.5)
+    facing = (z - HEAD_CENTRE[2]) / np.linalg.norm(v_template - HEAD_CENTRE, axis=1)
+    w_jaw = (1 - w_root) * smoothstep((-0.036 - y) / 0.02) * smoothstep((facing + 0.1) / 0.5)
     weights = np.zeros((N_VERTICES, N_JOINTS))
     weights[on_head, 0] = w_root[on_head]
     weights[on_head, 2] = w_jaw[on_head]
