@@ -238,12 +238,69 @@ def _run_replay(args: argparse.Namespace) -> int:
 
 
 def _add_bench(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    bench = subparsers.add_parser("bench", parents=[common], help="measure speed on this machine")
+    bench = subparsers.add_parser(
+        "bench",
+        parents=[common],
+        help="measure speed on this machine",
+        description="Measure the engine on this machine, on the CPU and on CUDA when present, in one run: "
+        "landmark-only vs dense FLAME forward, per-frame tracking with and without warm start, calibration; "
+        "with --live CLIP also the end-to-end live pipeline. Medians and ratios, never single samples.",
+    )
+    bench.add_argument("--clip", default=None, metavar="VIDEO", help="also track MediaPipe landmarks of this video")
+    bench.add_argument("--frames", type=int, default=200, help="frames of the clip / synthetic sequence (default 200)")
+    bench.add_argument("--live", default=None, metavar="VIDEO", help="also run the live pipeline on this video at 640x480")
+    bench.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write all figures as JSON")
     bench.set_defaults(handler=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    import json
+
+    import torch
+
+    from engine.benchmark import bench_flame_layer, bench_tracking
+    from engine.model_files import find_face_landmarker, resolve_models_dir
+    from engine.model_selection import select_head_model
+    from engine.synthetic import SyntheticMotion, synthetic_sequence
+    from engine.tracker import Tracker, TrackerConfig
+
+    torch.set_num_threads(1)  # per-frame work is latency-bound; a second thread only adds overhead here
+    models_dir = resolve_models_dir(args.models)
+    head = select_head_model(args.flame, models_dir)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    report: dict[str, object] = {"model": head.name, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    clip = None
+    if args.clip:
+        from realtime.track_job import detect_landmarks
+
+        clip, _ = detect_landmarks(args.clip, find_face_landmarker(models_dir), max_frames=args.frames)
+    for device in devices:
+        config = TrackerConfig(device=device)
+        section: dict[str, object] = {"flame_layer": bench_flame_layer(head, device)}
+        synthetic = synthetic_sequence(Tracker(head, (512, 512), config).layer, SyntheticMotion(frames=args.frames))
+        section["tracking_synthetic"] = bench_tracking(head, synthetic.mp478, synthetic.lmk68, (512, 512), synthetic.fps, config)
+        if clip is not None:
+            section["tracking_clip"] = bench_tracking(head, clip.mp478, clip.lmk68, clip.image_size, clip.fps, config)
+        report[device] = section
+    if args.live:
+        from realtime.pipeline import run_live_benchmark
+
+        report["live"] = run_live_benchmark(args.live, flame=args.flame, models=args.models)
+    _print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _print_report(report: dict[str, object], indent: str = "") -> None:
+    for key, value in report.items():
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print_report(value, indent + "  ")
+        elif isinstance(value, float):
+            print(f"{indent}{key}: {value:.3g}")
+        else:
+            print(f"{indent}{key}: {value}")
 
 
 def _add_models(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 """Levenberg-Marquardt fitting of a head model to 2D landmarks.
 
 Two problems share one residual model:
-- :func:`fit_frames` fits per-frame parameters (expression, joint rotations, translation) for a batch of
+- :class:`FrameFitter` fits per-frame parameters (expression, joint rotations, translation) for a batch of
   independent frames with the identity fixed: the per-frame tracking step, warm-started, a few iterations;
 - :func:`calibrate` fits one identity (shape) and focal length shared by several frames jointly with each
   frame's parameters, eliminating the per-frame blocks with a Schur complement so the cost grows linearly
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from engine.camera import project_with_jacobian
-from engine.flame import matrix_to_axis_angle, rodrigues, small_rotation_log
+from engine.flame import rodrigues, rotation_log
 from engine.head_model import JOINT_NAMES
 from engine.landmark_model import LandmarkEvaluation, LandmarkModel
 
@@ -72,7 +72,7 @@ class FitConfig:
     #: Stop when no parameter moves more than this (radians, coefficients, metres) ...
     step_tolerance: float = 1e-4
     #: ... or when an accepted step lowers the cost by less than this fraction.
-    cost_tolerance: float = 1e-3
+    cost_tolerance: float = 1e-2
 
 
 @dataclass
@@ -88,7 +88,7 @@ class FrameParams:
 
     def pose(self) -> torch.Tensor:
         """(B, J, 3) axis-angle."""
-        return matrix_to_axis_angle(self.rotations)
+        return rotation_log(self.rotations)
 
     def index(self, rows: torch.Tensor | slice) -> FrameParams:
         return FrameParams(self.exp[rows], self.rotations[rows], self.transl[rows])
@@ -101,17 +101,14 @@ class Targets:
     pixels: torch.Tensor  # (B, L, 2)
     weights: torch.Tensor  # (L,) group weight of each landmark
 
-    @property
-    def observed(self) -> torch.Tensor:
-        return torch.isfinite(self.pixels).all(dim=-1)
-
-    def face_size(self) -> torch.Tensor:
-        """(B,) bounding-box diagonal of the observed points, in pixels."""
+    def __post_init__(self) -> None:
+        self.observed = torch.isfinite(self.pixels).all(dim=-1)  # (B, L)
         big = torch.finfo(self.pixels.dtype).max
         observed = self.observed[..., None]
         low = torch.where(observed, self.pixels, torch.full_like(self.pixels, big)).amin(dim=1)
         high = torch.where(observed, self.pixels, torch.full_like(self.pixels, -big)).amax(dim=1)
-        return torch.linalg.vector_norm(high - low, dim=-1).clamp_min(1.0)
+        #: (B,) bounding-box diagonal of the observed points, in pixels.
+        self.face_size = torch.linalg.vector_norm(high - low, dim=-1).clamp_min(1.0)
 
 
 def landmark_weights(model: LandmarkModel, config: FitConfig) -> torch.Tensor:
@@ -142,7 +139,7 @@ class _Residuals:
 def _residuals(evaluation: LandmarkEvaluation, focal: torch.Tensor, center: tuple[float, float], targets: Targets, config: FitConfig) -> _Residuals:
     pixels, d_points, d_log_focal = project_with_jacobian(evaluation.points, focal, center)
     observed = targets.observed
-    scale = (config.noise * targets.face_size())[:, None, None]
+    scale = (config.noise * targets.face_size)[:, None, None]
     error = torch.where(observed[..., None], (pixels - targets.pixels) / scale, torch.zeros_like(pixels))
     squared = (error**2).sum(dim=-1)  # (B, L)
     c2 = config.robust_scale**2
@@ -189,6 +186,8 @@ class _FrameBlock:
             self.coupling[left, left], self.coupling[right, right] = eye3, eye3
             self.coupling[left, right], self.coupling[right, left] = -eye3, -eye3
         self.jaw_opening = self.rot_slices[JAW].start
+        self.jaw_overclose = torch.tensor(priors.jaw_overclose, **options)
+        prior[-3:] = 0  # translation has no prior of its own
         self.prior_weight, self.motion_weight = prior, motion
 
     def jacobian(self, evaluation: LandmarkEvaluation, residuals: _Residuals) -> torch.Tensor:
@@ -201,16 +200,13 @@ class _FrameBlock:
         return torch.cat(columns, dim=-1).reshape(batch, residuals.values.shape[1], self.size)
 
     def _vector(self, exp: torch.Tensor, rotations: torch.Tensor, transl: torch.Tensor) -> torch.Tensor:
-        return torch.cat([exp, small_rotation_log(rotations[:, self.joints]).flatten(1), transl], dim=1)
+        return torch.cat([exp, rotation_log(rotations[:, self.joints]).flatten(1), transl], dim=1)
 
     def prior(self, params: FrameParams, prediction: FrameParams | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prior cost (B,), gradient (B, size) and Hessian (B, size, size) of the per-frame parameters."""
         value = self._vector(params.exp, params.rotations, params.transl)
         weight = self.prior_weight.expand_as(value).clone()
-        weight[:, self.jaw_opening] = torch.where(
-            value[:, self.jaw_opening] < 0, self.config.priors.jaw_overclose, self.prior_weight[self.jaw_opening]
-        )
-        weight[:, -3:] = 0  # translation has no prior of its own
+        weight[:, self.jaw_opening] = torch.where(value[:, self.jaw_opening] < 0, self.jaw_overclose, self.prior_weight[self.jaw_opening])
         coupled = value @ self.coupling
         gradient = weight * value + coupled
         cost = 0.5 * ((weight * value**2).sum(dim=1) + (coupled * value).sum(dim=1))
@@ -225,10 +221,9 @@ class _FrameBlock:
 
     def apply(self, params: FrameParams, step: torch.Tensor) -> FrameParams:
         exp = params.exp + step[:, : self.n_exp]
+        deltas = step[:, self.n_exp : -3].reshape(step.shape[0], len(self.joints), 3)
         rotations = params.rotations.clone()
-        for i, joint in enumerate(self.joints):
-            delta = step[:, self.n_exp + 3 * i : self.n_exp + 3 * i + 3]
-            rotations[:, joint] = rotations[:, joint] @ rodrigues(delta)
+        rotations[:, self.joints] = params.rotations[:, self.joints] @ rodrigues(deltas)
         return FrameParams(exp, rotations, params.transl + step[:, -3:])
 
 
@@ -244,7 +239,7 @@ class FitResult:
 def _weighted_rms_px(residuals: _Residuals, targets: Targets, config: FitConfig) -> torch.Tensor:
     weights = residuals.weights
     mean_square = (weights * residuals.values**2).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-12) * 2
-    return mean_square.sqrt() * config.noise * targets.face_size()
+    return mean_square.sqrt() * config.noise * targets.face_size
 
 
 def _solve(hessian: torch.Tensor, gradient: torch.Tensor, damping: torch.Tensor) -> torch.Tensor:
@@ -256,52 +251,69 @@ def _solve(hessian: torch.Tensor, gradient: torch.Tensor, damping: torch.Tensor)
     return torch.where((info == 0)[:, None] & torch.isfinite(step), step, torch.zeros_like(step))
 
 
-def fit_frames(
-    model: LandmarkModel,
-    params: FrameParams,
-    targets: Targets,
-    focal: torch.Tensor,
-    center: tuple[float, float],
-    config: FitConfig,
-    prediction: FrameParams | None = None,
-    iterations: int | None = None,
-) -> FitResult:
-    """Per-frame fit with the identity fixed (``model`` from LandmarkModel.with_fixed_shape)."""
-    block = _FrameBlock(model.n_coeffs, fitted_joints(model.n_joints, config), config, _options(params.exp))
-    iterations = config.track_iterations if iterations is None else iterations
-    batch = params.exp.shape[0]
-    damping = torch.full((batch,), config.initial_damping, dtype=params.exp.dtype, device=params.exp.device)
+class FrameFitter:
+    """Per-frame fits with the identity fixed (``model`` from LandmarkModel.with_fixed_shape).
 
-    def assess(state: FrameParams) -> tuple[LandmarkEvaluation, _Residuals, torch.Tensor, torch.Tensor, torch.Tensor]:
-        evaluation = model.evaluate(state.exp, state.rotations, state.transl)
-        residuals = _residuals(evaluation, focal, center, targets, config)
-        prior_cost, prior_gradient, prior_hessian = block.prior(state, prediction)
-        return evaluation, residuals, residuals.data_cost + prior_cost, prior_gradient, prior_hessian
+    Built once per identity: the priors' weight vectors are made here, not for every frame.
+    """
 
-    state = params
-    evaluation, residuals, cost, prior_gradient, prior_hessian = assess(state)
-    used = 0
-    for used in range(1, iterations + 1):
-        jacobian = block.jacobian(evaluation, residuals)
-        weighted = jacobian * residuals.weights[..., None]
-        hessian = weighted.transpose(1, 2) @ jacobian + prior_hessian
-        gradient = (weighted.transpose(1, 2) @ residuals.values[..., None])[..., 0] + prior_gradient
-        step = _solve(hessian, gradient, damping)
-        candidate = block.apply(state, step)
-        evaluation_c, residuals_c, cost_c, prior_gradient_c, prior_hessian_c = assess(candidate)
-        accept = torch.isfinite(cost_c) & (cost_c <= cost)
-        gain = (cost - cost_c) / cost.clamp_min(1e-12)
-        damping = torch.where(accept, damping / 3, damping * 10).clamp(1e-7, 1e7)
-        if bool(accept.all()):
-            state, evaluation, residuals, cost = candidate, evaluation_c, residuals_c, cost_c
-            prior_gradient, prior_hessian = prior_gradient_c, prior_hessian_c
-        elif bool(accept.any()):
-            state = _merge(accept, candidate, state)
-            evaluation, residuals, cost, prior_gradient, prior_hessian = assess(state)
-        settled = (step.abs().amax(dim=1) < config.step_tolerance) | (accept & (gain < config.cost_tolerance))
-        if bool(settled.all()):
-            break
-    return FitResult(state, cost, _weighted_rms_px(residuals, targets, config), used)
+    def __init__(self, model: LandmarkModel, config: FitConfig) -> None:
+        self.model = model
+        self.config = config
+        options = _options(model.joint_rest)
+        self.block = _FrameBlock(model.n_coeffs, fitted_joints(model.n_joints, config), config, options)
+        self.initial_damping = torch.full((1,), config.initial_damping, **options)
+
+    def fit(
+        self,
+        params: FrameParams,
+        targets: Targets,
+        focal: torch.Tensor,
+        center: tuple[float, float],
+        prediction: FrameParams | None = None,
+        iterations: int | None = None,
+    ) -> FitResult:
+        """Fit a batch of independent frames, starting from ``params``; ``prediction`` adds temporal priors."""
+        model, block, config = self.model, self.block, self.config
+        iterations = config.track_iterations if iterations is None else iterations
+        damping = self.initial_damping.expand(params.exp.shape[0])
+
+        def assess(state: FrameParams) -> tuple[LandmarkEvaluation, _Residuals, torch.Tensor, torch.Tensor, torch.Tensor]:
+            evaluation = model.evaluate(state.exp, state.rotations, state.transl, jacobians=False)
+            residuals = _residuals(evaluation, focal, center, targets, config)
+            prior_cost, prior_gradient, prior_hessian = block.prior(state, prediction)
+            return evaluation, residuals, residuals.data_cost + prior_cost, prior_gradient, prior_hessian
+
+        state = params
+        evaluation, residuals, cost, prior_gradient, prior_hessian = assess(state)
+        used = 0
+        for used in range(1, iterations + 1):
+            jacobian = block.jacobian(model.add_jacobians(evaluation), residuals)
+            weighted = jacobian * residuals.weights[..., None]
+            hessian = weighted.transpose(1, 2) @ jacobian + prior_hessian
+            gradient = (weighted.transpose(1, 2) @ residuals.values[..., None])[..., 0] + prior_gradient
+            step = _solve(hessian, gradient, damping)
+            candidate = block.apply(state, step)
+            # The quadratic model predicts the step's gain; when it is negligible, take the step unchecked and
+            # spare the evaluation that would only confirm convergence.
+            predicted = -(gradient * step).sum(dim=1) - 0.5 * torch.einsum("bi,bij,bj->b", step, hessian, step)
+            if bool((predicted < config.cost_tolerance * cost).all()):
+                state = candidate
+                break
+            evaluation_c, residuals_c, cost_c, prior_gradient_c, prior_hessian_c = assess(candidate)
+            accept = torch.isfinite(cost_c) & (cost_c <= cost)
+            gain = (cost - cost_c) / cost.clamp_min(1e-12)
+            damping = torch.where(accept, damping / 3, damping * 10).clamp(1e-7, 1e7)
+            if bool(accept.all()):
+                state, evaluation, residuals, cost = candidate, evaluation_c, residuals_c, cost_c
+                prior_gradient, prior_hessian = prior_gradient_c, prior_hessian_c
+            elif bool(accept.any()):
+                state = _merge(accept, candidate, state)
+                evaluation, residuals, cost, prior_gradient, prior_hessian = assess(state)
+            settled = (step.abs().amax(dim=1) < config.step_tolerance) | (accept & (gain < config.cost_tolerance))
+            if bool(settled.all()):
+                break
+        return FitResult(state, cost, _weighted_rms_px(residuals, targets, config), used)
 
 
 def _merge(take_first: torch.Tensor, first: FrameParams, second: FrameParams) -> FrameParams:
@@ -348,7 +360,7 @@ def calibrate(
 
     def assess(state: FrameParams, shape: torch.Tensor, log_focal: torch.Tensor):
         coeffs = torch.cat([shape.expand(frames, -1), state.exp], dim=1)
-        evaluation = model.evaluate(coeffs, state.rotations, state.transl)
+        evaluation = model.evaluate(coeffs, state.rotations, state.transl, jacobians=False)
         residuals = _residuals(evaluation, log_focal.exp(), center, targets, config)
         prior_cost, prior_gradient, prior_hessian = block.prior(state, None)
         shared_cost = 0.5 * config.priors.shape * (shape**2).sum()
@@ -362,7 +374,7 @@ def calibrate(
     damping = torch.tensor([config.initial_damping], **options)
     used = 0
     for used in range(1, iterations + 1):
-        frame_jacobian = block.jacobian(evaluation, residuals)  # (K, 2L, P)
+        frame_jacobian = block.jacobian(model.add_jacobians(evaluation), residuals)  # (K, 2L, P)
         d_points = residuals.d_points.reshape(frames, -1, 2, 3)
         shared_columns = [(d_points @ evaluation.d_coeffs[..., :n_shape]).flatten(1, 2)]
         if fit_focal:

@@ -45,21 +45,11 @@ def rodrigues(axis_angle: torch.Tensor) -> torch.Tensor:
     return eye + sin * skew + (1 - cos) * (skew @ skew)
 
 
-def matrix_to_axis_angle(rotation: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices (..., 3, 3) to axis-angle (..., 3), stable near 0 and pi."""
-    quaternion = _matrix_to_quaternion(rotation)
-    xyz, w = quaternion[..., 1:], quaternion[..., :1]
-    sin_half = torch.linalg.vector_norm(xyz, dim=-1, keepdim=True)
-    half_angle = torch.atan2(sin_half, w)
-    # angle / sin(angle/2) -> 2 as the angle -> 0.
-    scale = torch.where(sin_half > 1e-8, 2 * half_angle / sin_half.clamp_min(1e-12), torch.full_like(sin_half, 2.0))
-    return xyz * scale
+def rotation_log(rotation: torch.Tensor) -> torch.Tensor:
+    """Axis-angle of rotations (..., 3, 3) below a half turn.
 
-
-def small_rotation_log(rotation: torch.Tensor) -> torch.Tensor:
-    """Axis-angle of rotations (..., 3, 3) well below a half turn (joint angles, frame-to-frame changes).
-
-    Cheaper than :func:`matrix_to_axis_angle`; loses precision only as the angle approaches pi.
+    Exact up to rounding for angles below ~170 degrees; heads and FLAME joints never come near a half
+    turn, so the cheap formula (about a dozen operations) serves everywhere.
     """
     r = rotation
     vee = 0.5 * torch.stack([r[..., 2, 1] - r[..., 1, 2], r[..., 0, 2] - r[..., 2, 0], r[..., 1, 0] - r[..., 0, 1]], -1)
@@ -67,26 +57,6 @@ def small_rotation_log(rotation: torch.Tensor) -> torch.Tensor:
     cos = 0.5 * (r[..., 0, 0] + r[..., 1, 1] + r[..., 2, 2] - 1)[..., None]
     angle = torch.atan2(sin, cos)
     return vee * torch.where(sin > 1e-7, angle / sin.clamp_min(1e-12), 1 + sin**2 / 6)
-
-
-def _matrix_to_quaternion(rotation: torch.Tensor) -> torch.Tensor:
-    """(w, x, y, z) with w >= 0, choosing the numerically best of four formulas per matrix."""
-    m = rotation
-    m00, m11, m22 = m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]
-    candidates = torch.stack(
-        [
-            torch.stack([1 + m00 + m11 + m22, m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], -1),
-            torch.stack([m[..., 2, 1] - m[..., 1, 2], 1 + m00 - m11 - m22, m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0]], -1),
-            torch.stack([m[..., 0, 2] - m[..., 2, 0], m[..., 0, 1] + m[..., 1, 0], 1 - m00 + m11 - m22, m[..., 1, 2] + m[..., 2, 1]], -1),
-            torch.stack([m[..., 1, 0] - m[..., 0, 1], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1], 1 - m00 - m11 + m22], -1),
-        ],
-        dim=-2,
-    )
-    diagonal = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1)
-    best = diagonal.argmax(-1, keepdim=True)
-    chosen = torch.gather(candidates, -2, best[..., None].expand(*best.shape, 4)).squeeze(-2)
-    quaternion = chosen / (2 * torch.sqrt(torch.gather(diagonal, -1, best).clamp_min(1e-12)))
-    return torch.where(quaternion[..., :1] < 0, -quaternion, quaternion)
 
 
 def _contour_rows(yaw_deg: torch.Tensor) -> torch.Tensor:

@@ -33,12 +33,17 @@ GROUPS = ("lmk68", "mediapipe", "eyes")
 
 @dataclass
 class LandmarkEvaluation:
-    """Landmarks (B, L, 3) in model/world space and, when asked for, their Jacobians."""
+    """Landmarks (B, L, 3) in model/world space; Jacobians are filled in by LandmarkModel.add_jacobians."""
 
     points: torch.Tensor
     d_coeffs: torch.Tensor | None = None  # (B, L, 3, C)
     d_rotations: torch.Tensor | None = None  # (B, L, 3, J, 3): right-multiplied increments per joint
     world_rotations: torch.Tensor | None = None  # (B, J, 3, 3)
+    # What the Jacobians need from the evaluation, so that a candidate step that is refused costs no Jacobian.
+    _coeffs: torch.Tensor | None = None
+    _rotations: torch.Tensor | None = None
+    _kinematics: _Kinematics | None = None
+    _parts: list[tuple[_Table, torch.Tensor]] | None = None  # (table, contributions (B, L, Ja, 3))
 
 
 def _skew(vectors: torch.Tensor) -> torch.Tensor:
@@ -154,55 +159,81 @@ class LandmarkModel:
                 ancestor = self.parents[ancestor]
         return mask
 
-    def _kinematics(self, coeffs: torch.Tensor, rotations: torch.Tensor, jacobians: bool) -> _Kinematics:
+    def _kinematics(self, coeffs: torch.Tensor, rotations: torch.Tensor) -> _Kinematics:
         batch = coeffs.shape[0]
         rest_joints = self.joint_rest + torch.einsum("jxc,bc->bjx", self.joint_coeff_basis, coeffs)
         world_rot, world_pos = [rotations[:, 0]], [rest_joints[:, 0]]
-        d_pos = [self.joint_coeff_basis[0].expand(batch, -1, -1)] if jacobians else []
         for joint in range(1, self.n_joints):
             parent = self.parents[joint]
             world_rot.append(world_rot[parent] @ rotations[:, joint])
             offset = rest_joints[:, joint] - rest_joints[:, parent]
             world_pos.append((world_rot[parent] @ offset[..., None])[..., 0] + world_pos[parent])
-            if jacobians:
-                d_offset = self.joint_coeff_basis[joint] - self.joint_coeff_basis[parent]
-                d_pos.append(world_rot[parent] @ d_offset + d_pos[parent])
         eye = torch.eye(3, dtype=coeffs.dtype, device=coeffs.device)
         return _Kinematics(
             rest_joints,
             torch.stack(world_rot, dim=1),
             torch.stack(world_pos, dim=1),
-            torch.stack(d_pos, dim=1) if jacobians else None,
+            None,
             (rotations[:, 1:] - eye).reshape(batch, -1),
         )
 
+    def _joint_position_jacobian(self, kin: _Kinematics) -> torch.Tensor:
+        """(B, J, 3, C) d world joint positions / d coefficients, down the kinematic chain."""
+        batch = kin.world_rot.shape[0]
+        d_pos = [self.joint_coeff_basis[0].expand(batch, -1, -1)]
+        for joint in range(1, self.n_joints):
+            parent = self.parents[joint]
+            d_offset = self.joint_coeff_basis[joint] - self.joint_coeff_basis[parent]
+            d_pos.append(kin.world_rot[:, parent] @ d_offset + d_pos[parent])
+        return torch.stack(d_pos, dim=1)
+
     def evaluate(self, coeffs: torch.Tensor, rotations: torch.Tensor, transl: torch.Tensor, jacobians: bool = True) -> LandmarkEvaluation:
-        kin = self._kinematics(coeffs, rotations, jacobians)
-        parts = [self.static]
+        kin = self._kinematics(coeffs, rotations)
+        tables = [self.static]
         if self.contour is not None:
-            parts.insert(0, self.contour.select(self.layer.contour_rows(rotations)))
-        evaluations = [self._evaluate_part(part, coeffs, rotations, kin, jacobians) for part in parts]
-        if len(evaluations) == 1:
-            points, d_coeffs, d_rot = evaluations[0]
+            tables.insert(0, self.contour.select(self.layer.contour_rows(rotations)))
+        parts = [(table, self._contributions(table, coeffs, kin)) for table in tables]
+        points = torch.cat([c.sum(dim=2) for _, c in parts], dim=1) if len(parts) > 1 else parts[0][1].sum(dim=2)
+        evaluation = LandmarkEvaluation(points + transl[:, None], None, None, kin.world_rot, coeffs, rotations, kin, parts)
+        if jacobians:
+            self.add_jacobians(evaluation)
+        return evaluation
+
+    def add_jacobians(self, evaluation: LandmarkEvaluation) -> LandmarkEvaluation:
+        """Fill in d_coeffs and d_rotations of an evaluation (once; later calls do nothing)."""
+        if evaluation.d_coeffs is not None:
+            return evaluation
+        kin = evaluation._kinematics
+        kin.d_pos = self._joint_position_jacobian(kin)
+        jacobians = [self._part_jacobians(table, c, evaluation._coeffs, evaluation._rotations, kin) for table, c in evaluation._parts]
+        if len(jacobians) == 1:
+            evaluation.d_coeffs, evaluation.d_rotations = jacobians[0]
         else:
-            points, d_coeffs, d_rot = (None if e[0] is None else torch.cat(e, dim=1) for e in zip(*evaluations))
-        return LandmarkEvaluation(points + transl[:, None], d_coeffs, d_rot, kin.world_rot)
+            evaluation.d_coeffs = torch.cat([j[0] for j in jacobians], dim=1)
+            evaluation.d_rotations = torch.cat([j[1] for j in jacobians], dim=1)
+        return evaluation
 
-    def _evaluate_part(
-        self, table: _Table, coeffs: torch.Tensor, rotations: torch.Tensor, kin: _Kinematics, jacobians: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        batched = table.weight.dim() == 3  # a per-item table (the selected contour rows)
-        tb = "b" if batched else ""  # the table's own batch subscript
+    @staticmethod
+    def _table_weight(table: _Table) -> torch.Tensor:
+        return table.weight if table.weight.dim() == 3 else table.weight[None]  # (B|1, L, Ja)
+
+    def _contributions(self, table: _Table, coeffs: torch.Tensor, kin: _Kinematics) -> torch.Tensor:
+        """(B, L, Ja, 3): each active joint's share of each landmark, posed."""
+        tb = "b" if table.weight.dim() == 3 else ""  # a per-item table (the selected contour rows) has a batch
         joints = table.joints
-        rot_w, pos_w = kin.world_rot[:, joints], kin.world_pos[:, joints]
-        weight = table.weight if batched else table.weight[None]  # (B|1, L, Ja)
-        rest = table.rest + torch.einsum(f"{tb}jxlc,bc->bljx", table.coeff_basis, coeffs) + torch.einsum(f"{tb}jxlp,bp->bljx", table.pose_basis, kin.pose_feature)
+        weight = self._table_weight(table)
+        rest = table.rest + torch.einsum(f"{tb}jxlc,bc->bljx", table.coeff_basis, coeffs)
+        if table.has_pose_correctives:
+            rest = rest + torch.einsum(f"{tb}jxlp,bp->bljx", table.pose_basis, kin.pose_feature)
         local = rest - weight[..., None] * kin.rest_joints[:, None, joints]
-        contributions = torch.einsum("bjxy,bljy->bljx", rot_w, local) + weight[..., None] * pos_w[:, None]
-        points = contributions.sum(dim=2)
-        if not jacobians:
-            return points, None, None
+        return torch.einsum("bjxy,bljy->bljx", kin.world_rot[:, joints], local) + weight[..., None] * kin.world_pos[:, None, joints]
 
+    def _part_jacobians(
+        self, table: _Table, contributions: torch.Tensor, coeffs: torch.Tensor, rotations: torch.Tensor, kin: _Kinematics
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        joints = table.joints
+        rot_w = kin.world_rot[:, joints]
+        weight = self._table_weight(table)
         # Rotating the joint-major bases by each joint's world rotation and summing over joints is one
         # product: (B, 3, Ja*3) @ (Ja*3, L*C), with no copy of the (large) bases.
         batch, count = coeffs.shape[0], weight.shape[1]
@@ -228,4 +259,4 @@ class LandmarkModel:
             d_feature = torch.einsum("bkxy,ayz->bkxza", rotations[:, 1:], _skew(eye)).reshape(batch, self.n_joints - 1, 9, 3)
             rotated_pose = rotate_sum(table.pose_basis).reshape(batch, count, 3, self.n_joints - 1, 9)
             d_rot[:, :, 1:] += torch.einsum("blxkf,bkfa->blkxa", rotated_pose, d_feature)
-        return points, d_coeffs, d_rot.permute(0, 1, 3, 2, 4)
+        return d_coeffs, d_rot.permute(0, 1, 3, 2, 4)

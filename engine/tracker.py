@@ -28,8 +28,8 @@ import torch
 
 from engine.camera import FLIP, Camera
 from engine.filters import OneEuroConfig, OneEuroFilter
-from engine.fitting import Calibration, FitConfig, FrameParams, Targets, calibrate, fit_frames
-from engine.flame import FlameLayer, matrix_to_axis_angle, rodrigues
+from engine.fitting import Calibration, FitConfig, FrameFitter, FrameParams, Targets, calibrate
+from engine.flame import FlameLayer, rotation_log, rodrigues
 from engine.head_model import HeadModel
 from engine.landmark_model import LandmarkModel
 from engine.targets import TargetBuilder, groups_for, tracking_head
@@ -101,7 +101,7 @@ class Tracker:
         fov = self.config.fov_deg if self.config.fov_deg is not None else self.config.fit.priors.fov_deg
         self.camera = Camera(width, height, fov)
         self.shape = torch.zeros(self.layer.n_shape, dtype=self.config.dtype, device=self.config.device)
-        self.fixed = self.full.with_fixed_shape(self.shape)
+        self._freeze_identity()
         self.calibrated = False
         self.shape_version = 0
         self.last_calibration: Calibration | None = None
@@ -113,9 +113,11 @@ class Tracker:
         self._last_frame: TrackedFrame | None = None
 
     # --------------------------------------------------------------------------------------------- helpers
-    @property
-    def focal(self) -> torch.Tensor:
-        return torch.tensor(self.camera.focal, dtype=self.config.dtype, device=self.config.device)
+    def _freeze_identity(self) -> None:
+        """Specialise the landmark model and the per-frame fitter to the current shape and camera."""
+        self.fixed = self.full.with_fixed_shape(self.shape)
+        self.fitter = FrameFitter(self.fixed, self.config.fit)
+        self.focal = torch.tensor(self.camera.focal, dtype=self.config.dtype, device=self.config.device)
 
     def _observed_enough(self, targets: Targets) -> bool:
         observed = targets.observed & (targets.weights > 0)
@@ -170,7 +172,7 @@ class Tracker:
         t0, before = self._history[-2]
         ratio = min((timestamp - t1) / max(t1 - t0, 1e-3), 2.0) * 0.5  # damped: half the observed velocity
         predicted = last.clone()
-        spin = matrix_to_axis_angle(before.rotations[:, 0].transpose(-1, -2) @ last.rotations[:, 0])
+        spin = rotation_log(before.rotations[:, 0].transpose(-1, -2) @ last.rotations[:, 0])
         predicted.rotations[:, 0] = last.rotations[:, 0] @ rodrigues(spin * ratio)
         predicted.transl = last.transl + (last.transl - before.transl) * ratio
         return predicted
@@ -188,12 +190,12 @@ class Tracker:
         warm = not self._lost and self._history and self.config.warm_start != "none"
         if warm:
             initial = self._predict(timestamp)
-            result = fit_frames(self.fixed, initial, targets, self.focal, self.camera.center, self.config.fit, prediction=initial)
+            result = self.fitter.fit(initial, targets, self.focal, self.camera.center, prediction=initial)
         else:
             initial = self.cold_start(targets)
-            result = fit_frames(self.fixed, initial, targets, self.focal, self.camera.center, self.config.fit, iterations=self.config.cold_iterations)
+            result = self.fitter.fit(initial, targets, self.focal, self.camera.center, iterations=self.config.cold_iterations)
         rms_px = float(result.rms_px[0])
-        face_size = float(targets.face_size()[0])
+        face_size = float(targets.face_size[0])
         params = result.params
         if not math.isfinite(rms_px) or rms_px > self.config.loss_threshold * face_size or not _finite(params):
             log.debug("fit rejected: rms %.2f px for a face of %.0f px", rms_px, face_size)
@@ -302,7 +304,7 @@ class Tracker:
         )
         self.shape = result.shape
         self.camera = self.camera.with_focal(result.focal)
-        self.fixed = self.full.with_fixed_shape(self.shape)
+        self._freeze_identity()
         self.calibrated = True
         self.shape_version += 1
         self.last_calibration = result

@@ -97,8 +97,11 @@ def load_landmark_file(path: Path) -> LandmarkSequence:
     return LandmarkSequence(sequences["mp478"], sequences["lmk68"], (height, width), fps, str(path))
 
 
-def detect_landmarks(source: str, task_path: Path) -> tuple[LandmarkSequence, list[float]]:
-    """Run MediaPipe over every frame of a video, image or image folder; also MediaPipe's ms per frame."""
+def detect_landmarks(source: str, task_path: Path, max_frames: int | None = None) -> tuple[LandmarkSequence, list[float]]:
+    """Run MediaPipe over every frame (or the first ``max_frames``) of a video, image or image folder.
+
+    Also returns MediaPipe's own milliseconds per frame.
+    """
     from realtime.sources import iter_frames, open_source
 
     with open_source(source, realtime=False) as probe:
@@ -109,7 +112,9 @@ def detect_landmarks(source: str, task_path: Path) -> tuple[LandmarkSequence, li
     points: list[np.ndarray] = []
     timings: list[float] = []
     with FaceLandmarker(LandmarkerConfig(task_path, running_mode=mode)) as landmarker:
-        for frame in tqdm(iter_frames(source), desc="landmarks", unit="frame", leave=False):
+        for frame in tqdm(iter_frames(source), desc="landmarks", unit="frame", leave=False, total=max_frames):
+            if max_frames is not None and frame.index >= max_frames:
+                break
             started = time.perf_counter()
             observation = landmarker.detect(frame.image, None if mode == "image" else int(round(frame.index * 1000 / fps)))
             timings.append((time.perf_counter() - started) * 1e3)

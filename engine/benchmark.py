@@ -1,0 +1,127 @@
+"""Speed measurements of the engine, reported as medians and ratios measured in one run.
+
+Every function warms up first, times each repetition separately, and returns plain numbers (milliseconds
+unless a key says otherwise) so that the command line can print them and store them as JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from engine.flame import FlameLayer
+from engine.head_model import HeadModel
+from engine.tracker import Tracker, TrackerConfig, select_diverse
+
+
+def _timed(function: Callable[[], object], repeats: int, warmup: int = 5, sync: Callable[[], None] = lambda: None) -> np.ndarray:
+    for _ in range(warmup):
+        function()
+    sync()
+    samples = np.empty(repeats)
+    for index in range(repeats):
+        started = time.perf_counter()
+        function()
+        sync()
+        samples[index] = (time.perf_counter() - started) * 1e3
+    return samples
+
+
+def _synchronizer(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def summary(samples_ms: np.ndarray) -> dict[str, float]:
+    return {"median_ms": float(np.median(samples_ms)), "p95_ms": float(np.percentile(samples_ms, 95))}
+
+
+def bench_flame_layer(head: HeadModel, device: str = "cpu", n_shape: int = 100, n_exp: int = 50, repeats: int = 200) -> dict[str, float]:
+    """Landmark-only against dense forward of the FLAME layer, batch 1."""
+    layer = FlameLayer(head, n_shape, n_exp, device=device)
+    params = layer.zero_params(1)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    params["exp"] = torch.randn(params["exp"].shape, generator=generator).to(device)
+    params["pose"] = (0.2 * torch.randn(params["pose"].shape, generator=generator)).to(device)
+    sync = _synchronizer(device)
+    with torch.no_grad():
+        landmarks = _timed(lambda: layer.landmarks(**params), repeats, sync=sync)
+        dense = _timed(lambda: layer.vertices(**params), repeats, sync=sync)
+    return {
+        "landmarks_median_ms": float(np.median(landmarks)),
+        "dense_median_ms": float(np.median(dense)),
+        "dense_over_landmarks": float(np.median(dense) / np.median(landmarks)),
+        "vertices": head.n_vertices,
+    }
+
+
+def bench_tracking(
+    head: HeadModel,
+    mp478: np.ndarray | None,
+    lmk68: np.ndarray | None,
+    image_size: tuple[int, int],
+    fps: float,
+    config: TrackerConfig,
+) -> dict[str, float]:
+    """Per-frame tracking with and without warm start, and calibration, on one landmark sequence."""
+    frames = (mp478 if mp478 is not None else lmk68).shape[0]
+
+    def frame(index: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        return (None if mp478 is None else mp478[index], None if lmk68 is None else lmk68[index])
+
+    sync = _synchronizer(config.device)
+    survey = Tracker(head, image_size, replace(config, calibration_seconds=float("inf")))
+    features, usable = [], []
+    for index in range(frames):
+        result = survey.track(*frame(index), timestamp=index / fps)
+        if result.valid:
+            usable.append(index)
+            features.append(np.concatenate([2.0 * result.pose[0], 0.3 * result.exp[:10]]))
+    if not usable:
+        raise ValueError("no frame of the benchmark sequence could be tracked")
+    chosen = [usable[i] for i in select_diverse(features, config.calibration_frames)]
+
+    calibration_ms = []
+    for _ in range(3):
+        tracker = Tracker(head, image_size, config)
+        started = time.perf_counter()
+        tracker.calibrate([frame(i) for i in chosen])
+        sync()
+        calibration_ms.append((time.perf_counter() - started) * 1e3)
+
+    def run(tracker: Tracker) -> tuple[np.ndarray, float, float]:
+        samples, iterations, valid = np.empty(frames), 0, 0
+        for index in range(frames):
+            started = time.perf_counter()
+            result = tracker.track(*frame(index), timestamp=index / fps)
+            sync()
+            samples[index] = (time.perf_counter() - started) * 1e3
+            iterations += result.iterations
+            valid += result.valid
+        return samples, iterations / frames, valid / frames
+
+    warm_tracker = Tracker(head, image_size, config)
+    warm_tracker.calibrate([frame(i) for i in chosen])
+    run(warm_tracker)  # warm-up pass: first-call allocations stay out of the numbers
+    warm, warm_iterations, warm_valid = run(warm_tracker)
+    cold_tracker = Tracker(head, image_size, replace(config, warm_start="none"))
+    cold_tracker.calibrate([frame(i) for i in chosen])
+    cold, cold_iterations, cold_valid = run(cold_tracker)
+    return {
+        "frames": frames,
+        "warm_median_ms": float(np.median(warm)),
+        "warm_p95_ms": float(np.percentile(warm, 95)),
+        "warm_fps": float(1e3 * frames / warm.sum()),
+        "warm_iterations": warm_iterations,
+        "warm_valid_fraction": warm_valid,
+        "cold_median_ms": float(np.median(cold)),
+        "cold_p95_ms": float(np.percentile(cold, 95)),
+        "cold_iterations": cold_iterations,
+        "cold_valid_fraction": cold_valid,
+        "cold_over_warm": float(np.median(cold) / np.median(warm)),
+        "calibration_median_ms": float(np.median(calibration_ms)),
+        "calibration_frames": len(chosen),
+    }
