@@ -127,6 +127,9 @@ class FlameArrays:
 # ---------------------------------------------------------------------------------------------- geometry
 
 
+_GRID_U = -1.0 + 2.0 * np.arange(HEAD_SEGMENTS) / HEAD_SEGMENTS  # head grid columns, 0 is the face centre
+
+
 def _azimuth(u: np.ndarray) -> np.ndarray:
     """Azimuth from the +z face towards +x for grid coordinate u in [-1, 1] (0: front, +-1: back)."""
     return np.pi * u - FRONT_DENSITY * np.sin(np.pi * u)
@@ -156,39 +159,45 @@ def _head_surface(polar: np.ndarray, azimuth: np.ndarray) -> np.ndarray:
     return base + (frontness * height)[..., None] * direction
 
 
+def _head_index(ring: np.ndarray, column: np.ndarray) -> np.ndarray:
+    """Vertex index of the head grid: 0 is the top pole, rings 1..74 follow with 60 columns each."""
+    return 1 + (ring - 1) * HEAD_SEGMENTS + column % HEAD_SEGMENTS
+
+
+def _eye_index(ring: np.ndarray, column: np.ndarray) -> np.ndarray:
+    """Vertex index within an eyeball: 0 is the front pole, rings 0..16 follow, the back pole is last."""
+    return 1 + ring * EYE_SEGMENTS + column % EYE_SEGMENTS
+
+
+def _grid_triangles(index, rings: np.ndarray, n_columns: int) -> np.ndarray:
+    """Two triangles (a, b, c) and (a, c, d) per quad between ring i and i + 1; outward for both grids."""
+    i, j = (grid.ravel() for grid in np.meshgrid(rings, np.arange(n_columns), indexing="ij"))
+    a, b, c, d = index(i, j), index(i + 1, j), index(i + 1, j + 1), index(i, j + 1)
+    return np.stack([np.stack([a, b, c], 1), np.stack([a, c, d], 1)], axis=1).reshape(-1, 3)
+
+
 def _head_mesh() -> tuple[np.ndarray, np.ndarray]:
     """Vertices (pole, then ring by ring) and outward triangles: the top fan, then two per grid quad."""
-    u = -1.0 + 2.0 * np.arange(HEAD_SEGMENTS) / HEAD_SEGMENTS
-    polar, azimuth = np.meshgrid(_ring_polar(np.arange(1, HEAD_RINGS + 1)), _azimuth(u), indexing="ij")
-    vertices = np.concatenate([_head_surface(np.zeros(1), np.zeros(1)), _head_surface(polar, azimuth).reshape(-1, 3)])
-    ring = lambda i, j: 1 + (i - 1) * HEAD_SEGMENTS + j % HEAD_SEGMENTS  # noqa: E731 - index helper
-    j = np.arange(HEAD_SEGMENTS)
-    faces = [np.stack([np.zeros_like(j), ring(1, j), ring(1, j + 1)], axis=1)]
-    i, j = (a.ravel() for a in np.meshgrid(np.arange(1, HEAD_RINGS), j, indexing="ij"))
-    a, b, c, d = ring(i, j), ring(i + 1, j), ring(i + 1, j + 1), ring(i, j + 1)
-    faces.append(np.stack([np.stack([a, b, c], 1), np.stack([a, c, d], 1)], axis=1).reshape(-1, 3))
-    return vertices, np.concatenate(faces)
+    polar, azimuth = np.meshgrid(_ring_polar(np.arange(1, HEAD_RINGS + 1)), _azimuth(_GRID_U), indexing="ij")
+    pole = _head_surface(np.zeros(1), np.zeros(1))
+    vertices = np.concatenate([pole, _head_surface(polar, azimuth).reshape(-1, 3)])
+    column = np.arange(HEAD_SEGMENTS)
+    fan = np.stack([np.zeros_like(column), _head_index(1, column), _head_index(1, column + 1)], axis=1)
+    return vertices, np.concatenate([fan, _grid_triangles(_head_index, np.arange(1, HEAD_RINGS), HEAD_SEGMENTS)])
 
 
 def _eyeball_mesh(centre: np.ndarray, first_index: int) -> tuple[np.ndarray, np.ndarray]:
     """A UV sphere with its poles on the z axis (the front pole is the pupil), outward triangles."""
-    polar = np.pi * np.arange(1, EYE_RINGS + 1) / (EYE_RINGS + 1)
-    around = 2.0 * np.pi * np.arange(EYE_SEGMENTS) / EYE_SEGMENTS
-    p, a = np.meshgrid(polar, around, indexing="ij")
-    rings = np.stack([np.sin(p) * np.cos(a), np.sin(p) * np.sin(a), np.cos(p)], axis=-1).reshape(-1, 3)
-    unit = np.concatenate([[[0.0, 0.0, 1.0]], rings, [[0.0, 0.0, -1.0]]])
-    back = 1 + EYE_SEGMENTS * EYE_RINGS
-    ring = lambda i, j: 1 + i * EYE_SEGMENTS + j % EYE_SEGMENTS  # noqa: E731 - index helper
-    j = np.arange(EYE_SEGMENTS)
-    faces = [np.stack([np.zeros_like(j), ring(0, j), ring(0, j + 1)], 1)]
-    i, jj = (x.ravel() for x in np.meshgrid(np.arange(EYE_RINGS - 1), j, indexing="ij"))
-    a_, b_, c_, d_ = ring(i, jj), ring(i + 1, jj), ring(i + 1, jj + 1), ring(i, jj + 1)
-    faces.append(np.stack([np.stack([a_, b_, c_], 1), np.stack([a_, c_, d_], 1)], 1).reshape(-1, 3))
-    faces.append(np.stack([np.full_like(j, back), ring(EYE_RINGS - 1, j + 1), ring(EYE_RINGS - 1, j)], 1))
-    faces = np.concatenate(faces)
-    corners = unit[faces]
-    if np.einsum("ij,ij->i", np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]), corners.mean(1)).sum() < 0:
-        faces = faces[:, [0, 2, 1]]
+    polar, around = np.meshgrid(
+        np.pi * np.arange(1, EYE_RINGS + 1) / (EYE_RINGS + 1), 2.0 * np.pi * np.arange(EYE_SEGMENTS) / EYE_SEGMENTS,
+        indexing="ij",
+    )
+    rings = np.stack([np.sin(polar) * np.cos(around), np.sin(polar) * np.sin(around), np.cos(polar)], -1)
+    unit = np.concatenate([[[0.0, 0.0, 1.0]], rings.reshape(-1, 3), [[0.0, 0.0, -1.0]]])
+    column, last = np.arange(EYE_SEGMENTS), EYE_RINGS - 1
+    front = np.stack([np.zeros_like(column), _eye_index(0, column), _eye_index(0, column + 1)], axis=1)
+    back = np.stack([np.full_like(column, len(unit) - 1), _eye_index(last, column + 1), _eye_index(last, column)], 1)
+    faces = np.concatenate([front, _grid_triangles(_eye_index, np.arange(last), EYE_SEGMENTS), back])
     return centre + EYE_RADIUS * unit, faces + first_index
 
 
@@ -234,7 +243,9 @@ def _jaw_contour_rows() -> tuple[np.ndarray, np.ndarray]:
 # -------------------------------------------------------------------------------------- model arrays
 
 
-def _smooth_fields(rng: np.random.Generator, anchors: np.ndarray, n_fields: int, scales_m: tuple[float, ...]) -> np.ndarray:
+def _smooth_fields(
+    rng: np.random.Generator, anchors: np.ndarray, n_fields: int, scales_m: tuple[float, ...]
+) -> np.ndarray:
     """(V, 3, n) random smooth vector fields: one random Fourier feature each, in a random direction."""
     frequencies = rng.normal(0.0, 1.0, (n_fields, 3)) / rng.choice(scales_m, n_fields)[:, None]
     phases = rng.uniform(0.0, 2.0 * np.pi, n_fields)
@@ -258,48 +269,28 @@ def flame_arrays(seed: int = 0) -> FlameArrays:
     """The synthetic FLAME model for ``seed`` (deterministic; cached, so treat the arrays as read-only)."""
     rng = np.random.default_rng(seed)
     head_vertices, head_faces = _head_mesh()
-    eye_centres = {}
-    for side, (x, y) in EYE_CENTRES_XY.items():
-        socket = _head_surface(*_frontal_to_surface(np.array([x, y])))
-        eye_centres[side] = socket - np.array([0.0, 0.0, 0.55 * EYE_RADIUS])
-    left_v, left_f = _eyeball_mesh(eye_centres["left"], N_HEAD_VERTICES)
-    right_v, right_f = _eyeball_mesh(eye_centres["right"], N_HEAD_VERTICES + N_EYE_VERTICES)
+    eye_centres = [
+        _head_surface(*_frontal_to_surface(np.array(xy))) - np.array([0.0, 0.0, 0.55 * EYE_RADIUS])
+        for xy in (EYE_CENTRES_XY["left"], EYE_CENTRES_XY["right"])
+    ]
+    left_v, left_f = _eyeball_mesh(eye_centres[0], N_HEAD_VERTICES)
+    right_v, right_f = _eyeball_mesh(eye_centres[1], N_HEAD_VERTICES + N_EYE_VERTICES)
     v_template = np.concatenate([head_vertices, left_v, right_v])
     faces = np.concatenate([head_faces, left_f, right_f]).astype(np.int64)
-    is_left = np.arange(N_VERTICES) >= N_HEAD_VERTICES
-    is_right = np.arange(N_VERTICES) >= N_HEAD_VERTICES + N_EYE_VERTICES
-    is_left &= ~is_right
-    on_head = ~(is_left | is_right)
-
-    # Joints: the regressor averages the neck rim (root), a ring just above it (neck), patches in front of both
-    # ears (jaw hinge) and each eyeball; the joints are whatever it gives for the template.
-    ring_of = np.r_[0, 1 + np.arange(N_HEAD_VERTICES - 1) // HEAD_SEGMENTS, np.zeros(2 * N_EYE_VERTICES, int)]
-    azimuth_of = np.r_[0.0, np.tile(_azimuth(-1 + 2 * np.arange(HEAD_SEGMENTS) / HEAD_SEGMENTS), HEAD_RINGS), np.zeros(2 * N_EYE_VERTICES)]
-    polar_deg = np.degrees(_ring_polar(ring_of))
-    ear_patch = on_head & (np.abs(np.abs(np.degrees(azimuth_of)) - 90) <= 10) & (np.abs(polar_deg - 95) <= 5)
-    members = [ring_of == HEAD_RINGS, on_head & (ring_of == HEAD_RINGS - 6), ear_patch, is_left, is_right]
-    j_regressor = np.stack([m / m.sum() for m in members]).astype(np.float64)
+    j_regressor, weights = _rig(v_template)
     joints = j_regressor @ v_template
 
-    y, z = v_template[:, 1], v_template[:, 2]
-    smoothstep = lambda e: np.clip(e, 0, 1) ** 2 * (3 - 2 * np.clip(e, 0, 1))  # noqa: E731
-    w_root = 1 - smoothstep((y - joints[0, 1]) / (joints[1, 1] - joints[0, 1]))
-    facing = (z - HEAD_CENTRE[2]) / np.linalg.norm(v_template - HEAD_CENTRE, axis=1)
-    w_jaw = (1 - w_root) * smoothstep((-0.036 - y) / 0.02) * smoothstep((facing + 0.1) / 0.5)
-    weights = np.zeros((N_VERTICES, N_JOINTS))
-    weights[on_head, 0] = w_root[on_head]
-    weights[on_head, 2] = w_jaw[on_head]
-    weights[on_head, 1] = 1 - weights[on_head, 0] - weights[on_head, 2]
-    weights[is_left, 3] = weights[is_right, 4] = 1.0
-
     # Eyeballs move rigidly with identity (fields sampled at their centres) and not with expression.
-    anchors = np.where(is_left[:, None], joints[3], np.where(is_right[:, None], joints[4], v_template))
-    k_shape, k_exp = np.arange(1, N_SHAPE + 1), np.arange(1, N_EXP + 1)
-    shape_basis = _orthogonal_basis(_smooth_fields(rng, anchors, N_SHAPE, (0.06, 0.035)), 0.004 * k_shape**-0.4)
-    face_centre = np.array([0.0, -0.015, 0.09])
-    face_mask = on_head * np.exp(-0.5 * np.sum(((v_template - face_centre) / [0.05, 0.06, 0.06]) ** 2, axis=1))
+    on_head = np.arange(N_VERTICES) < N_HEAD_VERTICES
+    eye_joint = np.repeat([3, 4], N_EYE_VERTICES)
+    anchors = v_template.copy()
+    anchors[~on_head] = joints[eye_joint]
+    shape_fields = _smooth_fields(rng, anchors, N_SHAPE, (0.06, 0.035))
+    shape_basis = _orthogonal_basis(shape_fields, 0.004 * np.arange(1, N_SHAPE + 1) ** -0.4)
+    face_offset = (v_template - np.array([0.0, -0.015, 0.09])) / [0.05, 0.06, 0.06]
+    face_mask = on_head * np.exp(-0.5 * np.sum(face_offset**2, axis=1))
     exp_fields = _smooth_fields(rng, v_template, N_EXP, (0.03, 0.02)) * face_mask[:, None, None]
-    exp_basis = _orthogonal_basis(exp_fields, 0.003 * k_exp**-0.4)
+    exp_basis = _orthogonal_basis(exp_fields, 0.003 * np.arange(1, N_EXP + 1) ** -0.4)
     posedirs = 0.002 * _smooth_fields(rng, anchors, 9 * (N_JOINTS - 1), (0.05,))
 
     static_xy = np.array([_CANONICAL_XY_CM[i] for i in STATIC_AS_MEDIAPIPE]) / 100.0
@@ -332,6 +323,44 @@ def flame_arrays(seed: int = 0) -> FlameArrays:
         texture_mean=tex_mean,
         texture_basis=tex_basis,
     )
+
+
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3.0 - 2.0 * x)
+
+
+def _rig(v_template: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Joint regressor and skinning weights.
+
+    The regressor averages the neck rim (root), a ring just above it (neck), patches in front of both ears
+    (jaw hinge) and each eyeball; the joints are whatever it gives for the template. The head follows the
+    neck, blending into the root towards the rim; the lower front of the face follows the jaw.
+    """
+    ring = np.zeros(N_VERTICES, dtype=np.int64)
+    ring[1:N_HEAD_VERTICES] = 1 + np.arange(N_HEAD_VERTICES - 1) // HEAD_SEGMENTS
+    azimuth_deg = np.zeros(N_VERTICES)
+    azimuth_deg[1:N_HEAD_VERTICES] = np.tile(np.degrees(_azimuth(_GRID_U)), HEAD_RINGS)
+    polar_deg = np.degrees(_ring_polar(ring))
+    on_head = np.arange(N_VERTICES) < N_HEAD_VERTICES
+    left_eye = ~on_head & (np.arange(N_VERTICES) < N_HEAD_VERTICES + N_EYE_VERTICES)
+    right_eye = ~on_head & ~left_eye
+    ear_patches = on_head & (np.abs(np.abs(azimuth_deg) - 90) <= 10) & (np.abs(polar_deg - 95) <= 5)
+    members = [on_head & (ring == HEAD_RINGS), on_head & (ring == HEAD_RINGS - 6), ear_patches, left_eye, right_eye]
+    j_regressor = np.stack([member / member.sum() for member in members])
+    joints = j_regressor @ v_template
+
+    y = v_template[:, 1]
+    from_centre = v_template - HEAD_CENTRE
+    facing = from_centre[:, 2] / np.linalg.norm(from_centre, axis=1)
+    w_root = 1.0 - _smoothstep((y - joints[0, 1]) / (joints[1, 1] - joints[0, 1]))
+    w_jaw = (1.0 - w_root) * _smoothstep((-0.036 - y) / 0.02) * _smoothstep((facing + 0.1) / 0.5)
+    weights = np.zeros((N_VERTICES, N_JOINTS))
+    weights[on_head, 0] = w_root[on_head]
+    weights[on_head, 2] = w_jaw[on_head]
+    weights[on_head, 1] = 1.0 - w_root[on_head] - w_jaw[on_head]
+    weights[left_eye, 3] = weights[right_eye, 4] = 1.0
+    return j_regressor, weights
 
 
 def _uv_layout(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -423,7 +452,10 @@ class _TorchStorage:
         return _load_from_bytes, (_torch_legacy_storage_bytes(self.flat),)
 
 
-_TORCH_STORAGE_CLASSES = {np.dtype(np.int64): type("LongStorage", (), {}), np.dtype(np.float32): type("FloatStorage", (), {})}
+_TORCH_STORAGE_CLASSES = {
+    np.dtype(np.int64): type("LongStorage", (), {}),
+    np.dtype(np.float32): type("FloatStorage", (), {}),
+}
 
 _LEGACY_GLOBALS: dict[object, tuple[str, str]] = {
     np.ndarray.__reduce__(np.zeros(1))[0]: ("numpy.core.multiarray", "_reconstruct"),
@@ -455,8 +487,10 @@ class _LegacyPickler(pickle._Pickler):
         self.memoize(obj)
 
     def _save_py2_str(self, obj: bytes) -> None:
-        header = pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256 else pickle.BINSTRING + struct.pack("<i", len(obj))
-        self.write(header + obj)
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
 
     def save_bytes(self, obj: bytes) -> None:
         if not self.py2_strings:
@@ -497,7 +531,8 @@ class _StorageRecordPickler(_LegacyPickler):
 
 def _torch_legacy_storage_bytes(flat: np.ndarray) -> bytes:
     stream = io.BytesIO()
-    for header in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+    system_info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    for header in (0x1950A86A20F9469CFC6C, 1001, system_info):  # magic number, protocol version, system info
         pickle.dump(header, stream, protocol=2)
     _StorageRecordPickler(stream, protocol=2, py2_strings=False).dump(flat)
     pickle.dump(["0"], stream, protocol=2)
@@ -591,7 +626,8 @@ def write_flame_folder(
             ft=arrays.uv_faces,
         )
     elif texture == "bfm":
-        np.savez(out_dir / "FLAME_albedo_from_BFM.npz", MU=mean_bgr.ravel(), PC=basis_bgr.reshape(-1, basis_bgr.shape[-1]))
+        basis_columns = basis_bgr.reshape(-1, basis_bgr.shape[-1])
+        np.savez(out_dir / "FLAME_albedo_from_BFM.npz", MU=mean_bgr.ravel(), PC=basis_columns)
     if head_template:
         _write_obj(out_dir / "head_template.obj", arrays)
     return out_dir
@@ -620,7 +656,8 @@ def write_smplx_copy(flame_dir: Path, out_dir: Path) -> Path:
         with model_pkl.open("rb") as stream:
             model = load_pickle(stream)
     else:
-        model = {k: v.item() if v.dtype.kind == "U" else v for k, v in load_npz(flame_dir / "generic_model.npz").items()}
+        arrays = load_npz(flame_dir / "generic_model.npz")
+        model = {key: value.item() if value.dtype.kind == "U" else value for key, value in arrays.items()}
     target = out_dir / "flame"
     target.mkdir(parents=True, exist_ok=True)
     with (target / "FLAME_NEUTRAL.pkl").open("wb") as stream:

@@ -248,7 +248,8 @@ def test_malicious_model_pickle_is_refused_and_runs_nothing(tmp_path: Path, payl
 def test_malicious_embedding_npy_is_refused(tmp_path: Path) -> None:
     folder = write_flame_folder(tmp_path / "flame", embeddings=(), texture=None)
     marker = tmp_path / "pwned"
-    np.save(folder / "landmark_embedding.npy", {"static_lmk_faces_idx": _payloads(marker)["os.system"]}, allow_pickle=True)
+    evil = {"static_lmk_faces_idx": _payloads(marker)["os.system"]}
+    np.save(folder / "landmark_embedding.npy", evil, allow_pickle=True)
     assert "landmark_embedding.npy asks to run 'posix.system'" in _load_error(folder)
     assert not marker.exists()
 

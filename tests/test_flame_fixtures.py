@@ -26,8 +26,9 @@ def test_real_flame_shapes_and_a_closed_head_with_a_neck_opening() -> None:
     assert set(counts) == {1, 2} and np.sum(counts == 1) == 60  # manifold; the only border is the neck rim
     corners = truth.v_template[truth.faces]
     normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
-    head = truth.faces[:, 0] < N_HEAD_VERTICES
-    assert np.all(np.einsum("ij,ij->i", normals[head], corners[head].mean(1)) > 0)  # outward
+    part = np.searchsorted([N_HEAD_VERTICES, N_HEAD_VERTICES + N_EYE_VERTICES], truth.faces[:, 0], side="right")
+    centres = np.array([[0.0, -0.01, 0.0], truth.joints[3], truth.joints[4]])[part]  # head centre, eyeballs
+    assert np.all(np.einsum("ij,ij->i", normals, corners.mean(1) - centres) > 0)  # all triangles face outward
     extent = np.ptp(truth.v_template, axis=0)
     assert 0.14 < extent[0] < 0.18 and 0.18 < extent[1] < 0.24 and extent[2] > 0.18
 
@@ -42,8 +43,9 @@ def test_rig_is_consistent() -> None:
     assert truth.joints[3, 0] > 0 > truth.joints[4, 0]  # the subject's left eye is on +x
     root, neck, jaw = truth.joints[:3]
     assert root[1] < neck[1] < jaw[1] < truth.joints[3, 1]
-    chin = truth.v_template[:N_HEAD_VERTICES][np.argmin(truth.v_template[:N_HEAD_VERTICES, 1] - truth.v_template[:N_HEAD_VERTICES, 2])]
-    assert truth.weights[np.argmin(np.linalg.norm(truth.v_template - chin, axis=1)), 2] > 0.5
+    head = truth.v_template[:N_HEAD_VERTICES]
+    chin = np.argmin(head[:, 1] - head[:, 2])  # lowest and most forward
+    assert truth.weights[chin, 2] > 0.9 and truth.weights[0, 1] == 1.0  # chin on the jaw, crown on the neck
 
 
 def test_bases_are_orthogonal_smooth_and_millimetre_sized() -> None:

@@ -162,7 +162,8 @@ def test_inventory_of_a_complete_folder(tmp_path: Path, flame_dir: Path) -> None
     assert inventory.ready and inventory.missing == ()
     rows = {row.spec.name: row for row in inventory.rows}
     assert rows["face_landmarker.task"].state == "missing (downloads on first use)"
-    assert rows["generic_model.pkl"].sha256 == hashlib.sha256((flame_dir / "generic_model.pkl").read_bytes()).hexdigest()
+    model_bytes = (flame_dir / "generic_model.pkl").read_bytes()
+    assert rows["generic_model.pkl"].sha256 == hashlib.sha256(model_bytes).hexdigest()
     assert rows["FLAME_albedo_from_BFM.npz"].state == "missing"
     table = inventory.table()
     for row in inventory.rows:
