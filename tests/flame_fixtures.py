@@ -1,10 +1,10 @@
 """Synthetic FLAME files for tests: FLAME's exact layout and file formats, random but well-conditioned arrays.
 
-FLAME may not be redistributed, so tests build their own. The head is a deformed ellipsoid (~16 x 22 x 20
+FLAME may not be redistributed, so tests build their own. The head is a deformed ellipsoid (~16 x 23 x 20
 cm) with nose, brows, lips and chin bumps on its +z face, a neck opening, and two eyeball spheres, meshed so
-that V = 5023 and F = 9976 exactly: a UV grid of 60 segments x 74 rings plus a top pole (its 60-vertex neck
-rim makes F = 2V - 62 with the two closed eyeballs). Shape and expression bases are orthogonal, smooth
-random fields (a few mm, decaying), expressions confined to the face, eyeballs moving rigidly with shape.
+that V = 5023 and F = 9976 exactly: a UV grid of 60 segments x 74 rings plus a top pole, whose 60-edge neck
+rim makes F = 2V - 70 together with the two closed eyeballs. Shape and expression bases are orthogonal,
+smooth random fields (a few mm, decaying), expressions confined to the face, eyeballs moving rigidly with shape.
 
 Files are written the way users have them: ``generic_model.pkl`` as a Python 2 protocol-2 pickle of chumpy
 ``Ch`` objects and a ``scipy.sparse.csc.csc_matrix`` naming ``numpy.core.multiarray`` (written without
