@@ -182,14 +182,6 @@ class FlameLayer(torch.nn.Module):
             self.contour_vertex_idx = contour_idx
             self.contour_bary = bary(model.contour68.bary)
             self._contour_subset = _VertexSubset.gather(self, contour_idx.reshape(79, 17 * 3))
-            self.neck_chain = self._chain_to_root(JOINT_NAMES.index("neck"))
-
-    def _chain_to_root(self, joint: int) -> list[int]:
-        chain = []
-        while joint != -1:
-            chain.append(joint)
-            joint = self.parents[joint]
-        return chain
 
     def _pupil_vertices(self, model: HeadModel) -> np.ndarray | None:
         """The most forward-facing vertex of each eyeball, found from the skinning weights.
@@ -285,12 +277,14 @@ class FlameLayer(torch.nn.Module):
         return Landmarks(lmk68=lmk68, mediapipe=parts.get("mediapipe"), eyes=parts.get("eyes"))
 
     def contour_rows(self, rotations: torch.Tensor) -> torch.Tensor:
-        """(B,) row of the contour table for the head yaw of root and neck combined, as smplx computes it."""
-        chained = torch.eye(3, dtype=rotations.dtype, device=rotations.device).expand(rotations.shape[0], 3, 3)
-        for joint in self.neck_chain:
-            chained = rotations[:, joint] @ chained
+        """(B,) row of the contour table for the head yaw, computed as smplx's FLAME does.
+
+        smplx takes the yaw of the root rotation alone; DECA also chains in the neck's rotation. The two agree
+        whenever the neck is not posed, which is the tracker's default.
+        """
+        root = rotations[:, JOINT_NAMES.index("root")]
         # smplx's rot_mat_to_euler: the rotation about y of a y-x-z decomposition.
-        yaw = torch.atan2(-chained[:, 2, 0], torch.sqrt(chained[:, 0, 0] ** 2 + chained[:, 1, 0] ** 2))
+        yaw = torch.atan2(-root[:, 2, 0], torch.sqrt(root[:, 0, 0] ** 2 + root[:, 1, 0] ** 2))
         return _contour_rows(-torch.rad2deg(yaw))
 
     def _contour_landmarks(
