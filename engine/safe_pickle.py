@@ -152,6 +152,8 @@ def _load_torch_storage(data: bytes) -> np.ndarray:
     The format is four pickles (magic number, protocol version, system info, the storage record with a
     persistent id), a pickled list of storage keys, then per key an int64 element count and the raw data.
     """
+    if isinstance(data, str):  # bytes written by Python 2 arrive as latin-1 text
+        data = data.encode("latin1")
     stream = io.BytesIO(data)
     if SafeUnpickler(stream).load() != _TORCH_LEGACY_MAGIC:
         raise pickle.UnpicklingError("a torch storage in an unknown format")
@@ -170,11 +172,11 @@ def _load_torch_storage(data: bytes) -> np.ndarray:
         arrays[key] = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype)
     dtype, numel, view = record_reader.records[root_key]
     storage = arrays[root_key]
-    if view is not None:
-        view_key, view_offset, view_size = view
-        storage = arrays[view_key][int(view_offset) : int(view_offset) + int(view_size)]
     if storage.size < numel:
         raise pickle.UnpicklingError("a torch storage shorter than it claims")
+    if view is not None:
+        view_offset, view_size = view
+        storage = storage[view_offset : view_offset + view_size]
     return storage
 
 
@@ -235,7 +237,7 @@ class _TorchStorageRecordUnpickler(SafeUnpickler):
 
     def __init__(self, stream: BinaryIO) -> None:
         super().__init__(stream)
-        self.records: dict[str, tuple[np.dtype, int, tuple[str, int, int] | None]] = {}
+        self.records: dict[str, tuple[np.dtype, int, tuple[int, int] | None]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and name in _TORCH_STORAGE_DTYPES:
@@ -248,7 +250,8 @@ class _TorchStorageRecordUnpickler(SafeUnpickler):
         _kind, storage_type, key, _location, numel, view_metadata = pid
         if not isinstance(storage_type, _TorchStorageType):
             raise pickle.UnpicklingError("a torch storage of an unknown type")
-        view = None if view_metadata is None else (str(view_metadata[0]), view_metadata[1], view_metadata[2])
+        # A view record is (view key, offset, size) into the root storage.
+        view = None if view_metadata is None else (int(view_metadata[1]), int(view_metadata[2]))
         self.records[str(key)] = (storage_type.dtype, int(numel), view)
         return str(key)
 
