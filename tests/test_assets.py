@@ -288,3 +288,21 @@ def test_cli_prints_one_error_line_for_a_malicious_model(tmp_path: Path, flame_d
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: generic_model.pkl asks to run")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_safe_reader_rebuilds_real_numpy_and_scipy_pickles(protocol: int) -> None:
+    sparse = pytest.importorskip("scipy.sparse")
+    dense = np.array([[0.0, 2.5, 0.0], [1.0, 0.0, 3.0]])
+    content = {
+        "csc": sparse.csc_matrix(dense),
+        "csr": sparse.csr_matrix(dense),
+        "array": np.arange(6, dtype=np.uint32).reshape(2, 3),
+        "scalar": np.float64(1.5),
+        "names": {"lbs", "lrotmin"},
+    }
+    plain = load_pickle(io.BytesIO(pickle.dumps(content, protocol=protocol)))
+    np.testing.assert_array_equal(plain["csc"], dense)
+    np.testing.assert_array_equal(plain["csr"], dense)
+    np.testing.assert_array_equal(plain["array"], content["array"])
+    assert plain["scalar"] == 1.5 and plain["names"] == {"lbs", "lrotmin"}
