@@ -71,8 +71,9 @@ class FitConfig:
     initial_damping: float = 1e-3
     #: Stop when no parameter moves more than this (radians, coefficients, metres) ...
     step_tolerance: float = 1e-4
-    #: ... or when an accepted step lowers the cost by less than this fraction.
+    #: ... or when an accepted step lowers the cost by less than this fraction (calibration: the second).
     cost_tolerance: float = 1e-2
+    calibration_tolerance: float = 1e-4
 
 
 @dataclass
@@ -412,13 +413,15 @@ def calibrate(
         if bool(torch.isfinite(cost_c)) and bool(cost_c <= cost):
             state, shape, log_focal = candidate, shape_c, log_focal_c
             evaluation, residuals, prior_gradient, prior_hessian = evaluation_c, residuals_c, prior_gradient_c, prior_hessian_c
-            converged = bool(cost - cost_c <= 1e-7 * cost) or max(frame_step.abs().max(), shared_step.abs().max()) < config.step_tolerance
+            converged = bool(cost - cost_c <= config.calibration_tolerance * cost) or max(frame_step.abs().max(), shared_step.abs().max()) < config.step_tolerance
             cost = cost_c
             damping = (damping / 3).clamp_min(1e-7)
             if converged:
                 break
         else:
-            damping = (damping * 10).clamp_max(1e7)
+            damping = damping * 10
+            if bool(damping > 1e4):  # steps that short no longer lower the cost: this is the minimum
+                break
     frame_costs = residuals.data_cost
     result = FitResult(state, frame_costs, _weighted_rms_px(residuals, targets, config), used)
     return Calibration(shape, float(log_focal.exp()), result)
