@@ -167,13 +167,16 @@ def _run_track(args: argparse.Namespace) -> int:
     if args.fov is not None and not 5.0 <= args.fov <= 150.0:
         raise UserError(f"--fov {args.fov}: expected a vertical field of view between 5 and 150 degrees")
     models_dir = resolve_models_dir(args.models)
-    head = select_head_model(args.flame, models_dir)
     timings: dict[str, float] = {}
     if source.suffix.lower() == ".npz":
         sequence = load_landmark_file(source)
     else:
+        from realtime.sources import open_source
+
+        open_source(args.input, realtime=False).stop()  # a file that is no video or image fails here, in one line
         sequence, mediapipe_ms = detect_landmarks(args.input, find_face_landmarker(models_dir))
         timings["mediapipe_ms_per_frame"] = sum(mediapipe_ms) / len(mediapipe_ms)
+    head = select_head_model(args.flame, models_dir)
     config = TrackerConfig(n_shape=args.n_shape, n_exp=args.n_exp, fov_deg=args.fov, device=_device(args.device))
     tracker, results, track_timings = track_sequence(sequence, head, config)
     write_outputs(args.out, tracker, results, sequence, {**timings, **track_timings}, args.save_vertices)
@@ -345,12 +348,37 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def _add_export(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    export = subparsers.add_parser("export", parents=[common], help="write a posed mesh (.obj or .ply)")
+    export = subparsers.add_parser(
+        "export",
+        parents=[common],
+        help="write a posed mesh (.obj or .ply)",
+        description="Write the posed mesh of one tracked frame. --space model: FLAME's frame, head pose zero; "
+        "--space camera: OpenCV camera coordinates that overlay the input image through K.",
+    )
+    export.add_argument("--params", type=Path, required=True, metavar="FILE.npz", help="a frame .npz or tracking.npz")
+    export.add_argument("--frame", type=int, default=None, help="frame index within a stacked tracking.npz (default 0)")
+    export.add_argument("--space", choices=("model", "camera"), default="model", help="coordinate frame (default model)")
+    export.add_argument("--out", type=Path, required=True, metavar="MESH", help="output .obj or .ply")
     export.set_defaults(handler=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from engine.errors import UserError
+    from engine.export import frame_arrays, posed_vertices, write_mesh
+    from engine.flame import FlameLayer
+    from engine.model_files import resolve_models_dir
+    from engine.model_selection import select_head_model
+
+    if not args.params.is_file():
+        raise UserError(f"--params {args.params} does not exist: give a .npz written by 'run_stream.py track'")
+    if args.out.suffix.lower() not in (".obj", ".ply"):
+        raise UserError(f"--out {args.out}: the mesh format is chosen by the extension, .obj or .ply")
+    head = select_head_model(args.flame, resolve_models_dir(args.models))
+    arrays = frame_arrays(args.params, args.frame, head)
+    layer = FlameLayer(head, arrays["shape"].shape[1], arrays["exp"].shape[1])
+    write_mesh(args.out, posed_vertices(layer, arrays, args.space), head.faces)
+    print(f"wrote {args.out}: {head.n_vertices} vertices of the {head.name}, {args.space} space")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,8 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv.insert(0, "live")
     args = build_parser().parse_args(argv)
+    # Long-running commands report progress in the log; the others stay quiet unless asked (-v).
+    chatty = args.command in ("live", "replay", "refine")
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.INFO if chatty else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.camera import FLIP
 from engine.errors import UserError
+from engine.export import posed_vertices
 from engine.head_model import HeadModel
 from engine.landmarks import N_LANDMARKS, FaceLandmarker, LandmarkerConfig
 from engine.tracker import Tracker, TrackerConfig, fit_single, reference_arrays, select_diverse
@@ -167,33 +167,6 @@ def track_sequence(
     return tracker, results, timings
 
 
-def camera_space_vertices(tracker: Tracker, arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """(1, V, 3) posed mesh in OpenCV camera space for one frame's reference arrays."""
-    layer = tracker.layer
-    options = {"dtype": tracker.config.dtype, "device": tracker.config.device}
-    pose = torch.zeros(1, layer.n_joints, 3, **options)
-    pose[0, 1] = torch.as_tensor(arrays["neck_pose"][0], **options)
-    pose[0, 2] = torch.as_tensor(arrays["jaw_pose"][0], **options)
-    if layer.n_joints >= 5:
-        pose[0, 3:5] = torch.as_tensor(arrays["eye_pose"][0].reshape(2, 3), **options)
-    with torch.no_grad():
-        model = layer.vertices(
-            torch.as_tensor(arrays["shape"], **options), torch.as_tensor(arrays["exp"], **options), pose, torch.zeros(1, 3, **options)
-        )[0].cpu().double().numpy()
-    yaw, pitch, roll = (float(v) for v in arrays["cam"][0, :3])
-    rotation = _euler_matrix(yaw, pitch, roll)
-    view = model @ rotation.T + arrays["cam"][0, 3:].astype(np.float64)
-    return (view * np.array(FLIP))[None].astype(np.float32)
-
-
-def _euler_matrix(yaw: float, pitch: float, roll: float) -> np.ndarray:
-    cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
-    rz = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rx = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
-    return rz @ ry @ rx
-
-
 def write_outputs(
     out_dir: Path,
     tracker: Tracker,
@@ -205,7 +178,7 @@ def write_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     for index, arrays in enumerate(tqdm(results, desc="write", unit="frame", leave=False)):
         if save_vertices:
-            arrays = {**arrays, "vertices": camera_space_vertices(tracker, arrays)}
+            arrays = {**arrays, "vertices": posed_vertices(tracker.layer, arrays, space="camera")[None].astype(np.float32)}
         _atomic_npz(out_dir / f"{index:06d}.npz", arrays)
     stacked = {key: np.concatenate([r[key] for r in results]) for key in results[0]}
     _atomic_npz(out_dir / "tracking.npz", stacked)

@@ -1,0 +1,93 @@
+"""Posed meshes from per-frame parameter arrays (the reference format), written as .obj or .ply.
+
+``space="model"`` poses FLAME's joints (neck, jaw, eyes) with the head pose at zero, in FLAME's frame;
+``space="camera"`` also applies ``cam`` (the reference's world-to-view transform) and returns OpenCV camera
+coordinates, so the mesh overlays the input image through ``K``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.camera import FLIP
+from engine.errors import UserError
+from engine.flame import FlameLayer
+from engine.head_model import HeadModel
+
+PARAMETER_KEYS = ("shape", "exp", "jaw_pose", "neck_pose", "eye_pose", "cam")
+
+
+def euler_matrix(yaw: float, pitch: float, roll: float) -> np.ndarray:
+    """The reference's rotation R = Rz(roll) @ Ry(yaw) @ Rx(pitch), radians."""
+    cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
+    rz = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rx = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
+    return rz @ ry @ rx
+
+
+def posed_vertices(layer: FlameLayer, arrays: dict[str, np.ndarray], space: str = "model") -> np.ndarray:
+    """(V, 3) float64 vertices for one frame's arrays (each with a leading dimension of 1)."""
+    options = {"dtype": torch.float64, "device": "cpu"}
+    layer64 = layer if layer.v_template.dtype == torch.float64 else FlameLayer(layer.model, layer.n_shape, layer.n_exp, dtype=torch.float64)
+    pose = torch.zeros(1, layer64.n_joints, 3, **options)
+    pose[0, 1] = torch.as_tensor(arrays["neck_pose"][0], **options)
+    pose[0, 2] = torch.as_tensor(arrays["jaw_pose"][0], **options)
+    if layer64.n_joints >= 5:
+        pose[0, 3:5] = torch.as_tensor(arrays["eye_pose"][0].reshape(2, 3), **options)
+    with torch.no_grad():
+        vertices = layer64.vertices(
+            torch.as_tensor(arrays["shape"], **options), torch.as_tensor(arrays["exp"], **options), pose, torch.zeros(1, 3, **options)
+        )[0].numpy()
+    if space == "model":
+        return vertices
+    cam = arrays["cam"][0].astype(np.float64)
+    view = vertices @ euler_matrix(*cam[:3]).T + cam[3:]
+    return view * np.array(FLIP)
+
+
+def frame_arrays(path: Path, frame: int | None, model: HeadModel) -> dict[str, np.ndarray]:
+    """One frame's parameter arrays from a per-frame .npz or a stacked tracking.npz, checked against the model."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is not a readable parameters .npz ({error})") from None
+    missing = [key for key in PARAMETER_KEYS if key not in arrays]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: expected a frame written by 'run_stream.py track'")
+    frames = arrays["exp"].shape[0]
+    index = 0 if frame is None else frame
+    if not 0 <= index < frames:
+        raise UserError(f"--frame {index} is outside {path}, which holds frames 0..{frames - 1}")
+    picked = {key: np.asarray(arrays[key][index : index + 1], dtype=np.float64) for key in PARAMETER_KEYS}
+    for key, size in (("shape", model.n_shape), ("exp", model.n_exp)):
+        if picked[key].shape[1] > size:
+            raise UserError(
+                f"{path} has {picked[key].shape[1]} {key} coefficients but the {model.name} has {size}: "
+                "export with the model that tracked it (--flame)"
+            )
+    if not all(np.all(np.isfinite(v)) for v in picked.values()):
+        raise UserError(f"{path} frame {index} holds NaN or infinite parameters")
+    return picked
+
+
+def write_mesh(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None:
+    """Write .obj or .ply (ASCII) by the file's extension."""
+    suffix = path.suffix.lower()
+    if suffix == ".obj":
+        lines = [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in vertices]
+        lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces]
+    elif suffix == ".ply":
+        header = [
+            "ply", "format ascii 1.0", f"element vertex {len(vertices)}", "property float x", "property float y",
+            "property float z", f"element face {len(faces)}", "property list uchar int vertex_indices", "end_header",
+        ]  # fmt: skip
+        lines = header + [f"{x:.6f} {y:.6f} {z:.6f}" for x, y, z in vertices] + [f"3 {a} {b} {c}" for a, b, c in faces]
+    else:
+        raise UserError(f"--out {path}: the mesh format is chosen by the extension, .obj or .ply")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
