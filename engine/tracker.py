@@ -270,6 +270,12 @@ class Tracker:
         if timestamp - self._pool_started >= self.config.calibration_seconds or len(self._pool) >= self.config.candidate_pool:
             self._calibrate_from_pool()
 
+    def adopt_identity(self, shape: torch.Tensor) -> None:
+        """Track with an identity refined elsewhere (photometric refinement); call between frames."""
+        self.shape = shape.detach().to(device=self.shape.device, dtype=self.shape.dtype).reshape(self.shape.shape).clone()
+        self._freeze_identity()
+        self.shape_version += 1
+
     def request_recalibration(self) -> None:
         """Gather new candidate frames and calibrate again (the current identity is kept meanwhile)."""
         self.calibrated = False
