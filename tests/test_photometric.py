@@ -1,0 +1,179 @@
+"""Photometric refinement on synthetic renderings with known albedo, light, expression and pose."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from engine.assets import load_flame
+from engine.errors import UserError
+from engine.head_model import TextureSpace
+from engine.photometric import UNIT_AMBIENT, FrameBatch, FrameState, PhotometricConfig, PhotometricFitter, state_from_tracked
+from engine.synthetic import SyntheticMotion, synthetic_sequence
+from engine.tracker import Tracker, TrackerConfig
+from realtime.keyframes import Keyframe, KeyframeQueue
+from realtime.refine_job import RefineOptions, SequenceRefiner, refine_session
+from realtime.refiner import LiveRefiner, RefinerConfig
+
+SIZE, FRAMES = 128, 4
+
+
+@pytest.fixture(scope="module")
+def scene(flame_dir: Path) -> dict:
+    """Frames rendered from the fixture head with a detailed known albedo (texture space), SH light and motion."""
+    head = load_flame(flame_dir, n_shape=20, n_exp=10, n_tex=5)
+    rng = np.random.default_rng(0)
+    side = 128
+    detail = cv2.GaussianBlur(rng.normal(0, 1, (side, side, 3)).astype(np.float32), (0, 0), 1.5)
+    detail /= detail.std()
+    mean = np.clip(cv2.resize(head.texture.mean, (side, side)) + 0.12 * detail.mean(-1, keepdims=True) + 0.03 * detail, 0, 1)
+    basis = 3.0 * np.stack([cv2.resize(head.texture.basis[..., k], (side, side)) for k in range(5)], -1)
+    head = dataclasses.replace(head, texture=TextureSpace(mean.astype(np.float32), basis.astype(np.float32), "test albedo"))
+    config = TrackerConfig(n_shape=20, n_exp=10, fov_deg=30.0, calibration_seconds=math.inf)
+    tracker = Tracker(head, (SIZE, SIZE), config)
+    motion = SyntheticMotion(frames=FRAMES, image_size=(SIZE, SIZE), noise_px=1.0, outlier_fraction=0.0, seed=3, max_yaw_deg=25)
+    sequence = synthetic_sequence(tracker.layer, motion)
+    tex = rng.normal(0, 1, 5)
+    light = torch.zeros(9, 3)
+    light[0], light[1], light[2], light[3], light[7] = 0.9 * UNIT_AMBIENT, 0.3, 0.4, 0.5, 0.1
+    renderer = PhotometricFitter(tracker, PhotometricConfig(size=SIZE))
+    renderer.appearance.load_state(tex)
+    truth = FrameState(*(torch.tensor(a, dtype=torch.float32) for a in (sequence.exp, sequence.pose, sequence.transl)))
+    K = torch.tensor(tracker.camera.intrinsics(), dtype=torch.float32).expand(FRAMES, 3, 3)
+    everywhere = torch.ones(FRAMES, SIZE, SIZE, dtype=torch.bool)
+    with torch.no_grad():
+        out = renderer.render(truth, FrameBatch(torch.zeros(FRAMES, SIZE, SIZE, 3), K, torch.zeros(1), everywhere),
+                              torch.tensor(sequence.shape, dtype=torch.float32), light)
+    background = 0.2 * (~out.mask).unsqueeze(-1)
+    images = [((out.image[i] + background[i]).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8) for i in range(FRAMES)]
+    return {"head": head, "config": config, "sequence": sequence, "images": images, "tex": tex, "light": light}
+
+
+def _landmark_fit(scene: dict) -> tuple[Tracker, FrameState]:
+    sequence = scene["sequence"]
+    tracker = Tracker(scene["head"], (SIZE, SIZE), scene["config"])
+    result = tracker.calibrate([(sequence.mp478[i], sequence.lmk68[i]) for i in range(FRAMES)])
+    frames = [tracker.frame_from(result.frames.params.index(slice(i, i + 1))) for i in range(FRAMES)]
+    return tracker, state_from_tracked(frames, "cpu", torch.float32)
+
+
+def _rms(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(a) - np.asarray(b)) ** 2)))
+
+
+def test_photometric_fit_recovers_expression_better_than_landmarks(scene: dict) -> None:
+    sequence = scene["sequence"]
+    tracker, initial = _landmark_fit(scene)
+    landmark_exp_error = _rms(initial.exp.numpy(), sequence.exp)
+
+    fitter = PhotometricFitter(tracker, PhotometricConfig(size=SIZE))
+    batch = fitter.prepare(scene["images"], list(sequence.mp478), list(sequence.lmk68))
+    before = fitter.fit_identity(batch, initial, iterations=0)
+    fitter = PhotometricFitter(tracker, PhotometricConfig(size=SIZE))
+    result = fitter.fit_identity(batch, initial, iterations=30)
+
+    photometric_exp_error = _rms(result.frames.exp.numpy(), sequence.exp)
+    # Albedo and light share a global scale, so the light is compared by its direction: band 1 over ambient.
+    def direction(light: torch.Tensor) -> torch.Tensor:
+        return light[1:4] / light[:1]
+
+    light_error = float((direction(fitter.light) - direction(scene["light"])).abs().mean())
+    initial_light_error = float(direction(scene["light"]).abs().mean())  # the fit starts from ambient light
+    logging.getLogger(__name__).info(
+        "expression rms: landmarks %.3f, photometric %.3f; image error %.3f -> %.3f; light error %.3f -> %.3f",
+        landmark_exp_error, photometric_exp_error, before.image_error.mean(), result.image_error.mean(),
+        initial_light_error, light_error,
+    )
+    assert photometric_exp_error < 0.75 * landmark_exp_error
+    assert result.image_error.mean() < 0.6 * before.image_error.mean()
+    assert result.image_error.mean() < 0.06
+    assert light_error < initial_light_error
+    assert np.all(result.landmark_rms_px < 3.0)
+
+
+def test_missing_texture_space_falls_back_to_estimated_albedo(flame_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    head = load_flame(flame_dir, n_shape=10, n_exp=10, n_tex=0)
+    tracker = Tracker(head, (SIZE, SIZE), TrackerConfig(n_shape=10, n_exp=10, fov_deg=30.0))
+    with caplog.at_level(logging.WARNING):
+        fitter = PhotometricFitter(tracker, PhotometricConfig(size=SIZE, albedo_map_size=16))
+    assert fitter.appearance.kind == "uv_map"
+    assert "no texture space" in caplog.text
+    without_uv = PhotometricFitter(Tracker(dataclasses.replace(head, uv_coords=None, uv_faces=None), (SIZE, SIZE), tracker.config))
+    assert without_uv.appearance.kind == "vertex" and without_uv.appearance.albedo().shape == (head.n_vertices, 3)
+
+
+def test_sequence_refinement_writes_every_frame_and_resumes(scene: dict, tmp_path: Path) -> None:
+    sequence = scene["sequence"]
+    tracker, initial = _landmark_fit(scene)
+    states = [initial.index(slice(i, i + 1)) for i in range(FRAMES)]
+    states[2] = None  # a frame without a face is written, marked invalid
+
+    def frames():
+        for i in range(FRAMES):
+            yield scene["images"][i], sequence.mp478[i]
+
+    options = RefineOptions(PhotometricConfig(size=96, identity_iterations=5, frame_iterations=3), keyframes=2, window=2)
+    timings = SequenceRefiner(tracker, tmp_path, options).run(states, frames, progress=False)
+    assert timings["seconds_per_frame"] > 0
+    written = {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("0*.npz")}
+    assert sorted(written) == [f"{i:06d}.npz" for i in range(FRAMES)]
+    with np.load(tmp_path / "000001.npz") as frame:
+        assert frame["valid"][0] and frame["tex"].shape == (1, 5) and frame["light"].shape == (1, 9, 3)
+        assert frame["exp"].shape == (1, 10) and np.isfinite(frame["image_error"]).all()
+    with np.load(tmp_path / "000002.npz") as frame:
+        assert not frame["valid"][0]
+    assert (tmp_path / "texture.png").is_file() and (tmp_path / "meta.json").is_file()
+
+    (tmp_path / "000003.npz").unlink()
+    SequenceRefiner(tracker, tmp_path, options).run(states, frames, progress=False)
+    assert (tmp_path / "000003.npz").is_file()
+    for name in ("000000.npz", "000001.npz"):
+        assert (tmp_path / name).stat().st_mtime_ns == written[name], f"{name} was refined again"
+
+
+def test_live_refiner_publishes_identity_from_keyframes(scene: dict) -> None:
+    sequence = scene["sequence"]
+    tracker, _ = _landmark_fit(scene)
+    queue = KeyframeQueue(4)
+    updates: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    arrived = threading.Event()
+
+    def on_update(shape: np.ndarray, tex: np.ndarray, light: np.ndarray) -> None:
+        updates.append((shape, tex, light))
+        arrived.set()
+
+    config = RefinerConfig(pool_size=2, iterations=5, photometric=PhotometricConfig(size=96), tracker=scene["config"])
+    with LiveRefiner(scene["head"], queue, tracker.shape, on_update, config) as refiner:
+        for i in range(2):
+            tracked = tracker.track(sequence.mp478[i], sequence.lmk68[i], timestamp=i / 25)
+            queue.put(Keyframe(scene["images"][i], sequence.mp478[i], tracked, float(i), i))
+        assert arrived.wait(60), "the refiner published nothing"
+        queue.close()
+    assert refiner.updates >= 1
+    shape, tex, light = updates[-1]
+    assert shape.shape == (20,) and tex.shape == (5,) and light.shape == (27,)
+    assert np.isfinite(shape).all() and np.isfinite(light).all()
+    before = tracker.shape_version
+    tracker.adopt_identity(torch.as_tensor(shape))
+    assert tracker.shape_version == before + 1 and torch.allclose(tracker.shape, torch.as_tensor(shape, dtype=tracker.shape.dtype))
+
+
+def test_refine_session_rejects_missing_or_corrupt_sessions(scene: dict, tmp_path: Path) -> None:
+    def factory(size, n_shape, n_exp, fov):
+        return Tracker(scene["head"], size, scene["config"])
+
+    with pytest.raises(UserError, match="does not exist"):
+        refine_session(tmp_path / "nowhere", factory, tmp_path / "out", None)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "session.json").write_text("{ not json")
+    with pytest.raises(UserError, match="damaged"):
+        refine_session(corrupt, factory, tmp_path / "out", None)
