@@ -263,25 +263,16 @@ def _zbuffer_runs(
 
 
 @torch.no_grad()
-def rasterize(
-    vertices_cam: torch.Tensor,
-    faces: torch.Tensor,
-    K: torch.Tensor,
-    height: int,
-    width: int,
-    near: float = DEFAULT_NEAR,
-) -> Fragments:
-    """Find the nearest triangle under each pixel centre (no gradient). See the module docstring."""
-    _check_mesh(vertices_cam, faces)
+def _visible_faces(
+    vertices_cam: torch.Tensor, faces: torch.Tensor, K: torch.Tensor, height: int, width: int, near: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The z-buffer pass: face ids (B*H*W,) with -1 for background, and the covered pixels' flat indices."""
     batch = vertices_cam.shape[0]
-    vertices = vertices_cam.detach()
-    K = _batched_intrinsics(K, batch, vertices)
-    pixels_xy, depth = _project(vertices, K)
-
+    pixels_xy, depth = _project(vertices_cam.detach(), K)
     active, float_table, first_pixel, box_size = _face_setup(pixels_xy, depth, faces, height, width, near)
     triangle, start_pixel, length, start_inv_z, step_inv_z = _row_spans(float_table, first_pixel, box_size, width)
     face_id = active.index_select(0, triangle) % faces.shape[0]
-    zbuffer = torch.full((batch * height * width,), _BACKGROUND_KEY, dtype=torch.int64, device=vertices.device)
+    zbuffer = torch.full((batch * height * width,), _BACKGROUND_KEY, dtype=torch.int64, device=depth.device)
     if length.numel():
         # Bound memory: cut the runs into pieces of about _PIXELS_PER_CHUNK pixels.
         starts = torch.cumsum(length, 0) - length
@@ -291,19 +282,54 @@ def rasterize(
         for begin, end in zip(cuts[:-1], cuts[1:]):
             _zbuffer_runs(face_id[begin:end], start_pixel[begin:end], length[begin:end], start_inv_z[begin:end],
                           step_inv_z[begin:end], zbuffer)
-
     foreground = (zbuffer != _BACKGROUND_KEY).nonzero().squeeze(1)
     face_ids = torch.full_like(zbuffer, -1)
     face_ids[foreground] = zbuffer[foreground] & _LOW_32_BITS
-    bary_fg, depth_fg = _foreground_geometry(pixels_xy, depth, faces, face_ids, foreground, height, width)
-    bary = vertices.new_zeros(batch * height * width, 3).index_put_((foreground,), bary_fg)
-    depth_image = vertices.new_full((batch * height * width,), math.inf).index_put_((foreground,), depth_fg)
+    return face_ids, foreground
+
+
+def _fragments(
+    face_ids: torch.Tensor,
+    foreground: torch.Tensor,
+    bary: torch.Tensor,
+    depth: torch.Tensor,
+    shape: tuple[int, int, int],
+) -> Fragments:
+    """Dense, gradient-free fragments from the z-buffer pass and the covered pixels' barycentrics and depth."""
+    batch, height, width = shape
+    pixels = batch * height * width
     return Fragments(
         face_ids=face_ids.view(batch, height, width),
-        bary=bary.view(batch, height, width, 3),
-        depth=depth_image.view(batch, height, width),
+        bary=bary.detach().new_zeros(pixels, 3).index_put_((foreground,), bary.detach()).view(*shape, 3),
+        depth=depth.detach().new_full((pixels,), math.inf).index_put_((foreground,), depth.detach()).view(*shape),
         foreground=foreground,
     )
+
+
+def _rasterize_with_geometry(
+    vertices_cam: torch.Tensor, faces: torch.Tensor, K: torch.Tensor, height: int, width: int, near: float
+) -> tuple[Fragments, torch.Tensor]:
+    """Fragments, and the covered pixels' barycentrics (N, 3) with gradient w.r.t. vertices and K."""
+    _check_mesh(vertices_cam, faces)
+    K = _batched_intrinsics(K, vertices_cam.shape[0], vertices_cam)
+    face_ids, foreground = _visible_faces(vertices_cam, faces, K, height, width, near)
+    pixels_xy, depth = _project(vertices_cam, K)
+    bary, surface_depth = _foreground_geometry(pixels_xy, depth, faces, face_ids, foreground, height, width)
+    return _fragments(face_ids, foreground, bary, surface_depth, (vertices_cam.shape[0], height, width)), bary
+
+
+def rasterize(
+    vertices_cam: torch.Tensor,
+    faces: torch.Tensor,
+    K: torch.Tensor,
+    height: int,
+    width: int,
+    near: float = DEFAULT_NEAR,
+) -> Fragments:
+    """Find the nearest triangle under each pixel centre (no gradient). See the module docstring."""
+    with torch.no_grad():
+        fragments, _ = _rasterize_with_geometry(vertices_cam, faces, K, height, width, near)
+    return fragments
 
 
 def _foreground_geometry(
@@ -327,11 +353,13 @@ def _foreground_geometry(
     corners = faces.index_select(0, face_ids.index_select(0, foreground)) + (image * n_vertices).unsqueeze(1)
     corner_screen = screen.index_select(0, corners.reshape(-1)).view(-1, 3, 3)
     pixel = _pixel_centres(foreground, height, width, screen.dtype)
-    rel_x = corner_screen[:, :, 0] - pixel[:, :1]
-    rel_y = corner_screen[:, :, 1] - pixel[:, 1:]
+    # unbind, not indexing: its backward is one stack rather than a zero-filled copy per index.
+    corner_x, corner_y, corner_inv_z = corner_screen.unbind(2)
+    x0, x1, x2 = (corner_x - pixel[:, :1]).unbind(1)
+    y0, y1, y2 = (corner_y - pixel[:, 1:]).unbind(1)
     # Edge function of corner k: twice the signed area of (pixel, corner k+1, corner k+2).
-    edge = rel_x.roll(-1, 1) * rel_y.roll(-2, 1) - rel_y.roll(-1, 1) * rel_x.roll(-2, 1)
-    weight = edge * corner_screen[:, :, 2]
+    edge = torch.stack((x1 * y2 - y1 * x2, x2 * y0 - y2 * x0, x0 * y1 - y0 * x1), dim=1)
+    weight = edge * corner_inv_z
     weight_sum = weight.sum(dim=1, keepdim=True)
     return weight / weight_sum, (edge.sum(dim=1, keepdim=True) / weight_sum).squeeze(1)
 
@@ -367,18 +395,22 @@ def _interpolate_foreground(
         image = torch.div(fragments.foreground, height * width, rounding_mode="floor")
         corners = corners + (image * attributes.shape[1]).unsqueeze(1)
         attributes = attributes.reshape(-1, attributes.shape[-1])
-    values = attributes.index_select(0, corners.reshape(-1)).view(-1, 3, attributes.shape[-1])
-    bary = bary.to(values.dtype)
+    values = attributes.index_select(0, corners.reshape(-1)).view(-1, 3, attributes.shape[-1]).unbind(1)
+    weights = bary.to(attributes.dtype).unsqueeze(-1).unbind(1)
     # Three fused multiply-adds beat a batched (1 x 3) @ (3 x C) product on CPU.
-    weighted = torch.addcmul(bary[:, :1] * values[:, 0], bary[:, 1:2], values[:, 1])
-    return torch.addcmul(weighted, bary[:, 2:], values[:, 2])
+    return torch.addcmul(torch.addcmul(weights[0] * values[0], weights[1], values[1]), weights[2], values[2])
+
+
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` that does not copy a lone part (the common batch of one)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _scatter_image(values: torch.Tensor, fragments: Fragments) -> torch.Tensor:
     """Dense (B, H, W, C) image from per-foreground-pixel values (N, C), zeros elsewhere; differentiable."""
     batch, height, width = fragments.shape
     dense = values.new_zeros(batch * height * width, values.shape[-1])
-    return dense.index_put((fragments.foreground,), values).view(batch, height, width, -1)
+    return dense.index_put_((fragments.foreground,), values).view(batch, height, width, -1)
 
 
 def interpolate(
@@ -426,9 +458,9 @@ def sample_texture(texture: torch.Tensor, uv: torch.Tensor, mask: torch.Tensor) 
 
 def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Unit vertex normals (B, V, 3): the sum of adjacent face normals weighted by face area."""
-    corners = vertices[:, faces]  # (B, F, 3, 3)
+    corner0, corner1, corner2 = vertices[:, faces].unbind(2)
     # The cross product's length is twice the face area: summing it weights by area.
-    face_normals = torch.linalg.cross(corners[:, :, 1] - corners[:, :, 0], corners[:, :, 2] - corners[:, :, 0])
+    face_normals = torch.linalg.cross(corner1 - corner0, corner2 - corner0)
     per_corner = face_normals.unsqueeze(2).expand(-1, -1, 3, -1).reshape(vertices.shape[0], -1, 3)
     summed = torch.zeros_like(vertices).index_add(1, faces.reshape(-1), per_corner)
     return F.normalize(summed, dim=-1, eps=1e-12)
@@ -477,26 +509,34 @@ def render(
         raise ValueError("a texture needs uv_coords and uv_faces")
     if sh_coeffs.shape != (vertices_cam.shape[0], 9, 3):
         raise ValueError(f"sh_coeffs must be ({vertices_cam.shape[0]}, 9, 3), got {tuple(sh_coeffs.shape)}")
-    fragments = rasterize(vertices_cam, faces, K, height, width, near)
-    bary = _foreground_barycentrics(fragments, vertices_cam, faces, K)
+    fragments, bary = _rasterize_with_geometry(vertices_cam, faces, K, height, width, near)
     images = _foreground_images(fragments)
 
     # Everything below works on the N covered pixels only and is scattered into images at the end.
-    normals = _interpolate_foreground(vertex_normals(vertices_cam, faces), faces, fragments, bary)
-    normals = F.normalize(normals, dim=-1, eps=1e-12)
-    viewer_basis = _sh_basis(normals * normals.new_tensor(FLIP))
-    shading = torch.cat([viewer_basis[pixels] @ sh_coeffs[b].to(normals.dtype) for b, pixels in enumerate(images)])
+    vertex_values = vertex_normals(vertices_cam, faces)
     if vertex_colors is not None:
-        albedo = _interpolate_foreground(vertex_colors, faces, fragments, bary)
+        # Normals and colours in one gather: one scatter instead of two in the backward pass.
+        colors = vertex_colors.to(vertex_values.dtype).expand(vertex_values.shape[0], -1, -1)
+        vertex_values = torch.cat((vertex_values, colors), dim=-1)
+    pixel_values = _interpolate_foreground(vertex_values, faces, fragments, bary)
+    normals = F.normalize(pixel_values[:, :3], dim=-1, eps=1e-12)
+    viewer_basis = _sh_basis(normals * normals.new_tensor(FLIP))
+    shading = _concat([viewer_basis[pixels] @ sh_coeffs[b].to(normals.dtype) for b, pixels in enumerate(images)])
+    if vertex_colors is not None:
+        albedo = pixel_values[:, 3:]
     else:
         grid = _texture_grid(_interpolate_foreground(uv_coords, uv_faces, fragments, bary))
         textures = texture.unsqueeze(0).expand(len(images), -1, -1, -1) if texture.dim() == 3 else texture
-        albedo = torch.cat([_lookup(textures[b:b + 1], grid[pixels].view(1, 1, -1, 2)).view(-1, texture.shape[-1])
-                            for b, pixels in enumerate(images)])
-    dense = _scatter_image(torch.cat((albedo * shading, albedo, shading, normals), dim=-1), fragments)
-    image, albedo, shading, normals = dense.split(3, dim=-1)
-    return RenderOutput(image=image, mask=fragments.mask, normals=normals, albedo=albedo, shading=shading,
-                        fragments=fragments)
+        albedo = _concat([_lookup(textures[b:b + 1], grid[pixels].view(1, 1, -1, 2)).view(-1, texture.shape[-1])
+                          for b, pixels in enumerate(images)])
+    return RenderOutput(
+        image=_scatter_image(albedo * shading, fragments),
+        mask=fragments.mask,
+        normals=_scatter_image(normals, fragments),
+        albedo=_scatter_image(albedo, fragments),
+        shading=_scatter_image(shading, fragments),
+        fragments=fragments,
+    )
 
 
 def uv_sphere(n_faces: int, radius: float, centre: tuple[float, float, float],
