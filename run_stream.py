@@ -309,6 +309,7 @@ def _add_bench(subparsers: argparse._SubParsersAction, common: argparse.Argument
     bench.add_argument("--clip", default=None, metavar="VIDEO", help="also track MediaPipe landmarks of this video")
     bench.add_argument("--frames", type=int, default=200, help="frames of the clip / synthetic sequence (default 200)")
     bench.add_argument("--live", default=None, metavar="VIDEO", help="also run the live pipeline on this video at 640x480")
+    bench.add_argument("--accuracy", action="store_true", help="also measure accuracy: synthetic ground truth (and --clip)")
     bench.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write all figures as JSON")
     bench.set_defaults(handler=_run_bench)
 
@@ -342,6 +343,15 @@ def _run_bench(args: argparse.Namespace) -> int:
         if clip is not None:
             section["tracking_clip"] = bench_tracking(head, clip.mp478, clip.lmk68, clip.image_size, clip.fps, config)
         report[device] = section
+    if args.accuracy:
+        from engine.evaluation import clip_accuracy, synthetic_accuracy
+        from engine.filters import OneEuroConfig
+
+        accuracy: dict[str, object] = {"synthetic": synthetic_accuracy(head, SyntheticMotion(frames=args.frames), TrackerConfig())}
+        if clip is not None:
+            accuracy["clip"] = clip_accuracy(head, clip.mp478, clip.image_size, clip.fps, TrackerConfig())
+            accuracy["clip_one_euro"] = clip_accuracy(head, clip.mp478, clip.image_size, clip.fps, TrackerConfig(output_filter=OneEuroConfig()))
+        report["accuracy"] = accuracy
     if args.live:
         from realtime.pipeline import run_live_benchmark
 
