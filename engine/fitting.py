@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from engine.camera import project_with_jacobian
+from engine.camera import project, project_with_jacobian
 from engine.flame import rodrigues, rotation_log
 from engine.head_model import JOINT_NAMES
 from engine.landmark_model import LandmarkEvaluation, LandmarkModel
@@ -133,12 +133,14 @@ class _Residuals:
     values: torch.Tensor  # (B, L*2) normalised residuals, zero where not observed
     weights: torch.Tensor  # (B, L*2) robust weight times group weight, zero where not observed
     data_cost: torch.Tensor  # (B,)
-    d_points: torch.Tensor  # (B, L*2, 3) d residual / d world point, already normalised
-    d_log_focal: torch.Tensor  # (B, L*2)
+    scale: torch.Tensor  # (B, 1, 1) pixels per unit of normalised residual
+    # Filled in by _linearise, only for states the solver linearises.
+    d_points: torch.Tensor | None = None  # (B, L*2, 3) d residual / d world point, normalised
+    d_log_focal: torch.Tensor | None = None  # (B, L*2)
 
 
 def _residuals(evaluation: LandmarkEvaluation, focal: torch.Tensor, center: tuple[float, float], targets: Targets, config: FitConfig) -> _Residuals:
-    pixels, d_points, d_log_focal = project_with_jacobian(evaluation.points, focal, center)
+    pixels = project(evaluation.points, focal, center)
     observed = targets.observed
     scale = (config.noise * targets.face_size)[:, None, None]
     error = torch.where(observed[..., None], (pixels - targets.pixels) / scale, torch.zeros_like(pixels))
@@ -148,13 +150,17 @@ def _residuals(evaluation: LandmarkEvaluation, focal: torch.Tensor, center: tupl
     weights = torch.where(observed, targets.weights * robust, torch.zeros_like(robust))
     data_cost = (targets.weights * observed * c2 * torch.log1p(squared / c2)).sum(dim=1)
     batch, count = squared.shape
-    return _Residuals(
-        error.reshape(batch, count * 2),
-        weights.repeat_interleave(2, dim=1),
-        data_cost,
-        (d_points / scale[..., None]).reshape(batch, count * 2, 3),
-        (d_log_focal / scale).reshape(batch, count * 2),
-    )
+    return _Residuals(error.reshape(batch, count * 2), weights.repeat_interleave(2, dim=1), data_cost, scale)
+
+
+def _linearise(model: LandmarkModel, evaluation: LandmarkEvaluation, residuals: _Residuals, focal: torch.Tensor, center: tuple[float, float]) -> LandmarkEvaluation:
+    """Add the Jacobians of the landmarks and of their projection to an evaluation and its residuals."""
+    if residuals.d_points is None:
+        _, d_points, d_log_focal = project_with_jacobian(evaluation.points, focal, center)
+        batch, count = d_points.shape[:2]
+        residuals.d_points = (d_points / residuals.scale[..., None]).reshape(batch, count * 2, 3)
+        residuals.d_log_focal = (d_log_focal / residuals.scale).reshape(batch, count * 2)
+    return model.add_jacobians(evaluation)
 
 
 class _FrameBlock:
@@ -203,8 +209,12 @@ class _FrameBlock:
     def _vector(self, exp: torch.Tensor, rotations: torch.Tensor, transl: torch.Tensor) -> torch.Tensor:
         return torch.cat([exp, rotation_log(rotations[:, self.joints]).flatten(1), transl], dim=1)
 
+    def hessian(self, diagonal: torch.Tensor) -> torch.Tensor:
+        """The priors' Hessian (B, size, size) from the diagonal that :meth:`prior` returns."""
+        return torch.diag_embed(diagonal) + self.coupling
+
     def prior(self, params: FrameParams, prediction: FrameParams | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prior cost (B,), gradient (B, size) and Hessian (B, size, size) of the per-frame parameters."""
+        """Prior cost (B,), gradient (B, size) and Hessian diagonal (B, size) of the per-frame parameters."""
         value = self._vector(params.exp, params.rotations, params.transl)
         weight = self.prior_weight.expand_as(value).clone()
         weight[:, self.jaw_opening] = torch.where(value[:, self.jaw_opening] < 0, self.jaw_overclose, self.prior_weight[self.jaw_opening])
@@ -218,7 +228,7 @@ class _FrameBlock:
             gradient = gradient + self.motion_weight * change
             cost = cost + 0.5 * (self.motion_weight * change**2).sum(dim=1)
             diagonal = diagonal + self.motion_weight
-        return cost, gradient, torch.diag_embed(diagonal) + self.coupling
+        return cost, gradient, diagonal
 
     def apply(self, params: FrameParams, step: torch.Tensor) -> FrameParams:
         exp = params.exp + step[:, : self.n_exp]
@@ -282,16 +292,16 @@ class FrameFitter:
         def assess(state: FrameParams) -> tuple[LandmarkEvaluation, _Residuals, torch.Tensor, torch.Tensor, torch.Tensor]:
             evaluation = model.evaluate(state.exp, state.rotations, state.transl, jacobians=False)
             residuals = _residuals(evaluation, focal, center, targets, config)
-            prior_cost, prior_gradient, prior_hessian = block.prior(state, prediction)
-            return evaluation, residuals, residuals.data_cost + prior_cost, prior_gradient, prior_hessian
+            prior_cost, prior_gradient, prior_diagonal = block.prior(state, prediction)
+            return evaluation, residuals, residuals.data_cost + prior_cost, prior_gradient, prior_diagonal
 
         state = params
-        evaluation, residuals, cost, prior_gradient, prior_hessian = assess(state)
+        evaluation, residuals, cost, prior_gradient, prior_diagonal = assess(state)
         used = 0
         for used in range(1, iterations + 1):
-            jacobian = block.jacobian(model.add_jacobians(evaluation), residuals)
+            jacobian = block.jacobian(_linearise(model, evaluation, residuals, focal, center), residuals)
             weighted = jacobian * residuals.weights[..., None]
-            hessian = weighted.transpose(1, 2) @ jacobian + prior_hessian
+            hessian = weighted.transpose(1, 2) @ jacobian + block.hessian(prior_diagonal)
             gradient = (weighted.transpose(1, 2) @ residuals.values[..., None])[..., 0] + prior_gradient
             step = _solve(hessian, gradient, damping)
             candidate = block.apply(state, step)
@@ -301,16 +311,16 @@ class FrameFitter:
             if bool((predicted < config.cost_tolerance * cost).all()):
                 state = candidate
                 break
-            evaluation_c, residuals_c, cost_c, prior_gradient_c, prior_hessian_c = assess(candidate)
+            evaluation_c, residuals_c, cost_c, prior_gradient_c, prior_diagonal_c = assess(candidate)
             accept = torch.isfinite(cost_c) & (cost_c <= cost)
             gain = (cost - cost_c) / cost.clamp_min(1e-12)
             damping = torch.where(accept, damping / 3, damping * 10).clamp(1e-7, 1e7)
             if bool(accept.all()):
                 state, evaluation, residuals, cost = candidate, evaluation_c, residuals_c, cost_c
-                prior_gradient, prior_hessian = prior_gradient_c, prior_hessian_c
+                prior_gradient, prior_diagonal = prior_gradient_c, prior_diagonal_c
             elif bool(accept.any()):
                 state = _merge(accept, candidate, state)
-                evaluation, residuals, cost, prior_gradient, prior_hessian = assess(state)
+                evaluation, residuals, cost, prior_gradient, prior_diagonal = assess(state)
             settled = (step.abs().amax(dim=1) < config.step_tolerance) | (accept & (gain < config.cost_tolerance))
             if bool(settled.all()):
                 break
@@ -363,26 +373,26 @@ def calibrate(
         coeffs = torch.cat([shape.expand(frames, -1), state.exp], dim=1)
         evaluation = model.evaluate(coeffs, state.rotations, state.transl, jacobians=False)
         residuals = _residuals(evaluation, log_focal.exp(), center, targets, config)
-        prior_cost, prior_gradient, prior_hessian = block.prior(state, None)
+        prior_cost, prior_gradient, prior_diagonal = block.prior(state, None)
         shared_cost = 0.5 * config.priors.shape * (shape**2).sum()
         if fit_focal:
             shared_cost = shared_cost + 0.5 * config.priors.fov * (log_focal - prior_log_focal) ** 2
         total = (residuals.data_cost + prior_cost).sum() + shared_cost
-        return evaluation, residuals, total, prior_gradient, prior_hessian
+        return evaluation, residuals, total, prior_gradient, prior_diagonal
 
     state = params
-    evaluation, residuals, cost, prior_gradient, prior_hessian = assess(state, shape, log_focal)
+    evaluation, residuals, cost, prior_gradient, prior_diagonal = assess(state, shape, log_focal)
     damping = torch.tensor([config.initial_damping], **options)
     used = 0
     for used in range(1, iterations + 1):
-        frame_jacobian = block.jacobian(model.add_jacobians(evaluation), residuals)  # (K, 2L, P)
+        frame_jacobian = block.jacobian(_linearise(model, evaluation, residuals, log_focal.exp(), center), residuals)  # (K, 2L, P)
         d_points = residuals.d_points.reshape(frames, -1, 2, 3)
         shared_columns = [(d_points @ evaluation.d_coeffs[..., :n_shape]).flatten(1, 2)]
         if fit_focal:
             shared_columns.append(residuals.d_log_focal[..., None])
         shared_jacobian = torch.cat(shared_columns, dim=-1)  # (K, 2L, n_shared)
         weights = residuals.weights[..., None]
-        h_ff = (frame_jacobian * weights).transpose(1, 2) @ frame_jacobian + prior_hessian
+        h_ff = (frame_jacobian * weights).transpose(1, 2) @ frame_jacobian + block.hessian(prior_diagonal)
         h_sf = (shared_jacobian * weights).transpose(1, 2) @ frame_jacobian  # (K, n_shared, P)
         h_ss = ((shared_jacobian * weights).transpose(1, 2) @ shared_jacobian).sum(dim=0)
         g_f = ((frame_jacobian * weights).transpose(1, 2) @ residuals.values[..., None])[..., 0] + prior_gradient
@@ -409,10 +419,10 @@ def calibrate(
         candidate = block.apply(state, frame_step)
         shape_c = shape + shared_step[:n_shape]
         log_focal_c = log_focal + shared_step[n_shape] if fit_focal else log_focal
-        evaluation_c, residuals_c, cost_c, prior_gradient_c, prior_hessian_c = assess(candidate, shape_c, log_focal_c)
+        evaluation_c, residuals_c, cost_c, prior_gradient_c, prior_diagonal_c = assess(candidate, shape_c, log_focal_c)
         if bool(torch.isfinite(cost_c)) and bool(cost_c <= cost):
             state, shape, log_focal = candidate, shape_c, log_focal_c
-            evaluation, residuals, prior_gradient, prior_hessian = evaluation_c, residuals_c, prior_gradient_c, prior_hessian_c
+            evaluation, residuals, prior_gradient, prior_diagonal = evaluation_c, residuals_c, prior_gradient_c, prior_diagonal_c
             converged = bool(cost - cost_c <= config.calibration_tolerance * cost) or max(frame_step.abs().max(), shared_step.abs().max()) < config.step_tolerance
             cost = cost_c
             damping = (damping / 3).clamp_min(1e-7)
