@@ -31,6 +31,8 @@ import torch
 from engine.filters import OneEuroConfig
 from engine.head_model import HeadModel
 from engine.landmarks import N_LANDMARKS, FaceLandmarker, FaceObservation, LandmarkerConfig
+from engine.model_files import find_face_landmarker, resolve_models_dir
+from engine.model_selection import select_head_model
 from engine.tracker import TrackedFrame, Tracker, TrackerConfig
 from realtime.keyframes import KeyframeConfig, KeyframeSelector
 from realtime.messages import (
@@ -234,6 +236,7 @@ class LivePipeline:
                 elif not self._process(frame):
                     break
                 self._report_when_due()
+            self._report()  # the last figures, also for runs shorter than a report interval
         finally:
             self.source.stop()
             if self.keyframes is not None:
@@ -331,14 +334,17 @@ class LivePipeline:
             self.recorder.update_metadata({"calibration": calibration, "camera": camera_metadata(self.tracker)})
 
     def _report_when_due(self) -> None:
+        if time.monotonic() - self._last_report[0] >= self.config.metrics_interval_s:
+            self._report()
+
+    def _report(self) -> None:
+        """Publish ``flame.metrics`` and refresh the status line."""
         now = time.monotonic()
         last_time, last_frames = self._last_report
-        if now - last_time < self.config.metrics_interval_s:
-            return
-        self._fps = (self.frames - last_frames) / (now - last_time)
+        self._fps = (self.frames - last_frames) / max(now - last_time, 1e-6)
         self._last_report = (now, self.frames)
         recent = self._recent
-        extra = {"frames": self.frames, "valid_frames": self.valid_frames, "publisher_dropped": self._publisher_dropped()}
+        extra = {"frames": self.frames, "valid_frames": self.valid_frames, "publisher_dropped": dropped_messages(self.publishers)}
         if self.keyframes is not None:
             extra |= {"keyframes": self.keyframes.selected, "keyframes_dropped": self.keyframes.queue.dropped}
         message = metrics_message(
@@ -358,16 +364,13 @@ class LivePipeline:
             f" | dropped {self.source.dropped} | {'calibrated' if self.tracker.calibrated else 'calibrating'}"
         )
 
-    def _publisher_dropped(self) -> int:
-        return dropped_messages(self.publishers)
-
     def _summary(self, duration_s: float) -> LiveSummary:
         history = self._history
         return LiveSummary(
             frames=self.frames,
             valid_frames=self.valid_frames,
             dropped_frames=self.source.dropped,
-            publisher_dropped=self._publisher_dropped(),
+            publisher_dropped=dropped_messages(self.publishers),
             duration_s=duration_s,
             fps=self.frames / duration_s if duration_s > 0 else 0.0,
             latency_p50_ms=history.latency_ms.percentile(50),
@@ -437,9 +440,6 @@ def run_live(options: LiveOptions, stop: threading.Event | None = None) -> LiveS
     User mistakes (no such camera or file, port in use, recording folder taken, no display) raise UserError;
     the cheap checks come first, so they are reported before the models load.
     """
-    from engine.model_files import find_face_landmarker, resolve_models_dir
-    from engine.model_selection import select_head_model
-
     with contextlib.ExitStack() as stack:
         preview = stack.enter_context(PreviewWindow()) if options.loop.preview else None
         source = open_source(options.source, options.realtime, SourceOptions(open_timeout_s=options.open_timeout_s))
