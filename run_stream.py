@@ -91,6 +91,10 @@ def _add_live(subparsers: argparse._SubParsersAction, common: argparse.ArgumentP
     live.add_argument("--record", type=Path, metavar="DIR", help="record the video and every published message here")
     live.add_argument("--overwrite", action="store_true", help="replace a session already recorded in --record DIR")
     live.add_argument("--preview", action="store_true", help="show a window with the landmarks and the frame rate")
+    live.add_argument(
+        "--refine", action="store_true",
+        help="refine identity, texture and light photometrically from keyframes in the background (adopted live)",
+    )
     live.add_argument("--open-timeout", type=float, default=5.0, metavar="S",
                       help="seconds to wait for a network stream to open (default 5)")  # fmt: skip
     _add_publisher_options(live)
@@ -127,7 +131,7 @@ def _run_live(args: argparse.Namespace) -> int:
         record_dir=args.record,
         overwrite=args.overwrite,
         open_timeout_s=args.open_timeout,
-        loop=LiveConfig(max_frames=args.max_frames, include_landmarks=args.landmarks, preview=args.preview),
+        loop=LiveConfig(max_frames=args.max_frames, include_landmarks=args.landmarks, preview=args.preview, refine=args.refine),
     )
     stop = threading.Event()
     with stop_on_signals(stop):

@@ -52,6 +52,8 @@ TOPICS: tuple[str, ...] = (TOPIC_FRAME, TOPIC_SHAPE, TOPIC_METRICS)
 MAX_MESSAGE_BYTES = 256 * 1024
 #: FLAME has 300 identity and 100 expression components; the limit leaves room without allowing abuse.
 MAX_COEFFICIENTS = 400
+#: ``tex`` holds texture-space coefficients, or the fallback albedo map (64 x 64 RGB) when there is no texture space.
+MAX_TEXTURE_VALUES = 16384
 MAX_LANDMARKS = 478
 MAX_NAME_LENGTH = 100
 MAX_EXTRA_METRICS = 32
@@ -217,7 +219,7 @@ def unpack_payload(payload: bytes) -> Any:
             payload,
             raw=False,
             strict_map_key=True,
-            max_array_len=2 * MAX_LANDMARKS,
+            max_array_len=max(2 * MAX_LANDMARKS, MAX_TEXTURE_VALUES),
             max_map_len=64,
             max_str_len=4 * MAX_NAME_LENGTH,
             max_bin_len=0,
@@ -324,7 +326,7 @@ _SHAPE_REQUIRED: dict[str, _Checker] = {
     "model_checksum": _text,
 }
 _SHAPE_OPTIONAL: dict[str, _Checker] = {
-    "tex": _floats(1, MAX_COEFFICIENTS),
+    "tex": _floats(1, MAX_TEXTURE_VALUES),
     "light": _floats(3, 48, multiple_of=3),
 }
 _METRICS_REQUIRED: dict[str, _Checker] = {

