@@ -314,6 +314,7 @@ def _add_bench(subparsers: argparse._SubParsersAction, common: argparse.Argument
     bench.add_argument("--frames", type=int, default=200, help="frames of the clip / synthetic sequence (default 200)")
     bench.add_argument("--live", default=None, metavar="VIDEO", help="also run the live pipeline on this video at 640x480")
     bench.add_argument("--accuracy", action="store_true", help="also measure accuracy: synthetic ground truth (and --clip)")
+    bench.add_argument("--photometric", action="store_true", help="also measure the renderer and a photometric iteration")
     bench.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write all figures as JSON")
     bench.set_defaults(handler=_run_bench)
 
@@ -346,6 +347,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         section["tracking_synthetic"] = bench_tracking(head, synthetic.mp478, synthetic.lmk68, (512, 512), synthetic.fps, config)
         if clip is not None:
             section["tracking_clip"] = bench_tracking(head, clip.mp478, clip.lmk68, clip.image_size, clip.fps, config)
+        if args.photometric:
+            from engine.photometric import bench_photometric
+            from engine.render import benchmark_render
+
+            section["render_256"] = benchmark_render(device, size=256)
+            section["photometric_256"] = bench_photometric(head, device, size=256)
         report[device] = section
     if args.accuracy:
         from engine.evaluation import clip_accuracy, synthetic_accuracy
@@ -359,7 +366,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.live:
         from realtime.pipeline import run_live_benchmark
 
-        report["live"] = run_live_benchmark(args.live, flame=args.flame, models=args.models)
+        for device in devices:
+            # Paced at the file's own rate (latency as with a camera), then as fast as possible (throughput).
+            for paced, label in ((True, "realtime"), (False, "as_fast_as_possible")):
+                report[f"live_{device}_{label}"] = run_live_benchmark(
+                    args.live, flame=args.flame or "demo", models_dir=models_dir, device=device, realtime=paced
+                )
     _print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
