@@ -15,7 +15,7 @@ import torch
 
 from engine.flame import FlameLayer
 from engine.head_model import HeadModel
-from engine.tracker import Tracker, TrackerConfig, select_diverse
+from engine.tracker import Tracker, TrackerConfig, diversity_feature, select_diverse
 
 
 def _timed(function: Callable[[], object], repeats: int, warmup: int = 5, sync: Callable[[], None] = lambda: None) -> np.ndarray:
@@ -79,7 +79,7 @@ def bench_tracking(
         result = survey.track(*frame(index), timestamp=index / fps)
         if result.valid:
             usable.append(index)
-            features.append(np.concatenate([2.0 * result.pose[0], 0.3 * result.exp[:10]]))
+            features.append(diversity_feature(result.pose, result.exp))
     if not usable:
         raise ValueError("no frame of the benchmark sequence could be tracked")
     chosen = [usable[i] for i in select_diverse(features, config.calibration_frames)]

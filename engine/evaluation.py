@@ -16,7 +16,7 @@ from engine.camera import project
 from engine.flame import FlameLayer, rodrigues
 from engine.head_model import HeadModel
 from engine.synthetic import SyntheticMotion, synthetic_sequence
-from engine.tracker import TrackedFrame, Tracker, TrackerConfig, select_diverse
+from engine.tracker import TrackedFrame, Tracker, TrackerConfig, diversity_feature, select_diverse
 
 #: MediaPipe's outer eye corners (subject's right, left), for the inter-ocular distance of real clips.
 OUTER_EYE_CORNERS = (33, 263)
@@ -58,7 +58,7 @@ def synthetic_accuracy(head: HeadModel, motion: SyntheticMotion, config: Tracker
     config = replace(config, calibration_seconds=math.inf)
     tracker = Tracker(head, motion.image_size, config)
     sequence = synthetic_sequence(tracker.layer, motion)
-    features = [np.concatenate([2 * sequence.pose[i, 0], 0.3 * sequence.exp[i, :10]]) for i in range(motion.frames)]
+    features = [diversity_feature(sequence.pose[i], sequence.exp[i]) for i in range(motion.frames)]
 
     def frame(index: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         return tuple(None if a is None else a[index] for a in (sequence.mp478, sequence.lmk68))

@@ -254,16 +254,10 @@ class Tracker:
         return (self.fixed.joint_rest[0] + self.fixed.joint_coeff_basis[0] @ coeffs).cpu().double().numpy()
 
     # ----------------------------------------------------------------------------------------- calibration
-    def _feature(self, params: FrameParams) -> np.ndarray:
-        """What makes frames diverse for calibration: head rotation (radians) and leading expressions."""
-        rotation = params.pose()[0, 0].cpu().double().numpy()
-        expression = params.exp[0, :10].cpu().double().numpy()
-        return np.concatenate([2.0 * rotation, 0.3 * expression])
-
     def _offer_candidate(self, mp478: np.ndarray | None, lmk68: np.ndarray | None, params: FrameParams, timestamp: float) -> None:
         if self._pool_started is None:
             self._pool_started = timestamp
-        feature = self._feature(params)
+        feature = diversity_feature(params.pose()[0].cpu().double().numpy(), params.exp[0].cpu().double().numpy())
         distinct = all(np.linalg.norm(feature - c.feature) > 0.02 for c in self._pool)
         if distinct and len(self._pool) < self.config.candidate_pool:
             self._pool.append(_Candidate(None if mp478 is None else mp478.copy(), None if lmk68 is None else lmk68.copy(), params.clone(), feature))
@@ -368,6 +362,11 @@ def reference_arrays(tracker: Tracker, frame: TrackedFrame) -> dict[str, np.ndar
         "K": tracker.camera.intrinsics()[None].astype(np.float32),
         "valid": np.array([frame.valid]),
     }
+
+
+def diversity_feature(pose: np.ndarray, exp: np.ndarray) -> np.ndarray:
+    """What makes frames diverse for calibration: head rotation (pose[0], radians) and leading expressions."""
+    return np.concatenate([2.0 * pose[0], 0.3 * exp[:10]])
 
 
 def select_diverse(features: list[np.ndarray], count: int) -> list[int]:

@@ -30,7 +30,7 @@ from engine.camera import FLIP
 from engine.errors import UserError
 from engine.flame import rodrigues
 from engine.photometric import FrameState, PhotometricConfig, PhotometricFitter
-from engine.tracker import Tracker, reference_arrays, select_diverse
+from engine.tracker import Tracker, diversity_feature, reference_arrays, select_diverse
 from engine.export import euler_matrix
 from realtime.track_job import _atomic_npz
 
@@ -130,7 +130,7 @@ class SequenceRefiner:
             log.info("resuming with the identity in %s", path)
             return
         started = time.perf_counter()
-        features = [np.concatenate([2.0 * states[i].pose[0, 0].cpu().numpy(), 0.3 * states[i].exp[0, :10].cpu().numpy()]) for i in valid]
+        features = [diversity_feature(states[i].pose[0].cpu().numpy(), states[i].exp[0].cpu().numpy()) for i in valid]
         chosen = {valid[k] for k in select_diverse(features, self.options.keyframes)}
         images, landmarks, chosen_states = [], [], []
         for index, (image, points) in enumerate(frames()):

@@ -31,7 +31,7 @@ from engine.errors import UserError
 from engine.export import posed_vertices
 from engine.head_model import HeadModel
 from engine.landmarks import N_LANDMARKS, FaceLandmarker, LandmarkerConfig
-from engine.tracker import Tracker, TrackerConfig, fit_single, reference_arrays, select_diverse
+from engine.tracker import Tracker, TrackerConfig, diversity_feature, fit_single, reference_arrays, select_diverse
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def track_sequence(
         frame = scout.track(*sequence.frame(index), timestamp=index / sequence.fps)
         if frame.valid:
             candidates.append(index)
-            features.append(np.concatenate([2.0 * frame.pose[0], 0.3 * frame.exp[:10]]))
+            features.append(diversity_feature(frame.pose, frame.exp))
     timings["survey_s"] = time.perf_counter() - started
     if not candidates:
         raise UserError(f"no face could be tracked in {sequence.source}")
