@@ -313,7 +313,7 @@ def refine_session(
     width, height = reader.frame_size
     tracker_info = metadata.get("tracker") or {}
     camera = metadata.get("camera") or {}
-    fov = camera.get("fov_deg_vertical")
+    fov = camera.get("fov_deg")
     if not isinstance(fov, int | float):
         raise UserError(f"session {session_dir}: session.json lacks the camera's field of view; the session is incomplete")
     tracker = tracker_factory((height, width), int(tracker_info.get("n_shape", 100)), int(tracker_info.get("n_exp", 50)), float(fov))

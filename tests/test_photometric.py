@@ -177,3 +177,28 @@ def test_refine_session_rejects_missing_or_corrupt_sessions(scene: dict, tmp_pat
     (corrupt / "session.json").write_text("{ not json")
     with pytest.raises(UserError, match="damaged"):
         refine_session(corrupt, factory, tmp_path / "out", None)
+
+
+def test_refine_command_refines_a_real_live_recording(shared_clips: Path, landmarker_task: Path, tmp_path: Path) -> None:
+    """live --record, then refine, both as a user runs them: every recorded frame gets tex, light and a texture."""
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    models = ["--flame", "demo", "--models", str(landmarker_task.parent)]
+    session = tmp_path / "session"
+    live = [sys.executable, str(repo / "run_stream.py"), "live", "--source", str(shared_clips / "bbaf2n.mpg"),
+            "--as-fast-as-possible", "--max-frames", "24", "--no-zmq", "--record", str(session), *models]  # fmt: skip
+    assert subprocess.run(live, capture_output=True, text=True, timeout=300).returncode == 0
+    refine = [sys.executable, str(repo / "run_stream.py"), "refine", str(session), "--size", "96", "--iterations", "3", *models]
+    result = subprocess.run(refine, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = session / "refined"
+    frames = sorted(out.glob("[0-9]" * 6 + ".npz"))
+    assert len(frames) == 24
+    with np.load(frames[-1]) as frame:
+        assert frame["light"].shape == (1, 9, 3) and frame["tex"].shape[0] == 1 and bool(frame["valid"][0])
+        assert frame["exp"].shape[1] > 0 and np.isfinite(frame["exp"]).all()
+    assert cv2.imread(str(out / "texture.png")) is not None
+    assert json.loads((out / "meta.json").read_text())["frames"] == 24
