@@ -206,16 +206,20 @@ class _FrameBlock:
         columns = [d_exp, d_rot, d_points]
         return torch.cat(columns, dim=-1).reshape(batch, residuals.values.shape[1], self.size)
 
-    def _vector(self, exp: torch.Tensor, rotations: torch.Tensor, transl: torch.Tensor) -> torch.Tensor:
-        return torch.cat([exp, rotation_log(rotations[:, self.joints]).flatten(1), transl], dim=1)
-
     def hessian(self, diagonal: torch.Tensor) -> torch.Tensor:
         """The priors' Hessian (B, size, size) from the diagonal that :meth:`prior` returns."""
         return torch.diag_embed(diagonal) + self.coupling
 
     def prior(self, params: FrameParams, prediction: FrameParams | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prior cost (B,), gradient (B, size) and Hessian diagonal (B, size) of the per-frame parameters."""
-        value = self._vector(params.exp, params.rotations, params.transl)
+        rotations = params.rotations[:, self.joints]
+        if prediction is not None:  # one log for the joint angles and their change since the prediction
+            relative = prediction.rotations[:, self.joints].transpose(-1, -2) @ rotations
+            logs = rotation_log(torch.cat([rotations, relative], dim=1)).flatten(1)
+            angles, change_angles = logs.chunk(2, dim=1)
+        else:
+            angles = rotation_log(rotations).flatten(1)
+        value = torch.cat([params.exp, angles, params.transl], dim=1)
         weight = self.prior_weight.expand_as(value).clone()
         weight[:, self.jaw_opening] = torch.where(value[:, self.jaw_opening] < 0, self.jaw_overclose, self.prior_weight[self.jaw_opening])
         coupled = value @ self.coupling
@@ -223,8 +227,7 @@ class _FrameBlock:
         cost = 0.5 * ((weight * value**2).sum(dim=1) + (coupled * value).sum(dim=1))
         diagonal = weight
         if prediction is not None:
-            relative = prediction.rotations.transpose(-1, -2) @ params.rotations
-            change = self._vector(params.exp - prediction.exp, relative, params.transl - prediction.transl)
+            change = torch.cat([params.exp - prediction.exp, change_angles, params.transl - prediction.transl], dim=1)
             gradient = gradient + self.motion_weight * change
             cost = cost + 0.5 * (self.motion_weight * change**2).sum(dim=1)
             diagonal = diagonal + self.motion_weight

@@ -27,6 +27,9 @@ import torch
 
 from engine.flame import FlameLayer
 
+#: Joined contour+static tables kept per model (about 1 MB each for FLAME): the yaw rows a head visits.
+_JOINED_TABLES_KEPT = 16
+
 #: Landmark groups a fit can use, in the order they are stacked.
 GROUPS = ("lmk68", "mediapipe", "eyes")
 
@@ -69,11 +72,9 @@ class _Table:
         self.has_pose_correctives = bool(pose_basis.abs().amax() > 0)
 
     @classmethod
-    def build(cls, layer: FlameLayer, vertex_idx: torch.Tensor, bary: torch.Tensor) -> _Table:
+    def build(cls, layer: FlameLayer, vertex_idx: torch.Tensor, bary: torch.Tensor, joints: torch.Tensor) -> _Table:
         # vertex_idx, bary: (..., L, 3); leading dims (if any) index alternatives such as contour rows.
-        skin = layer.lbs_weights[vertex_idx] * bary[..., None]  # (..., L, 3 corners, J): b_k w_kj
-        joints = torch.nonzero(skin.abs().reshape(-1, skin.shape[-1]).sum(0) > 0).flatten()
-        skin = skin[..., joints]
+        skin = (layer.lbs_weights[vertex_idx] * bary[..., None])[..., joints]  # (..., L, 3 corners, Ja): b_k w_kj
         basis = torch.cat([layer.shapedirs, layer.exprdirs], dim=-1)[vertex_idx]  # (..., L, 3 corners, 3, C)
         return cls(
             skin.sum(dim=-2),
@@ -86,6 +87,14 @@ class _Table:
     def select(self, rows: torch.Tensor) -> _Table:
         """One alternative per batch item: (B,) rows of a table with a leading alternatives dimension."""
         return _Table(self.weight[rows], self.rest[rows], self.coeff_basis[rows], self.pose_basis[rows], self.joints)
+
+    def concat(self, other: _Table) -> _Table:
+        """The landmarks of ``self`` followed by those of ``other`` (unbatched tables on the same joints)."""
+        return _Table(
+            torch.cat([self.weight, other.weight]), torch.cat([self.rest, other.rest]),
+            torch.cat([self.coeff_basis, other.coeff_basis], dim=2), torch.cat([self.pose_basis, other.pose_basis], dim=2),
+            self.joints,
+        )
 
     def with_fixed_shape(self, shape: torch.Tensor, n_shape: int) -> _Table:
         """The same landmarks with the identity coefficients ``shape`` (n_shape,) folded into the rest points."""
@@ -131,11 +140,19 @@ class LandmarkModel:
             self.slices.setdefault(group, slice(offset, offset + count))
             offset += count
         self.n_landmarks = offset
-        self.contour = _Table.build(layer, layer.contour_vertex_idx, layer.contour_bary) if with_contour else None
-        self.static = _Table.build(layer, torch.cat(static_idx), torch.cat(static_bary))
+        static_idx, static_bary = torch.cat(static_idx), torch.cat(static_bary)
+        # Joints that move any landmark (the rest have zero weight everywhere and are left out of the tables).
+        used = [layer.lbs_weights[static_idx].reshape(-1, self.n_joints)]
+        if with_contour:
+            used.append(layer.lbs_weights[layer.contour_vertex_idx].reshape(-1, self.n_joints))
+        joints = torch.nonzero(torch.cat(used).abs().sum(0) > 0).flatten()
+        self.contour = _Table.build(layer, layer.contour_vertex_idx, layer.contour_bary, joints) if with_contour else None
+        self.static = _Table.build(layer, static_idx, static_bary, joints)
+        self._joined: dict[int, _Table] = {}  # contour row -> contour + static table, for single frames
         self.joint_coeff_basis = torch.cat([layer.j_shapedirs, layer.j_exprdirs], dim=-1)  # (J, 3, C)
         self.joint_rest = layer.j_template
         self.subtree = self._subtree_masks()
+        self._generators = _skew(torch.eye(3, dtype=self.joint_rest.dtype, device=self.joint_rest.device))  # [e_a]x
 
     def with_fixed_shape(self, shape: torch.Tensor) -> LandmarkModel:
         """A model for per-frame tracking: identity ``shape`` (n_shape,) frozen, coefficients = expression."""
@@ -145,6 +162,7 @@ class LandmarkModel:
         fixed.n_coeffs = self.n_coeffs - n_shape
         fixed.contour = self.contour.with_fixed_shape(shape, n_shape) if self.contour is not None else None
         fixed.static = self.static.with_fixed_shape(shape, n_shape)
+        fixed._joined = {}
         fixed.joint_rest = self.joint_rest + torch.einsum("jxc,c->jx", self.joint_coeff_basis[..., :n_shape], shape)
         fixed.joint_coeff_basis = self.joint_coeff_basis[..., n_shape:].contiguous()
         return fixed
@@ -161,7 +179,7 @@ class LandmarkModel:
 
     def _kinematics(self, coeffs: torch.Tensor, rotations: torch.Tensor) -> _Kinematics:
         batch = coeffs.shape[0]
-        rest_joints = self.joint_rest + torch.einsum("jxc,bc->bjx", self.joint_coeff_basis, coeffs)
+        rest_joints = self.joint_rest + (self.joint_coeff_basis @ coeffs.T).permute(2, 0, 1)
         world_rot, world_pos = [rotations[:, 0]], [rest_joints[:, 0]]
         for joint in range(1, self.n_joints):
             parent = self.parents[joint]
@@ -187,12 +205,27 @@ class LandmarkModel:
             d_pos.append(kin.world_rot[:, parent] @ d_offset + d_pos[parent])
         return torch.stack(d_pos, dim=1)
 
+    def _tables(self, rotations: torch.Tensor) -> list[_Table]:
+        """The landmark tables for this pose: contour rows chosen by head yaw, then the static points.
+
+        A single frame (the tracking case) gets one joined table per yaw row, built once and kept: the row
+        changes only when the yaw crosses a whole degree, and one table halves the work of two.
+        """
+        if self.contour is None:
+            return [self.static]
+        rows = self.layer.contour_rows(rotations)
+        if rows.shape[0] > 1:
+            return [self.contour.select(rows), self.static]
+        row = int(rows[0])
+        if row not in self._joined:
+            if len(self._joined) >= _JOINED_TABLES_KEPT:
+                del self._joined[next(iter(self._joined))]  # the oldest row
+            self._joined[row] = self.contour.select(rows[0]).concat(self.static)
+        return [self._joined[row]]
+
     def evaluate(self, coeffs: torch.Tensor, rotations: torch.Tensor, transl: torch.Tensor, jacobians: bool = True) -> LandmarkEvaluation:
         kin = self._kinematics(coeffs, rotations)
-        tables = [self.static]
-        if self.contour is not None:
-            tables.insert(0, self.contour.select(self.layer.contour_rows(rotations)))
-        parts = [(table, self._contributions(table, coeffs, kin)) for table in tables]
+        parts = [(table, self._contributions(table, coeffs, kin)) for table in self._tables(rotations)]
         points = torch.cat([c.sum(dim=2) for _, c in parts], dim=1) if len(parts) > 1 else parts[0][1].sum(dim=2)
         evaluation = LandmarkEvaluation(points + transl[:, None], None, None, kin.world_rot, coeffs, rotations, kin, parts)
         if jacobians:
@@ -217,16 +250,26 @@ class LandmarkModel:
     def _table_weight(table: _Table) -> torch.Tensor:
         return table.weight if table.weight.dim() == 3 else table.weight[None]  # (B|1, L, Ja)
 
+    @staticmethod
+    def _basis_times(basis: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """A joint-major basis (.., Ja, 3, L, N) times per-item values (B, N): (B, L, Ja, 3).
+
+        Explicit products rather than einsum: on these small tensors einsum's planning costs more than the work.
+        """
+        if basis.dim() == 4:  # shared by the batch: one product
+            return (basis @ values.T).permute(3, 2, 0, 1)
+        return (basis @ values[:, None, None, :, None])[..., 0].permute(0, 3, 1, 2)
+
     def _contributions(self, table: _Table, coeffs: torch.Tensor, kin: _Kinematics) -> torch.Tensor:
         """(B, L, Ja, 3): each active joint's share of each landmark, posed."""
-        tb = "b" if table.weight.dim() == 3 else ""  # a per-item table (the selected contour rows) has a batch
         joints = table.joints
         weight = self._table_weight(table)
-        rest = table.rest + torch.einsum(f"{tb}jxlc,bc->bljx", table.coeff_basis, coeffs)
+        rest = table.rest + self._basis_times(table.coeff_basis, coeffs)
         if table.has_pose_correctives:
-            rest = rest + torch.einsum(f"{tb}jxlp,bp->bljx", table.pose_basis, kin.pose_feature)
+            rest = rest + self._basis_times(table.pose_basis, kin.pose_feature)
         local = rest - weight[..., None] * kin.rest_joints[:, None, joints]
-        return torch.einsum("bjxy,bljy->bljx", kin.world_rot[:, joints], local) + weight[..., None] * kin.world_pos[:, None, joints]
+        rotated = (kin.world_rot[:, None, joints] @ local[..., None])[..., 0]
+        return rotated + weight[..., None] * kin.world_pos[:, None, joints]
 
     def _part_jacobians(
         self, table: _Table, contributions: torch.Tensor, coeffs: torch.Tensor, rotations: torch.Tensor, kin: _Kinematics
@@ -245,18 +288,16 @@ class LandmarkModel:
 
         # Coefficients: sum_j Rw_j dS_lj/dc + W_lj (dPw_j/dc - Rw_j dJr_j/dc).
         joint_term = kin.d_pos[:, joints] - rot_w @ self.joint_coeff_basis[joints]  # (B, Ja, 3, C)
-        d_coeffs = rotate_sum(table.coeff_basis) + torch.einsum("blj,bjxc->blxc", weight.expand(batch, -1, -1), joint_term)
+        joint_share = weight.expand(batch, -1, -1) @ joint_term.reshape(batch, len(joints), -1)  # (B, L, 3C)
+        d_coeffs = rotate_sum(table.coeff_basis) + joint_share.reshape(batch, count, 3, -1)
 
         # Rotations: rigid turn of each subtree about its joint, plus the pose correctives' change.
         subtree = self.subtree[:, joints]  # (J, Ja)
-        arm = torch.einsum("kj,bljx->blkx", subtree, contributions) - torch.einsum(
-            "kj,blj,bkx->blkx", subtree, weight.expand(batch, -1, -1), kin.world_pos
-        )
+        arm = subtree @ contributions - (weight @ subtree.T)[..., None] * kin.world_pos[:, None]  # (B, L, J, 3)
         d_rot = -_skew(arm) @ kin.world_rot[:, None]  # (B, L, J, 3, 3)
         if table.has_pose_correctives:
             # d vec(R_k)/d delta_a = vec(R_k [e_a]x); pose features exist for joints 1..J-1.
-            eye = torch.eye(3, dtype=coeffs.dtype, device=coeffs.device)
-            d_feature = torch.einsum("bkxy,ayz->bkxza", rotations[:, 1:], _skew(eye)).reshape(batch, self.n_joints - 1, 9, 3)
+            d_feature = (rotations[:, 1:, None] @ self._generators).permute(0, 1, 3, 4, 2).reshape(batch, self.n_joints - 1, 9, 3)
             rotated_pose = rotate_sum(table.pose_basis).reshape(batch, count, 3, self.n_joints - 1, 9)
-            d_rot[:, :, 1:] += torch.einsum("blxkf,bkfa->blkxa", rotated_pose, d_feature)
+            d_rot[:, :, 1:] += rotated_pose.transpose(2, 3) @ d_feature[:, None]
         return d_coeffs, d_rot.permute(0, 1, 3, 2, 4)
