@@ -173,6 +173,7 @@ class _FrameBlock:
     def __init__(self, n_exp: int, joints: list[int], config: FitConfig, options: dict) -> None:
         self.n_exp = n_exp
         self.joints = joints
+        self.joint_index = torch.tensor(joints, dtype=torch.long, device=options["device"])  # indexing without a list
         self.config = config
         self.size = n_exp + 3 * len(joints) + 3
         priors, temporal = config.priors, config.temporal
@@ -202,7 +203,7 @@ class _FrameBlock:
         batch = residuals.values.shape[0]
         d_points = residuals.d_points.reshape(batch, -1, 2, 3)
         d_exp = d_points @ evaluation.d_coeffs[..., -self.n_exp :] if self.n_exp else d_points[..., :0]
-        d_rot = d_points @ evaluation.d_rotations[:, :, :, self.joints].flatten(-2)
+        d_rot = d_points @ evaluation.d_rotations.index_select(3, self.joint_index).flatten(-2)
         columns = [d_exp, d_rot, d_points]
         return torch.cat(columns, dim=-1).reshape(batch, residuals.values.shape[1], self.size)
 
@@ -212,9 +213,9 @@ class _FrameBlock:
 
     def prior(self, params: FrameParams, prediction: FrameParams | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prior cost (B,), gradient (B, size) and Hessian diagonal (B, size) of the per-frame parameters."""
-        rotations = params.rotations[:, self.joints]
+        rotations = params.rotations.index_select(1, self.joint_index)
         if prediction is not None:  # one log for the joint angles and their change since the prediction
-            relative = prediction.rotations[:, self.joints].transpose(-1, -2) @ rotations
+            relative = prediction.rotations.index_select(1, self.joint_index).transpose(-1, -2) @ rotations
             logs = rotation_log(torch.cat([rotations, relative], dim=1)).flatten(1)
             angles, change_angles = logs.chunk(2, dim=1)
         else:
@@ -237,7 +238,7 @@ class _FrameBlock:
         exp = params.exp + step[:, : self.n_exp]
         deltas = step[:, self.n_exp : -3].reshape(step.shape[0], len(self.joints), 3)
         rotations = params.rotations.clone()
-        rotations[:, self.joints] = params.rotations[:, self.joints] @ rodrigues(deltas)
+        rotations[:, self.joint_index] = params.rotations.index_select(1, self.joint_index) @ rodrigues(deltas)
         return FrameParams(exp, rotations, params.transl + step[:, -3:])
 
 
@@ -300,9 +301,14 @@ class FrameFitter:
 
         state = params
         evaluation, residuals, cost, prior_gradient, prior_diagonal = assess(state)
+        # After the first iteration the Jacobian is kept (a chord step): warm-started frames move little, so
+        # re-linearising would cost most of an iteration for the same step. Residuals, robust weights and
+        # priors are always current, so the fixed point is unchanged; a refused chord step re-linearises.
+        jacobian, fresh = None, False
         used = 0
         for used in range(1, iterations + 1):
-            jacobian = block.jacobian(_linearise(model, evaluation, residuals, focal, center), residuals)
+            if jacobian is None:
+                jacobian, fresh = block.jacobian(_linearise(model, evaluation, residuals, focal, center), residuals), True
             weighted = jacobian * residuals.weights[..., None]
             hessian = weighted.transpose(1, 2) @ jacobian + block.hessian(prior_diagonal)
             gradient = (weighted.transpose(1, 2) @ residuals.values[..., None])[..., 0] + prior_gradient
@@ -310,7 +316,7 @@ class FrameFitter:
             candidate = block.apply(state, step)
             # The quadratic model predicts the step's gain; when it is negligible, take the step unchecked and
             # spare the evaluation that would only confirm convergence.
-            predicted = -(gradient * step).sum(dim=1) - 0.5 * torch.einsum("bi,bij,bj->b", step, hessian, step)
+            predicted = -(gradient * step).sum(dim=1) - 0.5 * (step[:, None] @ hessian @ step[..., None])[:, 0, 0]
             if bool((predicted < config.cost_tolerance * cost).all()):
                 state = candidate
                 break
@@ -321,9 +327,13 @@ class FrameFitter:
             if bool(accept.all()):
                 state, evaluation, residuals, cost = candidate, evaluation_c, residuals_c, cost_c
                 prior_gradient, prior_diagonal = prior_gradient_c, prior_diagonal_c
+                fresh = False
             elif bool(accept.any()):
                 state = _merge(accept, candidate, state)
                 evaluation, residuals, cost, prior_gradient, prior_diagonal = assess(state)
+                jacobian = None
+            elif not fresh:
+                jacobian = None
             settled = (step.abs().amax(dim=1) < config.step_tolerance) | (accept & (gain < config.cost_tolerance))
             if bool(settled.all()):
                 break
