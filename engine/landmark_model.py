@@ -41,7 +41,6 @@ class LandmarkEvaluation:
     points: torch.Tensor
     d_coeffs: torch.Tensor | None = None  # (B, L, 3, C)
     d_rotations: torch.Tensor | None = None  # (B, L, 3, J, 3): right-multiplied increments per joint
-    world_rotations: torch.Tensor | None = None  # (B, J, 3, 3)
     # What the Jacobians need from the evaluation, so that a candidate step that is refused costs no Jacobian.
     _coeffs: torch.Tensor | None = None
     _rotations: torch.Tensor | None = None
@@ -227,7 +226,7 @@ class LandmarkModel:
         kin = self._kinematics(coeffs, rotations)
         parts = [(table, self._contributions(table, coeffs, kin)) for table in self._tables(rotations)]
         points = torch.cat([c.sum(dim=2) for _, c in parts], dim=1) if len(parts) > 1 else parts[0][1].sum(dim=2)
-        evaluation = LandmarkEvaluation(points + transl[:, None], None, None, kin.world_rot, coeffs, rotations, kin, parts)
+        evaluation = LandmarkEvaluation(points + transl[:, None], None, None, coeffs, rotations, kin, parts)
         if jacobians:
             self.add_jacobians(evaluation)
         return evaluation

@@ -104,7 +104,6 @@ class Tracker:
         self._freeze_identity()
         self.calibrated = False
         self.shape_version = 0
-        self.last_calibration: Calibration | None = None
         self._history: list[tuple[float, FrameParams]] = []  # last valid frames, newest last
         self._lost = True
         self._pool: list[_Candidate] = []
@@ -307,7 +306,6 @@ class Tracker:
         self._freeze_identity()
         self.calibrated = True
         self.shape_version += 1
-        self.last_calibration = result
         log.info(
             "calibrated on %d frames in %.0f ms: fov %.1f deg, rms %.2f px",
             len(observations), (time.perf_counter() - started) * 1e3, self.camera.fov_deg, float(result.frames.rms_px.mean()),

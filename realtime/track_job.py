@@ -36,7 +36,6 @@ from engine.tracker import Tracker, TrackerConfig, diversity_feature, fit_single
 log = logging.getLogger(__name__)
 
 OUTPUT_FORMAT_VERSION = 1
-LANDMARK_FILE_KEYS = ("mp478", "lmk68", "image_size", "fps")
 
 
 @dataclass

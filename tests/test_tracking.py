@@ -163,3 +163,19 @@ def test_real_clip_with_demo_head_tracks_every_detected_frame(landmarker_task: P
     detected = [i for i in range(sequence.n_frames) if np.isfinite(sequence.mp478[i]).any()]
     assert len(detected) == sequence.n_frames  # a frontal speaker: MediaPipe finds the face throughout
     assert all(bool(results[i]["valid"][0]) for i in detected)
+
+
+def test_recalibration_on_request_gathers_frames_and_calibrates_again(flame_head) -> None:
+    tracker = Tracker(flame_head, (512, 512), TrackerConfig(n_shape=50, n_exp=20, calibration_seconds=0.5))
+    sequence = synthetic_sequence(tracker.layer, SyntheticMotion(frames=40, seed=9))
+    for index in range(20):  # 0.8 s of frames: calibrates once after 0.5 s
+        tracker.track(sequence.mp478[index], sequence.lmk68[index], timestamp=index / 25)
+    assert tracker.calibrated and tracker.shape_version == 1
+    first_shape = tracker.shape.clone()
+    tracker.request_recalibration()
+    assert not tracker.calibrated
+    for index in range(20, 40):
+        frame = tracker.track(sequence.mp478[index], sequence.lmk68[index], timestamp=index / 25)
+        assert frame.valid
+    assert tracker.calibrated and tracker.shape_version == 2
+    assert not torch.equal(tracker.shape, first_shape)  # fitted again, on the new frames
