@@ -378,13 +378,16 @@ def wait_for_frames(address: str, count: int, process: subprocess.Popen) -> None
                 raise AssertionError(f"no frame message from the live process: {process.communicate()[1][-2000:]}")
 
 
-def test_ctrl_c_stops_cleanly_with_the_recording_closed(shared_clips: Path, landmarker_task: Path, tmp_path: Path) -> None:
+def start_recording_live(clips: Path, task: Path, tmp_path: Path) -> tuple[str, Path, subprocess.Popen]:
+    """``run_stream.py live`` recording a long clip into tmp_path/session; returns its address, folder, process."""
     address = f"tcp://127.0.0.1:{free_port()}"
     session_dir = tmp_path / "session"
-    process = start_live(
-        "--source", str(shared_clips / LONG_CLIP), "--zmq", address, "--record", str(session_dir),
-        models=landmarker_task.parent,
-    )  # fmt: skip
+    process = start_live("--source", str(clips / LONG_CLIP), "--zmq", address, "--record", str(session_dir), models=task.parent)
+    return address, session_dir, process
+
+
+def test_ctrl_c_stops_cleanly_with_the_recording_closed(shared_clips: Path, landmarker_task: Path, tmp_path: Path) -> None:
+    address, session_dir, process = start_recording_live(shared_clips, landmarker_task, tmp_path)
     wait_for_frames(address, 3, process)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
@@ -397,12 +400,7 @@ def test_ctrl_c_stops_cleanly_with_the_recording_closed(shared_clips: Path, land
 
 
 def test_a_recording_killed_mid_way_stays_readable(shared_clips: Path, landmarker_task: Path, tmp_path: Path) -> None:
-    address = f"tcp://127.0.0.1:{free_port()}"
-    session_dir = tmp_path / "session"
-    process = start_live(
-        "--source", str(shared_clips / LONG_CLIP), "--zmq", address, "--record", str(session_dir),
-        models=landmarker_task.parent,
-    )  # fmt: skip
+    address, session_dir, process = start_recording_live(shared_clips, landmarker_task, tmp_path)
     wait_for_frames(address, 15, process)  # the recorder flushes at least every 0.5 s: 15 frames take longer
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
