@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.errors import UserError
 from engine.head_model import JOINT_NAMES, HeadModel
 
 #: Rows of the contour table span these yaw angles in whole degrees (DECA's layout, see _contour_rows).
@@ -247,8 +248,23 @@ class FlameLayer(torch.nn.Module):
         return (blended[..., :3] @ rest[..., None])[..., 0] + blended[..., 3] + transl[:, None]
 
     # ------------------------------------------------------------------------------------------- evaluation
+    def check_params(self, shape: torch.Tensor, exp: torch.Tensor, pose: torch.Tensor, transl: torch.Tensor) -> None:
+        """Raise UserError (one line) for parameters of the wrong shape or with NaN / infinite values."""
+        batch = pose.shape[0] if pose.dim() == 3 else None
+        expected = {
+            "shape": (shape, (batch, self.n_shape)), "exp": (exp, (batch, self.n_exp)),
+            "pose": (pose, (batch, self.n_joints, 3)), "transl": (transl, (batch, 3)),
+        }  # fmt: skip
+        for name, (value, size) in expected.items():
+            if tuple(value.shape) != size:
+                pretty = "(B, " + ", ".join(str(s) for s in size[1:]) + ")"
+                raise UserError(f"FLAME parameter '{name}' has shape {tuple(value.shape)}, expected {pretty} for the {self.model.name}")
+            if not bool(torch.isfinite(value).all()):
+                raise UserError(f"FLAME parameter '{name}' contains NaN or infinite values")
+
     def vertices(self, shape: torch.Tensor, exp: torch.Tensor, pose: torch.Tensor, transl: torch.Tensor) -> torch.Tensor:
         """The dense posed mesh (B, V, 3)."""
+        self.check_params(shape, exp, pose, transl)
         rotations = rodrigues(pose)
         transforms = self.skinning_transforms(rotations, self.rest_joints(shape, exp))
         return self._pose_vertices(self._dense_subset, shape, exp, rotations, transforms, transl)
@@ -262,6 +278,7 @@ class FlameLayer(torch.nn.Module):
 
     def landmarks(self, shape: torch.Tensor, exp: torch.Tensor, pose: torch.Tensor, transl: torch.Tensor) -> Landmarks:
         """Only the landmark points: 68 (contour by head yaw), MediaPipe-embedded points and pupils."""
+        self.check_params(shape, exp, pose, transl)
         rotations = rodrigues(pose)
         transforms = self.skinning_transforms(rotations, self.rest_joints(shape, exp))
         batch = pose.shape[0]

@@ -118,3 +118,24 @@ def test_analytic_jacobians_match_finite_differences(flame_dir: Path) -> None:
             minus[:, joint] = rotations[:, joint] @ rodrigues(-delta)
             numeric = (model.evaluate(coeffs, plus, transl, False).points - model.evaluate(coeffs, minus, transl, False).points) / (2 * eps)
             assert torch.allclose(evaluation.d_rotations[:, :, :, joint, axis], numeric, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "message"),
+    [
+        ("exp", lambda p: p["exp"].fill_(float("nan")), "'exp' contains NaN or infinite values"),
+        ("transl", lambda p: p["transl"].fill_(float("inf")), "'transl' contains NaN or infinite values"),
+        ("pose", lambda p: p.__setitem__("pose", p["pose"][:, :4]), "'pose' has shape (2, 4, 3), expected (B, 5, 3)"),
+        ("shape", lambda p: p.__setitem__("shape", p["shape"][:, :3]), "'shape' has shape (2, 3), expected (B, 20)"),
+    ],
+)
+def test_bad_parameters_at_the_api_boundary_are_one_clear_error(flame_dir: Path, name: str, make, message: str) -> None:
+    from engine.errors import UserError
+
+    layer = FlameLayer(load_flame(flame_dir), n_shape=N_SHAPE, n_exp=N_EXP)
+    params = layer.zero_params(2)
+    make(params)
+    for evaluate in (layer.vertices, layer.landmarks):
+        with pytest.raises(UserError) as error:
+            evaluate(**params)
+        assert message in str(error.value) and "\n" not in str(error.value)
