@@ -37,6 +37,8 @@ from engine.targets import TargetBuilder, groups_for, tracking_head
 log = logging.getLogger(__name__)
 
 _FLIP = np.array(FLIP)
+#: Version of the per-frame arrays below (the reference tracker's keys plus ours), stored in every frame.
+FRAME_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -336,7 +338,8 @@ def euler_from_matrix(rotation: np.ndarray) -> np.ndarray:
 
 
 def reference_arrays(tracker: Tracker, frame: TrackedFrame) -> dict[str, np.ndarray]:
-    """One frame in the reference tracker's per-frame format (leading dimension 1), plus ``valid``.
+    """One frame in the reference tracker's per-frame format (leading dimension 1), plus ``valid`` and
+    ``format_version``.
 
     As in the reference, ``head_pose`` stays zero and the camera moves: ``cam`` = (yaw, pitch, roll, x, y, z)
     is the world-to-view transform x_view = R x + t of the FLAME mesh posed with a zero head pose, with
@@ -359,6 +362,7 @@ def reference_arrays(tracker: Tracker, frame: TrackedFrame) -> dict[str, np.ndar
         "fov": np.array([frame.fov_deg], np.float32),
         "K": tracker.camera.intrinsics()[None].astype(np.float32),
         "valid": np.array([frame.valid]),
+        "format_version": np.array([FRAME_FORMAT_VERSION]),
     }
 
 

@@ -31,11 +31,10 @@ from engine.errors import UserError
 from engine.export import posed_vertices
 from engine.head_model import HeadModel
 from engine.landmarks import N_LANDMARKS, FaceLandmarker, LandmarkerConfig
-from engine.tracker import Tracker, TrackerConfig, diversity_feature, fit_single, reference_arrays, select_diverse
+from engine.tracker import FRAME_FORMAT_VERSION, Tracker, TrackerConfig, diversity_feature, fit_single, reference_arrays, select_diverse
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -183,7 +182,7 @@ def write_outputs(
     _atomic_npz(out_dir / "tracking.npz", stacked)
     meta = {
         "format": "flame-live tracking",
-        "format_version": OUTPUT_FORMAT_VERSION,
+        "format_version": FRAME_FORMAT_VERSION,
         "model": {"name": tracker.head.name, "is_demo": tracker.head.is_demo, "checksum": tracker.head.checksum, "files": tracker.head.sources},
         "source": sequence.source,
         "image_size": {"height": sequence.image_size[0], "width": sequence.image_size[1]},

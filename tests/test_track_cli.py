@@ -43,6 +43,7 @@ def test_track_writes_reference_format_frames_stack_and_meta(tracked) -> None:
         expected = {"shape": (1, 20), "exp": (1, 10), "head_pose": (1, 3), "jaw_pose": (1, 3), "neck_pose": (1, 3),
                     "eye_pose": (1, 6), "cam": (1, 6), "fov": (1,), "K": (1, 3, 3), "valid": (1,), "vertices": (1, 5023, 3)}  # fmt: skip
         assert {key: frame[key].shape for key in expected} == expected
+        assert frame["format_version"][0] == 1
     with np.load(out / "tracking.npz") as stacked:
         assert stacked["exp"].shape == (FRAMES, 10) and stacked["valid"].all()
     meta = json.loads((out / "meta.json").read_text())
