@@ -75,7 +75,7 @@ def _add_live(subparsers: argparse._SubParsersAction, common: argparse.ArgumentP
         parents=[common],
         help="track a camera, stream or file live (default)",
         description="Track faces live and publish FLAME parameters (ZeroMQ by default, OSC and VMC on request). "
-        "Ctrl-C stops cleanly.",
+        "Ctrl-C stops cleanly; kill -USR1 PID recalibrates identity and field of view from the next frames.",
     )
     live.add_argument("--source", default="0", metavar="0|rtsp://...|FILE|DIR", help="camera index, stream URL, "
                       "video or image file, or folder of images (default: camera 0)")  # fmt: skip
@@ -108,7 +108,7 @@ def _run_live(args: argparse.Namespace) -> int:
     from realtime.messages import DEFAULT_ZMQ_ADDRESS
     from realtime.outputs import publisher_options
     from realtime.pipeline import LiveConfig, LiveOptions, run_live
-    from realtime.shutdown import stop_on_signals
+    from realtime.shutdown import recalibrate_on_signal, stop_on_signals
     from realtime.sources import format_camera_list, list_cameras
 
     if args.list_cameras:
@@ -133,9 +133,9 @@ def _run_live(args: argparse.Namespace) -> int:
         open_timeout_s=args.open_timeout,
         loop=LiveConfig(max_frames=args.max_frames, include_landmarks=args.landmarks, preview=args.preview, refine=args.refine),
     )
-    stop = threading.Event()
-    with stop_on_signals(stop):
-        summary = run_live(options, stop)
+    stop, recalibrate = threading.Event(), threading.Event()
+    with stop_on_signals(stop), recalibrate_on_signal(recalibrate):
+        summary = run_live(options, stop, recalibrate)
     print(summary.describe())
     return 0
 

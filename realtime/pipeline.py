@@ -206,6 +206,8 @@ class LivePipeline:
         keyframes = self.config.keyframes or (KeyframeConfig() if self.config.refine else None)
         self.keyframes = KeyframeSelector(keyframes) if keyframes else None
         self.refiner: LiveRefiner | None = None
+        #: Set from any thread (a signal handler, a UI) to recalibrate identity and FOV from the frames to come.
+        self.recalibrate = threading.Event()
         self._identity_lock = threading.Lock()
         self._refined: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # from the refiner thread
         self._appearance: tuple[np.ndarray, np.ndarray] | None = None  # (tex, light) of the adopted identity
@@ -268,6 +270,10 @@ class LivePipeline:
             frame = replace(frame, image=_resized(frame.image, self.config.frame_size))
         frame_time = self._frame_time(frame)
         self._adopt_refined_identity()
+        if self.recalibrate.is_set():
+            self.recalibrate.clear()
+            log.info("recalibrating from the next %.0f s of frames", self.tracker.config.calibration_seconds)
+            self.tracker.request_recalibration()
         before_landmarks = time.perf_counter()
         observation = self.landmarker.detect(frame.image, round(frame_time * 1000.0))
         before_fit = time.perf_counter()
@@ -459,8 +465,10 @@ def _session_metadata(options: LiveOptions, source: FrameSource, head: HeadModel
     }
 
 
-def run_live(options: LiveOptions, stop: threading.Event | None = None) -> LiveSummary:
+def run_live(options: LiveOptions, stop: threading.Event | None = None, recalibrate: threading.Event | None = None) -> LiveSummary:
     """Open the source, publishers, models and recorder, run the loop, and close everything again.
+
+    Setting `recalibrate` (from any thread) makes the tracker calibrate identity and FOV again.
 
     User mistakes (no such camera or file, port in use, recording folder taken, no display) raise UserError;
     the cheap checks come first, so they are reported before the models load.
@@ -486,6 +494,8 @@ def run_live(options: LiveOptions, stop: threading.Event | None = None) -> LiveS
             recorder = SessionRecorder(options.record_dir, source.fps, (width, height), metadata, overwrite=options.overwrite)
             stack.enter_context(recorder)
         pipeline = LivePipeline(source, landmarker, tracker, publishers, recorder, options.loop, preview)
+        if recalibrate is not None:
+            pipeline.recalibrate = recalibrate
         return pipeline.run(stop)
 
 

@@ -1,4 +1,5 @@
-"""Clean shutdown on Ctrl-C and SIGTERM for the long-running commands (live, replay)."""
+"""Signals for the long-running commands: clean shutdown on Ctrl-C and SIGTERM (live, replay), and
+recalibration on SIGUSR1 (live)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,20 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def recalibrate_on_signal(request: threading.Event) -> Iterator[None]:
+    """SIGUSR1 (``kill -USR1 PID``) sets `request`: the live loop recalibrates identity and FOV.
+
+    POSIX only; where there is no SIGUSR1, or off the main thread, this does nothing.
+    """
+    if not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGUSR1)
+    signal.signal(signal.SIGUSR1, lambda _number, _frame: request.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -505,3 +505,27 @@ def test_host_port_parsing() -> None:
             parse_host_port(bad, 9100, "--osc")
 
 
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="SIGUSR1 is POSIX only")
+def test_sigusr1_recalibrates_a_running_live_process(shared_clips: Path, landmarker_task: Path) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    process = start_live("--source", str(shared_clips / LONG_CLIP), "--zmq", address, models=landmarker_task.parent)
+    subscriber = Subscriber(address, topics=(TOPIC_SHAPE,), timeout_s=None)
+    try:
+        identities = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(identities) < 3:
+            message = subscriber.receive(timeout_s=0.5)
+            if message is None or (identities and message[1]["shape"] == identities[-1]):
+                continue  # the current identity can arrive twice: at start and as a welcome on connect
+            identities.append(message[1]["shape"])
+            if len(identities) == 2:  # the mean face, then the calibrated identity: now ask for a new one
+                process.send_signal(signal.SIGUSR1)
+        assert len(identities) >= 3, "no new identity after SIGUSR1"
+        assert identities[2] != identities[1]
+    finally:
+        subscriber.close()
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    assert process.returncode == 0
