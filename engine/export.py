@@ -30,18 +30,20 @@ def euler_matrix(yaw: float, pitch: float, roll: float) -> np.ndarray:
 
 
 def posed_vertices(layer: FlameLayer, arrays: dict[str, np.ndarray], space: str = "model") -> np.ndarray:
-    """(V, 3) float64 vertices for one frame's arrays (each with a leading dimension of 1)."""
-    options = {"dtype": torch.float64, "device": "cpu"}
-    layer64 = layer if layer.v_template.dtype == torch.float64 else FlameLayer(layer.model, layer.n_shape, layer.n_exp, dtype=torch.float64)
-    pose = torch.zeros(1, layer64.n_joints, 3, **options)
+    """(V, 3) float64 vertices for one frame's arrays (each with a leading dimension of 1).
+
+    Evaluated in the layer's own dtype and device: per-frame callers pass one layer for every frame.
+    """
+    options = {"dtype": layer.v_template.dtype, "device": layer.v_template.device}
+    pose = torch.zeros(1, layer.n_joints, 3, **options)
     pose[0, 1] = torch.as_tensor(arrays["neck_pose"][0], **options)
     pose[0, 2] = torch.as_tensor(arrays["jaw_pose"][0], **options)
-    if layer64.n_joints >= 5:
+    if layer.n_joints >= 5:
         pose[0, 3:5] = torch.as_tensor(arrays["eye_pose"][0].reshape(2, 3), **options)
     with torch.no_grad():
-        vertices = layer64.vertices(
+        vertices = layer.vertices(
             torch.as_tensor(arrays["shape"], **options), torch.as_tensor(arrays["exp"], **options), pose, torch.zeros(1, 3, **options)
-        )[0].numpy()
+        )[0].cpu().double().numpy()
     if space == "model":
         return vertices
     cam = arrays["cam"][0].astype(np.float64)

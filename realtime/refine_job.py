@@ -32,7 +32,7 @@ from engine.flame import rodrigues
 from engine.photometric import FrameState, PhotometricConfig, PhotometricFitter
 from engine.tracker import Tracker, diversity_feature, reference_arrays, select_diverse
 from engine.export import euler_matrix
-from realtime.track_job import _atomic_npz
+from realtime.track_job import write_npz_atomic
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class SequenceRefiner:
         result = self._with_memory_guard(lambda: self.fitter.fit_identity(batch, FrameState.cat(chosen_states)))
         self.timings["identity_s"] = time.perf_counter() - started
         self.timings["identity_image_error"] = float(result.image_error.mean())
-        _atomic_npz(path, {"shape": self.fitter.shape.cpu().numpy(), "tex": self.fitter.appearance.state(),
+        write_npz_atomic(path, {"shape": self.fitter.shape.cpu().numpy(), "tex": self.fitter.appearance.state(),
                            "light": self.fitter.light.cpu().numpy()})
         texture = self.fitter.appearance.texture_image()
         if texture is not None:
@@ -222,7 +222,7 @@ class SequenceRefiner:
         arrays["tex"] = self.fitter.appearance.state()[None].astype(np.float32)
         arrays["light"] = self.fitter.light.cpu().numpy()[None].astype(np.float32)
         arrays["image_error"] = np.array([np.nan if image_error is None else image_error], np.float32)
-        _atomic_npz(self._frame_path(index), arrays)
+        write_npz_atomic(self._frame_path(index), arrays)
 
     def _neutral(self):
         options = {"device": self.fitter.device, "dtype": self.fitter.dtype}
@@ -240,7 +240,7 @@ class SequenceRefiner:
         for path in paths:
             with np.load(path) as saved:
                 loaded.append({key: saved[key] for key in saved.files})
-        _atomic_npz(self.out_dir / "tracking.npz", {key: np.concatenate([a[key] for a in loaded]) for key in loaded[0]})
+        write_npz_atomic(self.out_dir / "tracking.npz", {key: np.concatenate([a[key] for a in loaded]) for key in loaded[0]})
         appearance = self.fitter.appearance
         meta = {
             "format": "flame-live photometric refinement",

@@ -177,9 +177,9 @@ def write_outputs(
     for index, arrays in enumerate(tqdm(results, desc="write", unit="frame", leave=False)):
         if save_vertices:
             arrays = {**arrays, "vertices": posed_vertices(tracker.layer, arrays, space="camera")[None].astype(np.float32)}
-        _atomic_npz(out_dir / f"{index:06d}.npz", arrays)
+        write_npz_atomic(out_dir / f"{index:06d}.npz", arrays)
     stacked = {key: np.concatenate([r[key] for r in results]) for key in results[0]}
-    _atomic_npz(out_dir / "tracking.npz", stacked)
+    write_npz_atomic(out_dir / "tracking.npz", stacked)
     meta = {
         "format": "flame-live tracking",
         "format_version": FRAME_FORMAT_VERSION,
@@ -200,7 +200,7 @@ def write_outputs(
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write an .npz so that an interrupted run never leaves a half-written file under the final name."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
     with os.fdopen(handle, "wb") as stream:
