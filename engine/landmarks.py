@@ -115,7 +115,6 @@ class FaceLandmarker:
         import mediapipe
 
         self._image_class, self._srgb = mediapipe.Image, mediapipe.ImageFormat.SRGB
-        self._config = config
         self._video = config.running_mode == "video"
         self._last_timestamp_ms: int | None = None
         self._clock_origin = time.monotonic()

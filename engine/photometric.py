@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from engine.camera import FLIP
-from engine.fitting import FitConfig
 from engine.flame import rodrigues
 from engine.head_model import JOINT_NAMES, HeadModel
 from engine.render import SH_CONSTANTS, render
@@ -278,7 +277,6 @@ class PhotometricFitter:
         self.light = torch.zeros(9, 3, device=self.device, dtype=self.dtype)
         self.light[0] = UNIT_AMBIENT
         self._flip = torch.tensor(FLIP, device=self.device, dtype=self.dtype)
-        self._fit_config: FitConfig = tracker.config.fit
 
     # ------------------------------------------------------------------------------------------ preparation
     def prepare(

@@ -46,7 +46,6 @@ class LiveRefiner:
         self.on_update = on_update
         self.config = config or RefinerConfig()
         self.updates = 0
-        self.last_image_error: float | None = None
         self._shape = initial_shape.detach().cpu().clone()
         self._pool: list[Keyframe] = []
         self._fitter: PhotometricFitter | None = None
@@ -85,8 +84,7 @@ class LiveRefiner:
         fitter = self._fitter_for(self._pool[-1])
         batch = fitter.prepare([k.image for k in self._pool], [k.landmarks for k in self._pool])
         initial = state_from_tracked([k.tracked for k in self._pool], fitter.device, fitter.dtype)
-        result = fitter.fit_identity(batch, initial, self.config.iterations)
-        self.last_image_error = float(result.image_error.mean())
+        fitter.fit_identity(batch, initial, self.config.iterations)
         self.updates += 1
         self.on_update(fitter.shape.cpu().numpy().copy(), fitter.appearance.state(), fitter.light.cpu().numpy().reshape(-1))
 
