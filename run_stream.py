@@ -165,7 +165,7 @@ def _run_track(args: argparse.Namespace) -> int:
     from engine.model_files import find_face_landmarker, resolve_models_dir
     from engine.model_selection import select_head_model
     from engine.tracker import TrackerConfig
-    from realtime.track_job import detect_landmarks, load_landmark_file, track_sequence, write_outputs
+    from offline.track_job import detect_landmarks, load_landmark_file, track_sequence, write_outputs
 
     source = Path(args.input)
     if not source.exists() and "://" not in args.input:
@@ -187,7 +187,7 @@ def _run_track(args: argparse.Namespace) -> int:
     tracker, results, track_timings = track_sequence(sequence, head, config)
     write_outputs(args.out, tracker, results, sequence, {**timings, **track_timings}, args.save_vertices)
     if args.photometric:
-        from realtime.refine_job import refine_video
+        from offline.refine_job import refine_video
 
         if source.suffix.lower() == ".npz":
             raise UserError("--photometric needs the video or images themselves, not a landmarks file")
@@ -235,7 +235,7 @@ def _add_photometric_options(parser: argparse.ArgumentParser) -> None:
 def _refine_options(args: argparse.Namespace):
     from engine.errors import UserError
     from engine.photometric import PhotometricConfig
-    from realtime.refine_job import RefineOptions
+    from offline.refine_job import RefineOptions
 
     if not 32 <= args.size <= 1024 or args.iterations < 0 or args.window < 1:
         raise UserError("--size must be 32..1024, --iterations at least 0 and --window at least 1")
@@ -246,7 +246,7 @@ def _run_refine(args: argparse.Namespace) -> int:
     from engine.model_files import find_face_landmarker, resolve_models_dir
     from engine.model_selection import select_head_model
     from engine.tracker import Tracker, TrackerConfig
-    from realtime.refine_job import refine_session
+    from offline.refine_job import refine_session
 
     options = _refine_options(args)
     models_dir = resolve_models_dir(args.models)
@@ -337,7 +337,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     report: dict[str, object] = {"model": head.name, "torch": torch.__version__, "threads": torch.get_num_threads()}
     clip = None
     if args.clip:
-        from realtime.track_job import detect_landmarks
+        from offline.track_job import detect_landmarks
 
         clip, _ = detect_landmarks(args.clip, find_face_landmarker(models_dir), max_frames=args.frames)
     for device in devices:

@@ -20,7 +20,7 @@ from engine.photometric import UNIT_AMBIENT, FrameBatch, FrameState, Photometric
 from engine.synthetic import SyntheticMotion, synthetic_sequence
 from engine.tracker import Tracker, TrackerConfig
 from realtime.keyframes import Keyframe, KeyframeQueue
-from realtime.refine_job import RefineOptions, SequenceRefiner, refine_session
+from offline.refine_job import RefineOptions, SequenceRefiner, refine_session
 from realtime.refiner import LiveRefiner, RefinerConfig
 
 SIZE, FRAMES = 128, 4

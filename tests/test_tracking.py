@@ -155,7 +155,7 @@ def test_one_euro_filter_removes_jitter_and_follows_motion() -> None:
 
 
 def test_real_clip_with_demo_head_tracks_every_detected_frame(landmarker_task: Path, shared_clips: Path) -> None:
-    from realtime.track_job import detect_landmarks, track_sequence
+    from offline.track_job import detect_landmarks, track_sequence
 
     sequence, _ = detect_landmarks(str(shared_clips / "bbaf2n.mpg"), landmarker_task)
     head = build_demo_head(landmarker_task)

@@ -7,7 +7,7 @@ refined frame before it, so temporal smoothness runs across the whole sequence. 
 
 - ``identity.npz``: ``shape``, ``tex`` (texture-space coefficients, or the estimated albedo values), ``light``
   (9, 3) SH coefficients; written first, reused when a run is resumed;
-- ``{frame:06d}.npz``: the reference format of ``realtime.track_job`` plus ``tex``, ``light`` and
+- ``{frame:06d}.npz``: the reference format of ``offline.track_job`` plus ``tex``, ``light`` and
   ``image_error``; frames whose file exists are skipped, so an interrupted run resumes where it stopped;
 - ``texture.png`` (the albedo UV map, when the model has UVs), ``tracking.npz`` (all frames), ``meta.json``.
 """
@@ -32,7 +32,7 @@ from engine.flame import rodrigues
 from engine.photometric import FrameState, PhotometricConfig, PhotometricFitter
 from engine.tracker import Tracker, diversity_feature, reference_arrays, select_diverse
 from engine.export import euler_matrix
-from realtime.track_job import write_npz_atomic
+from offline.track_job import write_npz_atomic
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Offline jobs over files and recorded sessions: track, refine (and later render, batch)."""
