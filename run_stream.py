@@ -105,7 +105,7 @@ def _run_live(args: argparse.Namespace) -> int:
     import threading
 
     from engine.errors import UserError
-    from realtime.messages import DEFAULT_ZMQ_ADDRESS
+    from flame_client.messages import DEFAULT_ZMQ_ADDRESS
     from realtime.outputs import publisher_options
     from realtime.pipeline import LiveConfig, LiveOptions, run_live
     from realtime.shutdown import recalibrate_on_signal, stop_on_signals
@@ -286,7 +286,7 @@ def _run_replay(args: argparse.Namespace) -> int:
     import threading
 
     from engine.errors import UserError
-    from realtime.messages import DEFAULT_ZMQ_ADDRESS
+    from flame_client.messages import DEFAULT_ZMQ_ADDRESS
     from realtime.outputs import publisher_options
     from realtime.replay import run_replay
     from realtime.shutdown import stop_on_signals

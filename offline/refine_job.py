@@ -294,7 +294,7 @@ def refine_session(
     Landmarks come from the messages when they were recorded, else MediaPipe runs on the video
     (``landmarker_task``).
     """
-    from realtime.messages import TOPIC_FRAME, TOPIC_SHAPE
+    from flame_client.messages import TOPIC_FRAME, TOPIC_SHAPE
     from realtime.session import SessionReader
 
     reader = SessionReader(session_dir)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.tracker import TrackedFrame
-from realtime.rotations import head_rotation_from_frontal
+from flame_client.rotations import head_rotation_from_frontal
 from realtime.sources import Frame
 
 

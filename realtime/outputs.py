@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from engine.errors import UserError
-from realtime.messages import DEFAULT_ZMQ_ADDRESS
+from flame_client.messages import DEFAULT_ZMQ_ADDRESS
 from realtime.publishers import DEFAULT_OSC_PORT, DEFAULT_VMC_PORT, OscPublisher, Publisher, VmcPublisher, ZmqPublisher
 
 DEFAULT_HOST = "127.0.0.1"

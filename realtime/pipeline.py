@@ -34,9 +34,7 @@ from engine.landmarks import N_LANDMARKS, FaceLandmarker, FaceObservation, Landm
 from engine.model_files import find_face_landmarker, resolve_models_dir
 from engine.model_selection import select_head_model
 from engine.tracker import TrackedFrame, Tracker, TrackerConfig
-from realtime.keyframes import KeyframeConfig, KeyframeSelector
-from realtime.refiner import LiveRefiner
-from realtime.messages import (
+from flame_client.messages import (
     BLENDSHAPE_NAMES,
     SCHEMA_VERSION,
     TOPIC_FRAME,
@@ -45,6 +43,8 @@ from realtime.messages import (
     metrics_message,
     shape_message,
 )
+from realtime.keyframes import KeyframeConfig, KeyframeSelector
+from realtime.refiner import LiveRefiner
 from realtime.outputs import PublisherOptions, close_all, dropped_messages, open_publishers
 from realtime.preview import PreviewWindow
 from realtime.publishers import Publisher

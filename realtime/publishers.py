@@ -1,6 +1,6 @@
 """Publishers: ZeroMQ (the full schema), native OSC (``/flame/...``) and VMC (avatars in VSeeFace, Unity, Blender).
 
-Each takes the message dicts built by ``realtime.messages`` through ``publish_frame``, ``publish_shape`` and
+Each takes the message dicts built by ``flame_client.messages`` through ``publish_frame``, ``publish_shape`` and
 ``publish_metrics``, and never makes the caller wait for a receiver: ZeroMQ drops at a small high-water mark,
 UDP drops when the socket buffer is full, and both count what they drop.
 
@@ -41,7 +41,7 @@ from typing import Any, Protocol, TypeVar
 import zmq
 
 from engine.errors import UserError
-from realtime.messages import (
+from flame_client.messages import (
     BLENDSHAPE_NAMES,
     DEFAULT_ZMQ_ADDRESS,
     TOPIC_FRAME,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from realtime.messages import TOPIC_FRAME, TOPIC_SHAPE, MessageError, validate
+from flame_client.messages import TOPIC_FRAME, TOPIC_SHAPE, MessageError, validate
 from realtime.outputs import PublisherOptions, close_all, open_publishers
 from realtime.publishers import Publisher
 from realtime.session import SessionReader

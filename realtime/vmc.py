@@ -35,8 +35,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from realtime.messages import BLENDSHAPE_NAMES
-from realtime.rotations import (
+from flame_client.messages import BLENDSHAPE_NAMES
+from flame_client.rotations import (
     canonical_quaternion,
     head_quaternion_from_frontal,
     quaternion_from_axis_angle,

@@ -18,7 +18,7 @@ import pytest
 import zmq
 
 from flame_client import Subscriber, SubscriberError
-from realtime.messages import (
+from flame_client.messages import (
     TOPIC_FRAME,
     TOPIC_METRICS,
     TOPIC_SHAPE,

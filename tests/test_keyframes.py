@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from engine.tracker import TrackedFrame
+from flame_client.rotations import FRONTAL_QUATERNION, axis_angle_from_quaternion, quaternion_from_axis_angle, quaternion_multiply
 from realtime.keyframes import KeyframeConfig, KeyframeQueue, KeyframeSelector
-from realtime.rotations import FRONTAL_QUATERNION, axis_angle_from_quaternion, quaternion_from_axis_angle, quaternion_multiply
 from realtime.sources import Frame
 
 IMAGE = np.zeros((48, 64, 3), np.uint8)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import zmq
 
-from realtime import messages
-from realtime.messages import (
+from flame_client import messages
+from flame_client.messages import (
     BLENDSHAPE_NAMES,
     MAX_MESSAGE_BYTES,
     TOPIC_FRAME,
@@ -194,7 +194,7 @@ def test_encode_refuses_what_decode_would_reject() -> None:
 
 def test_schema_and_client_import_without_torch_or_mediapipe() -> None:
     code = (
-        "import sys, realtime.messages, realtime.publishers, flame_client, flame_client.cli\n"
+        "import sys, flame_client.messages, realtime.publishers, flame_client, flame_client.cli\n"
         "heavy = sorted(m for m in ('torch', 'mediapipe', 'cv2', 'matplotlib') if m in sys.modules)\n"
         "assert not heavy, heavy"
     )

@@ -32,8 +32,8 @@ from engine.landmarks import FaceLandmarker, LandmarkerConfig
 from engine.model_selection import select_head_model
 from engine.tracker import Tracker, TrackerConfig
 from flame_client import BLENDSHAPE_NAMES, Subscriber, validate
+from flame_client.messages import TOPIC_FRAME, TOPIC_METRICS, TOPIC_SHAPE, metrics_message
 from realtime.keyframes import KeyframeConfig
-from realtime.messages import TOPIC_FRAME, TOPIC_METRICS, TOPIC_SHAPE, metrics_message
 from realtime.outputs import PublisherOptions, close_all, open_publishers, parse_host_port
 from realtime.pipeline import LiveConfig, LivePipeline, LiveSummary
 from realtime.publishers import Publisher, VmcPublisher, ZmqPublisher

@@ -18,9 +18,9 @@ from pythonosc.osc_server import BlockingOSCUDPServer
 from scipy.spatial.transform import Rotation
 
 from engine.errors import UserError
-from realtime.messages import BLENDSHAPE_NAMES, TOPIC_SHAPE, decode, frame_message, metrics_message, shape_message
+from flame_client.messages import BLENDSHAPE_NAMES, TOPIC_SHAPE, decode, frame_message, metrics_message, shape_message
+from flame_client.rotations import quaternion_multiply, rotate_vector
 from realtime.publishers import OscPublisher, VmcOptions, VmcPublisher, ZmqPublisher
-from realtime.rotations import quaternion_multiply, rotate_vector
 from realtime.vmc import ARKIT_BLENDSHAPE_NAMES, PERFECT_SYNC_NAMES, unity_neck_and_head
 
 FRONTAL_HEAD_ROT = np.array([math.pi, 0.0, 0.0])

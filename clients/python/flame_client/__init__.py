@@ -6,11 +6,10 @@
             if topic == "flame.frame" and message["valid"]:
                 print(message["seq"], message["exp"][:3])
 
-The wire schema (``realtime.messages``) is shared with the publisher, so both sides validate the same way.
+The wire schema (``flame_client.messages``) is shared with the publisher, so both sides validate the same way.
 """
 
-from flame_client.subscriber import Subscriber, SubscriberError
-from realtime.messages import (
+from flame_client.messages import (
     BLENDSHAPE_NAMES,
     DEFAULT_ZMQ_ADDRESS,
     SCHEMA_VERSION,
@@ -22,6 +21,7 @@ from realtime.messages import (
     decode,
     validate,
 )
+from flame_client.subscriber import Subscriber, SubscriberError
 
 __all__ = [
     "BLENDSHAPE_NAMES",

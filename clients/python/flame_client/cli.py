@@ -16,10 +16,10 @@ import logging
 import sys
 import time
 
+from flame_client.messages import DEFAULT_ZMQ_ADDRESS, TOPIC_FRAME, TOPICS
 from flame_client.plot import ParameterPlot
 from flame_client.stats import ReceiveStats
 from flame_client.subscriber import Subscriber, SubscriberError
-from realtime.messages import DEFAULT_ZMQ_ADDRESS, TOPIC_FRAME, TOPICS
 
 _REPORT_INTERVAL_S = 1.0
 _PLOT_INTERVAL_S = 0.1

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from realtime.messages import BLENDSHAPE_NAMES
-from realtime.rotations import head_rotation_from_frontal
+from flame_client.messages import BLENDSHAPE_NAMES
+from flame_client.rotations import head_rotation_from_frontal
 
 logger = logging.getLogger(__name__)
 

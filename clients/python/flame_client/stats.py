@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from realtime.messages import TOPIC_FRAME, TOPIC_METRICS, TOPIC_SHAPE
+from flame_client.messages import TOPIC_FRAME, TOPIC_METRICS, TOPIC_SHAPE
 
 
 class ReceiveStats:

@@ -10,7 +10,7 @@ from typing import Any
 
 import zmq
 
-from realtime.messages import DEFAULT_ZMQ_ADDRESS, MAX_MESSAGE_BYTES, TOPICS, MessageError, decode
+from flame_client.messages import DEFAULT_ZMQ_ADDRESS, MAX_MESSAGE_BYTES, TOPICS, MessageError, decode
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ MessagePack library without extension types. Every payload carries ``v``, the sc
     ``eye_pose`` (6: left eye then right eye) and ``neck_pose`` (3), FLAME joint rotations, axis-angle radians;
     ``head_rot`` (3) axis-angle and ``head_trans`` (3, metres) placing the model in OpenCV camera space
     (x right, y down, z forward): ``x_cam = R(head_rot) @ x_model + head_trans``, so a head looking straight into
-    the camera has ``head_rot`` close to (pi, 0, 0) (see ``realtime.rotations``); ``fov_deg`` the camera's
+    the camera has ``head_rot`` close to (pi, 0, 0) (see ``flame_client.rotations``); ``fov_deg`` the camera's
     vertical field of view; ``blendshapes`` (52) MediaPipe's scores in :data:`BLENDSHAPE_NAMES` order, where
     "Left" is the person's own left; optional ``landmarks`` (x0, y0, x1, y1, ...) in pixels of the input image,
     NaN where not observed; optional ``image_size`` (width, height) in pixels.

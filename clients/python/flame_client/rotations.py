@@ -1,4 +1,4 @@
-"""Small rotation helpers (numpy only, so clients can use them): axis-angle, quaternions, frontal head pose.
+"""Small rotation helpers (numpy only, so clients can use them): axis-angle, matrices, quaternions, frontal head pose.
 
 Quaternions are arrays ``(x, y, z, w)``, the component order of Unity, VMC and scipy. Rotations act on column
 vectors: ``v' = R v``.
@@ -34,6 +34,37 @@ def axis_angle_from_quaternion(quaternion: np.ndarray) -> np.ndarray:
     # atan2 stays accurate near 0 and near pi, where acos(w) or asin(|v|) lose precision.
     angle = 2.0 * math.atan2(sin_half, q[3])
     return q[:3] * (angle / sin_half)
+
+
+def matrix_from_axis_angle(rotation_vector: np.ndarray) -> np.ndarray:
+    """3x3 rotation matrix of the rotation ``angle * axis`` (Rodrigues' formula); exact identity at zero."""
+    vector = np.asarray(rotation_vector, dtype=np.float64).reshape(3)
+    angle = math.sqrt(float(vector @ vector))
+    if angle < 1e-12:
+        return np.eye(3)
+    x, y, z = vector / angle
+    skew = np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
+    return np.eye(3) + math.sin(angle) * skew + (1.0 - math.cos(angle)) * (skew @ skew)
+
+
+def quaternion_from_matrix(rotation: np.ndarray) -> np.ndarray:
+    """Unit quaternion (x, y, z, w), with ``w >= 0``, of a 3x3 rotation matrix."""
+    m = np.asarray(rotation, dtype=np.float64).reshape(3, 3)
+    trace = float(np.trace(m))
+    # Shepperd's method: divide by the largest of the four candidate terms, never by a small one.
+    if trace > max(m[0, 0], m[1, 1], m[2, 2]):
+        s = 2.0 * math.sqrt(1.0 + trace)
+        q = [(m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s, 0.25 * s]
+    elif m[0, 0] >= m[1, 1] and m[0, 0] >= m[2, 2]:
+        s = 2.0 * math.sqrt(1.0 + m[0, 0] - m[1, 1] - m[2, 2])
+        q = [0.25 * s, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s, (m[2, 1] - m[1, 2]) / s]
+    elif m[1, 1] >= m[2, 2]:
+        s = 2.0 * math.sqrt(1.0 + m[1, 1] - m[0, 0] - m[2, 2])
+        q = [(m[0, 1] + m[1, 0]) / s, 0.25 * s, (m[1, 2] + m[2, 1]) / s, (m[0, 2] - m[2, 0]) / s]
+    else:
+        s = 2.0 * math.sqrt(1.0 + m[2, 2] - m[0, 0] - m[1, 1])
+        q = [(m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, 0.25 * s, (m[1, 0] - m[0, 1]) / s]
+    return canonical_quaternion(np.array(q))
 
 
 def quaternion_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
