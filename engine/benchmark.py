@@ -6,6 +6,7 @@ unless a key says otherwise) so that the command line can print them and store t
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -125,3 +126,23 @@ def bench_tracking(
         "calibration_median_ms": float(np.median(calibration_ms)),
         "calibration_frames": len(chosen),
     }
+
+
+def bench_threads(
+    head: HeadModel, mp478: np.ndarray | None, lmk68: np.ndarray | None, image_size: tuple[int, int], fps: float, used: int,
+    frames: int = 60,
+) -> dict[str, object]:
+    """Tracking and calibration on the CPU (the first ``frames`` frames) with one PyTorch thread and with one
+    per core: the evidence for the thread count the commands use (``used``, restored afterwards)."""
+    mp478, lmk68 = (None if a is None else a[:frames] for a in (mp478, lmk68))
+    cores = os.cpu_count() or 1
+    report: dict[str, object] = {"used": used, "cores": cores}
+    try:
+        for threads in sorted({1, cores}):
+            torch.set_num_threads(threads)
+            figures = bench_tracking(head, mp478, lmk68, image_size, fps, TrackerConfig(device="cpu"))
+            report[f"warm_median_ms_threads_{threads}"] = figures["warm_median_ms"]
+            report[f"calibration_median_ms_threads_{threads}"] = figures["calibration_median_ms"]
+    finally:
+        torch.set_num_threads(used)
+    return report

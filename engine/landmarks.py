@@ -7,8 +7,12 @@ unmirrored camera image the subject's right eye appears on the image's left.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -106,7 +110,8 @@ class FaceLandmarker:
             output_facial_transformation_matrixes=config.output_transform,
         )
         try:
-            self._landmarker = vision.FaceLandmarker.create_from_options(options)
+            with _native_stderr_silenced(unless=log.isEnabledFor(logging.DEBUG)):
+                self._landmarker = vision.FaceLandmarker.create_from_options(options)
         except (RuntimeError, ValueError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelFileError(
@@ -180,6 +185,27 @@ class FaceLandmarker:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced(unless: bool) -> Iterator[None]:
+    """Send the process's C-level stderr (file descriptor 2) to /dev/null for the duration.
+
+    MediaPipe's graph and TFLite write five lines of start-up notes there while a landmarker is created
+    (absl logging ignores GLOG_* and TF_CPP_* variables), which no Python setting reaches. ``-v`` keeps them.
+    """
+    if unless:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _largest_face(faces: list) -> int:

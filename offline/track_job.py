@@ -51,6 +51,12 @@ class LandmarkSequence:
     def n_frames(self) -> int:
         return int((self.mp478 if self.mp478 is not None else self.lmk68).shape[0])
 
+    @property
+    def observed_frames(self) -> int:
+        """Frames in which any landmark was observed (a face was found)."""
+        arrays = [a for a in (self.mp478, self.lmk68) if a is not None]
+        return int(np.logical_or.reduce([np.isfinite(a).any(axis=(1, 2)) for a in arrays]).sum())
+
     def frame(self, index: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         """One frame's (mp478, lmk68), each None when absent or not observed at all."""
 

@@ -285,7 +285,7 @@ class _CameraReader:
         with _quiet_opencv():
             self._capture = cv2.VideoCapture(index)
             if not self._capture.isOpened():
-                raise UserError(f"camera {index} could not be opened; list cameras with --list-cameras")
+                raise UserError(f"camera {index} could not be opened; list cameras with --list-cameras, or track a file with --source VIDEO")
             if resolution is not None:
                 self._capture.set(cv2.CAP_PROP_FRAME_WIDTH, resolution[0])
                 self._capture.set(cv2.CAP_PROP_FRAME_HEIGHT, resolution[1])
@@ -296,7 +296,7 @@ class _CameraReader:
             self._capture.release()
             raise UserError(
                 f"camera {index} opened but gave no image (is another program using it?); "
-                "list cameras with --list-cameras"
+                "list cameras with --list-cameras, or track a file with --source VIDEO"
             )
         height, width = self._first_bgr.shape[:2]
         self.size = (width, height)
