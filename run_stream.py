@@ -172,6 +172,11 @@ def _add_track(subparsers: argparse._SubParsersAction, common: argparse.Argument
     track.add_argument("--n-shape", type=positive_int, default=100, help="identity components to fit (default 100)")
     track.add_argument("--n-exp", type=positive_int, default=50, help="expression components to fit (default 50)")
     track.add_argument("--photometric", action="store_true", help="also refine every frame photometrically into DIR/photometric")
+    track.add_argument(
+        "--overwrite", action="store_true",
+        help="replace what DIR holds from another input or other options (an interrupted run of the same command "
+        "continues without it)",
+    )  # fmt: skip
     _add_photometric_options(track)
     track.set_defaults(handler=_run_track)
 
@@ -181,34 +186,44 @@ def _run_track(args: argparse.Namespace) -> int:
     from engine.model_files import find_face_landmarker, resolve_models_dir
     from engine.model_selection import select_head_model
     from engine.tracker import TrackerConfig
-    from offline.track_job import detect_landmarks, load_landmark_file, track_sequence, write_outputs
+    from offline.track_job import PHOTOMETRIC_DIR, TrackOptions, load_landmark_file, track_input, written_frames
 
     source = Path(args.input)
+    landmarks_file = source.suffix.lower() == ".npz"
     if not source.exists() and "://" not in args.input:
         raise UserError(f"{args.input} does not exist: give a video, an image, a folder of images or a landmarks .npz")
-    models_dir = resolve_models_dir(args.models)
-    timings: dict[str, float] = {}
-    if source.suffix.lower() == ".npz":
-        sequence = load_landmark_file(source)
+    if args.photometric and landmarks_file:
+        raise UserError("--photometric needs the video or images themselves, not a landmarks file")
+    # The cheap checks of the input and the model come before any frame is read.
+    task = None
+    if landmarks_file:
+        load_landmark_file(source)
     else:
         from realtime.sources import open_source
 
         open_source(args.input, realtime=False).stop()  # a file that is no video or image fails here, in one line
-        sequence, mediapipe_ms = detect_landmarks(args.input, find_face_landmarker(models_dir))
-        timings["mediapipe_ms_per_frame"] = sum(mediapipe_ms) / len(mediapipe_ms)
+    models_dir = resolve_models_dir(args.models)
     head = select_head_model(args.flame, models_dir)
+    if not landmarks_file:
+        task = find_face_landmarker(models_dir)
     config = TrackerConfig(n_shape=args.n_shape, n_exp=args.n_exp, fov_deg=args.fov, device=_device(args.device))
-    tracker, results, track_timings = track_sequence(sequence, head, config)
-    write_outputs(args.out, tracker, results, sequence, {**timings, **track_timings}, args.save_vertices)
+    options = TrackOptions(config, save_vertices=args.save_vertices, overwrite=args.overwrite)
+    try:
+        result = track_input(args.input, args.out, head, task, options)
+    except KeyboardInterrupt:
+        print(f"interrupted: {written_frames(args.out)} frames are saved in {args.out}; run the same command again to continue", file=sys.stderr)
+        return 130
+    if result.resumed_frames == len(result.results):
+        print(f"{args.out} already holds this tracking")
+    elif result.resumed_frames:
+        print(f"continued an earlier run: {result.resumed_frames} frames were already written")
     if args.photometric:
         from offline.refine_job import refine_video
 
-        if source.suffix.lower() == ".npz":
-            raise UserError("--photometric needs the video or images themselves, not a landmarks file")
-        refined = refine_video(args.input, tracker, results, sequence.mp478, args.out / "photometric", _refine_options(args))
-        print(f"photometric refinement: {refined['seconds_per_frame']:.2f} s per frame -> {args.out / 'photometric'}")
-    valid = sum(bool(r["valid"][0]) for r in results)
-    print(f"tracked {valid}/{len(results)} frames with the {head.name} -> {args.out}")
+        out = args.out / PHOTOMETRIC_DIR
+        refined = refine_video(args.input, result.tracker, result.results, result.sequence.mp478, out, _refine_options(args))
+        print(f"photometric refinement: {refined['seconds_per_frame']:.2f} s per frame -> {out}")
+    print(f"tracked {result.valid_frames}/{len(result.results)} frames with the {head.name} -> {args.out}")
     return 0
 
 
@@ -493,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     use_threads(args.threads)
     # Long-running commands report progress in the log; the others stay quiet unless asked (-v).
-    chatty = args.command in ("live", "replay", "refine")
+    chatty = args.command in ("live", "replay", "refine") or (args.command == "track" and args.photometric)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO if chatty else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

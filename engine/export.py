@@ -7,6 +7,7 @@ coordinates, so the mesh overlays the input image through ``K``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,12 @@ def frame_arrays(path: Path, frame: int | None, model: HeadModel) -> dict[str, n
     index = 0 if frame is None else frame
     if not 0 <= index < frames:
         raise UserError(f"--frame {index} is outside {path}, which holds frames 0..{frames - 1}")
+    tracked_with = _model_checksum(path, arrays, index)
+    if tracked_with is not None and tracked_with != model.checksum:
+        raise UserError(
+            f"{path} was tracked with another model (checksum {tracked_with}), not the {model.name} "
+            f"({model.checksum}): export with the --flame that tracked it"
+        )
     picked = {key: np.asarray(arrays[key][index : index + 1], dtype=np.float64) for key in PARAMETER_KEYS}
     for key, size in (("shape", model.n_shape), ("exp", model.n_exp)):
         if picked[key].shape[1] > size:
@@ -75,6 +82,17 @@ def frame_arrays(path: Path, frame: int | None, model: HeadModel) -> dict[str, n
     if not all(np.all(np.isfinite(v)) for v in picked.values()):
         raise UserError(f"{path} frame {index} holds NaN or infinite parameters")
     return picked
+
+
+def _model_checksum(path: Path, arrays: dict[str, np.ndarray], index: int) -> str | None:
+    """The checksum of the model a frame was tracked with: its own ``model_checksum``, else the ``meta.json``
+    beside it (results written before frames carried it); None when neither says."""
+    if "model_checksum" in arrays:
+        return str(arrays["model_checksum"][index])
+    try:
+        return str(json.loads((path.parent / "meta.json").read_text())["model"]["checksum"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def write_mesh(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from engine.camera import FLIP, Camera
+from engine.export import euler_matrix
 from engine.filters import OneEuroConfig, OneEuroFilter
 from engine.fitting import Calibration, FitConfig, FrameFitter, FrameParams, Targets, calibrate
 from engine.flame import FlameLayer, rotation_log, rodrigues
@@ -271,6 +272,20 @@ class Tracker:
         self._freeze_identity()
         self.shape_version += 1
 
+    def adopt_calibration(self, shape: torch.Tensor, focal: float) -> None:
+        """Take an identity and focal length calibrated earlier (a resumed offline run) as if calibrated now."""
+        self.camera = self.camera.with_focal(focal)
+        self.calibrated = True
+        self.adopt_identity(shape)
+
+    def resume_after(self, previous: list[tuple[float, FrameParams]], last_valid: bool) -> None:
+        """Continue a sequence as if its earlier frames had been tracked by this tracker: ``previous`` holds
+        the last (up to two) valid frames as (timestamp, parameters), oldest first, and ``last_valid`` says
+        whether the frame just before the next one was tracked (else the next one starts cold)."""
+        self._history = [(t, params.clone()) for t, params in previous[-2:]]
+        self._lost = not (last_valid and self._history)
+        self._last_frame = self.frame_from(self._history[-1][1]) if self._history else None
+
     def request_recalibration(self) -> None:
         """Gather new candidate frames and calibrate again (the current identity is kept meanwhile)."""
         self.calibrated = False
@@ -363,7 +378,26 @@ def reference_arrays(tracker: Tracker, frame: TrackedFrame) -> dict[str, np.ndar
         "K": tracker.camera.intrinsics()[None].astype(np.float32),
         "valid": np.array([frame.valid]),
         "format_version": np.array([FRAME_FORMAT_VERSION]),
+        "model_checksum": np.array([tracker.head.checksum]),
     }
+
+
+def params_from_reference(tracker: Tracker, arrays: dict[str, np.ndarray]) -> FrameParams:
+    """The inverse of :func:`reference_arrays`: one frame's parameters (batch of one) in the tracker's dtype."""
+    exp = arrays["exp"][0].astype(np.float64)
+    rotation = euler_matrix(*(float(v) for v in arrays["cam"][0, :3]))
+    pose = np.zeros((tracker.layer.n_joints, 3))
+    pose[0] = cv2.Rodrigues(rotation)[0][:, 0]
+    pose[1], pose[2] = arrays["neck_pose"][0], arrays["jaw_pose"][0]
+    if tracker.layer.n_joints >= 5:
+        pose[3:5] = arrays["eye_pose"][0].reshape(2, 3)
+    # cam translation = J0 - R J0 + transl, with J0 the root joint of the shaped, expressed template.
+    root = tracker.root_rest_joint(exp)
+    transl = arrays["cam"][0, 3:].astype(np.float64) - root + rotation @ root
+    options = {"dtype": tracker.config.dtype, "device": tracker.config.device}
+    return FrameParams(
+        torch.as_tensor(exp[None], **options), rodrigues(torch.as_tensor(pose[None], **options)), torch.as_tensor(transl[None], **options)
+    )
 
 
 def diversity_feature(pose: np.ndarray, exp: np.ndarray) -> np.ndarray:

@@ -30,8 +30,7 @@ from engine.camera import FLIP
 from engine.errors import UserError
 from engine.flame import rodrigues
 from engine.photometric import FrameState, PhotometricConfig, PhotometricFitter
-from engine.tracker import Tracker, diversity_feature, reference_arrays, select_diverse
-from engine.export import euler_matrix
+from engine.tracker import Tracker, diversity_feature, params_from_reference, reference_arrays, select_diverse
 from offline.track_job import write_npz_atomic
 
 log = logging.getLogger(__name__)
@@ -55,17 +54,8 @@ def state_from_reference(tracker: Tracker, arrays: dict[str, np.ndarray]) -> Fra
     """A frame's parameters from the reference-format arrays of ``track_job`` (None when not valid)."""
     if not bool(arrays["valid"][0]):
         return None
-    exp = arrays["exp"][0].astype(np.float64)
-    rotation = euler_matrix(*(float(v) for v in arrays["cam"][0, :3]))
-    pose = np.zeros((tracker.layer.n_joints, 3))
-    pose[0] = cv2.Rodrigues(rotation)[0][:, 0]
-    pose[1], pose[2] = arrays["neck_pose"][0], arrays["jaw_pose"][0]
-    if tracker.layer.n_joints >= 5:
-        pose[3:5] = arrays["eye_pose"][0].reshape(2, 3)
-    # cam translation = J0 - R J0 + transl, with J0 the root joint of the shaped, expressed template.
-    root = tracker.root_rest_joint(exp)
-    transl = arrays["cam"][0, 3:].astype(np.float64) - root + rotation @ root
-    return _state(tracker, exp, pose, transl)
+    params = params_from_reference(tracker, arrays)
+    return FrameState(params.exp, params.pose(), params.transl)
 
 
 def state_from_message(tracker: Tracker, message: dict) -> FrameState | None:
@@ -144,6 +134,7 @@ class SequenceRefiner:
                 break
         if not images:
             raise UserError("the keyframes have no landmarks: the session cannot be refined")
+        log.info("fitting identity, albedo and light on %d keyframes (the longest single step; a minute or more on a busy CPU)", len(images))
         batch = self.fitter.prepare(images, landmarks)
         result = self._with_memory_guard(lambda: self.fitter.fit_identity(batch, FrameState.cat(chosen_states)))
         self.timings["identity_s"] = time.perf_counter() - started

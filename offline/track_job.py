@@ -3,12 +3,21 @@
 Two passes over the landmarks: a quick pass with the mean identity gives every frame's head pose and
 expression, from which the most diverse frames are chosen for calibration (identity and FOV, over the
 whole input rather than only its first seconds); the second pass tracks every frame with that identity
-frozen, warm-started, without the live output filter. Output (format version in ``meta.json``):
+frozen, warm-started, without the live output filter.
 
-- ``DIR/{frame:06d}.npz``: the reference tracker's keys (``shape exp head_pose jaw_pose neck_pose eye_pose
-  cam fov K``, leading dimension 1), ``valid``, and with ``save_vertices`` the posed mesh in camera space;
-- ``DIR/tracking.npz``: the same arrays stacked over frames;
-- ``DIR/meta.json``: model files and checksums, image size, fps, FOV, versions and timings.
+:func:`track_input` writes everything as it goes, so an interrupted run keeps its work and the same call
+continues it. Output in ``DIR`` (format version in ``meta.json``), in the order it is written:
+
+- ``job.json``: what is tracked (input path and fingerprint, model checksum, options); a folder holding
+  another job is refused, and cleared only on request (``overwrite``);
+- ``landmarks.npz``: MediaPipe's landmarks of every frame, in the landmarks-file format ``track`` reads;
+- ``calibration.npz``: the identity (``shape``) and focal length (pixels) every frame is tracked with;
+- ``{frame:06d}.npz``: the reference tracker's keys (``shape exp head_pose jaw_pose neck_pose eye_pose
+  cam fov K``, leading dimension 1), ``valid``, ``format_version``, ``model_checksum``, and with
+  ``save_vertices`` the posed mesh in camera space; one file per frame, each written atomically;
+- ``tracking.npz``: the same arrays stacked over frames;
+- ``meta.json``: model files and checksums, image size, fps, FOV, versions and timings. Written last and
+  atomically: a folder with ``meta.json`` holds a complete result (:func:`is_complete`).
 """
 
 from __future__ import annotations
@@ -18,9 +27,12 @@ import logging
 import math
 import os
 import platform
+import re
+import shutil
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +43,28 @@ from engine.errors import UserError
 from engine.export import posed_vertices
 from engine.head_model import HeadModel
 from engine.landmarks import N_LANDMARKS, FaceLandmarker, LandmarkerConfig
-from engine.tracker import FRAME_FORMAT_VERSION, Tracker, TrackerConfig, diversity_feature, fit_single, reference_arrays, select_diverse
+from engine.tracker import (
+    FRAME_FORMAT_VERSION,
+    Tracker,
+    TrackerConfig,
+    diversity_feature,
+    params_from_reference,
+    reference_arrays,
+    select_diverse,
+)
+from realtime.session import write_json_atomically
 
 log = logging.getLogger(__name__)
 
+JOB_FILE = "job.json"
+LANDMARKS_FILE = "landmarks.npz"
+CALIBRATION_FILE = "calibration.npz"
+STACK_FILE = "tracking.npz"
+META_FILE = "meta.json"
+PHOTOMETRIC_DIR = "photometric"
+JOB_FORMAT_VERSION = 1
+_FRAME_FILE = re.compile(r"\d{6}\.npz")
+_OUR_FILES = {JOB_FILE, LANDMARKS_FILE, CALIBRATION_FILE, STACK_FILE, META_FILE, PHOTOMETRIC_DIR}
 
 
 @dataclass
@@ -119,6 +149,11 @@ def detect_landmarks(source: str, task_path: Path, max_frames: int | None = None
         for frame in tqdm(iter_frames(source), desc="landmarks", unit="frame", leave=False, total=max_frames):
             if max_frames is not None and frame.index >= max_frames:
                 break
+            if frame.image.shape[:2] != (height, width):
+                raise UserError(
+                    f"{source}: image {frame.index + 1} is {frame.image.shape[1]}x{frame.image.shape[0]} but the first is "
+                    f"{width}x{height}; one run tracks one camera, so put the images of each size in a folder of their own"
+                )
             started = time.perf_counter()
             observation = landmarker.detect(frame.image, None if mode == "image" else int(round(frame.index * 1000 / fps)))
             timings.append((time.perf_counter() - started) * 1e3)
@@ -131,21 +166,34 @@ def detect_landmarks(source: str, task_path: Path, max_frames: int | None = None
 def track_sequence(
     sequence: LandmarkSequence, head: HeadModel, config: TrackerConfig, progress: bool = True
 ) -> tuple[Tracker, list[dict[str, np.ndarray]], dict[str, float]]:
-    """Calibrate on the most diverse frames of the whole sequence, then track every frame."""
+    """Calibrate on the most diverse frames of the whole sequence, then track every frame, in memory."""
     tracker = Tracker(head, sequence.image_size, config)
     timings: dict[str, float] = {}
+    single = calibrate_on_sequence(tracker, sequence, timings, progress)
+    if single is not None:
+        return tracker, [single], timings
+    frames = track_frames(tracker, sequence, 0, progress)
+    return tracker, list(frames), timings
+
+
+def calibrate_on_sequence(
+    tracker: Tracker, sequence: LandmarkSequence, timings: dict[str, float], progress: bool = True
+) -> dict[str, np.ndarray] | None:
+    """Calibrate identity and FOV on the most diverse frames (a survey pass with the mean identity finds them).
+
+    A single image is fitted on its own: its arrays are returned, as no tracking pass follows.
+    """
     if sequence.n_frames == 1:
         mp478, lmk68 = sequence.frame(0)
         if mp478 is None and lmk68 is None:
             raise UserError(f"no face found in {sequence.source}")
         started = time.perf_counter()
-        arrays = fit_single(head, sequence.image_size, mp478, lmk68, config)
+        result = tracker.calibrate([(mp478, lmk68)])
         timings["fit_s"] = time.perf_counter() - started
-        return tracker, [arrays], timings
-
+        return reference_arrays(tracker, tracker.frame_from(result.frames.params, float(result.frames.rms_px[0])))
     started = time.perf_counter()
     # The survey only needs poses and expressions with the mean identity: it never calibrates itself.
-    scout = Tracker(head, sequence.image_size, replace(config, calibration_seconds=math.inf))
+    scout = Tracker(tracker.head, sequence.image_size, replace(tracker.config, calibration_seconds=math.inf))
     candidates: list[int] = []
     features: list[np.ndarray] = []
     for index in tqdm(range(sequence.n_frames), desc="survey", unit="frame", disable=not progress, leave=False):
@@ -156,36 +204,215 @@ def track_sequence(
     timings["survey_s"] = time.perf_counter() - started
     if not candidates:
         raise UserError(f"no face could be tracked in {sequence.source}")
-    chosen = [candidates[i] for i in select_diverse(features, config.calibration_frames)]
+    chosen = [candidates[i] for i in select_diverse(features, tracker.config.calibration_frames)]
     started = time.perf_counter()
     tracker.calibrate([sequence.frame(i) for i in chosen])
     timings["calibration_s"] = time.perf_counter() - started
+    return None
 
-    started = time.perf_counter()
-    results = []
-    for index in tqdm(range(sequence.n_frames), desc="track", unit="frame", disable=not progress):
+
+def track_frames(tracker: Tracker, sequence: LandmarkSequence, start: int = 0, progress: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """Track frames ``start``.. of a calibrated tracker, yielding each frame's reference arrays as it is done."""
+    for index in tqdm(range(start, sequence.n_frames), desc="track", unit="frame", disable=not progress, initial=start, total=sequence.n_frames):
         frame = tracker.track(*sequence.frame(index), timestamp=index / sequence.fps)
-        results.append(reference_arrays(tracker, frame))
+        yield reference_arrays(tracker, frame)
+
+
+@dataclass(frozen=True)
+class TrackOptions:
+    """How :func:`track_input` tracks and what it writes."""
+
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    save_vertices: bool = False
+    overwrite: bool = False
+    """Clear an output folder that holds another job (only files track wrote; anything else is refused)."""
+    progress: bool = True
+
+
+@dataclass
+class TrackResult:
+    """A finished :func:`track_input`: the calibrated tracker and every frame's reference arrays."""
+
+    out_dir: Path
+    tracker: Tracker
+    sequence: LandmarkSequence
+    results: list[dict[str, np.ndarray]]
+    timings: dict[str, float]
+    resumed_frames: int
+    """Frames an earlier, interrupted run had already written (0 for a fresh run)."""
+
+    @property
+    def valid_frames(self) -> int:
+        return sum(bool(r["valid"][0]) for r in self.results)
+
+
+def frame_path(out_dir: Path, index: int) -> Path:
+    return Path(out_dir) / f"{index:06d}.npz"
+
+
+def is_complete(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a finished track (``meta.json`` is written last)."""
+    return (Path(out_dir) / META_FILE).is_file()
+
+
+def written_frames(out_dir: Path) -> int:
+    """How many frame files ``out_dir`` holds (what an interrupted run has kept)."""
+    out_dir = Path(out_dir)
+    return sum(1 for path in out_dir.iterdir() if _FRAME_FILE.fullmatch(path.name)) if out_dir.is_dir() else 0
+
+
+def track_input(
+    source: str | Path, out_dir: Path, head: HeadModel, landmarker_task: Path | None, options: TrackOptions | None = None
+) -> TrackResult:
+    """Track a video, image, image folder or landmarks .npz into ``out_dir`` (see the module docstring).
+
+    Resumable: frames, landmarks and calibration already in ``out_dir`` for the same job are reused, so
+    calling it again after an interruption continues where it stopped; on a complete folder it only loads.
+    ``landmarker_task`` (MediaPipe's model) is needed unless the input is a landmarks file.
+    """
+    options = options or TrackOptions()
+    source, out_dir = str(source), Path(out_dir)
+    prepare_output_dir(out_dir, describe_job(source, head, options), options.overwrite)
+    timings: dict[str, float] = {}
+    sequence = _landmarks(source, out_dir, landmarker_task, timings)
+    tracker = Tracker(head, sequence.image_size, options.tracker)
+    _calibration(tracker, sequence, out_dir, timings, options.progress)
+    results, resumed = _track_and_write(tracker, sequence, out_dir, options, timings)
+    if not is_complete(out_dir):
+        _write_summary(out_dir, tracker, results, sequence, timings)
+    return TrackResult(out_dir, tracker, sequence, results, timings, resumed)
+
+
+def describe_job(source: str, head: HeadModel, options: TrackOptions) -> dict[str, object]:
+    """What makes two runs the same job: the input (path and fingerprint), the model and the options."""
+    return {
+        "format": "flame-live tracking job",
+        "format_version": JOB_FORMAT_VERSION,
+        "source": source if "://" in source else str(Path(source).resolve()),
+        "input": _fingerprint(source),
+        "model_checksum": head.checksum,
+        "n_shape": options.tracker.n_shape,
+        "n_exp": options.tracker.n_exp,
+        "fov_deg": options.tracker.fov_deg,
+        "save_vertices": options.save_vertices,
+    }
+
+
+def _fingerprint(source: str) -> dict[str, int]:
+    """Size and modification time of the input file, or of a folder's files, so a changed input is noticed."""
+    path = Path(source)
+    if "://" in source or not path.exists():
+        return {}
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    stats = [p.stat() for p in files]
+    return {"files": len(files), "bytes": sum(s.st_size for s in stats), "modified_ns": max((s.st_mtime_ns for s in stats), default=0)}
+
+
+def prepare_output_dir(out_dir: Path, job: dict[str, object], overwrite: bool) -> None:
+    """Create ``out_dir`` for ``job``, keep it to resume the same job, or refuse (or, with ``overwrite``,
+    clear) a folder holding something else. Writes ``job.json``."""
+    entries = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
+    earlier = _read_job(out_dir / JOB_FILE)
+    if entries and earlier != job:
+        foreign = [entry.name for entry in entries if not _written_by_track(entry.name)]
+        if foreign:
+            raise UserError(f"--out {out_dir} holds files that 'track' did not write ({foreign[0]}); choose an empty or new folder")
+        if not overwrite:
+            if earlier is None:
+                what = f"an earlier result without {JOB_FILE}"
+            elif earlier.get("source") != job["source"] or earlier.get("input") != job["input"]:
+                what = f"the tracking of {earlier.get('source')}" + (" as it was before it changed" if earlier.get("source") == job["source"] else "")
+            else:
+                changed = [key for key in job if earlier.get(key) != job[key]]
+                what = f"a tracking of this input with a different {', '.join(changed)}"
+            raise UserError(f"--out {out_dir} already holds {what}; choose another folder, or add --overwrite to replace it")
+        log.info("clearing %s (--overwrite)", out_dir)
+        for entry in entries:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the output folder {out_dir} ({error.strerror})") from None
+    if earlier != job:
+        write_json_atomically(out_dir / JOB_FILE, job)
+
+
+def _written_by_track(name: str) -> bool:
+    return name in _OUR_FILES or _FRAME_FILE.fullmatch(name) is not None or name.endswith(".tmp")
+
+
+def _read_job(path: Path) -> dict[str, object] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _landmarks(source: str, out_dir: Path, landmarker_task: Path | None, timings: dict[str, float]) -> LandmarkSequence:
+    saved = out_dir / LANDMARKS_FILE
+    if Path(source).suffix.lower() == ".npz":
+        return load_landmark_file(Path(source))
+    if saved.is_file():
+        return replace(load_landmark_file(saved), source=source)
+    if landmarker_task is None:
+        raise UserError(f"{source} needs MediaPipe's face_landmarker.task to find its landmarks")
+    sequence, mediapipe_ms = detect_landmarks(source, landmarker_task)
+    timings["mediapipe_ms_per_frame"] = sum(mediapipe_ms) / len(mediapipe_ms)
+    write_npz_atomic(saved, {"mp478": sequence.mp478, "image_size": np.array(sequence.image_size), "fps": np.array(sequence.fps)})
+    return sequence
+
+
+def _calibration(tracker: Tracker, sequence: LandmarkSequence, out_dir: Path, timings: dict[str, float], progress: bool) -> None:
+    saved = out_dir / CALIBRATION_FILE
+    if saved.is_file():
+        with np.load(saved) as calibration:
+            tracker.adopt_calibration(torch.as_tensor(calibration["shape"]), float(calibration["focal"]))
+        return
+    single = calibrate_on_sequence(tracker, sequence, timings, progress)
+    if single is not None:
+        write_npz_atomic(frame_path(out_dir, 0), single)
+    write_npz_atomic(saved, {"shape": tracker.shape.cpu().numpy(), "focal": np.array(tracker.camera.focal)})
+
+
+def _track_and_write(
+    tracker: Tracker, sequence: LandmarkSequence, out_dir: Path, options: TrackOptions, timings: dict[str, float]
+) -> tuple[list[dict[str, np.ndarray]], int]:
+    """Load the frames already written, continue the tracker from them, and track and write the rest."""
+    results: list[dict[str, np.ndarray]] = []
+    while len(results) < sequence.n_frames and frame_path(out_dir, len(results)).is_file():
+        results.append(_load_frame(frame_path(out_dir, len(results))))
+    resumed = len(results)
+    if resumed == sequence.n_frames:
+        return results, resumed
+    if resumed:
+        log.info("resuming %s at frame %d of %d", out_dir, resumed, sequence.n_frames)
+        valid = [index for index, arrays in enumerate(results) if bool(arrays["valid"][0])]
+        previous = [(index / sequence.fps, params_from_reference(tracker, results[index])) for index in valid[-2:]]
+        tracker.resume_after(previous, last_valid=bool(results[-1]["valid"][0]))
+    started = time.perf_counter()
+    for arrays in track_frames(tracker, sequence, resumed, options.progress):
+        stored = arrays
+        if options.save_vertices:
+            vertices = posed_vertices(tracker.layer, arrays, space="camera")[None].astype(np.float32)
+            stored = {**arrays, "vertices": vertices}
+        write_npz_atomic(frame_path(out_dir, len(results)), stored)
+        results.append(arrays)
     timings["tracking_s"] = time.perf_counter() - started
-    timings["tracking_ms_per_frame"] = timings["tracking_s"] * 1e3 / sequence.n_frames
-    return tracker, results, timings
+    timings["tracking_ms_per_frame"] = timings["tracking_s"] * 1e3 / (sequence.n_frames - resumed)
+    return results, resumed
 
 
-def write_outputs(
-    out_dir: Path,
-    tracker: Tracker,
-    results: list[dict[str, np.ndarray]],
-    sequence: LandmarkSequence,
-    timings: dict[str, float],
-    save_vertices: bool,
+def _load_frame(path: Path) -> dict[str, np.ndarray]:
+    """A written frame's reference arrays (without the posed mesh, which the stacked file does not hold)."""
+    with np.load(path, allow_pickle=False) as saved:
+        return {key: saved[key] for key in saved.files if key != "vertices"}
+
+
+def _write_summary(
+    out_dir: Path, tracker: Tracker, results: list[dict[str, np.ndarray]], sequence: LandmarkSequence, timings: dict[str, float]
 ) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for index, arrays in enumerate(tqdm(results, desc="write", unit="frame", leave=False)):
-        if save_vertices:
-            arrays = {**arrays, "vertices": posed_vertices(tracker.layer, arrays, space="camera")[None].astype(np.float32)}
-        write_npz_atomic(out_dir / f"{index:06d}.npz", arrays)
     stacked = {key: np.concatenate([r[key] for r in results]) for key in results[0]}
-    write_npz_atomic(out_dir / "tracking.npz", stacked)
+    write_npz_atomic(out_dir / STACK_FILE, stacked)
     meta = {
         "format": "flame-live tracking",
         "format_version": FRAME_FORMAT_VERSION,
@@ -201,9 +428,10 @@ def write_outputs(
         "conventions": "head_pose is zero; cam = (yaw, pitch, roll, x, y, z), world-to-view, radians, "
         "R = Rz(roll) Ry(yaw) Rx(pitch), OpenGL view (y up, -z forward); vertices in OpenCV camera space",
         "timings": timings,
+        "torch_threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
     }
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json_atomically(out_dir / META_FILE, meta)
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:

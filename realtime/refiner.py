@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -53,6 +54,7 @@ class LiveRefiner:
         self._thread = threading.Thread(target=self._run, name="photometric-refiner", daemon=True)
 
     def start(self) -> LiveRefiner:
+        log.info("photometric refinement started: identity, texture and light are fitted to keyframes in the background")
         self._thread.start()
         return self
 
@@ -81,11 +83,14 @@ class LiveRefiner:
                 log.exception("photometric refinement failed; the current identity stays in use")
 
     def _refine(self) -> None:
+        started = time.monotonic()
+        log.debug("refining the identity on %d keyframes", len(self._pool))
         fitter = self._fitter_for(self._pool[-1])
         batch = fitter.prepare([k.image for k in self._pool], [k.landmarks for k in self._pool])
         initial = state_from_tracked([k.tracked for k in self._pool], fitter.device, fitter.dtype)
         fitter.fit_identity(batch, initial, self.config.iterations)
         self.updates += 1
+        log.info("refined identity #%d from %d keyframes in %.1f s", self.updates, len(self._pool), time.monotonic() - started)
         self.on_update(fitter.shape.cpu().numpy().copy(), fitter.appearance.state(), fitter.light.cpu().numpy().reshape(-1))
 
     def _fitter_for(self, keyframe: Keyframe) -> PhotometricFitter:

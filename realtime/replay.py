@@ -1,7 +1,10 @@
 """Publishing a recorded session again with its original timing, so receivers can be tested without a camera.
 
-Each recorded ``flame.frame`` and ``flame.shape`` message goes out as it was published live, with only
-``t_publish`` renewed; metrics describe the machine that ran live, not this replay, and are not repeated.
+Each recorded ``flame.frame`` and ``flame.shape`` message goes out as it was published live, re-stamped on
+this replay's clock: ``t_publish`` is now, and a frame's ``t_capture`` is now minus the capture-to-publish
+delay recorded live. So a receiver's latencies (flame-client's capture->receive and publish->receive) mean
+what they mean live, instead of counting the time since the recording; the original times stay in the
+recording. Metrics describe the machine that ran live, not this replay, and are not repeated.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def replay_session(
             break
         if record.topic not in (TOPIC_FRAME, TOPIC_SHAPE):
             continue
-        message = {**record.message, "t_publish": time.time()}
+        message = _restamped(record.topic, record.message, time.time())
         try:
             validate(record.topic, message)
         except MessageError as error:
@@ -61,6 +64,14 @@ def replay_session(
                 publisher.publish_shape(message)
             shapes += 1
     return ReplaySummary(frames, shapes, skipped, time.monotonic() - started)
+
+
+def _restamped(topic: str, message: dict, now: float) -> dict:
+    """The message on the replay's clock (see the module docstring)."""
+    restamped = {**message, "t_publish": now}
+    if topic == TOPIC_FRAME and isinstance(message.get("t_capture"), int | float) and isinstance(message.get("t_publish"), int | float):
+        restamped["t_capture"] = now - max(message["t_publish"] - message["t_capture"], 0.0)
+    return restamped
 
 
 def run_replay(

@@ -55,6 +55,9 @@ MISTAKES: tuple[Mistake, ...] = (
     Mistake("export --out read-only", ("export", "--params", "FILE", "--out", "READ_ONLY/mesh.obj"), "cannot write"),
     Mistake("bench --json read-only", ("bench", "--json", "READ_ONLY/bench.json"), "cannot write"),
     Mistake("live --record read-only", ("live", "--source", "CLIP", "--record", "READ_ONLY/session"), "cannot write"),
+    Mistake("track --out holding another input", ("track", "CLIP", "--out", "DEMO_RESULT", "--models", "MODELS"), "--overwrite"),
+    Mistake("image folder of mixed sizes", ("track", "MIXED", "--out", "NEW", "--models", "MODELS"), "one camera"),
+    Mistake("export with another model", ("export", "--params", "DEMO_RESULT/000000.npz", "--flame", "FLAME", "--out", "NEW.obj"), "another model"),
 )
 
 
@@ -93,14 +96,26 @@ def write_mixed_size_folder(folder: Path) -> Path:
     return folder
 
 
+def track_demo_result(out: Path) -> Path:
+    """A real result of ``track`` with the demo head: one portrait."""
+    result = run_stream("track", str(PORTRAITS / "takeo.ppm"), "--out", str(out), "--flame", "demo", "--models", str(SHARED / "models"))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 def prepare(workdir: Path) -> dict[str, str]:
     """The files the mistakes refer to, created in ``workdir``."""
+    from flame_fixtures import write_flame_folder
+
     (workdir / "empty").mkdir(exist_ok=True)
     (workdir / "existing.txt").write_text("an existing file\n")
     return {
+        "FLAME": str(write_flame_folder(workdir / "flame")),
+        "DEMO_RESULT": str(track_demo_result(workdir / "demo-result")),
         "CLIP": str(CLIP),
         "MODELS": str(SHARED / "models"),
         "NEW": str(workdir / "new-output"),
+        "NEW.obj": str(workdir / "new-mesh.obj"),
         "EMPTY": str(workdir / "empty"),
         "MISSING": str(workdir / "no-such-folder"),
         "FILE": str(workdir / "existing.txt"),
@@ -141,7 +156,7 @@ def run_stream(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess
 
 def run_mistake(mistake: Mistake, paths: dict[str, str], cwd: Path) -> Outcome:
     args = [paths.get(arg, arg) for arg in mistake.args]
-    args = [arg.replace("READ_ONLY", paths["READ_ONLY"]) if arg.startswith("READ_ONLY/") else arg for arg in args]
+    args = [paths[arg.split("/")[0]] + arg[arg.index("/"):] if "/" in arg and arg.split("/")[0] in paths else arg for arg in args]
     result = run_stream(*args, cwd=cwd)
     lines = result.stderr.replace("\r", "\n").splitlines()
     return Outcome(result.returncode, [line for line in lines if line.startswith("error:")], result.stderr)

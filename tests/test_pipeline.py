@@ -55,9 +55,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def without_publish_time(message: dict) -> bytes:
-    """A message's bytes without t_publish: equality that also holds for NaN landmarks."""
-    return msgpack.packb({key: value for key, value in message.items() if key != "t_publish"})
+def without_times(message: dict) -> bytes:
+    """A message's bytes without t_publish and t_capture: equality that also holds for NaN landmarks."""
+    return msgpack.packb({key: value for key, value in message.items() if key not in ("t_publish", "t_capture")})
 
 
 def wait_until_subscribed(publisher: ZmqPublisher, subscriber: Subscriber) -> None:
@@ -259,8 +259,14 @@ def test_replay_publishes_the_recorded_messages_again(live_run: LiveRun) -> None
     published = [(topic, message) for topic, message in live_run.received if topic != TOPIC_METRICS]
     assert summary.frames == live_run.summary.frames and summary.skipped == 0
     assert [topic for topic, _ in replayed] == [topic for topic, _ in published]
-    assert [without_publish_time(m) for _, m in replayed] == [without_publish_time(m) for _, m in published]
+    assert [without_times(m) for _, m in replayed] == [without_times(m) for _, m in published]
     assert all(new["t_publish"] > old["t_publish"] for (_, new), (_, old) in zip(replayed, published))
+    # Re-stamped on the replay's clock, keeping the recorded capture-to-publish delay: a receiver's latency
+    # is the pipeline's, not the time since the recording.
+    frames = [(new, old) for (topic, new), (_, old) in zip(replayed, published) if topic == TOPIC_FRAME]
+    assert all(new["t_capture"] > old["t_publish"] for new, old in frames)
+    delays = [(new["t_publish"] - new["t_capture"], old["t_publish"] - old["t_capture"]) for new, old in frames]
+    assert all(new == pytest.approx(old, abs=1e-6) for new, old in delays)
 
 
 def test_novel_frames_become_keyframes_for_the_refiner(live_run: LiveRun) -> None:
