@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_publisher_options(parser: argparse.ArgumentParser) -> None:
-    """--zmq, --no-zmq, --osc and --vmc, shared by live and replay."""
+    """--zmq, --no-zmq, --osc, --vmc and --livelink, shared by live and replay."""
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument("--zmq", type=zmq_address, metavar="ADDR", help="ZeroMQ PUB address (default tcp://127.0.0.1:5555)")
     outputs.add_argument("--no-zmq", action="store_true", help="do not publish on ZeroMQ")
@@ -89,6 +89,11 @@ def _add_publisher_options(parser: argparse.ArgumentParser) -> None:
     outputs.add_argument(
         "--vmc", metavar="HOST:PORT", nargs="?", const="",
         help="also send the VMC protocol (VSeeFace, EVMC4U, VMC4B); default receiver 127.0.0.1:39539",
+    )  # fmt: skip
+    outputs.add_argument(
+        "--livelink", metavar="HOST:PORT", nargs="?", const="",
+        help="also send Live Link Face packets (Unreal's Apple ARKit Face Support, MetaHumans); "
+        "default receiver 127.0.0.1:11111",
     )  # fmt: skip
 
 
@@ -143,7 +148,9 @@ def _run_live(args: argparse.Namespace) -> int:
         models_dir=args.models,
         device=_device(args.device),
         fov_deg=args.fov,
-        publishers=publisher_options(None if args.no_zmq else args.zmq or DEFAULT_ZMQ_ADDRESS, args.osc, args.vmc),
+        publishers=publisher_options(
+            None if args.no_zmq else args.zmq or DEFAULT_ZMQ_ADDRESS, args.osc, args.vmc, args.livelink
+        ),
         record_dir=args.record,
         overwrite=args.overwrite,
         open_timeout_s=args.open_timeout,
@@ -312,7 +319,9 @@ def _run_replay(args: argparse.Namespace) -> int:
     from realtime.replay import run_replay
     from realtime.shutdown import stop_on_signals
 
-    outputs = publisher_options(None if args.no_zmq else args.zmq or DEFAULT_ZMQ_ADDRESS, args.osc, args.vmc)
+    outputs = publisher_options(
+        None if args.no_zmq else args.zmq or DEFAULT_ZMQ_ADDRESS, args.osc, args.vmc, args.livelink
+    )
     stop = threading.Event()
     with stop_on_signals(stop):
         summary = run_replay(args.session, outputs, args.speed, stop)

@@ -1,4 +1,4 @@
-"""Which publishers a command drives: the --zmq, --osc and --vmc choices, parsed and opened together."""
+"""Which publishers a command drives: the --zmq, --osc, --vmc and --livelink choices, parsed and opened together."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ from dataclasses import dataclass
 
 from engine.errors import UserError
 from flame_client.messages import DEFAULT_ZMQ_ADDRESS
-from realtime.publishers import DEFAULT_OSC_PORT, DEFAULT_VMC_PORT, OscPublisher, Publisher, VmcPublisher, ZmqPublisher
+from realtime.livelink import DEFAULT_LIVELINK_PORT
+from realtime.publishers import (
+    DEFAULT_OSC_PORT,
+    DEFAULT_VMC_PORT,
+    LiveLinkPublisher,
+    OscPublisher,
+    Publisher,
+    VmcPublisher,
+    ZmqPublisher,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 _HOST_PORT = re.compile(r"(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[^:\[\]]*))(?::(?P<port>[^:]*))?")
@@ -16,11 +25,12 @@ _HOST_PORT = re.compile(r"(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[^:\[\]]*))(?::(?P<po
 
 @dataclass(frozen=True)
 class PublisherOptions:
-    """Where to publish; None turns an output off. ZeroMQ is on by default, OSC and VMC are off."""
+    """Where to publish; None turns an output off. ZeroMQ is on by default, OSC, VMC and Live Link are off."""
 
     zmq: str | None = DEFAULT_ZMQ_ADDRESS
     osc: tuple[str, int] | None = None
     vmc: tuple[str, int] | None = None
+    livelink: tuple[str, int] | None = None
 
 
 def parse_host_port(text: str, default_port: int, option: str) -> tuple[str, int]:
@@ -36,13 +46,29 @@ def parse_host_port(text: str, default_port: int, option: str) -> tuple[str, int
     return host, port
 
 
-def publisher_options(zmq: str | None, osc: str | None, vmc: str | None) -> PublisherOptions:
-    """Options from the command line's strings; None turns an output off, "" (bare --vmc) means its default."""
-    return PublisherOptions(
-        zmq=zmq,
-        osc=None if osc is None else parse_host_port(osc, DEFAULT_OSC_PORT, "--osc"),
-        vmc=None if vmc is None else parse_host_port(vmc, DEFAULT_VMC_PORT, "--vmc"),
-    )
+def publisher_options(
+    zmq: str | None, osc: str | None, vmc: str | None, livelink: str | None = None
+) -> PublisherOptions:
+    """Options from the command line's strings; None turns an output off, "" (bare --vmc, --livelink) its default.
+
+    Two UDP outputs aimed at one receiver port would interleave two protocols there: that is refused.
+    """
+    udp_outputs = {
+        "--osc": None if osc is None else parse_host_port(osc, DEFAULT_OSC_PORT, "--osc"),
+        "--vmc": None if vmc is None else parse_host_port(vmc, DEFAULT_VMC_PORT, "--vmc"),
+        "--livelink": None if livelink is None else parse_host_port(livelink, DEFAULT_LIVELINK_PORT, "--livelink"),
+    }
+    claimed: dict[tuple[str, int], str] = {}
+    for option, target in udp_outputs.items():
+        if target is None:
+            continue
+        if target in claimed:
+            raise UserError(
+                f"{option}: port {target[1]} on {target[0]} is already in use by {claimed[target]}; "
+                f"give each output its own port, e.g. {option} {target[0]}:{target[1] + 1}"
+            )
+        claimed[target] = option
+    return PublisherOptions(zmq=zmq, osc=udp_outputs["--osc"], vmc=udp_outputs["--vmc"], livelink=udp_outputs["--livelink"])
 
 
 def open_publishers(options: PublisherOptions) -> list[Publisher]:
@@ -55,6 +81,8 @@ def open_publishers(options: PublisherOptions) -> list[Publisher]:
             publishers.append(opened.enter_context(OscPublisher(*options.osc)))
         if options.vmc is not None:
             publishers.append(opened.enter_context(VmcPublisher(*options.vmc)))
+        if options.livelink is not None:
+            publishers.append(opened.enter_context(LiveLinkPublisher(*options.livelink)))
         opened.pop_all()
         return publishers
 

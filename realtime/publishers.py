@@ -1,4 +1,5 @@
-"""Publishers: ZeroMQ (the full schema), native OSC (``/flame/...``) and VMC (avatars in VSeeFace, Unity, Blender).
+"""Publishers: ZeroMQ (the full schema), native OSC (``/flame/...``), VMC (avatars in VSeeFace, Unity, Blender) and
+Live Link Face (Unreal's ARKit face Live Link).
 
 Each takes the message dicts built by ``flame_client.messages`` through ``publish_frame``, ``publish_shape`` and
 ``publish_metrics``, and never makes the caller wait for a receiver: ZeroMQ drops at a small high-water mark,
@@ -28,6 +29,7 @@ re-parses every message it builds: about 1.5 ms per VMC frame against a few tens
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import socket
@@ -49,6 +51,7 @@ from flame_client.messages import (
     TOPIC_SHAPE,
     encode,
 )
+from realtime.livelink import DEFAULT_LIVELINK_PORT, DEFAULT_SUBJECT, LiveLinkFaceEncoder
 from realtime.vmc import PerfectSyncMapping, unity_neck_and_head
 
 logger = logging.getLogger(__name__)
@@ -62,7 +65,7 @@ _Self = TypeVar("_Self", bound="_Closing")
 
 
 class Publisher(Protocol):
-    """What the live loop and the replayer drive; all three publishers below satisfy it."""
+    """What the live loop and the replayer drive; every publisher below satisfies it."""
 
     def publish_frame(self, frame_msg: Mapping[str, Any]) -> None: ...
 
@@ -217,7 +220,10 @@ class _OneFloatMessages:
 
 
 class _UdpSender(_Closing):
-    """A non-blocking UDP socket aimed at one receiver; what cannot be sent at once is dropped and counted."""
+    """A non-blocking UDP socket aimed at one receiver; what cannot be sent at once is dropped and counted.
+
+    A receiver on this machine is reached from the loopback address, so nothing leaves through a network interface.
+    """
 
     def __init__(self, host: str, port: int, what: str) -> None:
         if not 0 < port < 65536:
@@ -229,6 +235,8 @@ class _UdpSender(_Closing):
         self._what = what
         self._socket = socket.socket(family, socket.SOCK_DGRAM)
         self._socket.setblocking(False)
+        if ipaddress.ip_address(self._target[0]).is_loopback:
+            self._socket.bind((self._target[0], 0))
         self.dropped = 0
         logger.info("%s to %s:%d", what, host, port)
 
@@ -379,3 +387,35 @@ class VmcPublisher(_UdpSender):
 
     def publish_metrics(self, metrics_msg: Mapping[str, Any]) -> None:
         """VMC has no place for metrics; nothing to send."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Live Link Face
+
+
+class LiveLinkPublisher(_UdpSender):
+    """Live Link Face packets for Unreal's stock "Apple ARKit Face Support" Live Link source (see ``realtime.livelink``).
+
+    One packet per tracked frame: MediaPipe's ARKit blendshapes with our fit's head and eye angles. Without a
+    face nothing is sent, and Unreal holds the subject's last pose.
+    """
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = DEFAULT_LIVELINK_PORT, subject: str = DEFAULT_SUBJECT
+    ) -> None:
+        try:
+            self._encoder = LiveLinkFaceEncoder(subject)
+        except ValueError as error:
+            raise UserError(f"Live Link subject {subject!r}: {error}") from None
+        super().__init__(host, port, "Live Link Face")
+        logger.info("Live Link subject %r, device id %s", subject, self._encoder.device_id)
+
+    def publish_frame(self, frame_msg: Mapping[str, Any]) -> None:
+        if frame_msg["valid"]:
+            self._send(self._encoder.encode(frame_msg))
+
+    def publish_shape(self, shape_msg: Mapping[str, Any]) -> None:
+        """Live Link Face has no notion of identity; nothing to send."""
+
+    def publish_metrics(self, metrics_msg: Mapping[str, Any]) -> None:
+        """Live Link Face has no place for metrics; nothing to send."""
