@@ -30,7 +30,7 @@ CHECK_PROGRAM = UNITY_DIR / "Tests~" / "ProtocolCheck.cs"
 OPENCV_TO_GLTF = np.diag([1.0, -1.0, -1.0])
 GLTF_TO_UNITY = np.diag([-1.0, 1.0, 1.0])
 
-pytestmark = pytest.mark.skipif(
+needs_mono = pytest.mark.skipif(
     shutil.which("mcs") is None or shutil.which("mono") is None,
     reason="needs mono's C# compiler and runtime: apt-get install -y mono-mcs mono-runtime",
 )
@@ -117,6 +117,23 @@ def same_rotation(quaternion: list[float], matrix: np.ndarray) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def test_every_package_asset_has_a_meta_file_with_its_own_guid() -> None:
+    """Unity ignores assets without .meta files in a package installed from git (an immutable folder)."""
+    assets = [
+        path for path in UNITY_DIR.rglob("*")
+        if path.suffix != ".meta" and not any(part.endswith("~") for part in path.relative_to(UNITY_DIR).parts)
+    ]  # fmt: skip
+    assert {"package.json", "README.md", "FlameLiveReceiver.cs"} <= {path.name for path in assets}
+    guids = []
+    for path in assets:
+        meta = path.with_name(path.name + ".meta")
+        assert meta.is_file(), f"{path.relative_to(UNITY_DIR)} has no .meta file"
+        guids += re.findall(r"^guid: ([0-9a-f]{32})$", meta.read_text(), flags=re.MULTILINE)
+    assert len(guids) == len(assets) == len(set(guids))
+    orphans = [meta for meta in UNITY_DIR.rglob("*.meta") if not meta.with_suffix("").exists()]
+    assert not orphans, f"meta files without an asset: {orphans}"
+
+
 def test_protocol_files_do_not_reference_unity() -> None:
     for path in PROTOCOL_DIR.glob("*.cs"):
         assert not re.search(r"using\s+UnityEngine|UnityEngine\.", path.read_text()), f"{path.name} must not use Unity"
@@ -124,6 +141,7 @@ def test_protocol_files_do_not_reference_unity() -> None:
     assert assembly["noEngineReferences"] is True
 
 
+@needs_mono
 def test_frames_from_our_osc_publisher_decode_to_the_sent_values(receiver_factory) -> None:
     rng = np.random.default_rng(3)
     frames = [random_frame(rng, seq) for seq in range(4)] + [random_frame(rng, 4, valid=False)]
@@ -147,6 +165,7 @@ def test_frames_from_our_osc_publisher_decode_to_the_sent_values(receiver_factor
     assert stats["frames"] == len(frames) and stats["rejected"] == 0, stats
 
 
+@needs_mono
 def test_head_and_joint_transforms_in_gltf_and_unity_axes(receiver_factory) -> None:
     rng = np.random.default_rng(5)
     frames = [random_frame(rng, seq) for seq in range(3)]
@@ -172,6 +191,7 @@ def test_head_and_joint_transforms_in_gltf_and_unity_axes(receiver_factory) -> N
     assert same_rotation(decoded["gltf_head_rotation"], np.eye(3)), "a head looking into the camera is unrotated"
 
 
+@needs_mono
 def test_foreign_and_broken_datagrams_are_counted_and_never_stop_the_receiver(receiver_factory) -> None:
     receiver = receiver_factory(1)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
@@ -190,6 +210,7 @@ def test_foreign_and_broken_datagrams_are_counted_and_never_stop_the_receiver(re
     assert "not a flame-live message (address /VMC/Ext/" in stats["last_rejection"]
 
 
+@needs_mono
 def test_a_port_in_use_is_one_clear_line(check_program: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
         busy.bind(("127.0.0.1", 0))

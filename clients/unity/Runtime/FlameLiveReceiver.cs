@@ -16,52 +16,60 @@ namespace FlameLive
         [Tooltip("127.0.0.1 receives from this machine only; 0.0.0.0 also from others on the network.")]
         public string listenAddress = "127.0.0.1";
 
-        [Header("Rig (found by name under Head Transform when left empty)")]
-        [Tooltip("The imported glTF's root: it moves and turns like the tracked head, relative to its parent, " +
-                 "whose origin is the webcam looking down -Z.")]
-        public Transform headTransform;
+        [Header("Rig (found by name under this object when left empty)")]
         [Tooltip("The 'flame_head' mesh with blend shapes exp_000... and pose_000...pose_035.")]
         public SkinnedMeshRenderer face;
-        public Transform neck, jaw, leftEye, rightEye;
+        [Tooltip("The joints root, neck, jaw, left_eye, right_eye. The root carries the head's pose relative to " +
+                 "its parent, whose origin is the webcam looking down -Z (glTF's camera convention).")]
+        public Transform root, neck, jaw, leftEye, rightEye;
+        [Tooltip("Optional: the exported .glb copied into Assets with the extension .bytes. It holds how FLAME's " +
+                 "joints move with the expression; without it they stay where the neutral face has them.")]
+        public TextAsset rigFile;
 
         [Header("Options")]
         [Tooltip("Move the head as well as turn it (off: it turns in place).")]
         public bool drivePosition = true;
-        [Tooltip("Blend shape weight for a FLAME coefficient of 1: 100 for glTFast and UnityGLTF, whose imported " +
-                 "shapes are full at weight 100. Negative weights need Player Settings > Other Settings > " +
-                 "'Clamp BlendShapes (Deprecated)' off.")]
-        public float blendShapeScale = 100f;
 
         FlameLiveListener listener;
-        int[] expressionShapes = new int[0];
-        readonly int[] poseShapes = new int[FlameRig.PoseCorrectiveCount];
-        readonly float[] poseWeights = new float[FlameRig.PoseCorrectiveCount];
-        Quaternion[] restRotations;
+        FlameSkeleton skeleton;
         Transform[] joints;
+        Vector3 restRootPosition;
+        int[] expressionShapes = new int[0];
+        float[] expressionScales = new float[0];
+        readonly int[] poseShapes = new int[FlameRig.PoseCorrectiveCount];
+        readonly float[] poseScales = new float[FlameRig.PoseCorrectiveCount];
+        readonly float[] poseWeights = new float[FlameRig.PoseCorrectiveCount];
+        readonly double[] translations = new double[3 * FlameSkeleton.JointCount];
+        readonly Quat[] rotations = new Quat[FlameSkeleton.JointCount];
         bool rejectionReported;
 
-        /// <summary>The last frame applied (or held, when its Valid is false); null before the first.</summary>
+        /// <summary>The last frame received (applied, or held when its Valid is false); null before the first.</summary>
         public FlameFrame LastFrame { get; private set; }
         public long FramesReceived { get { return listener == null ? 0 : listener.FramesReceived; } }
         public long Rejected { get { return listener == null ? 0 : listener.Rejected; } }
 
         void Awake()
         {
-            if (headTransform == null) headTransform = transform;
-            if (face == null) face = FindFace(headTransform);
-            if (neck == null) neck = FindDeep(headTransform, "neck");
-            if (jaw == null) jaw = FindDeep(headTransform, "jaw");
-            if (leftEye == null) leftEye = FindDeep(headTransform, "left_eye");
-            if (rightEye == null) rightEye = FindDeep(headTransform, "right_eye");
-            joints = new[] { neck, jaw, leftEye, rightEye };
-            restRotations = new Quaternion[joints.Length];
+            if (face == null) face = FindFace(transform);
+            joints = new[] { root, neck, jaw, leftEye, rightEye };
             for (int i = 0; i < joints.Length; i++)
-                restRotations[i] = joints[i] != null ? joints[i].localRotation : Quaternion.identity;
+            {
+                if (joints[i] == null) joints[i] = FindDeep(transform, FlameSkeleton.JointNames[i]);
+                if (joints[i] == null)
+                {
+                    Debug.LogError("flame-live: no joint '" + FlameSkeleton.JointNames[i] + "' under " + name + "; add this component to the imported rig's root object", this);
+                    enabled = false;
+                    return;
+                }
+            }
+            restRootPosition = joints[0].localPosition;
+            skeleton = LoadSkeleton();
             ResolveBlendShapes();
         }
 
         void OnEnable()
         {
+            if (joints == null || skeleton == null) return; // Awake found no rig
             try
             {
                 listener = new FlameLiveListener(port, listenAddress);
@@ -95,41 +103,75 @@ namespace FlameLive
             {
                 int count = Mathf.Min(expressionShapes.Length, frame.Expression.Length);
                 for (int i = 0; i < count; i++)
-                    if (expressionShapes[i] >= 0) face.SetBlendShapeWeight(expressionShapes[i], frame.Expression[i] * blendShapeScale);
+                    face.SetBlendShapeWeight(expressionShapes[i], frame.Expression[i] * expressionScales[i]);
                 FlameRig.PoseCorrectiveWeights(frame, poseWeights);
                 for (int k = 0; k < poseShapes.Length; k++)
-                    if (poseShapes[k] >= 0) face.SetBlendShapeWeight(poseShapes[k], poseWeights[k] * blendShapeScale);
+                    if (poseShapes[k] >= 0) face.SetBlendShapeWeight(poseShapes[k], poseWeights[k] * poseScales[k]);
             }
-            SetJoint(0, FlameRig.GltfJointRotation(frame.NeckPose, 0));
-            SetJoint(1, FlameRig.GltfJointRotation(frame.JawPose, 0));
-            SetJoint(2, FlameRig.GltfJointRotation(frame.EyePose, 0));
-            SetJoint(3, FlameRig.GltfJointRotation(frame.EyePose, 3));
-            headTransform.localRotation = ToUnity(FlameRig.GltfToUnity(FlameRig.GltfHeadRotation(frame)));
-            if (drivePosition)
+            FlameRig.JointTransforms(skeleton, frame, translations, rotations);
+            for (int joint = 0; joint < joints.Length; joint++)
             {
-                var position = FlameRig.GltfToUnity(FlameRig.GltfHeadTranslation(frame));
-                headTransform.localPosition = new Vector3((float)position[0], (float)position[1], (float)position[2]);
+                var q = FlameRig.GltfToUnity(rotations[joint]);
+                joints[joint].localRotation = new Quaternion((float)q.X, (float)q.Y, (float)q.Z, (float)q.W);
+                // glTF to Unity negates x, for positions as for rotations.
+                var position = new Vector3((float)-translations[3 * joint], (float)translations[3 * joint + 1], (float)translations[3 * joint + 2]);
+                joints[joint].localPosition = joint == 0 && !drivePosition ? restRootPosition : position;
             }
         }
 
-        void SetJoint(int index, Quat gltfRotation)
+        FlameSkeleton LoadSkeleton()
         {
-            if (joints[index] != null) joints[index].localRotation = restRotations[index] * ToUnity(FlameRig.GltfToUnity(gltfRotation));
+            if (rigFile != null)
+            {
+                try
+                {
+                    return FlameSkeleton.FromGlb(rigFile.bytes);
+                }
+                catch (FlameLiveException error)
+                {
+                    Debug.LogWarning("flame-live: " + rigFile.name + ": " + error.Message + "; using the imported joints' rest positions", this);
+                }
+            }
+            var offsets = new double[3 * FlameSkeleton.JointCount];
+            for (int joint = 0; joint < joints.Length; joint++)
+            {
+                var rest = joints[joint].localPosition; // Unity axes: x back to glTF's by negation
+                offsets[3 * joint] = -rest.x;
+                offsets[3 * joint + 1] = rest.y;
+                offsets[3 * joint + 2] = rest.z;
+            }
+            return FlameSkeleton.FromRestOffsets(offsets);
         }
 
         void ResolveBlendShapes()
         {
             if (face == null || face.sharedMesh == null)
             {
-                Debug.LogWarning("flame-live: no mesh with FLAME blend shapes (exp_000...) under " + headTransform.name + "; only bones and the head will move", this);
+                Debug.LogWarning("flame-live: no mesh with FLAME blend shapes (exp_000...) under " + name + "; only the joints will move", this);
                 return;
             }
             var mesh = face.sharedMesh;
             int expressions = 0;
             while (mesh.GetBlendShapeIndex(ExpressionName(expressions)) >= 0) expressions++;
             expressionShapes = new int[expressions];
-            for (int i = 0; i < expressions; i++) expressionShapes[i] = mesh.GetBlendShapeIndex(ExpressionName(i));
-            for (int k = 0; k < poseShapes.Length; k++) poseShapes[k] = mesh.GetBlendShapeIndex("pose_" + k.ToString("000"));
+            expressionScales = new float[expressions];
+            for (int i = 0; i < expressions; i++)
+            {
+                expressionShapes[i] = mesh.GetBlendShapeIndex(ExpressionName(i));
+                expressionScales[i] = FullWeight(mesh, expressionShapes[i]);
+            }
+            for (int k = 0; k < poseShapes.Length; k++)
+            {
+                poseShapes[k] = mesh.GetBlendShapeIndex("pose_" + k.ToString("000"));
+                poseScales[k] = poseShapes[k] >= 0 ? FullWeight(mesh, poseShapes[k]) : 0f;
+            }
+        }
+
+        /// <summary>The weight at which a shape is fully applied (a glTF weight of 1): its single frame's weight,
+        /// 1 in current glTFast, 100 in importers that follow Unity's percent convention.</summary>
+        static float FullWeight(Mesh mesh, int shape)
+        {
+            return mesh.GetBlendShapeFrameWeight(shape, mesh.GetBlendShapeFrameCount(shape) - 1);
         }
 
         void ReportRejections()
@@ -144,23 +186,18 @@ namespace FlameLive
             return "exp_" + index.ToString("000");
         }
 
-        static SkinnedMeshRenderer FindFace(Transform root)
+        static SkinnedMeshRenderer FindFace(Transform under)
         {
-            foreach (var renderer in root.GetComponentsInChildren<SkinnedMeshRenderer>(true))
+            foreach (var renderer in under.GetComponentsInChildren<SkinnedMeshRenderer>(true))
                 if (renderer.sharedMesh != null && renderer.sharedMesh.GetBlendShapeIndex(ExpressionName(0)) >= 0) return renderer;
             return null;
         }
 
-        static Transform FindDeep(Transform root, string name)
+        static Transform FindDeep(Transform under, string jointName)
         {
-            foreach (var child in root.GetComponentsInChildren<Transform>(true))
-                if (child.name == name) return child;
+            foreach (var child in under.GetComponentsInChildren<Transform>(true))
+                if (child.name == jointName) return child;
             return null;
-        }
-
-        static Quaternion ToUnity(Quat q)
-        {
-            return new Quaternion((float)q.X, (float)q.Y, (float)q.Z, (float)q.W);
         }
     }
 }

@@ -3,8 +3,9 @@
 // prints one JSON line per frame taken with TakeNewest: the decoded values and what the receiver would set
 // on the rig (pose-corrective weights, head and joint transforms in glTF and Unity axes).
 //
-//   mono ProtocolCheck.exe PORT FRAMES     prints "listening PORT", then FRAMES frame lines, then a stats line
-// A port in use prints one line on stderr and exits with status 2.
+//   mono ProtocolCheck.exe PORT FRAMES [RIG.glb]
+// prints "listening PORT", then FRAMES frame lines (with RIG.glb, also the joints' local transforms), then a
+// stats line. A port in use or a bad .glb prints one line on stderr and exits with status 2.
 using System;
 using System.Globalization;
 using System.Text;
@@ -18,8 +19,10 @@ static class ProtocolCheck
         int port = int.Parse(args[0], CultureInfo.InvariantCulture);
         int expected = int.Parse(args[1], CultureInfo.InvariantCulture);
         FlameLiveListener listener;
+        FlameSkeleton skeleton = null;
         try
         {
+            if (args.Length > 2) skeleton = FlameSkeleton.FromGlb(System.IO.File.ReadAllBytes(args[2]));
             listener = new FlameLiveListener(port);
         }
         catch (FlameLiveException error)
@@ -32,6 +35,8 @@ static class ProtocolCheck
             Console.WriteLine("listening " + listener.Port);
             Console.Out.Flush();
             var weights = new float[FlameRig.PoseCorrectiveCount];
+            var translations = new double[3 * FlameSkeleton.JointCount];
+            var rotations = new Quat[FlameSkeleton.JointCount];
             var deadline = DateTime.UtcNow.AddSeconds(60);
             for (int printed = 0; printed < expected && DateTime.UtcNow < deadline;)
             {
@@ -61,6 +66,14 @@ static class ProtocolCheck
                 Field(json, "unity_head_rotation", Quaternion(FlameRig.GltfToUnity(FlameRig.GltfHeadRotation(frame))));
                 Field(json, "unity_head_position", Array(FlameRig.GltfToUnity(FlameRig.GltfHeadTranslation(frame))));
                 Field(json, "unity_jaw_rotation", Quaternion(FlameRig.GltfToUnity(FlameRig.GltfJointRotation(frame.JawPose, 0))));
+                if (skeleton != null)
+                {
+                    FlameRig.JointTransforms(skeleton, frame, translations, rotations);
+                    Field(json, "joint_translations", Array(translations));
+                    var quaternions = new string[rotations.Length];
+                    for (int i = 0; i < rotations.Length; i++) quaternions[i] = Quaternion(rotations[i]);
+                    Field(json, "joint_rotations", "[" + string.Join(", ", quaternions) + "]");
+                }
                 json.Length -= 1;
                 Console.WriteLine(json.Append('}').ToString());
                 Console.Out.Flush();

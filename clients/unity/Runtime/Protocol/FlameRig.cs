@@ -7,8 +7,11 @@
 // * Head: the stream places the model in OpenCV camera space, x_cam = R(head_rot) x_model + head_trans
 //   (x right, y down, z forward). glTF's world is that camera space turned Y-up, x_gltf = D x_cam with
 //   D = diag(1, -1, -1): the webcam sits at the origin looking down -Z, like a glTF camera, and the head's
-//   transform is rotation D R(head_rot), translation D head_trans. A head looking into the camera has the
-//   identity rotation (FLAME's model axes are glTF's: y up, z out of the face).
+//   transform is R_h = D R(head_rot), t_h = D head_trans. A head looking into the camera has the identity
+//   rotation (FLAME's model axes are glTF's: y up, z out of the face).
+// * Joints (JointTransforms): the root joint carries the head transform, rotation R_h and translation
+//   t_h + R_h B_0; joint k's local rotation is FLAME's R_k and its translation (B_k - B_parent) + (I - R_k) E_k exp,
+//   the shift that keeps glTF's fixed inverse bind matrices equal to FLAME's expression-dependent joints.
 // * Unity: glTFast and UnityGLTF both import glTF's right-handed axes into Unity's left-handed ones by
 //   negating X. A position (x, y, z) becomes (-x, y, z) and a rotation quaternion (x, y, z, w) becomes
 //   (x, -y, -z, w): the same rotation seen through that mirror.
@@ -110,6 +113,50 @@ namespace FlameLive.Protocol
         public static Quat GltfJointRotation(float[] pose, int offset)
         {
             return AxisAngleQuaternion(pose, offset).Canonical();
+        }
+
+        /// <summary>Local translations (glTF axes, metres, 5 x 3 row-major) and rotations of the joints root, neck,
+        /// jaw, left_eye, right_eye for one frame. Expression components beyond the skeleton's are ignored,
+        /// missing ones count as 0.</summary>
+        public static void JointTransforms(FlameSkeleton skeleton, FlameFrame frame, double[] translations, Quat[] rotations)
+        {
+            if (translations == null || translations.Length != 3 * FlameSkeleton.JointCount || rotations == null || rotations.Length != FlameSkeleton.JointCount)
+                throw new ArgumentException("translations must hold 15 values and rotations 5");
+            var headTranslation = GltfHeadTranslation(frame);
+            var head = RotationMatrix(frame.HeadRot, 0);
+            for (int column = 0; column < 3; column++)
+            {
+                head[3 + column] = -head[3 + column]; // D R: rows y and z negated
+                head[6 + column] = -head[6 + column];
+            }
+            var matrices = new[] { head, RotationMatrix(frame.NeckPose, 0), RotationMatrix(frame.JawPose, 0), RotationMatrix(frame.EyePose, 0), RotationMatrix(frame.EyePose, 3) };
+            rotations[0] = GltfHeadRotation(frame);
+            rotations[1] = GltfJointRotation(frame.NeckPose, 0);
+            rotations[2] = GltfJointRotation(frame.JawPose, 0);
+            rotations[3] = GltfJointRotation(frame.EyePose, 0);
+            rotations[4] = GltfJointRotation(frame.EyePose, 3);
+            var rest = skeleton.Rest;
+            for (int axis = 0; axis < 3; axis++)
+                translations[axis] = headTranslation[axis] + head[3 * axis] * rest[0] + head[3 * axis + 1] * rest[1] + head[3 * axis + 2] * rest[2];
+            int components = Math.Min(skeleton.ExpCount, frame.Expression.Length);
+            var shift = new double[3];
+            for (int joint = 1; joint < FlameSkeleton.JointCount; joint++)
+            {
+                for (int axis = 0; axis < 3; axis++)
+                {
+                    double sum = 0;
+                    int row = (3 * joint + axis) * skeleton.ExpCount;
+                    for (int e = 0; e < components; e++) sum += skeleton.ExpBasis[row + e] * frame.Expression[e];
+                    shift[axis] = sum;
+                }
+                int parent = FlameSkeleton.Parents[joint];
+                var rotation = matrices[joint];
+                for (int axis = 0; axis < 3; axis++)
+                {
+                    double rotated = rotation[3 * axis] * shift[0] + rotation[3 * axis + 1] * shift[1] + rotation[3 * axis + 2] * shift[2];
+                    translations[3 * joint + axis] = rest[3 * joint + axis] - rest[3 * parent + axis] + shift[axis] - rotated;
+                }
+            }
         }
 
         /// <summary>A glTF rotation as Unity sees it after glTFast's or UnityGLTF's import (X negated).</summary>
