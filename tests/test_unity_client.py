@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from scipy.spatial.transform import Rotation
 
-from engine.flame import rodrigues
-from realtime.messages import frame_message, metrics_message, shape_message
+from flame_client.messages import frame_message, metrics_message, shape_message
+from flame_client.rig import MESH_NODE_NAME, Skeleton, frame_rig_pose, pose_corrective_weights
 from realtime.publishers import OscPublisher, VmcPublisher
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,11 +56,10 @@ def check_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Receiver:
     """The C# check program listening on a port; one JSON line per frame it takes."""
 
-    def __init__(self, executable: Path, frames: int) -> None:
+    def __init__(self, executable: Path, frames: int, rig: Path | None = None) -> None:
         self.port = free_udp_port()
-        self.process = subprocess.Popen(
-            ["mono", str(executable), str(self.port), str(frames)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        command = ["mono", str(executable), str(self.port), str(frames)] + ([str(rig)] if rig else [])
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         first = self.process.stdout.readline()
         assert first.strip() == f"listening {self.port}", first + self.process.stderr.read()
 
@@ -77,10 +75,11 @@ class Receiver:
 
 @pytest.fixture
 def receiver_factory(check_program: Path) -> Iterator:
+    """Starts check programs (FRAMES, optional RIG.glb) and stops them after the test."""
     started: list[Receiver] = []
 
-    def start(frames: int) -> Receiver:
-        started.append(Receiver(check_program, frames))
+    def start(frames: int, rig: Path | None = None) -> Receiver:
+        started.append(Receiver(check_program, frames, rig))
         return started[-1]
 
     yield start
@@ -103,11 +102,19 @@ def as_sent(values: list[float]) -> np.ndarray:
     return np.asarray(values, dtype=np.float32).astype(np.float64)
 
 
-def expected_pose_correctives(frame: dict) -> np.ndarray:
-    """FLAME's pose feature as our FLAME layer computes it: R - I of joints 1..4, flattened row-major."""
-    joints = np.concatenate([frame["neck_pose"], frame["jaw_pose"], frame["eye_pose"]]).reshape(4, 3)
-    rotations = rodrigues(torch.from_numpy(as_sent(joints.reshape(-1)).reshape(4, 3)))
-    return (rotations - torch.eye(3, dtype=rotations.dtype)).reshape(-1).numpy()
+def as_received(frame: dict) -> dict:
+    """The frame as the receiver sees it: every float through float32."""
+    keys = ("exp", "neck_pose", "jaw_pose", "eye_pose", "head_rot", "head_trans")
+    return {**frame, **{key: as_sent(frame[key]) for key in keys}}
+
+
+def write_rig_glb(path: Path, skeleton: Skeleton) -> None:
+    """A binary glTF container whose JSON has the exported rig's mesh extras (flame_client.rig's names)."""
+    document = {"asset": {"version": "2.0"}, "meshes": [{"name": MESH_NODE_NAME, "extras": skeleton.to_extras()}]}
+    chunk = json.dumps(document).encode()
+    chunk += b" " * (-len(chunk) % 4)
+    body = len(chunk).to_bytes(4, "little") + b"JSON" + chunk
+    path.write_bytes(b"glTF" + (2).to_bytes(4, "little") + (12 + len(body)).to_bytes(4, "little") + body)
 
 
 def same_rotation(quaternion: list[float], matrix: np.ndarray) -> bool:
@@ -160,7 +167,10 @@ def test_frames_from_our_osc_publisher_decode_to_the_sent_values(receiver_factor
             for key in ("head_rot", "head_trans", "neck_pose", "jaw_pose", "eye_pose", "exp", "blendshapes"):
                 np.testing.assert_array_equal(decoded[key], as_sent(sent[key]), err_msg=key)
             assert decoded["fov_deg"] == as_sent([sent["fov_deg"]])[0]
-            np.testing.assert_allclose(decoded["pose_correctives"], expected_pose_correctives(sent), atol=1e-6)
+            received = as_received(sent)
+            eyes = received["eye_pose"].reshape(2, 3)
+            expected = pose_corrective_weights(received["neck_pose"], received["jaw_pose"], eyes[0], eyes[1])
+            np.testing.assert_allclose(decoded["pose_correctives"], expected, atol=1e-6)
     stats = receiver.next_line()
     assert stats["frames"] == len(frames) and stats["rejected"] == 0, stats
 
@@ -189,6 +199,37 @@ def test_head_and_joint_transforms_in_gltf_and_unity_axes(receiver_factory) -> N
             jaw = Rotation.from_rotvec(as_sent(sent["jaw_pose"])).as_matrix()
             assert same_rotation(decoded["unity_jaw_rotation"], GLTF_TO_UNITY @ jaw @ GLTF_TO_UNITY)
     assert same_rotation(decoded["gltf_head_rotation"], np.eye(3)), "a head looking into the camera is unrotated"
+
+
+@needs_mono
+def test_joint_transforms_match_flame_clients_rig_pose(receiver_factory, tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    n_exp = 20
+    skeleton = Skeleton(rest=rng.normal(0, 0.05, (5, 3)), exp_basis=rng.normal(0, 1e-3, (5, 3, n_exp)))
+    rig = tmp_path / "rig.glb"
+    write_rig_glb(rig, skeleton)
+    frames = [random_frame(rng, seq) for seq in range(3)]  # 50 expression components: more than the rig's 20
+    receiver = receiver_factory(len(frames), rig)
+    with OscPublisher("127.0.0.1", receiver.port) as publisher:
+        for sent in frames:
+            publisher.publish_frame(sent)
+            decoded = receiver.next_line()
+            expected = frame_rig_pose(skeleton, as_received(sent))
+            np.testing.assert_allclose(np.reshape(decoded["joint_translations"], (5, 3)), expected.translations, atol=1e-9)
+            for quaternion, matrix in zip(decoded["joint_rotations"], Rotation.from_quat(expected.rotations).as_matrix()):
+                assert same_rotation(quaternion, matrix)
+
+
+@needs_mono
+def test_a_glb_without_a_flame_skeleton_is_one_clear_line(check_program: Path, tmp_path: Path) -> None:
+    not_a_rig = tmp_path / "other.glb"
+    write_rig_glb(not_a_rig, Skeleton(rest=np.zeros((5, 3)), exp_basis=np.zeros((5, 3, 0))))
+    not_a_rig.write_bytes(not_a_rig.read_bytes().replace(b"flameJointRest", b"somethingElse1"))
+    result = subprocess.run(
+        ["mono", str(check_program), str(free_udp_port()), "1", str(not_a_rig)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "has no FLAME skeleton" in result.stderr and "export --gltf" in result.stderr
 
 
 @needs_mono
