@@ -1,6 +1,7 @@
 """Live Link Face packets for Unreal, received on a real UDP socket and read by a decoder written here from the
 public layout (think-biq/LLV's "Frame layout" and src/llv/gesicht.py, JimWest/PyLiveLinkFace's decode), not from
-our encoder; then the whole `live --livelink` command on a real clip, and its bad input."""
+our encoder; the angles also against Epic's own route (quaternion conversion, FQuat::Rotator); then the whole
+`live --livelink` command on a real clip, and its bad input."""
 
 from __future__ import annotations
 
@@ -158,6 +159,36 @@ def test_eye_angles_come_from_flames_eye_joints_left_then_right(receiver) -> Non
     rest = [packet.curves[name] for name in ("LeftEyePitch", "LeftEyeRoll", "RightEyeYaw", "RightEyeRoll")]
     assert rest == pytest.approx([0.0] * 4, abs=1e-5)
     assert [packet.curves[name] for name in ("HeadYaw", "HeadPitch", "HeadRoll")] == pytest.approx([0.0] * 3, abs=1e-6)
+
+
+def unreal_rotator_fractions(arkit_rotation: np.ndarray) -> np.ndarray:
+    """(yaw, pitch, roll) / 180 degrees the way Epic's code gets them: ARKit's quaternion to Unreal's axes with
+    ``FQuat(-Z, X, Y, -W)`` (FAppleARKitConversion::ToFTransform), then ``FQuat::Rotator``'s formulas."""
+    from scipy.spatial.transform import Rotation
+
+    qx, qy, qz, qw = Rotation.from_matrix(arkit_rotation).as_quat()
+    x, y, z, w = -qz, qx, qy, -qw
+    yaw = math.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
+    pitch = math.asin(2 * (z * x - w * y))
+    roll = math.atan2(-2 * (w * x + y * z), 1 - 2 * (x * x + y * y))
+    return np.degrees([yaw, pitch, roll]) / 180.0
+
+
+def test_angles_match_epics_quaternion_route_for_random_poses(receiver) -> None:
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        head_rot = (Rotation.from_rotvec(FRONTAL_HEAD_ROT) * Rotation.from_rotvec(rng.uniform(-0.6, 0.6, 3))).as_rotvec()
+        eye_pose = rng.uniform(-0.3, 0.3, 6)
+        packet, _ = receive(receiver, make_frame(head_rot=head_rot, eye_pose=eye_pose))
+        face_anchor = np.diag([1.0, -1.0, -1.0]) @ Rotation.from_rotvec(head_rot).as_matrix()  # ARKit camera: y up, z back
+        expected = np.concatenate([
+            unreal_rotator_fractions(face_anchor),
+            unreal_rotator_fractions(Rotation.from_rotvec(eye_pose[:3]).as_matrix()),
+            unreal_rotator_fractions(Rotation.from_rotvec(eye_pose[3:]).as_matrix()),
+        ])  # fmt: skip
+        assert [packet.curves[name] for name in CURVES[52:]] == pytest.approx(expected.tolist(), abs=1e-6)
 
 
 def test_a_frame_without_a_face_sends_nothing(receiver) -> None:
