@@ -68,7 +68,9 @@ def publisher_options(
                 f"give each output its own port, e.g. {option} {target[0]}:{target[1] + 1}"
             )
         claimed[target] = option
-    return PublisherOptions(zmq=zmq, osc=udp_outputs["--osc"], vmc=udp_outputs["--vmc"], livelink=udp_outputs["--livelink"])
+    return PublisherOptions(
+        zmq=zmq, osc=udp_outputs["--osc"], vmc=udp_outputs["--vmc"], livelink=udp_outputs["--livelink"]
+    )
 
 
 def open_publishers(options: PublisherOptions) -> list[Publisher]:

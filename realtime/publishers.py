@@ -394,7 +394,7 @@ class VmcPublisher(_UdpSender):
 
 
 class LiveLinkPublisher(_UdpSender):
-    """Live Link Face packets for Unreal's stock "Apple ARKit Face Support" Live Link source (see ``realtime.livelink``).
+    """Live Link Face packets for Unreal's stock "Apple ARKit Face Support" Live Link source (``realtime.livelink``).
 
     One packet per tracked frame: MediaPipe's ARKit blendshapes with our fit's head and eye angles. Without a
     face nothing is sent, and Unreal holds the subject's last pose.

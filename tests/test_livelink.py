@@ -64,11 +64,15 @@ def decode(data: bytes) -> Packet:
     offset += 17
     values = struct.unpack_from(f">{count}f", data, offset)
     assert offset + 4 * count == len(data), "bytes left over after the last value"
-    return Packet(version, strings[0], strings[1], frame, subframe, (numerator, denominator), dict(zip(CURVES, values, strict=True)))
+    curves = dict(zip(CURVES, values, strict=True))
+    return Packet(version, strings[0], strings[1], frame, subframe, (numerator, denominator), curves)
 
 
 def make_frame(
-    head_rot: np.ndarray = FRONTAL_HEAD_ROT, eye_pose: np.ndarray | None = None, valid: bool = True, t_capture: float = 1_700_000_000.5
+    head_rot: np.ndarray = FRONTAL_HEAD_ROT,
+    eye_pose: np.ndarray | None = None,
+    valid: bool = True,
+    t_capture: float = 1_700_000_000.5,
 ) -> dict:
     blendshapes = np.full(52, 0.25)
     blendshapes[BLENDSHAPE_NAMES.index("eyeBlinkLeft")] = 0.9
@@ -122,7 +126,8 @@ def test_a_frame_becomes_one_version_6_packet_with_61_named_values(receiver) -> 
     assert packet.curves["EyeBlinkLeft"] == pytest.approx(0.9) and packet.curves["EyeBlinkRight"] == pytest.approx(0.1)
     assert packet.curves["JawOpen"] == pytest.approx(0.6) and packet.curves["MouthSmileRight"] == 1.0
     assert packet.curves["TongueOut"] == 0.0, "MediaPipe has no tongue"
-    shapes = [packet.curves[name] for name in CURVES[:52] if name not in ("EyeBlinkLeft", "EyeBlinkRight", "JawOpen", "MouthSmileRight", "TongueOut")]
+    set_apart = ("EyeBlinkLeft", "EyeBlinkRight", "JawOpen", "MouthSmileRight", "TongueOut")
+    shapes = [packet.curves[name] for name in CURVES[:52] if name not in set_apart]
     assert shapes == pytest.approx([0.25] * len(shapes))
     angles = [packet.curves[name] for name in CURVES[52:]]
     assert angles == pytest.approx([0.0] * 9, abs=1e-6), "a head looking into the camera, eyes at rest"
