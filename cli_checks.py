@@ -161,6 +161,14 @@ def existing_file(text: str) -> Path:
     return path
 
 
+def existing_path(text: str) -> Path:
+    """A file or folder that exists (an input that may be either, such as a tracked sequence)."""
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    return path
+
+
 def _check_writable_under(path: Path, text: str) -> None:
     """The nearest existing folder at or above ``path`` must be a folder we can create files in."""
     existing = path

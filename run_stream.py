@@ -8,6 +8,7 @@
     python run_stream.py bench                        measure speed on this machine
     python run_stream.py models                       list the model files and where to get them
     python run_stream.py export --params F.npz ...    write a posed mesh as .obj or .ply
+    python run_stream.py export --gltf OUT.glb ...    write the FLAME rig (and its animation) as glTF
 
 Each subcommand has its own --help. Heavy imports happen inside the handlers so that --help is instant.
 """
@@ -24,6 +25,7 @@ from cli_checks import (
     CommandLineParser,
     device,
     existing_file,
+    existing_path,
     flame_model,
     float_between,
     int_between,
@@ -473,23 +475,42 @@ def _add_export(subparsers: argparse._SubParsersAction, common: argparse.Argumen
     export = subparsers.add_parser(
         "export",
         parents=[common],
-        help="write a posed mesh (.obj or .ply)",
-        description="Write the posed mesh of one tracked frame. --space model: FLAME's frame, head pose zero; "
-        "--space camera: OpenCV camera coordinates that overlay the input image through K.",
+        help="write a posed mesh (.obj/.ply) or the animated glTF rig (.glb)",
+        description="--out MESH: the posed mesh of one tracked frame (--space model: FLAME's frame, head pose zero; "
+        "--space camera: OpenCV camera coordinates that overlay the input image through K). "
+        "--gltf OUT.glb: the FLAME rig as glTF 2.0 (skinned mesh, expression and pose-corrective morph targets) "
+        "with the identity of --params and, for a sequence, its animation; without --params the mean shape.",
     )
-    export.add_argument("--params", type=existing_file, required=True, metavar="FILE.npz", help="a frame .npz or tracking.npz")
-    export.add_argument("--frame", type=non_negative_int, default=None, help="frame index within a stacked tracking.npz (default 0)")
-    export.add_argument("--space", choices=("model", "camera"), default="model", help="coordinate frame (default model)")
-    export.add_argument("--out", type=output_file_with_suffix(".obj", ".ply"), required=True, metavar="MESH", help="output .obj or .ply")
+    export.add_argument(
+        "--params", type=existing_path, default=None, metavar="TRACK_DIR|SESSION_DIR|FRAME.npz",
+        help="tracked parameters: a frame .npz or tracking.npz (--out, --gltf), or a track/refine output folder or "
+        "a live --record session folder (--gltf)",
+    )  # fmt: skip
+    export.add_argument("--frame", type=non_negative_int, default=None, help="frame index within a stacked tracking.npz (--out; default 0)")
+    export.add_argument("--space", choices=("model", "camera"), default="model", help="coordinate frame of --out (default model)")
+    output = export.add_mutually_exclusive_group(required=True)
+    output.add_argument("--out", type=output_file_with_suffix(".obj", ".ply"), metavar="MESH", help="output .obj or .ply: one posed frame")
+    output.add_argument("--gltf", type=output_file_with_suffix(".glb"), metavar="OUT.glb", help="output glTF rig, animated when --params is a sequence")
     export.set_defaults(handler=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from engine.errors import UserError
     from engine.export import frame_arrays, posed_vertices, write_mesh
     from engine.flame import FlameLayer
     from engine.model_files import resolve_models_dir
     from engine.model_selection import select_head_model
 
+    if args.gltf is not None:
+        if args.frame is not None:
+            raise UserError("--frame applies to --out; --gltf exports the whole sequence that --params names")
+        from offline.gltf_export import export_gltf
+
+        head = select_head_model(args.flame, resolve_models_dir(args.models))
+        print(export_gltf(args.gltf, head, args.params))
+        return 0
+    if args.params is None or not args.params.is_file():
+        raise UserError("--out needs --params FILE.npz: a frame .npz or tracking.npz written by 'run_stream.py track'")
     head = select_head_model(args.flame, resolve_models_dir(args.models))
     arrays = frame_arrays(args.params, args.frame, head)
     layer = FlameLayer(head, arrays["shape"].shape[1], arrays["exp"].shape[1])

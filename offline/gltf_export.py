@@ -1,0 +1,215 @@
+"""``run_stream.py export --gltf OUT.glb``: the rig of a tracked identity and its animation, from what
+``track``, ``refine`` or ``live --record`` wrote (the file layout is ``engine.gltf``'s).
+
+``--params`` accepts
+- a folder written by ``track`` or ``refine`` (``tracking.npz``, ``meta.json``; ``texture.png`` from
+  ``refine`` becomes the base colour): frame ``i`` is keyed at ``i / fps``;
+- a session folder written by ``live --record``: the identity is its last ``flame.shape``, frames are keyed at
+  their capture times;
+- one frame's ``.npz`` from ``track`` (or a stacked ``tracking.npz``);
+and without ``--params`` the rig has the model's mean shape and no animation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import UserError
+from engine.export import euler_matrix
+from engine.gltf import CameraView, RigAnimation, build_glb, skeleton_of
+from engine.head_model import HeadModel
+from engine.tracker import TrackerConfig
+from flame_client.messages import TOPIC_FRAME, TOPIC_SHAPE, MessageError, validate
+from flame_client.rig import gltf_head_pose
+from flame_client.rotations import matrix_from_axis_angle
+from realtime.session import SESSION_FILE, SessionReader
+
+log = logging.getLogger(__name__)
+
+TEXTURE_FILE = "texture.png"
+_TRACK_KEYS = ("shape", "exp", "jaw_pose", "neck_pose", "eye_pose", "cam")
+_DEFAULT_FPS = 25.0
+
+
+@dataclass(frozen=True)
+class RigSource:
+    """What a rig is made of: an identity, how many expressions it animates, and optionally a sequence."""
+
+    shape: np.ndarray
+    n_exp: int
+    animation: RigAnimation | None = None
+    camera: CameraView | None = None
+    texture: Path | None = None
+
+
+def export_gltf(out: Path, head: HeadModel, params: Path | None) -> str:
+    """Write the rig (and animation) to ``out``; returns a one-line summary for the user."""
+    if out.suffix.lower() != ".glb":
+        raise UserError(f"--gltf {out}: the rig is written as binary glTF; give a file name ending in .glb")
+    source = load_rig_source(params, head)
+    texture = None
+    if source.texture is not None:
+        if head.uv_coords is None:
+            log.warning("%s has no UV map: %s is not used", head.name, source.texture)
+        else:
+            texture = source.texture.read_bytes()
+    data = build_glb(head, source.shape, source.n_exp, source.animation, texture, source.camera)
+    _write_atomically(out, data)
+    frames = 0 if source.animation is None else source.animation.times.size
+    parts = [f"{head.n_vertices} vertices of the {head.name}", f"{source.n_exp} expression + 36 pose-corrective targets"]
+    if frames:
+        parts.append(f"{frames} frames over {source.animation.times[-1]:.2f} s")
+    if texture is not None:
+        parts.append(f"texture {source.texture.name}")
+    return f"wrote {out}: " + ", ".join(parts)
+
+
+def load_rig_source(params: Path | None, head: HeadModel) -> RigSource:
+    """The identity and sequence that ``--params`` names (see the module docstring); UserError when unusable."""
+    if params is None:
+        return RigSource(shape=np.zeros(0), n_exp=min(TrackerConfig().n_exp, head.n_exp))
+    if not params.exists():
+        raise UserError(f"--params {params} does not exist: give a folder from track, refine or live --record, or a frame .npz")
+    if params.is_dir() and (params / SESSION_FILE).is_file():
+        return _from_session(params, head)
+    if params.is_dir():
+        stacked = params / "tracking.npz"
+        if not stacked.is_file():
+            raise UserError(f"--params {params} holds neither tracking.npz (track, refine) nor {SESSION_FILE} (live --record)")
+        return _from_tracking(stacked, head)
+    return _from_tracking(params, head)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# track / refine output
+
+
+def _from_tracking(path: Path, head: HeadModel) -> RigSource:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: np.asarray(data[key], dtype=np.float64) for key in data.files if key in (*_TRACK_KEYS, "head_pose", "valid", "fov", "K")}
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is not a readable parameters .npz ({error})") from None
+    missing = [key for key in _TRACK_KEYS if key not in arrays]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: expected the output of 'run_stream.py track' or 'refine'")
+    frames = arrays["exp"].shape[0]
+    if frames == 0:
+        raise UserError(f"{path} holds no frames: track a video or landmarks file with at least one face")
+    meta = _read_meta(path.parent / "meta.json")
+    _check_model(path, head, (meta.get("model") or {}).get("checksum"), arrays["shape"].shape[1], arrays["exp"].shape[1])
+    shape, exp = arrays["shape"][-1], arrays["exp"]
+    skeleton = skeleton_of(head, shape, exp.shape[1])
+    rotations = np.empty((frames, 3, 3))
+    translations = np.empty((frames, 3))
+    for frame in range(frames):
+        # track keeps FLAME's root at zero and moves the camera (an OpenGL view: already glTF world).
+        view, shift = euler_matrix(*arrays["cam"][frame, :3]), arrays["cam"][frame, 3:]
+        root = matrix_from_axis_angle(arrays["head_pose"][frame]) if "head_pose" in arrays else np.eye(3)
+        pivot = skeleton.joints(exp[frame])[0]
+        rotations[frame] = view @ root
+        translations[frame] = view @ (pivot - root @ pivot) + shift
+    fps = float(meta.get("fps") or _DEFAULT_FPS)
+    valid = arrays["valid"].astype(bool).reshape(frames) if "valid" in arrays else np.ones(frames, bool)
+    animation = RigAnimation(
+        times=np.arange(frames) / fps, exp=exp,
+        joint_poses=np.stack([arrays["neck_pose"], arrays["jaw_pose"], *np.split(arrays["eye_pose"], 2, axis=1)], axis=1),
+        head_rotation=rotations, head_translation=translations, valid=valid,
+    )  # fmt: skip
+    camera = None
+    if "fov" in arrays:
+        size = meta.get("image_size") or {}
+        aspect = size["width"] / size["height"] if size.get("height") else None
+        if aspect is None and "K" in arrays:
+            aspect = float(arrays["K"][-1, 0, 2] / arrays["K"][-1, 1, 2])
+        camera = CameraView(float(arrays["fov"].reshape(-1)[-1]), aspect)
+    texture = path.parent / TEXTURE_FILE
+    return RigSource(shape, exp.shape[1], animation, camera, texture if texture.is_file() else None)
+
+
+def _read_meta(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is damaged ({error}); track again or remove it") from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _check_model(path: Path, head: HeadModel, checksum: str | None, n_shape: int, n_exp: int) -> None:
+    """Refuse parameters that belong to another model: by its checksum when recorded, else by their sizes."""
+    if checksum is not None and checksum != head.checksum:
+        raise UserError(
+            f"{path} was tracked with another model (checksum {checksum}) than the {head.name} ({head.checksum}): "
+            "export with the model that tracked it (--flame)"
+        )
+    for name, count, available in (("shape", n_shape, head.n_shape), ("exp", n_exp, head.n_exp)):
+        if count > available:
+            raise UserError(
+                f"{path} has {count} {name} coefficients but the {head.name} has {available}: "
+                "export with the model that tracked it (--flame)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# live --record sessions
+
+
+def _from_session(folder: Path, head: HeadModel) -> RigSource:
+    reader = SessionReader(folder)
+    frames: list[dict] = []
+    times: list[float] = []
+    shape_message: dict | None = None
+    for record in reader.messages():
+        if record.topic not in (TOPIC_FRAME, TOPIC_SHAPE):
+            continue
+        try:
+            message = validate(record.topic, record.message)
+        except MessageError as error:
+            raise UserError(f"{folder}: a recorded message is invalid ({error})") from None
+        if record.topic == TOPIC_SHAPE:
+            shape_message = message
+        # Keyed at capture times, which must increase: a repeated time (never expected) keeps the first frame.
+        elif not times or message["t_capture"] > times[-1]:
+            frames.append(message)
+            times.append(message["t_capture"])
+    if not frames:
+        raise UserError(f"{folder} holds no tracked frames: record with 'live --record DIR' while a face is in view")
+    if shape_message is None:
+        raise UserError(f"{folder} has no identity yet (no flame.shape message): record until calibration has finished")
+    shape = np.asarray(shape_message["shape"])
+    n_exp = max(len(frame["exp"]) for frame in frames)
+    _check_model(folder, head, shape_message["model_checksum"], shape.size, n_exp)
+    exp = np.stack([np.pad(frame["exp"], (0, n_exp - len(frame["exp"]))) for frame in frames])
+    poses = [gltf_head_pose(frame["head_rot"], frame["head_trans"]) for frame in frames]
+    animation = RigAnimation(
+        times=np.asarray(times) - times[0], exp=exp,
+        joint_poses=np.stack([[frame["neck_pose"], frame["jaw_pose"], frame["eye_pose"][:3], frame["eye_pose"][3:]] for frame in frames]),
+        head_rotation=np.stack([rotation for rotation, _ in poses]), head_translation=np.stack([shift for _, shift in poses]),
+        valid=np.array([frame["valid"] for frame in frames]),
+    )  # fmt: skip
+    size = frames[-1].get("image_size") or reader.frame_size
+    camera = CameraView(frames[-1]["fov_deg"], size[0] / size[1] if size else None)
+    texture = folder / TEXTURE_FILE
+    return RigSource(shape, n_exp, animation, camera, texture if texture.is_file() else None)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write via a temporary file and os.replace: an interrupted export never leaves half a .glb."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".glb.tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
