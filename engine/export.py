@@ -54,6 +54,20 @@ def posed_vertices(layer: FlameLayer, arrays: dict[str, np.ndarray], space: str 
 
 def frame_arrays(path: Path, frame: int | None, model: HeadModel) -> dict[str, np.ndarray]:
     """One frame's parameter arrays from a per-frame .npz or a stacked tracking.npz, checked against the model."""
+    arrays = read_parameter_arrays(path)
+    frames = arrays["exp"].shape[0]
+    index = 0 if frame is None else frame
+    if not 0 <= index < frames:
+        raise UserError(f"--frame {index} is outside {path}, which holds frames 0..{frames - 1}")
+    picked = {key: np.asarray(arrays[key][index : index + 1], dtype=np.float64) for key in PARAMETER_KEYS}
+    check_tracked_with(path, tracked_model_checksum(path, arrays, index), picked["shape"].shape[1], picked["exp"].shape[1], model)
+    if not all(np.all(np.isfinite(v)) for v in picked.values()):
+        raise UserError(f"{path} frame {index} holds NaN or infinite parameters")
+    return picked
+
+
+def read_parameter_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a per-frame .npz or stacked tracking.npz from track or refine; UserError when unusable."""
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
@@ -62,29 +76,26 @@ def frame_arrays(path: Path, frame: int | None, model: HeadModel) -> dict[str, n
     missing = [key for key in PARAMETER_KEYS if key not in arrays]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: expected a frame written by 'run_stream.py track'")
-    frames = arrays["exp"].shape[0]
-    index = 0 if frame is None else frame
-    if not 0 <= index < frames:
-        raise UserError(f"--frame {index} is outside {path}, which holds frames 0..{frames - 1}")
-    tracked_with = _model_checksum(path, arrays, index)
-    if tracked_with is not None and tracked_with != model.checksum:
+    return arrays
+
+
+def check_tracked_with(path: Path, checksum: str | None, n_shape: int, n_exp: int, model: HeadModel) -> None:
+    """Refuse parameters that belong to another model: by the checksum of the model that tracked them, when
+    known, and by their numbers of coefficients."""
+    if checksum is not None and checksum != model.checksum:
         raise UserError(
-            f"{path} was tracked with another model (checksum {tracked_with}), not the {model.name} "
+            f"{path} was tracked with another model (checksum {checksum}), not the {model.name} "
             f"({model.checksum}): export with the --flame that tracked it"
         )
-    picked = {key: np.asarray(arrays[key][index : index + 1], dtype=np.float64) for key in PARAMETER_KEYS}
-    for key, size in (("shape", model.n_shape), ("exp", model.n_exp)):
-        if picked[key].shape[1] > size:
+    for key, count, size in (("shape", n_shape, model.n_shape), ("exp", n_exp, model.n_exp)):
+        if count > size:
             raise UserError(
-                f"{path} has {picked[key].shape[1]} {key} coefficients but the {model.name} has {size}: "
+                f"{path} has {count} {key} coefficients but the {model.name} has {size}: "
                 "export with the model that tracked it (--flame)"
             )
-    if not all(np.all(np.isfinite(v)) for v in picked.values()):
-        raise UserError(f"{path} frame {index} holds NaN or infinite parameters")
-    return picked
 
 
-def _model_checksum(path: Path, arrays: dict[str, np.ndarray], index: int) -> str | None:
+def tracked_model_checksum(path: Path, arrays: dict[str, np.ndarray], index: int) -> str | None:
     """The checksum of the model a frame was tracked with: its own ``model_checksum``, else the ``meta.json``
     beside it (results written before frames carried it); None when neither says."""
     if "model_checksum" in arrays:

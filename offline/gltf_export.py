@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import UserError
-from engine.export import euler_matrix
+from engine.export import PARAMETER_KEYS, check_tracked_with, euler_matrix, read_parameter_arrays, tracked_model_checksum
 from engine.gltf import CameraView, RigAnimation, build_glb, skeleton_of
 from engine.head_model import HeadModel
 from engine.tracker import TrackerConfig
@@ -34,7 +34,6 @@ from realtime.session import SESSION_FILE, SessionReader
 log = logging.getLogger(__name__)
 
 TEXTURE_FILE = "texture.png"
-_TRACK_KEYS = ("shape", "exp", "jaw_pose", "neck_pose", "eye_pose", "cam")
 _DEFAULT_FPS = 25.0
 
 
@@ -92,24 +91,28 @@ def load_rig_source(params: Path | None, head: HeadModel) -> RigSource:
 
 
 def _from_tracking(path: Path, head: HeadModel) -> RigSource:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: np.asarray(data[key], dtype=np.float64) for key in data.files if key in (*_TRACK_KEYS, "head_pose", "valid", "fov", "K")}
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path} is not a readable parameters .npz ({error})") from None
-    missing = [key for key in _TRACK_KEYS if key not in arrays]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}: expected the output of 'run_stream.py track' or 'refine'")
+    stored = read_parameter_arrays(path)
+    wanted = (*PARAMETER_KEYS, "head_pose", "valid", "fov", "K")
+    arrays = {key: np.asarray(value, dtype=np.float64) for key, value in stored.items() if key in wanted}
     frames = arrays["exp"].shape[0]
     if frames == 0:
         raise UserError(f"{path} holds no frames: track a video or landmarks file with at least one face")
+    checksum = tracked_model_checksum(path, stored, frames - 1)
+    check_tracked_with(path, checksum, arrays["shape"].shape[1], arrays["exp"].shape[1], head)
     meta = _read_meta(path.parent / "meta.json")
-    _check_model(path, head, (meta.get("model") or {}).get("checksum"), arrays["shape"].shape[1], arrays["exp"].shape[1])
-    shape, exp = arrays["shape"][-1], arrays["exp"]
+    # A frame without a face, or with non-finite values, holds the last tracked pose.
+    valid = arrays["valid"].astype(bool).reshape(frames) if "valid" in arrays else np.ones(frames, bool)
+    valid &= np.all([np.isfinite(arrays[key].reshape(frames, -1)).all(axis=1) for key in PARAMETER_KEYS], axis=0)
+    if not valid.any():
+        raise UserError(f"{path}: no frame has a tracked face, so there is no identity or pose to export")
+    exp = np.where(valid[:, None], arrays["exp"], 0.0)
+    shape = arrays["shape"][np.flatnonzero(valid)[-1]]
     skeleton = skeleton_of(head, shape, exp.shape[1])
-    rotations = np.empty((frames, 3, 3))
-    translations = np.empty((frames, 3))
+    rotations = np.repeat(np.eye(3)[None], frames, axis=0)
+    translations = np.zeros((frames, 3))
     for frame in range(frames):
+        if not valid[frame]:
+            continue
         # track keeps FLAME's root at zero and moves the camera (an OpenGL view: already glTF world).
         view, shift = euler_matrix(*arrays["cam"][frame, :3]), arrays["cam"][frame, 3:]
         root = matrix_from_axis_angle(arrays["head_pose"][frame]) if "head_pose" in arrays else np.eye(3)
@@ -117,7 +120,6 @@ def _from_tracking(path: Path, head: HeadModel) -> RigSource:
         rotations[frame] = view @ root
         translations[frame] = view @ (pivot - root @ pivot) + shift
     fps = float(meta.get("fps") or _DEFAULT_FPS)
-    valid = arrays["valid"].astype(bool).reshape(frames) if "valid" in arrays else np.ones(frames, bool)
     animation = RigAnimation(
         times=np.arange(frames) / fps, exp=exp,
         joint_poses=np.stack([arrays["neck_pose"], arrays["jaw_pose"], *np.split(arrays["eye_pose"], 2, axis=1)], axis=1),
@@ -142,21 +144,6 @@ def _read_meta(path: Path) -> dict:
     except (ValueError, UnicodeDecodeError) as error:
         raise UserError(f"{path} is damaged ({error}); track again or remove it") from None
     return meta if isinstance(meta, dict) else {}
-
-
-def _check_model(path: Path, head: HeadModel, checksum: str | None, n_shape: int, n_exp: int) -> None:
-    """Refuse parameters that belong to another model: by its checksum when recorded, else by their sizes."""
-    if checksum is not None and checksum != head.checksum:
-        raise UserError(
-            f"{path} was tracked with another model (checksum {checksum}) than the {head.name} ({head.checksum}): "
-            "export with the model that tracked it (--flame)"
-        )
-    for name, count, available in (("shape", n_shape, head.n_shape), ("exp", n_exp, head.n_exp)):
-        if count > available:
-            raise UserError(
-                f"{path} has {count} {name} coefficients but the {head.name} has {available}: "
-                "export with the model that tracked it (--flame)"
-            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,7 +174,7 @@ def _from_session(folder: Path, head: HeadModel) -> RigSource:
         raise UserError(f"{folder} has no identity yet (no flame.shape message): record until calibration has finished")
     shape = np.asarray(shape_message["shape"])
     n_exp = max(len(frame["exp"]) for frame in frames)
-    _check_model(folder, head, shape_message["model_checksum"], shape.size, n_exp)
+    check_tracked_with(folder, shape_message["model_checksum"], shape.size, n_exp, head)
     exp = np.stack([np.pad(frame["exp"], (0, n_exp - len(frame["exp"]))) for frame in frames])
     poses = [gltf_head_pose(frame["head_rot"], frame["head_trans"]) for frame in frames]
     animation = RigAnimation(

@@ -85,10 +85,11 @@ def _state(tracker: Tracker, exp: np.ndarray, pose: np.ndarray, transl: np.ndarr
 class SequenceRefiner:
     """Refines one sequence into an output folder; see the module docstring."""
 
-    def __init__(self, tracker: Tracker, out_dir: Path, options: RefineOptions | None = None) -> None:
+    def __init__(self, tracker: Tracker, out_dir: Path, options: RefineOptions | None = None, fps: float | None = None) -> None:
         self.tracker = tracker
         self.out_dir = Path(out_dir)
         self.options = options or RefineOptions()
+        self.fps = fps  # of the frames, recorded in meta.json so the sequence can be animated at its own rate
         self.fitter = PhotometricFitter(tracker, self.options.photometric)
         self.timings: dict[str, float] = {}
 
@@ -238,6 +239,7 @@ class SequenceRefiner:
             "format_version": REFINE_FORMAT_VERSION,
             "model": {"name": self.tracker.head.name, "checksum": self.tracker.head.checksum},
             "frames": n_frames,
+            "fps": self.fps,
             "valid_frames": int(sum(bool(a["valid"][0]) for a in loaded)),
             "appearance": {"kind": appearance.kind, "name": appearance.space_name},
             "crop_size": self.options.photometric.size,
@@ -260,7 +262,7 @@ def refine_video(
     options: RefineOptions | None = None, progress: bool = True,
 ) -> dict[str, float]:
     """Refine a video or image folder tracked by ``track_job.track_sequence`` (its reference arrays)."""
-    from realtime.sources import iter_frames
+    from realtime.sources import iter_frames, open_source
 
     if mp478 is None:
         raise UserError("--photometric needs MediaPipe landmarks: give the video or images, not a 68-point landmarks file")
@@ -272,7 +274,9 @@ def refine_video(
                 return
             yield frame.image, mp478[frame.index]
 
-    return SequenceRefiner(tracker, out_dir, options).run(states, frames, progress)
+    with open_source(source, realtime=False) as probe:
+        fps = probe.fps
+    return SequenceRefiner(tracker, out_dir, options, fps).run(states, frames, progress)
 
 
 def refine_session(
@@ -340,7 +344,7 @@ def refine_session(
             if landmarker is not None:
                 landmarker.close()
 
-    return SequenceRefiner(tracker, out_dir, options).run(states, frames, progress)
+    return SequenceRefiner(tracker, out_dir, options, reader.fps).run(states, frames, progress)
 
 
 def _open_landmarker(task: Path | None):

@@ -201,4 +201,12 @@ def test_refine_command_refines_a_real_live_recording(shared_clips: Path, landma
         assert frame["light"].shape == (1, 9, 3) and frame["tex"].shape[0] == 1 and bool(frame["valid"][0])
         assert frame["exp"].shape[1] > 0 and np.isfinite(frame["exp"]).all()
     assert cv2.imread(str(out / "texture.png")) is not None
-    assert json.loads((out / "meta.json").read_text())["frames"] == 24
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["frames"] == 24 and meta["fps"] == pytest.approx(25.0), "bbaf2n.mpg is 25 fps"
+    # The README's last step: the refined folder and the raw session as animated glTF rigs (the rig itself is
+    # checked in test_gltf_export.py).
+    for params, texture in ((out, True), (session, False)):
+        export = [sys.executable, str(repo / "run_stream.py"), "export", "--gltf", str(tmp_path / "head.glb"), "--params", str(params), *models]
+        result = subprocess.run(export, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert "24 frames" in result.stdout and ("texture.png" in result.stdout) == texture, result.stdout
