@@ -196,6 +196,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; a rig is as shareable as any exported mesh
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
