@@ -221,6 +221,27 @@ def test_joint_transforms_match_flame_clients_rig_pose(receiver_factory, tmp_pat
 
 
 @needs_mono
+def test_a_rig_from_export_gltf_is_read_and_driven_like_flame_client_does(receiver_factory, flame_dir: Path, tmp_path: Path) -> None:
+    from engine.assets import load_flame
+    from engine.gltf import build_glb, skeleton_of
+
+    head = load_flame(flame_dir)
+    rng = np.random.default_rng(2)
+    shape, n_exp = rng.normal(0, 1, head.n_shape), 20
+    rig = tmp_path / "head.glb"
+    rig.write_bytes(build_glb(head, shape, n_exp))
+    skeleton = skeleton_of(head, shape, n_exp)
+    frames = [random_frame(rng, seq) for seq in range(2)]
+    receiver = receiver_factory(len(frames), rig)
+    with OscPublisher("127.0.0.1", receiver.port) as publisher:
+        for sent in frames:
+            publisher.publish_frame(sent)
+            decoded = receiver.next_line()
+            expected = frame_rig_pose(skeleton, as_received(sent))
+            np.testing.assert_allclose(np.reshape(decoded["joint_translations"], (5, 3)), expected.translations, atol=1e-9)
+
+
+@needs_mono
 def test_a_glb_without_a_flame_skeleton_is_one_clear_line(check_program: Path, tmp_path: Path) -> None:
     not_a_rig = tmp_path / "other.glb"
     write_rig_glb(not_a_rig, Skeleton(rest=np.zeros((5, 3)), exp_basis=np.zeros((5, 3, 0))))
