@@ -20,7 +20,7 @@ namespace FlameLive
         [Tooltip("The 'flame_head' mesh with blend shapes exp_000... and pose_000...pose_035.")]
         public SkinnedMeshRenderer face;
         [Tooltip("The joints root, neck, jaw, left_eye, right_eye. The root carries the head's pose relative to " +
-                 "its parent, whose origin is the webcam looking down -Z (glTF's camera convention).")]
+                 "the imported rig's root object, whose origin is the webcam looking down -Z (glTF's camera convention).")]
         public Transform root, neck, jaw, leftEye, rightEye;
         [Tooltip("Optional: the exported .glb copied into Assets with the extension .bytes. It holds how FLAME's " +
                  "joints move with the expression; without it they stay where the neutral face has them.")]
