@@ -440,7 +440,8 @@ def _add_models(subparsers: argparse._SubParsersAction, common: argparse.Argumen
         help="list model files: found, missing, where to get",
         description="List every model file (required or optional): found or missing, sha256, where to get it, "
         "its license; then load the FLAME model to check it. Exit status 1 when a required file is missing: "
-        "the FLAME model or a 68-point landmark embedding (unless --flame demo). face_landmarker.task never "
+        "the FLAME model or a landmark embedding the tracker can use: DECA's, RingNet's static + dynamic pair, or "
+        "metrical-tracker's MediaPipe one (unless --flame demo). face_landmarker.task never "
         "counts as missing: it downloads on first use. See models/README.md.",
     )
     models.set_defaults(handler=_run_models)
@@ -506,12 +507,12 @@ def _run_export(args: argparse.Namespace) -> int:
             raise UserError("--frame applies to --out; --gltf exports the whole sequence that --params names")
         from offline.gltf_export import export_gltf
 
-        head = select_head_model(args.flame, resolve_models_dir(args.models))
+        head = select_head_model(args.flame, resolve_models_dir(args.models), tracking=False)
         print(export_gltf(args.gltf, head, args.params))
         return 0
     if args.params is None or not args.params.is_file():
         raise UserError("--out needs --params FILE.npz: a frame .npz or tracking.npz written by 'run_stream.py track'")
-    head = select_head_model(args.flame, resolve_models_dir(args.models))
+    head = select_head_model(args.flame, resolve_models_dir(args.models), tracking=False)
     arrays = frame_arrays(args.params, args.frame, head)
     layer = FlameLayer(head, arrays["shape"].shape[1], arrays["exp"].shape[1])
     write_mesh(args.out, posed_vertices(layer, arrays, args.space), head.faces)

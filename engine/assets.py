@@ -217,6 +217,8 @@ def _attach_landmark_embeddings(model: HeadModel, folder: Path, n_faces: int) ->
             model.sources[dynamic.name] = mf.sha256_of(dynamic)
     if model.static68 is None:
         log.warning("no 68-point landmark embedding beside the FLAME model in %s (see models/README.md)", folder)
+    elif model.contour68 is None and model.full68 is None:
+        log.warning("%s holds the 51 inner-face points but no jaw contour: add %s", folder, mf.DYNAMIC_EMBEDDING.name)
     mediapipe = mf.find_spec_file(folder, mf.MEDIAPIPE_EMBEDDING)
     if mediapipe is not None:
         content = _read_dict(mediapipe, mf.MEDIAPIPE_EMBEDDING.source)
@@ -225,6 +227,16 @@ def _attach_landmark_embeddings(model: HeadModel, folder: Path, n_faces: int) ->
         indices = _indices(content, mediapipe, "landmark_indices", count, N_MEDIAPIPE_LANDMARKS, "MediaPipe landmarks")
         model.mediapipe = MediapipeEmbedding(face_idx=embedding.face_idx, bary=embedding.bary, landmark_indices=indices)
         model.sources[mediapipe.name] = mf.sha256_of(mediapipe)
+
+
+def require_tracking_landmarks(model: HeadModel) -> None:
+    """Refuse a FLAME model the tracker cannot fit properly: it needs the 51 inner-face points with a jaw contour
+    (or DECA's full 68) or the MediaPipe embedding. Raises ModelFileError naming the missing file and its source."""
+    with_contour = model.static68 is not None and (model.contour68 is not None or model.full68 is not None)
+    if model.is_demo or with_contour or model.mediapipe is not None:
+        return
+    missing = mf.missing_landmark_files(set(model.sources)) or "a landmark embedding (see models/README.md)"
+    raise ModelFileError(f"{model.name} cannot be tracked without {missing}")
 
 
 def _embedding(

@@ -43,7 +43,7 @@ class Need(Enum):
     """How much a file matters, as the `models` table says it."""
 
     FLAME = "FLAME tracking"
-    FLAME_68 = "FLAME tracking (one 68-point embedding)"
+    FLAME_68 = "FLAME tracking (one landmark embedding)"
     AUTO = "all tracking"
     OPTIONAL = "optional"
 
@@ -79,22 +79,22 @@ DECA_EMBEDDING = ModelFileSpec(
 )
 STATIC_EMBEDDING = ModelFileSpec(
     names=("flame_static_embedding.pkl",),
-    purpose="51 inner-face landmarks on FLAME (RingNet / FLAME_PyTorch)",
+    purpose="51 inner-face landmarks on FLAME (RingNet; TF_FLAME ships the same file)",
     need=Need.FLAME_68,
-    source="github.com/soubhiksanyal/FLAME_PyTorch, model/",
+    source="github.com/soubhiksanyal/RingNet, flame_model/ (or github.com/TimoBolkart/TF_FLAME, data/)",
     license="FLAME-derived data (FLAME terms)",
 )
 DYNAMIC_EMBEDDING = ModelFileSpec(
     names=("flame_dynamic_embedding.npy",),
     purpose="17 jaw-contour landmarks per head yaw, pairs with the static one",
     need=Need.FLAME_68,
-    source="github.com/soubhiksanyal/FLAME_PyTorch, model/",
+    source="github.com/soubhiksanyal/RingNet, flame_model/",
     license="FLAME-derived data (FLAME terms)",
 )
 MEDIAPIPE_EMBEDDING = ModelFileSpec(
     names=("mediapipe_landmark_embedding.npz",),
-    purpose="105 MediaPipe landmarks on FLAME (denser fits)",
-    need=Need.OPTIONAL,
+    purpose="105 MediaPipe landmarks on FLAME (denser fits; enough on its own)",
+    need=Need.FLAME_68,
     source="github.com/Zielon/metrical-tracker, flame/mediapipe/",
     license="metrical-tracker license (non-commercial research)",
 )
@@ -116,7 +116,7 @@ HEAD_TEMPLATE = ModelFileSpec(
     names=("head_template.obj",),
     purpose="FLAME mesh with its UV map (texture coordinates)",
     need=Need.OPTIONAL,
-    source="flame.is.tue.mpg.de, or DECA's data/",
+    source="flame.is.tue.mpg.de, or github.com/yfeng95/DECA, data/",
     license="FLAME model license, per user, no redistribution",
 )
 FACE_LANDMARKER = ModelFileSpec(
@@ -300,7 +300,7 @@ def model_inventory(models_dir: Path, flame: Path | None = None, *, cache_dir: P
 
     ``flame`` is the FLAME model file or the folder holding it (usually ``models_dir``); None means the demo
     head was chosen (``--flame demo``), so only the landmarker is required. "Required and missing" means:
-    the FLAME model, or any complete 68-point embedding (DECA's file, or the static + dynamic pair), is
+    the FLAME model, or every landmark embedding the tracker can use (:func:`missing_landmark_files`), is
     absent. The landmarker never counts as missing: it downloads on first use.
     """
     flame_dir = flame.parent if flame is not None and flame.is_file() else flame
@@ -325,12 +325,33 @@ def model_inventory(models_dir: Path, flame: Path | None = None, *, cache_dir: P
     if flame_dir is not None:
         if FLAME_MODEL.name not in found:
             missing.append(f"{FLAME_MODEL.name} (the FLAME model) from {FLAME_MODEL.source}")
-        if DECA_EMBEDDING.name not in found and not {STATIC_EMBEDDING.name, DYNAMIC_EMBEDDING.name} <= found:
-            missing.append(
-                f"a 68-point landmark embedding: {DECA_EMBEDDING.name} from {DECA_EMBEDDING.source}, or "
-                f"{STATIC_EMBEDDING.name} + {DYNAMIC_EMBEDDING.name} from {STATIC_EMBEDDING.source}"
-            )
+        landmarks = missing_landmark_files(found)
+        if landmarks is not None:
+            missing.append(landmarks)
     return Inventory(models_dir=models_dir, flame_dir=flame_dir, rows=tuple(rows), missing=tuple(missing))
+
+
+def missing_landmark_files(found: set[str]) -> str | None:
+    """What a FLAME folder holding the files ``found`` (names) lacks for tracking, in words; None if nothing.
+
+    The tracker needs the 51 inner-face points together with a jaw contour (DECA's file, which holds both, or
+    RingNet's static + dynamic pair), or metrical-tracker's MediaPipe embedding. The 51 points alone would
+    leave the jaw and the face outline unconstrained: the fit then follows the pupils and little else.
+    """
+    if DECA_EMBEDDING.name in found or MEDIAPIPE_EMBEDDING.name in found:
+        return None
+    if STATIC_EMBEDDING.name in found and DYNAMIC_EMBEDDING.name in found:
+        return None
+    alternative = f"or {MEDIAPIPE_EMBEDDING.name} from {MEDIAPIPE_EMBEDDING.source}"
+    if STATIC_EMBEDDING.name in found:
+        return (
+            f"{DYNAMIC_EMBEDDING.name} (the jaw contour that pairs with {STATIC_EMBEDDING.name}) from "
+            f"{DYNAMIC_EMBEDDING.source}, or {DECA_EMBEDDING.name} from {DECA_EMBEDDING.source}, {alternative}"
+        )
+    return (
+        f"a landmark embedding: {DECA_EMBEDDING.name} from {DECA_EMBEDDING.source}, or "
+        f"{STATIC_EMBEDDING.name} + {DYNAMIC_EMBEDDING.name} from {DYNAMIC_EMBEDDING.source}, {alternative}"
+    )
 
 
 def _landmarker_status(models_dir: Path, cache_dir: Path) -> FileStatus:

@@ -17,14 +17,21 @@ log = logging.getLogger(__name__)
 DEMO = "demo"
 
 
-def select_head_model(flame: str | None, models_dir: Path, n_tex: int | None = 0) -> HeadModel:
-    """Load the model a command asked for. ``n_tex=0`` skips texture spaces (only refinement needs them)."""
+def select_head_model(flame: str | None, models_dir: Path, n_tex: int | None = 0, tracking: bool = True) -> HeadModel:
+    """Load the model a command asked for. ``n_tex=0`` skips texture spaces (only refinement needs them).
+
+    ``tracking``: the command fits landmarks, so a FLAME folder without a usable landmark embedding is refused
+    here, before any work (exports only pose the mesh and need none).
+    """
     if flame == DEMO or (flame is None and find_spec_file(models_dir, FLAME_MODEL) is None):
         from engine.demo_head import build_demo_head
 
         if flame is None:
             log.info("no FLAME model in %s: using the demo head (pass --flame DIR to use FLAME)", models_dir)
         return build_demo_head(find_face_landmarker(models_dir))
-    from engine.assets import load_flame
+    from engine.assets import load_flame, require_tracking_landmarks
 
-    return load_flame(flame if flame is not None else models_dir, n_tex=n_tex)
+    model = load_flame(flame if flame is not None else models_dir, n_tex=n_tex)
+    if tracking:
+        require_tracking_landmarks(model)
+    return model

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flame_fixtures import write_flame_folder
 
@@ -171,14 +172,39 @@ def test_inventory_of_a_complete_folder(tmp_path: Path, flame_dir: Path) -> None
 
 
 def test_inventory_names_what_is_missing(tmp_path: Path) -> None:
-    folder = write_flame_folder(tmp_path / "flame", embeddings=("mediapipe",), texture=None)
+    folder = write_flame_folder(tmp_path / "flame", embeddings=(), texture=None)
     (folder / "generic_model.pkl").unlink()
     missing = model_inventory(folder, folder, cache_dir=tmp_path).missing
     assert len(missing) == 2 and "generic_model.pkl" in missing[0] and "landmark_embedding.npy" in missing[1]
-    # The static half of the RingNet pair alone is not a 68-point embedding.
-    write_flame_folder(tmp_path / "static_only", embeddings=("ringnet",), texture=None)
-    (tmp_path / "static_only" / "flame_dynamic_embedding.npy").unlink()
-    assert len(model_inventory(tmp_path, tmp_path / "static_only", cache_dir=tmp_path).missing) == 1
+    # The MediaPipe embedding alone is enough for the tracker.
+    write_flame_folder(tmp_path / "mediapipe_only", embeddings=("mediapipe",), texture=None)
+    assert model_inventory(tmp_path, tmp_path / "mediapipe_only", cache_dir=tmp_path).missing == ()
+
+
+def _static_only_folder(path: Path) -> Path:
+    """What TF_FLAME users have: the model and the 51-point static embedding, no jaw contour."""
+    folder = write_flame_folder(path, embeddings=("ringnet",), texture=None)
+    (folder / "flame_dynamic_embedding.npy").unlink()
+    return folder
+
+
+def test_a_static_embedding_alone_is_not_enough_and_the_dynamic_one_is_named_with_its_source(tmp_path: Path) -> None:
+    folder = _static_only_folder(tmp_path / "static_only")
+    missing = model_inventory(tmp_path, folder, cache_dir=tmp_path).missing
+    assert len(missing) == 1
+    assert missing[0].startswith("flame_dynamic_embedding.npy") and "github.com/soubhiksanyal/RingNet, flame_model/" in missing[0]
+    result = _run_cli("models", "--models", str(folder), cache=tmp_path)
+    assert result.returncode == 1 and "flame_dynamic_embedding.npy" in result.stdout
+
+
+def test_track_refuses_a_folder_without_a_jaw_contour_in_one_line(tmp_path: Path) -> None:
+    folder = _static_only_folder(tmp_path / "static_only")
+    landmarks = tmp_path / "landmarks.npz"
+    np.savez(landmarks, lmk68=np.full((2, 68, 2), 100.0), image_size=np.array([256, 256]))
+    result = _run_cli("track", str(landmarks), "--out", str(tmp_path / "out"), "--flame", str(folder), cache=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "flame_dynamic_embedding.npy" in result.stderr and "RingNet" in result.stderr
+    assert not (tmp_path / "out" / "job.json").exists()
 
 
 def test_demo_head_needs_no_flame_files(tmp_path: Path) -> None:
