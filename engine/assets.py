@@ -215,10 +215,6 @@ def _attach_landmark_embeddings(model: HeadModel, folder: Path, n_faces: int) ->
             content = _read_dict(dynamic, mf.DYNAMIC_EMBEDDING.source)
             model.contour68 = _contour(content, dynamic, "lmk_face_idx", "lmk_b_coords", n_faces)
             model.sources[dynamic.name] = mf.sha256_of(dynamic)
-    if model.static68 is None:
-        log.warning("no 68-point landmark embedding beside the FLAME model in %s (see models/README.md)", folder)
-    elif model.contour68 is None and model.full68 is None:
-        log.warning("%s holds the 51 inner-face points but no jaw contour: add %s", folder, mf.DYNAMIC_EMBEDDING.name)
     mediapipe = mf.find_spec_file(folder, mf.MEDIAPIPE_EMBEDDING)
     if mediapipe is not None:
         content = _read_dict(mediapipe, mf.MEDIAPIPE_EMBEDDING.source)
