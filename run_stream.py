@@ -4,6 +4,7 @@
     python run_stream.py [live] --source 0            track a webcam and stream parameters (default command)
     python run_stream.py track VIDEO --out DIR        track a recorded video, images or landmarks offline
     python run_stream.py refine SESSION_DIR           photometric refinement of a recorded session
+    python run_stream.py batch INPUT... --out ROOT    track (and refine) many inputs: process pool, Ray or Slurm
     python run_stream.py replay SESSION_DIR           publish a recording again with its original timing
     python run_stream.py bench                        measure speed on this machine
     python run_stream.py models                       list the model files and where to get them
@@ -38,7 +39,7 @@ from cli_checks import (
     zmq_address,
 )
 
-COMMANDS = ("live", "track", "refine", "replay", "bench", "models", "export")
+COMMANDS = ("live", "track", "refine", "batch", "replay", "bench", "models", "export")
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = _common_options()
-    for add in (_add_live, _add_track, _add_refine, _add_replay, _add_bench, _add_models, _add_export):
+    for add in (_add_live, _add_track, _add_refine, _add_batch, _add_replay, _add_bench, _add_models, _add_export):
         add(subparsers, common)
     return parser
 
@@ -297,6 +298,82 @@ def _run_refine(args: argparse.Namespace) -> int:
     timings = refine_session(args.session, tracker_factory, out_dir, landmarker_task(), options)
     print(f"refined {args.session} -> {out_dir} ({timings['seconds_per_frame']:.2f} s per frame)")
     return 0
+
+
+def _add_batch(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    batch = subparsers.add_parser(
+        "batch",
+        parents=[common],
+        help="track (and refine) many inputs: locally, on Ray or as a Slurm array",
+        description="Run 'track' (with --refine also the photometric refinement) for every input into ROOT/NAME/, "
+        "exactly as for that input alone. Complete inputs are skipped, interrupted ones resume, a failing input "
+        "is recorded with its reason while the others go on. Writes ROOT/summary.json and prints a table; "
+        "exit status 1 when any input failed.",
+    )
+    batch.add_argument("inputs", nargs="+", metavar="INPUT", help="videos, image folders, recorded sessions, landmark "
+                       ".npz files, globs (quoted), or .txt files listing them one per line")  # fmt: skip
+    batch.add_argument("--out", type=Path, required=True, metavar="ROOT", help="output root; on a cluster, a path every node sees")
+    batch.add_argument("--refine", action="store_true", help="also refine every input photometrically into ROOT/NAME/photometric")
+    batch.add_argument("--jobs", type=int, default=None, metavar="N", help="inputs at once in a local process pool "
+                       "(default: CPU cores / --threads)")  # fmt: skip
+    batch.add_argument("--threads", type=int, default=1, metavar="N", help="PyTorch threads (Ray: CPUs) per input (default 1)")
+    batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", help="one Ray task per input, on the "
+                       "cluster at ADDRESS ('auto', HOST:PORT, ray://HOST:PORT) or a local Ray started for the run")  # fmt: skip
+    batch.add_argument("--gpus-per-job", type=float, default=None, metavar="G", help="GPUs Ray reserves per input "
+                       "(default 1 with --device cuda, else 0)")  # fmt: skip
+    batch.add_argument("--shard", default=None, metavar="I/N", help="take every N-th input starting at I, for job "
+                       "arrays: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")  # fmt: skip
+    batch.add_argument("--dry-run", action="store_true", help="list this shard's inputs, their folders and what is done; run nothing")
+    batch.add_argument("--fov", type=float, default=None, metavar="DEG", help="known vertical field of view (default: estimated)")
+    batch.add_argument("--save-vertices", action="store_true", help="also store the posed mesh (camera space) per frame")
+    batch.add_argument("--n-shape", type=int, default=100, help="identity components to fit (default 100)")
+    batch.add_argument("--n-exp", type=int, default=50, help="expression components to fit (default 50)")
+    _add_photometric_options(batch)
+    batch.set_defaults(handler=_run_batch)
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from engine.errors import UserError
+    from engine.model_files import find_face_landmarker, resolve_models_dir
+    from engine.model_selection import select_head_model
+    from offline import batch
+
+    if args.fov is not None and not 5.0 <= args.fov <= 150.0:
+        raise UserError(f"--fov {args.fov}: expected a vertical field of view between 5 and 150 degrees")
+    if args.threads < 1 or (args.jobs is not None and args.jobs < 1):
+        raise UserError("--jobs and --threads must be at least 1")
+    plan = batch.plan_batch(args.inputs, args.out.resolve(), args.shard)
+    models_dir = resolve_models_dir(args.models).resolve()
+    select_head_model(args.flame, models_dir)  # a bad --flame fails here, before any work
+    needs_landmarker = any(not item.is_landmarks for item in plan.mine)
+    options = batch.JobOptions(
+        models_dir=models_dir,
+        landmarker_task=find_face_landmarker(models_dir).resolve() if needs_landmarker else None,
+        flame=str(Path(args.flame).resolve()) if args.flame not in (None, "demo") else args.flame,
+        device=_device(args.device),
+        n_shape=args.n_shape,
+        n_exp=args.n_exp,
+        fov_deg=args.fov,
+        save_vertices=args.save_vertices,
+        refine=_refine_options(args) if args.refine else None,
+        threads=args.threads,
+    )
+    if args.dry_run:
+        print(batch.describe_plan(plan, options))
+        return 0
+    if args.ray is not None:
+        gpus = args.gpus_per_job if args.gpus_per_job is not None else float(options.device.startswith("cuda"))
+        ray_options = batch.RayOptions(args.ray or None, cpus_per_job=args.threads, gpus_per_job=gpus)
+        engine = partial(batch.run_ray, root=plan.root, options=options, ray_options=ray_options)
+    elif (args.jobs or batch.default_jobs(args.threads)) > 1:
+        engine = partial(batch.run_pool, root=plan.root, options=options, jobs=args.jobs or batch.default_jobs(args.threads))
+    else:
+        engine = partial(batch.run_inline, root=plan.root, options=options)
+    outcome = batch.run_batch(plan, options, engine)
+    print(batch.summary_table(outcome, plan.mine))
+    return batch.exit_status(outcome, plan.mine)
 
 
 def _add_replay(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

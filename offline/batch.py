@@ -1,0 +1,547 @@
+"""Many inputs, one command: ``track`` (and ``refine``) for every input, locally, on Ray or as a Slurm array shard.
+
+Each input gets ``ROOT/<name>/`` holding exactly what ``track`` writes for it alone (with ``--refine`` also
+``ROOT/<name>/photometric``, what ``track --photometric`` or ``refine`` writes). The batch's own state lives
+apart, in ``ROOT/.batch/<name>.json``: written when an input starts (it claims the name for its source) and
+replaced, atomically and last, by its result. An input whose result says "done" with the same options is
+complete and skipped; any other input is (re)run, and the jobs resume what they already can. A failing input
+is recorded with a one-line reason and the others go on. ``ROOT/summary.json`` lists every input.
+
+The engines run one input per task: in this process (``jobs == 1``), a process pool, or one Ray task per
+input with its CPU and GPU request. Inputs are named and ordered before sharding, so every shard of a
+Slurm array (``--shard I/N``) agrees on every name.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import signal
+import socket
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from engine.errors import UserError
+
+if TYPE_CHECKING:
+    from offline.refine_job import RefineOptions
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+STATE_DIR = ".batch"
+SUMMARY_FORMAT_VERSION = 1
+LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
+SESSION_FILE = "session.json"  # realtime.session.SESSION_FILE, named here so that planning stays import-light
+SESSION_VIDEO = "video.mkv"
+REFINE_FOLDER = "photometric"
+
+
+@dataclass(frozen=True)
+class BatchInput:
+    """One input of the batch and the folder its outputs go to (``ROOT/name``)."""
+
+    name: str
+    source: Path  # absolute
+
+    @property
+    def is_session(self) -> bool:
+        return self.source.is_dir() and (self.source / SESSION_FILE).is_file()
+
+    @property
+    def is_landmarks(self) -> bool:
+        return self.source.suffix.lower() == ".npz"
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """How each input is processed; the part in ``fingerprint`` decides whether an earlier result still counts."""
+
+    models_dir: Path
+    landmarker_task: Path | None
+    flame: str | None
+    device: str = "cpu"
+    n_shape: int = 100
+    n_exp: int = 50
+    fov_deg: float | None = None
+    save_vertices: bool = False
+    refine: RefineOptions | None = None  # None: no photometric refinement
+    threads: int = 1  # PyTorch threads per job
+
+    def fingerprint(self) -> dict[str, object]:
+        return {
+            "flame": self.flame,
+            "n_shape": self.n_shape,
+            "n_exp": self.n_exp,
+            "fov_deg": self.fov_deg,
+            "save_vertices": self.save_vertices,
+            "refine": None if self.refine is None else _plain(asdict(self.refine)),
+        }
+
+
+@dataclass
+class InputResult:
+    """One line of the summary."""
+
+    name: str
+    source: str
+    status: str  # done | skipped (done by an earlier run) | failed | pending (not run: interrupted, other shard)
+    frames: int = 0
+    valid_fraction: float | None = None
+    seconds: float = 0.0
+    reason: str = ""
+    options: dict[str, object] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+def expand_inputs(arguments: list[str]) -> list[Path]:
+    """Videos, image folders, sessions and landmark files from paths, globs and list files (one per line).
+
+    Paths inside a list file are relative to the list file's folder. An input given twice is kept once.
+    """
+    found: list[Path] = []
+    for argument in arguments:
+        for path in _expand_one(argument):
+            if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+                found.extend(_read_list_file(path))
+            else:
+                found.append(path)
+    unique: dict[Path, None] = {}
+    for path in found:
+        resolved = path.resolve()
+        if resolved in unique:
+            log.warning("%s is listed more than once; it is processed once", path)
+        unique[resolved] = None
+    if not unique:
+        raise UserError("no inputs: give videos, image folders, recorded sessions, landmark .npz files, globs or a list file")
+    return list(unique)
+
+
+def _expand_one(argument: str, relative_to: Path | None = None) -> list[Path]:
+    path = Path(argument).expanduser()
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
+    if path.exists():
+        return [path]
+    if glob.has_magic(str(path)):
+        matches = sorted(Path(match) for match in glob.glob(str(path)))
+        if matches:
+            return matches
+        raise UserError(f"{argument} matches nothing; check the pattern (quote it so that your shell leaves it to batch)")
+    raise UserError(f"{argument} does not exist: give a video, an image folder, a recorded session, a landmarks .npz or a list file")
+
+
+def _read_list_file(path: Path) -> list[Path]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"list file {path} cannot be read ({error})") from None
+    entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not entries:
+        raise UserError(f"list file {path} names no inputs (one path or glob per line; # starts a comment)")
+    paths: list[Path] = []
+    for entry in entries:
+        paths.extend(_expand_one(entry, relative_to=path.parent))
+    return paths
+
+
+def assign_names(sources: list[Path], root: Path) -> list[BatchInput]:
+    """Give every input its folder name: the file or folder name, made unique without ever taking a folder
+    that holds another source's results (the later input gets a suffix from its path's hash)."""
+    taken: set[str] = set()
+    inputs: list[BatchInput] = []
+    for source in sources:
+        base = _safe_name(source.stem if source.is_file() else source.name)
+        for name in (base, f"{base}-{hashlib.sha256(str(source).encode()).hexdigest()[:8]}"):
+            if name not in taken and _folder_is_free_for(root, name, source):
+                break
+        else:
+            raise UserError(f"no free output folder for {source} under {root}: {base} and {name} hold other results")
+        taken.add(name)
+        inputs.append(BatchInput(name, source))
+    return inputs
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "input"
+
+
+def _folder_is_free_for(root: Path, name: str, source: Path) -> bool:
+    record = read_record(root, name)
+    if record is not None:
+        return record.get("source") == str(source)
+    folder = root / name
+    return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``I/N`` with 0 <= I < N (Slurm: ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if match is None or not int(match[1]) < int(match[2]):
+        raise UserError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. --shard 0/4 for the first of four")
+    return int(match[1]), int(match[2])
+
+
+def shard(inputs: list[BatchInput], index: int, count: int) -> list[BatchInput]:
+    """Every ``count``-th input, starting at ``index``: the shards together cover each input exactly once."""
+    return inputs[index::count]
+
+
+def prepare_root(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out {root} is a file; give a folder (it is created if needed)")
+    try:
+        (root / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out {root}: cannot create the output folder ({error.strerror})") from None
+    if not os.access(root, os.W_OK):
+        raise UserError(f"--out {root} is not writable; choose a folder you can write to")
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+def _record_path(root: Path, name: str) -> Path:
+    return root / STATE_DIR / f"{name}.json"
+
+
+def read_record(root: Path, name: str) -> dict | None:
+    try:
+        record = json.loads(_record_path(root, name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_record(root: Path, result: InputResult) -> None:
+    from realtime.session import write_json_atomically
+
+    write_json_atomically(_record_path(root, result.name), asdict(result))
+
+
+def is_complete(root: Path, item: BatchInput, options: JobOptions) -> bool:
+    """Done earlier with the same options, and its outputs are still there."""
+    record = read_record(root, item.name)
+    if record is None or record.get("status") != "done" or record.get("source") != str(item.source):
+        return False
+    if record.get("options") != _plain(options.fingerprint()):
+        return False
+    folder = root / item.name
+    return (folder / "meta.json").is_file() and (options.refine is None or (folder / REFINE_FOLDER / "meta.json").is_file())
+
+
+def _plain(value: object) -> object:
+    """JSON's view of a value (tuples become lists, paths strings), so fingerprints compare with stored ones."""
+    return json.loads(json.dumps(value, default=str))
+
+
+# ---------------------------------------------------------------------------------------------- one input
+
+
+def process_input(item: BatchInput, root: Path, options: JobOptions) -> InputResult:
+    """Track (and refine) one input into ``root/item.name``; never raises for a bad input, only records it."""
+    import torch
+
+    torch.set_num_threads(options.threads)
+    started = time.perf_counter()
+    fingerprint = _plain(options.fingerprint())
+    _write_record(root, InputResult(item.name, str(item.source), "running", options=fingerprint))
+    try:
+        frames, valid = _track_and_refine(item, root / item.name, options)
+        result = InputResult(item.name, str(item.source), "done", frames, valid / frames, options=fingerprint)
+    except UserError as error:
+        result = InputResult(item.name, str(item.source), "failed", reason=_one_line(str(error)), options=fingerprint)
+    except Exception as error:  # noqa: BLE001 - one broken input must not end the batch; its reason is kept
+        log.debug("%s failed:\n%s", item.source, traceback.format_exc())
+        result = InputResult(item.name, str(item.source), "failed", reason=_one_line(f"{type(error).__name__}: {error}"), options=fingerprint)
+    result.seconds = round(time.perf_counter() - started, 3)
+    _write_record(root, result)  # the marker: written last, atomically
+    return result
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "unknown error"
+
+
+def _track_and_refine(item: BatchInput, out_dir: Path, options: JobOptions) -> tuple[int, int]:
+    """What ``track INPUT --out DIR`` (and ``--photometric`` or ``refine``) does for one input; (frames, valid)."""
+    from engine.model_selection import select_head_model
+    from engine.tracker import Tracker, TrackerConfig
+    from offline.track_job import detect_landmarks, load_landmark_file, track_sequence, write_outputs
+
+    video = str(item.source / SESSION_VIDEO) if item.is_session else str(item.source)
+    timings: dict[str, float] = {}
+    if item.is_landmarks:
+        sequence = load_landmark_file(item.source)
+    else:
+        from realtime.sources import open_source
+
+        if options.landmarker_task is None:
+            raise UserError("MediaPipe's face_landmarker.task is needed for videos and images")
+        open_source(video, realtime=False).stop()  # a file that is no video or image fails here, in one line
+        sequence, mediapipe_ms = detect_landmarks(video, options.landmarker_task)
+        timings["mediapipe_ms_per_frame"] = sum(mediapipe_ms) / len(mediapipe_ms)
+    head = select_head_model(options.flame, options.models_dir)
+    config = TrackerConfig(n_shape=options.n_shape, n_exp=options.n_exp, fov_deg=options.fov_deg, device=options.device)
+    tracker, results, track_timings = track_sequence(sequence, head, config, progress=False)
+    write_outputs(out_dir, tracker, results, sequence, {**timings, **track_timings}, options.save_vertices)
+    if options.refine is not None:
+        from offline.refine_job import refine_session, refine_video
+
+        if item.is_landmarks:
+            raise UserError("--refine needs the video or images themselves, not a landmarks file")
+        if item.is_session:
+
+            def tracker_factory(image_size: tuple[int, int], n_shape: int, n_exp: int, fov_deg: float) -> Tracker:
+                return Tracker(head, image_size, TrackerConfig(n_shape=n_shape, n_exp=n_exp, fov_deg=fov_deg, device=options.device))
+
+            refine_session(item.source, tracker_factory, out_dir / REFINE_FOLDER, options.landmarker_task, options.refine, progress=False)
+        else:
+            refine_video(video, tracker, results, sequence.mp478, out_dir / REFINE_FOLDER, options.refine, progress=False)
+    return len(results), sum(bool(r["valid"][0]) for r in results)
+
+
+# ---------------------------------------------------------------------------------------------- engines
+
+
+#: Workers' environment: their per-frame progress bars would garble the batch's bar (tqdm reads it on import).
+QUIET_WORKER_ENV = {"TQDM_DISABLE": "1"}
+
+
+def _worker_init(threads: int) -> None:
+    """A pool worker: Ctrl-C is the parent's to handle (it terminates the pool)."""
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+
+
+def _process_packed(arguments: tuple[BatchInput, Path, JobOptions]) -> InputResult:
+    return process_input(*arguments)
+
+
+def run_inline(items: list[BatchInput], root: Path, options: JobOptions) -> Iterator[InputResult]:
+    for item in items:
+        yield process_input(item, root, options)
+
+
+def run_pool(items: list[BatchInput], root: Path, options: JobOptions, jobs: int) -> Iterator[InputResult]:
+    # spawn: MediaPipe and PyTorch hold threads that a forked child would inherit in an undefined state.
+    # The workers start here, with this environment.
+    saved = {key: os.environ.get(key) for key in QUIET_WORKER_ENV}
+    os.environ.update(QUIET_WORKER_ENV)
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(items)), initializer=_worker_init, initargs=(options.threads,))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+    try:
+        yield from pool.imap_unordered(_process_packed, [(item, root, options) for item in items])
+    except BaseException:
+        pool.terminate()  # Ctrl-C or an error: running inputs stop; their files are atomic, their records say so
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None  # None: a local Ray started for this run
+    cpus_per_job: float = 1.0
+    gpus_per_job: float = 0.0
+
+
+def run_ray(items: list[BatchInput], root: Path, options: JobOptions, ray_options: RayOptions) -> Iterator[InputResult]:
+    """One Ray task per input with its CPU/GPU request; results as they finish."""
+    ray = _connect_ray(ray_options.address)
+    pending: list = []
+    try:
+        task = ray.remote(process_input).options(
+            num_cpus=ray_options.cpus_per_job, num_gpus=ray_options.gpus_per_job, runtime_env={"env_vars": QUIET_WORKER_ENV}
+        )
+        pending = [task.remote(item, root, options) for item in items]
+        while pending:
+            finished, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(finished[0])
+    finally:
+        for reference in pending:  # left only when interrupted: stop the tasks still queued or running
+            ray.cancel(reference, force=True)
+        ray.shutdown()
+
+
+def _connect_ray(address: str | None):
+    try:
+        import ray
+    except ImportError:
+        raise UserError('--ray needs Ray: pip install -e ".[cluster]" (or pip install "ray[default]")') from None
+    if address not in (None, "auto"):
+        _check_reachable(address)
+    try:
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False if address is None else None)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise UserError(f"--ray {address or ''}: could not start or join Ray ({_one_line(str(error))})") from None
+    return ray
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in one line, at once, when nothing listens at a Ray address (Ray itself retries for a minute)."""
+    host_port = address.split("://", 1)[-1]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray {address}: expected HOST:PORT (e.g. 10.0.0.5:6379, or ray://HOST:10001), or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=5.0).close()
+    except OSError as error:
+        raise UserError(
+            f"--ray {address}: no Ray cluster answers there ({error.strerror or error}); start one with "
+            "'ray start --head' or check the address"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------- the batch
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    root: Path
+    inputs: list[BatchInput]  # every input, named, in order
+    mine: list[BatchInput]  # this shard's
+
+
+def plan_batch(arguments: list[str], root: Path, shard_spec: str | None = None) -> BatchPlan:
+    """Everything checked before any work: the inputs, their names, the output root, the shard."""
+    index, count = parse_shard(shard_spec) if shard_spec else (0, 1)
+    sources = expand_inputs(arguments)
+    prepare_root(root)
+    inputs = assign_names(sources, root)
+    return BatchPlan(root, inputs, shard(inputs, index, count))
+
+
+@dataclass
+class BatchOutcome:
+    lines: list[InputResult]  # every input of the batch, in input order
+    wall_seconds: float  # this run's
+
+
+def run_batch(
+    plan: BatchPlan, options: JobOptions, engine: Callable[[list[BatchInput]], Iterator[InputResult]]
+) -> BatchOutcome:
+    """Run this shard's incomplete inputs on ``engine`` and write ``summary.json``.
+
+    Interrupted (Ctrl-C), the summary is still written (unfinished inputs are "pending") before re-raising.
+    """
+    todo = [item for item in plan.mine if not is_complete(plan.root, item, options)]
+    results: dict[str, InputResult] = {}
+    started = time.perf_counter()
+    if not todo:
+        print(f"all {len(plan.mine)} inputs are already complete in {plan.root}: nothing to do")
+        return BatchOutcome(write_summary(plan, options, results), 0.0)
+    skipped = len(plan.mine) - len(todo)
+    if skipped:
+        print(f"{skipped} of {len(plan.mine)} inputs are already complete and skipped")
+    try:
+        with tqdm(total=len(todo), desc="batch", unit="input") as bar, closing(engine(todo)) as finished:
+            for result in finished:
+                results[result.name] = result
+                bar.set_postfix(frames=sum(r.frames for r in results.values()), failed=sum(r.status == "failed" for r in results.values()))
+                bar.update()
+    except BaseException:
+        write_summary(plan, options, results)
+        raise
+    return BatchOutcome(write_summary(plan, options, results), time.perf_counter() - started)
+
+
+def write_summary(plan: BatchPlan, options: JobOptions, fresh: dict[str, InputResult]) -> list[InputResult]:
+    """``ROOT/summary.json`` over every input of the batch (all shards): this run's results, earlier ones, pending."""
+    from realtime.session import write_json_atomically
+
+    lines = [fresh.get(item.name) or _earlier_result(plan.root, item, options) for item in plan.inputs]
+    done = [line for line in lines if line.status in ("done", "skipped")]
+    frames = sum(line.frames for line in done)
+    document = {
+        "format": "flame-live batch summary",
+        "format_version": SUMMARY_FORMAT_VERSION,
+        "root": str(plan.root),
+        "options": _plain(options.fingerprint()),
+        "counts": {status: sum(line.status == status for line in lines) for status in ("done", "skipped", "failed", "pending")},
+        "frames": frames,
+        "inputs": [{key: value for key, value in asdict(line).items() if key != "options"} for line in lines],
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_json_atomically(plan.root / SUMMARY_FILE, document)
+    return lines
+
+
+def _earlier_result(root: Path, item: BatchInput, options: JobOptions) -> InputResult:
+    record = read_record(root, item.name) or {}
+    if is_complete(root, item, options):
+        status = "skipped"
+    elif record.get("status") == "failed" and record.get("options") == _plain(options.fingerprint()):
+        status = "failed"
+    else:
+        status = "pending"
+    known = {key: record[key] for key in ("frames", "valid_fraction", "seconds", "reason") if key in record}
+    if status == "pending":
+        known = {}
+    return InputResult(item.name, str(item.source), status, **known)
+
+
+def summary_table(outcome: BatchOutcome, mine: list[BatchInput]) -> str:
+    """The printed table: this shard's inputs, then the totals with this run's frames per second."""
+    names = {item.name for item in mine}
+    rows = [line for line in outcome.lines if line.name in names]
+    header = ("input", "status", "frames", "valid", "seconds", "reason")
+    table = [header] + [
+        (
+            line.name,
+            line.status,
+            str(line.frames) if line.status != "pending" else "",
+            f"{line.valid_fraction:.0%}" if line.valid_fraction is not None else "",
+            f"{line.seconds:.1f}" if line.status != "pending" else "",
+            line.reason,
+        )
+        for line in rows
+    ]
+    widths = [max(len(row[column]) for row in table) for column in range(len(header) - 1)]
+    text = ["  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)) + "  " + row[-1] for row in table]
+    frames = sum(line.frames for line in rows if line.status == "done")
+    seconds = outcome.wall_seconds
+    counts = ", ".join(f"{sum(line.status == s for line in rows)} {s}" for s in ("done", "skipped", "failed", "pending"))
+    rate = f"; this run: {frames} frames in {seconds:.1f} s ({frames / seconds:.1f} frames/s)" if seconds > 0 else ""
+    text.append(f"{len(rows)} inputs: {counts}{rate}")
+    return "\n".join(line.rstrip() for line in text)
+
+
+def describe_plan(plan: BatchPlan, options: JobOptions) -> str:
+    """``--dry-run``: this shard's inputs, their folders and whether they are complete."""
+    lines = [f"{item.name}\t{'complete' if is_complete(plan.root, item, options) else 'to do'}\t{item.source}" for item in plan.mine]
+    return "\n".join(lines + [f"{len(plan.mine)} of {len(plan.inputs)} inputs in this shard"])
+
+
+def exit_status(outcome: BatchOutcome, mine: list[BatchInput]) -> int:
+    """0 when every input of this shard succeeded, 1 when any failed."""
+    names = {item.name for item in mine}
+    return 1 if any(line.status == "failed" for line in outcome.lines if line.name in names) else 0
+
+
+def default_jobs(threads: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, threads))
