@@ -364,6 +364,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         print(batch.describe_plan(plan, options))
         return 0
     if args.ray is not None:
+        batch.import_ray(args.ray or None)  # before any work: Ray installed, the cluster reachable
         gpus = args.gpus_per_job if args.gpus_per_job is not None else float(options.device.startswith("cuda"))
         ray_options = batch.RayOptions(args.ray or None, cpus_per_job=args.threads, gpus_per_job=gpus)
         engine = partial(batch.run_ray, root=plan.root, options=options, ray_options=ray_options)

@@ -388,12 +388,7 @@ def run_ray(items: list[BatchInput], root: Path, options: JobOptions, ray_option
 
 
 def _connect_ray(address: str | None):
-    try:
-        import ray
-    except ImportError:
-        raise UserError('--ray needs Ray: pip install -e ".[cluster]" (or pip install "ray[default]")') from None
-    if address not in (None, "auto"):
-        _check_reachable(address)
+    ray = import_ray(address)
     try:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False if address is None else None)
     except (ConnectionError, RuntimeError, ValueError) as error:
@@ -401,8 +396,21 @@ def _connect_ray(address: str | None):
     return ray
 
 
+def import_ray(address: str | None):
+    """Ray, once it is known to be installed and, for an address, that something listens there.
+
+    Fails in one line, at once (Ray itself retries an unreachable address for a minute).
+    """
+    try:
+        import ray
+    except ImportError:
+        raise UserError('--ray needs Ray: pip install -e ".[cluster]" (or pip install "ray[default]")') from None
+    if address not in (None, "auto"):
+        _check_reachable(address)
+    return ray
+
+
 def _check_reachable(address: str) -> None:
-    """Fail in one line, at once, when nothing listens at a Ray address (Ray itself retries for a minute)."""
     host_port = address.split("://", 1)[-1]
     host, _, port = host_port.rpartition(":")
     if not host or not port.isdigit():

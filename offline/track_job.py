@@ -31,6 +31,7 @@ import re
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -103,7 +104,7 @@ def load_landmark_file(path: Path) -> LandmarkSequence:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise UserError(f"{path} is not a readable .npz landmarks file ({error})") from None
     if "mp478" not in arrays and "lmk68" not in arrays:
         raise UserError(f"{path} needs an array 'mp478' (T, 478, 2) and/or 'lmk68' (T, 68, 2) of pixel coordinates")
