@@ -97,6 +97,14 @@ def float_between(low: float, high: float) -> Callable[[str], float]:
     return check
 
 
+def shard(text: str) -> tuple[int, int]:
+    """``I/N`` with 0 <= I < N: this process's share of a job array (Slurm's task id and count)."""
+    index, slash, count = text.partition("/")
+    if not (slash and index.strip().isdigit() and count.strip().isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give I/N with 0 <= I < N, e.g. 0/4 for the first of four shards")
+    return int(index), int(count)
+
+
 def port(text: str) -> int:
     """A TCP/UDP port, 1..65535."""
     value = _integer(text, "a port from 1 to 65535")

@@ -36,6 +36,7 @@ from cli_checks import (
     output_file_with_suffix,
     positive_float,
     positive_int,
+    shard,
     zmq_address,
 )
 
@@ -308,26 +309,26 @@ def _add_batch(subparsers: argparse._SubParsersAction, common: argparse.Argument
         description="Run 'track' (with --refine also the photometric refinement) for every input into ROOT/NAME/, "
         "exactly as for that input alone. Complete inputs are skipped, interrupted ones resume, a failing input "
         "is recorded with its reason while the others go on. Writes ROOT/summary.json and prints a table; "
-        "exit status 1 when any input failed.",
+        "exit status 1 when any input failed. --threads is per input.",
     )
     batch.add_argument("inputs", nargs="+", metavar="INPUT", help="videos, image folders, recorded sessions, landmark "
                        ".npz files, globs (quoted), or .txt files listing them one per line")  # fmt: skip
-    batch.add_argument("--out", type=Path, required=True, metavar="ROOT", help="output root; on a cluster, a path every node sees")
+    batch.add_argument("--out", type=output_dir, required=True, metavar="ROOT", help="output root; on a cluster, a path every node sees")
     batch.add_argument("--refine", action="store_true", help="also refine every input photometrically into ROOT/NAME/photometric")
-    batch.add_argument("--jobs", type=int, default=None, metavar="N", help="inputs at once in a local process pool "
+    batch.add_argument("--jobs", type=positive_int, default=None, metavar="N", help="inputs at once in a local process pool "
                        "(default: CPU cores / --threads)")  # fmt: skip
-    batch.add_argument("--threads", type=int, default=1, metavar="N", help="PyTorch threads (Ray: CPUs) per input (default 1)")
     batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", help="one Ray task per input, on the "
                        "cluster at ADDRESS ('auto', HOST:PORT, ray://HOST:PORT) or a local Ray started for the run")  # fmt: skip
-    batch.add_argument("--gpus-per-job", type=float, default=None, metavar="G", help="GPUs Ray reserves per input "
-                       "(default 1 with --device cuda, else 0)")  # fmt: skip
-    batch.add_argument("--shard", default=None, metavar="I/N", help="take every N-th input starting at I, for job "
-                       "arrays: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")  # fmt: skip
+    batch.add_argument("--gpus-per-job", type=float_between(0, 64), default=None, metavar="G", help="GPUs Ray reserves per "
+                       "input (default 1 with a CUDA --device, else 0)")  # fmt: skip
+    batch.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N", help="take every N-th input starting at I "
+                       "(from 0), for job arrays: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")  # fmt: skip
     batch.add_argument("--dry-run", action="store_true", help="list this shard's inputs, their folders and what is done; run nothing")
-    batch.add_argument("--fov", type=float, default=None, metavar="DEG", help="known vertical field of view (default: estimated)")
+    batch.add_argument("--fov", type=float_between(5, 150), default=None, metavar="DEG", help="known vertical field of view (default: estimated)")
     batch.add_argument("--save-vertices", action="store_true", help="also store the posed mesh (camera space) per frame")
-    batch.add_argument("--n-shape", type=int, default=100, help="identity components to fit (default 100)")
-    batch.add_argument("--n-exp", type=int, default=50, help="expression components to fit (default 50)")
+    batch.add_argument("--n-shape", type=positive_int, default=100, help="identity components to fit (default 100)")
+    batch.add_argument("--n-exp", type=positive_int, default=50, help="expression components to fit (default 50)")
+    batch.add_argument("--overwrite", action="store_true", help="replace results of an input tracked with other options")
     _add_photometric_options(batch)
     batch.set_defaults(handler=_run_batch)
 
@@ -335,41 +336,34 @@ def _add_batch(subparsers: argparse._SubParsersAction, common: argparse.Argument
 def _run_batch(args: argparse.Namespace) -> int:
     from functools import partial
 
-    from engine.errors import UserError
     from engine.model_files import find_face_landmarker, resolve_models_dir
     from engine.model_selection import select_head_model
+    from engine.tracker import TrackerConfig
     from offline import batch
 
-    if args.fov is not None and not 5.0 <= args.fov <= 150.0:
-        raise UserError(f"--fov {args.fov}: expected a vertical field of view between 5 and 150 degrees")
-    if args.threads < 1 or (args.jobs is not None and args.jobs < 1):
-        raise UserError("--jobs and --threads must be at least 1")
-    plan = batch.plan_batch(args.inputs, args.out.resolve(), args.shard)
+    plan = batch.plan_batch(args.inputs, args.out.resolve(), *args.shard)
     models_dir = resolve_models_dir(args.models).resolve()
-    select_head_model(args.flame, models_dir)  # a bad --flame fails here, before any work
-    needs_landmarker = any(not item.is_landmarks for item in plan.mine)
+    select_head_model(args.flame, models_dir)  # a bad model fails here, before any work
     options = batch.JobOptions(
         models_dir=models_dir,
-        landmarker_task=find_face_landmarker(models_dir).resolve() if needs_landmarker else None,
+        landmarker_task=find_face_landmarker(models_dir).resolve() if any(not i.is_landmarks for i in plan.mine) else None,
         flame=str(Path(args.flame).resolve()) if args.flame not in (None, "demo") else args.flame,
-        device=_device(args.device),
-        n_shape=args.n_shape,
-        n_exp=args.n_exp,
-        fov_deg=args.fov,
+        tracker=TrackerConfig(n_shape=args.n_shape, n_exp=args.n_exp, fov_deg=args.fov, device=_device(args.device)),
         save_vertices=args.save_vertices,
+        overwrite=args.overwrite,
         refine=_refine_options(args) if args.refine else None,
         threads=args.threads,
     )
     if args.dry_run:
         print(batch.describe_plan(plan, options))
         return 0
+    jobs = args.jobs or batch.default_jobs(args.threads)
     if args.ray is not None:
         batch.import_ray(args.ray or None)  # before any work: Ray installed, the cluster reachable
-        gpus = args.gpus_per_job if args.gpus_per_job is not None else float(options.device.startswith("cuda"))
-        ray_options = batch.RayOptions(args.ray or None, cpus_per_job=args.threads, gpus_per_job=gpus)
-        engine = partial(batch.run_ray, root=plan.root, options=options, ray_options=ray_options)
-    elif (args.jobs or batch.default_jobs(args.threads)) > 1:
-        engine = partial(batch.run_pool, root=plan.root, options=options, jobs=args.jobs or batch.default_jobs(args.threads))
+        gpus = args.gpus_per_job if args.gpus_per_job is not None else float(options.tracker.device.startswith("cuda"))
+        engine = partial(batch.run_ray, root=plan.root, options=options, ray_options=batch.RayOptions(args.ray or None, args.threads, gpus))
+    elif jobs > 1:
+        engine = partial(batch.run_pool, root=plan.root, options=options, jobs=jobs)
     else:
         engine = partial(batch.run_inline, root=plan.root, options=options)
     outcome = batch.run_batch(plan, options, engine)

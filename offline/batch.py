@@ -34,6 +34,9 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from engine.errors import UserError
+from engine.tracker import TrackerConfig
+from offline import track_job
+from realtime.session import write_json_atomically
 
 if TYPE_CHECKING:
     from offline.refine_job import RefineOptions
@@ -46,7 +49,6 @@ SUMMARY_FORMAT_VERSION = 1
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
 SESSION_FILE = "session.json"  # realtime.session.SESSION_FILE, named here so that planning stays import-light
 SESSION_VIDEO = "video.mkv"
-REFINE_FOLDER = "photometric"
 
 
 @dataclass(frozen=True)
@@ -71,24 +73,24 @@ class JobOptions:
 
     models_dir: Path
     landmarker_task: Path | None
-    flame: str | None
-    device: str = "cpu"
-    n_shape: int = 100
-    n_exp: int = 50
-    fov_deg: float | None = None
+    flame: str | None  # a FLAME folder, "demo", or None for the models folder's choice
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
     save_vertices: bool = False
+    overwrite: bool = False  # replace results of an input tracked with other options (track --overwrite)
     refine: RefineOptions | None = None  # None: no photometric refinement
-    threads: int = 1  # PyTorch threads per job
+    threads: int = 1  # PyTorch threads per input
 
     def fingerprint(self) -> dict[str, object]:
-        return {
-            "flame": self.flame,
-            "n_shape": self.n_shape,
-            "n_exp": self.n_exp,
-            "fov_deg": self.fov_deg,
-            "save_vertices": self.save_vertices,
-            "refine": None if self.refine is None else _plain(asdict(self.refine)),
-        }
+        return _plain(
+            {
+                "flame": self.flame,
+                "n_shape": self.tracker.n_shape,
+                "n_exp": self.tracker.n_exp,
+                "fov_deg": self.tracker.fov_deg,
+                "save_vertices": self.save_vertices,
+                "refine": None if self.refine is None else asdict(self.refine),
+            }
+        )
 
 
 @dataclass
@@ -188,14 +190,6 @@ def _folder_is_free_for(root: Path, name: str, source: Path) -> bool:
     return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """``I/N`` with 0 <= I < N (Slurm: ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``)."""
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if match is None or not int(match[1]) < int(match[2]):
-        raise UserError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. --shard 0/4 for the first of four")
-    return int(match[1]), int(match[2])
-
-
 def shard(inputs: list[BatchInput], index: int, count: int) -> list[BatchInput]:
     """Every ``count``-th input, starting at ``index``: the shards together cover each input exactly once."""
     return inputs[index::count]
@@ -228,20 +222,18 @@ def read_record(root: Path, name: str) -> dict | None:
 
 
 def _write_record(root: Path, result: InputResult) -> None:
-    from realtime.session import write_json_atomically
-
     write_json_atomically(_record_path(root, result.name), asdict(result))
 
 
-def is_complete(root: Path, item: BatchInput, options: JobOptions) -> bool:
+def input_is_complete(root: Path, item: BatchInput, options: JobOptions) -> bool:
     """Done earlier with the same options, and its outputs are still there."""
     record = read_record(root, item.name)
     if record is None or record.get("status") != "done" or record.get("source") != str(item.source):
         return False
-    if record.get("options") != _plain(options.fingerprint()):
+    if record.get("options") != options.fingerprint():
         return False
     folder = root / item.name
-    return (folder / "meta.json").is_file() and (options.refine is None or (folder / REFINE_FOLDER / "meta.json").is_file())
+    return track_job.is_complete(folder) and (options.refine is None or (folder / track_job.PHOTOMETRIC_DIR / "meta.json").is_file())
 
 
 def _plain(value: object) -> object:
@@ -258,7 +250,7 @@ def process_input(item: BatchInput, root: Path, options: JobOptions) -> InputRes
 
     torch.set_num_threads(options.threads)
     started = time.perf_counter()
-    fingerprint = _plain(options.fingerprint())
+    fingerprint = options.fingerprint()
     _write_record(root, InputResult(item.name, str(item.source), "running", options=fingerprint))
     try:
         frames, valid = _track_and_refine(item, root / item.name, options)
@@ -278,41 +270,37 @@ def _one_line(text: str) -> str:
 
 
 def _track_and_refine(item: BatchInput, out_dir: Path, options: JobOptions) -> tuple[int, int]:
-    """What ``track INPUT --out DIR`` (and ``--photometric`` or ``refine``) does for one input; (frames, valid)."""
+    """What ``track INPUT --out DIR`` (with ``--photometric``) or, for a session, ``refine`` does; (frames, valid)."""
     from engine.model_selection import select_head_model
-    from engine.tracker import Tracker, TrackerConfig
-    from offline.track_job import detect_landmarks, load_landmark_file, track_sequence, write_outputs
+    from engine.tracker import Tracker
 
-    video = str(item.source / SESSION_VIDEO) if item.is_session else str(item.source)
-    timings: dict[str, float] = {}
+    if options.refine is not None and item.is_landmarks:
+        raise UserError("--refine needs the video or images themselves, not a landmarks file")
+    source = item.source / SESSION_VIDEO if item.is_session else item.source
+    # As track does: an unreadable input fails here, in one line, before its output folder is made.
     if item.is_landmarks:
-        sequence = load_landmark_file(item.source)
+        track_job.load_landmark_file(source)
     else:
         from realtime.sources import open_source
 
-        if options.landmarker_task is None:
-            raise UserError("MediaPipe's face_landmarker.task is needed for videos and images")
-        open_source(video, realtime=False).stop()  # a file that is no video or image fails here, in one line
-        sequence, mediapipe_ms = detect_landmarks(video, options.landmarker_task)
-        timings["mediapipe_ms_per_frame"] = sum(mediapipe_ms) / len(mediapipe_ms)
+        open_source(str(source), realtime=False).stop()
     head = select_head_model(options.flame, options.models_dir)
-    config = TrackerConfig(n_shape=options.n_shape, n_exp=options.n_exp, fov_deg=options.fov_deg, device=options.device)
-    tracker, results, track_timings = track_sequence(sequence, head, config, progress=False)
-    write_outputs(out_dir, tracker, results, sequence, {**timings, **track_timings}, options.save_vertices)
+    track_options = track_job.TrackOptions(options.tracker, save_vertices=options.save_vertices, overwrite=options.overwrite, progress=False)
+    tracked = track_job.track_input(source, out_dir, head, None if item.is_landmarks else options.landmarker_task, track_options)
     if options.refine is not None:
         from offline.refine_job import refine_session, refine_video
 
-        if item.is_landmarks:
-            raise UserError("--refine needs the video or images themselves, not a landmarks file")
         if item.is_session:
 
             def tracker_factory(image_size: tuple[int, int], n_shape: int, n_exp: int, fov_deg: float) -> Tracker:
-                return Tracker(head, image_size, TrackerConfig(n_shape=n_shape, n_exp=n_exp, fov_deg=fov_deg, device=options.device))
+                config = TrackerConfig(n_shape=n_shape, n_exp=n_exp, fov_deg=fov_deg, device=options.tracker.device)
+                return Tracker(head, image_size, config)
 
-            refine_session(item.source, tracker_factory, out_dir / REFINE_FOLDER, options.landmarker_task, options.refine, progress=False)
+            refine_session(item.source, tracker_factory, out_dir / track_job.PHOTOMETRIC_DIR, options.landmarker_task, options.refine, progress=False)
         else:
-            refine_video(video, tracker, results, sequence.mp478, out_dir / REFINE_FOLDER, options.refine, progress=False)
-    return len(results), sum(bool(r["valid"][0]) for r in results)
+            mp478 = tracked.sequence.mp478
+            refine_video(str(source), tracked.tracker, tracked.results, mp478, out_dir / track_job.PHOTOMETRIC_DIR, options.refine, progress=False)
+    return len(tracked.results), tracked.valid_frames
 
 
 # ---------------------------------------------------------------------------------------------- engines
@@ -434,13 +422,12 @@ class BatchPlan:
     mine: list[BatchInput]  # this shard's
 
 
-def plan_batch(arguments: list[str], root: Path, shard_spec: str | None = None) -> BatchPlan:
-    """Everything checked before any work: the inputs, their names, the output root, the shard."""
-    index, count = parse_shard(shard_spec) if shard_spec else (0, 1)
+def plan_batch(arguments: list[str], root: Path, shard_index: int = 0, shard_count: int = 1) -> BatchPlan:
+    """Everything checked before any work: the inputs, their names, the output root; this shard's inputs."""
     sources = expand_inputs(arguments)
     prepare_root(root)
     inputs = assign_names(sources, root)
-    return BatchPlan(root, inputs, shard(inputs, index, count))
+    return BatchPlan(root, inputs, shard(inputs, shard_index, shard_count))
 
 
 @dataclass
@@ -456,7 +443,7 @@ def run_batch(
 
     Interrupted (Ctrl-C), the summary is still written (unfinished inputs are "pending") before re-raising.
     """
-    todo = [item for item in plan.mine if not is_complete(plan.root, item, options)]
+    todo = [item for item in plan.mine if not input_is_complete(plan.root, item, options)]
     results: dict[str, InputResult] = {}
     started = time.perf_counter()
     if not todo:
@@ -479,8 +466,6 @@ def run_batch(
 
 def write_summary(plan: BatchPlan, options: JobOptions, fresh: dict[str, InputResult]) -> list[InputResult]:
     """``ROOT/summary.json`` over every input of the batch (all shards): this run's results, earlier ones, pending."""
-    from realtime.session import write_json_atomically
-
     lines = [fresh.get(item.name) or _earlier_result(plan.root, item, options) for item in plan.inputs]
     done = [line for line in lines if line.status in ("done", "skipped")]
     frames = sum(line.frames for line in done)
@@ -488,7 +473,7 @@ def write_summary(plan: BatchPlan, options: JobOptions, fresh: dict[str, InputRe
         "format": "flame-live batch summary",
         "format_version": SUMMARY_FORMAT_VERSION,
         "root": str(plan.root),
-        "options": _plain(options.fingerprint()),
+        "options": options.fingerprint(),
         "counts": {status: sum(line.status == status for line in lines) for status in ("done", "skipped", "failed", "pending")},
         "frames": frames,
         "inputs": [{key: value for key, value in asdict(line).items() if key != "options"} for line in lines],
@@ -500,9 +485,9 @@ def write_summary(plan: BatchPlan, options: JobOptions, fresh: dict[str, InputRe
 
 def _earlier_result(root: Path, item: BatchInput, options: JobOptions) -> InputResult:
     record = read_record(root, item.name) or {}
-    if is_complete(root, item, options):
+    if input_is_complete(root, item, options):
         status = "skipped"
-    elif record.get("status") == "failed" and record.get("options") == _plain(options.fingerprint()):
+    elif record.get("status") == "failed" and record.get("options") == options.fingerprint():
         status = "failed"
     else:
         status = "pending"
@@ -540,7 +525,7 @@ def summary_table(outcome: BatchOutcome, mine: list[BatchInput]) -> str:
 
 def describe_plan(plan: BatchPlan, options: JobOptions) -> str:
     """``--dry-run``: this shard's inputs, their folders and whether they are complete."""
-    lines = [f"{item.name}\t{'complete' if is_complete(plan.root, item, options) else 'to do'}\t{item.source}" for item in plan.mine]
+    lines = [f"{item.name}\t{'complete' if input_is_complete(plan.root, item, options) else 'to do'}\t{item.source}" for item in plan.mine]
     return "\n".join(lines + [f"{len(plan.mine)} of {len(plan.inputs)} inputs in this shard"])
 
 

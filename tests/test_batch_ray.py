@@ -58,7 +58,7 @@ def test_ray_batch_of_real_clips_equals_single_tracks(ray_address: str, shared_c
         folder = root / Path(clip).stem
         assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in single.iterdir())
         expected, got = frame_arrays(single), frame_arrays(folder)
-        assert expected.keys() == got.keys() and len(expected) == 76
+        assert expected.keys() == got.keys() and sum(name[:6].isdigit() for name in expected) == 75
         for name, arrays in expected.items():
             for key, value in arrays.items():
                 np.testing.assert_array_equal(got[name][key], value, err_msg=f"{clip} {name}: {key}")
