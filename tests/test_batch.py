@@ -184,3 +184,26 @@ def test_an_interrupted_batch_resumes_and_leaves_no_half_written_file(
     lines = summary(root)
     assert {name for name, line in lines.items() if line["status"] == "skipped"} == done_first
     assert all(line["status"] in ("done", "skipped") and line["frames"] == 60 for line in lines.values())
+
+
+def test_a_recorded_session_is_tracked_as_its_video(shared_clips: Path, landmarker_task: Path, tmp_path: Path) -> None:
+    from realtime.recorder import SessionRecorder
+    from realtime.sources import iter_frames
+
+    session = tmp_path / "take-monday"
+    with SessionRecorder(session, 25.0, (360, 288), {"camera": {"fov_deg": 40.0}}) as recorder:
+        for frame in iter_frames(str(shared_clips / "bbaf2n.mpg")):
+            if frame.index == 12:
+                break
+            recorder.write(frame, "flame.status", {"index": frame.index})
+    model = ("--flame", "demo", "--models", str(landmarker_task.parent))
+    root = tmp_path / "root"
+    result = run_cli("batch", str(session), "--out", str(root), *model, "--jobs", "1")
+    assert result.returncode == 0, result.stderr
+    single = tmp_path / "single"
+    assert run_cli("track", str(session / "video.mkv"), "--out", str(single), *model).returncode == 0
+    expected, got = frame_arrays(single), frame_arrays(root / "take-monday")
+    assert expected.keys() == got.keys() and sum(name[:6].isdigit() for name in expected) == 12
+    for name, arrays in expected.items():
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(got[name][key], value, err_msg=f"{name}: {key}")
