@@ -178,10 +178,7 @@ def _add_track(subparsers: argparse._SubParsersAction, common: argparse.Argument
     )
     track.add_argument("input", metavar="INPUT", help="video file, image, folder of images, or landmarks .npz")
     track.add_argument("--out", type=output_dir, required=True, metavar="DIR", help="output folder")
-    track.add_argument("--fov", type=float_between(5, 150), default=None, metavar="DEG", help="known vertical field of view (default: estimated)")
-    track.add_argument("--save-vertices", action="store_true", help="also store the posed mesh (camera space) per frame")
-    track.add_argument("--n-shape", type=positive_int, default=100, help="identity components to fit (default 100)")
-    track.add_argument("--n-exp", type=positive_int, default=50, help="expression components to fit (default 50)")
+    _add_tracking_options(track)
     track.add_argument("--photometric", action="store_true", help="also refine every frame photometrically into DIR/photometric")
     track.add_argument(
         "--overwrite", action="store_true",
@@ -190,6 +187,14 @@ def _add_track(subparsers: argparse._SubParsersAction, common: argparse.Argument
     )  # fmt: skip
     _add_photometric_options(track)
     track.set_defaults(handler=_run_track)
+
+
+def _add_tracking_options(parser: argparse.ArgumentParser) -> None:
+    """What track (and batch, per input) fits and writes."""
+    parser.add_argument("--fov", type=float_between(5, 150), default=None, metavar="DEG", help="known vertical field of view (default: estimated)")
+    parser.add_argument("--save-vertices", action="store_true", help="also store the posed mesh (camera space) per frame")
+    parser.add_argument("--n-shape", type=positive_int, default=100, help="identity components to fit (default 100)")
+    parser.add_argument("--n-exp", type=positive_int, default=50, help="expression components to fit (default 50)")
 
 
 def _run_track(args: argparse.Namespace) -> int:
@@ -324,10 +329,7 @@ def _add_batch(subparsers: argparse._SubParsersAction, common: argparse.Argument
     batch.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N", help="take every N-th input starting at I "
                        "(from 0), for job arrays: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")  # fmt: skip
     batch.add_argument("--dry-run", action="store_true", help="list this shard's inputs, their folders and what is done; run nothing")
-    batch.add_argument("--fov", type=float_between(5, 150), default=None, metavar="DEG", help="known vertical field of view (default: estimated)")
-    batch.add_argument("--save-vertices", action="store_true", help="also store the posed mesh (camera space) per frame")
-    batch.add_argument("--n-shape", type=positive_int, default=100, help="identity components to fit (default 100)")
-    batch.add_argument("--n-exp", type=positive_int, default=50, help="expression components to fit (default 50)")
+    _add_tracking_options(batch)
     batch.add_argument("--overwrite", action="store_true", help="replace results of an input tracked with other options")
     _add_photometric_options(batch)
     batch.set_defaults(handler=_run_batch)

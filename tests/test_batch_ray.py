@@ -4,21 +4,15 @@ to single `track` runs, a corrupt file fails alone, a rerun skips what is done; 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_batch import frame_arrays, run_cli
 
 ray = pytest.importorskip("ray", reason='Ray is not installed: pip install -e ".[cluster]" to run the Ray engine tests')
 
-REPO = Path(__file__).resolve().parents[1]
 CLIPS = ("bbaf2n.mpg", "lbax4n.mpg", "id2_vcd_swwp2s.mpg")  # GRID: 3 s each, 75 frames
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "run_stream.py"), *args], capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +21,6 @@ def ray_address() -> str:
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-
-
-def frame_arrays(folder: Path) -> dict[str, dict[str, np.ndarray]]:
-    arrays = {}
-    for path in sorted(folder.glob("*.npz")):
-        with np.load(path) as data:
-            arrays[path.name] = {key: data[key] for key in data.files}
-    return arrays
 
 
 def test_ray_batch_of_real_clips_equals_single_tracks(ray_address: str, shared_clips: Path, landmarker_task: Path, tmp_path: Path) -> None:
