@@ -448,7 +448,7 @@ def run_batch(
     started = time.perf_counter()
     if not todo:
         print(f"all {len(plan.mine)} inputs are already complete in {plan.root}: nothing to do")
-        return BatchOutcome(write_summary(plan, options, results), 0.0)
+        return BatchOutcome(write_summary(plan, options, results, set()), 0.0)
     skipped = len(plan.mine) - len(todo)
     if skipped:
         print(f"{skipped} of {len(plan.mine)} inputs are already complete and skipped")
@@ -459,14 +459,14 @@ def run_batch(
                 bar.set_postfix(frames=sum(r.frames for r in results.values()), failed=sum(r.status == "failed" for r in results.values()))
                 bar.update()
     except BaseException:
-        write_summary(plan, options, results)
+        write_summary(plan, options, results, {item.name for item in todo})
         raise
-    return BatchOutcome(write_summary(plan, options, results), time.perf_counter() - started)
+    return BatchOutcome(write_summary(plan, options, results, {item.name for item in todo}), time.perf_counter() - started)
 
 
-def write_summary(plan: BatchPlan, options: JobOptions, fresh: dict[str, InputResult]) -> list[InputResult]:
+def write_summary(plan: BatchPlan, options: JobOptions, fresh: dict[str, InputResult], attempted: set[str]) -> list[InputResult]:
     """``ROOT/summary.json`` over every input of the batch (all shards): this run's results, earlier ones, pending."""
-    lines = [fresh.get(item.name) or _earlier_result(plan.root, item, options) for item in plan.inputs]
+    lines = [fresh.get(item.name) or _recorded_result(plan.root, item, options, item.name in attempted) for item in plan.inputs]
     done = [line for line in lines if line.status in ("done", "skipped")]
     frames = sum(line.frames for line in done)
     document = {
@@ -483,17 +483,17 @@ def write_summary(plan: BatchPlan, options: JobOptions, fresh: dict[str, InputRe
     return lines
 
 
-def _earlier_result(root: Path, item: BatchInput, options: JobOptions) -> InputResult:
+def _recorded_result(root: Path, item: BatchInput, options: JobOptions, attempted: bool) -> InputResult:
+    """An input's line from its record: one this run did not hear back from (another shard's, an earlier run's,
+    or one whose worker finished just as the run was interrupted)."""
     record = read_record(root, item.name) or {}
     if input_is_complete(root, item, options):
-        status = "skipped"
+        status = "done" if attempted else "skipped"
     elif record.get("status") == "failed" and record.get("options") == options.fingerprint():
         status = "failed"
     else:
-        status = "pending"
+        return InputResult(item.name, str(item.source), "pending")
     known = {key: record[key] for key in ("frames", "valid_fraction", "seconds", "reason") if key in record}
-    if status == "pending":
-        known = {}
     return InputResult(item.name, str(item.source), status, **known)
 
 
