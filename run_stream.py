@@ -6,6 +6,7 @@
     python run_stream.py refine SESSION_DIR           photometric refinement of a recorded session
     python run_stream.py batch INPUT... --out ROOT    track (and refine) many inputs: process pool, Ray or Slurm
     python run_stream.py replay SESSION_DIR           publish a recording again with its original timing
+    python run_stream.py render RESULT_DIR --out F    draw the fitted head over the input (MP4, PNG)
     python run_stream.py bench                        measure speed on this machine
     python run_stream.py models                       list the model files and where to get them
     python run_stream.py export --params F.npz ...    write a posed mesh as .obj or .ply
@@ -40,7 +41,7 @@ from cli_checks import (
     zmq_address,
 )
 
-COMMANDS = ("live", "track", "refine", "batch", "replay", "bench", "models", "export")
+COMMANDS = ("live", "track", "refine", "batch", "replay", "render", "bench", "models", "export")
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = _common_options()
-    for add in (_add_live, _add_track, _add_refine, _add_batch, _add_replay, _add_bench, _add_models, _add_export):
+    for add in (_add_live, _add_track, _add_refine, _add_batch, _add_replay, _add_render, _add_bench, _add_models, _add_export):
         add(subparsers, common)
     return parser
 
@@ -122,7 +123,8 @@ def _add_live(subparsers: argparse._SubParsersAction, common: argparse.ArgumentP
     live.add_argument("--landmarks", action="store_true", help="include MediaPipe's 478 landmarks in frame messages")
     live.add_argument("--record", type=output_dir, metavar="DIR", help="record the video and every published message here")
     live.add_argument("--overwrite", action="store_true", help="replace a session already recorded in --record DIR")
-    live.add_argument("--preview", action="store_true", help="show a window with the landmarks and the frame rate")
+    live.add_argument("--preview", action="store_true", help="show the fitted mesh over the frames, with fps, latency and "
+                      "calibration state (keys: m mesh/landmarks/both, r recalibrate, q or Esc quit)")  # fmt: skip
     live.add_argument(
         "--refine", action="store_true",
         help="refine identity, texture and light photometrically from keyframes in the background (adopted live)",
@@ -185,6 +187,8 @@ def _add_track(subparsers: argparse._SubParsersAction, common: argparse.Argument
         help="replace what DIR holds from another input or other options (an interrupted run of the same command "
         "continues without it)",
     )  # fmt: skip
+    track.add_argument("--render", action="store_true", help="also draw the fit over the input: DIR/overlay.mp4 "
+                       "(overlay.png for an image; with --photometric also DIR/photometric/overlay.mp4)")  # fmt: skip
     _add_photometric_options(track)
     track.set_defaults(handler=_run_track)
 
@@ -210,6 +214,8 @@ def _run_track(args: argparse.Namespace) -> int:
         raise UserError(f"{args.input} does not exist: give a video, an image, a folder of images or a landmarks .npz")
     if args.photometric and landmarks_file:
         raise UserError("--photometric needs the video or images themselves, not a landmarks file")
+    if args.render and landmarks_file:
+        raise UserError("--render needs the video or images themselves, not a landmarks file")
     # The cheap checks of the input and the model come before any frame is read.
     task = None
     if landmarks_file:
@@ -239,8 +245,22 @@ def _run_track(args: argparse.Namespace) -> int:
         out = args.out / PHOTOMETRIC_DIR
         refined = refine_video(args.input, result.tracker, result.results, result.sequence.mp478, out, _refine_options(args))
         print(f"photometric refinement: {refined['seconds_per_frame']:.2f} s per frame -> {out}")
+        if args.render:
+            _render_next_to(out, args.input, head, single_image=len(result.results) == 1)
+    if args.render:
+        _render_next_to(args.out, args.input, head, single_image=len(result.results) == 1)
     print(f"tracked {result.valid_frames}/{len(result.results)} frames with the {head.name} -> {args.out}")
     return 0
+
+
+def _render_next_to(result_dir: Path, source: str | Path, head, single_image: bool) -> None:
+    """track/refine --render: the overlay of a result just written, beside it (overlay.mp4, or overlay.png)."""
+    from offline.render_job import RenderOptions, render_result
+    from offline.track_job import OVERLAY_IMAGE, OVERLAY_VIDEO
+
+    out = result_dir / (OVERLAY_IMAGE if single_image else OVERLAY_VIDEO)
+    summary = render_result(result_dir, out, RenderOptions(video=Path(source), overwrite=True), head)
+    print(summary.describe())
 
 
 def _device(requested: str) -> str:
@@ -263,6 +283,7 @@ def _add_refine(subparsers: argparse._SubParsersAction, common: argparse.Argumen
     )
     refine.add_argument("session", metavar="SESSION_DIR", type=Path, help="a folder written by live --record")
     refine.add_argument("--out", type=output_dir, default=None, metavar="DIR", help="output folder (default SESSION_DIR/refined)")
+    refine.add_argument("--render", action="store_true", help="also draw the refined, textured fit over the video: DIR/overlay.mp4")
     _add_photometric_options(refine)
     refine.set_defaults(handler=_run_refine)
 
@@ -303,6 +324,10 @@ def _run_refine(args: argparse.Namespace) -> int:
     out_dir = args.out or args.session / "refined"
     timings = refine_session(args.session, tracker_factory, out_dir, landmarker_task(), options)
     print(f"refined {args.session} -> {out_dir} ({timings['seconds_per_frame']:.2f} s per frame)")
+    if args.render:
+        from realtime.session import VIDEO_FILE
+
+        _render_next_to(out_dir, args.session / VIDEO_FILE, head, single_image=False)
     return 0
 
 
@@ -405,6 +430,41 @@ def _run_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_render(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    render = subparsers.add_parser(
+        "render",
+        parents=[common],
+        help="draw the fitted head over the input frames (MP4 or PNGs)",
+        description="Draw the fitted head of a result over its original frames, one output frame per input frame: "
+        "the shaded mesh blended over the frame (overlay), input and overlay side by side (side; after "
+        "refine: input | textured render | overlay), or the mesh alone on grey (mesh). RESULT_DIR is a folder "
+        "written by track or refine (meta.json) or by live --record (session.json). Frames without a fit show "
+        "the input with a red border and 'no fit'.",
+    )
+    render.add_argument("result", type=Path, metavar="RESULT_DIR", help="a track / refine output folder or a recorded session")
+    render.add_argument("--out", type=Path, required=True, metavar="FILE.mp4|FILE.png|DIR",
+                        help="H.264 video at the input's frame rate, one PNG (one frame), or a folder of PNGs")  # fmt: skip
+    render.add_argument("--style", choices=("overlay", "side", "mesh"), default="overlay", help="what to draw (default overlay)")
+    render.add_argument("--landmarks", action="store_true", help="also draw observed (green) and fitted (magenta) landmarks")
+    render.add_argument("--frames", default=None, metavar="A:B", help="only input frames A..B-1 (A: or :B also work)")
+    render.add_argument("--video", type=Path, default=None, metavar="PATH",
+                        help="the input's video, image or image folder, when the result's own record of it is wrong or gone")  # fmt: skip
+    render.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    render.set_defaults(handler=_run_render)
+
+
+def _run_render(args: argparse.Namespace) -> int:
+    from offline.render_job import RenderOptions, parse_frame_range, render_result
+
+    first, stop = parse_frame_range(args.frames) if args.frames else (0, None)
+    options = RenderOptions(
+        style=args.style, landmarks=args.landmarks, first_frame=first, stop_frame=stop, video=args.video,
+        overwrite=args.overwrite, flame=args.flame, models_dir=args.models,
+    )  # fmt: skip
+    print(render_result(args.result, args.out, options).describe())
+    return 0
+
+
 def _add_bench(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     bench = subparsers.add_parser(
         "bench",
@@ -416,7 +476,8 @@ def _add_bench(subparsers: argparse._SubParsersAction, common: argparse.Argument
     )
     bench.add_argument("--clip", type=existing_file, default=None, metavar="VIDEO", help="also track MediaPipe landmarks of this video")
     bench.add_argument("--frames", type=positive_int, default=200, help="frames of the clip / synthetic sequence (default 200)")
-    bench.add_argument("--live", type=existing_file, default=None, metavar="VIDEO", help="also run the live pipeline on this video at 640x480")
+    bench.add_argument("--live", type=existing_file, default=None, metavar="VIDEO", help="also run the live pipeline on this video at 640x480 "
+                       "(with a display also with --preview, to show what drawing costs)")  # fmt: skip
     bench.add_argument("--accuracy", action="store_true", help="also measure accuracy: synthetic ground truth (and --clip)")
     bench.add_argument("--photometric", action="store_true", help="also measure the renderer and a photometric iteration")
     bench.add_argument("--json", type=output_file, default=None, metavar="FILE", help="also write all figures as JSON")
@@ -482,14 +543,23 @@ def _run_bench(args: argparse.Namespace) -> int:
         report["accuracy"] = accuracy
     if args.live:
         from realtime.pipeline import run_live_benchmark
+        from realtime.preview import display_available
 
+        # The same clip with and without the preview window (its cost to tracking), when there is a display.
+        previews = (False, True) if display_available() else (False,)
         for device in devices:
             # Paced at the file's own rate (latency as with a camera), then as fast as possible (throughput).
             for paced, label in ((True, "realtime"), (False, "as_fast_as_possible")):
-                status(f"live pipeline on {device}, {label.replace('_', ' ')}")
-                report[f"live_{device}_{label}"] = run_live_benchmark(
-                    str(args.live), flame=args.flame or "demo", models_dir=models_dir, device=device, realtime=paced
-                )
+                for preview in previews:
+                    status(f"live pipeline on {device}, {label.replace('_', ' ')}" + (", with --preview" if preview else ""))
+                    report[f"live_{device}_{label}" + ("_preview" if preview else "")] = run_live_benchmark(
+                        str(args.live), flame=args.flame or "demo", models_dir=models_dir, device=device, realtime=paced, preview=preview
+                    )
+            if len(previews) == 2:
+                report[f"live_{device}_preview_fps"] = {
+                    label: f"{report[f'live_{device}_{label}']['fps']:.1f} without, {report[f'live_{device}_{label}_preview']['fps']:.1f} with --preview"
+                    for label in ("realtime", "as_fast_as_possible")
+                }
     _print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

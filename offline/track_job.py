@@ -63,9 +63,11 @@ CALIBRATION_FILE = "calibration.npz"
 STACK_FILE = "tracking.npz"
 META_FILE = "meta.json"
 PHOTOMETRIC_DIR = "photometric"
+#: What ``track --render`` writes beside the results (offline.render_job): a video, or a picture for one image.
+OVERLAY_VIDEO, OVERLAY_IMAGE = "overlay.mp4", "overlay.png"
 JOB_FORMAT_VERSION = 1
 _FRAME_FILE = re.compile(r"\d{6}\.npz")
-_OUR_FILES = {JOB_FILE, LANDMARKS_FILE, CALIBRATION_FILE, STACK_FILE, META_FILE, PHOTOMETRIC_DIR}
+_OUR_FILES = {JOB_FILE, LANDMARKS_FILE, CALIBRATION_FILE, STACK_FILE, META_FILE, PHOTOMETRIC_DIR, OVERLAY_VIDEO, OVERLAY_IMAGE}
 
 
 @dataclass

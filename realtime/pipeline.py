@@ -6,7 +6,8 @@ Nothing queues without bound: the slot holds one frame, publishers drop what the
 the recorder's queue is bounded, and the keyframe queue drops its oldest entry when full.
 
 Per frame, in this order: landmarks, fit, ``flame.shape`` if the identity changed, ``flame.frame`` to every
-publisher (latency is measured here, from the frame's capture), recording, keyframe selection, preview.
+publisher (latency is measured here, from the frame's capture), recording, keyframe selection, and handing
+the result to the preview window, which draws it on its own thread.
 About once a second the loop publishes ``flame.metrics`` and refreshes the status line.
 """
 
@@ -33,7 +34,7 @@ from engine.head_model import HeadModel
 from engine.landmarks import N_LANDMARKS, FaceLandmarker, FaceObservation, LandmarkerConfig
 from engine.model_files import find_face_landmarker, resolve_models_dir
 from engine.model_selection import select_head_model
-from engine.tracker import TrackedFrame, Tracker, TrackerConfig
+from engine.tracker import TrackedFrame, Tracker, TrackerConfig, reference_arrays
 from flame_client.messages import (
     BLENDSHAPE_NAMES,
     SCHEMA_VERSION,
@@ -46,7 +47,7 @@ from flame_client.messages import (
 from realtime.keyframes import KeyframeConfig, KeyframeSelector
 from realtime.refiner import LiveRefiner
 from realtime.outputs import PublisherOptions, close_all, dropped_messages, open_publishers
-from realtime.preview import PreviewWindow
+from realtime.preview import PreviewFrame, PreviewWindow, display_available
 from realtime.publishers import Publisher
 from realtime.recorder import SessionRecorder
 from realtime.sources import Frame, FrameSource, SourceOptions, open_source
@@ -104,6 +105,10 @@ class LiveSummary:
     """The slowest fit, usually the frame that calibrated the identity."""
     keyframes: int
     keyframes_dropped: int
+    preview_frames: int = 0
+    """Frames the preview window drew (on its own thread; the others were replaced by newer ones)."""
+    preview_draw_ms: float = 0.0
+    """Median time the preview thread took to pose, render and show one frame."""
 
     def describe(self) -> str:
         return (
@@ -298,7 +303,9 @@ class LivePipeline:
             self.keyframes.offer(frame, landmarks, tracked)
         self._start_refiner_once_calibrated()
         if self.preview is not None:
-            return self.preview.show(frame.image, landmarks, tracked.valid, self._fps)
+            arrays = reference_arrays(self.tracker, tracked) if tracked.valid else None
+            self.preview.submit(PreviewFrame(frame.image, arrays, landmarks, tracked.valid, self.tracker.calibrated, self._fps, latency_ms))
+            return not self.preview.closed
         return True
 
     def _frame_message(self, frame: Frame, observation: FaceObservation | None, tracked: TrackedFrame) -> dict[str, Any]:
@@ -411,6 +418,8 @@ class LivePipeline:
             tracker_max_ms=history.tracker_ms.maximum(),
             keyframes=0 if self.keyframes is None else self.keyframes.selected,
             keyframes_dropped=0 if self.keyframes is None else self.keyframes.queue.dropped,
+            preview_frames=0 if self.preview is None else self.preview.drawn,
+            preview_draw_ms=0.0 if self.preview is None else self.preview.draw_ms(),
         )
 
 
@@ -470,11 +479,13 @@ def run_live(options: LiveOptions, stop: threading.Event | None = None, recalibr
 
     Setting `recalibrate` (from any thread) makes the tracker calibrate identity and FOV again.
 
-    User mistakes (no such camera or file, port in use, recording folder taken, no display) raise UserError;
-    the cheap checks come first, so they are reported before the models load.
+    User mistakes (no such camera or file, port in use, recording folder taken) raise UserError; the cheap
+    checks come first, so they are reported before the models load. Without a display, --preview is skipped
+    with one line and tracking goes on.
     """
+    recalibrate = recalibrate or threading.Event()
     with contextlib.ExitStack() as stack:
-        preview = stack.enter_context(PreviewWindow()) if options.loop.preview else None
+        show_preview = options.loop.preview and display_available()
         source = open_source(options.source, options.realtime, SourceOptions(open_timeout_s=options.open_timeout_s))
         stack.callback(source.stop)
         publishers = open_publishers(options.publishers)
@@ -493,9 +504,11 @@ def run_live(options: LiveOptions, stop: threading.Event | None = None, recalibr
             metadata = _session_metadata(options, source, head, tracker)
             recorder = SessionRecorder(options.record_dir, source.fps, (width, height), metadata, overwrite=options.overwrite)
             stack.enter_context(recorder)
+        preview = None
+        if show_preview:
+            preview = stack.enter_context(PreviewWindow(head, tracker.layer.n_shape, tracker.layer.n_exp, recalibrate))
         pipeline = LivePipeline(source, landmarker, tracker, publishers, recorder, options.loop, preview)
-        if recalibrate is not None:
-            pipeline.recalibrate = recalibrate
+        pipeline.recalibrate = recalibrate
         return pipeline.run(stop)
 
 
@@ -507,6 +520,7 @@ def run_live_benchmark(
     max_frames: int = 300,
     frame_size: tuple[int, int] | None = (640, 480),
     realtime: bool = True,
+    preview: bool = False,
 ) -> dict[str, Any]:
     """End-to-end speed of the live loop on a file: fps, capture->publish latency, MediaPipe and tracker ms.
 
@@ -521,13 +535,14 @@ def run_live_benchmark(
         models_dir=models_dir,
         device=device,
         publishers=PublisherOptions(zmq="tcp://127.0.0.1:*"),
-        loop=LiveConfig(max_frames=max_frames, frame_size=frame_size, show_status=False),
+        loop=LiveConfig(max_frames=max_frames, frame_size=frame_size, show_status=False, preview=preview),
     )
     summary = run_live(options)
     return {
         "source": str(source),
         "frame_size": list(frame_size) if frame_size else None,
         "realtime": realtime,
+        "preview": preview,
         "device": device,
         "torch_threads": 1,
         **asdict(summary),

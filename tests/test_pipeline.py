@@ -448,7 +448,7 @@ def cli_runs(shared_clips: Path, landmarker_task: Path, cli_workdir: Path) -> It
         "port": (["--source", clip, "--zmq", f"tcp://127.0.0.1:{busy.getsockname()[1]}"], None),
         "file": (["--source", str(shared_clips / "no-such-clip.mp4")], None),
         "record": (["--source", clip, "--zmq", f"tcp://127.0.0.1:{free_port()}", "--record", str(taken)], None),
-        "preview": (["--source", clip, "--preview"], headless),
+        "preview": (["--source", clip, "--preview", "--as-fast-as-possible", "--max-frames", "5", "--no-zmq"], headless),
     }
     processes = {
         name: subprocess.Popen(
@@ -486,7 +486,6 @@ def test_max_frames_stops_after_that_many_frames(cli_runs: dict, cli_workdir: Pa
         ("port", "already in use"),
         ("file", "not found"),
         ("record", "already holds a recorded session"),
-        ("preview", "--preview needs a display"),
     ],
 )
 def test_bad_input_is_one_clear_line(cli_runs: dict, case: str, expected: str) -> None:
@@ -494,6 +493,13 @@ def test_bad_input_is_one_clear_line(cli_runs: dict, case: str, expected: str) -
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
     assert len(errors) == 1 and expected in errors[0], stderr[-2000:]
+
+
+def test_preview_without_a_display_says_so_in_one_line_and_tracking_goes_on(cli_runs: dict) -> None:
+    returncode, stdout, stderr = cli_runs["preview"]
+    assert returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert sum("--preview needs a display" in line for line in stderr.splitlines()) == 1, stderr[-2000:]
+    assert "processed 5 frames" in stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------
