@@ -36,7 +36,7 @@ from tqdm import tqdm
 from engine.camera import FLIP, Camera
 from engine.demo_head import DEMO_HEAD_NAME
 from engine.errors import UserError
-from engine.export import PARAMETER_KEYS, posed_vertices
+from engine.export import PARAMETER_KEYS, check_tracked_with, posed_vertices, read_parameter_arrays
 from engine.flame import FlameLayer
 from engine.head_model import HeadModel
 from engine.overlay import (
@@ -53,7 +53,7 @@ from engine.overlay import (
     mark_invalid,
 )
 from engine.tracker import euler_from_matrix
-from offline.track_job import LANDMARKS_FILE
+from offline.track_job import LANDMARKS_FILE, load_landmark_file
 
 log = logging.getLogger(__name__)
 
@@ -128,22 +128,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     return document
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path} is not a readable .npz ({error})") from None
-
-
 def _frame_files(directory: Path) -> dict[int, dict[str, np.ndarray]]:
-    return {int(path.stem): _load_npz(path) for path in sorted(directory.glob("[0-9]" * 6 + ".npz"))}
+    return {int(path.stem): read_parameter_arrays(path) for path in sorted(directory.glob("[0-9]" * 6 + ".npz"))}
 
 
 def _observed_landmarks(path: Path) -> dict[int, np.ndarray]:
     if not path.is_file():
         return {}
-    mp478 = _load_npz(path).get("mp478")
+    mp478 = load_landmark_file(path).mp478
     return {} if mp478 is None else {index: points for index, points in enumerate(mp478) if np.isfinite(points).any()}
 
 
@@ -276,7 +268,7 @@ def _refined_appearance(directory: Path, meta: dict[str, Any], params: dict[int,
 
 
 def _read_session(directory: Path) -> FitRecord:
-    from flame_client.messages import TOPIC_FRAME, TOPIC_SHAPE
+    from flame_client.messages import TOPIC_FRAME, TOPIC_SHAPE, MessageError, validate
     from realtime.session import SessionReader
 
     reader = SessionReader(directory)
@@ -287,10 +279,15 @@ def _read_session(directory: Path) -> FitRecord:
     observed: dict[int, np.ndarray] = {}
     shape: np.ndarray | None = None
     for record in reader.messages():
+        if record.topic not in (TOPIC_FRAME, TOPIC_SHAPE):
+            continue
+        try:
+            message = validate(record.topic, record.message)
+        except MessageError as error:
+            raise UserError(f"{directory}: a recorded message is invalid ({error})") from None
         if record.topic == TOPIC_SHAPE:
-            shape = np.asarray(record.message["shape"], dtype=np.float32)
-        elif record.topic == TOPIC_FRAME and record.video_frame is not None and shape is not None:
-            message = record.message
+            shape = np.asarray(message["shape"], dtype=np.float32)
+        elif record.video_frame is not None and shape is not None:
             params[record.video_frame] = _arrays_from_message(message, shape, (height, width))
             landmarks = message.get("landmarks")
             if landmarks is not None and len(landmarks) == 2 * 478:
@@ -483,12 +480,8 @@ def render_result(result_dir: Path, out: Path, options: RenderOptions | None = N
         from engine.model_selection import select_head_model
 
         head = select_head_model(_flame_choice(record, options.flame), resolve_models_dir(options.models_dir))
-    recorded = record.model.get("checksum")
-    if recorded is not None and recorded != head.checksum:
-        raise UserError(
-            f"{result_dir} was fitted with the {record.model.get('name')}, not the {head.name}: "
-            "pass the same --flame as when tracking"
-        )
+    any_frame = next(iter(record.params.values()))
+    check_tracked_with(Path(result_dir), record.model.get("checksum"), any_frame["shape"].shape[1], any_frame["exp"].shape[1], head)
     frames = record.frames or _grey_frames(record)
     n_input = record.n_frames if record.frames is None else None
     stop = options.stop_frame
