@@ -26,7 +26,7 @@ from engine.export import PARAMETER_KEYS, check_tracked_with, euler_matrix, read
 from engine.gltf import CameraView, RigAnimation, build_glb, skeleton_of
 from engine.head_model import HeadModel
 from engine.tracker import TrackerConfig
-from flame_client.messages import TOPIC_FRAME, TOPIC_SHAPE, MessageError, validate
+from flame_client.messages import TOPIC_SHAPE
 from flame_client.rig import gltf_head_pose
 from flame_client.rotations import matrix_from_axis_angle
 from realtime.session import SESSION_FILE, SessionReader
@@ -155,13 +155,8 @@ def _from_session(folder: Path, head: HeadModel) -> RigSource:
     frames: list[dict] = []
     times: list[float] = []
     shape_message: dict | None = None
-    for record in reader.messages():
-        if record.topic not in (TOPIC_FRAME, TOPIC_SHAPE):
-            continue
-        try:
-            message = validate(record.topic, record.message)
-        except MessageError as error:
-            raise UserError(f"{folder}: a recorded message is invalid ({error})") from None
+    for record in reader.tracking_messages():
+        message = record.message
         if record.topic == TOPIC_SHAPE:
             shape_message = message
         # Keyed at capture times, which must increase: a repeated time (never expected) keeps the first frame.

@@ -268,7 +268,7 @@ def _refined_appearance(directory: Path, meta: dict[str, Any], params: dict[int,
 
 
 def _read_session(directory: Path) -> FitRecord:
-    from flame_client.messages import TOPIC_FRAME, TOPIC_SHAPE, MessageError, validate
+    from flame_client.messages import TOPIC_SHAPE
     from realtime.session import SessionReader
 
     reader = SessionReader(directory)
@@ -278,13 +278,8 @@ def _read_session(directory: Path) -> FitRecord:
     params: dict[int, dict[str, np.ndarray]] = {}
     observed: dict[int, np.ndarray] = {}
     shape: np.ndarray | None = None
-    for record in reader.messages():
-        if record.topic not in (TOPIC_FRAME, TOPIC_SHAPE):
-            continue
-        try:
-            message = validate(record.topic, record.message)
-        except MessageError as error:
-            raise UserError(f"{directory}: a recorded message is invalid ({error})") from None
+    for record in reader.tracking_messages():
+        message = record.message
         if record.topic == TOPIC_SHAPE:
             shape = np.asarray(message["shape"], dtype=np.float32)
         elif record.video_frame is not None and shape is not None:

@@ -169,6 +169,20 @@ class SessionReader:
             if unpacker.tell() < self.messages_path.stat().st_size:
                 log.info("%s: ignored an incomplete last record (the recording was cut short)", self.messages_path)
 
+    def tracking_messages(self) -> Iterator[RecordedMessage]:
+        """The recorded ``flame.frame`` and ``flame.shape`` messages, each validated against the wire schema
+        (as returned by ``flame_client.validate``); UserError at the first invalid one."""
+        from flame_client.messages import TOPIC_FRAME, TOPIC_SHAPE, MessageError, validate
+
+        for record in self.messages():
+            if record.topic not in (TOPIC_FRAME, TOPIC_SHAPE):
+                continue
+            try:
+                message = validate(record.topic, record.message)
+            except MessageError as error:
+                raise UserError(f"{self.directory}: a recorded message is invalid ({error})") from None
+            yield record._replace(message=message)
+
     def iter_timed(self, speed: float = 1.0) -> Iterator[RecordedMessage]:
         """The messages, each handed out when it was originally recorded (scaled by 1/speed).
 
