@@ -11,6 +11,7 @@
     python run_stream.py models                       list the model files and where to get them
     python run_stream.py export --params F.npz ...    write a posed mesh as .obj or .ply
     python run_stream.py export --gltf OUT.glb ...    write the FLAME rig (and its animation) as glTF
+    python run_stream.py blender-addon --out Z.zip    build the Blender add-on (live link, tracking import)
 
 Each subcommand has its own --help. Heavy imports happen inside the handlers so that --help is instant.
 """
@@ -41,7 +42,7 @@ from cli_checks import (
     zmq_address,
 )
 
-COMMANDS = ("live", "track", "refine", "batch", "replay", "render", "bench", "models", "export")
+COMMANDS = ("live", "track", "refine", "batch", "replay", "render", "bench", "models", "export", "blender-addon")
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -80,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = _common_options()
-    for add in (_add_live, _add_track, _add_refine, _add_batch, _add_replay, _add_render, _add_bench, _add_models, _add_export):
+    commands = (
+        _add_live, _add_track, _add_refine, _add_batch, _add_replay, _add_render, _add_bench, _add_models, _add_export,
+        _add_blender_addon,
+    )  # fmt: skip
+    for add in commands:
         add(subparsers, common)
     return parser
 
@@ -674,6 +679,29 @@ def use_threads(count: int) -> None:
         os.environ[variable] = str(count)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(count)
+
+
+def _add_blender_addon(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    addon = subparsers.add_parser(
+        "blender-addon",
+        help="build the Blender add-on zip",
+        description="Build the installable Blender add-on (live link over OSC, Record, Import tracking) as a zip "
+        "for Edit > Preferences > Add-ons > Install from Disk (Blender 4.2 or newer).",
+    )
+    addon.add_argument(
+        "--out", type=output_file_with_suffix(".zip"), default="flame_live_blender.zip",
+        help="zip to write (default flame_live_blender.zip)",
+    )  # fmt: skip
+    addon.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    addon.set_defaults(handler=_run_blender_addon, threads=1)  # no PyTorch work; main() sets threads for all
+
+
+def _run_blender_addon(args: argparse.Namespace) -> int:
+    from flame_live_blender.packaging import build_addon_zip
+
+    count = build_addon_zip(args.out)
+    print(f"wrote {args.out} ({count} files): install it in Blender with Edit > Preferences > Add-ons > Install from Disk")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from flame_client.rotations import matrix_from_axis_angle, quaternion_from_matrix
+from .rotations import matrix_from_axis_angle, quaternion_from_matrix
 
 JOINT_NAMES: tuple[str, ...] = ("root", "neck", "jaw", "left_eye", "right_eye")
 #: FLAME's kinematic tree: the neck hangs from the root, the jaw and both eyes from the neck.
