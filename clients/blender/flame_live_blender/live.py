@@ -2,8 +2,9 @@
 
 Each :meth:`LiveLink.update` (the timer's step, about 60 times a second) reads every datagram waiting on the
 non-blocking socket and applies only the newest valid frame, so a burst, a gap or late packets never make
-Blender wait. While recording, every applied frame is also kept with its capture time; stopping the recording
-keys them into actions at the scene's frame rate (``animation.key_motion``).
+Blender wait. While recording, every frame that arrived is kept with its capture time, also those a busy UI
+never showed; stopping the recording keys them into actions at the scene's frame rate
+(``animation.key_motion``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ class LiveLink:
         self.rig = flame_rig
         self.rig.prepare()
         self.applied_seq: int | None = None
-        self.applied_t_publish: float | None = None
         self.recording: Recording | None = None
 
     @property
@@ -54,14 +54,15 @@ class LiveLink:
 
     def update(self) -> bool:
         """Read what arrived and pose the rig with the newest frame; True when a new frame was applied."""
-        frame = self.receiver.poll()
-        if frame is None or (frame.seq, frame.t_publish) == (self.applied_seq, self.applied_t_publish):
+        frames = self.receiver.poll()
+        if not frames:
             return False
-        pose = pose_from_stream(frame)
-        self.rig.apply(self.rig.frame(pose))
-        self.applied_seq, self.applied_t_publish = frame.seq, frame.t_publish
         if self.recording is not None:
-            self.recording.add(frame.t_capture, pose)
+            for frame in frames:
+                self.recording.add(frame.t_capture, pose_from_stream(frame))
+        newest = frames[-1]
+        self.rig.apply(self.rig.frame(pose_from_stream(newest)))
+        self.applied_seq = newest.seq
         return True
 
     def start_recording(self, start_frame: int) -> None:

@@ -3,7 +3,7 @@
 flame-live's OSC publisher sends one bundle per frame (``/flame/frame`` seq, t_capture, t_publish, valid, then
 ``/flame/head`` 6 f, ``/flame/pose`` 12 f, ``/flame/exp`` N f, ...), a bundle with the identity every few
 seconds and one with metrics once a second. :meth:`UdpReceiver.poll` reads every datagram that is waiting,
-never waits for one, and returns the newest complete, valid frame. Packets of another protocol (VMC, another
+never waits for one, and returns the valid frames that arrived, oldest first: the last is the newest. Packets of another protocol (VMC, another
 OSC tool, random bytes) are counted and ignored; frames that arrive after a newer one are counted as late.
 """
 
@@ -133,8 +133,9 @@ class UdpReceiver:
         self.counts = ReceiverCounts()
         self._newest: StreamFrame | None = None
 
-    def poll(self) -> StreamFrame | None:
-        """Read what is waiting; the newest valid frame received so far, or None before the first one."""
+    def poll(self) -> list[StreamFrame]:
+        """Read what is waiting; the valid frames among it in arrival order (late ones left out)."""
+        arrived: list[StreamFrame] = []
         for _ in range(MAX_PACKETS_PER_POLL):
             try:
                 packet = self._socket.recv(65536)
@@ -144,36 +145,39 @@ class UdpReceiver:
                 self._problem("foreign", f"socket error {error.strerror}")
                 continue
             self.counts.packets += 1
-            self._accept(packet)
-        return self._newest
+            frame = self._accept(packet)
+            if frame is not None:
+                arrived.append(frame)
+        return arrived
 
-    def _accept(self, packet: bytes) -> None:
+    def _accept(self, packet: bytes) -> StreamFrame | None:
         try:
             messages = decode_packet(packet)
         except OscError as error:
             self._problem("foreign", f"not OSC: {error}")
-            return
+            return None
         if not messages or not all(message.address.startswith("/flame/") for message in messages):
             self._problem("foreign", f"OSC outside /flame/: {messages[0].address if messages else 'empty bundle'}")
-            return
+            return None
         if not any(message.address == "/flame/frame" for message in messages):
             self.counts.other_flame += 1
-            return
+            return None
         try:
             frame = frame_from_messages(messages)
         except FrameError as error:
             self._problem("invalid", str(error))
-            return
+            return None
         if frame is None:
             self.counts.no_face += 1
-            return
+            return None
         newest = self._newest
         # Late: an older frame of the same run. A restarted sender has smaller seq but a newer publish time.
         if newest is not None and frame.seq < newest.seq and frame.t_publish <= newest.t_publish:
             self.counts.late += 1
-            return
+            return None
         self.counts.frames += 1
         self._newest = frame
+        return frame
 
     def _problem(self, kind: str, reason: str) -> None:
         setattr(self.counts, kind, getattr(self.counts, kind) + 1)
