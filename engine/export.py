@@ -17,17 +17,9 @@ from engine.camera import FLIP
 from engine.errors import UserError
 from engine.flame import FlameLayer
 from engine.head_model import HeadModel
+from flame_client.rotations import euler_matrix
 
 PARAMETER_KEYS = ("shape", "exp", "jaw_pose", "neck_pose", "eye_pose", "cam")
-
-
-def euler_matrix(yaw: float, pitch: float, roll: float) -> np.ndarray:
-    """The reference's rotation R = Rz(roll) @ Ry(yaw) @ Rx(pitch), radians."""
-    cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
-    rz = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rx = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
-    return rz @ ry @ rx
 
 
 def posed_vertices(layer: FlameLayer, arrays: dict[str, np.ndarray], space: str = "model") -> np.ndarray:

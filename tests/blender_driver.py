@@ -109,6 +109,7 @@ def run_live(args: argparse.Namespace) -> None:
         results=np.array([no_rig, port_in_use, not_connected, connected]),
     )  # fmt: skip
     bpy.ops.flame_live.disconnect()
+    bpy.ops.preferences.addon_disable(module="flame_live_blender")  # unregisters cleanly
 
 
 def run_import(args: argparse.Namespace) -> None:

@@ -11,15 +11,14 @@ import time
 import msgpack
 import numpy as np
 import pytest
+from scipy.spatial.transform import Rotation
+
+from flame_client.messages import frame_message, metrics_message, shape_message
 from flame_live_blender.msgpack_reader import MsgpackError, iter_objects
 from flame_live_blender.osc import OscError, decode_packet
 from flame_live_blender.poses import pose_from_axis_angles, pose_from_tracking
 from flame_live_blender.recordings import RecordingError, load_motion
 from flame_live_blender.stream import StreamError, StreamFrame, UdpReceiver
-from scipy.spatial.transform import Rotation
-
-from engine.export import euler_matrix
-from flame_client.messages import frame_message, metrics_message, shape_message
 from realtime.publishers import OscPublisher, VmcPublisher, osc_bundle, osc_message
 from realtime.session import SessionReader
 
@@ -146,9 +145,10 @@ def test_stream_and_tracking_poses_place_the_head_in_the_same_gltf_world() -> No
     cam = np.array([0.3, -0.2, 0.1, 0.01, -0.02, -0.5])
     joints = np.random.default_rng(2).normal(size=12) * 0.1
     tracked = pose_from_tracking(cam, joints[:3], joints[3:6], joints[6:], np.arange(5.0))
-    np.testing.assert_allclose(tracked.head_rotation, euler_matrix(*cam[:3]), atol=1e-12)
+    cam_rotation = Rotation.from_euler("ZYX", [cam[2], cam[0], cam[1]]).as_matrix()  # Rz(roll) Ry(yaw) Rx(pitch)
+    np.testing.assert_allclose(tracked.head_rotation, cam_rotation, atol=1e-12)
     to_camera = np.diag([1.0, -1.0, -1.0])  # the README: x_cam = diag(1,-1,-1) (R(cam) x + t)
-    head_rot = Rotation.from_matrix(to_camera @ euler_matrix(*cam[:3])).as_rotvec()
+    head_rot = Rotation.from_matrix(to_camera @ cam_rotation).as_rotvec()
     streamed = pose_from_axis_angles(head_rot, to_camera @ cam[3:], joints[:3], joints[3:6], joints[6:], np.arange(5.0))
     np.testing.assert_allclose(streamed.head_rotation, tracked.head_rotation, atol=1e-12)
     np.testing.assert_allclose(streamed.head_translation, tracked.head_translation, atol=1e-12)

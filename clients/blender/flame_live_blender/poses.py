@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .rig_maths import rig
+from .rig_maths import rig, rotations
 from .stream import StreamFrame
 
 
@@ -21,15 +21,6 @@ class FramePose:
     head_translation: np.ndarray  # (3,) metres, glTF world
     joint_poses: np.ndarray  # (4, 3) axis-angle of neck, jaw, left eye, right eye, each relative to its parent
     exp: np.ndarray  # (N,)
-
-
-def euler_matrix(yaw: float, pitch: float, roll: float) -> np.ndarray:
-    """The tracking files' rotation ``R = Rz(roll) Ry(yaw) Rx(pitch)``, radians."""
-    cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
-    rz = np.array([[cr, -sr, 0.0], [sr, cr, 0.0], [0.0, 0.0, 1.0]])
-    ry = np.array([[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]])
-    rx = np.array([[1.0, 0.0, 0.0], [0.0, cp, -sp], [0.0, sp, cp]])
-    return rz @ ry @ rx
 
 
 def _joint_poses(neck: np.ndarray, jaw: np.ndarray, eyes: np.ndarray) -> np.ndarray:
@@ -52,4 +43,4 @@ def pose_from_stream(frame: StreamFrame) -> FramePose:
 def pose_from_tracking(cam: np.ndarray, neck: np.ndarray, jaw: np.ndarray, eyes: np.ndarray, exp: np.ndarray) -> FramePose:
     """One frame of ``track`` output, whose ``cam`` (an OpenGL view of the model) is already glTF world."""
     cam = np.asarray(cam, dtype=np.float64).reshape(6)
-    return FramePose(euler_matrix(*cam[:3]), cam[3:].copy(), _joint_poses(neck, jaw, eyes), np.asarray(exp, np.float64).reshape(-1))
+    return FramePose(rotations.euler_matrix(*cam[:3]), cam[3:].copy(), _joint_poses(neck, jaw, eyes), np.asarray(exp, np.float64).reshape(-1))

@@ -47,6 +47,15 @@ def matrix_from_axis_angle(rotation_vector: np.ndarray) -> np.ndarray:
     return np.eye(3) + math.sin(angle) * skew + (1.0 - math.cos(angle)) * (skew @ skew)
 
 
+def euler_matrix(yaw: float, pitch: float, roll: float) -> np.ndarray:
+    """The tracking files' rotation ``R = Rz(roll) @ Ry(yaw) @ Rx(pitch)`` (``cam[:3]``), radians."""
+    cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
+    rz = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rx = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
+    return rz @ ry @ rx
+
+
 def quaternion_from_matrix(rotation: np.ndarray) -> np.ndarray:
     """Unit quaternion (x, y, z, w), with ``w >= 0``, of a 3x3 rotation matrix."""
     m = np.asarray(rotation, dtype=np.float64).reshape(3, 3)
