@@ -99,7 +99,7 @@ def connect(flame_rig: FlameRig, host: str, port: int) -> LiveLink:
     _link = LiveLink(flame_rig, host, port)
     _stopped_because = ""
     if not bpy.app.timers.is_registered(_tick):
-        bpy.app.timers.register(_tick, first_interval=TIMER_INTERVAL_S)
+        bpy.app.timers.register(_tick, first_interval=TIMER_INTERVAL_S, persistent=True)
     return _link
 
 
