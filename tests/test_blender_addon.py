@@ -58,8 +58,9 @@ def demo_head(landmarker_task: Path):
     return select_head_model("demo", landmarker_task.parent)
 
 
-def export_rig(params: Path, out: Path) -> Path:
-    assert main(["export", "--gltf", str(out), "--params", str(params), "--flame", "demo"]) == 0
+def export_rig(params: Path, out: Path, models: Path) -> Path:
+    """The rig a user imports: ``export --gltf`` with the identity (and animation) of a session or track folder."""
+    assert main(["export", "--gltf", str(out), "--params", str(params), "--flame", "demo", "--models", str(models)]) == 0
     return out
 
 
@@ -87,9 +88,9 @@ def session_shape(session: Path) -> np.ndarray:
 
 
 def test_the_live_link_drives_the_imported_rig_exactly_from_a_replayed_stream(
-    blender_python, addon_zip, demo_head, recorded_session, tmp_path
+    blender_python, addon_zip, demo_head, recorded_session, landmarker_task, tmp_path
 ) -> None:
-    rig = export_rig(recorded_session, tmp_path / "rig.glb")
+    rig = export_rig(recorded_session, tmp_path / "rig.glb", landmarker_task.parent)
     port = free_udp_port()
     out = tmp_path / "live.npz"
     driver = run_blender(blender_python, tmp_path, "live", "--addon", str(addon_zip), "--glb", str(rig),
@@ -144,9 +145,9 @@ def glb_json(path: Path) -> dict:
 
 
 def test_import_tracking_keys_every_frame_and_blenders_exporters_write_the_animated_head(
-    blender_python, addon_zip, demo_head, tracked_folder, tmp_path
+    blender_python, addon_zip, demo_head, tracked_folder, landmarker_task, tmp_path
 ) -> None:
-    rig = export_rig(tracked_folder, tmp_path / "rig.glb")
+    rig = export_rig(tracked_folder, tmp_path / "rig.glb", landmarker_task.parent)
     exports = tmp_path / "exports"
     exports.mkdir()
     out = tmp_path / "import.npz"
@@ -158,7 +159,7 @@ def test_import_tracking_keys_every_frame_and_blenders_exporters_write_the_anima
     no_rig, not_tracking, imported = result["results"]
     assert "select the FLAME head rig" in no_rig and "holds neither tracking.npz" in not_tracking and imported == "FINISHED"
     with np.load(tracked_folder / "tracking.npz") as data:
-        tracking = {key: data[key].astype(np.float64) for key in data.files}
+        tracking = {key: data[key].astype(np.float64) for key in ("shape", "exp", "jaw_pose", "neck_pose", "eye_pose", "cam")}
     count = len(tracking["exp"])
     assert list(result["frames"]) == [1 + 2 * i for i in range(count)]
     for index in range(count):
