@@ -86,7 +86,9 @@ def run_live(args: argparse.Namespace) -> None:
     blocker.close()
     not_connected = outcome(bpy.ops.flame_live.record)
     scene.flame_live.port = args.port
+    imported_actions = {action.name for action in bpy.data.actions}
     connected = outcome(bpy.ops.flame_live.connect)
+    detached = armature.animation_data.action is None and all(bpy.data.actions[name].use_fake_user for name in imported_actions)
     scene.frame_set(1)
     bpy.ops.flame_live.record()
     link = live.current()
@@ -106,7 +108,7 @@ def run_live(args: argparse.Namespace) -> None:
         frames=counts.frames, foreign=counts.foreign, invalid=counts.invalid, updates=updates, recorded=recorded,
         keyed_frames=len(fcurves[0].keyframe_points), bone_curves=len(fcurves),
         shape_curves=len(rig_mesh().data.shape_keys.animation_data.action.fcurves),
-        results=np.array([no_rig, port_in_use, not_connected, connected]),
+        results=np.array([no_rig, port_in_use, not_connected, connected]), imported_actions=len(imported_actions), detached=detached,
     )  # fmt: skip
     bpy.ops.flame_live.disconnect()
     bpy.ops.preferences.addon_disable(module="flame_live_blender")  # unregisters cleanly

@@ -113,6 +113,7 @@ def test_the_live_link_drives_the_imported_rig_exactly_from_a_replayed_stream(
     no_rig, port_in_use, not_connected, connected = result["results"]
     assert "select the FLAME head rig" in no_rig and "is already in use" in port_in_use
     assert "press Connect first" in not_connected and connected == "FINISHED"
+    assert int(result["imported_actions"]) > 0 and bool(result["detached"])  # the rig's animation no longer fights the stream
     frames = {r.message["seq"]: r.message for r in SessionReader(recorded_session).messages() if r.topic == "flame.frame"}
     valid = [seq for seq, message in frames.items() if message["valid"]]
     assert int(result["applied_seq"]) == valid[-1] and int(result["frames"]) == len(valid)

@@ -100,6 +100,18 @@ class FlameRig:
         for name in rig.JOINT_NAMES:
             self.armature.pose.bones[name].rotation_mode = "QUATERNION"
 
+    def detach_actions(self) -> list[str]:
+        """Unassign the rig's actions (the imported animation, an earlier recording) so that they stop
+        overriding the live pose on every frame change; each keeps a fake user so that saving keeps it."""
+        detached = []
+        for animated in (self.armature, self.mesh.data.shape_keys):
+            animation = animated.animation_data
+            if animation is not None and animation.action is not None:
+                animation.action.use_fake_user = True
+                detached.append(animation.action.name)
+                animation.action = None
+        return detached
+
     def frame(self, pose: FramePose) -> RigFrame:
         """Shape key values and bone basis matrices that reproduce FLAME for this frame."""
         exp = np.zeros(self.n_exp)

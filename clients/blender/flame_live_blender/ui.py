@@ -50,7 +50,9 @@ class FLAMELIVE_OT_connect(bpy.types.Operator):
         except (RigError, StreamError) as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
-        self.report({"INFO"}, f"listening on {link.receiver.host}:{link.receiver.port}, driving {link.rig.armature.name}")
+        detached = link.rig.detach_actions()
+        kept = f"; its actions {', '.join(detached)} are unassigned (kept)" if detached else ""
+        self.report({"INFO"}, f"listening on {link.receiver.host}:{link.receiver.port}, driving {link.rig.armature.name}{kept}")
         return {"FINISHED"}
 
 
