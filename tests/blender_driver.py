@@ -3,7 +3,8 @@ imports a rig .glb with Blender's glTF importer and exercises the add-on as a us
 evaluated to an .npz that the test compares with our FLAME layer.
 
     python tests/blender_driver.py live   --addon Z.zip --glb RIG.glb --port P --out OUT.npz
-    python tests/blender_driver.py import --addon Z.zip --glb RIG.glb --tracking DIR --fps F --out OUT.npz --export-dir D
+    python tests/blender_driver.py import --addon Z.zip --glb RIG.glb --tracking DIR --fps F --out OUT.npz \
+        --export-dir D
 
 ``live``: checks the bad-input reports (no rig selected, port in use), connects, starts Record, prints READY
 and runs the add-on's update step until stdin closes (the test closes it when ``replay`` has ended), then saves
@@ -41,7 +42,7 @@ def select_only(objects: list[bpy.types.Object]) -> None:
 
 
 def outcome(operator, **arguments) -> str:
-    """"FINISHED", or the operator's error report, which bpy raises as RuntimeError outside Blender's UI."""
+    """ "FINISHED", or the operator's error report, which bpy raises as RuntimeError outside Blender's UI."""
     try:
         return ",".join(sorted(operator(**arguments)))
     except RuntimeError as error:
@@ -88,7 +89,9 @@ def run_live(args: argparse.Namespace) -> None:
     scene.flame_live.port = args.port
     imported_actions = {action.name for action in bpy.data.actions}
     connected = outcome(bpy.ops.flame_live.connect)
-    detached = armature.animation_data.action is None and all(bpy.data.actions[name].use_fake_user for name in imported_actions)
+    detached = armature.animation_data.action is None and all(
+        bpy.data.actions[name].use_fake_user for name in imported_actions
+    )
     scene.frame_set(1)
     bpy.ops.flame_live.record()
     link = live.current()
@@ -108,7 +111,8 @@ def run_live(args: argparse.Namespace) -> None:
         frames=counts.frames, foreign=counts.foreign, invalid=counts.invalid, updates=updates, recorded=recorded,
         keyed_frames=len(fcurves[0].keyframe_points), bone_curves=len(fcurves),
         shape_curves=len(rig_mesh().data.shape_keys.animation_data.action.fcurves),
-        results=np.array([no_rig, port_in_use, not_connected, connected]), imported_actions=len(imported_actions), detached=detached,
+        results=np.array([no_rig, port_in_use, not_connected, connected]), imported_actions=len(imported_actions),
+        detached=detached,
     )  # fmt: skip
     bpy.ops.flame_live.disconnect()
     bpy.ops.preferences.addon_disable(module="flame_live_blender")  # unregisters cleanly
@@ -131,8 +135,12 @@ def run_import(args: argparse.Namespace) -> None:
         scene.frame_set(frame)
         vertices.append(evaluated_vertices())
     args.export_dir.mkdir(parents=True, exist_ok=True)
-    bpy.ops.export_scene.fbx(filepath=str(args.export_dir / "head.fbx"), bake_anim=True, object_types={"ARMATURE", "MESH"})
-    bpy.ops.export_scene.gltf(filepath=str(args.export_dir / "head.glb"), export_format="GLB", export_animations=True, export_morph=True)
+    bpy.ops.export_scene.fbx(
+        filepath=str(args.export_dir / "head.fbx"), bake_anim=True, object_types={"ARMATURE", "MESH"}
+    )
+    bpy.ops.export_scene.gltf(
+        filepath=str(args.export_dir / "head.glb"), export_format="GLB", export_animations=True, export_morph=True
+    )
     np.savez(
         args.out, frames=np.array(frames), vertices=np.stack(vertices),
         results=np.array([no_rig, not_tracking, imported]),

@@ -42,7 +42,9 @@ TOLERANCE_M = 1e-4
 def blender_python() -> str:
     path = os.environ.get(BLENDER_PYTHON_VARIABLE)
     if not path:
-        pytest.skip(f"needs ${BLENDER_PYTHON_VARIABLE}: a Python 3.11 with 'pip install bpy==4.2.0' (.ci/run makes one)")
+        pytest.skip(
+            f"needs ${BLENDER_PYTHON_VARIABLE}: a Python 3.11 with 'pip install bpy==4.2.0' (.ci/run makes one)"
+        )
     return path
 
 
@@ -60,7 +62,8 @@ def demo_head(landmarker_task: Path):
 
 def export_rig(params: Path, out: Path, models: Path) -> Path:
     """The rig a user imports: ``export --gltf`` with the identity (and animation) of a session or track folder."""
-    assert main(["export", "--gltf", str(out), "--params", str(params), "--flame", "demo", "--models", str(models)]) == 0
+    arguments = ["export", "--gltf", str(out), "--params", str(params), "--flame", "demo", "--models", str(models)]
+    assert main(arguments) == 0
     return out
 
 
@@ -93,8 +96,8 @@ def test_the_live_link_drives_the_imported_rig_exactly_from_a_replayed_stream(
     rig = export_rig(recorded_session, tmp_path / "rig.glb", landmarker_task.parent)
     port = free_udp_port()
     out = tmp_path / "live.npz"
-    driver = run_blender(blender_python, tmp_path, "live", "--addon", str(addon_zip), "--glb", str(rig),
-                         "--port", str(port), "--out", str(out), stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    arguments = ["live", "--addon", str(addon_zip), "--glb", str(rig), "--port", str(port), "--out", str(out)]
+    driver = run_blender(blender_python, tmp_path, *arguments, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         for line in driver.stdout:
             if line.strip() == "READY":
@@ -102,7 +105,9 @@ def test_the_live_link_drives_the_imported_rig_exactly_from_a_replayed_stream(
         else:
             pytest.fail("Blender exited before connecting")
         with VmcPublisher("127.0.0.1", port) as vmc:  # another protocol at the add-on's port: counted, ignored
-            vmc.publish_frame(next(r.message for r in SessionReader(recorded_session).messages() if r.topic == "flame.frame"))
+            vmc.publish_frame(
+                next(r.message for r in SessionReader(recorded_session).messages() if r.topic == "flame.frame")
+            )
         assert main(["replay", str(recorded_session), "--no-zmq", "--osc", f"127.0.0.1:{port}", "--speed", "2"]) == 0
         driver.stdin.close()
         driver.stdout.read()
@@ -113,13 +118,19 @@ def test_the_live_link_drives_the_imported_rig_exactly_from_a_replayed_stream(
     no_rig, port_in_use, not_connected, connected = result["results"]
     assert "select the FLAME head rig" in no_rig and "is already in use" in port_in_use
     assert "press Connect first" in not_connected and connected == "FINISHED"
-    assert int(result["imported_actions"]) > 0 and bool(result["detached"])  # the rig's animation no longer fights the stream
-    frames = {r.message["seq"]: r.message for r in SessionReader(recorded_session).messages() if r.topic == "flame.frame"}
+    assert int(result["imported_actions"]) > 0 and bool(
+        result["detached"]
+    )  # the rig's animation no longer fights the stream
+    frames = {
+        r.message["seq"]: r.message for r in SessionReader(recorded_session).messages() if r.topic == "flame.frame"
+    }
     valid = [seq for seq, message in frames.items() if message["valid"]]
     assert int(result["applied_seq"]) == valid[-1] and int(result["frames"]) == len(valid)
     assert int(result["foreign"]) == 2 and int(result["invalid"]) == 0
     message = frames[valid[-1]]
-    arrays = {key: np.asarray(message[key], dtype=np.float64)[None] for key in ("exp", "jaw_pose", "neck_pose", "eye_pose")}
+    arrays = {
+        key: np.asarray(message[key], dtype=np.float64)[None] for key in ("exp", "jaw_pose", "neck_pose", "eye_pose")
+    }
     model = flame_vertices(demo_head, {**arrays, "shape": session_shape(recorded_session)[None]}, "model")
     camera = model @ Rotation.from_rotvec(message["head_rot"]).as_matrix().T + np.asarray(message["head_trans"])
     expected = camera @ BLENDER_FROM_CAMERA.T
@@ -135,7 +146,9 @@ def tracked_folder(tmp_path_factory, landmarker_task: Path, shared_clips: Path) 
     """'track' on a short real clip with strong head turns (23 frames at 12.5 fps), demo head."""
     out = tmp_path_factory.mktemp("tracked") / "track"
     clip = shared_clips / "head-pose-face-detection-female.gif"
-    assert main(["track", str(clip), "--out", str(out), "--models", str(landmarker_task.parent), "--flame", "demo"]) == 0
+    assert (
+        main(["track", str(clip), "--out", str(out), "--models", str(landmarker_task.parent), "--flame", "demo"]) == 0
+    )
     return out
 
 
@@ -153,14 +166,21 @@ def test_import_tracking_keys_every_frame_and_blenders_exporters_write_the_anima
     exports.mkdir()
     out = tmp_path / "import.npz"
     # 25 scene fps for the clip's 12.5: tracked frame i lands on scene frame 1 + 2 i.
-    driver = run_blender(blender_python, tmp_path, "import", "--addon", str(addon_zip), "--glb", str(rig),
-                         "--tracking", str(tracked_folder), "--fps", "25", "--out", str(out), "--export-dir", str(exports))  # fmt: skip
+    arguments = ["import", "--addon", str(addon_zip), "--glb", str(rig), "--tracking", str(tracked_folder),
+                 "--fps", "25", "--out", str(out), "--export-dir", str(exports)]  # fmt: skip
+    driver = run_blender(blender_python, tmp_path, *arguments)
     assert driver.wait(timeout=300) == 0
     result = np.load(out)
     no_rig, not_tracking, imported = result["results"]
-    assert "select the FLAME head rig" in no_rig and "holds neither tracking.npz" in not_tracking and imported == "FINISHED"
+    assert (
+        "select the FLAME head rig" in no_rig
+        and "holds neither tracking.npz" in not_tracking
+        and imported == "FINISHED"
+    )
     with np.load(tracked_folder / "tracking.npz") as data:
-        tracking = {key: data[key].astype(np.float64) for key in ("shape", "exp", "jaw_pose", "neck_pose", "eye_pose", "cam")}
+        tracking = {
+            key: data[key].astype(np.float64) for key in ("shape", "exp", "jaw_pose", "neck_pose", "eye_pose", "cam")
+        }
     count = len(tracking["exp"])
     assert list(result["frames"]) == [1 + 2 * i for i in range(count)]
     for index in range(count):
@@ -172,4 +192,3 @@ def test_import_tracking_keys_every_frame_and_blenders_exporters_write_the_anima
     assert {"weights", "rotation", "translation"} <= paths
     fbx = (exports / "head.fbx").read_bytes()
     assert fbx.count(b"BlendShapeChannel") >= demo_head.n_exp + 36 and b"AnimationCurveNode" in fbx
-

@@ -26,8 +26,9 @@ from realtime.session import SessionReader
 def make_frame(seq: int, valid: bool = True, t_publish: float | None = None) -> dict:
     rng = np.random.default_rng(seq)
     return frame_message(
-        seq=seq, t_capture=1_700_000_000.0 + seq / 25, valid=valid, exp=rng.normal(size=50), jaw_pose=rng.normal(size=3) * 0.1,
-        eye_pose=rng.normal(size=6) * 0.1, neck_pose=rng.normal(size=3) * 0.1, head_rot=[math.pi, 0.1, 0.0],
+        seq=seq, t_capture=1_700_000_000.0 + seq / 25, valid=valid, exp=rng.normal(size=50),
+        jaw_pose=rng.normal(size=3) * 0.1, eye_pose=rng.normal(size=6) * 0.1, neck_pose=rng.normal(size=3) * 0.1,
+        head_rot=[math.pi, 0.1, 0.0],
         head_trans=[0.01, 0.02, 0.6], fov_deg=40.0, blendshapes=np.full(52, 0.5), t_publish=t_publish,
     )  # fmt: skip
 
@@ -52,7 +53,11 @@ def receiver():
 def test_the_receiver_keeps_the_newest_frame_from_our_osc_publisher(receiver: UdpReceiver) -> None:
     with OscPublisher("127.0.0.1", receiver.port) as publisher:
         publisher.publish_shape(shape_message(np.zeros(10), "demo head (not FLAME)", "abc"))
-        publisher.publish_metrics(metrics_message(fps=25.0, latency_p50_ms=1.0, latency_p95_ms=2.0, dropped_frames=0, mediapipe_ms=1.0, tracker_ms=1.0))
+        publisher.publish_metrics(
+            metrics_message(
+                fps=25.0, latency_p50_ms=1.0, latency_p95_ms=2.0, dropped_frames=0, mediapipe_ms=1.0, tracker_ms=1.0
+            )
+        )
         for seq in range(3):
             publisher.publish_frame(make_frame(seq))
         publisher.publish_frame(make_frame(3, valid=False))
@@ -75,13 +80,23 @@ def test_foreign_packets_are_counted_and_ignored(receiver: UdpReceiver) -> None:
     target = ("127.0.0.1", receiver.port)
     with VmcPublisher("127.0.0.1", receiver.port) as vmc:
         vmc.publish_frame(make_frame(1))  # two bundles of another OSC protocol
-    garbage = [b"", b"hello", b"\x00" * 8, b"#bundle\x00" + b"\x00" * 8 + b"\x00\x00\x00\x40", np.random.default_rng(0).bytes(300)]
+    garbage = [
+        b"",
+        b"hello",
+        b"\x00" * 8,
+        b"#bundle\x00" + b"\x00" * 8 + b"\x00\x00\x00\x40",
+        np.random.default_rng(0).bytes(300),
+    ]
     for datagram in garbage:
         sender.sendto(datagram, target)
-    broken = osc_bundle([osc_message("/flame/frame", "iddi", 7, 1.0, 2.0, 1), osc_message("/flame/head", "fff", 0.0, 0.0, 0.0)])
+    broken = osc_bundle(
+        [osc_message("/flame/frame", "iddi", 7, 1.0, 2.0, 1), osc_message("/flame/head", "fff", 0.0, 0.0, 0.0)]
+    )
     sender.sendto(broken, target)
-    nan_exp = osc_bundle([osc_message("/flame/frame", "iddi", 8, 1.0, 2.0, 1), osc_message("/flame/head", "ffffff", *[0.0] * 6),
-                          osc_message("/flame/pose", "f" * 12, *[0.0] * 12), osc_message("/flame/exp", "ff", float("nan"), 0.0)])  # fmt: skip
+    nan_exp = osc_bundle([
+        osc_message("/flame/frame", "iddi", 8, 1.0, 2.0, 1), osc_message("/flame/head", "ffffff", *[0.0] * 6),
+        osc_message("/flame/pose", "f" * 12, *[0.0] * 12), osc_message("/flame/exp", "ff", float("nan"), 0.0),
+    ])  # fmt: skip
     sender.sendto(nan_exp, target)
     with OscPublisher("127.0.0.1", receiver.port) as publisher:
         publisher.publish_frame(make_frame(5))
@@ -113,7 +128,13 @@ def test_the_osc_decoder_refuses_malformed_packets_with_one_reason() -> None:
     good = osc_message("/flame/exp", "ff", 1.0, 2.0)
     assert decode_packet(good)[0].arguments == (1.0, 2.0)
     assert decode_packet(osc_bundle([good, osc_bundle([good])]))[1].address == "/flame/exp"
-    for packet in (good[:-4], good + b"\x00\x00\x00", b"/a\x00\x00,q\x00\x00", b"/ab\x00,f\x00\x00", b"/a\x00x,f\x00\x00\x00\x00\x00\x00"):
+    for packet in (
+        good[:-4],
+        good + b"\x00\x00\x00",
+        b"/a\x00\x00,q\x00\x00",
+        b"/ab\x00,f\x00\x00",
+        b"/a\x00x,f\x00\x00\x00\x00\x00\x00",
+    ):
         with pytest.raises(OscError):
             decode_packet(packet)
     rng = np.random.default_rng(1)
@@ -129,8 +150,18 @@ def test_the_osc_decoder_refuses_malformed_packets_with_one_reason() -> None:
 def test_the_msgpack_reader_reads_what_msgpack_writes_and_stops_at_a_cut() -> None:
     objects = [
         {"t": 1.5, "topic": "flame.frame", "v": None, "msg": {"exp": [0.5, -2.25] * 40, "valid": True, "seq": 70000}},
-        {"ints": [0, 1, 127, 128, 255, 65536, 2**40, -1, -32, -33, -200, -40000, -(2**40)], "s": "é" * 40, "b": b"\x01\x02"},
-        {"long": "x" * 70000, "f32": np.float32(0.25).item(), "nested": [[[]]], "flag": False, "map": {str(i): i for i in range(20)}},
+        {
+            "ints": [0, 1, 127, 128, 255, 65536, 2**40, -1, -32, -33, -200, -40000, -(2**40)],
+            "s": "é" * 40,
+            "b": b"\x01\x02",
+        },
+        {
+            "long": "x" * 70000,
+            "f32": np.float32(0.25).item(),
+            "nested": [[[]]],
+            "flag": False,
+            "map": {str(i): i for i in range(20)},
+        },
     ]
     data = b"".join(msgpack.packb(item, use_bin_type=True) for item in objects)
     assert list(iter_objects(data)) == objects
@@ -163,7 +194,9 @@ def test_import_tracking_reads_a_recorded_session_like_the_projects_reader(recor
     index, record = next((i, r) for i, r in enumerate(frames) if r.message["valid"])
     pose = motion.poses[index]
     to_gltf = np.diag([1.0, -1.0, -1.0])  # flame_client.rig: glTF world is OpenCV camera space turned about x
-    np.testing.assert_allclose(pose.head_rotation, to_gltf @ Rotation.from_rotvec(record.message["head_rot"]).as_matrix(), atol=1e-12)
+    np.testing.assert_allclose(
+        pose.head_rotation, to_gltf @ Rotation.from_rotvec(record.message["head_rot"]).as_matrix(), atol=1e-12
+    )
     np.testing.assert_allclose(pose.head_translation, to_gltf @ record.message["head_trans"], atol=1e-12)
     np.testing.assert_allclose(pose.exp, record.message["exp"])
     assert motion.times[0] == 0.0 and motion.times[-1] == pytest.approx(frames[-1].t_capture - frames[0].t_capture)

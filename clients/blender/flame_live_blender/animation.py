@@ -30,7 +30,12 @@ class KeyedMotion:
 
 
 def key_motion(
-    flame_rig: FlameRig, times: Sequence[float], poses: Sequence[FramePose | None], start_frame: int, fps: float, name: str
+    flame_rig: FlameRig,
+    times: Sequence[float],
+    poses: Sequence[FramePose | None],
+    start_frame: int,
+    fps: float,
+    name: str,
 ) -> KeyedMotion:
     """Key the samples ``(times[i] seconds, poses[i])`` into new actions named after `name`; returns what was keyed."""
     by_frame: dict[int, FramePose] = {}
@@ -67,7 +72,9 @@ def key_motion(
         for index in range(3):
             _fill(bone_curves.new(f'pose.bones["{bone}"].location', index=index), frames, values[:, index])
         for index in range(4):
-            _fill(bone_curves.new(f'pose.bones["{bone}"].rotation_quaternion', index=index), frames, values[:, 3 + index])
+            _fill(
+                bone_curves.new(f'pose.bones["{bone}"].rotation_quaternion', index=index), frames, values[:, 3 + index]
+            )
     return KeyedMotion(len(frames), held, frames[0], frames[-1])
 
 

@@ -20,7 +20,9 @@ import flame_client
 PACKAGE_DIR = Path(__file__).resolve().parent
 ADDON_NAME = PACKAGE_DIR.name
 VENDORED_MODULES = ("rig.py", "rotations.py")
-VENDORED_INIT = '"""Copy of flame_client\'s pure maths (rig, rotations) for Blender, which lacks pyzmq and msgpack."""\n'
+VENDORED_INIT = (
+    '"""Copy of flame_client\'s pure maths (rig, rotations) for Blender, which lacks pyzmq and msgpack."""\n'
+)
 ALLOWED_IMPORTS = {"numpy", "__future__"} | set(sys.stdlib_module_names)
 
 
@@ -56,7 +58,10 @@ def _check_imports(name: str, source: bytes) -> None:
             continue
         for module in modules:
             if module.split(".")[0] not in ALLOWED_IMPORTS:
-                raise PackagingError(f"flame_client/{name} imports {module}, which Blender lacks: keep its imports to numpy and relative ones")
+                raise PackagingError(
+                    f"flame_client/{name} imports {module}, which Blender lacks: "
+                    "keep its imports to numpy and relative ones"
+                )
 
 
 def build_addon_zip(out: Path) -> int:

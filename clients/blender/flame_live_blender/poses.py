@@ -37,10 +37,19 @@ def pose_from_axis_angles(
 
 
 def pose_from_stream(frame: StreamFrame) -> FramePose:
-    return pose_from_axis_angles(frame.head_rot, frame.head_trans, frame.neck_pose, frame.jaw_pose, frame.eye_pose, frame.exp)
+    return pose_from_axis_angles(
+        frame.head_rot, frame.head_trans, frame.neck_pose, frame.jaw_pose, frame.eye_pose, frame.exp
+    )
 
 
-def pose_from_tracking(cam: np.ndarray, neck: np.ndarray, jaw: np.ndarray, eyes: np.ndarray, exp: np.ndarray) -> FramePose:
+def pose_from_tracking(
+    cam: np.ndarray, neck: np.ndarray, jaw: np.ndarray, eyes: np.ndarray, exp: np.ndarray
+) -> FramePose:
     """One frame of ``track`` output, whose ``cam`` (an OpenGL view of the model) is already glTF world."""
     cam = np.asarray(cam, dtype=np.float64).reshape(6)
-    return FramePose(rotations.euler_matrix(*cam[:3]), cam[3:].copy(), _joint_poses(neck, jaw, eyes), np.asarray(exp, np.float64).reshape(-1))
+    return FramePose(
+        rotations.euler_matrix(*cam[:3]),
+        cam[3:].copy(),
+        _joint_poses(neck, jaw, eyes),
+        np.asarray(exp, np.float64).reshape(-1),
+    )

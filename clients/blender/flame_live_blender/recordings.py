@@ -125,7 +125,10 @@ def _session_frame(record: dict) -> tuple[float | None, FramePose | None]:
     if not message.get("valid"):
         return float(t_capture), None
     try:
-        arrays = {key: np.asarray(message[key], dtype=np.float64) for key in ("head_rot", "head_trans", "neck_pose", "jaw_pose", "eye_pose", "exp")}
+        arrays = {
+            key: np.asarray(message[key], dtype=np.float64)
+            for key in ("head_rot", "head_trans", "neck_pose", "jaw_pose", "eye_pose", "exp")
+        }
     except (KeyError, TypeError, ValueError):
         return None, None
     sizes = {"head_rot": 3, "head_trans": 3, "neck_pose": 3, "jaw_pose": 3, "eye_pose": 6}
@@ -134,5 +137,10 @@ def _session_frame(record: dict) -> tuple[float | None, FramePose | None]:
     if not all(np.all(np.isfinite(value)) for value in arrays.values()):
         return None, None
     return float(t_capture), pose_from_axis_angles(
-        arrays["head_rot"], arrays["head_trans"], arrays["neck_pose"], arrays["jaw_pose"], arrays["eye_pose"], arrays["exp"]
+        arrays["head_rot"],
+        arrays["head_trans"],
+        arrays["neck_pose"],
+        arrays["jaw_pose"],
+        arrays["eye_pose"],
+        arrays["exp"],
     )

@@ -73,7 +73,9 @@ class FlameRig:
         missing = [name for name in self.key_names if name not in keys]
         missing += [name for name in rig.JOINT_NAMES if name not in armature.data.bones]
         if missing:
-            raise RigError(f"{mesh.name} lacks {', '.join(missing[:3])}: import the .glb from 'run_stream.py export --gltf' again")
+            raise RigError(
+                f"{mesh.name} lacks {', '.join(missing[:3])}: import the .glb from 'run_stream.py export --gltf' again"
+            )
 
     @classmethod
     def from_objects(cls, objects: list[bpy.types.Object]) -> FlameRig:
@@ -89,7 +91,8 @@ class FlameRig:
                     return cls.from_objects([parent])
                 parent = parent.parent
         raise RigError(
-            "select the FLAME head rig (import the .glb written by 'run_stream.py export --gltf' with File > Import > glTF 2.0)"
+            "select the FLAME head rig (import the .glb written by 'run_stream.py export --gltf' "
+            "with File > Import > glTF 2.0)"
         )
 
     def prepare(self) -> None:
@@ -117,7 +120,9 @@ class FlameRig:
         exp = np.zeros(self.n_exp)
         count = min(self.n_exp, pose.exp.size)
         exp[:count] = pose.exp[:count]
-        translations, quaternions = rig.joint_transforms(self.skeleton, exp, pose.head_rotation, pose.head_translation, pose.joint_poses)
+        translations, quaternions = rig.joint_transforms(
+            self.skeleton, exp, pose.head_rotation, pose.head_translation, pose.joint_poses
+        )
         weights = np.concatenate([exp, rig.pose_corrective_weights(*pose.joint_poses)])
         to_armature = np.linalg.inv(np.array(self.armature.matrix_world)) @ BLENDER_FROM_GLTF
         from_armature = np.linalg.inv(to_armature)

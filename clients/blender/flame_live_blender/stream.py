@@ -1,10 +1,11 @@
-"""flame-live's OSC stream as frames: a non-blocking UDP receiver that keeps only the newest frame.
+"""flame-live's OSC stream as frames: a non-blocking UDP receiver that never waits for a packet.
 
 flame-live's OSC publisher sends one bundle per frame (``/flame/frame`` seq, t_capture, t_publish, valid, then
 ``/flame/head`` 6 f, ``/flame/pose`` 12 f, ``/flame/exp`` N f, ...), a bundle with the identity every few
 seconds and one with metrics once a second. :meth:`UdpReceiver.poll` reads every datagram that is waiting,
-never waits for one, and returns the valid frames that arrived, oldest first: the last is the newest. Packets of another protocol (VMC, another
-OSC tool, random bytes) are counted and ignored; frames that arrive after a newer one are counted as late.
+never waits for one, and returns the valid frames that arrived, oldest first: the last is the newest.
+Packets of another protocol (VMC, another OSC tool, random bytes) are counted and ignored; frames that arrive
+after a newer one are counted as late.
 """
 
 from __future__ import annotations

@@ -33,8 +33,16 @@ def _extend_scene(scene: bpy.types.Scene, last_frame: int) -> None:
 
 
 class FlameLiveSettings(bpy.types.PropertyGroup):
-    host: StringProperty(name="Address", default=DEFAULT_HOST, description="Address to listen on (127.0.0.1: this machine only)")  # type: ignore[valid-type]
-    port: IntProperty(name="Port", default=DEFAULT_PORT, min=1, max=65535, description="UDP port flame-live sends OSC to (live/replay --osc HOST:PORT)")  # type: ignore[valid-type]
+    host: StringProperty(
+        name="Address", default=DEFAULT_HOST, description="Address to listen on (127.0.0.1: this machine only)"
+    )
+    port: IntProperty(
+        name="Port",
+        default=DEFAULT_PORT,
+        min=1,
+        max=65535,
+        description="UDP port flame-live sends OSC to (live/replay --osc HOST:PORT)",
+    )
 
 
 class FLAMELIVE_OT_connect(bpy.types.Operator):
@@ -52,7 +60,9 @@ class FLAMELIVE_OT_connect(bpy.types.Operator):
             return {"CANCELLED"}
         detached = link.rig.detach_actions()
         kept = f"; its actions {', '.join(detached)} are unassigned (kept)" if detached else ""
-        self.report({"INFO"}, f"listening on {link.receiver.host}:{link.receiver.port}, driving {link.rig.armature.name}{kept}")
+        self.report(
+            {"INFO"}, f"listening on {link.receiver.host}:{link.receiver.port}, driving {link.rig.armature.name}{kept}"
+        )
         return {"FINISHED"}
 
 
@@ -74,7 +84,11 @@ def _finish_recording(operator: bpy.types.Operator, context: bpy.types.Context, 
     keyed = link.stop_recording(_scene_fps(context.scene), "flame-live recording")
     if keyed.keyed_frames:
         _extend_scene(context.scene, keyed.last_frame)
-        operator.report({"INFO"}, f"recorded {keyed.keyed_frames} frames ({keyed.first_frame}-{keyed.last_frame}) onto {link.rig.armature.name}")
+        operator.report(
+            {"INFO"},
+            f"recorded {keyed.keyed_frames} frames ({keyed.first_frame}-{keyed.last_frame}) "
+            f"onto {link.rig.armature.name}",
+        )
     else:
         operator.report({"WARNING"}, "nothing recorded: no frame with a face arrived while recording")
 
@@ -105,7 +119,9 @@ class FLAMELIVE_OT_import_tracking(bpy.types.Operator):
     bl_label = "Import tracking"
     bl_options = {"REGISTER", "UNDO"}
 
-    directory: StringProperty(name="Folder", subtype="DIR_PATH", description="'track' output folder or recorded session")  # type: ignore[valid-type]
+    directory: StringProperty(
+        name="Folder", subtype="DIR_PATH", description="'track' output folder or recorded session"
+    )
 
     def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
         context.window_manager.fileselect_add(self)
@@ -119,13 +135,19 @@ class FLAMELIVE_OT_import_tracking(bpy.types.Operator):
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
         scene = context.scene
-        keyed = key_motion(flame_rig, motion.times, motion.poses, scene.frame_current, _scene_fps(scene), Path(motion.source).name)
+        keyed = key_motion(
+            flame_rig, motion.times, motion.poses, scene.frame_current, _scene_fps(scene), Path(motion.source).name
+        )
         if not keyed.keyed_frames:
             self.report({"ERROR"}, f"{motion.source}: no frame with a face to key")
             return {"CANCELLED"}
         _extend_scene(scene, keyed.last_frame)
         held = f", {keyed.held_frames} without a face hold the last pose" if keyed.held_frames else ""
-        self.report({"INFO"}, f"keyed {keyed.keyed_frames} frames ({keyed.first_frame}-{keyed.last_frame}) onto {flame_rig.armature.name}{held}")
+        self.report(
+            {"INFO"},
+            f"keyed {keyed.keyed_frames} frames ({keyed.first_frame}-{keyed.last_frame}) "
+            f"onto {flame_rig.armature.name}{held}",
+        )
         return {"FINISHED"}
 
 
@@ -150,10 +172,17 @@ class VIEW3D_PT_flame_live(bpy.types.Panel):
         else:
             layout.operator(FLAMELIVE_OT_disconnect.bl_idname, icon="UNLINKED")
             recording = link.recording is not None
-            layout.operator(FLAMELIVE_OT_record.bl_idname, text="Stop and key" if recording else "Record", icon="REC", depress=recording)
+            layout.operator(
+                FLAMELIVE_OT_record.bl_idname,
+                text="Stop and key" if recording else "Record",
+                icon="REC",
+                depress=recording,
+            )
             counts = link.counts
             box = layout.box()
-            box.label(text=f"{link.rig.armature.name}: frame {link.applied_seq if link.applied_seq is not None else '-'}")
+            box.label(
+                text=f"{link.rig.armature.name}: frame {link.applied_seq if link.applied_seq is not None else '-'}"
+            )
             box.label(text=f"frames {counts.frames}, no face {counts.no_face}, late {counts.late}")
             if counts.foreign or counts.invalid:
                 box.label(text=f"ignored: {counts.foreign} foreign, {counts.invalid} invalid", icon="ERROR")
