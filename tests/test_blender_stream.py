@@ -17,7 +17,7 @@ from flame_client.messages import frame_message, metrics_message, shape_message
 from flame_live_blender.msgpack_reader import MsgpackError, iter_objects
 from flame_live_blender.osc import OscError, decode_packet
 from flame_live_blender.poses import pose_from_axis_angles, pose_from_tracking
-from flame_live_blender.recordings import RecordingError, load_motion
+from flame_live_blender.recordings import RecordingError, load_motion, poses_on_frames
 from flame_live_blender.stream import StreamError, StreamFrame, UdpReceiver
 from realtime.publishers import OscPublisher, VmcPublisher, osc_bundle, osc_message
 from realtime.session import SessionReader
@@ -210,3 +210,11 @@ def test_import_tracking_refuses_folders_it_cannot_read(tmp_path) -> None:
     np.savez(tmp_path / "tracking.npz", exp=np.zeros((2, 5)))
     with pytest.raises(RecordingError, match="lacks jaw_pose, neck_pose, eye_pose, cam"):
         load_motion(tmp_path)
+
+
+def test_samples_land_on_scene_frames_and_faceless_ones_hold_the_last_pose() -> None:
+    a, b, c = (pose_from_axis_angles([math.pi, 0, 0], [0, 0, 0.5], [k, 0, 0], [0] * 3, [0] * 6, [k]) for k in range(3))
+    times = [0.0, 0.04, 0.08, 0.12, 0.16, 0.20, 0.21]
+    by_frame, held = poses_on_frames(times, [None, a, None, b, None, c, b], start_frame=10, fps=25)
+    assert held == 2  # the leading faceless sample has nothing to hold and is not keyed
+    assert by_frame == {11: a, 12: a, 13: b, 14: b, 15: b}  # 0.21 s rounds to frame 15 too: the last sample wins

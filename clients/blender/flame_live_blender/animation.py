@@ -1,14 +1,12 @@
 """Keying motion onto the rig: timed frame poses become two actions (shape keys; bone locations and rotations).
 
-Used by both Record (the live stream) and Import tracking (files). Each sample lands on the scene frame
-``start + round(t * scene_fps)``; when several samples share a scene frame the last one wins. A frame without a
-face holds the last pose, as the glTF export does. The F-curves are filled in bulk (``keyframe_points.add`` and
+Used by both Record (the live stream) and Import tracking (files); which pose lands on which scene frame is
+``recordings.poses_on_frames``. The F-curves are filled in bulk (``keyframe_points.add`` and
 ``foreach_set``) rather than key by key: a minute of 25 fps motion is ~200,000 keys.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +15,7 @@ import numpy as np
 from mathutils import Matrix
 
 from .poses import FramePose
+from .recordings import poses_on_frames
 from .rig import FlameRig
 from .rig_maths import rig
 
@@ -38,17 +37,7 @@ def key_motion(
     name: str,
 ) -> KeyedMotion:
     """Key the samples ``(times[i] seconds, poses[i])`` into new actions named after `name`; returns what was keyed."""
-    by_frame: dict[int, FramePose] = {}
-    held = 0
-    last: FramePose | None = None
-    for time, pose in zip(times, poses, strict=True):
-        if pose is None:
-            if last is None:
-                continue  # nothing to hold before the first face
-            held += 1
-            pose = last
-        last = pose
-        by_frame[start_frame + int(math.floor(time * fps + 0.5))] = pose
+    by_frame, held = poses_on_frames(times, poses, start_frame, fps)
     if not by_frame:
         return KeyedMotion(0, 0, start_frame, start_frame)
     frames = sorted(by_frame)

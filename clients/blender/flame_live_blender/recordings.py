@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,29 @@ class Motion:
     @property
     def valid_frames(self) -> int:
         return sum(pose is not None for pose in self.poses)
+
+
+def poses_on_frames(
+    times: Sequence[float], poses: Sequence[FramePose | None], start_frame: int, fps: float
+) -> tuple[dict[int, FramePose], int]:
+    """Which pose each scene frame gets, and how many faceless samples held the pose before them.
+
+    Sample i lands on frame ``start_frame + round(times[i] * fps)``; when several land on one frame the last
+    wins. A sample without a face holds the last pose, as the glTF export does; before the first face there
+    is nothing to hold and nothing is keyed.
+    """
+    by_frame: dict[int, FramePose] = {}
+    held = 0
+    last: FramePose | None = None
+    for time, pose in zip(times, poses, strict=True):
+        if pose is None:
+            if last is None:
+                continue
+            held += 1
+            pose = last
+        last = pose
+        by_frame[start_frame + math.floor(time * fps + 0.5)] = pose
+    return by_frame, held
 
 
 def load_motion(folder: str | Path) -> Motion:
