@@ -127,6 +127,11 @@ def run_import(args: argparse.Namespace) -> None:
     no_rig = outcome(bpy.ops.flame_live.import_tracking, directory=str(args.tracking))
     select_only([armature])
     not_tracking = outcome(bpy.ops.flame_live.import_tracking, directory=str(args.export_dir))
+    mesh_object = rig_mesh()
+    rest = np.empty(len(mesh_object.data.vertices) * 3)
+    mesh_object.data.vertices.foreach_get("co", rest)
+    world = np.array(mesh_object.matrix_world)
+    rest_vertices = rest.reshape(-1, 3) @ world[:3, :3].T + world[:3, 3]
     imported = outcome(bpy.ops.flame_live.import_tracking, directory=str(args.tracking))
     fcurves = armature.animation_data.action.fcurves
     frames = sorted({int(point.co[0]) for point in fcurves[0].keyframe_points})
@@ -142,7 +147,7 @@ def run_import(args: argparse.Namespace) -> None:
         filepath=str(args.export_dir / "head.glb"), export_format="GLB", export_animations=True, export_morph=True
     )
     np.savez(
-        args.out, frames=np.array(frames), vertices=np.stack(vertices),
+        args.out, frames=np.array(frames), vertices=np.stack(vertices), rest_vertices=rest_vertices,
         results=np.array([no_rig, not_tracking, imported]),
     )  # fmt: skip
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
 from engine.export import posed_vertices
@@ -32,9 +33,10 @@ from run_stream import main
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DRIVER = REPO_ROOT / "tests" / "blender_driver.py"
 BLENDER_PYTHON_VARIABLE = "FLAME_LIVE_BLENDER_PYTHON"
-#: OpenCV camera space to Blender's world as the rig is imported: glTF world is diag(1, -1, -1) camera space
-#: (flame_client.rig), and Blender's glTF importer maps glTF (x, y, z) to (x, -z, y).
-BLENDER_FROM_CAMERA = np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]]) @ np.diag([1.0, -1.0, -1.0])
+#: Blender's glTF importer maps glTF (x, y, z) to Blender's (x, -z, y); glTF world is diag(1, -1, -1) times
+#: OpenCV camera space (flame_client.rig), and at rest FLAME's model space.
+BLENDER_FROM_GLTF = np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]])
+BLENDER_FROM_CAMERA = BLENDER_FROM_GLTF @ np.diag([1.0, -1.0, -1.0])
 TOLERANCE_M = 1e-4
 
 
@@ -60,9 +62,9 @@ def demo_head(landmarker_task: Path):
     return select_head_model("demo", landmarker_task.parent)
 
 
-def export_rig(params: Path, out: Path, models: Path) -> Path:
+def export_rig(params: Path, out: Path, models: Path, flame: str = "demo") -> Path:
     """The rig a user imports: ``export --gltf`` with the identity (and animation) of a session or track folder."""
-    arguments = ["export", "--gltf", str(out), "--params", str(params), "--flame", "demo", "--models", str(models)]
+    arguments = ["export", "--gltf", str(out), "--params", str(params), "--flame", flame, "--models", str(models)]
     assert main(arguments) == 0
     return out
 
@@ -141,15 +143,16 @@ def test_the_live_link_drives_the_imported_rig_exactly_from_a_replayed_stream(
     assert np.abs(result["recorded_last_vertices"] - expected).max() <= TOLERANCE_M
 
 
-@pytest.fixture(scope="module")
-def tracked_folder(tmp_path_factory, landmarker_task: Path, shared_clips: Path) -> Path:
-    """'track' on a short real clip with strong head turns (23 frames at 12.5 fps), demo head."""
+@pytest.fixture(scope="module", params=["demo", "flame"])
+def tracked(request, tmp_path_factory, landmarker_task: Path, shared_clips: Path) -> tuple[str, Path]:
+    """(--flame, folder): 'track' on a short real clip with strong head turns (23 frames at 12.5 fps), with the
+    demo head and with the FLAME-format fixture (5023 vertices, UV seams, more than four joints per vertex)."""
+    flame = "demo" if request.param == "demo" else str(request.getfixturevalue("flame_dir"))
     out = tmp_path_factory.mktemp("tracked") / "track"
     clip = shared_clips / "head-pose-face-detection-female.gif"
-    assert (
-        main(["track", str(clip), "--out", str(out), "--models", str(landmarker_task.parent), "--flame", "demo"]) == 0
-    )
-    return out
+    arguments = ["track", str(clip), "--out", str(out), "--models", str(landmarker_task.parent), "--flame", flame]
+    assert main(arguments) == 0
+    return flame, out
 
 
 def glb_json(path: Path) -> dict:
@@ -159,36 +162,40 @@ def glb_json(path: Path) -> dict:
 
 
 def test_import_tracking_keys_every_frame_and_blenders_exporters_write_the_animated_head(
-    blender_python, addon_zip, demo_head, tracked_folder, landmarker_task, tmp_path
+    blender_python, addon_zip, tracked, landmarker_task, tmp_path
 ) -> None:
-    rig = export_rig(tracked_folder, tmp_path / "rig.glb", landmarker_task.parent)
+    flame, folder = tracked
+    head = select_head_model(flame, landmarker_task.parent)
+    rig = export_rig(folder, tmp_path / "rig.glb", landmarker_task.parent, flame)
     exports = tmp_path / "exports"
     exports.mkdir()
     out = tmp_path / "import.npz"
     # 25 scene fps for the clip's 12.5: tracked frame i lands on scene frame 1 + 2 i.
-    arguments = ["import", "--addon", str(addon_zip), "--glb", str(rig), "--tracking", str(tracked_folder),
+    arguments = ["import", "--addon", str(addon_zip), "--glb", str(rig), "--tracking", str(folder),
                  "--fps", "25", "--out", str(out), "--export-dir", str(exports)]  # fmt: skip
     driver = run_blender(blender_python, tmp_path, *arguments)
     assert driver.wait(timeout=300) == 0
     result = np.load(out)
     no_rig, not_tracking, imported = result["results"]
-    assert (
-        "select the FLAME head rig" in no_rig
-        and "holds neither tracking.npz" in not_tracking
-        and imported == "FINISHED"
-    )
-    with np.load(tracked_folder / "tracking.npz") as data:
-        tracking = {
-            key: data[key].astype(np.float64) for key in ("shape", "exp", "jaw_pose", "neck_pose", "eye_pose", "cam")
-        }
+    assert "select the FLAME head rig" in no_rig and "holds neither tracking.npz" in not_tracking
+    assert imported == "FINISHED"
+    keys = ("shape", "exp", "jaw_pose", "neck_pose", "eye_pose", "cam")
+    with np.load(folder / "tracking.npz") as data:
+        tracking = {key: data[key].astype(np.float64) for key in keys}
     count = len(tracking["exp"])
     assert list(result["frames"]) == [1 + 2 * i for i in range(count)]
+    # The rig splits vertices on UV seams: match each of Blender's vertices to its FLAME vertex at rest.
+    rest_arrays = {key: np.zeros_like(tracking[key][:1]) for key in keys}
+    rest = flame_vertices(head, {**rest_arrays, "shape": tracking["shape"][-1:]}, "model") @ BLENDER_FROM_GLTF.T
+    distance, flame_vertex = cKDTree(rest).query(result["rest_vertices"])
+    assert distance.max() <= TOLERANCE_M and len(np.unique(flame_vertex)) == head.n_vertices
     for index in range(count):
-        arrays = {key: tracking[key][index : index + 1] for key in ("exp", "jaw_pose", "neck_pose", "eye_pose", "cam")}
-        camera = flame_vertices(demo_head, {**arrays, "shape": tracking["shape"][-1:]}, "camera")
-        assert np.abs(result["vertices"][index] - camera @ BLENDER_FROM_CAMERA.T).max() <= TOLERANCE_M, f"frame {index}"
+        arrays = {key: tracking[key][index : index + 1] for key in keys}
+        camera = flame_vertices(head, {**arrays, "shape": tracking["shape"][-1:]}, "camera")
+        error = np.abs(result["vertices"][index] - camera[flame_vertex] @ BLENDER_FROM_CAMERA.T).max()
+        assert error <= TOLERANCE_M, f"frame {index}: {error} m"
     exported = glb_json(exports / "head.glb")
     paths = {channel["target"]["path"] for animation in exported["animations"] for channel in animation["channels"]}
     assert {"weights", "rotation", "translation"} <= paths
     fbx = (exports / "head.fbx").read_bytes()
-    assert fbx.count(b"BlendShapeChannel") >= demo_head.n_exp + 36 and b"AnimationCurveNode" in fbx
+    assert fbx.count(b"BlendShapeChannel") >= tracking["exp"].shape[1] + 36 and b"AnimationCurveNode" in fbx
