@@ -65,8 +65,10 @@ class LiveLink:
         self.applied_seq = newest.seq
         return True
 
-    def start_recording(self, start_frame: int) -> None:
+    def start_recording(self, start_frame: int) -> list[str]:
+        """Start keeping frames; the rig's actions (an earlier take) are unassigned and their names returned."""
         self.recording = Recording(start_frame)
+        return self.rig.detach_actions()
 
     def stop_recording(self, fps: float, name: str) -> KeyedMotion:
         recording, self.recording = self.recording, None
@@ -104,9 +106,13 @@ def connect(flame_rig: FlameRig, host: str, port: int) -> LiveLink:
 
 
 def disconnect() -> None:
-    global _link
     if bpy.app.timers.is_registered(_tick):
         bpy.app.timers.unregister(_tick)
+    _close_link()
+
+
+def _close_link() -> None:
+    global _link
     if _link is not None:
         _link.close()
         _link = None
@@ -114,26 +120,22 @@ def disconnect() -> None:
 
 def _tick() -> float | None:
     """The timer: one update step; a failure stops the link with its reason instead of raising into Blender."""
-    global _link, _stopped_because
+    global _stopped_because
     link = _link
     if link is None:
         return None
     try:
         if link.update():
             _redraw_views()
+        return TIMER_INTERVAL_S
     except (ReferenceError, RigError, KeyError) as error:  # the rig was deleted or changed under the link
         _stopped_because = f"live link stopped: the rig changed ({error}); select the rig and connect again"
         log.error(_stopped_because)
-        link.close()
-        _link = None
-        return None
     except Exception as error:  # the boundary into Blender's timer loop: stop with the reason, never raise there
         _stopped_because = f"live link stopped: {type(error).__name__}: {error}"
         log.exception(_stopped_because)
-        link.close()
-        _link = None
-        return None
-    return TIMER_INTERVAL_S
+    _close_link()
+    return None  # ends the timer
 
 
 def _redraw_views() -> None:

@@ -105,8 +105,9 @@ class FLAMELIVE_OT_record(bpy.types.Operator):
             self.report({"ERROR"}, "not connected: press Connect first, then Record")
             return {"CANCELLED"}
         if link.recording is None:
-            link.start_recording(context.scene.frame_current)
-            self.report({"INFO"}, f"recording from frame {context.scene.frame_current}")
+            detached = link.start_recording(context.scene.frame_current)
+            kept = f"; the rig's actions {', '.join(detached)} are unassigned (kept)" if detached else ""
+            self.report({"INFO"}, f"recording from frame {context.scene.frame_current}{kept}")
         else:
             _finish_recording(self, context, link)
         return {"FINISHED"}
