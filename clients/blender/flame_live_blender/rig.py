@@ -16,7 +16,6 @@ Blender builds the pose matrix as ``pose_parent (rest_parent^-1 rest_k) basis_k`
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import bpy
@@ -25,8 +24,6 @@ from mathutils import Matrix, Quaternion
 
 from .poses import FramePose
 from .rig_maths import rig
-
-log = logging.getLogger(__name__)
 
 #: glTF (Y up) to Blender (Z up), as Blender's glTF importer converts: (x, y, z) -> (x, -z, y).
 BLENDER_FROM_GLTF = np.array([[1.0, 0, 0, 0], [0, 0, -1.0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1.0]])
