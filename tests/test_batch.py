@@ -207,3 +207,31 @@ def test_a_recorded_session_is_tracked_as_its_video(shared_clips: Path, landmark
     for name, arrays in expected.items():
         for key, value in arrays.items():
             np.testing.assert_array_equal(got[name][key], value, err_msg=f"{name}: {key}")
+
+
+def test_refine_writes_what_track_photometric_writes(shared_clips: Path, landmarker_task: Path, tmp_path: Path) -> None:
+    import cv2
+
+    from realtime.sources import iter_frames
+
+    images = tmp_path / "stills"
+    images.mkdir()
+    for frame in iter_frames(str(shared_clips / "bbaf2n.mpg")):
+        if frame.index == 10:
+            break
+        cv2.imwrite(str(images / f"{frame.index:03d}.png"), cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR))
+    options = ("--flame", "demo", "--models", str(landmarker_task.parent), "--size", "64", "--iterations", "1", "--window", "4")
+    root = tmp_path / "root"
+    result = run_cli("batch", str(images), "--out", str(root), "--refine", *options, "--jobs", "1")
+    assert result.returncode == 0, result.stderr
+    single = tmp_path / "single"
+    assert run_cli("track", str(images), "--out", str(single), "--photometric", *options).returncode == 0
+    for folder in ("", "photometric"):
+        expected, got = frame_arrays(single / folder), frame_arrays(root / "stills" / folder)
+        assert expected.keys() == got.keys() and sum(name[:6].isdigit() for name in expected) == 10
+        for name, arrays in expected.items():
+            for key, value in arrays.items():
+                np.testing.assert_array_equal(got[name][key], value, err_msg=f"{folder}/{name}: {key}")
+    assert sorted(p.name for p in (root / "stills" / "photometric").iterdir()) == sorted(p.name for p in (single / "photometric").iterdir())
+    again = run_cli("batch", str(images), "--out", str(root), "--refine", *options)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
