@@ -21,13 +21,15 @@ import logging
 import multiprocessing
 import os
 import re
-import signal
 import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -306,20 +308,23 @@ def _track_and_refine(item: BatchInput, out_dir: Path, options: JobOptions) -> t
 # ---------------------------------------------------------------------------------------------- engines
 
 
-#: Workers' environment: their per-frame progress bars would garble the batch's bar (tqdm reads it on import).
-QUIET_WORKER_ENV = {"TQDM_DISABLE": "1"}
+#: Set in a pool worker: the batch was interrupted, so inputs still queued are not started.
+_batch_stopped: EventType | None = None
 
 
-def _worker_init(threads: int) -> None:
-    """A pool worker: Ctrl-C is the parent's to handle (it terminates the pool)."""
+def _worker_init(threads: int, stopped: EventType) -> None:
     import torch
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _batch_stopped
+    _batch_stopped = stopped
     torch.set_num_threads(threads)
 
 
-def _process_packed(arguments: tuple[BatchInput, Path, JobOptions]) -> InputResult:
-    return process_input(*arguments)
+def _pool_task(item: BatchInput, root: Path, options: JobOptions) -> InputResult | None:
+    """process_input in a pool worker, unless the batch was interrupted before this input started (None)."""
+    if _batch_stopped is not None and _batch_stopped.is_set():
+        return None
+    return process_input(item, root, options)
 
 
 def run_inline(items: list[BatchInput], root: Path, options: JobOptions) -> Iterator[InputResult]:
@@ -328,26 +333,55 @@ def run_inline(items: list[BatchInput], root: Path, options: JobOptions) -> Iter
 
 
 def run_pool(items: list[BatchInput], root: Path, options: JobOptions, jobs: int) -> Iterator[InputResult]:
+    """A process pool; an input whose worker dies (a crash in a native library, the OOM killer) is tried once
+    more in a fresh pool, then recorded as failed, and the inputs it took down with it run again."""
     # spawn: MediaPipe and PyTorch hold threads that a forked child would inherit in an undefined state.
-    # The workers start here, with this environment.
-    saved = {key: os.environ.get(key) for key in QUIET_WORKER_ENV}
-    os.environ.update(QUIET_WORKER_ENV)
+    context = multiprocessing.get_context("spawn")
+    queue, crashes = list(items), dict.fromkeys((item.name for item in items), 0)
+    stopped = context.Event()
+    while queue:
+        attempt_started = time.time()
+        pool = ProcessPoolExecutor(min(jobs, len(queue)), context, initializer=_worker_init, initargs=(options.threads, stopped))
+        try:
+            futures = {pool.submit(_pool_task, item, root, options): item for item in queue}
+            queue = []
+            for future in as_completed(futures):
+                item = futures[future]
+                try:
+                    result = future.result()
+                    if result is not None:
+                        yield result
+                except BrokenProcessPool:
+                    log.warning("a worker process died (%s was among the inputs in its pool); running the unfinished inputs again", item.name)
+                    if not _started_since(root, item, attempt_started):
+                        queue.append(item)  # never started: it only lost its pool
+                        continue
+                    crashes[item.name] += 1
+                    if crashes[item.name] < 2:
+                        queue.append(item)
+                    else:
+                        yield _record_failure(root, item, options, "its worker process died twice (a crash in a native library, or out of memory)")
+        except BaseException:
+            # Ctrl-C or an error: queued inputs never start; running ones end with their input (or at once,
+            # when the Ctrl-C reached the workers too), their files atomic and their records saying so.
+            stopped.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+
+
+def _started_since(root: Path, item: BatchInput, moment: float) -> bool:
     try:
-        pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(items)), initializer=_worker_init, initargs=(options.threads,))
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key)
-            else:
-                os.environ[key] = value
-    try:
-        yield from pool.imap_unordered(_process_packed, [(item, root, options) for item in items])
-    except BaseException:
-        pool.terminate()  # Ctrl-C or an error: running inputs stop; their files are atomic, their records say so
-        pool.join()
-        raise
-    pool.close()
-    pool.join()
+        return _record_path(root, item.name).stat().st_mtime >= moment
+    except OSError:
+        return False
+
+
+def _record_failure(root: Path, item: BatchInput, options: JobOptions, reason: str) -> InputResult:
+    """The record of an input whose job could not report itself (its process died)."""
+    result = InputResult(item.name, str(item.source), "failed", reason=reason, options=options.fingerprint())
+    _write_record(root, result)
+    return result
 
 
 @dataclass(frozen=True)
@@ -362,13 +396,15 @@ def run_ray(items: list[BatchInput], root: Path, options: JobOptions, ray_option
     ray = _connect_ray(ray_options.address)
     pending: list = []
     try:
-        task = ray.remote(process_input).options(
-            num_cpus=ray_options.cpus_per_job, num_gpus=ray_options.gpus_per_job, runtime_env={"env_vars": QUIET_WORKER_ENV}
-        )
-        pending = [task.remote(item, root, options) for item in items]
+        task = ray.remote(process_input).options(num_cpus=ray_options.cpus_per_job, num_gpus=ray_options.gpus_per_job)
+        inputs = {task.remote(item, root, options): item for item in items}
+        pending = list(inputs)
         while pending:
             finished, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(finished[0])
+            try:
+                yield ray.get(finished[0])
+            except ray.exceptions.RayError as error:  # the task's worker or node died, after Ray's own retries
+                yield _record_failure(root, inputs[finished[0]], options, f"Ray task failed: {_one_line(str(error))[:300]}")
     finally:
         for reference in pending:  # left only when interrupted: stop the tasks still queued or running
             ray.cancel(reference, force=True)

@@ -134,7 +134,9 @@ def load_landmark_file(path: Path) -> LandmarkSequence:
     return LandmarkSequence(sequences["mp478"], sequences["lmk68"], (height, width), fps, str(path))
 
 
-def detect_landmarks(source: str, task_path: Path, max_frames: int | None = None) -> tuple[LandmarkSequence, list[float]]:
+def detect_landmarks(
+    source: str, task_path: Path, max_frames: int | None = None, progress: bool = True
+) -> tuple[LandmarkSequence, list[float]]:
     """Run MediaPipe over every frame (or the first ``max_frames``) of a video, image or image folder.
 
     Also returns MediaPipe's own milliseconds per frame.
@@ -149,7 +151,7 @@ def detect_landmarks(source: str, task_path: Path, max_frames: int | None = None
     points: list[np.ndarray] = []
     timings: list[float] = []
     with FaceLandmarker(LandmarkerConfig(task_path, running_mode=mode)) as landmarker:
-        for frame in tqdm(iter_frames(source), desc="landmarks", unit="frame", leave=False, total=max_frames):
+        for frame in tqdm(iter_frames(source), desc="landmarks", unit="frame", leave=False, total=max_frames, disable=not progress):
             if max_frames is not None and frame.index >= max_frames:
                 break
             if frame.image.shape[:2] != (height, width):
@@ -277,7 +279,7 @@ def track_input(
     source, out_dir = str(source), Path(out_dir)
     prepare_output_dir(out_dir, describe_job(source, head, options), options.overwrite)
     timings: dict[str, float] = {}
-    sequence = _landmarks(source, out_dir, landmarker_task, timings)
+    sequence = _landmarks(source, out_dir, landmarker_task, timings, options.progress)
     tracker = Tracker(head, sequence.image_size, options.tracker)
     _calibration(tracker, sequence, out_dir, timings, options.progress)
     results, resumed = _track_and_write(tracker, sequence, out_dir, options, timings)
@@ -351,7 +353,7 @@ def _read_job(path: Path) -> dict[str, object] | None:
         return None
 
 
-def _landmarks(source: str, out_dir: Path, landmarker_task: Path | None, timings: dict[str, float]) -> LandmarkSequence:
+def _landmarks(source: str, out_dir: Path, landmarker_task: Path | None, timings: dict[str, float], progress: bool) -> LandmarkSequence:
     saved = out_dir / LANDMARKS_FILE
     if Path(source).suffix.lower() == ".npz":
         return load_landmark_file(Path(source))
@@ -359,7 +361,7 @@ def _landmarks(source: str, out_dir: Path, landmarker_task: Path | None, timings
         return replace(load_landmark_file(saved), source=source)
     if landmarker_task is None:
         raise UserError(f"{source} needs MediaPipe's face_landmarker.task to find its landmarks")
-    sequence, mediapipe_ms = detect_landmarks(source, landmarker_task)
+    sequence, mediapipe_ms = detect_landmarks(source, landmarker_task, progress=progress)
     timings["mediapipe_ms_per_frame"] = sum(mediapipe_ms) / len(mediapipe_ms)
     write_npz_atomic(saved, {"mp478": sequence.mp478, "image_size": np.array(sequence.image_size), "fps": np.array(sequence.fps)})
     return sequence

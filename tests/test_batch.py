@@ -235,3 +235,34 @@ def test_refine_writes_what_track_photometric_writes(shared_clips: Path, landmar
     assert sorted(p.name for p in (root / "stills" / "photometric").iterdir()) == sorted(p.name for p in (single / "photometric").iterdir())
     again = run_cli("batch", str(images), "--out", str(root), "--refine", *options)
     assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_a_worker_that_dies_takes_no_input_down_with_it(flame_dir: Path, layer: FlameLayer, tmp_path: Path) -> None:
+    """The OOM killer or a crash in a native library ends a pool worker mid-input: the batch still finishes."""
+    takes = [write_landmarks(tmp_path / "in" / f"long{index}.npz", layer, frames=60, seed=index) for index in range(4)]
+    root = tmp_path / "root"
+    command = [sys.executable, str(REPO / "run_stream.py"), "batch", *map(str, takes), "--out", str(root), "--flame", str(flame_dir), *MODEL_OPTIONS, "--jobs", "2"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not any('"running"' in p.read_text() for p in (root / ".batch").glob("*.json") if p.is_file()):
+        assert process.poll() is None and time.monotonic() < deadline, "the batch ended before a worker could be killed"
+        time.sleep(0.05)
+    workers = [pid for pid in _children(process.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert workers
+    os.kill(workers[0], signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "a worker process died" in stderr
+    assert all(line["status"] == "done" and line["frames"] == 60 for line in summary(root).values())
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
