@@ -350,8 +350,8 @@ def _add_batch(subparsers: argparse._SubParsersAction, common: argparse.Argument
                        ".npz files, globs (quoted), or .txt files listing them one per line")  # fmt: skip
     batch.add_argument("--out", type=output_dir, required=True, metavar="ROOT", help="output root; on a cluster, a path every node sees")
     batch.add_argument("--refine", action="store_true", help="also refine every input photometrically into ROOT/NAME/photometric")
-    batch.add_argument("--jobs", type=positive_int, default=None, metavar="N", help="inputs at once in a local process pool "
-                       "(default: CPU cores / --threads)")  # fmt: skip
+    batch.add_argument("--jobs", type=positive_int, default=None, metavar="N", help="inputs at once in a local process pool, "
+                       "or on a local Ray (default: CPU cores / --threads)")  # fmt: skip
     batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", help="one Ray task per input, on the "
                        "cluster at ADDRESS ('auto', HOST:PORT, ray://HOST:PORT) or a local Ray started for the run")  # fmt: skip
     batch.add_argument("--gpus-per-job", type=float_between(0, 64), default=None, metavar="G", help="GPUs Ray reserves per "
@@ -393,7 +393,9 @@ def _run_batch(args: argparse.Namespace) -> int:
     if args.ray is not None:
         batch.import_ray(args.ray or None)  # before any work: Ray installed, the cluster reachable
         gpus = args.gpus_per_job if args.gpus_per_job is not None else float(options.tracker.device.startswith("cuda"))
-        engine = partial(batch.run_ray, root=plan.root, options=options, ray_options=batch.RayOptions(args.ray or None, args.threads, gpus))
+        local_cpus = args.jobs * args.threads if args.jobs else None
+        ray_options = batch.RayOptions(args.ray or None, args.threads, gpus, local_cpus)
+        engine = partial(batch.run_ray, root=plan.root, options=options, ray_options=ray_options)
     elif jobs > 1:
         engine = partial(batch.run_pool, root=plan.root, options=options, jobs=jobs)
     else:

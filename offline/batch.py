@@ -389,11 +389,12 @@ class RayOptions:
     address: str | None  # None: a local Ray started for this run
     cpus_per_job: float = 1.0
     gpus_per_job: float = 0.0
+    local_cpus: int | None = None  # the local Ray's CPUs (None: all of this machine's)
 
 
 def run_ray(items: list[BatchInput], root: Path, options: JobOptions, ray_options: RayOptions) -> Iterator[InputResult]:
     """One Ray task per input with its CPU/GPU request; results as they finish."""
-    ray = _connect_ray(ray_options.address)
+    ray = _connect_ray(ray_options)
     pending: list = []
     try:
         task = ray.remote(process_input).options(num_cpus=ray_options.cpus_per_job, num_gpus=ray_options.gpus_per_job)
@@ -411,10 +412,13 @@ def run_ray(items: list[BatchInput], root: Path, options: JobOptions, ray_option
         ray.shutdown()
 
 
-def _connect_ray(address: str | None):
+def _connect_ray(ray_options: RayOptions):
+    address = ray_options.address
     ray = import_ray(address)
+    # A local Ray gets no dashboard; a cluster's settings are its own. Workers' output stays in Ray's logs.
+    local = {"num_cpus": ray_options.local_cpus, "include_dashboard": False} if address is None else {}
     try:
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False if address is None else None)
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, **local)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise UserError(f"--ray {address or ''}: could not start or join Ray ({_one_line(str(error))})") from None
     return ray
