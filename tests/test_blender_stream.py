@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import math
 import socket
+import subprocess
+import sys
 import time
+import zipfile
 
 import msgpack
 import numpy as np
@@ -21,6 +24,7 @@ from flame_live_blender.recordings import RecordingError, load_motion, poses_on_
 from flame_live_blender.stream import StreamError, StreamFrame, UdpReceiver
 from realtime.publishers import OscPublisher, VmcPublisher, osc_bundle, osc_message
 from realtime.session import SessionReader
+from run_stream import main
 
 
 def make_frame(seq: int, valid: bool = True, t_publish: float | None = None) -> dict:
@@ -210,6 +214,29 @@ def test_import_tracking_refuses_folders_it_cannot_read(tmp_path) -> None:
     np.savez(tmp_path / "tracking.npz", exp=np.zeros((2, 5)))
     with pytest.raises(RecordingError, match="lacks jaw_pose, neck_pose, eye_pose, cam"):
         load_motion(tmp_path)
+    session = tmp_path / "session"
+    session.mkdir()
+    (session / "session.json").write_text("{}")
+    (session / "frames.msgpack").write_bytes(msgpack.packb({"topic": "flame.shape", "msg": {}}))
+    with pytest.raises(RecordingError, match="holds no frames"):
+        load_motion(session)
+
+
+def test_the_addon_zip_runs_its_maths_without_pyzmq_or_msgpack(tmp_path) -> None:
+    """Blender has neither: the zip's own modules and its copy of flame_client's rig maths must do without."""
+    out = tmp_path / "flame_live_blender.zip"
+    assert main(["blender-addon", "--out", str(out)]) == 0
+    names = zipfile.ZipFile(out).namelist()
+    assert "flame_live_blender/__init__.py" in names and "flame_live_blender/packaging.py" not in names
+    vendored = "flame_live_blender/vendored/flame_client"
+    assert {f"{vendored}/rig.py", f"{vendored}/rotations.py"} <= set(names)
+    script = (
+        "import sys; sys.modules['zmq'] = sys.modules['msgpack'] = None; sys.path.insert(0, sys.argv[1]);"
+        "from flame_live_blender import recordings, stream; from flame_live_blender.rig_maths import rig;"
+        "print(rig.__name__, len(rig.pose_corrective_weights([0.1, 0, 0], [0.2, 0, 0], [0] * 3, [0] * 3)))"
+    )
+    done = subprocess.run([sys.executable, "-I", "-c", script, str(out)], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["flame_live_blender.vendored.flame_client.rig", "36"]
 
 
 def test_samples_land_on_scene_frames_and_faceless_ones_hold_the_last_pose() -> None:
