@@ -260,12 +260,9 @@ def _run_track(args: argparse.Namespace) -> int:
 
 def _render_next_to(result_dir: Path, source: str | Path, head, single_image: bool) -> None:
     """track/refine --render: the overlay of a result just written, beside it (overlay.mp4, or overlay.png)."""
-    from offline.render_job import RenderOptions, render_result
-    from offline.track_job import OVERLAY_IMAGE, OVERLAY_VIDEO
+    from offline.render_job import render_beside
 
-    out = result_dir / (OVERLAY_IMAGE if single_image else OVERLAY_VIDEO)
-    summary = render_result(result_dir, out, RenderOptions(video=Path(source), overwrite=True), head)
-    print(summary.describe())
+    print(render_beside(result_dir, source, head, single_image).describe())
 
 
 def _device(requested: str) -> str:
@@ -350,6 +347,8 @@ def _add_batch(subparsers: argparse._SubParsersAction, common: argparse.Argument
                        ".npz files, globs (quoted), or .txt files listing them one per line")  # fmt: skip
     batch.add_argument("--out", type=output_dir, required=True, metavar="ROOT", help="output root; on a cluster, a path every node sees")
     batch.add_argument("--refine", action="store_true", help="also refine every input photometrically into ROOT/NAME/photometric")
+    batch.add_argument("--render", action="store_true", help="also draw each fit over its input: ROOT/NAME/overlay.mp4 "
+                       "(and photometric/overlay.mp4 with --refine), as track --render does")  # fmt: skip
     batch.add_argument("--jobs", type=positive_int, default=None, metavar="N", help="inputs at once in a local process pool, "
                        "or on a local Ray (default: CPU cores / --threads)")  # fmt: skip
     batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", help="one Ray task per input, on the "
@@ -384,6 +383,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         save_vertices=args.save_vertices,
         overwrite=args.overwrite,
         refine=_refine_options(args) if args.refine else None,
+        render=args.render,
         threads=args.threads,
     )
     if args.dry_run:

@@ -80,6 +80,7 @@ class JobOptions:
     save_vertices: bool = False
     overwrite: bool = False  # replace results of an input tracked with other options (track --overwrite)
     refine: RefineOptions | None = None  # None: no photometric refinement
+    render: bool = False  # draw each fit over its input beside it (track --render)
     threads: int = 1  # PyTorch threads per input
 
     def fingerprint(self) -> dict[str, object]:
@@ -91,6 +92,7 @@ class JobOptions:
                 "fov_deg": self.tracker.fov_deg,
                 "save_vertices": self.save_vertices,
                 "refine": None if self.refine is None else asdict(self.refine),
+                "render": self.render,
             }
         )
 
@@ -234,8 +236,16 @@ def input_is_complete(root: Path, item: BatchInput, options: JobOptions) -> bool
         return False
     if record.get("options") != options.fingerprint():
         return False
-    folder = root / item.name
-    return track_job.is_complete(folder) and (options.refine is None or (folder / track_job.PHOTOMETRIC_DIR / "meta.json").is_file())
+    overlays = (track_job.OVERLAY_VIDEO, track_job.OVERLAY_IMAGE)
+    return all(
+        track_job.is_complete(folder) and (not options.render or any((folder / name).is_file() for name in overlays))
+        for folder in _result_folders(root / item.name, options)
+    )
+
+
+def _result_folders(out_dir: Path, options: JobOptions) -> list[Path]:
+    """The folders a job writes: the track, and with refinement its photometric folder (each with meta.json)."""
+    return [out_dir] + ([out_dir / track_job.PHOTOMETRIC_DIR] if options.refine is not None else [])
 
 
 def _plain(value: object) -> object:
@@ -276,8 +286,8 @@ def _track_and_refine(item: BatchInput, out_dir: Path, options: JobOptions) -> t
     from engine.model_selection import select_head_model
     from engine.tracker import Tracker
 
-    if options.refine is not None and item.is_landmarks:
-        raise UserError("--refine needs the video or images themselves, not a landmarks file")
+    if (options.refine is not None or options.render) and item.is_landmarks:
+        raise UserError("--refine and --render need the video or images themselves, not a landmarks file")
     source = item.source / SESSION_VIDEO if item.is_session else item.source
     # As track does: an unreadable input fails here, in one line, before its output folder is made.
     if item.is_landmarks:
@@ -302,6 +312,11 @@ def _track_and_refine(item: BatchInput, out_dir: Path, options: JobOptions) -> t
         else:
             mp478 = tracked.sequence.mp478
             refine_video(str(source), tracked.tracker, tracked.results, mp478, out_dir / track_job.PHOTOMETRIC_DIR, options.refine, progress=False)
+    if options.render:
+        from offline.render_job import render_beside
+
+        for folder in _result_folders(out_dir, options):
+            render_beside(folder, source, head, single_image=len(tracked.results) == 1, progress=False)
     return len(tracked.results), tracked.valid_frames
 
 

@@ -53,7 +53,7 @@ from engine.overlay import (
     mark_invalid,
 )
 from engine.tracker import euler_from_matrix
-from offline.track_job import LANDMARKS_FILE, load_landmark_file
+from offline.track_job import LANDMARKS_FILE, OVERLAY_IMAGE, OVERLAY_VIDEO, load_landmark_file
 
 log = logging.getLogger(__name__)
 
@@ -451,6 +451,13 @@ def _flame_choice(record: FitRecord, flame: str | None) -> str | None:
     if flame is None and (record.model.get("is_demo") or record.model.get("name") == DEMO_HEAD_NAME):
         return "demo"
     return flame
+
+
+def render_beside(result_dir: Path, source: str | Path, head: HeadModel, single_image: bool, progress: bool = True) -> RenderSummary:
+    """``track``/``refine``/``batch --render``: the overlay of a result just written, beside it
+    (``overlay.mp4``, or ``overlay.png`` for a single image), replacing an earlier one."""
+    out = Path(result_dir) / (OVERLAY_IMAGE if single_image else OVERLAY_VIDEO)
+    return render_result(result_dir, out, RenderOptions(video=Path(source), overwrite=True, progress=progress), head)
 
 
 def render_result(result_dir: Path, out: Path, options: RenderOptions | None = None, head: HeadModel | None = None) -> RenderSummary:

@@ -209,7 +209,8 @@ def test_a_recorded_session_is_tracked_as_its_video(shared_clips: Path, landmark
             np.testing.assert_array_equal(got[name][key], value, err_msg=f"{name}: {key}")
 
 
-def test_refine_writes_what_track_photometric_writes(shared_clips: Path, landmarker_task: Path, tmp_path: Path) -> None:
+def test_refine_and_render_write_what_track_photometric_render_writes(shared_clips: Path, landmarker_task: Path, tmp_path: Path) -> None:
+    import av
     import cv2
 
     from realtime.sources import iter_frames
@@ -222,18 +223,20 @@ def test_refine_writes_what_track_photometric_writes(shared_clips: Path, landmar
         cv2.imwrite(str(images / f"{frame.index:03d}.png"), cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR))
     options = ("--flame", "demo", "--models", str(landmarker_task.parent), "--size", "64", "--iterations", "1", "--window", "4")
     root = tmp_path / "root"
-    result = run_cli("batch", str(images), "--out", str(root), "--refine", *options, "--jobs", "1")
+    result = run_cli("batch", str(images), "--out", str(root), "--refine", "--render", *options, "--jobs", "1")
     assert result.returncode == 0, result.stderr
     single = tmp_path / "single"
-    assert run_cli("track", str(images), "--out", str(single), "--photometric", *options).returncode == 0
+    assert run_cli("track", str(images), "--out", str(single), "--photometric", "--render", *options).returncode == 0
     for folder in ("", "photometric"):
+        assert sorted(p.name for p in (root / "stills" / folder).iterdir()) == sorted(p.name for p in (single / folder).iterdir())
+        with av.open(str(root / "stills" / folder / "overlay.mp4")) as video:
+            assert sum(1 for _ in video.decode(video=0)) == 10
         expected, got = frame_arrays(single / folder), frame_arrays(root / "stills" / folder)
         assert expected.keys() == got.keys() and sum(name[:6].isdigit() for name in expected) == 10
         for name, arrays in expected.items():
             for key, value in arrays.items():
                 np.testing.assert_array_equal(got[name][key], value, err_msg=f"{folder}/{name}: {key}")
-    assert sorted(p.name for p in (root / "stills" / "photometric").iterdir()) == sorted(p.name for p in (single / "photometric").iterdir())
-    again = run_cli("batch", str(images), "--out", str(root), "--refine", *options)
+    again = run_cli("batch", str(images), "--out", str(root), "--refine", "--render", *options)
     assert again.returncode == 0 and "nothing to do" in again.stdout
 
 
