@@ -46,6 +46,7 @@ MISTAKES: tuple[Mistake, ...] = (
     Mistake("--device cuda without CUDA", ("track", "CLIP", "--out", "NEW", "--device", "cuda:99"), "--device"),
     Mistake("track --photometric --size 0", ("track", "CLIP", "--out", "NEW", "--photometric", "--size", "0"), "--size"),
     Mistake("--flame folder without FLAME", ("track", "CLIP", "--out", "NEW", "--flame", "EMPTY"), "--flame"),
+    Mistake("--flame folder with a damaged model", ("track", "CLIP", "--out", "NEW", "--flame", "DAMAGED_FLAME"), "generic_model.pkl"),
     Mistake("--flame folder that does not exist", ("track", "CLIP", "--out", "NEW", "--flame", "MISSING"), "--flame"),
     Mistake("--zmq port 99999", ("live", "--source", "CLIP", "--zmq", "tcp://127.0.0.1:99999"), "--zmq"),
     Mistake("track --out an existing file", ("track", "CLIP", "--out", "FILE"), "is a file"),
@@ -109,6 +110,8 @@ def prepare(workdir: Path) -> dict[str, str]:
 
     (workdir / "empty").mkdir(exist_ok=True)
     (workdir / "existing.txt").write_text("an existing file\n")
+    (workdir / "damaged-flame").mkdir(exist_ok=True)
+    (workdir / "damaged-flame" / "generic_model.pkl").write_bytes(b"\x80\x02 cut off by a failed download")
     return {
         "FLAME": str(write_flame_folder(workdir / "flame")),
         "DEMO_RESULT": str(track_demo_result(workdir / "demo-result")),
@@ -118,6 +121,7 @@ def prepare(workdir: Path) -> dict[str, str]:
         "NEW.obj": str(workdir / "new-mesh.obj"),
         "EMPTY": str(workdir / "empty"),
         "MISSING": str(workdir / "no-such-folder"),
+        "DAMAGED_FLAME": str(workdir / "damaged-flame"),
         "FILE": str(workdir / "existing.txt"),
         "READ_ONLY": str(read_only_folder(workdir)),
         "FACELESS": str(write_faceless_video(workdir / "faceless.mp4")),
