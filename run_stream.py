@@ -180,8 +180,9 @@ def _add_track(subparsers: argparse._SubParsersAction, common: argparse.Argument
         parents=[common],
         help="track a video, image(s) or landmarks file offline",
         description="Track every frame offline and write DIR/{frame:06d}.npz (reference format), "
-        "DIR/tracking.npz and DIR/meta.json. INPUT is a video, an image, a folder of images, or a landmarks "
-        ".npz with mp478 (T,478,2) and/or lmk68 (T,68,2) pixels and image_size (height, width).",
+        "DIR/tracking.npz and DIR/meta.json (written last: the result is complete). INPUT is a video, an image, "
+        "a folder of images of one size, or a landmarks .npz with mp478 (T,478,2) and/or lmk68 (T,68,2) pixels and "
+        "image_size (height, width). Frames are written as they are tracked: after Ctrl-C the same command continues.",
     )
     track.add_argument("input", metavar="INPUT", help="video file, image, folder of images, or landmarks .npz")
     track.add_argument("--out", type=output_dir, required=True, metavar="DIR", help="output folder")
@@ -202,8 +203,8 @@ def _add_tracking_options(parser: argparse.ArgumentParser) -> None:
     """What track (and batch, per input) fits and writes."""
     parser.add_argument("--fov", type=float_between(5, 150), default=None, metavar="DEG", help="known vertical field of view (default: estimated)")
     parser.add_argument("--save-vertices", action="store_true", help="also store the posed mesh (camera space) per frame")
-    parser.add_argument("--n-shape", type=positive_int, default=100, help="identity components to fit (default 100)")
-    parser.add_argument("--n-exp", type=positive_int, default=50, help="expression components to fit (default 50)")
+    parser.add_argument("--n-shape", type=positive_int, default=100, metavar="N", help="identity components to fit (default 100)")
+    parser.add_argument("--n-exp", type=positive_int, default=50, metavar="N", help="expression components to fit (default 50)")
 
 
 def _run_track(args: argparse.Namespace) -> int:

@@ -45,9 +45,11 @@ MISTAKES: tuple[Mistake, ...] = (
     Mistake("--device banana", ("track", "CLIP", "--out", "NEW", "--device", "banana"), "--device"),
     Mistake("--device cuda without CUDA", ("track", "CLIP", "--out", "NEW", "--device", "cuda:99"), "--device"),
     Mistake("track --photometric --size 0", ("track", "CLIP", "--out", "NEW", "--photometric", "--size", "0"), "--size"),
-    Mistake("--flame folder without FLAME", ("track", "CLIP", "--out", "NEW", "--flame", "EMPTY"), "--flame"),
+    Mistake("--flame folder without FLAME", ("track", "CLIP", "--out", "NEW", "--flame", "EMPTY"), "no FLAME model in"),
     Mistake("--flame folder with a damaged model", ("track", "CLIP", "--out", "NEW", "--flame", "DAMAGED_FLAME"), "generic_model.pkl"),
     Mistake("--flame folder that does not exist", ("track", "CLIP", "--out", "NEW", "--flame", "MISSING"), "--flame"),
+    # As `python run_stream.py` without a camera (camera 0); index 9 so that a machine with a webcam fails the same way.
+    Mistake("live without a camera", ("--source", "9"), "--source VIDEO"),
     Mistake("--zmq port 99999", ("live", "--source", "CLIP", "--zmq", "tcp://127.0.0.1:99999"), "--zmq"),
     Mistake("track --out an existing file", ("track", "CLIP", "--out", "FILE"), "is a file"),
     Mistake("track --out read-only", ("track", "CLIP", "--out", "READ_ONLY/out"), "cannot write"),
