@@ -42,6 +42,8 @@ from cli_checks import (
     zmq_address,
 )
 
+#: Texture-space components photometric refinement fits (as the reference tracker does).
+PHOTOMETRIC_TEXTURE_COMPONENTS = 50
 COMMANDS = ("live", "track", "refine", "batch", "replay", "render", "bench", "models", "export", "blender-addon")
 
 
@@ -231,7 +233,7 @@ def _run_track(args: argparse.Namespace) -> int:
 
         open_source(args.input, realtime=False).stop()  # a file that is no video or image fails here, in one line
     models_dir = resolve_models_dir(args.models)
-    head = select_head_model(args.flame, models_dir)
+    head = select_head_model(args.flame, models_dir, n_tex=PHOTOMETRIC_TEXTURE_COMPONENTS if args.photometric else 0)
     if not landmarks_file:
         task = find_face_landmarker(models_dir)
     config = TrackerConfig(n_shape=args.n_shape, n_exp=args.n_exp, fov_deg=args.fov, device=_device(args.device))
@@ -292,16 +294,22 @@ def _add_refine(subparsers: argparse._SubParsersAction, common: argparse.Argumen
 
 
 def _add_photometric_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", type=int_between(32, 1024), default=256, help="photometric crop size in pixels (default 256)")
-    parser.add_argument("--iterations", type=non_negative_int, default=10, help="photometric iterations per frame window (default 10)")
+    # Defaults live in engine.photometric.PhotometricConfig (not imported here: it loads torch).
+    parser.add_argument("--size", type=int_between(32, 1024), default=None, help="photometric crop size in pixels (default 128)")
+    parser.add_argument("--iterations", type=non_negative_int, default=None, help="L-BFGS iterations per window of frames (default 4)")
     parser.add_argument("--window", type=positive_int, default=8, help="consecutive frames refined together (default 8)")
 
 
 def _refine_options(args: argparse.Namespace):
+    from dataclasses import replace
+
     from engine.photometric import PhotometricConfig
     from offline.refine_job import RefineOptions
 
-    return RefineOptions(PhotometricConfig(size=args.size, frame_iterations=args.iterations), window=args.window)
+    config = PhotometricConfig()
+    config = replace(config, size=args.size if args.size is not None else config.size,
+                     frame_iterations=args.iterations if args.iterations is not None else config.frame_iterations)
+    return RefineOptions(config, window=args.window)
 
 
 def _run_refine(args: argparse.Namespace) -> int:
@@ -312,7 +320,7 @@ def _run_refine(args: argparse.Namespace) -> int:
 
     options = _refine_options(args)
     models_dir = resolve_models_dir(args.models)
-    head = select_head_model(args.flame, models_dir)
+    head = select_head_model(args.flame, models_dir, n_tex=PHOTOMETRIC_TEXTURE_COMPONENTS)
     device = _device(args.device)
 
     def tracker_factory(image_size: tuple[int, int], n_shape: int, n_exp: int, fov_deg: float) -> Tracker:
@@ -488,6 +496,9 @@ def _add_bench(subparsers: argparse._SubParsersAction, common: argparse.Argument
                        "(with a display also with --preview, to show what drawing costs)")  # fmt: skip
     bench.add_argument("--accuracy", action="store_true", help="also measure accuracy: synthetic ground truth (and --clip)")
     bench.add_argument("--photometric", action="store_true", help="also measure the renderer and a photometric iteration")
+    bench.add_argument("--refine", type=existing_file, default=None, metavar="VIDEO",
+                       help="with --accuracy: track and refine the first --frames frames of this video and compare both "
+                       "(landmark error, jitter, mouth and blink correlation, image error, time per frame)")
     bench.add_argument("--json", type=output_file, default=None, metavar="FILE", help="also write all figures as JSON")
     bench.set_defaults(handler=_run_bench)
 
@@ -507,6 +518,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     def status(stage: str) -> None:
         print(f"bench: {stage} ...", file=sys.stderr, flush=True)
 
+    if args.refine and not args.accuracy:
+        raise UserError("--refine compares accuracy: run 'bench --accuracy --refine VIDEO'")
     models_dir = resolve_models_dir(args.models)
     head = select_head_model(args.flame, models_dir)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -548,6 +561,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         if clip is not None:
             accuracy["clip"] = clip_accuracy(head, clip.mp478, clip.image_size, clip.fps, TrackerConfig())
             accuracy["clip_one_euro"] = clip_accuracy(head, clip.mp478, clip.image_size, clip.fps, TrackerConfig(output_filter=OneEuroConfig()))
+        if args.refine:
+            from offline.refine_accuracy import compare_refine_with_track
+
+            status("refinement against tracking")
+            accuracy["refine_vs_track"] = compare_refine_with_track(
+                head, str(args.refine), find_face_landmarker(models_dir), args.frames, device=devices[-1])
         report["accuracy"] = accuracy
     if args.live:
         from realtime.pipeline import run_live_benchmark

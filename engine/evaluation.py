@@ -141,3 +141,73 @@ def clip_accuracy(head: HeadModel, mp478: np.ndarray, image_size: tuple[int, int
         "jitter_model_px": jitter(model_points),
         "jitter_mediapipe_px": jitter(observed),
     }
+
+
+#: (upper, lower) MediaPipe points whose distance is the mouth's opening (inner lips), and each eye's (lids).
+MOUTH_OPENING = (13, 14)
+EYE_OPENINGS = ((159, 145), (386, 374))
+#: The same in iBUG-68 numbering (0-based), for models fitted to 68 points only.
+MOUTH_OPENING_68 = (62, 66)
+EYE_OPENINGS_68 = ((37, 41), (44, 46))
+
+
+def _opening_pairs(tracker: Tracker) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
+    """Indices into the tracker's landmark targets of the mouth's and the eyes' (upper, lower) points."""
+    probe = np.repeat(np.arange(478, dtype=np.float64)[None, :, None], 2, axis=2)
+    order = tracker.targets.pixels(probe, None)[0, :, 0]
+    if "mediapipe" in tracker.full.slices:
+        start = tracker.full.slices["mediapipe"].start
+        position = {int(order[i]): i for i in range(start, tracker.full.slices["mediapipe"].stop)}
+        if all(p in position for pair in (MOUTH_OPENING, *EYE_OPENINGS) for p in pair):
+            return ((position[MOUTH_OPENING[0]], position[MOUTH_OPENING[1]]),
+                    tuple((position[a], position[b]) for a, b in EYE_OPENINGS))
+    start = tracker.full.slices["lmk68"].start
+    return ((start + MOUTH_OPENING_68[0], start + MOUTH_OPENING_68[1]),
+            tuple((start + a, start + b) for a, b in EYE_OPENINGS_68))
+
+
+def fit_scores(
+    tracker: Tracker, shape: np.ndarray, exp: np.ndarray, pose: np.ndarray, transl: np.ndarray, valid: np.ndarray,
+    mp478: np.ndarray, still_frames: int = 20,
+) -> dict[str, float]:
+    """How well per-frame parameters (T frames: exp, pose axis-angle (T, J, 3), transl) fit a clip's MediaPipe
+    landmarks with this tracker's model and camera.
+
+    Landmark error: mean distance of the model's landmarks to the detector's over the outer-eye-corner
+    distance (percent), mean and worst frame; jitter: RMS frame-to-frame motion of the model's landmarks
+    (pixels) over the ``still_frames`` frames where the detector's own landmarks move least; mouth and blink:
+    correlation of the model's mouth and eye openings with the detector's over the valid frames.
+    """
+    options = {"dtype": tracker.config.dtype, "device": tracker.config.device}
+    count = len(mp478)
+    coeffs = torch.cat([torch.as_tensor(shape, **options).reshape(1, -1).expand(count, -1), torch.as_tensor(exp, **options)], 1)
+    with torch.no_grad():
+        points = tracker.full.evaluate(coeffs, rodrigues(torch.as_tensor(pose, **options)), torch.as_tensor(transl, **options),
+                                       jacobians=False).points
+        model = project(points, tracker.focal, tracker.camera.center).cpu().double().numpy()
+    observed = tracker.targets.pixels(mp478, None)
+    iod = np.linalg.norm(mp478[:, OUTER_EYE_CORNERS[0]] - mp478[:, OUTER_EYE_CORNERS[1]], axis=1)
+    usable = np.asarray(valid, bool) & np.isfinite(iod)
+    distance = np.linalg.norm(model - observed, axis=2)
+    errors = np.nanmean(distance, axis=1)[usable] / iod[usable]
+    model[~usable] = np.nan
+    observed_motion = np.nanmean(np.linalg.norm(np.diff(observed, axis=0), axis=2), axis=1)
+    window = np.convolve(np.nan_to_num(observed_motion, nan=np.inf), np.ones(still_frames - 1), mode="valid")
+    start = int(np.argmin(window)) if len(window) else 0
+    steps = np.linalg.norm(np.diff(model[start : start + still_frames], axis=0), axis=2)
+    mouth, eyes = _opening_pairs(tracker)
+
+    def correlation(pair: tuple[int, int]) -> float:
+        model_curve = np.linalg.norm(model[usable, pair[0]] - model[usable, pair[1]], axis=1)
+        observed_curve = np.linalg.norm(observed[usable, pair[0]] - observed[usable, pair[1]], axis=1)
+        return float(np.corrcoef(model_curve, observed_curve)[0, 1])
+
+    return {
+        "frames": count,
+        "valid_frames": int(usable.sum()),
+        "landmark_error_iod_percent": 100.0 * float(errors.mean()),
+        "landmark_error_iod_percent_worst_frame": 100.0 * float(errors.max()),
+        "jitter_px": float(np.sqrt(np.nanmean(steps**2))),
+        "mouth_correlation": correlation(mouth),
+        "blink_correlation": float(np.mean([correlation(pair) for pair in eyes])),
+    }

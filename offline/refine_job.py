@@ -1,14 +1,19 @@
 """Offline photometric refinement of a tracked video or a recorded live session into per-frame .npz files.
 
-Identity (shape, albedo, lighting) is fitted once on the most diverse tracked frames (keyframes); then every
-frame is refined in windows of consecutive frames with that identity fixed, each window tied to the last
-refined frame before it, so temporal smoothness runs across the whole sequence. Output in ``DIR``
-(format version in ``meta.json``):
+Everything starts from the landmark-only fit of the same frames (``track``'s), and stays anchored to it.
+Appearance (albedo, lighting) is fitted once on the most diverse tracked frames (keyframes), with the
+landmark calibration's shape; without a texture space a detailed albedo map is then gathered from the
+keyframes' pixels. Every frame is then corrected in windows of consecutive frames, each window's corrections
+tied to the one before it, so smoothness runs across the whole sequence. A window whose landmark error rises
+above the landmark fit's by more than a margin is rejected (logged and counted in ``meta.json``): its frames
+keep the landmark fit. Output in ``DIR`` (format version in ``meta.json``):
 
-- ``identity.npz``: ``shape``, ``tex`` (texture-space coefficients, or the estimated albedo values), ``light``
-  (9, 3) SH coefficients; written first, reused when a run is resumed;
-- ``{frame:06d}.npz``: the reference format of ``offline.track_job`` plus ``tex``, ``light`` and
-  ``image_error``; frames whose file exists are skipped, so an interrupted run resumes where it stopped;
+- ``identity.npz``: ``shape``, ``tex`` (texture-space coefficients, or the coarse estimated albedo map),
+  ``light`` (9, 3) SH coefficients, and ``albedo_map`` (the detailed map, when gathered); written first,
+  reused when a run is resumed;
+- ``{frame:06d}.npz``: the reference format of ``offline.track_job`` plus ``tex``, ``light``,
+  ``image_error`` and ``refined`` (False where the window was rejected); frames whose file exists are
+  skipped, so an interrupted run resumes where it stopped;
 - ``texture.png`` (the albedo UV map, when the model has UVs), ``tracking.npz`` (all frames), ``meta.json``.
 """
 
@@ -26,18 +31,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.camera import FLIP
 from engine.errors import UserError
 from engine.flame import rodrigues
 from engine.photometric import FrameState, PhotometricConfig, PhotometricFitter
 from engine.tracker import Tracker, diversity_feature, params_from_reference, reference_arrays, select_diverse
-from offline.track_job import write_npz_atomic
+from offline.track_job import LandmarkSequence, track_sequence, write_npz_atomic
 
 log = logging.getLogger(__name__)
 
 REFINE_FORMAT_VERSION = 1
 IDENTITY_FILE = "identity.npz"
-_FLIP = np.array(FLIP)
 
 #: One frame's input: RGB image, MediaPipe 478 landmarks (pixels, NaN unobserved) or None.
 FrameInput = tuple[np.ndarray, np.ndarray | None]
@@ -48,6 +51,10 @@ class RefineOptions:
     photometric: PhotometricConfig = field(default_factory=PhotometricConfig)
     keyframes: int = 8
     window: int = 8
+    #: A window is rejected when its mean landmark error rises more than this above the landmark fit's
+    #: (fraction of the inter-ocular distance), or any of its frames rises more than ``frame_margin``.
+    landmark_margin: float = 0.001
+    frame_margin: float = 0.005
 
 
 def state_from_reference(tracker: Tracker, arrays: dict[str, np.ndarray]) -> FrameState | None:
@@ -58,28 +65,14 @@ def state_from_reference(tracker: Tracker, arrays: dict[str, np.ndarray]) -> Fra
     return FrameState(params.exp, params.pose(), params.transl)
 
 
-def state_from_message(tracker: Tracker, message: dict) -> FrameState | None:
-    """A frame's parameters from a recorded ``flame.frame`` message (None when not valid)."""
-    if not message.get("valid"):
-        return None
-    exp = np.zeros(tracker.layer.n_exp)
-    recorded = np.asarray(message["exp"], dtype=np.float64)[: tracker.layer.n_exp]
-    exp[: recorded.size] = recorded
-    rotation = np.diag(_FLIP) @ cv2.Rodrigues(np.asarray(message["head_rot"], dtype=np.float64))[0]
-    pose = np.zeros((tracker.layer.n_joints, 3))
-    pose[0] = cv2.Rodrigues(rotation)[0][:, 0]
-    pose[1], pose[2] = message["neck_pose"], message["jaw_pose"]
-    if tracker.layer.n_joints >= 5:
-        pose[3:5] = np.asarray(message["eye_pose"]).reshape(2, 3)
-    root = tracker.root_rest_joint(exp)
-    transl = _FLIP * np.asarray(message["head_trans"], dtype=np.float64) - root + rotation @ root
-    return _state(tracker, exp, pose, transl)
-
-
-def _state(tracker: Tracker, exp: np.ndarray, pose: np.ndarray, transl: np.ndarray) -> FrameState:
-    options = {"device": tracker.shape.device, "dtype": tracker.shape.dtype}
-    return FrameState(torch.as_tensor(exp[None], **options), torch.as_tensor(pose[None], **options),
-                      torch.as_tensor(transl[None], **options))
+def load_appearance(fitter: PhotometricFitter, path: Path) -> None:
+    """Give a fitter the lighting and albedo of a refinement's ``identity.npz``."""
+    options = {"dtype": fitter.dtype, "device": fitter.device}
+    with np.load(path) as saved:
+        fitter.light = torch.as_tensor(saved["light"], **options)
+        fitter.appearance.load_state(saved["tex"])
+        if "albedo_map" in saved.files:
+            fitter.appearance.detail = torch.as_tensor(saved["albedo_map"], **options)
 
 
 class SequenceRefiner:
@@ -92,6 +85,8 @@ class SequenceRefiner:
         self.fps = fps  # of the frames, recorded in meta.json so the sequence can be animated at its own rate
         self.fitter = PhotometricFitter(tracker, self.options.photometric)
         self.timings: dict[str, float] = {}
+        self.rejected_windows: list[tuple[int, int]] = []  # (first, last) frame of each rejected window
+        self.windows = 0
 
     def run(
         self, states: list[FrameState | None], frames: Callable[[], Iterator[FrameInput]], progress: bool = True
@@ -101,23 +96,27 @@ class SequenceRefiner:
         valid = [i for i, s in enumerate(states) if s is not None]
         if not valid:
             raise UserError("no frame of the input was tracked, so there is nothing to refine")
-        self._identity(states, valid, frames)
-        self.tracker.adopt_identity(self.fitter.shape)
-        started = time.perf_counter()
+        self._identity(states, valid, frames, progress)
+        started, cpu_started = time.perf_counter(), time.process_time()
         refined = self._refine_frames(states, frames, progress)
         self.timings["frames_s"] = time.perf_counter() - started
         self.timings["seconds_per_frame"] = self.timings["frames_s"] / max(refined, 1)
+        # CPU time of this process: what a frame costs when the machine is shared (wall time is not).
+        self.timings["cpu_seconds_per_frame"] = (time.process_time() - cpu_started) / max(refined, 1)
+        self.timings["windows"] = self.windows
+        self.timings["rejected_windows"] = len(self.rejected_windows)
+        if self.rejected_windows:
+            log.warning("%d of %d windows were rejected (landmark error rose above the landmark fit's by more than "
+                        "the margin); their frames keep the landmark fit", len(self.rejected_windows), self.windows)
         self._write_summary(len(states))
         return self.timings
 
     # ---------------------------------------------------------------------------------------------- identity
-    def _identity(self, states: list[FrameState | None], valid: list[int], frames: Callable[[], Iterator[FrameInput]]) -> None:
+    def _identity(self, states: list[FrameState | None], valid: list[int], frames: Callable[[], Iterator[FrameInput]],
+                  progress: bool) -> None:
         path = self.out_dir / IDENTITY_FILE
         if path.is_file():
-            with np.load(path) as saved:
-                self.fitter.shape = torch.as_tensor(saved["shape"], dtype=self.fitter.dtype, device=self.fitter.device)
-                self.fitter.light = torch.as_tensor(saved["light"], dtype=self.fitter.dtype, device=self.fitter.device)
-                self.fitter.appearance.load_state(saved["tex"])
+            load_appearance(self.fitter, path)
             log.info("resuming with the identity in %s", path)
             return
         started = time.perf_counter()
@@ -135,13 +134,24 @@ class SequenceRefiner:
                 break
         if not images:
             raise UserError("the keyframes have no landmarks: the session cannot be refined")
-        log.info("fitting identity, albedo and light on %d keyframes (the longest single step; a minute or more on a busy CPU)", len(images))
+        log.info("fitting albedo and light on %d keyframes", len(images))
+        config = self.options.photometric
+        bar = tqdm(total=config.identity_iterations + 2, desc="identity", unit="step", disable=not progress)
         batch = self.fitter.prepare(images, landmarks)
-        result = self._with_memory_guard(lambda: self.fitter.fit_identity(batch, FrameState.cat(chosen_states)))
+        # The shape stays the landmark calibration's: every frame's landmark fit was made with it.
+        result = self._with_memory_guard(
+            lambda: self.fitter.fit_identity(batch, FrameState.cat(chosen_states), fit_shape=False, on_step=lambda: bar.update(1)))
+        detailed = self.fitter.prepare(images, landmarks, size=config.detail_size)
+        self._with_memory_guard(lambda: self.fitter.gather_albedo(detailed, result.frames))
+        bar.update(1)
+        bar.close()
         self.timings["identity_s"] = time.perf_counter() - started
         self.timings["identity_image_error"] = float(result.image_error.mean())
-        write_npz_atomic(path, {"shape": self.fitter.shape.cpu().numpy(), "tex": self.fitter.appearance.state(),
-                           "light": self.fitter.light.cpu().numpy()})
+        arrays = {"shape": self.fitter.shape.cpu().numpy(), "tex": self.fitter.appearance.state(),
+                  "light": self.fitter.light.cpu().numpy()}
+        if self.fitter.appearance.detail is not None:
+            arrays["albedo_map"] = self.fitter.appearance.detail.cpu().numpy()
+        write_npz_atomic(path, arrays)
         texture = self.fitter.appearance.texture_image()
         if texture is not None:
             cv2.imwrite(str(self.out_dir / "texture.png"), cv2.cvtColor(texture, cv2.COLOR_RGB2BGR))
@@ -152,7 +162,7 @@ class SequenceRefiner:
 
     def _refine_frames(self, states: list[FrameState | None], frames: Callable[[], Iterator[FrameInput]], progress: bool) -> int:
         window: list[tuple[int, np.ndarray, np.ndarray, FrameState]] = []
-        previous: FrameState | None = None
+        previous: FrameState | None = None  # the correction (refined minus landmark fit) of the frame before
         refined = 0
         bar = tqdm(total=len(states), desc="refine", unit="frame", disable=not progress)
         for index, (image, points) in enumerate(frames()):
@@ -166,11 +176,12 @@ class SequenceRefiner:
                 bar.update(len(window))
                 window = []
             if done:
-                previous = self._load_state(index)
+                loaded = self._load_state(index)
+                previous = None if loaded is None or states[index] is None else loaded.minus(states[index])
                 bar.update(1)
             elif not usable:
                 previous = None
-                self._write(index, states[index], None)
+                self._write(index, states[index], None, refined=False)
                 bar.update(1)
             else:
                 window.append((index, image, points, states[index]))
@@ -187,13 +198,30 @@ class SequenceRefiner:
         return refined
 
     def _flush(self, window: list, previous: FrameState | None) -> FrameState:
-        """Refine one window of consecutive frames, write them, and return the last frame's state."""
+        """Refine one window of consecutive frames, write them, and return the last frame's correction.
+
+        The window is rejected, and its frames keep the landmark fit, when its landmark error rises above the
+        landmark fit's by more than the margin (or any frame's by more than the frame margin).
+        """
         batch = self.fitter.prepare([w[1] for w in window], [w[2] for w in window])
         initial = FrameState.cat([w[3] for w in window])
         result = self._with_memory_guard(lambda: self.fitter.fit_frames(batch, initial, previous))
+        rise = result.landmark_error - result.initial_landmark_error
+        self.windows += 1
+        accepted = bool(np.isfinite(rise).all() and rise.mean() <= self.options.landmark_margin
+                        and rise.max() <= self.options.frame_margin)
+        if accepted:
+            frames, image_error = result.frames, result.image_error
+        else:
+            first, last = window[0][0], window[-1][0]
+            self.rejected_windows.append((first, last))
+            log.warning("frames %d-%d: photometric refinement raised the landmark error by %.2f %% of the inter-ocular "
+                        "distance (at most %.2f %% in one frame); keeping the landmark fit", first, last,
+                        100 * float(np.nanmean(rise)), 100 * float(np.nanmax(rise)))
+            frames, image_error = initial, self.fitter.image_error(initial, batch)
         for row, (index, *_rest) in enumerate(window):
-            self._write(index, result.frames.index(slice(row, row + 1)), float(result.image_error[row]))
-        return result.frames.index(slice(len(window) - 1, len(window)))
+            self._write(index, frames.index(slice(row, row + 1)), float(image_error[row]), refined=accepted)
+        return frames.minus(initial).index(slice(len(window) - 1, len(window)))
 
     def _with_memory_guard(self, fit: Callable):
         try:
@@ -204,7 +232,7 @@ class SequenceRefiner:
                 f"{self.options.photometric.size} px; use a smaller --window or --size, or --device cpu"
             ) from None
 
-    def _write(self, index: int, state: FrameState | None, image_error: float | None) -> None:
+    def _write(self, index: int, state: FrameState | None, image_error: float | None, refined: bool) -> None:
         if state is None:
             frame = self.tracker.frame_from(self._neutral())
             frame.valid = False
@@ -214,6 +242,7 @@ class SequenceRefiner:
         arrays["tex"] = self.fitter.appearance.state()[None].astype(np.float32)
         arrays["light"] = self.fitter.light.cpu().numpy()[None].astype(np.float32)
         arrays["image_error"] = np.array([np.nan if image_error is None else image_error], np.float32)
+        arrays["refined"] = np.array([refined])
         write_npz_atomic(self._frame_path(index), arrays)
 
     def _neutral(self):
@@ -245,6 +274,10 @@ class SequenceRefiner:
             "crop_size": self.options.photometric.size,
             "keyframes": self.options.keyframes,
             "window": self.options.window,
+            "frame_iterations": self.options.photometric.frame_iterations,
+            "windows": self.windows,
+            "rejected_windows": [list(pair) for pair in self.rejected_windows],
+            "landmark_margin_iod": self.options.landmark_margin,
             "light": "9 SH coefficients per RGB channel, DECA's basis order and constants (engine.render)",
             "timings": self.timings,
         }
@@ -287,21 +320,19 @@ def refine_session(
 
     ``tracker_factory(image_size (h, w), n_shape, n_exp, fov_deg)`` makes the tracker for the recorded camera.
     Landmarks come from the messages when they were recorded, else MediaPipe runs on the video
-    (``landmarker_task``).
+    (``landmarker_task``); the recording is tracked again from them, landmarks only and offline, with the
+    recorded camera's field of view, and refinement starts from that fit.
     """
-    from flame_client.messages import TOPIC_FRAME, TOPIC_SHAPE
+    from flame_client.messages import TOPIC_FRAME
     from realtime.session import SessionReader
 
     reader = SessionReader(session_dir)
     if reader.frame_size is None:
         raise UserError(f"session {session_dir} was recorded without video, which photometric refinement needs")
     messages: dict[int, dict] = {}
-    shape: list[float] | None = None
     for record in reader.messages():
         if record.topic == TOPIC_FRAME and record.video_frame is not None:
             messages[record.video_frame] = record.message
-        elif record.topic == TOPIC_SHAPE:
-            shape = record.message.get("shape")
     if not messages:
         raise UserError(f"session {session_dir} holds no tracked frames with video; it cannot be refined")
     metadata = reader.metadata
@@ -318,33 +349,47 @@ def refine_session(
             f"session {session_dir} was tracked with the {(metadata.get('model') or {}).get('name')}, not the "
             f"{tracker.head.name}: pass the same --flame as when recording"
         )
-    if shape is not None:
-        values = torch.zeros(tracker.layer.n_shape, dtype=tracker.shape.dtype)
-        recorded = torch.as_tensor(shape[: tracker.layer.n_shape], dtype=tracker.shape.dtype)
-        values[: recorded.numel()] = recorded
-        tracker.adopt_identity(values)
     n_frames = max(messages) + 1
-    states = [state_from_message(tracker, messages[i]) if i in messages else None for i in range(n_frames)]
+    # The anchor is the landmark-only fit of the whole recording, as `track` makes it, not the live messages:
+    # live frames before calibration were fitted with the mean face, and live output may be filtered.
+    landmarks = _session_landmarks(reader, messages, n_frames, landmarker_task)
+    sequence = LandmarkSequence(landmarks, None, (height, width), reader.fps or 25.0, str(session_dir))
+    tracker, results, _ = track_sequence(sequence, tracker.head, tracker.config, progress)
+    states = [state_from_reference(tracker, arrays) for arrays in results]
 
     def frames() -> Iterator[FrameInput]:
-        landmarker = None
+        for frame in reader.video_frames():
+            if frame.index >= n_frames:
+                return
+            points = landmarks[frame.index]
+            yield frame.image, points if np.isfinite(points).any() else None
+
+    return SequenceRefiner(tracker, out_dir, options, reader.fps).run(states, frames, progress)
+
+
+def _session_landmarks(reader, messages: dict[int, dict], n_frames: int, landmarker_task: Path | None) -> np.ndarray:
+    """(n_frames, 478, 2) MediaPipe landmarks of a session's video frames: recorded ones, else MediaPipe's."""
+    landmarks = np.full((n_frames, 478, 2), np.nan)
+    missing = []
+    for index in range(n_frames):
+        recorded = (messages.get(index) or {}).get("landmarks")
+        if recorded is not None and len(recorded) == 478 * 2:
+            landmarks[index] = np.asarray(recorded, dtype=np.float64).reshape(478, 2)
+        else:
+            missing.append(index)
+    if missing:
+        landmarker = _open_landmarker(landmarker_task)
         try:
             for frame in reader.video_frames():
                 if frame.index >= n_frames:
-                    return
-                recorded = (messages.get(frame.index) or {}).get("landmarks")
-                if recorded is not None and len(recorded) == 478 * 2:
-                    points = np.asarray(recorded, dtype=np.float64).reshape(478, 2)
-                else:
-                    landmarker = landmarker or _open_landmarker(landmarker_task)
+                    break
+                if frame.index in messages and not np.isfinite(landmarks[frame.index]).any():
                     observation = landmarker.detect(frame.image, int(round(frame.t_monotonic * 1000.0)))
-                    points = None if observation is None else observation.points.astype(np.float64)
-                yield frame.image, points
+                    if observation is not None:
+                        landmarks[frame.index] = observation.points
         finally:
-            if landmarker is not None:
-                landmarker.close()
-
-    return SequenceRefiner(tracker, out_dir, options, reader.fps).run(states, frames, progress)
+            landmarker.close()
+    return landmarks
 
 
 def _open_landmarker(task: Path | None):

@@ -334,7 +334,8 @@ class LivePipeline:
     def _start_refiner_once_calibrated(self) -> None:
         """The refiner starts from the landmark calibration's identity, so it waits for it."""
         if self.config.refine and self.refiner is None and self.tracker.calibrated and self.keyframes is not None:
-            self.refiner = LiveRefiner(self.tracker.head, self.keyframes.queue, self.tracker.shape, self._receive_identity).start()
+            self.refiner = LiveRefiner(self.tracker.head, self.keyframes.queue, lambda: self.tracker.shape,
+                                       self._receive_identity).start()
 
     def _receive_identity(self, shape: np.ndarray, tex: np.ndarray, light: np.ndarray) -> None:
         """Called on the refiner's thread: keep the newest result for the loop to adopt."""

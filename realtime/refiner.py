@@ -5,15 +5,20 @@ the latest ``pool_size`` keyframes, fits shape, albedo and lighting to them join
 :class:`Tracker` (nothing is shared with the live tracker), and hands each result to ``on_update(shape, tex,
 light)``. The callback runs on the refiner's thread: the live loop should store the result and adopt it
 between frames (``Tracker.adopt_identity``), then publish ``flame.shape``.
+
+Guard: a refined shape is handed over only when landmark-only fits of the pool's (recent) frames with it are
+no worse than with the identity the live tracker uses now (``current_shape()``); otherwise it is dropped,
+logged and counted in ``rejected``, and the next fit starts again from the live identity.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -33,6 +38,8 @@ class RefinerConfig:
     pool_size: int = 6
     """Keyframes fitted together; the oldest leaves when a new one arrives."""
     iterations: int = 30
+    guard_tolerance: float = 0.01
+    """A refined shape may raise the pool's landmark RMS by at most this fraction of the live identity's."""
     photometric: PhotometricConfig = field(default_factory=lambda: PhotometricConfig(size=192))
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
@@ -40,14 +47,18 @@ class RefinerConfig:
 class LiveRefiner:
     """Refines identity from keyframes on its own thread; ``start``/``stop`` or use as a context manager."""
 
-    def __init__(self, head: HeadModel, queue: KeyframeQueue, initial_shape: torch.Tensor, on_update: IdentityCallback,
-                 config: RefinerConfig | None = None) -> None:
+    def __init__(self, head: HeadModel, queue: KeyframeQueue, current_shape: Callable[[], torch.Tensor],
+                 on_update: IdentityCallback, config: RefinerConfig | None = None) -> None:
+        """``current_shape()`` returns the identity the live tracker uses now (called on the refiner's thread)."""
         self.head = head
         self.queue = queue
         self.on_update = on_update
+        self.current_shape = current_shape
         self.config = config or RefinerConfig()
         self.updates = 0
-        self._shape = initial_shape.detach().cpu().clone()
+        self.rejected = 0
+        self._shape = current_shape().detach().cpu().clone()
+        self._guard: Tracker | None = None
         self._pool: list[Keyframe] = []
         self._fitter: PhotometricFitter | None = None
         self._stop = threading.Event()
@@ -86,24 +97,54 @@ class LiveRefiner:
         started = time.monotonic()
         log.debug("refining the identity on %d keyframes", len(self._pool))
         fitter = self._fitter_for(self._pool[-1])
+        live = self._padded(self.current_shape().detach().cpu(), fitter.tracker)
+        fitter.shape = live.to(device=fitter.device, dtype=fitter.dtype)
         batch = fitter.prepare([k.image for k in self._pool], [k.landmarks for k in self._pool])
         initial = state_from_tracked([k.tracked for k in self._pool], fitter.device, fitter.dtype)
         fitter.fit_identity(batch, initial, self.config.iterations)
+        guard = self._guard_for(fitter)
+        candidate, current = self._landmark_rms(guard, fitter.shape), self._landmark_rms(guard, live)
+        if not candidate <= current * (1.0 + self.config.guard_tolerance):
+            self.rejected += 1
+            log.info("refined identity not adopted: it fits the recent frames' landmarks worse (%.2f px RMS against "
+                     "%.2f px with the live identity)", candidate, current)
+            fitter.shape = live.to(device=fitter.device, dtype=fitter.dtype)
+            return
         self.updates += 1
         log.info("refined identity #%d from %d keyframes in %.1f s", self.updates, len(self._pool), time.monotonic() - started)
         self.on_update(fitter.shape.cpu().numpy().copy(), fitter.appearance.state(), fitter.light.cpu().numpy().reshape(-1))
+
+    def _guard_for(self, fitter: PhotometricFitter) -> Tracker:
+        """A tracker for the guard's landmark fits with the fitter's camera: each keyframe fitted on its own from a
+        cold start, never calibrating, so that two identities are compared fairly."""
+        camera = fitter.tracker.camera
+        if self._guard is None or self._guard.camera != camera:
+            config = replace(fitter.tracker.config, warm_start="none", calibration_seconds=math.inf, output_filter=None)
+            self._guard = Tracker(self.head, (camera.height, camera.width), config)
+        return self._guard
+
+    def _landmark_rms(self, guard: Tracker, shape: torch.Tensor) -> float:
+        """Mean RMS pixel error of landmark-only fits of the pool's frames with this identity."""
+        guard.adopt_identity(self._padded(shape.cpu(), guard))
+        errors = [fit.rms_px for fit in (guard.track(k.landmarks, timestamp=0.0) for k in self._pool) if fit.valid]
+        return float(np.mean(errors)) if errors else float("inf")
+
+    @staticmethod
+    def _padded(shape: torch.Tensor, tracker: Tracker) -> torch.Tensor:
+        """``shape`` cut or zero-padded to the tracker's number of identity coefficients."""
+        count = min(shape.numel(), tracker.layer.n_shape)
+        padded = torch.zeros(tracker.layer.n_shape, dtype=tracker.shape.dtype)
+        padded[:count] = shape.reshape(-1)[:count]
+        return padded
 
     def _fitter_for(self, keyframe: Keyframe) -> PhotometricFitter:
         """The fitter, made for the keyframes' image size and FOV (the first time, or when either changed)."""
         height, width = keyframe.image.shape[:2]
         camera = None if self._fitter is None else self._fitter.tracker.camera
         if camera is None or (camera.height, camera.width, camera.fov_deg) != (height, width, keyframe.tracked.fov_deg):
-            config = TrackerConfig(**{**self.config.tracker.__dict__, "fov_deg": keyframe.tracked.fov_deg})
+            config = replace(self.config.tracker, fov_deg=keyframe.tracked.fov_deg)
             tracker = Tracker(self.head, (height, width), config)
             shape = self._shape if self._fitter is None else self._fitter.shape.cpu()
-            count = min(shape.numel(), tracker.layer.n_shape)
-            padded = torch.zeros(tracker.layer.n_shape, dtype=tracker.shape.dtype)
-            padded[:count] = shape[:count]
-            tracker.adopt_identity(padded)
+            tracker.adopt_identity(self._padded(shape, tracker))
             self._fitter = PhotometricFitter(tracker, self.config.photometric)
         return self._fitter

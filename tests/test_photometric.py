@@ -16,7 +16,9 @@ import torch
 from engine.assets import load_flame
 from engine.errors import UserError
 from engine.head_model import TextureSpace
-from engine.photometric import UNIT_AMBIENT, FrameBatch, FrameState, PhotometricConfig, PhotometricFitter, state_from_tracked
+from engine.photometric import (
+    UNIT_AMBIENT, FrameBatch, FrameState, PhotometricConfig, PhotometricFitter, PhotometricWeights, state_from_tracked,
+)
 from engine.synthetic import SyntheticMotion, synthetic_sequence
 from engine.tracker import Tracker, TrackerConfig
 from realtime.keyframes import Keyframe, KeyframeQueue
@@ -76,8 +78,7 @@ def test_photometric_fit_recovers_expression_better_than_landmarks(scene: dict) 
 
     fitter = PhotometricFitter(tracker, PhotometricConfig(size=SIZE))
     batch = fitter.prepare(scene["images"], list(sequence.mp478), list(sequence.lmk68))
-    before = fitter.fit_identity(batch, initial, iterations=0)
-    fitter = PhotometricFitter(tracker, PhotometricConfig(size=SIZE))
+    before = fitter.image_error(initial, batch)
     result = fitter.fit_identity(batch, initial, iterations=30)
 
     photometric_exp_error = _rms(result.frames.exp.numpy(), sequence.exp)
@@ -89,11 +90,12 @@ def test_photometric_fit_recovers_expression_better_than_landmarks(scene: dict) 
     initial_light_error = float(direction(scene["light"]).abs().mean())  # the fit starts from ambient light
     logging.getLogger(__name__).info(
         "expression rms: landmarks %.3f, photometric %.3f; image error %.3f -> %.3f; light error %.3f -> %.3f",
-        landmark_exp_error, photometric_exp_error, before.image_error.mean(), result.image_error.mean(),
+        landmark_exp_error, photometric_exp_error, before.mean(), result.image_error.mean(),
         initial_light_error, light_error,
     )
-    assert photometric_exp_error < 0.75 * landmark_exp_error
-    assert result.image_error.mean() < 0.6 * before.image_error.mean()
+    # Anchored to the landmarks (they stay in the objective), photometry still removes a fifth of their error.
+    assert photometric_exp_error < 0.85 * landmark_exp_error
+    assert result.image_error.mean() < 0.6 * before.mean()
     assert result.image_error.mean() < 0.06
     assert light_error < initial_light_error
     assert np.all(result.landmark_rms_px < 3.0)
@@ -151,7 +153,7 @@ def test_live_refiner_publishes_identity_from_keyframes(scene: dict) -> None:
         arrived.set()
 
     config = RefinerConfig(pool_size=2, iterations=5, photometric=PhotometricConfig(size=96), tracker=scene["config"])
-    with LiveRefiner(scene["head"], queue, tracker.shape, on_update, config) as refiner:
+    with LiveRefiner(scene["head"], queue, lambda: tracker.shape, on_update, config) as refiner:
         for i in range(2):
             tracked = tracker.track(sequence.mp478[i], sequence.lmk68[i], timestamp=i / 25)
             queue.put(Keyframe(scene["images"][i], sequence.mp478[i], tracked, float(i), i))
@@ -164,6 +166,25 @@ def test_live_refiner_publishes_identity_from_keyframes(scene: dict) -> None:
     before = tracker.shape_version
     tracker.adopt_identity(torch.as_tensor(shape))
     assert tracker.shape_version == before + 1 and torch.allclose(tracker.shape, torch.as_tensor(shape, dtype=tracker.shape.dtype))
+
+
+def test_live_refiner_does_not_hand_over_an_identity_that_fits_the_landmarks_worse(scene: dict) -> None:
+    """Without its landmark anchor, on frames of noise, the photometric shape drifts: the guard keeps it back."""
+    sequence = scene["sequence"]
+    tracker, _ = _landmark_fit(scene)
+    queue = KeyframeQueue(4)
+    updates: list[np.ndarray] = []
+    weights = PhotometricWeights(landmarks=0.0, shape=0.0)
+    photometric = PhotometricConfig(size=64, identity_iterations=2, shape_iterations=10, weights=weights)
+    config = RefinerConfig(pool_size=2, iterations=2, photometric=photometric, tracker=scene["config"])
+    noise = np.random.default_rng(1).integers(0, 256, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
+    with LiveRefiner(scene["head"], queue, lambda: tracker.shape, lambda shape, tex, light: updates.append(shape), config) as refiner:
+        for i in range(2):
+            tracked = tracker.track(sequence.mp478[i], sequence.lmk68[i], timestamp=i / 25)
+            queue.put(Keyframe(noise[i], sequence.mp478[i], tracked, float(i), i))
+        queue.close()
+        refiner.stop(60)
+    assert refiner.rejected >= 1 and not updates
 
 
 def test_refine_session_rejects_missing_or_corrupt_sessions(scene: dict, tmp_path: Path) -> None:
@@ -179,34 +200,62 @@ def test_refine_session_rejects_missing_or_corrupt_sessions(scene: dict, tmp_pat
         refine_session(corrupt, factory, tmp_path / "out", None)
 
 
-def test_refine_command_refines_a_real_live_recording(shared_clips: Path, landmarker_task: Path, tmp_path: Path) -> None:
-    """live --record, then refine, both as a user runs them: every recorded frame gets tex, light and a texture."""
+def test_refine_command_refines_a_real_live_recording_without_losing_the_landmark_fit(
+    shared_clips: Path, landmarker_task: Path, tmp_path: Path
+) -> None:
+    """live --record, then refine, as a user runs them, scored against MediaPipe beside track of the same landmarks.
+
+    The recording spans the live calibration (2 s into the 3 s clip): its first frames were fitted with the mean
+    face, which once made the first windows of refinement diverge (landmark error 39 % of the inter-ocular
+    distance, mouth opening uncorrelated). Refinement must stay within its margin of track's landmark error,
+    and no frame may explode.
+    """
     import json
     import subprocess
     import sys
+
+    from engine.demo_head import build_demo_head
+    from offline.refine_accuracy import load_frames, score_frames
+    from flame_client.messages import TOPIC_FRAME
+    from realtime.session import SessionReader
 
     repo = Path(__file__).resolve().parents[1]
     models = ["--flame", "demo", "--models", str(landmarker_task.parent)]
     session = tmp_path / "session"
     live = [sys.executable, str(repo / "run_stream.py"), "live", "--source", str(shared_clips / "bbaf2n.mpg"),
-            "--as-fast-as-possible", "--max-frames", "24", "--no-zmq", "--record", str(session), *models]  # fmt: skip
+            "--as-fast-as-possible", "--no-zmq", "--landmarks", "--record", str(session), *models]  # fmt: skip
     assert subprocess.run(live, capture_output=True, text=True, timeout=300).returncode == 0
-    refine = [sys.executable, str(repo / "run_stream.py"), "refine", str(session), "--size", "96", "--iterations", "3", *models]
+    refine = [sys.executable, str(repo / "run_stream.py"), "refine", str(session), "--size", "64", "--iterations", "2", *models]
     result = subprocess.run(refine, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     out = session / "refined"
-    frames = sorted(out.glob("[0-9]" * 6 + ".npz"))
-    assert len(frames) == 24
-    with np.load(frames[-1]) as frame:
-        assert frame["light"].shape == (1, 9, 3) and frame["tex"].shape[0] == 1 and bool(frame["valid"][0])
-        assert frame["exp"].shape[1] > 0 and np.isfinite(frame["exp"]).all()
-    assert cv2.imread(str(out / "texture.png")) is not None
+    refined = load_frames(out)
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["frames"] == 24 and meta["fps"] == pytest.approx(25.0), "bbaf2n.mpg is 25 fps"
+    assert len(refined) == meta["frames"] >= 70 and meta["fps"] == pytest.approx(25.0), "bbaf2n.mpg is 25 fps"
+    assert all(bool(frame["valid"][0]) and np.isfinite(frame["exp"]).all() for frame in refined)
+    assert refined[-1]["light"].shape == (1, 9, 3) and refined[-1]["tex"].shape[0] == 1
+    assert cv2.imread(str(out / "texture.png")).shape == (256, 256, 3)
     # The README's last step: the refined folder and the raw session as animated glTF rigs (the rig itself is
     # checked in test_gltf_export.py).
     for params, texture in ((out, True), (session, False)):
         export = [sys.executable, str(repo / "run_stream.py"), "export", "--gltf", str(tmp_path / "head.glb"), "--params", str(params), *models]
         result = subprocess.run(export, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
-        assert "24 frames" in result.stdout and ("texture.png" in result.stdout) == texture, result.stdout
+        assert f"{len(refined)} frames" in result.stdout and ("texture.png" in result.stdout) == texture, result.stdout
+
+    reader = SessionReader(session)
+    recorded = {r.video_frame: r.message["landmarks"] for r in reader.messages() if r.topic == TOPIC_FRAME}
+    mp478 = np.array([recorded[i] for i in range(len(refined))], dtype=np.float64).reshape(len(refined), 478, 2)
+    width, height = reader.frame_size
+    np.savez(tmp_path / "landmarks.npz", mp478=mp478, image_size=(height, width), fps=25.0)
+    fov = float(refined[0]["fov"][0])  # the recorded camera's, which refinement keeps
+    track = [sys.executable, str(repo / "run_stream.py"), "track", str(tmp_path / "landmarks.npz"), "--out", str(tmp_path / "track"),
+             "--fov", str(fov), *models]  # fmt: skip
+    assert subprocess.run(track, capture_output=True, text=True, timeout=300).returncode == 0
+    head = build_demo_head(landmarker_task)
+    tracked = score_frames(head, load_frames(tmp_path / "track"), mp478, (height, width))
+    scores = score_frames(head, refined, mp478, (height, width))
+    margin_percent = 100 * RefineOptions().landmark_margin
+    assert scores["landmark_error_iod_percent"] <= tracked["landmark_error_iod_percent"] + margin_percent + 0.02
+    assert scores["landmark_error_iod_percent_worst_frame"] <= tracked["landmark_error_iod_percent_worst_frame"] + 0.5
+    assert scores["mouth_correlation"] >= 0.97

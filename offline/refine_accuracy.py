@@ -1,0 +1,117 @@
+"""Refinement against tracking on a real clip: the same frames, the same measures, side by side.
+
+MediaPipe's landmarks of the clip are tracked (landmarks only, as ``track`` does), the tracked frames are
+refined photometrically (as ``track --photometric`` does), and both results are scored against the detector
+(:func:`engine.evaluation.fit_scores`) and by their image error inside the face mask, both rendered with the
+refinement's albedo and lighting. ``python run_stream.py bench --accuracy --refine CLIP`` prints it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.evaluation import fit_scores
+from engine.head_model import HeadModel
+from engine.photometric import FrameState, PhotometricFitter
+from engine.tracker import Tracker, TrackerConfig
+from offline.refine_job import IDENTITY_FILE, RefineOptions, load_appearance, refine_video, state_from_reference
+from offline.track_job import detect_landmarks, track_sequence
+
+
+def compare_refine_with_track(
+    head: HeadModel, clip: str, landmarker_task: Path, frames: int, options: RefineOptions | None = None,
+    device: str = "cpu", progress: bool = True,
+) -> dict[str, object]:
+    """Track and refine the first ``frames`` frames of ``clip``; both results' scores and the timings."""
+    options = options or RefineOptions()
+    sequence, _ = detect_landmarks(clip, landmarker_task, max_frames=frames)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    tracker, results, _ = track_sequence(sequence, head, TrackerConfig(device=device), progress)
+    track_seconds, track_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    with tempfile.TemporaryDirectory() as out:
+        timings = refine_video(clip, tracker, results, sequence.mp478, Path(out), options, progress)
+        refined = [_load(Path(out) / f"{i:06d}.npz") for i in range(len(results))]
+        fitter = PhotometricFitter(tracker, options.photometric)
+        load_appearance(fitter, Path(out) / IDENTITY_FILE)
+    report: dict[str, object] = {"clip": clip, "model": head.name, "crop_size": options.photometric.size,
+                                 "frame_iterations": options.photometric.frame_iterations, "window": options.window}
+    image_errors = _image_errors(fitter, clip, sequence.mp478, [results, refined], options.window)
+    for name, arrays, error in (("track", results, image_errors[0]), ("refine", refined, image_errors[1])):
+        report[name] = {**score_frames(head, arrays, sequence.mp478, sequence.image_size, device), "image_error_in_face_mask": error}
+    report["track"]["seconds_per_frame"] = track_seconds / len(results)
+    report["track"]["cpu_seconds_per_frame"] = track_cpu_seconds / len(results)
+    report["refine"]["seconds_per_frame"] = timings["seconds_per_frame"]
+    report["refine"]["cpu_seconds_per_frame"] = timings["cpu_seconds_per_frame"]
+    report["refine"]["identity_seconds"] = timings.get("identity_s", float("nan"))
+    report["refine"]["rejected_windows"] = timings.get("rejected_windows", 0)
+    return report
+
+
+def load_frames(directory: Path) -> list[dict[str, np.ndarray]]:
+    """The per-frame arrays of a ``track`` or ``refine`` output folder, in frame order."""
+    return [_load(path) for path in sorted(Path(directory).glob("[0-9]" * 6 + ".npz"))]
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as saved:
+        return {key: saved[key] for key in saved.files}
+
+
+def score_frames(head: HeadModel, arrays: list[dict[str, np.ndarray]], mp478: np.ndarray, image_size: tuple[int, int],
+                 device: str = "cpu") -> dict[str, float]:
+    """:func:`engine.evaluation.fit_scores` of per-frame arrays (track's format) against MediaPipe's landmarks,
+    with the model, identity and field of view the arrays were made with."""
+    first = next(frame for frame in arrays if bool(frame["valid"][0]))
+    config = TrackerConfig(n_shape=first["shape"].shape[1], n_exp=first["exp"].shape[1], fov_deg=float(first["fov"][0]), device=device)
+    tracker = Tracker(head, image_size, config)
+    tracker.adopt_identity(torch.as_tensor(first["shape"][0]))
+    return _scores(tracker, arrays, mp478)
+
+
+def _states(tracker: Tracker, arrays: list[dict[str, np.ndarray]]) -> list[FrameState | None]:
+    return [state_from_reference(tracker, frame) for frame in arrays]
+
+
+def _scores(tracker: Tracker, arrays: list[dict[str, np.ndarray]], mp478: np.ndarray) -> dict[str, float]:
+    states = _states(tracker, arrays)
+    neutral = next(s for s in states if s is not None)
+    filled = [s if s is not None else neutral for s in states]
+    stacked = FrameState.cat(filled)
+    return fit_scores(tracker, arrays[0]["shape"][0], stacked.exp.numpy(), stacked.pose.numpy(), stacked.transl.numpy(),
+                      np.array([s is not None for s in states]), mp478)
+
+
+def _image_errors(fitter: PhotometricFitter, clip: str, mp478: np.ndarray, results: list[list[dict]], window: int) -> list[float]:
+    """Mean absolute RGB error inside the face mask of each result, all rendered with the fitter's appearance."""
+    from realtime.sources import iter_frames
+
+    states = [_states(fitter.tracker, arrays) for arrays in results]
+    sums = [0.0] * len(results)
+    count = 0
+    images, indices = [], []
+
+    def flush() -> None:
+        nonlocal count
+        batch = fitter.prepare(images, [mp478[i] for i in indices])
+        for k, sequence in enumerate(states):
+            sums[k] += float(fitter.image_error(FrameState.cat([sequence[i] for i in indices]), batch).sum())
+        count += len(indices)
+        images.clear()
+        indices.clear()
+
+    for frame in iter_frames(clip):
+        if frame.index >= len(mp478):
+            break
+        if all(s[frame.index] is not None for s in states) and np.isfinite(mp478[frame.index]).any():
+            images.append(frame.image)
+            indices.append(frame.index)
+            if len(images) == window:
+                flush()
+    if images:
+        flush()
+    return [total / max(count, 1) for total in sums]
