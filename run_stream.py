@@ -42,8 +42,6 @@ from cli_checks import (
     zmq_address,
 )
 
-#: Texture-space components photometric refinement fits (as the reference tracker does).
-PHOTOMETRIC_TEXTURE_COMPONENTS = 50
 COMMANDS = ("live", "track", "refine", "batch", "replay", "render", "bench", "models", "export", "blender-addon")
 
 
@@ -214,6 +212,7 @@ def _run_track(args: argparse.Namespace) -> int:
     from engine.model_files import find_face_landmarker, resolve_models_dir
     from engine.model_selection import select_head_model
     from engine.tracker import TrackerConfig
+    from offline.refine_job import TEXTURE_COMPONENTS
     from offline.track_job import PHOTOMETRIC_DIR, TrackOptions, load_landmark_file, track_input, written_frames
 
     source = Path(args.input)
@@ -233,7 +232,7 @@ def _run_track(args: argparse.Namespace) -> int:
 
         open_source(args.input, realtime=False).stop()  # a file that is no video or image fails here, in one line
     models_dir = resolve_models_dir(args.models)
-    head = select_head_model(args.flame, models_dir, n_tex=PHOTOMETRIC_TEXTURE_COMPONENTS if args.photometric else 0)
+    head = select_head_model(args.flame, models_dir, n_tex=TEXTURE_COMPONENTS if args.photometric else 0)
     if not landmarks_file:
         task = find_face_landmarker(models_dir)
     config = TrackerConfig(n_shape=args.n_shape, n_exp=args.n_exp, fov_deg=args.fov, device=_device(args.device))
@@ -316,11 +315,11 @@ def _run_refine(args: argparse.Namespace) -> int:
     from engine.model_files import find_face_landmarker, resolve_models_dir
     from engine.model_selection import select_head_model
     from engine.tracker import Tracker, TrackerConfig
-    from offline.refine_job import refine_session
+    from offline.refine_job import TEXTURE_COMPONENTS, refine_session
 
     options = _refine_options(args)
     models_dir = resolve_models_dir(args.models)
-    head = select_head_model(args.flame, models_dir, n_tex=PHOTOMETRIC_TEXTURE_COMPONENTS)
+    head = select_head_model(args.flame, models_dir, n_tex=TEXTURE_COMPONENTS)
     device = _device(args.device)
 
     def tracker_factory(image_size: tuple[int, int], n_shape: int, n_exp: int, fov_deg: float) -> Tracker:

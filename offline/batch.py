@@ -285,6 +285,7 @@ def _track_and_refine(item: BatchInput, out_dir: Path, options: JobOptions) -> t
     """What ``track INPUT --out DIR`` (with ``--photometric``) or, for a session, ``refine`` does; (frames, valid)."""
     from engine.model_selection import select_head_model
     from engine.tracker import Tracker
+    from offline.refine_job import TEXTURE_COMPONENTS
 
     if (options.refine is not None or options.render) and item.is_landmarks:
         raise UserError("--refine and --render need the video or images themselves, not a landmarks file")
@@ -296,7 +297,7 @@ def _track_and_refine(item: BatchInput, out_dir: Path, options: JobOptions) -> t
         from realtime.sources import open_source
 
         open_source(str(source), realtime=False).stop()
-    head = select_head_model(options.flame, options.models_dir)
+    head = select_head_model(options.flame, options.models_dir, n_tex=TEXTURE_COMPONENTS if options.refine else 0)
     track_options = track_job.TrackOptions(options.tracker, save_vertices=options.save_vertices, overwrite=options.overwrite, progress=False)
     tracked = track_job.track_input(source, out_dir, head, None if item.is_landmarks else options.landmarker_task, track_options)
     if options.refine is not None:

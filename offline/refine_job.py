@@ -40,6 +40,8 @@ from offline.track_job import LandmarkSequence, track_sequence, write_npz_atomic
 log = logging.getLogger(__name__)
 
 REFINE_FORMAT_VERSION = 1
+#: Texture-space components refinement fits when the model has a texture space (as the reference tracker does).
+TEXTURE_COMPONENTS = 50
 IDENTITY_FILE = "identity.npz"
 
 #: One frame's input: RGB image, MediaPipe 478 landmarks (pixels, NaN unobserved) or None.
