@@ -93,7 +93,9 @@ class PhotometricConfig:
     mask_erosion: float = 0.03  # of the crop side
     texture_size: int = 256  # texture spaces larger than this are resampled down
     albedo_map_size: int = 64  # the coarse UV albedo map fitted with the lighting when no texture space exists
-    detail_size: int = 256  # the detailed albedo map gathered from the keyframes' pixels (free UV maps)
+    detail_size: int | None = None
+    """Side of the detailed albedo map gathered from the keyframes' pixels (free UV maps), and of the crops it is
+    gathered from; None: 256 on the CPU, 512 on a GPU."""
     gather_depth_tolerance: float = 0.005  # metres behind the z-buffer's surface that still count as visible
     gather_view_power: float = 4.0  # samples weigh cos(view angle)^power: frontal views dominate
     gather_confidence: float = 0.3  # total sample weight at which a texel is half gathered, half coarse map
@@ -330,6 +332,13 @@ class PhotometricFitter:
         corrected = torch.zeros(self.layer.n_joints, 1, device=self.device, dtype=self.dtype)
         corrected[fitted_joints(self.layer.n_joints, tracker.config.fit)] = 1.0
         self._corrected_joints = corrected  # the joints the landmark fit estimates; the others stay as given
+
+    @property
+    def detail_size(self) -> int:
+        """The detailed albedo map's side (``PhotometricConfig.detail_size``, resolved for the device)."""
+        if self.config.detail_size is not None:
+            return self.config.detail_size
+        return 512 if self.device.type == "cuda" else 256
 
     # ------------------------------------------------------------------------------------------ preparation
     def prepare(
@@ -609,7 +618,7 @@ class PhotometricFitter:
         """
         if self.appearance.kind != "uv_map":
             return
-        size = self.config.detail_size
+        size = self.detail_size
         with torch.no_grad():
             texels, faces_of, bary = self.appearance.texel_map(size)
             faces = self.layer.faces

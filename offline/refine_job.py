@@ -143,7 +143,7 @@ class SequenceRefiner:
         # The shape stays the landmark calibration's: every frame's landmark fit was made with it.
         result = self._with_memory_guard(
             lambda: self.fitter.fit_identity(batch, FrameState.cat(chosen_states), fit_shape=False, on_step=lambda: bar.update(1)))
-        detailed = self.fitter.prepare(images, landmarks, size=config.detail_size)
+        detailed = self.fitter.prepare(images, landmarks, size=self.fitter.detail_size)
         self._with_memory_guard(lambda: self.fitter.gather_albedo(detailed, result.frames))
         bar.update(1)
         bar.close()
