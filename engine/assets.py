@@ -21,7 +21,7 @@ import numpy as np
 from engine import model_files as mf
 from engine.errors import UserError
 from engine.head_model import ContourEmbedding, Embedding, HeadModel, MediapipeEmbedding, ModelFileError, TextureSpace
-from engine.safe_pickle import RefusedGlobalError, load_npy, load_npz, load_pickle
+from engine.safe_pickle import ArrayRefusedError, RefusedGlobalError, load_npy, load_npz, load_pickle
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,11 @@ def _read(path: Path, reader: Callable[[Path], _T], source: str) -> _T:
             f"{path.name} asks to run '{error.qualified_name}', which no model file needs: refused without "
             f"running anything (the file is damaged or malicious); download it again from {source}"
         ) from None
+    except ArrayRefusedError as error:
+        raise ModelFileError(
+            f"{path.name}: {error}: refused before loading it (the file is damaged or malicious); "
+            f"download it again from {source}"
+        ) from None
     except ModelFileError:
         raise
     except Exception as error:  # noqa: BLE001 - any failure to parse untrusted bytes means a damaged file
@@ -132,7 +137,7 @@ def _read_model_arrays(path: Path) -> dict[str, np.ndarray]:
             )
         try:
             arrays[key] = np.asarray(content[key], dtype=np.int64 if key in ("kintree_table", "f") else np.float64)
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, OverflowError) as error:
             raise ModelFileError(f"{path.name}: '{key}' is not a numeric array ({error})") from None
     _check_shape(path, "v_template", arrays["v_template"], (None, 3), "(V, 3)")
     _check_shape(path, "kintree_table", arrays["kintree_table"], (2, None), "(2, J)")
@@ -257,7 +262,7 @@ def _array(
         raise ModelFileError(f"{path.name} has no '{key}': it is not the expected file; download it again")
     try:
         array = np.asarray(content[key], dtype=dtype)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ModelFileError(f"{path.name}: '{key}' is not a numeric array") from None
     if array.ndim == len(shape) + 1 and array.shape[0] == 1:
         array = array[0]

@@ -449,7 +449,7 @@ class _TorchStorage:
         self.flat = flat
 
     def __reduce__(self) -> tuple[object, ...]:
-        return _load_from_bytes, (_torch_legacy_storage_bytes(self.flat),)
+        return _load_from_bytes, (torch_legacy_storage_bytes(self.flat),)
 
 
 _TORCH_STORAGE_CLASSES = {
@@ -529,7 +529,7 @@ class _StorageRecordPickler(_LegacyPickler):
         return None
 
 
-def _torch_legacy_storage_bytes(flat: np.ndarray) -> bytes:
+def torch_legacy_storage_bytes(flat: np.ndarray) -> bytes:
     stream = io.BytesIO()
     system_info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
     for header in (0x1950A86A20F9469CFC6C, 1001, system_info):  # magic number, protocol version, system info
@@ -574,26 +574,10 @@ def write_flame_folder(
     """
     arrays = flame_arrays(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = {
-        "v_template": arrays.v_template,
-        "shapedirs": arrays.shapedirs,
-        "posedirs": arrays.posedirs,
-        "weights": arrays.weights,
-        "J": arrays.joints,
-        "kintree_table": arrays.kintree_table,
-        "f": arrays.faces.astype(np.uint32),
-        "bs_style": "lbs",
-        "bs_type": "lrotmin",
-    }
-    if model_format == "pkl":
-        chumpy_keys = ("v_template", "shapedirs", "posedirs", "weights", "J")
-        pickled = {k: _ChumpyCh(v) if k in chumpy_keys else v for k, v in model.items()}
-        pickled["J_regressor"] = _ScipyCsc(arrays.j_regressor)
-        (out_dir / "generic_model.pkl").write_bytes(_legacy_pickle(pickled))
-    elif model_format == "npz":
-        np.savez(out_dir / "generic_model.npz", J_regressor=arrays.j_regressor, **model)
-    else:
-        raise ValueError(f"model_format must be 'pkl' or 'npz', not {model_format!r}")
+    _write_model(
+        out_dir, model_format, arrays.v_template, arrays.shapedirs, arrays.posedirs, arrays.weights,
+        arrays.joints, arrays.kintree_table, arrays.faces, arrays.j_regressor,
+    )
     if "deca" in embeddings:
         deca = {
             "static_lmk_faces_idx": arrays.static_idx,
@@ -630,6 +614,66 @@ def write_flame_folder(
         np.savez(out_dir / "FLAME_albedo_from_BFM.npz", MU=mean_bgr.ravel(), PC=basis_columns)
     if head_template:
         _write_obj(out_dir / "head_template.obj", arrays)
+    return out_dir
+
+
+def _write_model(
+    out_dir: Path,
+    model_format: str,
+    v_template: np.ndarray,
+    shapedirs: np.ndarray,
+    posedirs: np.ndarray,
+    weights: np.ndarray,
+    joints: np.ndarray,
+    kintree_table: np.ndarray,
+    faces: np.ndarray,
+    j_regressor: np.ndarray,
+) -> None:
+    """generic_model.pkl as FLAME ships it (chumpy arrays, a csc J_regressor) or generic_model.npz."""
+    model = {
+        "v_template": v_template,
+        "shapedirs": shapedirs,
+        "posedirs": posedirs,
+        "weights": weights,
+        "J": joints,
+        "kintree_table": kintree_table,
+        "f": faces.astype(np.uint32),
+        "bs_style": "lbs",
+        "bs_type": "lrotmin",
+    }
+    if model_format == "pkl":
+        chumpy_keys = ("v_template", "shapedirs", "posedirs", "weights", "J")
+        pickled = {k: _ChumpyCh(v) if k in chumpy_keys else v for k, v in model.items()}
+        pickled["J_regressor"] = _ScipyCsc(j_regressor)
+        (out_dir / "generic_model.pkl").write_bytes(_legacy_pickle(pickled))
+    elif model_format == "npz":
+        np.savez(out_dir / "generic_model.npz", J_regressor=j_regressor, **model)
+    else:
+        raise ValueError(f"model_format must be 'pkl' or 'npz', not {model_format!r}")
+
+
+def write_small_model(out_dir: Path, model_format: str = "pkl", n_vertices: int = 12, seed: int = 0) -> Path:
+    """A FLAME-layout model of a few vertices in FLAME's own file formats and key names, loadable in
+    milliseconds: for tests that load many damaged copies. Returns out_dir."""
+    rng = np.random.default_rng(seed)
+    n_components = N_SHAPE + 10
+    weights = rng.random((n_vertices, N_JOINTS)) + 0.1
+    j_regressor = np.where(rng.random((N_JOINTS, n_vertices)) < 0.5, rng.random((N_JOINTS, n_vertices)), 0.0)
+    j_regressor[:, 0] += 0.1
+    kintree = np.array([[ROOT_SENTINEL, 0, 1, 1, 1], [0, 1, 2, 3, 4]], dtype=np.int64)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_model(
+        out_dir,
+        model_format,
+        v_template=rng.normal(0.0, 0.05, (n_vertices, 3)),
+        shapedirs=rng.normal(0.0, 1e-3, (n_vertices, 3, n_components)),
+        posedirs=rng.normal(0.0, 1e-3, (n_vertices, 3, 9 * (N_JOINTS - 1))),
+        weights=weights / weights.sum(axis=1, keepdims=True),
+        joints=rng.normal(0.0, 0.05, (N_JOINTS, 3)),
+        kintree_table=kintree,
+        faces=np.stack([np.arange(n_vertices), np.roll(np.arange(n_vertices), 1), np.roll(np.arange(n_vertices), 2)], 1),
+        j_regressor=j_regressor / j_regressor.sum(axis=1, keepdims=True),
+    )
     return out_dir
 
 
