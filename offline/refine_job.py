@@ -100,7 +100,7 @@ class SequenceRefiner:
             raise UserError("no frame of the input was tracked, so there is nothing to refine")
         self._identity(states, valid, frames, progress)
         started, cpu_started = time.perf_counter(), time.process_time()
-        refined = self._refine_frames(states, frames, progress)
+        refined, n_seen = self._refine_frames(states, frames, progress)
         self.timings["frames_s"] = time.perf_counter() - started
         self.timings["seconds_per_frame"] = self.timings["frames_s"] / max(refined, 1)
         # CPU time of this process: what a frame costs when the machine is shared (wall time is not).
@@ -110,7 +110,9 @@ class SequenceRefiner:
         if self.rejected_windows:
             log.warning("%d of %d windows were rejected (landmark error rose above the landmark fit's by more than "
                         "the margin); their frames keep the landmark fit", len(self.rejected_windows), self.windows)
-        self._write_summary(len(states))
+        if n_seen < len(states):
+            log.warning("the input ended after %d of %d frames: the rest is skipped", n_seen, len(states))
+        self._write_summary(n_seen)
         return self.timings
 
     # ---------------------------------------------------------------------------------------------- identity
@@ -162,14 +164,18 @@ class SequenceRefiner:
     def _frame_path(self, index: int) -> Path:
         return self.out_dir / f"{index:06d}.npz"
 
-    def _refine_frames(self, states: list[FrameState | None], frames: Callable[[], Iterator[FrameInput]], progress: bool) -> int:
+    def _refine_frames(
+        self, states: list[FrameState | None], frames: Callable[[], Iterator[FrameInput]], progress: bool
+    ) -> tuple[int, int]:
+        """Refine and write every frame ``frames()`` yields; return how many were refined and how many seen."""
         window: list[tuple[int, np.ndarray, np.ndarray, FrameState]] = []
         previous: FrameState | None = None  # the correction (refined minus landmark fit) of the frame before
-        refined = 0
+        refined = n_seen = 0
         bar = tqdm(total=len(states), desc="refine", unit="frame", disable=not progress)
         for index, (image, points) in enumerate(frames()):
             if index >= len(states):
                 break
+            n_seen = index + 1
             done = self._frame_path(index).is_file()
             usable = states[index] is not None and points is not None and np.isfinite(points).all(axis=1).any()
             if window and (done or not usable):
@@ -197,7 +203,7 @@ class SequenceRefiner:
             refined += len(window)
             bar.update(len(window))
         bar.close()
-        return refined
+        return refined, n_seen
 
     def _flush(self, window: list, previous: FrameState | None) -> FrameState:
         """Refine one window of consecutive frames, write them, and return the last frame's correction.
@@ -335,6 +341,7 @@ def refine_session(
     for record in reader.messages():
         if record.topic == TOPIC_FRAME and record.video_frame is not None:
             messages[record.video_frame] = record.message
+    messages = reader.frames_with_video(messages)
     if not messages:
         raise UserError(f"session {session_dir} holds no tracked frames with video; it cannot be refined")
     metadata = reader.metadata

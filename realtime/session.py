@@ -121,6 +121,7 @@ class SessionReader:
         if not self.messages_path.is_file():
             raise UserError(f"session {self.directory} is incomplete: {MESSAGES_FILE} is missing")
         self.video_path = self.directory / VIDEO_FILE if self.info.get("video") else None
+        self._video_frame_count: int | None = None
         if self._has_video_frames and not self.video_path.is_file():
             raise UserError(f"session {self.directory} is incomplete: {VIDEO_FILE} is missing")
         if not self.closed_cleanly:
@@ -201,6 +202,31 @@ class SessionReader:
                     time.sleep(delay)
             yield record
 
+    def video_frame_count(self) -> int:
+        """How many frames the video really holds: every frame that decodes (0 for a session without video).
+
+        An interrupted recording's messages can refer to a few frames more, which the encoder still buffered
+        when the process died; :meth:`frames_with_video` leaves those out.
+        """
+        if self._video_frame_count is None:
+            self._video_frame_count = 0
+            if self.video_path is not None:
+                for _ in self.video_frames():
+                    self._video_frame_count += 1
+        return self._video_frame_count
+
+    def frames_with_video(self, by_frame: dict[int, Any]) -> dict[int, Any]:
+        """``by_frame`` (video frame number -> anything) without the frames the video does not hold; says how
+        many were left out, since only an interrupted recording has such frames."""
+        held = self.video_frame_count()
+        missing = sorted(index for index in by_frame if index >= held)
+        if missing:
+            log.warning(
+                "%s: %d recorded frame(s) (%d to %d) have no video, the recording was cut short: skipped",
+                self.directory, len(missing), missing[0], missing[-1],
+            )
+        return {index: value for index, value in by_frame.items() if index < held}
+
     def video_frames(self) -> Iterator[Frame]:
         """The recorded input frames (RGB), numbered as in the messages' `video_frame`.
 
@@ -215,6 +241,9 @@ class SessionReader:
         try:
             container = av.open(str(self.video_path))
         except av.error.FFmpegError as error:
+            if not self.closed_cleanly:  # killed before the encoder wrote the first cluster
+                log.warning("%s holds no readable frame: the recording was cut short (%s)", self.video_path, error.strerror)
+                return
             raise UserError(
                 f"{self.video_path} cannot be read ({error.strerror}); the recorded video is damaged"
             ) from None
