@@ -18,6 +18,7 @@ import pytest
 import zmq
 
 from flame_client import Subscriber, SubscriberError
+from flame_client.subscriber import RECEIVE_QUEUE_MESSAGES, TRANSPORT_LIMIT_BYTES
 from flame_client.messages import (
     TOPIC_FRAME,
     TOPIC_METRICS,
@@ -131,6 +132,84 @@ def test_subscriber_skips_and_counts_invalid_messages_without_raising(mixed_publ
         assert all(item is not None and item[0] == TOPIC_FRAME for item in frames)
         assert subscriber.rejected >= 8
         assert subscriber.last_rejection is not None and "\n" not in subscriber.last_rejection
+
+
+@pytest.fixture
+def raw_publisher() -> Iterator[zmq.Socket]:
+    context = zmq.Context()
+    socket_ = context.socket(zmq.PUB)
+    socket_.setsockopt(zmq.LINGER, 0)
+    socket_.bind("tcp://127.0.0.1:*")
+    yield socket_
+    socket_.close()
+    context.term()
+
+
+def _receive_one_frame(subscriber: Subscriber, publisher: zmq.Socket, seq: int) -> bool:
+    """Publish frames until the subscriber gets one (subscriptions take a moment to arrive); False after 100."""
+    for attempt in range(100):
+        publisher.send_multipart(encode(TOPIC_FRAME, make_frame(seq + attempt)))
+        if subscriber.receive(timeout_s=0.1) is not None:
+            return True
+    return False
+
+
+def test_subscriber_reconnects_after_a_message_over_the_transport_limit(raw_publisher: zmq.Socket) -> None:
+    address = raw_publisher.getsockopt_string(zmq.LAST_ENDPOINT)
+    with Subscriber(address, topics=[TOPIC_FRAME]) as subscriber:
+        assert _receive_one_frame(subscriber, raw_publisher, 0)
+        raw_publisher.send_multipart([TOPIC_FRAME.encode(), b"\x00" * (TRANSPORT_LIMIT_BYTES + 1)])
+        assert _receive_one_frame(subscriber, raw_publisher, 1000), "deaf after one oversized message"
+        assert subscriber.rejected == 1 and subscriber.reconnects == 1
+        assert "ZeroMQ dropped the connection; reconnected" in subscriber.last_rejection
+
+
+def test_subscriber_drops_extra_message_parts_and_keeps_going(raw_publisher: zmq.Socket) -> None:
+    address = raw_publisher.getsockopt_string(zmq.LAST_ENDPOINT)
+    with Subscriber(address, topics=[TOPIC_FRAME]) as subscriber:
+        assert _receive_one_frame(subscriber, raw_publisher, 0)
+        raw_publisher.send_multipart([TOPIC_FRAME.encode()] + [b"\x00" * 1000] * 200)
+        assert _receive_one_frame(subscriber, raw_publisher, 1000)
+        assert subscriber.rejected == 1 and subscriber.last_rejection == "expected 2 frames [topic, payload], got 201"
+
+
+_QUEUE_CHILD = r"""
+import sys, time
+from flame_client import Subscriber
+def rss_kb():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+with Subscriber(sys.argv[1], topics=["flame.frame"], timeout_s=None) as subscriber:
+    print("subscribed", rss_kb(), flush=True)
+    sys.stdin.readline()  # the publisher has sent everything: let it pile up, then read it all
+    time.sleep(1.0)
+    received = 0
+    while subscriber.receive(timeout_s=1.0) is not None or subscriber.rejected > received:
+        received = subscriber.rejected
+    print("done", rss_kb(), subscriber.rejected, flush=True)
+"""
+
+
+def test_queued_large_messages_cost_the_subscriber_bounded_memory(raw_publisher: zmq.Socket) -> None:
+    """300 payloads just under the transport limit (120 MB) while the reader is busy: ZeroMQ queues only a few."""
+    address = raw_publisher.getsockopt_string(zmq.LAST_ENDPOINT)
+    raw_publisher.setsockopt(zmq.SNDHWM, 1000)
+    child = subprocess.Popen([sys.executable, "-c", _QUEUE_CHILD, address], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    started = child.stdout.readline().split()
+    assert started[0] == "subscribed"
+    for _ in range(50):  # until the subscription has reached the publisher
+        raw_publisher.send_multipart([TOPIC_FRAME.encode(), b"probe"])
+        time.sleep(0.02)
+    payload = b"\x00" * (TRANSPORT_LIMIT_BYTES - 1024)  # valid size for ZeroMQ, rejected by decode
+    for _ in range(300):
+        raw_publisher.send_multipart([TOPIC_FRAME.encode(), payload])
+    child.stdin.write("sent\n")
+    child.stdin.flush()
+    finished = child.stdout.readline().split()
+    child.wait(timeout=60)
+    assert finished[0] == "done" and int(finished[2]) >= 300  # every message reached it in the end
+    growth_mb = (int(finished[1]) - int(started[1])) / 1024
+    assert growth_mb < RECEIVE_QUEUE_MESSAGES * TRANSPORT_LIMIT_BYTES / 2**20 + 40, f"grew {growth_mb:.0f} MB"
 
 
 def test_subscriber_iteration_ends_when_the_stream_goes_silent() -> None:
