@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import re
 import socket
 import struct
@@ -60,6 +61,11 @@ DEFAULT_OSC_PORT = 9100
 DEFAULT_VMC_PORT = 39539
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 _SHAPE_REPEAT_S = 2.0
+#: New ZeroMQ subscribers get the identity at most this often, however many subscriptions arrive: one reply
+#: serves every subscriber that joined in between, and a flood of subscriptions cannot stall the live loop.
+GREETING_INTERVAL_S = 0.5
+#: Subscription notices read per published message; the rest wait for the next one.
+_NOTICES_PER_PUBLISH = 256
 
 _Self = TypeVar("_Self", bound="_Closing")
 
@@ -98,8 +104,8 @@ class _Closing:
 class ZmqPublisher(_Closing):
     """The full schema on a ZeroMQ publisher socket, bound to 127.0.0.1 unless the address says otherwise.
 
-    The socket is an XPUB so that it sees each new subscription and sends the current ``flame.shape`` at once:
-    a client that starts after the identity was published still gets it.
+    The socket is an XPUB so that it sees each new subscription and sends the current ``flame.shape``: a client
+    that starts after the identity was published still gets it, within GREETING_INTERVAL_S.
     """
 
     def __init__(self, address: str = DEFAULT_ZMQ_ADDRESS, *, send_hwm: int = 4) -> None:
@@ -115,7 +121,10 @@ class ZmqPublisher(_Closing):
             raise _bind_error(address, error) from None
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.dropped = 0
+        self.identity_sends = 0
         self._last_shape: list[bytes] | None = None
+        self._greeting_due = False
+        self._last_greeting = -math.inf
         if _host_of(address) not in _LOOPBACK_HOSTS and not address.startswith(("ipc://", "inproc://")):
             logger.warning("publishing on %s: other machines can read this stream, unauthenticated", self.endpoint)
         logger.info("ZeroMQ publisher on %s", self.endpoint)
@@ -126,6 +135,7 @@ class ZmqPublisher(_Closing):
     def publish_shape(self, shape_msg: Mapping[str, Any]) -> None:
         self._last_shape = encode(TOPIC_SHAPE, shape_msg)
         self._publish(self._last_shape)
+        self._greeting_due = False  # every subscriber has just received it
 
     def publish_metrics(self, metrics_msg: Mapping[str, Any]) -> None:
         self._publish(encode(TOPIC_METRICS, metrics_msg))
@@ -146,11 +156,21 @@ class ZmqPublisher(_Closing):
             self.dropped += 1
 
     def _greet_new_subscribers(self) -> None:
-        while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            event = self._socket.recv(zmq.NOBLOCK)
-            subscribed, prefix = event[:1] == b"\x01", event[1:]
-            if subscribed and self._last_shape is not None and self._last_shape[0].startswith(prefix):
-                self._send(self._last_shape)
+        """Send the identity once for all the subscriptions to it since the last greeting, at most every
+        GREETING_INTERVAL_S (a subscriber that floods subscriptions gets no more than one that subscribes once)."""
+        for _ in range(_NOTICES_PER_PUBLISH):
+            if not self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                break
+            notice = self._socket.recv(zmq.NOBLOCK)
+            subscribed, prefix = notice[:1] == b"\x01", notice[1:]
+            if subscribed and TOPIC_SHAPE.encode().startswith(prefix):
+                self._greeting_due = True
+        now = time.monotonic()
+        if self._greeting_due and self._last_shape is not None and now - self._last_greeting >= GREETING_INTERVAL_S:
+            self._greeting_due = False
+            self._last_greeting = now
+            self.identity_sends += 1
+            self._send(self._last_shape)
 
 
 def _host_of(address: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -20,7 +21,7 @@ from scipy.spatial.transform import Rotation
 from engine.errors import UserError
 from flame_client.messages import BLENDSHAPE_NAMES, TOPIC_SHAPE, decode, frame_message, metrics_message, shape_message
 from flame_client.rotations import quaternion_multiply, rotate_vector
-from realtime.publishers import OscPublisher, VmcOptions, VmcPublisher, ZmqPublisher
+from realtime.publishers import GREETING_INTERVAL_S, OscPublisher, VmcOptions, VmcPublisher, ZmqPublisher
 from realtime.vmc import ARKIT_BLENDSHAPE_NAMES, PERFECT_SYNC_NAMES, unity_neck_and_head
 
 FRONTAL_HEAD_ROT = np.array([math.pi, 0.0, 0.0])
@@ -315,3 +316,41 @@ def test_a_late_subscriber_receives_the_current_shape_at_once() -> None:
         subscriber.close()
     context.term()
     assert received == (TOPIC_SHAPE, shape)
+
+
+def test_a_flood_of_subscriptions_gets_the_identity_once_per_interval_and_frames_keep_flowing() -> None:
+    """One local process sending 5000 subscriptions must not make the live loop re-send the identity each time."""
+    context = zmq.Context()
+    shape = shape_message(np.zeros(100), "demo head (not FLAME)", "0011223344556677", tex=np.full(12288, 0.5))
+    with ZmqPublisher("tcp://127.0.0.1:*") as publisher:
+        publisher.publish_shape(shape)
+        observer = context.socket(zmq.SUB)  # an ordinary client reading both topics
+        observer.setsockopt(zmq.LINGER, 0)
+        observer.setsockopt(zmq.RCVHWM, 100_000)
+        observer.setsockopt(zmq.SUBSCRIBE, b"flame.")
+        observer.connect(publisher.endpoint)
+        while not observer.poll(10):  # connected once the identity greeting arrives
+            publisher.publish_frame(make_frame())
+        while observer.poll(100):
+            observer.recv_multipart()
+        flooder = context.socket(zmq.XSUB)
+        flooder.setsockopt(zmq.LINGER, 0)
+        flooder.connect(publisher.endpoint)
+        for _ in range(5000):
+            flooder.send(b"\x01" + TOPIC_SHAPE.encode())
+        sends_before, started = publisher.identity_sends, time.monotonic()
+        topics = []
+        for seq in range(300):
+            publisher.publish_frame(make_frame())
+            while observer.poll(2000):  # read up to this frame: the loop is as fast as publishing allows
+                topic, _message = decode(observer.recv_multipart())
+                topics.append(topic)
+                if topic == "flame.frame":
+                    break
+        elapsed = time.monotonic() - started
+        flooder.close()
+        observer.close()
+    context.term()
+    allowed = 2 + elapsed / GREETING_INTERVAL_S
+    assert topics.count("flame.frame") == 300 and publisher.dropped == 0
+    assert topics.count(TOPIC_SHAPE) <= allowed and publisher.identity_sends - sends_before <= allowed
