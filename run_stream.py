@@ -136,6 +136,8 @@ def _add_live(subparsers: argparse._SubParsersAction, common: argparse.ArgumentP
     )
     live.add_argument("--open-timeout", type=positive_float, default=5.0, metavar="S",
                       help="seconds to wait for a network stream to open (default 5)")  # fmt: skip
+    live.add_argument("--reconnect-attempts", type=non_negative_int, default=5, metavar="N",
+                      help="times a dropped network stream is reopened before live gives up with exit status 1 (default 5)")  # fmt: skip
     _add_publisher_options(live)
     live.set_defaults(handler=_run_live)
 
@@ -165,13 +167,14 @@ def _run_live(args: argparse.Namespace) -> int:
         record_dir=args.record,
         overwrite=args.overwrite,
         open_timeout_s=args.open_timeout,
+        reconnect_attempts=args.reconnect_attempts,
         loop=LiveConfig(max_frames=args.max_frames, include_landmarks=args.landmarks, preview=args.preview, refine=args.refine),
     )
     stop, recalibrate = threading.Event(), threading.Event()
     with stop_on_signals(stop), recalibrate_on_signal(recalibrate):
         summary = run_live(options, stop, recalibrate)
     print(summary.describe())
-    return 0
+    return 1 if summary.source_lost else 0
 
 
 def _add_track(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -423,6 +426,8 @@ def _add_replay(subparsers: argparse._SubParsersAction, common: argparse.Argumen
     )
     replay.add_argument("session", type=Path, metavar="SESSION_DIR", help="folder written by live --record")
     replay.add_argument("--speed", type=positive_float, default=1.0, help="playback speed factor (default 1; 2 = twice as fast)")
+    replay.add_argument("--wait", type=float_between(0.0, 600.0), default=3.0, metavar="S",
+                        help="seconds to wait for a first ZeroMQ subscriber, so it misses nothing (default 3)")  # fmt: skip
     _add_publisher_options(replay)
     replay.set_defaults(handler=_run_replay)
 
@@ -440,7 +445,7 @@ def _run_replay(args: argparse.Namespace) -> int:
     )
     stop = threading.Event()
     with stop_on_signals(stop):
-        summary = run_replay(args.session, outputs, args.speed, stop)
+        summary = run_replay(args.session, outputs, args.speed, stop, args.wait)
     print(summary.describe())
     return 0
 

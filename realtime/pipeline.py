@@ -50,7 +50,7 @@ from realtime.outputs import PublisherOptions, close_all, dropped_messages, open
 from realtime.preview import PreviewFrame, PreviewWindow, display_available
 from realtime.publishers import Publisher
 from realtime.recorder import SessionRecorder
-from realtime.sources import Frame, FrameSource, SourceOptions, open_source
+from realtime.sources import Frame, FrameSource, SourceLostError, SourceOptions, open_source
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +109,15 @@ class LiveSummary:
     """Frames the preview window drew (on its own thread; the others were replaced by newer ones)."""
     preview_draw_ms: float = 0.0
     """Median time the preview thread took to pose, render and show one frame."""
+    source_lost: str | None = None
+    """Why the camera or stream stopped for good, when it did; the run then ends with a failure status."""
 
     def describe(self) -> str:
+        lost = f"; stopped early: {self.source_lost}" if self.source_lost else ""
         return (
             f"processed {self.frames} frames ({self.valid_frames} with a face) in {self.duration_s:.1f} s: "
             f"{self.fps:.1f} fps, capture->publish p50 {self.latency_p50_ms:.0f} ms p95 {self.latency_p95_ms:.0f} ms, "
-            f"{self.dropped_frames} frames dropped"
+            f"{self.dropped_frames} frames dropped{lost}"
         )
 
 
@@ -218,6 +221,7 @@ class LivePipeline:
         self._appearance: tuple[np.ndarray, np.ndarray] | None = None  # (tex, light) of the adopted identity
         self.frames = 0
         self.valid_frames = 0
+        self.source_lost: str | None = None
         self._image_size = (tracker.camera.width, tracker.camera.height)
         self._blendshapes = _NO_BLENDSHAPES
         self._shape_version: int | None = None
@@ -239,7 +243,12 @@ class LivePipeline:
         self.source.start()
         try:
             while not stop.is_set() and not self._reached_max_frames():
-                frame = self.source.slot.get(timeout=0.1)
+                try:
+                    frame = self.source.slot.get(timeout=0.1)
+                except SourceLostError as error:
+                    log.error("%s", error)
+                    self.source_lost = str(error)
+                    break
                 if frame is None:
                     if self.source.ended:
                         break
@@ -421,6 +430,7 @@ class LivePipeline:
             keyframes_dropped=0 if self.keyframes is None else self.keyframes.queue.dropped,
             preview_frames=0 if self.preview is None else self.preview.drawn,
             preview_draw_ms=0.0 if self.preview is None else self.preview.draw_ms(),
+            source_lost=self.source_lost,
         )
 
 
@@ -450,6 +460,8 @@ class LiveOptions:
     record_dir: Path | None = None
     overwrite: bool = False
     open_timeout_s: float = 5.0
+    reconnect_attempts: int = SourceOptions.reconnect_attempts
+    """How often a stream that dropped is reopened before the run ends with a failure status."""
     loop: LiveConfig = field(default_factory=LiveConfig)
 
 
@@ -487,7 +499,11 @@ def run_live(options: LiveOptions, stop: threading.Event | None = None, recalibr
     recalibrate = recalibrate or threading.Event()
     with contextlib.ExitStack() as stack:
         show_preview = options.loop.preview and display_available()
-        source = open_source(options.source, options.realtime, SourceOptions(open_timeout_s=options.open_timeout_s))
+        source = open_source(
+            options.source,
+            options.realtime,
+            SourceOptions(open_timeout_s=options.open_timeout_s, reconnect_attempts=options.reconnect_attempts),
+        )
         stack.callback(source.stop)
         publishers = open_publishers(options.publishers)
         stack.callback(close_all, publishers)

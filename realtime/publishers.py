@@ -122,6 +122,7 @@ class ZmqPublisher(_Closing):
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.dropped = 0
         self.identity_sends = 0
+        self.subscribed = False
         self._last_shape: list[bytes] | None = None
         self._greeting_due = False
         self._last_greeting = -math.inf
@@ -155,16 +156,35 @@ class ZmqPublisher(_Closing):
         except zmq.Again:
             self.dropped += 1
 
-    def _greet_new_subscribers(self) -> None:
-        """Send the identity once for all the subscriptions to it since the last greeting, at most every
-        GREETING_INTERVAL_S (a subscriber that floods subscriptions gets no more than one that subscribes once)."""
+    def wait_for_subscriber(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a first subscription; True once any subscriber has subscribed.
+
+        ZeroMQ drops what is published before a subscriber's subscription arrives, so a publisher that must not
+        lose its first messages (a replay) waits here first.
+        """
+        deadline = time.monotonic() + timeout_s
+        while not self.subscribed:
+            remaining_ms = round(1000 * (deadline - time.monotonic()))
+            if remaining_ms <= 0 or not self._socket.poll(remaining_ms):
+                break
+            self._read_notices()
+        return self.subscribed
+
+    def _read_notices(self) -> None:
+        """Subscription notices (a bounded number per call): note subscribers and who wants the identity."""
         for _ in range(_NOTICES_PER_PUBLISH):
             if not self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 break
             notice = self._socket.recv(zmq.NOBLOCK)
-            subscribed, prefix = notice[:1] == b"\x01", notice[1:]
-            if subscribed and TOPIC_SHAPE.encode().startswith(prefix):
-                self._greeting_due = True
+            if notice[:1] == b"\x01":
+                self.subscribed = True
+                if TOPIC_SHAPE.encode().startswith(notice[1:]):
+                    self._greeting_due = True
+
+    def _greet_new_subscribers(self) -> None:
+        """Send the identity once for all the subscriptions to it since the last greeting, at most every
+        GREETING_INTERVAL_S (a subscriber that floods subscriptions gets no more than one that subscribes once)."""
+        self._read_notices()
         now = time.monotonic()
         if self._greeting_due and self._last_shape is not None and now - self._last_greeting >= GREETING_INTERVAL_S:
             self._greeting_due = False

@@ -17,11 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flame_client.messages import TOPIC_FRAME, TOPIC_SHAPE, MessageError, validate
-from realtime.outputs import PublisherOptions, close_all, open_publishers
-from realtime.publishers import Publisher
+from realtime.outputs import PublisherOptions, close_all, dropped_messages, open_publishers
+from realtime.publishers import Publisher, ZmqPublisher
 from realtime.session import SessionReader
 
 log = logging.getLogger(__name__)
+
+
+#: How long a replay waits for its first ZeroMQ subscriber before it starts anyway.
+DEFAULT_SUBSCRIBER_WAIT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -31,20 +35,46 @@ class ReplaySummary:
     skipped: int
     """Recorded messages that break the wire schema (a damaged or edited file), not published."""
     duration_s: float
+    not_sent: int = 0
+    """Messages a publisher could not send and dropped (a receiver too slow for the replay's pace)."""
+    unheard: bool = False
+    """No ZeroMQ subscriber had connected when the replay started: ZeroMQ delivered nothing until one did."""
 
     def describe(self) -> str:
         skipped = f", skipped {self.skipped} invalid messages" if self.skipped else ""
-        return f"replayed {self.frames} frames and {self.shapes} identities in {self.duration_s:.1f} s{skipped}"
+        not_sent = f", {self.not_sent} messages could not be sent (receivers too slow)" if self.not_sent else ""
+        unheard = "; no ZeroMQ subscriber was connected at the start" if self.unheard else ""
+        return f"replayed {self.frames} frames and {self.shapes} identities in {self.duration_s:.1f} s{skipped}{not_sent}{unheard}"
+
+
+def _wait_for_subscribers(publishers: Sequence[Publisher], wait_s: float, stop: threading.Event) -> bool:
+    """Give ZeroMQ subscribers up to ``wait_s`` to connect, so the first message is not lost; False if none did."""
+    deadline = time.monotonic() + wait_s
+    for publisher in publishers:
+        if isinstance(publisher, ZmqPublisher):
+            while not publisher.wait_for_subscriber(min(0.1, max(0.0, deadline - time.monotonic()))):
+                if stop.is_set() or time.monotonic() >= deadline:
+                    log.warning("no ZeroMQ subscriber on %s after %g s: replaying anyway", publisher.endpoint, wait_s)
+                    return False
+    return True
 
 
 def replay_session(
-    reader: SessionReader, publishers: Sequence[Publisher], speed: float = 1.0, stop: threading.Event | None = None
+    reader: SessionReader,
+    publishers: Sequence[Publisher],
+    speed: float = 1.0,
+    stop: threading.Event | None = None,
+    subscriber_wait_s: float = DEFAULT_SUBSCRIBER_WAIT_S,
 ) -> ReplaySummary:
-    """Publish the session's frame and shape messages at their recorded pace divided by `speed`."""
+    """Publish the session's frame and shape messages at their recorded pace divided by `speed`, once the
+    ZeroMQ publisher has a subscriber (or after ``subscriber_wait_s``)."""
+    stop = stop or threading.Event()
+    heard = _wait_for_subscribers(publishers, subscriber_wait_s, stop)
+    dropped_before = dropped_messages(list(publishers))
     started = time.monotonic()
     frames = shapes = skipped = 0
     for record in reader.iter_timed(speed):
-        if stop is not None and stop.is_set():
+        if stop.is_set():
             break
         if record.topic not in (TOPIC_FRAME, TOPIC_SHAPE):
             continue
@@ -63,7 +93,8 @@ def replay_session(
             for publisher in publishers:
                 publisher.publish_shape(message)
             shapes += 1
-    return ReplaySummary(frames, shapes, skipped, time.monotonic() - started)
+    not_sent = dropped_messages(list(publishers)) - dropped_before
+    return ReplaySummary(frames, shapes, skipped, time.monotonic() - started, not_sent, not heard)
 
 
 def _restamped(topic: str, message: dict, now: float) -> dict:
@@ -75,12 +106,16 @@ def _restamped(topic: str, message: dict, now: float) -> dict:
 
 
 def run_replay(
-    directory: Path, publisher_options: PublisherOptions, speed: float = 1.0, stop: threading.Event | None = None
+    directory: Path,
+    publisher_options: PublisherOptions,
+    speed: float = 1.0,
+    stop: threading.Event | None = None,
+    subscriber_wait_s: float = DEFAULT_SUBSCRIBER_WAIT_S,
 ) -> ReplaySummary:
     """Open the session and the publishers, replay, and close the publishers."""
     reader = SessionReader(directory)
     publishers = open_publishers(publisher_options)
     try:
-        return replay_session(reader, publishers, speed, stop)
+        return replay_session(reader, publishers, speed, stop, subscriber_wait_s)
     finally:
         close_all(publishers)

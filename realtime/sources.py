@@ -34,6 +34,10 @@ _URL_PATTERN = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/@]+@")
 _STOP_TIMEOUT_S = 10.0
 
+class SourceLostError(UserError):
+    """A camera or stream that was delivering frames stopped for good (reconnecting did not bring it back)."""
+
+
 RawFrame = tuple[np.ndarray, float | None]
 """An RGB image and its presentation time in the source (seconds), when the source has one."""
 
@@ -308,8 +312,9 @@ class _CameraReader:
             yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None
             ok, bgr = self._capture.read()
             if not ok:
-                log.warning("%s stopped delivering images", self.description)
-                return
+                raise SourceLostError(
+                    f"{self.description} stopped delivering images; is it unplugged or taken by another program?"
+                )
 
     def close(self) -> None:
         self._capture.release()
@@ -353,13 +358,36 @@ class _VideoFileReader:
 
     def frames(self, stop: threading.Event) -> Iterator[RawFrame]:
         count = 0
+        last_time: float | None = None
+        # Most containers (Matroska, MPEG-TS/PS) end a truncated file without an error: FFmpeg only says so in
+        # its log, and Matroska's header still states the full duration. Both are checked at the end.
+        previous_level = av.logging.get_level()
+        av.logging.set_level(av.logging.ERROR)
         try:
-            for raw in _decode_rgb(self._container):
-                count += 1
-                yield raw
+            with av.logging.Capture(local=False) as ffmpeg_log:  # decoder threads log too
+                for raw in _decode_rgb(self._container):
+                    count += 1
+                    last_time = raw[1]
+                    yield raw
         except av.error.FFmpegError as error:
             # A truncated or damaged file: what was readable has been played; end there.
             log.warning("%s: stopped after %d frames, the rest is unreadable (%s)", self.description, count, error)
+            return
+        finally:
+            av.logging.set_level(previous_level)
+        reason = self._early_end(last_time, [message for level, _name, message in ffmpeg_log if level <= av.logging.ERROR])
+        if reason:
+            log.warning("%s: the file ends early or is damaged after %d frames (%s)", self.description, count, reason)
+
+    def _early_end(self, last_time: float | None, ffmpeg_errors: list[str]) -> str | None:
+        """Why the file looks cut short, or None: FFmpeg's first error, or frames ending before the duration."""
+        if ffmpeg_errors:
+            return f"FFmpeg: {ffmpeg_errors[0].strip()}"
+        duration = self._container.duration / 1e6 if self._container.duration else None
+        tolerance = max(0.1, 2.0 / self.fps) if self.fps else 0.1
+        if duration is not None and last_time is not None and last_time + tolerance < duration:
+            return f"the frames end at {last_time:.2f} s of the {duration:.2f} s the file announces"
+        return None
 
     def close(self) -> None:
         self._container.close()
@@ -412,8 +440,10 @@ class _StreamReader:
                     container = self._container = None
                 log.warning("%s: connection lost (%s)", self.description, reason)
             if failed_attempts >= self._options.reconnect_attempts:
-                log.error("%s: giving up after %d reconnect attempts", self.description, failed_attempts)
-                return
+                raise SourceLostError(
+                    f"{self.description}: lost for good after {failed_attempts} reconnect attempts; check that the "
+                    "stream is running (--reconnect-attempts sets how often to retry)"
+                )
             delay = min(
                 self._options.reconnect_initial_delay_s * 2**failed_attempts, self._options.reconnect_max_delay_s
             )
