@@ -17,6 +17,7 @@ from engine.errors import UserError
 from realtime.sources import (
     Frame,
     LatestFrameSlot,
+    SourceLostError,
     SourceOptions,
     format_camera_list,
     iter_frames,
@@ -253,6 +254,17 @@ def collect_live_frames(source) -> list[Frame]:
         return list(source.frames())
 
 
+def collect_until_lost(source) -> tuple[list[Frame], str | None]:
+    """The frames of a live source until it ends, and why it was lost (None when it simply ended)."""
+    frames: list[Frame] = []
+    with source:
+        try:
+            frames.extend(source.frames())
+        except SourceLostError as error:
+            return frames, str(error)
+    return frames, None
+
+
 def test_network_stream_reconnects_after_the_server_stops_then_ends(shared_clips, tmp_path, caplog):
     clip_ts = tmp_path / "clip.ts"
     remux_to_mpegts(shared_clips / GRID_CLIP, clip_ts)
@@ -265,8 +277,8 @@ def test_network_stream_reconnects_after_the_server_stops_then_ends(shared_clips
     first_server = OneClientStreamServer(first_part)
     options = SourceOptions(reconnect_attempts=4, reconnect_initial_delay_s=0.1, reconnect_max_delay_s=0.4)
     source = open_source(f"tcp://127.0.0.1:{first_server.port}", options=options)
-    result: list[list[Frame]] = []
-    consumer = threading.Thread(target=lambda: result.append(collect_live_frames(source)))
+    result: list[tuple[list[Frame], str | None]] = []
+    consumer = threading.Thread(target=lambda: result.append(collect_until_lost(source)))
     consumer.start()
 
     # The server is gone mid-clip; once a reconnect attempt has failed, bring it back with the whole clip.
@@ -280,14 +292,14 @@ def test_network_stream_reconnects_after_the_server_stops_then_ends(shared_clips
     second_server.join()
 
     assert not consumer.is_alive(), "the source must end after its bounded reconnect attempts"
-    frames = result[0]
+    frames, lost = result[0]
     assert len(frames) + source.dropped == expected_total
     assert [f.index for f in frames] == sorted({f.index for f in frames})
     restarts = sum(1 for a, b in zip(frames, frames[1:]) if b.source_pts < a.source_pts)
     assert restarts == 1, "the second connection starts the clip again"
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.endswith("reconnected") for m in messages)
-    assert any("giving up after 4 reconnect attempts" in m for m in messages)
+    assert lost is not None and "lost for good after 4 reconnect attempts" in lost
     assert source.ended
 
 
