@@ -274,11 +274,20 @@ class _UdpSender(_Closing):
             raise UserError(f"cannot resolve the {what} host {host!r} ({error.strerror}); give an IP address") from None
         self._what = what
         self._socket = socket.socket(family, socket.SOCK_DGRAM)
+        # Bound to the address that reaches the receiver (127.0.0.1 for a local one), not to every interface:
+        # nobody else can send to it, and the little that is sent to it has almost no room to queue.
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        self._socket.bind((_source_address(family, self._target), 0))
         self._socket.setblocking(False)
         if ipaddress.ip_address(self._target[0]).is_loopback:
             self._socket.bind((self._target[0], 0))
         self.dropped = 0
-        logger.info("%s to %s:%d", what, host, port)
+        logger.info("%s to %s:%d from %s", what, host, port, self.local_address[0])
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        """(address, port) this sender's socket is bound to."""
+        return self._socket.getsockname()[:2]
 
     def close(self) -> None:
         self._socket.close()
@@ -290,6 +299,17 @@ class _UdpSender(_Closing):
             self.dropped += 1
             if self.dropped == 1:
                 logger.warning("%s: dropping a packet (%s); later drops are only counted", self._what, error)
+
+
+def _source_address(family: socket.AddressFamily, target: tuple) -> str:
+    """The local address the kernel would send from to reach ``target``: loopback for a local receiver, else
+    the interface on the route; the wildcard address only when there is no route yet."""
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(target)  # UDP: picks the route and source address, sends nothing
+        except OSError:
+            return "::" if family == socket.AF_INET6 else "0.0.0.0"
+        return probe.getsockname()[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------

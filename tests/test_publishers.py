@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -355,3 +356,20 @@ def test_a_flood_of_subscriptions_gets_the_identity_once_per_interval_and_frames
     allowed = 2 + elapsed / GREETING_INTERVAL_S
     assert topics.count("flame.frame") == 300 and publisher.dropped == 0
     assert topics.count(TOPIC_SHAPE) <= allowed and publisher.identity_sends - sends_before <= allowed
+
+
+@pytest.mark.parametrize("publisher_type", [OscPublisher, VmcPublisher])
+def test_udp_senders_listen_only_on_the_address_that_reaches_the_receiver(publisher_type: type) -> None:
+    with publisher_type("127.0.0.1", 9100) as local, publisher_type("localhost", 9100) as by_name:
+        assert local.local_address[0] == "127.0.0.1" and by_name.local_address[0] == "127.0.0.1"
+        local.publish_frame(make_frame())  # sending does not widen the binding
+        assert local.local_address[0] == "127.0.0.1"
+    remote = "192.0.2.1"  # TEST-NET-1: never a real host; the route to it picks one of our interfaces
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((remote, 9100))
+        except OSError:
+            pytest.skip("this machine has no route beyond loopback")
+        interface = probe.getsockname()[0]
+    with publisher_type(remote, 9100) as publisher:
+        assert publisher.local_address[0] == interface != "0.0.0.0"
