@@ -61,6 +61,24 @@ def tracking_head(head: HeadModel) -> HeadModel:
     return replace(head, mediapipe=reduced)
 
 
+def spans_a_face(targets: Targets, min_size_px: float, min_aspect: float) -> bool:
+    """Whether the observed points of the first frame of ``targets`` can be a face at all.
+
+    Points that all coincide, lie on a line, or fit in a box a few pixels wide fix no head pose: a fit to
+    them puts the head anywhere (all-equal points put it 1e14 m away), so such frames are not tracked.
+    ``min_aspect`` is the smallest ratio of the points' spread across to along their main direction.
+    """
+    usable = targets.observed[0] & (targets.weights > 0)
+    points = targets.pixels[0][usable].double()
+    if len(points) < 3:
+        return False
+    if float(torch.linalg.vector_norm(points.amax(dim=0) - points.amin(dim=0))) < min_size_px:
+        return False
+    centred = points - points.mean(dim=0)
+    spread = torch.linalg.svdvals(centred)  # descending: along, then across the main direction
+    return bool(spread[1] >= min_aspect * spread[0])
+
+
 class TargetBuilder:
     """Builds Targets for one LandmarkModel; reuses its index arrays for every frame."""
 

@@ -33,7 +33,7 @@ from engine.fitting import Calibration, FitConfig, FrameFitter, FrameParams, Tar
 from engine.flame import FlameLayer, rotation_log, rodrigues
 from engine.head_model import HeadModel
 from engine.landmark_model import LandmarkModel
-from engine.targets import TargetBuilder, groups_for, tracking_head
+from engine.targets import TargetBuilder, groups_for, spans_a_face, tracking_head
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,11 @@ class TrackerConfig:
     loss_threshold: float = 0.06
     #: At least this fraction of the landmarks must be observed (finite) for a frame to be fitted.
     min_observed_fraction: float = 0.5
+    #: Observed landmarks spanning less than this (bounding-box diagonal, pixels) are not a trackable face.
+    min_face_px: float = 8.0
+    #: Landmarks whose spread across their main direction is below this fraction of the spread along it
+    #: (collinear points) are not a trackable face.
+    min_face_aspect: float = 0.05
     output_filter: OneEuroConfig | None = None
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
@@ -121,9 +126,18 @@ class Tracker:
         self.fitter = FrameFitter(self.fixed, self.config.fit)
         self.focal = torch.tensor(self.camera.focal, dtype=self.config.dtype, device=self.config.device)
 
+    def can_fit(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> bool:
+        """Whether one frame's landmarks can be fitted: enough observed, spanning a face."""
+        if mp478 is None and lmk68 is None:
+            return False
+        return self._observed_enough(self.targets(None if mp478 is None else mp478[None], None if lmk68 is None else lmk68[None]))
+
     def _observed_enough(self, targets: Targets) -> bool:
+        """Enough landmarks observed, spanning a face (not a point, a line or a few pixels)."""
         observed = targets.observed & (targets.weights > 0)
-        return float(observed.float().mean()) >= self.config.min_observed_fraction
+        if float(observed.float().mean()) < self.config.min_observed_fraction:
+            return False
+        return spans_a_face(targets, self.config.min_face_px, self.config.min_face_aspect)
 
     def cold_start(self, targets: Targets, model: LandmarkModel | None = None, exp: torch.Tensor | None = None) -> FrameParams:
         """Rigid pose from PnP of the neutral model's landmarks; expression zero, joints at rest."""
@@ -339,9 +353,15 @@ def fit_single(
 ) -> dict[str, np.ndarray]:
     """Fit one image's landmarks (shape, expression, pose, FOV): the reference tracker's arrays."""
     tracker = Tracker(head, image_size, config)
+    started = time.perf_counter()
+    if not tracker.can_fit(mp478, lmk68):
+        return reference_arrays(tracker, tracker._invalid(started))
     result = tracker.calibrate([(mp478, lmk68)])
-    frame = tracker.frame_from(result.frames.params, float(result.frames.rms_px[0]))
-    return reference_arrays(tracker, frame)
+    rms_px = float(result.frames.rms_px[0])
+    face_size = float(tracker.targets(*(None if a is None else a[None] for a in (mp478, lmk68))).face_size[0])
+    if not math.isfinite(rms_px) or rms_px > tracker.config.loss_threshold * face_size or not _finite(result.frames.params):
+        return reference_arrays(tracker, tracker._invalid(started, rms_px))
+    return reference_arrays(tracker, tracker.frame_from(result.frames.params, rms_px))
 
 
 def euler_from_matrix(rotation: np.ndarray) -> np.ndarray:

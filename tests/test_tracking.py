@@ -92,6 +92,34 @@ def test_faceless_and_degenerate_frames_are_invalid_and_tracking_recovers(flame_
     assert np.linalg.norm(_model_pixels(tracker, recovered) - sequence.clean[4], axis=1).mean() < 1.0
 
 
+def _squeezed(points: np.ndarray, size_px: float) -> np.ndarray:
+    """The same face shrunk about its centre until its bounding box has a diagonal of ``size_px``."""
+    centre = np.nanmean(points, axis=0)
+    low, high = np.nanmin(points, axis=0), np.nanmax(points, axis=0)
+    return centre + (points - centre) * size_px / np.linalg.norm(high - low)
+
+
+def test_degenerate_landmark_sets_are_invalid_frames(flame_head) -> None:
+    """All points equal, all on a line, or a face of 3 px fix no pose: each is an invalid frame, never a
+    'valid' head far away, and tracking recovers on the next real face."""
+    tracker = Tracker(flame_head, (512, 512), TrackerConfig(n_shape=50, n_exp=20, calibration_seconds=math.inf))
+    sequence = synthetic_sequence(tracker.layer, SyntheticMotion(frames=6, seed=5))
+    assert tracker.track(sequence.mp478[0], sequence.lmk68[0], timestamp=0.0).valid
+    line = np.stack([np.linspace(100, 300, 68), np.linspace(200, 260, 68)], axis=1)
+    degenerate = {
+        "all equal": (np.full((478, 2), 256.0), np.full((68, 2), 256.0)),
+        "collinear": (None, line),
+        "3 px face": (_squeezed(sequence.mp478[1], 3.0), _squeezed(sequence.lmk68[1], 3.0)),
+    }
+    for index, (name, (mp478, lmk68)) in enumerate(degenerate.items()):
+        frame = tracker.track(mp478, lmk68, timestamp=0.04 * (index + 1))
+        assert not frame.valid, f"{name}: a valid frame with the head at {frame.transl}"
+    assert tracker.track(sequence.mp478[5], sequence.lmk68[5], timestamp=0.2).valid
+    for mp478, lmk68 in degenerate.values():  # a single image (track IMAGE or a one-frame landmarks file)
+        arrays = fit_single(flame_head, (512, 512), mp478, lmk68, TrackerConfig(n_shape=50, n_exp=20))
+        assert not arrays["valid"][0] and np.all(np.abs(arrays["cam"][0, 3:]) < 10)
+
+
 def test_landmarks_of_another_face_shape_count_as_lost(flame_head) -> None:
     tracker = Tracker(flame_head, (512, 512), TrackerConfig(n_shape=50, n_exp=20))
     sequence = synthetic_sequence(tracker.layer, SyntheticMotion(frames=2, seed=1))
