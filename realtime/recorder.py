@@ -88,6 +88,10 @@ def _prepare_directory(directory: Path, overwrite: bool) -> None:
         raise UserError(f"cannot create the recording folder {directory} ({error.strerror})") from None
 
 
+#: H.264 in 4:2:0 needs even sides, and the odd last row or column is cut: 2 pixels is the least that remains.
+_MIN_VIDEO_SIDE = 2
+
+
 class _VideoWriter:
     """H.264 in Matroska with millisecond timestamps, so a variable camera rate is kept as it was."""
 
@@ -144,6 +148,11 @@ class SessionRecorder:
         """frame_size is the input's (width, height); None records messages only, without video."""
         self.directory = Path(directory)
         self._options = options or RecorderOptions()
+        if frame_size is not None and min(frame_size) < _MIN_VIDEO_SIDE:
+            raise UserError(
+                f"frames of {frame_size[0]}x{frame_size[1]} pixels are too small to record: the video needs at "
+                f"least {_MIN_VIDEO_SIDE}x{_MIN_VIDEO_SIDE}; record a camera or a video of a real size"
+            )
         _prepare_directory(self.directory, overwrite)
         fps = fps or 30.0
         self._frame_size = frame_size

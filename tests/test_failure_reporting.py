@@ -136,3 +136,22 @@ def test_replay_says_when_no_client_was_listening(tmp_path: Path) -> None:
     with ZmqPublisher(_free_address()) as publisher:
         summary = replay_session(reader, [publisher], speed=50.0, subscriber_wait_s=0.2)
     assert summary.unheard and "no ZeroMQ subscriber was connected" in summary.describe()
+
+
+# ----------------------------------------------------------------------------------------- a 1x1 frame
+
+
+def test_recording_a_1x1_source_names_the_real_cause(landmarker_task: Path, tmp_path: Path) -> None:
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "one_pixel.png"), np.zeros((1, 1, 3), np.uint8))
+    command = [
+        sys.executable, str(REPO_ROOT / "run_stream.py"), "live", "--flame", "demo", "--models", str(landmarker_task.parent),
+        "--source", str(tmp_path / "one_pixel.png"), "--no-zmq", "--record", str(tmp_path / "session"),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: frames of 1x1 pixels are too small to record: the video needs at least 2x2; "
+                      "record a camera or a video of a real size"]  # fmt: skip
+    assert "Traceback" not in result.stderr and not (tmp_path / "session").exists()
