@@ -504,6 +504,9 @@ def _add_bench(subparsers: argparse._SubParsersAction, common: argparse.Argument
                        help="with --accuracy: track and refine the first --frames frames of this video and compare both "
                        "(landmark error, jitter, mouth and blink correlation, image error, time per frame)")
     bench.add_argument("--json", type=output_file, default=None, metavar="FILE", help="also write all figures as JSON")
+    bench.add_argument("--soak", type=positive_float, default=None, metavar="SECONDS",
+                       help="instead, run the live loop on --live VIDEO (repeated) for SECONDS with a subscriber, "
+                       "and report delivery and memory growth (a stability check; 3600 for an hour)")  # fmt: skip
     bench.set_defaults(handler=_run_bench)
 
 
@@ -525,6 +528,17 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.refine and not args.accuracy:
         raise UserError("--refine compares accuracy: run 'bench --accuracy --refine VIDEO'")
     models_dir = resolve_models_dir(args.models)
+    if args.soak is not None:
+        from realtime.soak import run_soak
+
+        if args.live is None:
+            raise UserError("--soak needs a video to repeat: add --live VIDEO")
+        status(f"soak: the live loop on {args.live} for {args.soak:g} s")
+        soak = run_soak(args.live, args.soak, flame=args.flame or "demo", models_dir=models_dir, device=_device(args.device))
+        _print_report({"soak": soak})
+        if args.json:
+            args.json.write_text(json.dumps({"soak": soak}, indent=2) + "\n")
+        return 0
     head = select_head_model(args.flame, models_dir)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     report: dict[str, object] = {"model": head.name, "torch": torch.__version__, "threads": torch.get_num_threads()}

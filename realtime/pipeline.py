@@ -462,6 +462,8 @@ class LiveOptions:
     open_timeout_s: float = 5.0
     reconnect_attempts: int = SourceOptions.reconnect_attempts
     """How often a stream that dropped is reopened before the run ends with a failure status."""
+    repeat: bool = False
+    """Play a video file again whenever it ends (soak runs); stop with `max_frames` or the stop event."""
     loop: LiveConfig = field(default_factory=LiveConfig)
 
 
@@ -502,7 +504,9 @@ def run_live(options: LiveOptions, stop: threading.Event | None = None, recalibr
         source = open_source(
             options.source,
             options.realtime,
-            SourceOptions(open_timeout_s=options.open_timeout_s, reconnect_attempts=options.reconnect_attempts),
+            SourceOptions(
+                open_timeout_s=options.open_timeout_s, reconnect_attempts=options.reconnect_attempts, repeat=options.repeat
+            ),
         )
         stack.callback(source.stop)
         publishers = open_publishers(options.publishers)

@@ -74,6 +74,8 @@ class SourceOptions:
     """(width, height) to request from a webcam; None keeps the camera's default."""
     stream_options: dict[str, str] = field(default_factory=dict)
     """FFmpeg options for network streams, e.g. {"rtsp_transport": "tcp"}."""
+    repeat: bool = False
+    """Play a video file again from its start whenever it ends, with time running on (long soak runs)."""
 
 
 class _Reader(Protocol):
@@ -346,8 +348,9 @@ class _VideoFileReader:
 
     live = False
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, repeat: bool = False) -> None:
         self.description = str(path)
+        self._repeat = repeat
         try:
             self._container = _open_video_container(str(path), {}, None)
         except av.error.FFmpegError as error:
@@ -357,6 +360,21 @@ class _VideoFileReader:
         self.size, self.fps = _video_geometry(self._container)
 
     def frames(self, stop: threading.Event) -> Iterator[RawFrame]:
+        offset = 0.0  # with repeat, each pass continues the clock of the one before
+        while True:
+            first: float | None = None
+            end: float | None = None
+            for image, pts in self._play_once():
+                first = pts if first is None else first
+                end = pts
+                yield image, None if pts is None else pts + offset
+            if not self._repeat or stop.is_set() or end is None or first is None:
+                return
+            offset += end - first + (1.0 / self.fps if self.fps else 0.04)
+            self._container.close()
+            self._container = _open_video_container(self.description, {}, None)
+
+    def _play_once(self) -> Iterator[RawFrame]:
         count = 0
         last_time: float | None = None
         # Most containers (Matroska, MPEG-TS/PS) end a truncated file without an error: FFmpeg only says so in
@@ -535,7 +553,7 @@ def _open_reader(spec: str, options: SourceOptions) -> _Reader:
         )
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return _ImageFilesReader(str(path), [path], options.image_fps)
-    return _VideoFileReader(path)
+    return _VideoFileReader(path, options.repeat)
 
 
 def open_source(spec: str | int, realtime: bool = True, options: SourceOptions | None = None) -> FrameSource:

@@ -1,0 +1,119 @@
+"""A long run of the live loop on a repeating video, watching memory and delivery: ``bench --soak SECONDS``.
+
+The loop runs as ``live`` does (capture thread, MediaPipe, tracker, ZeroMQ publisher) while a real subscriber
+on 127.0.0.1 receives and validates every message, and the process's resident memory is sampled. Memory is
+judged after a warm-up (models, caches and buffers reach their size in the first minute), by the growth from
+there to the end and by the slope of a straight line through the samples, in MB per hour.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flame_client import Subscriber
+from flame_client.messages import TOPIC_FRAME
+from realtime.outputs import PublisherOptions
+from realtime.pipeline import LiveConfig, LiveOptions, run_live
+
+log = logging.getLogger(__name__)
+
+#: Memory samples before this share of the run (at most WARM_UP_MAX_S) are warm-up and not judged.
+WARM_UP_FRACTION = 0.2
+WARM_UP_MAX_S = 120.0
+SAMPLE_INTERVAL_S = 2.0
+
+
+def resident_mb() -> float:
+    """This process's resident memory (VmRSS), in MB."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("/proc/self/status has no VmRSS line")
+
+
+@dataclass
+class _Counter:
+    received: int = 0
+    rejected: int = 0
+    reconnects: int = 0
+    last_seq: int = -1
+    gaps: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def _receive(address: str, counter: _Counter) -> None:
+    with Subscriber(address, topics=[TOPIC_FRAME], timeout_s=None) as subscriber:
+        while not counter.done.is_set():
+            received = subscriber.receive(timeout_s=0.2)
+            if received is not None:
+                seq = received[1]["seq"]
+                counter.gaps += int(counter.last_seq >= 0 and seq != counter.last_seq + 1)
+                counter.last_seq = seq
+                counter.received += 1
+        counter.rejected, counter.reconnects = subscriber.rejected, subscriber.reconnects
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_soak(
+    video: str | Path, seconds: float, flame: str | None = "demo", models_dir: Path | None = None, device: str = "cpu"
+) -> dict[str, Any]:
+    """Run the live loop on ``video`` (repeated) for ``seconds``; return delivery counts and memory figures."""
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    options = LiveOptions(
+        source=str(video), realtime=True, flame=flame, models_dir=models_dir, device=device, repeat=True,
+        publishers=PublisherOptions(zmq=address), loop=LiveConfig(show_status=False),
+    )  # fmt: skip
+    counter = _Counter()
+    receiver = threading.Thread(target=_receive, args=(address, counter), name="soak subscriber", daemon=True)
+    receiver.start()
+    stop = threading.Event()
+    outcome: dict[str, Any] = {}
+    live = threading.Thread(target=lambda: outcome.update(summary=run_live(options, stop)), name="soak live loop")
+    started = time.monotonic()
+    live.start()
+    samples: list[tuple[float, float]] = []
+    while live.is_alive() and time.monotonic() - started < seconds:
+        samples.append((time.monotonic() - started, resident_mb()))
+        live.join(timeout=SAMPLE_INTERVAL_S)
+    stop.set()
+    live.join()
+    time.sleep(0.5)  # the last messages in flight
+    counter.done.set()
+    receiver.join(timeout=5)
+    summary = outcome["summary"]
+    warm_up = min(WARM_UP_MAX_S, WARM_UP_FRACTION * seconds)
+    judged = [(t, mb) for t, mb in samples if t >= warm_up] or samples[-1:]
+    times, memory = np.array([t for t, _ in judged]), np.array([mb for _, mb in judged])
+    slope = float(np.polyfit(times, memory, 1)[0] * 3600.0) if len(judged) >= 3 else float("nan")
+    return {
+        "video": str(video),
+        "seconds": round(time.monotonic() - started, 1),
+        "frames_processed": summary.frames,
+        "frames_received": counter.received,
+        "sequence_gaps": counter.gaps,
+        "rejected": counter.rejected,
+        "subscriber_reconnects": counter.reconnects,
+        "capture_dropped": summary.dropped_frames,
+        "publisher_dropped": summary.publisher_dropped,
+        "fps": summary.fps,
+        "rss_start_mb": samples[0][1] if samples else float("nan"),
+        "rss_after_warm_up_mb": float(memory[0]),
+        "rss_end_mb": float(memory[-1]),
+        "rss_growth_after_warm_up_mb": float(memory[-1] - memory[0]),
+        "rss_slope_mb_per_hour": slope,
+        "warm_up_s": warm_up,
+    }
