@@ -316,3 +316,14 @@ def test_truncated_file_plays_what_is_readable_then_ends(shared_clips, tmp_path,
     assert 0.3 * full_count < len(indices) < full_count
     assert indices == list(range(len(indices)))
     assert source.ended
+
+
+def test_a_repeated_file_plays_again_with_its_clock_running_on(shared_clips):
+    frames = []
+    for frame in iter_frames(str(shared_clips / GRID_CLIP), SourceOptions(repeat=True)):
+        frames.append(frame)
+        if len(frames) == 160:  # the clip has 75 frames: two passes and a bit
+            break
+    times = [frame.source_pts for frame in frames]
+    assert all(b > a for a, b in zip(times, times[1:])), "time must not jump back when the file starts again"
+    np.testing.assert_array_equal(frames[75].image, frames[0].image)
