@@ -109,8 +109,6 @@ _PLAIN_KINDS = frozenset("biufcSU")
 _MAX_DIMENSIONS = 32
 
 
-
-
 class _DtypeRecipe:
     """``numpy.dtype(code, align, copy)`` and its pickled state, limited to plain, unstructured types."""
 
@@ -148,7 +146,7 @@ def _plain_dtype(dtype: object, allow_object: bool = False) -> np.dtype:
     if dtype.hasobject and allow_object:
         return dtype
     if dtype.kind not in _PLAIN_KINDS or dtype.itemsize == 0:
-        raise ArrayRefusedError(f"has element type {dtype.str!r}; model files hold only numbers")
+        raise ArrayRefusedError(f"has element type {dtype.str!r}; model files hold only numbers and text")
     return dtype
 
 

@@ -29,7 +29,6 @@ re-parses every message it builds: about 1.5 ms per VMC frame against a few tens
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import re
@@ -262,7 +261,8 @@ class _OneFloatMessages:
 class _UdpSender(_Closing):
     """A non-blocking UDP socket aimed at one receiver; what cannot be sent at once is dropped and counted.
 
-    A receiver on this machine is reached from the loopback address, so nothing leaves through a network interface.
+    A receiver on this machine is reached from the loopback address, so nothing leaves through a network interface,
+    and the socket is bound there (or to the interface that reaches a remote receiver), never to every interface.
     """
 
     def __init__(self, host: str, port: int, what: str) -> None:
@@ -279,8 +279,6 @@ class _UdpSender(_Closing):
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
         self._socket.bind((_source_address(family, self._target), 0))
         self._socket.setblocking(False)
-        if ipaddress.ip_address(self._target[0]).is_loopback:
-            self._socket.bind((self._target[0], 0))
         self.dropped = 0
         logger.info("%s to %s:%d from %s", what, host, port, self.local_address[0])
 

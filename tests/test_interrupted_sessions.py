@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from test_pipeline import LONG_CLIP, REPO_ROOT, SUBPROCESS_TIMEOUT_S, free_port, start_live, wait_for_frames
 
-from realtime.messages import TOPIC_FRAME
+from flame_client.messages import TOPIC_FRAME
 from realtime.session import SessionReader
 
 KILL_AFTER_FRAMES = (1, 6, 20)
