@@ -134,8 +134,9 @@ class ZmqPublisher(_Closing):
 
     def publish_shape(self, shape_msg: Mapping[str, Any]) -> None:
         self._last_shape = encode(TOPIC_SHAPE, shape_msg)
-        self._publish(self._last_shape)
-        self._greeting_due = False  # every subscriber has just received it
+        self._read_notices()
+        self._greeting_due = False  # every subscriber so far gets this very message
+        self._send(self._last_shape)
 
     def publish_metrics(self, metrics_msg: Mapping[str, Any]) -> None:
         self._publish(encode(TOPIC_METRICS, metrics_msg))
