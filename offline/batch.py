@@ -68,6 +68,11 @@ class BatchInput:
     def is_landmarks(self) -> bool:
         return self.source.suffix.lower() == ".npz"
 
+    @property
+    def tracked(self) -> Path:
+        """What ``track`` reads: the input itself, or a session's video."""
+        return self.source / SESSION_VIDEO if self.is_session else self.source
+
 
 @dataclass(frozen=True)
 class JobOptions:
@@ -187,11 +192,16 @@ def _safe_name(name: str) -> str:
 
 
 def _folder_is_free_for(root: Path, name: str, source: Path) -> bool:
+    """Free: absent or empty, or already this source's (its batch record says so, or ``track`` wrote it for
+    this input, which the batch then continues or skips as its own)."""
     record = read_record(root, name)
     if record is not None:
         return record.get("source") == str(source)
     folder = root / name
-    return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return True
+    job = _read_json(folder / track_job.JOB_FILE)
+    return job is not None and job.get("source") == str(BatchInput(name, source).tracked)
 
 
 def shard(inputs: list[BatchInput], index: int, count: int) -> list[BatchInput]:
@@ -218,11 +228,15 @@ def _record_path(root: Path, name: str) -> Path:
 
 
 def read_record(root: Path, name: str) -> dict | None:
+    return _read_json(_record_path(root, name))
+
+
+def _read_json(path: Path) -> dict | None:
     try:
-        record = json.loads(_record_path(root, name).read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) else None
+    return document if isinstance(document, dict) else None
 
 
 def _write_record(root: Path, result: InputResult) -> None:
@@ -289,7 +303,7 @@ def _track_and_refine(item: BatchInput, out_dir: Path, options: JobOptions) -> t
 
     if (options.refine is not None or options.render) and item.is_landmarks:
         raise UserError("--refine and --render need the video or images themselves, not a landmarks file")
-    source = item.source / SESSION_VIDEO if item.is_session else item.source
+    source = item.tracked
     # As track does: an unreadable input fails here, in one line, before its output folder is made.
     if item.is_landmarks:
         track_job.load_landmark_file(source)

@@ -118,9 +118,14 @@ def test_inputs_with_the_same_name_never_share_a_folder(flame_dir: Path, layer: 
     assert len(folders) == 2 and folders[0] == "take" and folders[1].startswith("take-")
     assert summary(root)["take"]["source"] == str(first.resolve())
     before = (root / "take" / "tracking.npz").read_bytes()
+    # A folder 'track' wrote for this very input is the batch's to continue or skip, under its plain name.
+    tracked = run_cli("track", str(third), "--out", str(tmp_path / "own" / "take"), "--flame", str(flame_dir), *MODEL_OPTIONS)
+    assert tracked.returncode == 0, tracked.stderr
+    adopted = batch(flame_dir, tmp_path / "own", str(third), "--dry-run")
+    assert adopted.returncode == 0 and adopted.stdout.startswith("take\t"), adopted.stdout
     # A later batch into the same root with another 'take' gets its own folder too.
     plan = batch(flame_dir, root, str(third), "--dry-run")
-    assert plan.returncode == 0 and "take-" in plan.stdout and "\ttake\t" not in plan.stdout
+    assert plan.returncode == 0 and plan.stdout.startswith("take-"), plan.stdout
     assert (root / "take" / "tracking.npz").read_bytes() == before
 
 
