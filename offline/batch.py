@@ -1,7 +1,9 @@
-"""Many inputs, one command: ``track`` (and ``refine``) for every input, locally, on Ray or as a Slurm array shard.
+"""Many inputs, one command: ``track`` (and ``refine``, ``render``) for every input, locally, on Ray or as a
+Slurm array shard.
 
 Each input gets ``ROOT/<name>/`` holding exactly what ``track`` writes for it alone (with ``--refine`` also
-``ROOT/<name>/photometric``, what ``track --photometric`` or ``refine`` writes). The batch's own state lives
+``ROOT/<name>/photometric``, what ``track --photometric`` or ``refine`` writes; with ``--render`` the overlay
+beside each). The batch's own state lives
 apart, in ``ROOT/.batch/<name>.json``: written when an input starts (it claims the name for its source) and
 replaced, atomically and last, by its result. An input whose result says "done" with the same options is
 complete and skipped; any other input is (re)run, and the jobs resume what they already can. A failing input
@@ -38,7 +40,7 @@ from tqdm import tqdm
 from engine.errors import UserError
 from engine.tracker import TrackerConfig
 from offline import track_job
-from realtime.session import write_json_atomically
+from realtime.session import SESSION_FILE, VIDEO_FILE, write_json_atomically
 
 if TYPE_CHECKING:
     from offline.refine_job import RefineOptions
@@ -49,8 +51,6 @@ SUMMARY_FILE = "summary.json"
 STATE_DIR = ".batch"
 SUMMARY_FORMAT_VERSION = 1
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
-SESSION_FILE = "session.json"  # realtime.session.SESSION_FILE, named here so that planning stays import-light
-SESSION_VIDEO = "video.mkv"
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class BatchInput:
     @property
     def tracked(self) -> Path:
         """What ``track`` reads: the input itself, or a session's video."""
-        return self.source / SESSION_VIDEO if self.is_session else self.source
+        return self.source / VIDEO_FILE if self.is_session else self.source
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,8 @@ class InputResult:
 
     name: str
     source: str
-    status: str  # done | skipped (done by an earlier run) | failed | pending (not run: interrupted, other shard)
+    status: str  # done | skipped (done by an earlier run) | failed | pending (not run: interrupted, other shard);
+    # in a record, also running (started, not finished)
     frames: int = 0
     valid_fraction: float | None = None
     seconds: float = 0.0
@@ -149,7 +150,7 @@ def _expand_one(argument: str, relative_to: Path | None = None) -> list[Path]:
     if path.exists():
         return [path]
     if glob.has_magic(str(path)):
-        matches = sorted(Path(match) for match in glob.glob(str(path)))
+        matches = sorted(Path(match) for match in glob.glob(str(path), recursive=True))
         if matches:
             return matches
         raise UserError(f"{argument} matches nothing; check the pattern (quote it so that your shell leaves it to batch)")
