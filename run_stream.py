@@ -42,6 +42,9 @@ from cli_checks import (
     zmq_address,
 )
 
+#: The repository's real clips, beside the repository (as the tests find them).
+DEFAULT_CLIPS = Path(__file__).resolve().parent.parent / "shared" / "data" / "clips"
+VIDEO_SUFFIXES = (".mp4", ".mpg", ".mpeg", ".avi", ".mov", ".mkv", ".webm", ".gif")
 COMMANDS = ("live", "track", "refine", "batch", "replay", "render", "bench", "models", "export", "blender-addon")
 
 
@@ -190,6 +193,11 @@ def _add_track(subparsers: argparse._SubParsersAction, common: argparse.Argument
     track.add_argument("input", metavar="INPUT", help="video file, image, folder of images, or landmarks .npz")
     track.add_argument("--out", type=output_dir, required=True, metavar="DIR", help="output folder")
     _add_tracking_options(track)
+    track.add_argument(
+        "--smoothing", type=float_between(0, 1000), default=None, metavar="LAMBDA",
+        help="offline smoothing over the whole sequence, past and future frames (default 3 at 25 fps, see "
+        "engine/smoothing.py; larger is smoother, 0 keeps the per-frame fits); blinks and fast mouth motion are kept",
+    )  # fmt: skip
     track.add_argument("--photometric", action="store_true", help="also refine every frame photometrically into DIR/photometric")
     track.add_argument(
         "--overwrite", action="store_true",
@@ -214,6 +222,7 @@ def _run_track(args: argparse.Namespace) -> int:
     from engine.errors import UserError
     from engine.model_files import find_face_landmarker, resolve_models_dir
     from engine.model_selection import select_head_model
+    from engine.smoothing import SmoothingConfig
     from engine.tracker import TrackerConfig
     from offline.refine_job import TEXTURE_COMPONENTS
     from offline.track_job import PHOTOMETRIC_DIR, TrackOptions, load_landmark_file, track_input, written_frames
@@ -239,7 +248,8 @@ def _run_track(args: argparse.Namespace) -> int:
     if not landmarks_file:
         task = find_face_landmarker(models_dir)
     config = TrackerConfig(n_shape=args.n_shape, n_exp=args.n_exp, fov_deg=args.fov, device=_device(args.device))
-    options = TrackOptions(config, save_vertices=args.save_vertices, overwrite=args.overwrite)
+    smoothing = SmoothingConfig() if args.smoothing is None else SmoothingConfig(strength=args.smoothing) if args.smoothing > 0 else None
+    options = TrackOptions(config, save_vertices=args.save_vertices, smoothing=smoothing, overwrite=args.overwrite)
     try:
         result = track_input(args.input, args.out, head, task, options)
     except KeyboardInterrupt:
@@ -498,7 +508,12 @@ def _add_bench(subparsers: argparse._SubParsersAction, common: argparse.Argument
     bench.add_argument("--frames", type=positive_int, default=200, help="frames of the clip / synthetic sequence (default 200)")
     bench.add_argument("--live", type=existing_file, default=None, metavar="VIDEO", help="also run the live pipeline on this video at 640x480 "
                        "(with a display also with --preview, to show what drawing costs)")  # fmt: skip
-    bench.add_argument("--accuracy", action="store_true", help="also measure accuracy: synthetic ground truth (and --clip)")
+    bench.add_argument("--accuracy", action="store_true", help="also measure accuracy: synthetic ground truth, --clip, and offline smoothing on --clips")
+    bench.add_argument(
+        "--clips", type=existing_path, default=None, metavar="DIR",
+        help="with --accuracy: videos whose offline tracking is measured before and after smoothing "
+        f"(default {DEFAULT_CLIPS.relative_to(DEFAULT_CLIPS.parents[3])} when present)",
+    )  # fmt: skip
     bench.add_argument("--photometric", action="store_true", help="also measure the renderer and a photometric iteration")
     bench.add_argument("--refine", type=existing_file, default=None, metavar="VIDEO",
                        help="with --accuracy: track and refine the first --frames frames of this video and compare both "
@@ -585,6 +600,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             status("refinement against tracking")
             accuracy["refine_vs_track"] = compare_refine_with_track(
                 head, str(args.refine), find_face_landmarker(models_dir), args.frames, device=devices[-1])
+        accuracy["offline_smoothing"] = _bench_smoothing(head, args, models_dir, status)
         report["accuracy"] = accuracy
     if args.live:
         from realtime.pipeline import run_live_benchmark
@@ -609,6 +625,33 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _bench_smoothing(head, args: argparse.Namespace, models_dir: Path, status) -> dict[str, object]:
+    """Offline tracking before and after smoothing: a synthetic sequence, and every video in --clips."""
+    from engine.evaluation import clip_smoothing_accuracy, synthetic_smoothing_accuracy
+    from engine.model_files import find_face_landmarker
+    from engine.smoothing import SmoothingConfig
+    from engine.synthetic import SyntheticMotion
+    from engine.tracker import TrackerConfig
+    from offline.track_job import detect_landmarks
+
+    smoothing = SmoothingConfig()
+    status("offline smoothing on a synthetic sequence")
+    report: dict[str, object] = {"settings": smoothing.describe()}
+    report["synthetic"] = synthetic_smoothing_accuracy(head, SyntheticMotion(frames=args.frames), TrackerConfig(), smoothing)
+    folder = args.clips if args.clips is not None else DEFAULT_CLIPS if DEFAULT_CLIPS.is_dir() else None
+    if folder is None:
+        return report
+    clips = sorted(p for p in (folder.iterdir() if folder.is_dir() else [folder]) if p.suffix.lower() in VIDEO_SUFFIXES)
+    for path in clips:
+        status(f"offline smoothing on {path.name}")
+        sequence, _ = detect_landmarks(str(path), find_face_landmarker(models_dir), max_frames=args.frames)
+        if sequence.observed_frames < 4:
+            report[path.name] = "fewer than 4 frames with a face"
+            continue
+        report[path.name] = clip_smoothing_accuracy(head, sequence, TrackerConfig(), smoothing)
+    return report
 
 
 def _print_report(report: dict[str, object], indent: str = "") -> None:

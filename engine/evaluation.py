@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,7 +17,20 @@ from engine.camera import project
 from engine.flame import FlameLayer, rodrigues
 from engine.head_model import HeadModel
 from engine.synthetic import SyntheticMotion, synthetic_sequence
-from engine.tracker import TrackedFrame, Tracker, TrackerConfig, diversity_feature, select_diverse
+from engine.tracker import (
+    TrackedFrame,
+    Tracker,
+    TrackerConfig,
+    diversity_feature,
+    params_from_reference,
+    select_diverse,
+    stack_reference,
+    unstack_reference,
+)
+from engine.smoothing import SmoothingConfig, smooth_sequence
+
+if TYPE_CHECKING:
+    from offline.track_job import LandmarkSequence
 
 #: MediaPipe's outer eye corners (subject's right, left), for the inter-ocular distance of real clips.
 OUTER_EYE_CORNERS = (33, 263)
@@ -211,3 +225,101 @@ def fit_scores(
         "mouth_correlation": correlation(mouth),
         "blink_correlation": float(np.mean([correlation(pair) for pair in eyes])),
     }
+
+
+# ------------------------------------------------------------------------------------- offline smoothing
+
+
+def reference_landmarks(tracker: Tracker, stacked: dict[str, np.ndarray]) -> np.ndarray:
+    """(T, L, 2) pixels of the tracker's landmarks for stacked reference arrays (a track's frames)."""
+    params = [params_from_reference(tracker, frame) for frame in unstack_reference(stacked)]
+    exp = torch.cat([p.exp for p in params])
+    rotations = torch.cat([p.rotations for p in params])
+    transl = torch.cat([p.transl for p in params])
+    with torch.no_grad():
+        evaluation = tracker.fixed.evaluate(exp, rotations, transl, jacobians=False)
+        return project(evaluation.points, tracker.focal, tracker.camera.center).cpu().double().numpy()
+
+
+def _opening(points: np.ndarray, pairs: list[tuple[int, int]], iod: np.ndarray) -> np.ndarray:
+    """(T,) mean distance of the pairs, over the inter-ocular distance."""
+    distances = [np.linalg.norm(points[:, a] - points[:, b], axis=-1) for a, b in pairs]
+    return np.mean(distances, axis=0) / iod
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    usable = np.isfinite(a) & np.isfinite(b)
+    if usable.sum() < 3 or np.std(a[usable]) == 0 or np.std(b[usable]) == 0:
+        return float("nan")
+    return float(np.corrcoef(a[usable], b[usable])[0, 1])
+
+
+def jitter_over_iod(points: np.ndarray, iod: np.ndarray, usable: np.ndarray) -> float:
+    """Jitter: each landmark's median second difference over the frames (a frame and both neighbours usable),
+    over the inter-ocular distance, averaged over the landmarks. Per landmark and by the median, so the
+    measure stays on noise: a speaking mouth or a blink moves a few landmarks fast in a few frames, and
+    neither those landmarks' nor those frames' real motion dominates it."""
+    second = np.linalg.norm(points[2:] - 2 * points[1:-1] + points[:-2], axis=-1) / iod[1:-1, None]
+    keep = usable[2:] & usable[1:-1] & usable[:-2]
+    if not keep.any():
+        return float("nan")
+    return float(np.nanmean(np.nanmedian(second[keep], axis=0)))
+
+
+def smoothing_accuracy(tracker: Tracker, mp478: np.ndarray, raw: dict[str, np.ndarray], smoothed: dict[str, np.ndarray]) -> dict[str, float]:
+    """A tracked real sequence before and after offline smoothing, against MediaPipe's landmarks.
+
+    Jitter (:func:`jitter_over_iod`) of the detector and of the fitted landmarks before and after, the mean
+    landmark error over the inter-ocular distance (percent) before and after, and how well the fitted eye- and
+    mouth-opening curves follow the detector's (Pearson correlation) before and after.
+    """
+    observed = tracker.targets.pixels(mp478, None)
+    iod = np.linalg.norm(mp478[:, OUTER_EYE_CORNERS[0]] - mp478[:, OUTER_EYE_CORNERS[1]], axis=-1)
+    valid = np.asarray(raw["valid"], dtype=bool).reshape(-1) & np.isfinite(iod)
+    mouth, eyes = _opening_pairs(tracker)
+    pairs = {"eyes": list(eyes), "mouth": [mouth]}
+    report: dict[str, float] = {"frames": int(len(valid)), "valid_frames": int(valid.sum())}
+    detector_jitter = jitter_over_iod(observed, iod, valid)
+    report["jitter_detector_pct_iod"] = 100 * detector_jitter
+    curves = {name: _opening(observed, p, iod) for name, p in pairs.items()}
+    for label, stacked in (("raw", raw), ("smoothed", smoothed)):
+        fitted = reference_landmarks(tracker, stacked)
+        errors = np.nanmean(np.linalg.norm(fitted - observed, axis=-1), axis=-1) / iod
+        report[f"error_{label}_pct_iod"] = 100 * float(np.mean(errors[valid]))
+        jitter = jitter_over_iod(fitted, iod, valid)
+        report[f"jitter_{label}_pct_iod"] = 100 * jitter
+        report[f"jitter_{label}_over_detector"] = jitter / detector_jitter
+        for name, p in pairs.items():
+            fitted_curve = np.where(valid, _opening(fitted, p, iod), np.nan)
+            report[f"{name}_opening_correlation_{label}"] = _correlation(fitted_curve, np.where(valid, curves[name], np.nan))
+    return report
+
+
+def synthetic_smoothing_accuracy(head: HeadModel, motion: SyntheticMotion, config: TrackerConfig, smoothing: SmoothingConfig) -> dict[str, float]:
+    """Track a synthetic sequence offline (``track``'s two passes), then smooth it: the landmarks' mean
+    distance to the noise-free truth (pixels) and their jitter over the truth's, before and after."""
+    from offline.track_job import LandmarkSequence, track_sequence
+
+    layer = Tracker(head, motion.image_size, config).layer
+    truth = synthetic_sequence(layer, motion)
+    sequence = LandmarkSequence(truth.mp478, truth.lmk68, motion.image_size, truth.fps, "synthetic")
+    tracker, frames, _ = track_sequence(sequence, head, config, progress=False)
+    raw = stack_reference(frames)
+    report: dict[str, float] = {"frames": motion.frames}
+    usable = np.ones(motion.frames, dtype=bool)
+    unit = np.ones(motion.frames)
+    truth_jitter = jitter_over_iod(truth.clean, unit, usable)
+    for label, stacked in (("raw", raw), ("smoothed", smooth_sequence(raw, smoothing, truth.fps))):
+        fitted = reference_landmarks(tracker, stacked)
+        report[f"landmark_px_{label}"] = float(np.mean(np.linalg.norm(fitted - truth.clean, axis=-1)))
+        report[f"jitter_{label}_over_truth"] = jitter_over_iod(fitted, unit, usable) / truth_jitter
+    return report
+
+
+def clip_smoothing_accuracy(head: HeadModel, sequence: LandmarkSequence, config: TrackerConfig, smoothing: SmoothingConfig) -> dict[str, float]:
+    """Track a real clip's landmarks offline as ``track`` does, then smooth: :func:`smoothing_accuracy`."""
+    from offline.track_job import track_sequence
+
+    tracker, frames, _ = track_sequence(sequence, head, config, progress=False)
+    raw = stack_reference(frames)
+    return {"fps": sequence.fps, **smoothing_accuracy(tracker, sequence.mp478, raw, smooth_sequence(raw, smoothing, sequence.fps))}

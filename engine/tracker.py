@@ -402,6 +402,17 @@ def reference_arrays(tracker: Tracker, frame: TrackedFrame) -> dict[str, np.ndar
     }
 
 
+def stack_reference(frames: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-frame reference arrays (leading dimension 1) stacked over frames, as tracking.npz holds them."""
+    return {key: np.concatenate([frame[key] for frame in frames]) for key in frames[0]}
+
+
+def unstack_reference(stacked: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """The inverse of :func:`stack_reference`: one dict per frame, leading dimension 1."""
+    frames = len(next(iter(stacked.values())))
+    return [{key: value[index : index + 1] for key, value in stacked.items()} for index in range(frames)]
+
+
 def params_from_reference(tracker: Tracker, arrays: dict[str, np.ndarray]) -> FrameParams:
     """The inverse of :func:`reference_arrays`: one frame's parameters (batch of one) in the tracker's dtype."""
     exp = arrays["exp"][0].astype(np.float64)

@@ -15,7 +15,11 @@ continues it. Output in ``DIR`` (format version in ``meta.json``), in the order 
 - ``{frame:06d}.npz``: the reference tracker's keys (``shape exp head_pose jaw_pose neck_pose eye_pose
   cam fov K``, leading dimension 1), ``valid``, ``format_version``, ``model_checksum``, and with
   ``save_vertices`` the posed mesh in camera space; one file per frame, each written atomically;
-- ``tracking.npz``: the same arrays stacked over frames;
+- ``unsmoothed.npz``: once every frame is tracked, the per-frame fits stacked, before smoothing. Then the
+  smoothing pass (:mod:`engine.smoothing`, past and future frames) rewrites every frame file with the
+  smoothed parameters; interrupted, it starts again from ``unsmoothed.npz`` (the per-frame fits are never
+  lost, and a frame file is either the fit or its smoothed version). Without smoothing it is not written;
+- ``tracking.npz``: the final frames' arrays stacked over frames;
 - ``meta.json``: model files and checksums, image size, fps, FOV, versions and timings. Written last and
   atomically: a folder with ``meta.json`` holds a complete result (:func:`is_complete`).
 """
@@ -44,6 +48,7 @@ from engine.errors import UserError
 from engine.export import posed_vertices
 from engine.head_model import HeadModel
 from engine.landmarks import N_LANDMARKS, FaceLandmarker, LandmarkerConfig
+from engine.smoothing import SmoothingConfig, smooth_sequence
 from engine.tracker import (
     FRAME_FORMAT_VERSION,
     Tracker,
@@ -52,6 +57,8 @@ from engine.tracker import (
     params_from_reference,
     reference_arrays,
     select_diverse,
+    stack_reference,
+    unstack_reference,
 )
 from realtime.session import write_json_atomically
 
@@ -61,13 +68,14 @@ JOB_FILE = "job.json"
 LANDMARKS_FILE = "landmarks.npz"
 CALIBRATION_FILE = "calibration.npz"
 STACK_FILE = "tracking.npz"
+UNSMOOTHED_FILE = "unsmoothed.npz"
 META_FILE = "meta.json"
 PHOTOMETRIC_DIR = "photometric"
 #: What ``track --render`` writes beside the results (offline.render_job): a video, or a picture for one image.
 OVERLAY_VIDEO, OVERLAY_IMAGE = "overlay.mp4", "overlay.png"
 JOB_FORMAT_VERSION = 1
 _FRAME_FILE = re.compile(r"\d{6}\.npz")
-_OUR_FILES = {JOB_FILE, LANDMARKS_FILE, CALIBRATION_FILE, STACK_FILE, META_FILE, PHOTOMETRIC_DIR, OVERLAY_VIDEO, OVERLAY_IMAGE}
+_OUR_FILES = {JOB_FILE, LANDMARKS_FILE, CALIBRATION_FILE, UNSMOOTHED_FILE, STACK_FILE, META_FILE, PHOTOMETRIC_DIR, OVERLAY_VIDEO, OVERLAY_IMAGE}
 
 
 @dataclass
@@ -229,6 +237,8 @@ class TrackOptions:
 
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     save_vertices: bool = False
+    #: The final pass over the whole sequence (None: the per-frame fits are the result).
+    smoothing: SmoothingConfig | None = field(default_factory=SmoothingConfig)
     overwrite: bool = False
     """Clear an output folder that holds another job (only files track wrote; anything else is refused)."""
     progress: bool = True
@@ -284,7 +294,9 @@ def track_input(
     _calibration(tracker, sequence, out_dir, timings, options.progress)
     results, resumed = _track_and_write(tracker, sequence, out_dir, options, timings)
     if not is_complete(out_dir):
-        _write_summary(out_dir, tracker, results, sequence, timings)
+        if options.smoothing is not None:
+            results = _smooth_and_rewrite(tracker, results, sequence, out_dir, options, timings)
+        _write_summary(out_dir, tracker, results, sequence, timings, options.smoothing)
     return TrackResult(out_dir, tracker, sequence, results, timings, resumed)
 
 
@@ -300,6 +312,7 @@ def describe_job(source: str, head: HeadModel, options: TrackOptions) -> dict[st
         "n_exp": options.tracker.n_exp,
         "fov_deg": options.tracker.fov_deg,
         "save_vertices": options.save_vertices,
+        "smoothing": None if options.smoothing is None else options.smoothing.describe(),
     }
 
 
@@ -396,15 +409,39 @@ def _track_and_write(
         tracker.resume_after(previous, last_valid=bool(results[-1]["valid"][0]))
     started = time.perf_counter()
     for arrays in track_frames(tracker, sequence, resumed, options.progress):
-        stored = arrays
-        if options.save_vertices:
-            vertices = posed_vertices(tracker.layer, arrays, space="camera")[None].astype(np.float32)
-            stored = {**arrays, "vertices": vertices}
-        write_npz_atomic(frame_path(out_dir, len(results)), stored)
+        _write_frame(tracker, out_dir, len(results), arrays, options.save_vertices)
         results.append(arrays)
     timings["tracking_s"] = time.perf_counter() - started
     timings["tracking_ms_per_frame"] = timings["tracking_s"] * 1e3 / (sequence.n_frames - resumed)
     return results, resumed
+
+
+def _write_frame(tracker: Tracker, out_dir: Path, index: int, arrays: dict[str, np.ndarray], save_vertices: bool) -> None:
+    stored = arrays
+    if save_vertices:
+        vertices = posed_vertices(tracker.layer, arrays, space="camera")[None].astype(np.float32)
+        stored = {**arrays, "vertices": vertices}
+    write_npz_atomic(frame_path(out_dir, index), stored)
+
+
+def _smooth_and_rewrite(
+    tracker: Tracker, results: list[dict[str, np.ndarray]], sequence: LandmarkSequence, out_dir: Path,
+    options: TrackOptions, timings: dict[str, float],
+) -> list[dict[str, np.ndarray]]:
+    """Smooth the whole sequence and rewrite every frame file; the per-frame fits are kept first."""
+    unsmoothed = out_dir / UNSMOOTHED_FILE
+    if unsmoothed.is_file():  # an interrupted smoothing pass: frame files may already be smoothed
+        with np.load(unsmoothed, allow_pickle=False) as saved:
+            raw = {key: saved[key] for key in saved.files}
+    else:
+        raw = stack_reference(results)
+        write_npz_atomic(unsmoothed, raw)
+    started = time.perf_counter()
+    smoothed = unstack_reference(smooth_sequence(raw, options.smoothing, sequence.fps))
+    for index, arrays in enumerate(tqdm(smoothed, desc="smooth", unit="frame", disable=not options.progress, leave=False)):
+        _write_frame(tracker, out_dir, index, arrays, options.save_vertices)
+    timings["smoothing_s"] = time.perf_counter() - started
+    return smoothed
 
 
 def _load_frame(path: Path) -> dict[str, np.ndarray]:
@@ -414,10 +451,10 @@ def _load_frame(path: Path) -> dict[str, np.ndarray]:
 
 
 def _write_summary(
-    out_dir: Path, tracker: Tracker, results: list[dict[str, np.ndarray]], sequence: LandmarkSequence, timings: dict[str, float]
+    out_dir: Path, tracker: Tracker, results: list[dict[str, np.ndarray]], sequence: LandmarkSequence,
+    timings: dict[str, float], smoothing: SmoothingConfig | None,
 ) -> None:
-    stacked = {key: np.concatenate([r[key] for r in results]) for key in results[0]}
-    write_npz_atomic(out_dir / STACK_FILE, stacked)
+    write_npz_atomic(out_dir / STACK_FILE, stack_reference(results))
     meta = {
         "format": "flame-live tracking",
         "format_version": FRAME_FORMAT_VERSION,
@@ -430,6 +467,7 @@ def _write_summary(
         "fov_deg": float(results[-1]["fov"][0]),
         "n_shape": tracker.layer.n_shape,
         "n_exp": tracker.layer.n_exp,
+        "smoothing": None if smoothing is None else smoothing.describe(),
         "conventions": "head_pose is zero; cam = (yaw, pitch, roll, x, y, z), world-to-view, radians, "
         "R = Rz(roll) Ry(yaw) Rx(pitch), OpenGL view (y up, -z forward); vertices in OpenCV camera space",
         "timings": timings,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offline.track_job import CALIBRATION_FILE, JOB_FILE, LANDMARKS_FILE, META_FILE, written_frames
+from offline.track_job import (
+    CALIBRATION_FILE,
+    JOB_FILE,
+    LANDMARKS_FILE,
+    META_FILE,
+    STACK_FILE,
+    UNSMOOTHED_FILE,
+    frame_path,
+    write_npz_atomic,
+    written_frames,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP = "bbaf2n.mpg"  # 75 frames
@@ -73,6 +84,31 @@ def test_ctrl_c_keeps_the_frames_and_a_rerun_continues_to_the_same_result(
 
     again = run(command)
     assert again.returncode == 0 and "already holds this tracking" in again.stdout
+
+
+def test_smoothing_is_a_final_pass_that_an_interruption_restarts_from_the_kept_fits(
+    uninterrupted: Path, shared_clips: Path, landmarker_task: Path, tmp_path: Path
+) -> None:
+    raw, smoothed = dict(np.load(uninterrupted / UNSMOOTHED_FILE)), stacked(uninterrupted)
+    assert raw.keys() == smoothed.keys() and all(raw[k].shape == smoothed[k].shape for k in raw)
+    np.testing.assert_array_equal(raw["shape"], smoothed["shape"])
+    for key in ("exp", "cam"):  # steadier: smaller frame-to-frame accelerations
+        assert np.median(np.abs(np.diff(smoothed[key], 2, axis=0))) < 0.7 * np.median(np.abs(np.diff(raw[key], 2, axis=0)))
+    assert json.loads((uninterrupted / META_FILE).read_text())["smoothing"]["strength"] > 0
+    # Interrupted while rewriting the frames: some hold the smoothed parameters, the rest still the fits.
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    (out / META_FILE).unlink()
+    (out / STACK_FILE).unlink()
+    for index in range(40, 75):
+        write_npz_atomic(frame_path(out, index), {key: value[index : index + 1] for key, value in raw.items()})
+    resumed = run(track_command(shared_clips / CLIP, out, landmarker_task.parent))
+    assert resumed.returncode == 0, resumed.stderr
+    again = stacked(out)
+    for key in smoothed:
+        np.testing.assert_array_equal(again[key], smoothed[key], err_msg=key)
+    with np.load(frame_path(out, 60)) as frame:
+        np.testing.assert_array_equal(frame["exp"], smoothed["exp"][60:61])
 
 
 def test_an_output_folder_of_another_input_is_refused_and_overwrite_replaces_it(

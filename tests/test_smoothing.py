@@ -1,0 +1,94 @@
+"""Offline smoothing: noise goes, blinks and fast mouth motion stay, lost frames are not bridged; and on a real
+clip the smoothed track is steadier than the detector while it still follows the eyes and the mouth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from engine.smoothing import SmoothingConfig, noise_level, smooth_sequence, valid_runs
+
+FPS = 25.0
+
+
+def _sequence(columns: np.ndarray, valid: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    frames = len(columns)
+    return {
+        "exp": columns.astype(np.float32),
+        "cam": np.zeros((frames, 6), np.float32),
+        "shape": np.ones((frames, 3), np.float32),
+        "valid": np.ones(frames, bool) if valid is None else valid,
+    }
+
+
+def _blinks(frames: int) -> np.ndarray:
+    """An eyelid-like signal: open, closing in 2 frames, closed for 2, open again in 2, every 40 frames."""
+    signal = np.zeros(frames)
+    for start in range(20, frames - 8, 40):
+        signal[start : start + 6] = [0.5, 1.0, 1.0, 1.0, 1.0, 0.5]
+    return signal
+
+
+def test_noise_is_cut_while_a_blink_keeps_most_of_its_depth() -> None:
+    rng = np.random.default_rng(0)
+    frames = 200
+    truth = np.stack([_blinks(frames), 0.3 * np.sin(np.linspace(0, 4 * np.pi, frames))], axis=1)
+    noisy = truth + rng.normal(0, 0.03, truth.shape)
+    smoothed = smooth_sequence(_sequence(noisy), SmoothingConfig(), FPS)["exp"].astype(np.float64)
+
+    def jitter(x: np.ndarray) -> float:
+        return float(np.median(np.abs(np.diff(x, n=2, axis=0))))
+
+    assert jitter(smoothed) < 0.2 * jitter(noisy)
+    assert np.abs(smoothed[:, 1] - truth[:, 1]).mean() < 0.5 * np.abs(noisy[:, 1] - truth[:, 1]).mean()
+    blink = truth[:, 0] > 0.9
+    assert smoothed[blink, 0].mean() > 0.75, "a 6-frame blink keeps most of its depth"
+    assert np.corrcoef(smoothed[:, 0], truth[:, 0])[0, 1] > 0.97
+    np.testing.assert_allclose(noise_level(noisy - truth), 0.03, rtol=0.25)
+
+
+def test_per_sequence_arrays_and_invalid_frames_are_untouched_and_runs_are_not_bridged() -> None:
+    rng = np.random.default_rng(1)
+    frames = 60
+    values = rng.normal(0, 0.05, (frames, 2)) + np.where(np.arange(frames) < 30, 0.0, 2.0)[:, None]
+    valid = np.ones(frames, bool)
+    valid[29:31] = False
+    values[29:31] = 7.0  # what an invalid frame holds must stay as it is
+    sequence = _sequence(values, valid)
+    smoothed = smooth_sequence(sequence, SmoothingConfig(), FPS)
+    assert valid_runs(valid) == [slice(0, 29), slice(31, 60)]
+    np.testing.assert_array_equal(smoothed["exp"][29:31], sequence["exp"][29:31])
+    np.testing.assert_array_equal(smoothed["shape"], sequence["shape"])
+    assert smoothed["exp"].dtype == np.float32 and smoothed["exp"].shape == (frames, 2)
+    # Each side keeps its own level: the jump across the lost frames is not smoothed into a ramp.
+    assert abs(float(smoothed["exp"][:29].mean())) < 0.05 and abs(float(smoothed["exp"][31:].mean()) - 2.0) < 0.05
+    assert not np.array_equal(smoothed["exp"][:29], sequence["exp"][:29])
+
+
+def test_camera_angles_across_pi_are_smoothed_without_a_turn() -> None:
+    rng = np.random.default_rng(2)
+    frames = 50
+    angle = np.pi - 0.05 + 0.1 * np.linspace(0, 1, frames) + rng.normal(0, 0.005, frames)
+    sequence = _sequence(np.zeros((frames, 1)))
+    sequence["cam"][:, 2] = (angle + np.pi) % (2 * np.pi) - np.pi  # wraps from +pi to -pi mid-way
+    smoothed = smooth_sequence(sequence, SmoothingConfig(), FPS)["cam"][:, 2].astype(np.float64)
+    difference = np.angle(np.exp(1j * (smoothed - angle)))
+    assert np.abs(difference).max() < 0.02 and np.all(np.abs(smoothed) <= np.pi + 1e-6)
+
+
+def test_a_real_clip_is_steadier_than_the_detector_and_still_follows_the_eyes_and_mouth(
+    shared_clips: Path, landmarker_task: Path
+) -> None:
+    from engine.demo_head import build_demo_head
+    from engine.evaluation import clip_smoothing_accuracy
+    from engine.tracker import TrackerConfig
+    from offline.track_job import detect_landmarks
+
+    sequence, _ = detect_landmarks(str(shared_clips / "lbax4n.mpg"), landmarker_task)
+    report = clip_smoothing_accuracy(build_demo_head(landmarker_task), sequence, TrackerConfig(), SmoothingConfig())
+    # The issue's target is 0.5; this clip reaches 0.45 (see the README for every clip).
+    assert report["jitter_smoothed_over_detector"] <= 0.5 < report["jitter_raw_over_detector"]
+    assert report["error_smoothed_pct_iod"] - report["error_raw_pct_iod"] <= 0.2
+    assert report["eyes_opening_correlation_smoothed"] >= 0.97
+    assert report["mouth_opening_correlation_smoothed"] >= 0.97
