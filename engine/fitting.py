@@ -354,6 +354,10 @@ class Calibration:
     shape: torch.Tensor  # (S,)
     focal: float
     frames: FitResult
+    #: How well the frames determined the focal length: the standard deviation of log(focal) that the data
+    #: alone allow (the inverse square root of the cost's curvature along log focal, with the identity and
+    #: every frame's pose free), e.g. 0.1 = about 10 %. None when the focal length was not fitted.
+    log_focal_std: float | None = None
 
 
 def calibrate(
@@ -397,6 +401,7 @@ def calibrate(
     evaluation, residuals, cost, prior_gradient, prior_diagonal = assess(state, shape, log_focal)
     damping = torch.tensor([config.initial_damping], **options)
     used = 0
+    schur = None
     for used in range(1, iterations + 1):
         frame_jacobian = block.jacobian(_linearise(model, evaluation, residuals, log_focal.exp(), center), residuals)  # (K, 2L, P)
         d_points = residuals.d_points.reshape(frames, -1, 2, 3)
@@ -447,7 +452,25 @@ def calibrate(
                 break
     frame_costs = residuals.data_cost
     result = FitResult(state, frame_costs, _weighted_rms_px(residuals, targets, config), used)
-    return Calibration(shape, float(log_focal.exp()), result)
+    spread = _log_focal_std(schur, residuals, config, n_shared + frames * block.size) if fit_focal else None
+    return Calibration(shape, float(log_focal.exp()), result, spread)
+
+
+def _log_focal_std(schur: torch.Tensor | None, residuals: _Residuals, config: FitConfig, n_params: int) -> float:
+    """sigma of log(focal) from the data: the marginal curvature along it (the Schur complement's last row,
+    with the identity eliminated too) without the priors, scaled by the residuals' actual
+    variance (the model's misfit counts as noise, so a fit that explains the frames poorly is not trusted)."""
+    if schur is None:
+        return math.inf
+    # The data's own curvature: without the identity prior, which would otherwise lend the focal length a
+    # certainty that only comes from preferring the mean face.
+    data = schur.double() - torch.diag_embed(torch.full((schur.shape[0],), config.priors.shape, dtype=torch.float64))
+    data[-1, -1] += config.priors.shape - config.priors.fov
+    inverse = torch.linalg.pinv(data, hermitian=True)
+    curvature = 1.0 / float(inverse[-1, -1])
+    observed = int((residuals.weights > 0).sum())
+    variance = max(2.0 * float(residuals.data_cost.sum()) / max(observed - n_params, 1), 1.0)
+    return math.sqrt(variance / curvature) if curvature > 0 else math.inf
 
 
 def _focal_for_fov(fov_deg: float, center: tuple[float, float]) -> float:

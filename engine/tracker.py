@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import torch
 
-from engine.camera import FLIP, Camera
+from engine.camera import FLIP, Camera, fov_from_focal
 from engine.export import euler_matrix
 from engine.filters import OneEuroConfig, OneEuroFilter
 from engine.fitting import Calibration, FitConfig, FrameFitter, FrameParams, Targets, calibrate
@@ -48,6 +48,9 @@ class TrackerConfig:
     n_exp: int = 50
     #: Vertical field of view in degrees; None estimates it during calibration.
     fov_deg: float | None = None
+    #: An estimated FOV is kept only when the frames determined log(focal) this well (standard deviation; 0.1
+    #: is about +-10 % in focal length); otherwise the webcam default (``fit.priors.fov_deg``) is used.
+    fov_max_log_std: float = 0.05
     fit: FitConfig = field(default_factory=FitConfig)
     calibration_frames: int = 8
     #: Live: how long to gather candidate frames before calibrating.
@@ -109,6 +112,10 @@ class Tracker:
         fov = self.config.fov_deg if self.config.fov_deg is not None else self.config.fit.priors.fov_deg
         self.camera = Camera(width, height, fov)
         self.shape = torch.zeros(self.layer.n_shape, dtype=self.config.dtype, device=self.config.device)
+        #: Where the FOV comes from: "given" (--fov), "estimated", or "default" (the frames did not determine it).
+        self.fov_source = "given" if self.config.fov_deg is not None else "default"
+        #: The standard deviation of log(focal) the last calibration's frames allowed (None: not estimated).
+        self.fov_log_std: float | None = None
         self._freeze_identity()
         self.calibrated = False
         self.shape_version = 0
@@ -305,6 +312,38 @@ class Tracker:
         self.calibrated = False
         self._pool, self._pool_started = [], None
 
+    def _calibrate_at_default_fov(self, params: FrameParams, targets: Targets, estimate: Calibration) -> Calibration:
+        """The frames did not determine the focal length (little head rotation, a far face): calibrate the
+        identity again at the documented webcam default instead of trusting a number they barely constrain."""
+        default_fov = self.config.fit.priors.fov_deg
+        log.warning(
+            "the frames do not determine the field of view (estimate %.0f deg, +-%.0f %% in focal length): using the "
+            "webcam default of %.0f deg; pass --fov DEG if you know it",
+            fov_from_focal(estimate.focal, self.camera.height), 100 * min(self.fov_log_std, 9.99), default_fov,
+        )
+        self.camera = Camera(self.camera.width, self.camera.height, default_fov)
+        self.fov_source = "default"
+        return calibrate(
+            self.full, params, targets, self.camera.focal, self.camera.center, self.config.fit, fit_focal=False, shape=self.shape
+        )
+
+    def fov_description(self) -> str:
+        """Where the FOV comes from, in words, for logs and files."""
+        if self.fov_source == "given":
+            return "given"
+        spread = "" if self.fov_log_std is None else f", +-{100 * min(self.fov_log_std, 9.99):.0f} % in focal length"
+        return f"{self.fov_source}{spread}"
+
+    def fov_report(self) -> dict[str, object]:
+        """The FOV, its source and how well the frames determined it, for meta.json and session.json."""
+        return {
+            "deg": self.camera.fov_deg,
+            "source": self.fov_source,
+            "log_focal_std": self.fov_log_std if self.fov_log_std is not None and math.isfinite(self.fov_log_std) else None,
+            "default_deg": self.config.fit.priors.fov_deg,
+            "max_log_focal_std": self.config.fov_max_log_std,
+        }
+
     def _calibrate_from_pool(self) -> None:
         chosen = select_diverse([c.feature for c in self._pool], self.config.calibration_frames)
         candidates = [self._pool[i] for i in chosen]
@@ -328,18 +367,25 @@ class Tracker:
             params = FrameParams(
                 torch.cat([p.exp for p in initial]), torch.cat([p.rotations for p in initial]), torch.cat([p.transl for p in initial])
             )
+        fit_focal = self.config.fov_deg is None
         result = calibrate(
             self.full, params, targets, self.camera.focal, self.camera.center, self.config.fit,
-            fit_focal=self.config.fov_deg is None, shape=self.shape,
+            fit_focal=fit_focal, shape=self.shape,
         )
+        if fit_focal:
+            self.fov_log_std = result.log_focal_std
+            self.fov_source = "estimated"
+            if not result.log_focal_std <= self.config.fov_max_log_std:
+                result = self._calibrate_at_default_fov(params, targets, result)
         self.shape = result.shape
         self.camera = self.camera.with_focal(result.focal)
         self._freeze_identity()
         self.calibrated = True
         self.shape_version += 1
         log.info(
-            "calibrated on %d frames in %.0f ms: fov %.1f deg, rms %.2f px",
-            len(observations), (time.perf_counter() - started) * 1e3, self.camera.fov_deg, float(result.frames.rms_px.mean()),
+            "calibrated on %d frames in %.0f ms: fov %.1f deg (%s), rms %.2f px",
+            len(observations), (time.perf_counter() - started) * 1e3, self.camera.fov_deg, self.fov_description(),
+            float(result.frames.rms_px.mean()),
         )
         return result
 

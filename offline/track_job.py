@@ -11,7 +11,9 @@ continues it. Output in ``DIR`` (format version in ``meta.json``), in the order 
 - ``job.json``: what is tracked (input path and fingerprint, model checksum, options); a folder holding
   another job is refused, and cleared only on request (``overwrite``);
 - ``landmarks.npz``: MediaPipe's landmarks of every frame, in the landmarks-file format ``track`` reads;
-- ``calibration.npz``: the identity (``shape``) and focal length (pixels) every frame is tracked with;
+- ``calibration.npz``: the identity (``shape``) and focal length (pixels) every frame is tracked with, and
+  where the focal length comes from (``fov_source``: given, estimated, default) with how well the frames
+  determined it (``fov_log_std``);
 - ``{frame:06d}.npz``: the reference tracker's keys (``shape exp head_pose jaw_pose neck_pose eye_pose
   cam fov K``, leading dimension 1), ``valid``, ``format_version``, ``model_checksum``, and with
   ``save_vertices`` the posed mesh in camera space; one file per frame, each written atomically;
@@ -385,11 +387,18 @@ def _calibration(tracker: Tracker, sequence: LandmarkSequence, out_dir: Path, ti
     if saved.is_file():
         with np.load(saved) as calibration:
             tracker.adopt_calibration(torch.as_tensor(calibration["shape"]), float(calibration["focal"]))
+            if "fov_source" in calibration.files:
+                tracker.fov_source = str(calibration["fov_source"])
+                tracker.fov_log_std = float(calibration["fov_log_std"]) if np.isfinite(calibration["fov_log_std"]) else None
         return
     single = calibrate_on_sequence(tracker, sequence, timings, progress)
     if single is not None:
         write_npz_atomic(frame_path(out_dir, 0), single)
-    write_npz_atomic(saved, {"shape": tracker.shape.cpu().numpy(), "focal": np.array(tracker.camera.focal)})
+    spread = np.nan if tracker.fov_log_std is None else tracker.fov_log_std
+    write_npz_atomic(saved, {
+        "shape": tracker.shape.cpu().numpy(), "focal": np.array(tracker.camera.focal),
+        "fov_source": np.array(tracker.fov_source), "fov_log_std": np.array(spread),
+    })  # fmt: skip
 
 
 def _track_and_write(
@@ -465,6 +474,7 @@ def _write_summary(
         "frames": len(results),
         "valid_frames": int(sum(bool(r["valid"][0]) for r in results)),
         "fov_deg": float(results[-1]["fov"][0]),
+        "fov": tracker.fov_report(),
         "n_shape": tracker.layer.n_shape,
         "n_exp": tracker.layer.n_exp,
         "smoothing": None if smoothing is None else smoothing.describe(),
