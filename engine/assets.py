@@ -12,8 +12,9 @@ one-line :class:`ModelFileError` naming the file, the key and what was expected.
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import numpy as np
@@ -44,7 +45,8 @@ def load_flame(
     model_path = mf.find_flame_model(directory_or_file)
     folder = model_path.parent
     sources = {model_path.name: mf.sha256_of(model_path)}
-    arrays = _read_model_arrays(model_path)
+    content = _read_model_content(model_path)
+    arrays = _read_model_arrays(model_path, content)
     n_vertices, n_joints = arrays["v_template"].shape[0], arrays["kintree_table"].shape[1]
     n_faces = arrays["f"].shape[0]
     shapedirs = arrays["shapedirs"]
@@ -52,7 +54,7 @@ def load_flame(
     n_exp = _component_count(n_exp, shapedirs.shape[2] - FLAME_SHAPE_COMPONENTS, "expression", model_path)
 
     model = HeadModel(
-        name=_flame_name(model_path),
+        name=_flame_name(model_path, content),
         is_demo=False,
         v_template=arrays["v_template"],
         shapedirs=np.ascontiguousarray(shapedirs[:, :, :n_shape]),
@@ -126,9 +128,33 @@ def _read_dict(path: Path, source: str, keys: tuple[str, ...] | None = None) -> 
 _FLAME_KEYS = ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table", "f")
 
 
-def _read_model_arrays(path: Path) -> dict[str, np.ndarray]:
+def _read_model_content(path: Path) -> dict[str, Any]:
+    """The model file's dict: a .pkl or .npz, or FLAME2023Open.zip as downloaded (only its model member)."""
+    if path.suffix.lower() == ".zip":
+        return _read_zip_member_dict(path, mf.FLAME_2023_OPEN_MEMBER, mf.FLAME_2023_OPEN.source)
+    return _read_dict(path, mf.FLAME_MODEL.source, keys=(*_FLAME_KEYS, mf.FLAME_2023_OPEN_KEY))
+
+
+def _read_zip_member_dict(path: Path, member_name: str, source: str) -> dict[str, Any]:
+    """One pickle inside a zip archive, read through the allow-listed unpickler without unpacking anything
+    else (the member is found by its file name, in any folder of the archive)."""
+
+    def read(archive_path: Path) -> Any:
+        with zipfile.ZipFile(archive_path) as archive:
+            members = [m for m in archive.infolist() if PurePosixPath(m.filename).name == member_name and not m.is_dir()]
+            if not members:
+                raise ModelFileError(f"{path.name} holds no {member_name}: it is not the archive from {source}")
+            with archive.open(members[0]) as stream:
+                return load_pickle(stream)
+
+    content = _read(path, read, source)
+    if not isinstance(content, dict):
+        raise ModelFileError(f"{member_name} in {path.name} holds a {type(content).__name__}, not the expected dict of arrays")
+    return content
+
+
+def _read_model_arrays(path: Path, content: dict[str, Any]) -> dict[str, np.ndarray]:
     """FLAME's arrays, checked against each other: V, J and F come from v_template, kintree_table and f."""
-    content = _read_dict(path, mf.FLAME_MODEL.source, keys=_FLAME_KEYS)
     arrays: dict[str, np.ndarray] = {}
     for key in _FLAME_KEYS:
         if key not in content:
@@ -190,8 +216,11 @@ def _parents_from_kintree(kintree: np.ndarray, path: Path) -> np.ndarray:
     return np.asarray(parents, dtype=np.int64)
 
 
-def _flame_name(model_path: Path) -> str:
-    """The FLAME version from the file or folder name (FLAME2020/, flame2023.pkl); the content does not say."""
+def _flame_name(model_path: Path, content: dict[str, Any]) -> str:
+    """The FLAME release: FLAME 2023 Open by its content (its expression metadata), the others by the file or
+    folder name (FLAME2020/, flame2023.pkl), as their content does not say."""
+    if mf.FLAME_2023_OPEN_KEY in content:
+        return mf.FLAME_2023_OPEN_NAME
     names = [model_path.stem.lower(), model_path.parent.name.lower()]
     for year in ("2023", "2020"):
         if any(year in name for name in names):

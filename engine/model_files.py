@@ -70,6 +70,18 @@ FLAME_MODEL = ModelFileSpec(
     source="flame.is.tue.mpg.de (free registration; FLAME 2020 or 2023)",
     license="FLAME model license, per user, no redistribution",
 )
+FLAME_2023_OPEN = ModelFileSpec(
+    names=("flame2023_Open.pkl", "FLAME2023Open.zip"),
+    purpose="FLAME 2023 Open head model (the zip as downloaded is read in place)",
+    need=Need.FLAME,
+    source="flame.is.tue.mpg.de (free registration; FLAME 2023 Open)",
+    license="CC-BY-4.0: commercial use allowed, with attribution",
+)
+#: The member of FLAME2023Open.zip that holds the model; nothing else in the archive is read.
+FLAME_2023_OPEN_MEMBER = "flame2023_Open.pkl"
+#: The key only FLAME 2023 Open's pickle has (its expression space's provenance): how the release is told apart.
+FLAME_2023_OPEN_KEY = "supr_expression_metadata"
+FLAME_2023_OPEN_NAME = "FLAME 2023 Open"
 DECA_EMBEDDING = ModelFileSpec(
     names=("landmark_embedding.npy",),
     purpose="68 landmarks on FLAME, with yaw-dependent jaw contour (DECA)",
@@ -130,6 +142,7 @@ FACE_LANDMARKER = ModelFileSpec(
 #: Every file the `models` command reports, in table order. The FLAME ones live beside the FLAME model.
 FLAME_FILES = (
     FLAME_MODEL,
+    FLAME_2023_OPEN,
     DECA_EMBEDDING,
     STATIC_EMBEDDING,
     DYNAMIC_EMBEDDING,
@@ -168,12 +181,12 @@ def find_flame_model(directory_or_file: str | Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        found = find_spec_file(path, FLAME_MODEL)
+        found = find_spec_file(path, FLAME_MODEL) or find_spec_file(path, FLAME_2023_OPEN)
         if found is not None:
             return found
         raise ModelFileError(
-            f"no FLAME model in {path}: put {FLAME_MODEL.name} there from {FLAME_MODEL.source}, "
-            "or use --flame demo for the demo head"
+            f"no FLAME model in {path}: put {FLAME_MODEL.name} there from {FLAME_MODEL.source} (or "
+            f"{FLAME_2023_OPEN.names[1]}, {FLAME_2023_OPEN.license}), or use --flame demo for the demo head"
         )
     raise ModelFileError(f"{path} does not exist: give a folder holding {FLAME_MODEL.name}, or the file itself")
 
@@ -305,8 +318,11 @@ def model_inventory(models_dir: Path, flame: Path | None = None, *, cache_dir: P
     """
     flame_dir = flame.parent if flame is not None and flame.is_file() else flame
     rows = [_landmarker_status(models_dir, cache_dir or default_cache_dir())]
+    model_spec = _model_spec_in(flame, flame_dir)
     for spec in FLAME_FILES:
-        if flame is not None and flame.is_file() and spec is FLAME_MODEL:
+        if spec in (FLAME_MODEL, FLAME_2023_OPEN) and spec is not model_spec:
+            continue  # one row for the model: the release that is there (FLAME 2020/2023 when none is)
+        if flame is not None and flame.is_file() and spec is model_spec:
             path: Path | None = flame
         else:
             path = find_spec_file(flame_dir, spec) if flame_dir is not None else None
@@ -323,12 +339,24 @@ def model_inventory(models_dir: Path, flame: Path | None = None, *, cache_dir: P
     found = {row.spec.name for row in rows if row.path is not None}
     missing: list[str] = []
     if flame_dir is not None:
-        if FLAME_MODEL.name not in found:
-            missing.append(f"{FLAME_MODEL.name} (the FLAME model) from {FLAME_MODEL.source}")
+        if model_spec.name not in found:
+            missing.append(
+                f"{FLAME_MODEL.name} (the FLAME model) from {FLAME_MODEL.source}, or {FLAME_2023_OPEN.names[1]} "
+                f"({FLAME_2023_OPEN.license})"
+            )
         landmarks = missing_landmark_files(found)
         if landmarks is not None:
             missing.append(landmarks)
     return Inventory(models_dir=models_dir, flame_dir=flame_dir, rows=tuple(rows), missing=tuple(missing))
+
+
+def _model_spec_in(flame: Path | None, flame_dir: Path | None) -> ModelFileSpec:
+    """Which model row the inventory shows: FLAME 2023 Open when that is the file given or the only one there."""
+    if flame is not None and flame.is_file():
+        return FLAME_2023_OPEN if flame.name in FLAME_2023_OPEN.names else FLAME_MODEL
+    if flame_dir is not None and find_spec_file(flame_dir, FLAME_MODEL) is None and find_spec_file(flame_dir, FLAME_2023_OPEN):
+        return FLAME_2023_OPEN
+    return FLAME_MODEL
 
 
 def missing_landmark_files(found: set[str]) -> str | None:

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from engine.head_model import HeadModel
-from engine.model_files import FLAME_MODEL, find_face_landmarker, find_spec_file
+from engine.model_files import FLAME_2023_OPEN, FLAME_MODEL, find_face_landmarker, find_spec_file
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,8 @@ def select_head_model(flame: str | None, models_dir: Path, n_tex: int | None = 0
     ``tracking``: the command fits landmarks, so a FLAME folder without a usable landmark embedding is refused
     here, before any work (exports only pose the mesh and need none).
     """
-    if flame == DEMO or (flame is None and find_spec_file(models_dir, FLAME_MODEL) is None):
+    no_flame = find_spec_file(models_dir, FLAME_MODEL) is None and find_spec_file(models_dir, FLAME_2023_OPEN) is None
+    if flame == DEMO or (flame is None and no_flame):
         from engine.demo_head import build_demo_head
 
         if flame is None:

@@ -26,6 +26,7 @@ import pickle
 import shutil
 import struct
 import types
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ HEAD_CENTRE = np.array([0.0, -0.01, 0.0])  # low enough that the chin (y = -9.4 
 FRONT_DENSITY = 0.5  # azimuth samples are (1 + d) / (1 - d) times denser on the face than at the back
 EYE_RADIUS = 0.0122
 EYE_CENTRES_XY = {"left": (0.0315, 0.026), "right": (-0.0315, 0.026)}  # the subject's left is +x
+OPEN_METADATA_KEY = "supr_expression_metadata"  # the key only FLAME 2023 Open's pickle has
 ROOT_SENTINEL = 4294967295  # kintree_table[0, 0] in the files: 2**32 - 1, "no parent"
 
 N_HEAD_VERTICES = 1 + HEAD_SEGMENTS * HEAD_RINGS
@@ -568,7 +570,9 @@ def write_flame_folder(
 ) -> Path:
     """Write a complete FLAME-format folder and return it.
 
-    model_format: "pkl" (generic_model.pkl as FLAME ships it) or "npz"; embeddings: any of "deca",
+    model_format: "pkl" (generic_model.pkl as FLAME ships it), "npz", "open" (flame2023_Open.pkl, FLAME 2023
+    Open's layout: the same arrays plus its ``supr_expression_metadata``) or "open_zip" (that pickle inside
+    FLAME2023Open.zip, beside a readme, as downloaded); embeddings: any of "deca",
     "ringnet", "mediapipe"; texture: "flame" (FLAME_texture.npz with vt/ft), "bfm"
     (FLAME_albedo_from_BFM.npz) or None; head_template: also write head_template.obj (v, vt, f v/vt).
     """
@@ -629,7 +633,9 @@ def _write_model(
     faces: np.ndarray,
     j_regressor: np.ndarray,
 ) -> None:
-    """generic_model.pkl as FLAME ships it (chumpy arrays, a csc J_regressor) or generic_model.npz."""
+    """generic_model.pkl as FLAME ships it (chumpy arrays, a csc J_regressor), generic_model.npz, or FLAME 2023
+    Open's layout: the same arrays plus its ``supr_expression_metadata``, as flame2023_Open.pkl ("open") or
+    inside FLAME2023Open.zip beside a readme ("open_zip"), as downloaded."""
     model = {
         "v_template": v_template,
         "shapedirs": shapedirs,
@@ -641,15 +647,26 @@ def _write_model(
         "bs_style": "lbs",
         "bs_type": "lrotmin",
     }
-    if model_format == "pkl":
+    if model_format in ("pkl", "open", "open_zip"):
         chumpy_keys = ("v_template", "shapedirs", "posedirs", "weights", "J")
         pickled = {k: _ChumpyCh(v) if k in chumpy_keys else v for k, v in model.items()}
         pickled["J_regressor"] = _ScipyCsc(j_regressor)
-        (out_dir / "generic_model.pkl").write_bytes(_legacy_pickle(pickled))
+        if model_format == "pkl":
+            (out_dir / "generic_model.pkl").write_bytes(_legacy_pickle(pickled))
+            return
+        # Made-up contents under the real key: only its presence identifies the release.
+        pickled[OPEN_METADATA_KEY] = {"basis": "fixture", "n_expression": np.array(N_EXP)}
+        payload = _legacy_pickle(pickled)
+        if model_format == "open":
+            (out_dir / "flame2023_Open.pkl").write_bytes(payload)
+        else:
+            with zipfile.ZipFile(out_dir / "FLAME2023Open.zip", "w") as archive:
+                archive.writestr("FLAME2023Open/readme.txt", "FLAME 2023 Open (fixture)\n")
+                archive.writestr("FLAME2023Open/flame2023_Open.pkl", payload)
     elif model_format == "npz":
         np.savez(out_dir / "generic_model.npz", J_regressor=j_regressor, **model)
     else:
-        raise ValueError(f"model_format must be 'pkl' or 'npz', not {model_format!r}")
+        raise ValueError(f"model_format must be 'pkl', 'npz', 'open' or 'open_zip', not {model_format!r}")
 
 
 def write_small_model(out_dir: Path, model_format: str = "pkl", n_vertices: int = 12, seed: int = 0) -> Path:

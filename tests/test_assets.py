@@ -306,3 +306,49 @@ def test_safe_reader_rebuilds_real_numpy_and_scipy_pickles(protocol: int) -> Non
     np.testing.assert_array_equal(plain["csr"], dense)
     np.testing.assert_array_equal(plain["array"], content["array"])
     assert plain["scalar"] == 1.5 and plain["names"] == {"lbs", "lrotmin"}
+
+
+# ------------------------------------------------------------------------------------------- FLAME 2023 Open
+
+
+@pytest.mark.parametrize("model_format", ["open", "open_zip"])
+def test_flame_2023_open_is_recognised_by_its_content_and_read_exactly(tmp_path: Path, model_format: str) -> None:
+    folder = write_flame_folder(tmp_path / "FLAME2020", model_format=model_format, embeddings=("deca",), texture=None)
+    model = load_flame(folder)  # the folder's name says 2020: the content wins
+    assert model.name == "FLAME 2023 Open"
+    truth = flame_arrays()
+    np.testing.assert_array_equal(model.v_template, truth.v_template)
+    np.testing.assert_array_equal(model.exprdirs, truth.shapedirs[:, :, 300:])
+    expected = "FLAME2023Open.zip" if model_format == "open_zip" else "flame2023_Open.pkl"
+    assert expected in model.sources
+
+
+def test_a_zip_without_the_model_member_is_one_line(tmp_path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "FLAME2023Open.zip", "w") as archive:
+        archive.writestr("FLAME2023Open/readme.txt", "no model here\n")
+    message = _load_error(tmp_path)
+    assert message.startswith("FLAME2023Open.zip holds no flame2023_Open.pkl")
+
+
+def test_a_malicious_pickle_inside_the_zip_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+    import zipfile
+
+    marker = tmp_path / "pwned"
+    with zipfile.ZipFile(tmp_path / "FLAME2023Open.zip", "w") as archive:
+        archive.writestr("FLAME2023Open/flame2023_Open.pkl", pickle.dumps({"v_template": _payloads(marker)["os.system"]}, protocol=2))
+    message = _load_error(tmp_path)
+    assert "refused without running anything" in message and "FLAME2023Open.zip" in message
+    assert not marker.exists()
+
+
+def test_models_names_the_open_release_and_its_commercial_license(tmp_path: Path) -> None:
+    from engine.model_files import model_inventory
+
+    folder = write_flame_folder(tmp_path / "flame", model_format="open_zip", embeddings=("mediapipe",), texture=None)
+    inventory = model_inventory(folder, folder, cache_dir=tmp_path)
+    assert inventory.ready
+    table = inventory.table()
+    assert "FLAME2023Open.zip" in table and "CC-BY-4.0: commercial use allowed" in table
+    assert "generic_model.pkl" not in table
