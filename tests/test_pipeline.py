@@ -248,6 +248,7 @@ def test_recording_holds_exactly_what_was_published(live_run: LiveRun) -> None:
     calibration = reader.metadata["calibration"]
     assert calibration["shape"] == live_run.messages(TOPIC_SHAPE)[-1]["shape"]
     assert reader.metadata["camera"]["fov_deg"] == pytest.approx(live_run.pipeline.tracker.camera.fov_deg)
+    assert reader.metadata["camera"]["fov"] == live_run.pipeline.tracker.fov_report()  # where the FOV comes from
 
 
 def test_replay_publishes_the_recorded_messages_again(live_run: LiveRun) -> None:
