@@ -4,6 +4,7 @@ to single `track` runs, a corrupt file fails alone, a rerun skips what is done; 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +17,15 @@ CLIPS = ("bbaf2n.mpg", "lbax4n.mpg", "id2_vcd_swwp2s.mpg")  # GRID: 3 s each, 75
 
 
 @pytest.fixture(scope="module")
-def ray_address() -> str:
-    """A real two-CPU Ray cluster on this machine; the batch joins it by address, as it would a remote one."""
+def ray_address() -> Iterator[str]:
+    """A real two-CPU Ray cluster on this machine; the batch joins it by address, as it would a remote one.
+    (Tests ask for it after the shared data, so that it is not started for a test that skips.)"""
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
 
-def test_ray_batch_of_real_clips_equals_single_tracks(ray_address: str, shared_clips: Path, landmarker_task: Path, tmp_path: Path) -> None:
+def test_ray_batch_of_real_clips_equals_single_tracks(shared_clips: Path, landmarker_task: Path, ray_address: str, tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(bytes(range(256)) * 64)
     root = tmp_path / "root"
