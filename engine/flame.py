@@ -13,6 +13,7 @@ Two paths share the same code:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,15 @@ def _contour_rows(yaw_deg: torch.Tensor) -> torch.Tensor:
     negative = 39 - yaw
     negative = torch.where(yaw < -MAX_CONTOUR_YAW_DEG, torch.full_like(yaw, 78), negative)
     return torch.where(yaw < 0, negative, yaw)
+
+
+def contour_row(root_rotation: np.ndarray) -> int:
+    """The contour table row of one head rotation (3, 3): :meth:`FlameLayer.contour_rows` for a single frame."""
+    yaw = -math.degrees(math.atan2(-root_rotation[2, 0], math.hypot(root_rotation[0, 0], root_rotation[1, 0])))
+    yaw = round(min(yaw, MAX_CONTOUR_YAW_DEG))
+    if yaw >= 0:
+        return yaw
+    return 78 if yaw < -MAX_CONTOUR_YAW_DEG else 39 - yaw
 
 
 class _VertexSubset:

@@ -45,7 +45,7 @@ class LandmarkEvaluation:
     _coeffs: torch.Tensor | None = None
     _rotations: torch.Tensor | None = None
     _kinematics: _Kinematics | None = None
-    _parts: list[tuple[_Table, torch.Tensor]] | None = None  # (table, contributions (B, L, Ja, 3))
+    _parts: list[tuple[LandmarkTable, torch.Tensor]] | None = None  # (table, contributions (B, L, Ja, 3))
 
 
 def _skew(vectors: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,7 @@ def _skew(vectors: torch.Tensor) -> torch.Tensor:
     return torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).reshape(*vectors.shape, 3)
 
 
-class _Table:
+class LandmarkTable:
     """Per-(landmark, active joint) rest points and their bases for a list of landmarks.
 
     Bases are stored joint-major, (..., Ja, 3, L, C), so that rotating them by each joint's world rotation is
@@ -71,7 +71,7 @@ class _Table:
         self.has_pose_correctives = bool(pose_basis.abs().amax() > 0)
 
     @classmethod
-    def build(cls, layer: FlameLayer, vertex_idx: torch.Tensor, bary: torch.Tensor, joints: torch.Tensor) -> _Table:
+    def build(cls, layer: FlameLayer, vertex_idx: torch.Tensor, bary: torch.Tensor, joints: torch.Tensor) -> LandmarkTable:
         # vertex_idx, bary: (..., L, 3); leading dims (if any) index alternatives such as contour rows.
         skin = (layer.lbs_weights[vertex_idx] * bary[..., None])[..., joints]  # (..., L, 3 corners, Ja): b_k w_kj
         basis = torch.cat([layer.shapedirs, layer.exprdirs], dim=-1)[vertex_idx]  # (..., L, 3 corners, 3, C)
@@ -83,22 +83,22 @@ class _Table:
             joints,
         )
 
-    def select(self, rows: torch.Tensor) -> _Table:
+    def select(self, rows: torch.Tensor) -> LandmarkTable:
         """One alternative per batch item: (B,) rows of a table with a leading alternatives dimension."""
-        return _Table(self.weight[rows], self.rest[rows], self.coeff_basis[rows], self.pose_basis[rows], self.joints)
+        return LandmarkTable(self.weight[rows], self.rest[rows], self.coeff_basis[rows], self.pose_basis[rows], self.joints)
 
-    def concat(self, other: _Table) -> _Table:
+    def concat(self, other: LandmarkTable) -> LandmarkTable:
         """The landmarks of ``self`` followed by those of ``other`` (unbatched tables on the same joints)."""
-        return _Table(
+        return LandmarkTable(
             torch.cat([self.weight, other.weight]), torch.cat([self.rest, other.rest]),
             torch.cat([self.coeff_basis, other.coeff_basis], dim=2), torch.cat([self.pose_basis, other.pose_basis], dim=2),
             self.joints,
         )
 
-    def with_fixed_shape(self, shape: torch.Tensor, n_shape: int) -> _Table:
+    def with_fixed_shape(self, shape: torch.Tensor, n_shape: int) -> LandmarkTable:
         """The same landmarks with the identity coefficients ``shape`` (n_shape,) folded into the rest points."""
         shaped = torch.einsum("...jxlc,c->...ljx", self.coeff_basis[..., :n_shape], shape)
-        return _Table(self.weight, self.rest + shaped, self.coeff_basis[..., n_shape:].contiguous(), self.pose_basis, self.joints)
+        return LandmarkTable(self.weight, self.rest + shaped, self.coeff_basis[..., n_shape:].contiguous(), self.pose_basis, self.joints)
 
 
 @dataclass
@@ -145,9 +145,9 @@ class LandmarkModel:
         if with_contour:
             used.append(layer.lbs_weights[layer.contour_vertex_idx].reshape(-1, self.n_joints))
         joints = torch.nonzero(torch.cat(used).abs().sum(0) > 0).flatten()
-        self.contour = _Table.build(layer, layer.contour_vertex_idx, layer.contour_bary, joints) if with_contour else None
-        self.static = _Table.build(layer, static_idx, static_bary, joints)
-        self._joined: dict[int, _Table] = {}  # contour row -> contour + static table, for single frames
+        self.contour = LandmarkTable.build(layer, layer.contour_vertex_idx, layer.contour_bary, joints) if with_contour else None
+        self.static = LandmarkTable.build(layer, static_idx, static_bary, joints)
+        self._joined: dict[int, LandmarkTable] = {}  # contour row -> contour + static table, for single frames
         self.joint_coeff_basis = torch.cat([layer.j_shapedirs, layer.j_exprdirs], dim=-1)  # (J, 3, C)
         self.joint_rest = layer.j_template
         self.subtree = self._subtree_masks()
@@ -204,23 +204,29 @@ class LandmarkModel:
             d_pos.append(kin.world_rot[:, parent] @ d_offset + d_pos[parent])
         return torch.stack(d_pos, dim=1)
 
-    def _tables(self, rotations: torch.Tensor) -> list[_Table]:
-        """The landmark tables for this pose: contour rows chosen by head yaw, then the static points.
-
-        A single frame (the tracking case) gets one joined table per yaw row, built once and kept: the row
-        changes only when the yaw crosses a whole degree, and one table halves the work of two.
-        """
+    def _tables(self, rotations: torch.Tensor) -> list[LandmarkTable]:
+        """The landmark tables for this pose: contour rows chosen by head yaw, then the static points."""
         if self.contour is None:
             return [self.static]
         rows = self.layer.contour_rows(rotations)
         if rows.shape[0] > 1:
             return [self.contour.select(rows), self.static]
-        row = int(rows[0])
-        if row not in self._joined:
+        return [self.single_frame_table(int(rows[0]))]
+
+    def single_frame_table(self, contour_row: int | None) -> LandmarkTable:
+        """All landmarks of one frame whose head yaw selects ``contour_row`` (None for a model without contour).
+
+        Joined tables are built once per row and kept: the row changes only when the yaw crosses a whole
+        degree, and one table halves the work of two.
+        """
+        if self.contour is None:
+            return self.static
+        if contour_row not in self._joined:
             if len(self._joined) >= _JOINED_TABLES_KEPT:
                 del self._joined[next(iter(self._joined))]  # the oldest row
-            self._joined[row] = self.contour.select(rows[0]).concat(self.static)
-        return [self._joined[row]]
+            row = torch.tensor(contour_row, device=self.joint_rest.device)
+            self._joined[contour_row] = self.contour.select(row).concat(self.static)
+        return self._joined[contour_row]
 
     def evaluate(self, coeffs: torch.Tensor, rotations: torch.Tensor, transl: torch.Tensor, jacobians: bool = True) -> LandmarkEvaluation:
         kin = self._kinematics(coeffs, rotations)
@@ -246,7 +252,7 @@ class LandmarkModel:
         return evaluation
 
     @staticmethod
-    def _table_weight(table: _Table) -> torch.Tensor:
+    def _table_weight(table: LandmarkTable) -> torch.Tensor:
         return table.weight if table.weight.dim() == 3 else table.weight[None]  # (B|1, L, Ja)
 
     @staticmethod
@@ -259,7 +265,7 @@ class LandmarkModel:
             return (basis @ values.T).permute(3, 2, 0, 1)
         return (basis @ values[:, None, None, :, None])[..., 0].permute(0, 3, 1, 2)
 
-    def _contributions(self, table: _Table, coeffs: torch.Tensor, kin: _Kinematics) -> torch.Tensor:
+    def _contributions(self, table: LandmarkTable, coeffs: torch.Tensor, kin: _Kinematics) -> torch.Tensor:
         """(B, L, Ja, 3): each active joint's share of each landmark, posed."""
         joints = table.joints
         weight = self._table_weight(table)
@@ -271,7 +277,7 @@ class LandmarkModel:
         return rotated + weight[..., None] * kin.world_pos[:, None, joints]
 
     def _part_jacobians(
-        self, table: _Table, contributions: torch.Tensor, coeffs: torch.Tensor, rotations: torch.Tensor, kin: _Kinematics
+        self, table: LandmarkTable, contributions: torch.Tensor, coeffs: torch.Tensor, rotations: torch.Tensor, kin: _Kinematics
     ) -> tuple[torch.Tensor, torch.Tensor]:
         joints = table.joints
         rot_w = kin.world_rot[:, joints]

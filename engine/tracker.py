@@ -31,6 +31,7 @@ from engine.export import euler_matrix
 from engine.filters import OneEuroConfig, OneEuroFilter
 from engine.fitting import Calibration, FitConfig, FrameFitter, FrameParams, Targets, calibrate
 from engine.flame import FlameLayer, rotation_log, rodrigues
+from engine.frame_solver import CpuFrameFitter
 from engine.head_model import HeadModel
 from engine.landmark_model import LandmarkModel
 from engine.targets import TargetBuilder, groups_for, spans_a_face, tracking_head
@@ -70,6 +71,9 @@ class TrackerConfig:
     output_filter: OneEuroConfig | None = None
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    #: Per-frame solve: "numpy" on the CPU whatever ``device`` is (one frame is too small for PyTorch's
+    #: per-operation cost, let alone kernel launches), or "torch" on ``device`` (the batched solver).
+    frame_solver: Literal["numpy", "torch"] = "numpy"
 
 
 @dataclass
@@ -130,7 +134,8 @@ class Tracker:
     def _freeze_identity(self) -> None:
         """Specialise the landmark model and the per-frame fitter to the current shape and camera."""
         self.fixed = self.full.with_fixed_shape(self.shape)
-        self.fitter = FrameFitter(self.fixed, self.config.fit)
+        solver = CpuFrameFitter if self.config.frame_solver == "numpy" else FrameFitter
+        self.fitter = solver(self.fixed, self.config.fit)
         self.focal = torch.tensor(self.camera.focal, dtype=self.config.dtype, device=self.config.device)
 
     def can_fit(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> bool:

@@ -1,0 +1,57 @@
+"""The NumPy per-frame solver gives the batched PyTorch solver's fits, frame for frame."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.assets import load_flame
+from engine.demo_head import build_demo_head
+from engine.frame_solver import CpuFrameFitter
+from engine.synthetic import SyntheticMotion, synthetic_sequence
+from engine.tracker import Tracker, TrackerConfig
+
+
+def _trackers(head, config: TrackerConfig) -> tuple[Tracker, Tracker, object]:
+    """A NumPy-solver and a PyTorch-solver tracker with one identity, and the sequence they track."""
+    survey = Tracker(head, (512, 512), config)
+    sequence = synthetic_sequence(survey.layer, SyntheticMotion(frames=60, max_yaw_deg=35.0))
+    survey.calibrate([(None if sequence.mp478 is None else sequence.mp478[i], None if sequence.lmk68 is None else sequence.lmk68[i]) for i in range(0, 60, 8)])
+    trackers = []
+    for solver in ("numpy", "torch"):
+        tracker = Tracker(head, (512, 512), replace(config, frame_solver=solver))
+        tracker.adopt_calibration(survey.shape, survey.camera.focal)
+        trackers.append(tracker)
+    return trackers[0], trackers[1], sequence
+
+
+@pytest.mark.parametrize("model_name", ["flame", "demo"])
+def test_numpy_solver_tracks_a_sequence_exactly_as_the_torch_solver(model_name: str, request: pytest.FixtureRequest) -> None:
+    if model_name == "flame":
+        head = load_flame(request.getfixturevalue("flame_dir"), n_shape=100, n_exp=50)
+    else:
+        head = build_demo_head(request.getfixturevalue("landmarker_task"))
+    config = TrackerConfig(dtype=torch.float64, calibration_seconds=float("inf"))
+    fast, reference, sequence = _trackers(head, config)
+    assert isinstance(fast.fitter, CpuFrameFitter) and not isinstance(reference.fitter, CpuFrameFitter)
+    for index in range(60):
+        observed = [None if a is None else a[index] for a in (sequence.mp478, sequence.lmk68)]
+        if index in (20, 21):  # a lost face: the next frame starts cold in both
+            observed = [None, None]
+        got = fast.track(*observed, timestamp=index / sequence.fps)
+        want = reference.track(*observed, timestamp=index / sequence.fps)
+        assert (got.valid, got.iterations) == (want.valid, want.iterations), f"frame {index}"
+        for name in ("exp", "pose", "transl", "head_rot", "head_trans"):
+            np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=0, atol=1e-6, err_msg=f"frame {index} {name}")
+        np.testing.assert_allclose(got.rms_px, want.rms_px, rtol=1e-6, atol=1e-9, equal_nan=True)
+
+
+def test_numpy_solver_refuses_batches(flame_dir: Path) -> None:
+    tracker = Tracker(load_flame(flame_dir, n_shape=20, n_exp=10), (256, 256))
+    params = tracker.cold_start(tracker.targets(np.full((2, 478, 2), 128.0), None))
+    with pytest.raises(ValueError, match="one frame at a time"):
+        tracker.fitter.fit(params, tracker.targets(np.full((2, 478, 2), 128.0), None), tracker.focal, tracker.camera.center)
