@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -74,6 +75,9 @@ class TrackerConfig:
     #: Per-frame solve: "numpy" on the CPU whatever ``device`` is (one frame is too small for PyTorch's
     #: per-operation cost, let alone kernel launches), or "torch" on ``device`` (the batched solver).
     frame_solver: Literal["numpy", "torch"] = "numpy"
+    #: Calibrate from the candidate pool in a thread of its own and adopt the result between frames, so that
+    #: live tracking never waits for it (offline runs calibrate in line, for results that never vary).
+    calibrate_in_background: bool = False
 
 
 @dataclass
@@ -92,6 +96,27 @@ class TrackedFrame:
     fit_ms: float
     calibrated: bool
     shape_version: int
+
+
+@dataclass
+class TrackingIdentity:
+    """An identity and camera with the per-frame model and fitter specialised to them (see Tracker.identity_for)."""
+
+    shape: torch.Tensor
+    camera: Camera
+    fixed: LandmarkModel
+    fitter: CpuFrameFitter | FrameFitter
+    focal: torch.Tensor
+
+
+@dataclass
+class _CalibrationOutcome:
+    """A calibration's result with the camera and FOV provenance it leads to, before the tracker takes them."""
+
+    result: Calibration
+    camera: Camera
+    fov_source: str
+    fov_log_std: float | None
 
 
 @dataclass
@@ -129,14 +154,26 @@ class Tracker:
         self._pool_started: float | None = None
         self._filter = OneEuroFilter(self.config.output_filter) if self.config.output_filter else None
         self._last_frame: TrackedFrame | None = None
+        self._calibration_thread: threading.Thread | None = None
+        self._calibration_generation = 0  # a request to recalibrate makes a running calibration's result stale
+        self._calibrated_identity: tuple[TrackingIdentity, _CalibrationOutcome] | None = None  # from the calibration thread
+        self._calibration_lock = threading.Lock()
 
     # --------------------------------------------------------------------------------------------- helpers
     def _freeze_identity(self) -> None:
         """Specialise the landmark model and the per-frame fitter to the current shape and camera."""
-        self.fixed = self.full.with_fixed_shape(self.shape)
+        self._use(self._identity(self.shape, self.camera))
+
+    def _identity(self, shape: torch.Tensor, camera: Camera) -> TrackingIdentity:
+        """What tracking with this identity and camera needs, built without touching the tracker's state."""
+        fixed = self.full.with_fixed_shape(shape)
         solver = CpuFrameFitter if self.config.frame_solver == "numpy" else FrameFitter
-        self.fitter = solver(self.fixed, self.config.fit)
-        self.focal = torch.tensor(self.camera.focal, dtype=self.config.dtype, device=self.config.device)
+        focal = torch.tensor(camera.focal, dtype=self.config.dtype, device=self.config.device)
+        return TrackingIdentity(shape, camera, fixed, solver(fixed, self.config.fit), focal)
+
+    def _use(self, identity: TrackingIdentity) -> None:
+        self.shape, self.camera = identity.shape, identity.camera
+        self.fixed, self.fitter, self.focal = identity.fixed, identity.fitter, identity.focal
 
     def can_fit(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> bool:
         """Whether one frame's landmarks can be fitted: enough observed, spanning a face."""
@@ -210,6 +247,7 @@ class Tracker:
         """Fit one frame. ``mp478`` (478, 2) and/or ``lmk68`` (68, 2) pixels, NaN unobserved; None = no face."""
         timestamp = time.monotonic() if timestamp is None else timestamp
         started = time.perf_counter()
+        self._adopt_background_calibration()
         if mp478 is None and lmk68 is None:
             return self._invalid(started)
         targets = self.targets(None if mp478 is None else mp478[None], None if lmk68 is None else lmk68[None])
@@ -230,7 +268,7 @@ class Tracker:
             return self._invalid(started, rms_px, result.iterations)
         self._lost = False
         self._history = (self._history + [(timestamp, params)])[-2:]
-        if not self.calibrated:
+        if not self.calibrated and self._calibration_thread is None:
             self._offer_candidate(mp478, lmk68, params, timestamp)
         frame = self._frame(params, True, rms_px, result.iterations, started, timestamp)
         self._last_frame = frame
@@ -294,8 +332,19 @@ class Tracker:
 
     def adopt_identity(self, shape: torch.Tensor) -> None:
         """Track with an identity refined elsewhere (photometric refinement); call between frames."""
-        self.shape = shape.detach().to(device=self.shape.device, dtype=self.shape.dtype).reshape(self.shape.shape).clone()
-        self._freeze_identity()
+        self.adopt_prepared_identity(self.identity_for(shape))
+
+    def identity_for(self, shape: torch.Tensor) -> TrackingIdentity:
+        """Everything tracking with ``shape`` needs, built on the caller's thread (the slow part of adopting
+        an identity, kept off the tracking thread); hand it to :meth:`adopt_prepared_identity`."""
+        shape = shape.detach().to(device=self.shape.device, dtype=self.shape.dtype).reshape(self.shape.shape).clone()
+        return self._identity(shape, self.camera)
+
+    def adopt_prepared_identity(self, identity: TrackingIdentity) -> None:
+        """Track with an identity from :meth:`identity_for`; call between frames."""
+        if identity.camera != self.camera:  # calibrated again meanwhile: the identity keeps the new camera
+            identity = self._identity(identity.shape, self.camera)
+        self._use(identity)
         self.shape_version += 1
 
     def adopt_calibration(self, shape: torch.Tensor, focal: float) -> None:
@@ -316,20 +365,22 @@ class Tracker:
         """Gather new candidate frames and calibrate again (the current identity is kept meanwhile)."""
         self.calibrated = False
         self._pool, self._pool_started = [], None
+        with self._calibration_lock:
+            self._calibration_generation += 1
+            self._calibrated_identity = None
+        self._calibration_thread = None
 
-    def _calibrate_at_default_fov(self, params: FrameParams, targets: Targets, estimate: Calibration) -> Calibration:
+    def _calibrate_at_default_fov(self, params: FrameParams, targets: Targets, estimate: Calibration, camera: Camera) -> Calibration:
         """The frames did not determine the focal length (little head rotation, a far face): calibrate the
-        identity again at the documented webcam default instead of trusting a number they barely constrain."""
-        default_fov = self.config.fit.priors.fov_deg
+        identity again at the documented webcam default (``camera``) instead of trusting a number they barely
+        constrain."""
         log.warning(
             "the frames do not determine the field of view (estimate %.0f deg, +-%.0f %% in focal length): using the "
             "webcam default of %.0f deg; pass --fov DEG if you know it",
-            fov_from_focal(estimate.focal, self.camera.height), 100 * min(self.fov_log_std, 9.99), default_fov,
+            fov_from_focal(estimate.focal, self.camera.height), 100 * min(estimate.log_focal_std, 9.99), camera.fov_deg,
         )
-        self.camera = Camera(self.camera.width, self.camera.height, default_fov)
-        self.fov_source = "default"
         return calibrate(
-            self.full, params, targets, self.camera.focal, self.camera.center, self.config.fit, fit_focal=False, shape=self.shape
+            self.full, params, targets, camera.focal, camera.center, self.config.fit, fit_focal=False, shape=self.shape
         )
 
     def fov_description(self) -> str:
@@ -352,14 +403,68 @@ class Tracker:
     def _calibrate_from_pool(self) -> None:
         chosen = select_diverse([c.feature for c in self._pool], self.config.calibration_frames)
         candidates = [self._pool[i] for i in chosen]
-        self.calibrate([(c.mp478, c.lmk68) for c in candidates], [c.params for c in candidates])
+        observations, initial = [(c.mp478, c.lmk68) for c in candidates], [c.params for c in candidates]
         self._pool, self._pool_started = [], None
+        if not self.config.calibrate_in_background:
+            self.calibrate(observations, initial)
+            return
+        generation = self._calibration_generation
+
+        def work() -> None:
+            outcome = self._calibration(observations, initial)
+            identity = self._identity(outcome.result.shape, outcome.camera)
+            with self._calibration_lock:
+                if generation == self._calibration_generation:
+                    self._calibrated_identity = (identity, outcome)
+
+        self._calibration_thread = threading.Thread(target=work, name="flame-live-calibration", daemon=True)
+        self._calibration_thread.start()
+
+    def _adopt_background_calibration(self) -> None:
+        """Between frames: take the identity that the calibration thread finished, if any."""
+        if self._calibration_thread is None:
+            return
+        with self._calibration_lock:
+            finished, self._calibrated_identity = self._calibrated_identity, None
+        if finished is None:
+            if not self._calibration_thread.is_alive():  # it failed: gather candidates again
+                log.warning("calibration failed; calibrating again from the next frames")
+                self._calibration_thread = None
+            return
+        self._calibration_thread = None
+        identity, outcome = finished
+        self._use(identity)
+        self._adopt_fov(outcome)
+        log.info(
+            "calibrated in the background: fov %.1f deg (%s), rms %.2f px",
+            self.camera.fov_deg, self.fov_description(), float(outcome.result.frames.rms_px.mean()),
+        )
 
     def calibrate(
         self, observations: list[tuple[np.ndarray | None, np.ndarray | None]], initial: list[FrameParams] | None = None
     ) -> Calibration:
         """Fit identity (and FOV unless fixed) jointly over these frames, then freeze it for tracking."""
         started = time.perf_counter()
+        outcome = self._calibration(observations, initial)
+        self._use(self._identity(outcome.result.shape, outcome.camera))
+        self._adopt_fov(outcome)
+        log.info(
+            "calibrated on %d frames in %.0f ms: fov %.1f deg (%s), rms %.2f px",
+            len(observations), (time.perf_counter() - started) * 1e3, self.camera.fov_deg, self.fov_description(),
+            float(outcome.result.frames.rms_px.mean()),
+        )
+        return outcome.result
+
+    def _adopt_fov(self, outcome: _CalibrationOutcome) -> None:
+        """The rest of taking a calibration, after its identity: how the FOV was found, and the new version."""
+        self.fov_source, self.fov_log_std = outcome.fov_source, outcome.fov_log_std
+        self.calibrated = True
+        self.shape_version += 1
+
+    def _calibration(
+        self, observations: list[tuple[np.ndarray | None, np.ndarray | None]], initial: list[FrameParams] | None
+    ) -> _CalibrationOutcome:
+        """The joint fit of :meth:`calibrate`, leaving the tracker as it was (safe on another thread)."""
         mp = [o[0] for o in observations]
         lmk = [o[1] for o in observations]
         targets = self.targets(
@@ -377,23 +482,14 @@ class Tracker:
             self.full, params, targets, self.camera.focal, self.camera.center, self.config.fit,
             fit_focal=fit_focal, shape=self.shape,
         )
+        camera, fov_source, fov_log_std = self.camera, self.fov_source, self.fov_log_std
         if fit_focal:
-            self.fov_log_std = result.log_focal_std
-            self.fov_source = "estimated"
+            fov_source, fov_log_std = "estimated", result.log_focal_std
             if not result.log_focal_std <= self.config.fov_max_log_std:
-                result = self._calibrate_at_default_fov(params, targets, result)
-        self.shape = result.shape
-        self.camera = self.camera.with_focal(result.focal)
-        self._freeze_identity()
-        self.calibrated = True
-        self.shape_version += 1
-        log.info(
-            "calibrated on %d frames in %.0f ms: fov %.1f deg (%s), rms %.2f px",
-            len(observations), (time.perf_counter() - started) * 1e3, self.camera.fov_deg, self.fov_description(),
-            float(result.frames.rms_px.mean()),
-        )
-        return result
-
+                camera = Camera(self.camera.width, self.camera.height, self.config.fit.priors.fov_deg)
+                fov_source = "default"
+                result = self._calibrate_at_default_fov(params, targets, result, camera)
+        return _CalibrationOutcome(result, camera.with_focal(result.focal), fov_source, fov_log_std)
 
 def fit_single(
     head: HeadModel,

@@ -1,11 +1,15 @@
 """The live loop: newest frame -> MediaPipe -> tracker -> publishers, recorder and keyframe queue, with metrics.
 
-Threads: the source's capture thread fills a one-frame slot (a frame the loop had no time for is replaced
-and counted as dropped); the loop runs in the calling thread; the recorder writes in its own thread.
-Nothing queues without bound: the slot holds one frame, publishers drop what they cannot send at once,
+Two stages run at once, so that the loop keeps MediaPipe's own rate: the detection stage (its own thread)
+takes the newest frame from the source and finds its landmarks, while the fitting stage (the calling
+thread) fits and publishes the frame before it. Threads: the source's capture thread fills a one-frame
+slot (a frame the loop had no time for is replaced and counted as dropped); the detection stage hands
+each result over through a one-result slot (it waits while the fitting stage is busy, so no frame ages
+there); the recorder writes in its own thread; the tracker calibrates in its own thread.
+Nothing queues without bound: the slots hold one item, publishers drop what they cannot send at once,
 the recorder's queue is bounded, and the keyframe queue drops its oldest entry when full.
 
-Per frame, in this order: landmarks, fit, ``flame.shape`` if the identity changed, ``flame.frame`` to every
+Per frame, in the fitting stage: fit, ``flame.shape`` if the identity changed, ``flame.frame`` to every
 publisher (latency is measured here, from the frame's capture), recording, keyframe selection, and handing
 the result to the preview window, which draws it on its own thread.
 About once a second the loop publishes ``flame.metrics`` and refreshes the status line.
@@ -17,10 +21,11 @@ import contextlib
 import importlib.metadata
 import logging
 import math
+import queue
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +39,7 @@ from engine.head_model import HeadModel
 from engine.landmarks import N_LANDMARKS, FaceLandmarker, FaceObservation, LandmarkerConfig
 from engine.model_files import find_face_landmarker, resolve_models_dir
 from engine.model_selection import select_head_model
-from engine.tracker import TrackedFrame, Tracker, TrackerConfig, reference_arrays
+from engine.tracker import TrackedFrame, Tracker, TrackerConfig, TrackingIdentity, reference_arrays
 from flame_client.messages import (
     BLENDSHAPE_NAMES,
     SCHEMA_VERSION,
@@ -155,6 +160,84 @@ class _StageTimes:
         self.tracker_ms.add(tracker_ms)
 
 
+@dataclass(frozen=True)
+class _Detected:
+    """A frame with its landmarks, handed from the detection stage to the fitting stage."""
+
+    frame: Frame
+    frame_time: float
+    observation: FaceObservation | None
+    mediapipe_ms: float
+
+
+class _DetectionStage:
+    """MediaPipe in its own thread, one frame ahead of the fitting stage.
+
+    ``get`` returns the next detected frame, None on timeout, or raises what the stage raised. After the
+    source ends, ``finished`` is true once every detected frame was taken.
+    """
+
+    def __init__(self, source: FrameSource, landmarker: FaceLandmarker, frame_size: tuple[int, int] | None, frame_time: Callable[[Frame], float]) -> None:
+        self._source = source
+        self._landmarker = landmarker
+        self._frame_size = frame_size
+        self._frame_time = frame_time
+        self._handoff: queue.Queue[_Detected] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="flame-live-detection", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set() and self._handoff.empty()
+
+    def get(self, timeout: float) -> _Detected | None:
+        try:
+            return self._handoff.get(timeout=timeout)
+        except queue.Empty:
+            if self._error is not None:
+                raise self._error
+            return None
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                frame = self._source.slot.get(timeout=0.1)
+                if frame is None:
+                    if self._source.ended:
+                        break
+                    continue
+                self._hand_over(self._detect(frame))
+        except BaseException as error:  # noqa: BLE001 - handed to the fitting stage, which raises it
+            self._error = error
+        finally:
+            self._done.set()
+
+    def _detect(self, frame: Frame) -> _Detected:
+        if self._frame_size is not None and frame.image.shape[1::-1] != self._frame_size:
+            frame = replace(frame, image=_resized(frame.image, self._frame_size))
+        frame_time = self._frame_time(frame)
+        started = time.perf_counter()
+        observation = self._landmarker.detect(frame.image, round(frame_time * 1000.0))
+        return _Detected(frame, frame_time, observation, (time.perf_counter() - started) * 1e3)
+
+    def _hand_over(self, detected: _Detected) -> None:
+        while not self._stop.is_set():
+            try:
+                self._handoff.put(detected, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+
 class _StatusLine:
     """One line that rewrites itself on a terminal; a log line per update elsewhere (files, CI logs)."""
 
@@ -218,7 +301,7 @@ class LivePipeline:
         #: Set from any thread (a signal handler, a UI) to recalibrate identity and FOV from the frames to come.
         self.recalibrate = threading.Event()
         self._identity_lock = threading.Lock()
-        self._refined: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # from the refiner thread
+        self._refined: tuple[TrackingIdentity, np.ndarray, np.ndarray] | None = None  # from the refiner thread
         self._appearance: tuple[np.ndarray, np.ndarray] | None = None  # (tex, light) of the adopted identity
         self.frames = 0
         self.valid_frames = 0
@@ -241,23 +324,26 @@ class LivePipeline:
         started = time.monotonic()
         self._last_report = (started, 0)
         self._publish_shape_if_changed()
+        detection = _DetectionStage(self.source, self.landmarker, self.config.frame_size, self._frame_time)
         self.source.start()
+        detection.start()
         try:
             while not stop.is_set() and not self._reached_max_frames():
                 try:
-                    frame = self.source.slot.get(timeout=0.1)
-                except SourceLostError as error:
+                    detected = detection.get(timeout=0.1)
+                except SourceLostError as error:  # raised in the detection stage, handed over here
                     log.error("%s", error)
                     self.source_lost = str(error)
                     break
-                if frame is None:
-                    if self.source.ended:
+                if detected is None:
+                    if detection.finished:
                         break
-                elif not self._process(frame):
+                elif not self._process(detected):
                     break
                 self._report_when_due()
             self._report()  # the last figures, also for runs shorter than a report interval
         finally:
+            detection.stop()
             self.source.stop()
             if self.keyframes is not None:
                 self.keyframes.queue.close()
@@ -279,20 +365,16 @@ class LivePipeline:
             return frame.source_pts
         return frame.index / (self.source.fps or 25.0)
 
-    def _process(self, frame: Frame) -> bool:
-        """Track and publish one frame; False when the user closed the preview."""
-        if self.config.frame_size is not None and frame.image.shape[1::-1] != self.config.frame_size:
-            frame = replace(frame, image=_resized(frame.image, self.config.frame_size))
-        frame_time = self._frame_time(frame)
+    def _process(self, detected: _Detected) -> bool:
+        """Track and publish one detected frame; False when the user closed the preview."""
+        frame, observation = detected.frame, detected.observation
         self._adopt_refined_identity()
         if self.recalibrate.is_set():
             self.recalibrate.clear()
             log.info("recalibrating from the next %.0f s of frames", self.tracker.config.calibration_seconds)
             self.tracker.request_recalibration()
-        before_landmarks = time.perf_counter()
-        observation = self.landmarker.detect(frame.image, round(frame_time * 1000.0))
         before_fit = time.perf_counter()
-        tracked = self.tracker.track(None if observation is None else observation.points, timestamp=frame_time)
+        tracked = self.tracker.track(None if observation is None else observation.points, timestamp=detected.frame_time)
         after_fit = time.perf_counter()
 
         self._publish_shape_if_changed(frame)
@@ -303,7 +385,7 @@ class LivePipeline:
 
         self.frames += 1
         self.valid_frames += int(tracked.valid)
-        stage_times = (latency_ms, (before_fit - before_landmarks) * 1e3, (after_fit - before_fit) * 1e3)
+        stage_times = (latency_ms, detected.mediapipe_ms, (after_fit - before_fit) * 1e3)
         self._recent.add(*stage_times)
         self._history.add(*stage_times)
         if self.recorder is not None:
@@ -348,16 +430,17 @@ class LivePipeline:
                                        self._receive_identity).start()
 
     def _receive_identity(self, shape: np.ndarray, tex: np.ndarray, light: np.ndarray) -> None:
-        """Called on the refiner's thread: keep the newest result for the loop to adopt."""
+        """Called on the refiner's thread: prepare the newest result here, for the loop to adopt at once."""
+        identity = self.tracker.identity_for(torch.as_tensor(shape))
         with self._identity_lock:
-            self._refined = (shape, tex, light)
+            self._refined = (identity, tex, light)
 
     def _adopt_refined_identity(self) -> None:
         with self._identity_lock:
             refined, self._refined = self._refined, None
         if refined is not None:
-            shape, tex, light = refined
-            self.tracker.adopt_identity(torch.as_tensor(shape))
+            identity, tex, light = refined
+            self.tracker.adopt_prepared_identity(identity)
             self._appearance = (tex, light)
 
     def _publish_shape_if_changed(self, frame: Frame | None = None) -> None:
@@ -517,7 +600,9 @@ def run_live(options: LiveOptions, stop: threading.Event | None = None, recalibr
         head = select_head_model(options.flame, models_dir)
         landmarker = stack.enter_context(FaceLandmarker(LandmarkerConfig(find_face_landmarker(models_dir))))
         width, height = options.loop.frame_size or source.size
-        tracker_config = TrackerConfig(fov_deg=options.fov_deg, output_filter=OneEuroConfig(), device=options.device)
+        tracker_config = TrackerConfig(
+            fov_deg=options.fov_deg, output_filter=OneEuroConfig(), device=options.device, calibrate_in_background=True
+        )
         tracker = Tracker(head, (height, width), tracker_config)
         log.info("tracking %s (%dx%d) with the %s on %s", source.description, width, height, head.name, options.device)
 

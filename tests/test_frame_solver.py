@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,3 +56,34 @@ def test_numpy_solver_refuses_batches(flame_dir: Path) -> None:
     params = tracker.cold_start(tracker.targets(np.full((2, 478, 2), 128.0), None))
     with pytest.raises(ValueError, match="one frame at a time"):
         tracker.fitter.fit(params, tracker.targets(np.full((2, 478, 2), 128.0), None), tracker.focal, tracker.camera.center)
+
+
+def test_background_calibration_adopts_the_identity_that_calibrating_in_line_finds(flame_dir: Path) -> None:
+    head = load_flame(flame_dir, n_shape=50, n_exp=20)
+    config = TrackerConfig(n_shape=50, n_exp=20, calibration_seconds=0.5)
+    in_line = Tracker(head, (512, 512), config)
+    background = Tracker(head, (512, 512), replace(config, calibrate_in_background=True))
+    sequence = synthetic_sequence(in_line.layer, SyntheticMotion(frames=20, seed=9))
+    for index in range(14):  # calibrates after 0.5 s, at frame 13, from the same candidates in both
+        in_line.track(sequence.mp478[index], sequence.lmk68[index], timestamp=index / 25)
+        frame = background.track(sequence.mp478[index], sequence.lmk68[index], timestamp=index / 25)
+    assert in_line.calibrated and in_line.shape_version == 1
+    assert frame.valid and not frame.calibrated  # the frame that started the calibration did not wait for it
+    index = 14
+    while not background.calibrated:  # frames go on being tracked until the calibration thread is done
+        assert background.track(sequence.mp478[index % 20], sequence.lmk68[index % 20], timestamp=index / 25).valid
+        index += 1
+        time.sleep(0.01)
+    assert background.shape_version == 1
+    np.testing.assert_allclose(background.shape.numpy(), in_line.shape.numpy(), rtol=0, atol=1e-6)
+    assert background.camera == in_line.camera
+
+
+def test_a_prepared_identity_is_adopted_between_frames(flame_dir: Path) -> None:
+    head = load_flame(flame_dir, n_shape=20, n_exp=10)
+    tracker = Tracker(head, (512, 512), TrackerConfig(n_shape=20, n_exp=10))
+    shape = torch.linspace(-1, 1, 20)
+    identity = tracker.identity_for(shape)
+    assert tracker.shape_version == 0 and not torch.equal(tracker.shape, shape)  # preparing changes nothing
+    tracker.adopt_prepared_identity(identity)
+    assert tracker.shape_version == 1 and torch.equal(tracker.shape, shape) and tracker.fitter is identity.fitter
