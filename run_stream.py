@@ -270,6 +270,9 @@ def _run_track(args: argparse.Namespace) -> int:
     if args.render:
         _render_next_to(args.out, args.input, head, single_image=len(result.results) == 1)
     print(f"tracked {result.valid_frames}/{len(result.results)} frames with the {head.name} -> {args.out}")
+    if "frames_per_second" in result.timings:
+        timings = result.timings
+        print(f"{timings['frames_per_second']:.1f} frames per second end to end; MediaPipe alone: {timings['mediapipe_alone_fps']:.1f}")
     return 0
 
 
@@ -508,6 +511,10 @@ def _add_bench(subparsers: argparse._SubParsersAction, common: argparse.Argument
     bench.add_argument("--frames", type=positive_int, default=200, help="frames of the clip / synthetic sequence (default 200)")
     bench.add_argument("--live", type=existing_file, default=None, metavar="VIDEO", help="also run the live pipeline on this video at 640x480 "
                        "(with a display also with --preview, to show what drawing costs)")  # fmt: skip
+    bench.add_argument(
+        "--live-plays", type=positive_int, default=1, metavar="N",
+        help="play the --live video N times back to back (at most 300 frames a play): memory growth over long runs",
+    )  # fmt: skip
     bench.add_argument("--accuracy", action="store_true", help="also measure accuracy: synthetic ground truth, --clip, and offline smoothing on --clips")
     bench.add_argument(
         "--clips", type=existing_path, default=None, metavar="DIR",
@@ -527,7 +534,9 @@ def _add_bench(subparsers: argparse._SubParsersAction, common: argparse.Argument
 
 def _run_bench(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import replace
 
+    import numpy as np
     import torch
 
     from engine.benchmark import bench_flame_layer, bench_threads, bench_tracking
@@ -562,19 +571,37 @@ def _run_bench(args: argparse.Namespace) -> int:
         from offline.track_job import detect_landmarks
 
         status(f"MediaPipe landmarks of {args.clip}")
-        clip, _ = detect_landmarks(str(args.clip), find_face_landmarker(models_dir), max_frames=args.frames)
+        clip, mediapipe_ms = detect_landmarks(str(args.clip), find_face_landmarker(models_dir), max_frames=args.frames)
         if clip.observed_frames == 0:
             raise UserError(f"--clip {args.clip}: no face found in its first {clip.n_frames} frames; give a video of a face")
+        report["mediapipe_clip"] = {"frames": len(mediapipe_ms), "median_ms": float(np.median(mediapipe_ms))}
+
+    def against_mediapipe(figures: dict[str, float]) -> dict[str, float]:
+        """The warm per-frame solve as a fraction of MediaPipe's time per frame on the clip (targets: <= 0.1 for
+        a FLAME-sized model, <= 0.05 for the demo head)."""
+        if clip is not None:
+            figures["warm_over_mediapipe"] = figures["warm_median_ms"] / report["mediapipe_clip"]["median_ms"]
+        return figures
+
     for device in devices:
         config = TrackerConfig(device=device)
         status(f"FLAME layer on {device}")
         section: dict[str, object] = {"flame_layer": bench_flame_layer(head, device)}
         status(f"tracking {args.frames} synthetic frames on {device}")
         synthetic = synthetic_sequence(Tracker(head, (512, 512), config).layer, SyntheticMotion(frames=args.frames))
-        section["tracking_synthetic"] = bench_tracking(head, synthetic.mp478, synthetic.lmk68, (512, 512), synthetic.fps, config)
-        if clip is not None:
-            status(f"tracking the clip on {device}")
-            section["tracking_clip"] = bench_tracking(head, clip.mp478, clip.lmk68, clip.image_size, clip.fps, config)
+        # The per-frame solve both ways: NumPy on the CPU (the default) and PyTorch on this device.
+        for solver in ("numpy", "torch"):
+            solver_config = replace(config, frame_solver=solver)
+            suffix = "" if solver == "numpy" else "_torch_solver"
+            section[f"tracking_synthetic{suffix}"] = against_mediapipe(
+                bench_tracking(head, synthetic.mp478, synthetic.lmk68, (512, 512), synthetic.fps, solver_config)
+            )
+            if clip is not None:
+                status(f"tracking the clip on {device} ({solver} solver)")
+                section[f"tracking_clip{suffix}"] = against_mediapipe(
+                    bench_tracking(head, clip.mp478, clip.lmk68, clip.image_size, clip.fps, solver_config)
+                )
+        section["numpy_solver_speedup"] = section["tracking_synthetic_torch_solver"]["warm_median_ms"] / section["tracking_synthetic"]["warm_median_ms"]
         if args.photometric:
             from engine.photometric import bench_photometric
             from engine.render import benchmark_render
@@ -603,9 +630,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         accuracy["offline_smoothing"] = _bench_smoothing(head, args, models_dir, status)
         report["accuracy"] = accuracy
     if args.live:
-        from realtime.pipeline import run_live_benchmark
+        from realtime.pipeline import mediapipe_alone_benchmark, run_live_benchmark
         from realtime.preview import display_available
 
+        status("MediaPipe alone on the live clip")
+        alone = mediapipe_alone_benchmark(str(args.live), models_dir)
+        report["live_mediapipe_alone"] = alone
         # The same clip with and without the preview window (its cost to tracking), when there is a display.
         previews = (False, True) if display_available() else (False,)
         for device in devices:
@@ -613,9 +643,13 @@ def _run_bench(args: argparse.Namespace) -> int:
             for paced, label in ((True, "realtime"), (False, "as_fast_as_possible")):
                 for preview in previews:
                     status(f"live pipeline on {device}, {label.replace('_', ' ')}" + (", with --preview" if preview else ""))
-                    report[f"live_{device}_{label}" + ("_preview" if preview else "")] = run_live_benchmark(
-                        str(args.live), flame=args.flame or "demo", models_dir=models_dir, device=device, realtime=paced, preview=preview
+                    figures = run_live_benchmark(
+                        str(args.live), flame=args.flame or "demo", models_dir=models_dir, device=device, realtime=paced,
+                        preview=preview, max_frames=args.live_plays * 300, plays=args.live_plays,
                     )
+                    figures["fps_over_mediapipe_alone"] = figures["fps"] / alone["fps"]
+                    figures["latency_p95_minus_mediapipe_ms"] = figures["latency_p95_ms"] - alone["median_ms"]
+                    report[f"live_{device}_{label}" + ("_preview" if preview else "")] = figures
             if len(previews) == 2:
                 report[f"live_{device}_preview_fps"] = {
                     label: f"{report[f'live_{device}_{label}']['fps']:.1f} without, {report[f'live_{device}_{label}_preview']['fps']:.1f} with --preview"

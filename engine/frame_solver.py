@@ -16,16 +16,20 @@ Results equal FrameFitter's in float64 to rounding (tests compare both on synthe
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from engine.camera import MIN_DEPTH
-from engine.fitting import FitConfig, FitResult, FrameParams, Targets, fitted_joints
+from engine.fitting import FitConfig, FitResult, FrameParams, Targets, fitted_joints, landmark_weights
 from engine.flame import contour_row
 from engine.head_model import JOINT_NAMES
 from engine.landmark_model import LandmarkModel, LandmarkTable
+
+log = logging.getLogger(__name__)
 
 _JAW = JOINT_NAMES.index("jaw")
 #: Tables converted per contour row, as LandmarkModel keeps its own (the yaw rows a head visits).
@@ -378,3 +382,41 @@ def _state(params: FrameParams) -> _State:
 
     return _State(array(params.exp), array(params.rotations), array(params.transl))
 
+
+
+def faster_frame_solver(model: LandmarkModel, config: FitConfig, image_size: tuple[int, int], focal: float, repeats: int = 10) -> str:
+    """"numpy" or "torch": whichever fits one frame faster here, measured on the model's own landmarks.
+
+    On a GPU, one frame's PyTorch solve is a few thousand kernel launches; this measures rather than guesses.
+    """
+    from engine.camera import project
+    from engine.fitting import FrameFitter
+
+    height, width = image_size
+    options = {"dtype": model.joint_rest.dtype, "device": model.joint_rest.device}
+    exp = torch.zeros(1, model.n_coeffs, **options)
+    rotations = torch.eye(3, **options).expand(1, model.n_joints, 3, 3).clone()
+    transl = torch.tensor([[0.0, 0.0, -0.6]], **options)
+    focal_tensor = torch.tensor(focal, **options)
+    points = model.evaluate(exp, rotations, transl, jacobians=False).points
+    targets = Targets(project(points, focal_tensor, (width / 2, height / 2)), landmark_weights(model, config))
+    start = FrameParams(exp, rotations, transl + torch.tensor([[0.005, -0.003, 0.01]], **options))
+    timings = {}
+    for name, solver in (("numpy", CpuFrameFitter), ("torch", FrameFitter)):
+        fitter = solver(model, config)
+        samples = []
+        for index in range(repeats + 3):
+            started = time.perf_counter()
+            fitter.fit(start, targets, focal_tensor, (width / 2, height / 2), prediction=start)
+            if options["device"].type == "cuda":
+                torch.cuda.synchronize(options["device"])
+            if index >= 3:  # the first calls build tables and warm caches
+                samples.append(time.perf_counter() - started)
+        timings[name] = float(np.median(samples))
+    choice = min(timings, key=timings.get)
+    log.info(
+        "per-frame solve: %s (one frame: NumPy on the CPU %.2f ms, PyTorch on %s %.2f ms)",
+        "NumPy on the CPU" if choice == "numpy" else f"PyTorch on {options['device']}", timings["numpy"] * 1e3,
+        options["device"], timings["torch"] * 1e3,
+    )
+    return choice

@@ -32,7 +32,7 @@ from engine.export import euler_matrix
 from engine.filters import OneEuroConfig, OneEuroFilter
 from engine.fitting import Calibration, FitConfig, FrameFitter, FrameParams, Targets, calibrate
 from engine.flame import FlameLayer, rotation_log, rodrigues
-from engine.frame_solver import CpuFrameFitter
+from engine.frame_solver import CpuFrameFitter, faster_frame_solver
 from engine.head_model import HeadModel
 from engine.landmark_model import LandmarkModel
 from engine.targets import TargetBuilder, groups_for, spans_a_face, tracking_head
@@ -73,8 +73,9 @@ class TrackerConfig:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     #: Per-frame solve: "numpy" on the CPU whatever ``device`` is (one frame is too small for PyTorch's
-    #: per-operation cost, let alone kernel launches), or "torch" on ``device`` (the batched solver).
-    frame_solver: Literal["numpy", "torch"] = "numpy"
+    #: per-operation cost, let alone kernel launches), "torch" on ``device`` (the batched solver), or "auto":
+    #: NumPy when ``device`` is the CPU, else whichever of the two measures faster when the tracker is made.
+    frame_solver: Literal["auto", "numpy", "torch"] = "auto"
     #: Calibrate from the candidate pool in a thread of its own and adopt the result between frames, so that
     #: live tracking never waits for it (offline runs calibrate in line, for results that never vary).
     calibrate_in_background: bool = False
@@ -145,6 +146,10 @@ class Tracker:
         self.fov_source = "given" if self.config.fov_deg is not None else "default"
         #: The standard deviation of log(focal) the last calibration's frames allowed (None: not estimated).
         self.fov_log_std: float | None = None
+        self.frame_solver = self.config.frame_solver
+        if self.frame_solver == "auto":
+            on_cpu = torch.device(self.config.device).type == "cpu"
+            self.frame_solver = "numpy" if on_cpu else faster_frame_solver(self.full.with_fixed_shape(self.shape), self.config.fit, image_size, self.camera.focal)
         self._freeze_identity()
         self.calibrated = False
         self.shape_version = 0
@@ -167,7 +172,7 @@ class Tracker:
     def _identity(self, shape: torch.Tensor, camera: Camera) -> TrackingIdentity:
         """What tracking with this identity and camera needs, built without touching the tracker's state."""
         fixed = self.full.with_fixed_shape(shape)
-        solver = CpuFrameFitter if self.config.frame_solver == "numpy" else FrameFitter
+        solver = CpuFrameFitter if self.frame_solver == "numpy" else FrameFitter
         focal = torch.tensor(camera.focal, dtype=self.config.dtype, device=self.config.device)
         return TrackingIdentity(shape, camera, fixed, solver(fixed, self.config.fit), focal)
 

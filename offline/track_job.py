@@ -151,7 +151,7 @@ def detect_landmarks(
 
     Also returns MediaPipe's own milliseconds per frame.
     """
-    from realtime.sources import iter_frames, open_source
+    from realtime.sources import iter_frames, open_source, read_ahead
 
     with open_source(source, realtime=False) as probe:
         fps = probe.fps or 25.0
@@ -161,7 +161,7 @@ def detect_landmarks(
     points: list[np.ndarray] = []
     timings: list[float] = []
     with FaceLandmarker(LandmarkerConfig(task_path, running_mode=mode)) as landmarker:
-        for frame in tqdm(iter_frames(source), desc="landmarks", unit="frame", leave=False, total=max_frames, disable=not progress):
+        for frame in tqdm(read_ahead(iter_frames(source)), desc="landmarks", unit="frame", leave=False, total=max_frames, disable=not progress):
             if max_frames is not None and frame.index >= max_frames:
                 break
             if frame.image.shape[:2] != (height, width):
@@ -289,12 +289,21 @@ def track_input(
     """
     options = options or TrackOptions()
     source, out_dir = str(source), Path(out_dir)
+    started = time.perf_counter()
     prepare_output_dir(out_dir, describe_job(source, head, options), options.overwrite)
     timings: dict[str, float] = {}
     sequence = _landmarks(source, out_dir, landmarker_task, timings, options.progress)
     tracker = Tracker(head, sequence.image_size, options.tracker)
     _calibration(tracker, sequence, out_dir, timings, options.progress)
     results, resumed = _track_and_write(tracker, sequence, out_dir, options, timings)
+    timings["total_s"] = time.perf_counter() - started
+    if "mediapipe_ms_per_frame" in timings and resumed == 0:  # the whole job ran now: its rate beside MediaPipe's
+        timings["frames_per_second"] = sequence.n_frames / timings["total_s"]
+        timings["mediapipe_alone_fps"] = 1e3 / timings["mediapipe_ms_per_frame"]
+        log.info(
+            "tracked %d frames at %.1f fps (MediaPipe alone: %.1f fps)",
+            sequence.n_frames, timings["frames_per_second"], timings["mediapipe_alone_fps"],
+        )
     if not is_complete(out_dir):
         if options.smoothing is not None:
             results = _smooth_and_rewrite(tracker, results, sequence, out_dir, options, timings)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import re
 import threading
 import time
@@ -72,6 +73,8 @@ class SourceOptions:
     """Pace of an image folder in realtime mode (images carry no timing of their own)."""
     camera_resolution: tuple[int, int] | None = None
     """(width, height) to request from a webcam; None keeps the camera's default."""
+    plays: int = 1
+    """How many times a file or folder plays, back to back (long runs from a short clip, as in benchmarks)."""
     stream_options: dict[str, str] = field(default_factory=dict)
     """FFmpeg options for network streams, e.g. {"rtsp_transport": "tcp"}."""
     repeat: bool = False
@@ -556,6 +559,33 @@ def _open_reader(spec: str, options: SourceOptions) -> _Reader:
     return _VideoFileReader(path, options.repeat)
 
 
+class _RepeatingReader:
+    """A file or folder played ``plays`` times, with times that keep rising across the repetitions."""
+
+    def __init__(self, first: _Reader, reopen: Callable[[], _Reader], plays: int) -> None:
+        self._open_reader = reopen
+        self._plays = plays
+        self._reader = first
+        self.description = f"{self._reader.description} x{plays}"
+        self.fps, self.size, self.live = self._reader.fps, self._reader.size, self._reader.live
+
+    def frames(self, stop: threading.Event) -> Iterator[RawFrame]:
+        offset = 0.0
+        interval = 1.0 / (self.fps or 25.0)
+        for play in range(self._plays):
+            if play > 0:
+                self._reader.close()
+                self._reader = self._open_reader()
+            last = offset
+            for image, pts in self._reader.frames(stop):
+                last = offset + (pts if pts is not None else 0.0)
+                yield image, last if pts is not None else None
+            offset = last + interval
+
+    def close(self) -> None:
+        self._reader.close()
+
+
 def open_source(spec: str | int, realtime: bool = True, options: SourceOptions | None = None) -> FrameSource:
     """Open a camera index ("0"), a stream URL, a video/GIF file, an image, or a folder of images.
 
@@ -564,7 +594,48 @@ def open_source(spec: str | int, realtime: bool = True, options: SourceOptions |
     folder delivers every frame in order, as fast as the consumer takes them. Live sources always drop.
     The source is opened here (size and fps are known) and starts capturing on start().
     """
-    return FrameSource(_open_reader(str(spec), options or SourceOptions()), realtime)
+    options = options or SourceOptions()
+    reader = _open_reader(str(spec), options)
+    if options.plays > 1 and not reader.live:
+        reader = _RepeatingReader(reader, lambda: _open_reader(str(spec), options), options.plays)
+    return FrameSource(reader, realtime)
+
+
+def read_ahead(frames: Iterator[Frame], depth: int = 4) -> Iterator[Frame]:
+    """The same frames, decoded up to ``depth`` ahead in a thread of its own (decoding overlaps the caller's
+    work on each frame); an error while reading is raised here, after the frames before it."""
+    handoff: queue.Queue[Frame | BaseException | None] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for frame in frames:
+                while not stop.is_set():
+                    try:
+                        handoff.put(frame, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            handoff.put(None)
+        except BaseException as error:  # noqa: BLE001 - raised in the consumer
+            handoff.put(error)
+        finally:
+            close = getattr(frames, "close", None)
+            if close is not None:
+                close()  # a generator over a file releases it here, in the thread that ran it
+
+    reader = threading.Thread(target=read, name="read ahead", daemon=True)
+    reader.start()
+    try:
+        while (item := handoff.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join(timeout=_STOP_TIMEOUT_S)
 
 
 def iter_frames(spec: str | int, options: SourceOptions | None = None) -> Iterator[Frame]:

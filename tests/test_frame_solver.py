@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from engine.assets import load_flame
 from engine.demo_head import build_demo_head
-from engine.frame_solver import CpuFrameFitter
+from engine.frame_solver import CpuFrameFitter, faster_frame_solver
 from engine.synthetic import SyntheticMotion, synthetic_sequence
 from engine.tracker import Tracker, TrackerConfig
 
@@ -87,3 +88,13 @@ def test_a_prepared_identity_is_adopted_between_frames(flame_dir: Path) -> None:
     assert tracker.shape_version == 0 and not torch.equal(tracker.shape, shape)  # preparing changes nothing
     tracker.adopt_prepared_identity(identity)
     assert tracker.shape_version == 1 and torch.equal(tracker.shape, shape) and tracker.fitter is identity.fitter
+
+
+def test_auto_solves_frames_in_numpy_on_the_cpu_and_the_measured_choice_is_logged(flame_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    head = load_flame(flame_dir, n_shape=20, n_exp=10)
+    tracker = Tracker(head, (480, 640), TrackerConfig(n_shape=20, n_exp=10))
+    assert tracker.frame_solver == "numpy" and isinstance(tracker.fitter, CpuFrameFitter)
+    with caplog.at_level(logging.INFO, logger="engine.frame_solver"):
+        choice = faster_frame_solver(tracker.fixed, tracker.config.fit, (480, 640), tracker.camera.focal, repeats=2)
+    assert choice in ("numpy", "torch")
+    assert any(record.message.startswith("per-frame solve:") for record in caplog.records)

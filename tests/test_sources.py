@@ -23,6 +23,7 @@ from realtime.sources import (
     iter_frames,
     list_cameras,
     open_source,
+    read_ahead,
 )
 
 GRID_CLIP = "bbaf2n.mpg"
@@ -151,6 +152,35 @@ def test_image_folder_plays_in_natural_order_as_rgb(tmp_path):
     with open_source(str(folder), realtime=False) as source:
         assert source.size == (32, 24)
         assert len(list(source.frames())) == 12
+
+
+def test_a_file_played_several_times_repeats_its_frames_with_rising_times(shared_clips):
+    path = str(shared_clips / MP4_CLIP)
+    once = list(iter_frames(path))
+    with open_source(path, realtime=False, options=SourceOptions(plays=3)) as source:
+        frames = list(source.frames())
+    assert len(frames) == 3 * len(once)
+    assert [f.index for f in frames] == list(range(len(frames)))
+    times = [f.source_pts for f in frames]
+    assert all(later > earlier for earlier, later in zip(times, times[1:])), "times rise across the repetitions"
+    assert np.array_equal(frames[len(once)].image, once[0].image) and np.array_equal(frames[-1].image, once[-1].image)
+
+
+def test_read_ahead_gives_the_same_frames_then_the_reading_error(tmp_path):
+    folder = tmp_path / "images"
+    write_numbered_pngs(folder, 12)
+    ahead = [f.image[0, 0, 1] for f in read_ahead(iter_frames(str(folder)), depth=2)]
+    assert ahead == list(range(1, 13))
+
+    def failing():
+        yield from iter_frames(str(folder))
+        raise OSError("disk gone")
+
+    seen = []
+    with pytest.raises(OSError, match="disk gone"):
+        for frame in read_ahead(failing()):
+            seen.append(frame.index)
+    assert seen == list(range(12)), "the frames before the error arrive first"
 
 
 def test_single_image_is_a_one_frame_source(tmp_path):
