@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -146,3 +147,52 @@ def bench_threads(
     finally:
         torch.set_num_threads(used)
     return report
+
+
+def bench_solve_against_mediapipe(
+    head: HeadModel, video: str, task: Path, mp478: np.ndarray, image_size: tuple[int, int], fps: float, config: TrackerConfig, frames: int
+) -> dict[str, float]:
+    """Warm per-frame tracking with the NumPy and the PyTorch solver (on ``config.device``) against MediaPipe.
+
+    The three run in turn on every frame (MediaPipe on the frame's image, then each tracker on its landmarks),
+    so that a busy machine slows all three alike and the ratios hold. Both trackers share one calibration.
+    """
+    from engine.landmarks import FaceLandmarker, LandmarkerConfig
+    from realtime.sources import iter_frames
+
+    frames = min(frames, len(mp478))
+    usable = [i for i in range(frames) if np.isfinite(mp478[i]).all()]
+    chosen = usable[:: max(1, len(usable) // config.calibration_frames)][: config.calibration_frames]
+    calibrated = Tracker(head, image_size, replace(config, calibration_seconds=float("inf")))
+    calibrated.calibrate([(mp478[i], None) for i in chosen])
+    trackers = {}
+    for solver in ("numpy", "torch"):
+        tracker = Tracker(head, image_size, replace(config, frame_solver=solver, calibration_seconds=float("inf")))
+        tracker.adopt_calibration(calibrated.shape, calibrated.camera.focal)
+        trackers[solver] = tracker
+    samples: dict[str, list[float]] = {"mediapipe": [], "numpy": [], "torch": []}
+    sync = _synchronizer(config.device)
+    with FaceLandmarker(LandmarkerConfig(task)) as landmarker:
+        for frame in iter_frames(video):
+            if frame.index >= frames:
+                break
+            started = time.perf_counter()
+            landmarker.detect(frame.image, round(frame.index * 1000 / fps))
+            samples["mediapipe"].append(time.perf_counter() - started)
+            for solver, tracker in trackers.items():
+                points = mp478[frame.index] if np.isfinite(mp478[frame.index]).all() else None
+                started = time.perf_counter()
+                tracker.track(points, timestamp=frame.index / fps)
+                sync()
+                samples[solver].append(time.perf_counter() - started)
+    warm = slice(min(10, len(samples["mediapipe"]) // 4), None)  # the first frames build tables and start cold
+    medians = {name: float(np.median(values[warm])) * 1e3 for name, values in samples.items()}
+    return {
+        "frames": len(samples["mediapipe"]),
+        "mediapipe_median_ms": medians["mediapipe"],
+        "numpy_solver_median_ms": medians["numpy"],
+        "torch_solver_median_ms": medians["torch"],
+        "numpy_over_mediapipe": medians["numpy"] / medians["mediapipe"],
+        "torch_over_mediapipe": medians["torch"] / medians["mediapipe"],
+        "torch_over_numpy": medians["torch"] / medians["numpy"],
+    }

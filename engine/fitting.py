@@ -163,7 +163,7 @@ def _linearise(model: LandmarkModel, evaluation: LandmarkEvaluation, residuals: 
     return model.add_jacobians(evaluation)
 
 
-class _FrameBlock:
+class FrameBlock:
     """Jacobian columns and priors of the per-frame parameters: [exp, rotation increments, translation].
 
     The priors act on one vector per frame, [exp, axis-angle of each fitted joint, translation], with
@@ -276,7 +276,7 @@ class FrameFitter:
         self.model = model
         self.config = config
         options = _options(model.joint_rest)
-        self.block = _FrameBlock(model.n_coeffs, fitted_joints(model.n_joints, config), config, options)
+        self.block = FrameBlock(model.n_coeffs, fitted_joints(model.n_joints, config), config, options)
         self.initial_damping = torch.full((1,), config.initial_damping, **options)
 
     def fit(
@@ -378,7 +378,7 @@ def calibrate(
     """
     n_shape = model.layer.n_shape
     options = _options(params.exp)
-    block = _FrameBlock(model.n_coeffs - n_shape, fitted_joints(model.n_joints, config), config, options)
+    block = FrameBlock(model.n_coeffs - n_shape, fitted_joints(model.n_joints, config), config, options)
     frames = params.exp.shape[0]
     shape = torch.zeros(n_shape, **options) if shape is None else shape.to(**options)
     log_focal = torch.tensor(math.log(focal), **options)

@@ -24,14 +24,12 @@ import numpy as np
 import torch
 
 from engine.camera import MIN_DEPTH
-from engine.fitting import FitConfig, FitResult, FrameParams, Targets, fitted_joints, landmark_weights
+from engine.fitting import FitConfig, FitResult, FrameBlock, FrameParams, Targets, fitted_joints, landmark_weights
 from engine.flame import contour_row
-from engine.head_model import JOINT_NAMES
 from engine.landmark_model import LandmarkModel, LandmarkTable
 
 log = logging.getLogger(__name__)
 
-_JAW = JOINT_NAMES.index("jaw")
 #: Tables converted per contour row, as LandmarkModel keeps its own (the yaw rows a head visits).
 _TABLES_KEPT = 16
 
@@ -140,8 +138,17 @@ class CpuFrameFitter:
         self.n_exp = model.n_coeffs
         self.size = self.n_exp + 3 * len(self.joints) + 3
         self.parents = list(model.parents)
+        # The kinematic tree level by level (children of the root, their children, ...): one product per level.
+        depth = [0] * len(self.parents)
+        for joint in range(1, len(self.parents)):
+            depth[joint] = depth[self.parents[joint]] + 1
+        self.levels = [
+            (np.array(level), np.array([self.parents[j] for j in level]))
+            for level in ([j for j in range(1, len(depth)) if depth[j] == d] for d in range(1, max(depth, default=0) + 1))
+        ]
         self.joint_rest = model.joint_rest.detach().cpu().double().numpy()  # (J, 3)
         self.joint_coeff_basis = model.joint_coeff_basis.detach().cpu().double().numpy()  # (J, 3, C)
+        self.joint_offset_basis = self.joint_coeff_basis - self.joint_coeff_basis[[max(p, 0) for p in self.parents]]
         self.subtree = model.subtree.detach().cpu().double().numpy()[self.joints]  # (fitted, J): joints below each
         # Pose-corrective features are 9 per joint below the root: those of the fitted joints, and d vec(R)/d delta.
         self.corrected = [(i, joint) for i, joint in enumerate(self.joints) if joint > 0]
@@ -157,29 +164,11 @@ class CpuFrameFitter:
         self._priors(config)
 
     def _priors(self, config: FitConfig) -> None:
-        """Prior and motion weights of [exp, fitted joint angles, translation], as engine.fitting's frame block."""
-        priors, temporal = config.priors, config.temporal
-        joint_prior = {"neck": (priors.neck,) * 3, "jaw": priors.jaw, "left_eye": (priors.eyes,) * 3, "right_eye": (priors.eyes,) * 3}
-        joint_motion = {"root": temporal.head_rotation, "neck": temporal.neck, "jaw": temporal.jaw, "left_eye": temporal.eyes, "right_eye": temporal.eyes}
-        prior, motion = np.zeros(self.size), np.zeros(self.size)
-        prior[: self.n_exp], motion[: self.n_exp] = priors.exp, temporal.exp
-        motion[-3:] = temporal.translation
-        self.coupling = np.zeros((self.size, self.size))
-        for i, joint in enumerate(self.joints):
-            part = slice(self.n_exp + 3 * i, self.n_exp + 3 * i + 3)
-            name = JOINT_NAMES[joint]
-            prior[part] = joint_prior.get(name, (0.0,) * 3)
-            motion[part] = joint_motion[name]
-        if "left_eye" in (JOINT_NAMES[j] for j in self.joints):
-            left = self.n_exp + 3 * self.joints.index(JOINT_NAMES.index("left_eye"))
-            right = self.n_exp + 3 * self.joints.index(JOINT_NAMES.index("right_eye"))
-            eye3 = priors.eye_coupling * np.eye(3)
-            self.coupling[left : left + 3, left : left + 3] = eye3
-            self.coupling[right : right + 3, right : right + 3] = eye3
-            self.coupling[left : left + 3, right : right + 3] = -eye3
-            self.coupling[right : right + 3, left : left + 3] = -eye3
-        self.jaw_opening = self.n_exp + 3 * self.joints.index(_JAW)
-        self.prior_weight, self.motion_weight = prior, motion
+        """The prior and motion weights of [exp, fitted joint angles, translation]: FrameFitter's, in NumPy."""
+        block = FrameBlock(self.n_exp, self.joints, config, {"dtype": torch.float64, "device": "cpu"})
+        self.prior_weight, self.motion_weight = block.prior_weight.numpy(), block.motion_weight.numpy()
+        self.coupling = block.coupling.numpy()
+        self.jaw_opening = block.jaw_opening
 
     def _table(self, rotations: np.ndarray) -> _Table:
         row = contour_row(rotations[0]) if self.model.contour is not None else None
@@ -198,10 +187,9 @@ class CpuFrameFitter:
         world_rot = np.empty_like(rotations)
         world_pos = np.empty_like(rest_joints)
         world_rot[0], world_pos[0] = rotations[0], rest_joints[0]
-        for joint in range(1, len(self.parents)):
-            parent = self.parents[joint]
-            world_rot[joint] = world_rot[parent] @ rotations[joint]
-            world_pos[joint] = world_rot[parent] @ (rest_joints[joint] - rest_joints[parent]) + world_pos[parent]
+        for joints, parents in self.levels:
+            world_rot[joints] = world_rot[parents] @ rotations[joints]
+            world_pos[joints] = (world_rot[parents] @ (rest_joints[joints] - rest_joints[parents])[..., None])[..., 0] + world_pos[parents]
         return rest_joints, world_rot, world_pos
 
     def _prior(self, state: _State, prediction: _State | None) -> tuple[float, np.ndarray, np.ndarray]:
@@ -258,9 +246,8 @@ class CpuFrameFitter:
         # d points / d exp: sum_j R_j dS_lj/dc + W_lj (dP_j/dc - R_j dJr_j/dc).
         d_pos = np.empty_like(self.joint_coeff_basis)
         d_pos[0] = self.joint_coeff_basis[0]
-        for joint in range(1, len(self.parents)):
-            parent = self.parents[joint]
-            d_pos[joint] = world_rot[parent] @ (self.joint_coeff_basis[joint] - self.joint_coeff_basis[parent]) + d_pos[parent]
+        for joints_below, parents in self.levels:
+            d_pos[joints_below] = world_rot[parents] @ self.joint_offset_basis[joints_below] + d_pos[parents]
         joint_term = d_pos[joints] - world_rot[joints] @ self.joint_coeff_basis[joints]  # (Ja, 3, C)
         d_points[..., :n_exp] = (rotation_rows @ table.coeff_basis).reshape(3, count, n_exp)
         d_points[..., :n_exp] += (table.weight @ joint_term.reshape(len(joints), -1)).reshape(count, 3, n_exp).transpose(1, 0, 2)
@@ -296,15 +283,16 @@ class CpuFrameFitter:
 
     # ----------------------------------------------------------------------------------------------- solve
     def _solve(self, hessian: np.ndarray, gradient: np.ndarray, damping: float) -> np.ndarray:
-        """Marquardt step, as engine.fitting's: (H + damping diag(H) + tiny I) step = -gradient; zero if singular."""
+        """Marquardt step, as engine.fitting's: (H + damping diag(H) + tiny I) step = -gradient; zero if singular.
+
+        PyTorch's LAPACK calls on the arrays' own memory: fewer checks per call than NumPy's.
+        """
         diagonal = np.diagonal(hessian)
-        regular = diagonal * damping + 1e-9 * max(diagonal.max(), 1e-9)
-        damped = hessian + np.diag(regular)
-        try:
-            np.linalg.cholesky(damped)  # the test of positive definiteness that FrameFitter's Cholesky makes
-        except np.linalg.LinAlgError:
+        damped = hessian + np.diag(diagonal * damping + 1e-9 * max(diagonal.max(), 1e-9))
+        factor, info = torch.linalg.cholesky_ex(torch.from_numpy(damped))
+        if info.item() != 0:
             return np.zeros_like(gradient)
-        step = -np.linalg.solve(damped, gradient)
+        step = -torch.cholesky_solve(torch.from_numpy(gradient)[:, None], factor)[:, 0].numpy()
         return step if np.isfinite(step).all() else np.zeros_like(step)
 
     def _apply(self, state: _State, step: np.ndarray) -> _State:
