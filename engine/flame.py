@@ -61,6 +61,16 @@ def rotation_log(rotation: torch.Tensor) -> torch.Tensor:
     return vee * torch.where(sin > 1e-7, angle / sin.clamp_min(1e-12), 1 + sin**2 / 6)
 
 
+def axis_angles(rotations: np.ndarray) -> np.ndarray:
+    """:func:`rotation_log` for NumPy arrays (N, 3, 3) -> (N, 3), where a frame's few rotations need no tensors."""
+    r = rotations
+    vee = 0.5 * np.stack([r[:, 2, 1] - r[:, 1, 2], r[:, 0, 2] - r[:, 2, 0], r[:, 1, 0] - r[:, 0, 1]], axis=-1)
+    sin = np.linalg.norm(vee, axis=-1, keepdims=True)
+    cos = 0.5 * (r[:, 0, 0] + r[:, 1, 1] + r[:, 2, 2] - 1)[:, None]
+    angle = np.arctan2(sin, cos)
+    return vee * np.where(sin > 1e-7, angle / np.maximum(sin, 1e-12), 1 + sin**2 / 6)
+
+
 def _contour_rows(yaw_deg: torch.Tensor) -> torch.Tensor:
     """Row of the dynamic contour table for a head yaw, exactly as DECA and smplx index it.
 

@@ -31,7 +31,7 @@ from engine.camera import FLIP, Camera, fov_from_focal
 from engine.export import euler_matrix
 from engine.filters import OneEuroConfig, OneEuroFilter
 from engine.fitting import Calibration, FitConfig, FrameFitter, FrameParams, Targets, calibrate
-from engine.flame import FlameLayer, rotation_log, rodrigues
+from engine.flame import FlameLayer, axis_angles, rotation_log, rodrigues
 from engine.frame_solver import CpuFrameFitter, faster_frame_solver
 from engine.head_model import HeadModel
 from engine.landmark_model import LandmarkModel
@@ -304,7 +304,7 @@ class Tracker:
 
     def _frame(self, params: FrameParams, valid: bool, rms_px: float, iterations: int, started: float, timestamp: float | None) -> TrackedFrame:
         exp = params.exp[0].cpu().double().numpy()
-        pose = params.pose()[0].cpu().double().numpy()
+        pose = axis_angles(params.rotations[0].cpu().double().numpy())
         transl = params.transl[0].cpu().double().numpy()
         if self._filter is not None and timestamp is not None:
             packed = self._filter(np.concatenate([exp, pose.ravel(), transl]), timestamp)
