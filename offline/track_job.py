@@ -161,7 +161,8 @@ def detect_landmarks(
     points: list[np.ndarray] = []
     timings: list[float] = []
     with FaceLandmarker(LandmarkerConfig(task_path, running_mode=mode)) as landmarker:
-        for frame in tqdm(read_ahead(iter_frames(source)), desc="landmarks", unit="frame", leave=False, total=max_frames, disable=not progress):
+        frames = read_ahead(iter_frames(source))
+        for frame in tqdm(frames, desc="landmarks", unit="frame", leave=False, total=max_frames, disable=not progress):
             if max_frames is not None and frame.index >= max_frames:
                 break
             if frame.image.shape[:2] != (height, width):
