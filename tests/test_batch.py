@@ -163,7 +163,8 @@ def test_bad_input_is_one_line(flame_dir: Path, inputs: list[Path], tmp_path: Pa
 def test_an_interrupted_batch_resumes_and_leaves_no_half_written_file(
     flame_dir: Path, layer: FlameLayer, tmp_path: Path, stop: signal.Signals, jobs: str
 ) -> None:
-    takes = [write_landmarks(tmp_path / "in" / f"long{index}.npz", layer, frames=60, seed=index) for index in range(4)]
+    # Long enough that the signal lands while inputs are still queued, now that tracking a frame takes ~2 ms.
+    takes = [write_landmarks(tmp_path / "in" / f"long{index}.npz", layer, frames=240, seed=index) for index in range(4)]
     root = tmp_path / "root"
     command = [sys.executable, str(REPO / "run_stream.py"), "batch", *map(str, takes), "--out", str(root), "--flame", str(flame_dir), *MODEL_OPTIONS, "--jobs", jobs]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -188,7 +189,7 @@ def test_an_interrupted_batch_resumes_and_leaves_no_half_written_file(
     assert result.returncode == 0, result.stderr
     lines = summary(root)
     assert {name for name, line in lines.items() if line["status"] == "skipped"} == done_first
-    assert all(line["status"] in ("done", "skipped") and line["frames"] == 60 for line in lines.values())
+    assert all(line["status"] in ("done", "skipped") and line["frames"] == 240 for line in lines.values())
 
 
 def test_a_recorded_session_is_tracked_as_its_video(shared_clips: Path, landmarker_task: Path, tmp_path: Path) -> None:
