@@ -511,10 +511,6 @@ def _add_bench(subparsers: argparse._SubParsersAction, common: argparse.Argument
     bench.add_argument("--frames", type=positive_int, default=200, help="frames of the clip / synthetic sequence (default 200)")
     bench.add_argument("--live", type=existing_file, default=None, metavar="VIDEO", help="also run the live pipeline on this video at 640x480 "
                        "(with a display also with --preview, to show what drawing costs)")  # fmt: skip
-    bench.add_argument(
-        "--live-plays", type=positive_int, default=1, metavar="N",
-        help="play the --live video N times back to back (at most 300 frames a play): memory growth over long runs",
-    )  # fmt: skip
     bench.add_argument("--accuracy", action="store_true", help="also measure accuracy: synthetic ground truth, --clip, and offline smoothing on --clips")
     bench.add_argument(
         "--clips", type=existing_path, default=None, metavar="DIR",
@@ -632,7 +628,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                     status(f"live pipeline on {device}, {label.replace('_', ' ')}" + (", with --preview" if preview else ""))
                     figures = run_live_benchmark(
                         str(args.live), flame=args.flame or "demo", models_dir=models_dir, device=device, realtime=paced,
-                        preview=preview, max_frames=args.live_plays * 300, plays=args.live_plays,
+                        preview=preview,
                     )
                     figures["fps_over_mediapipe_alone"] = figures["fps"] / alone["fps"]
                     figures["latency_p95_minus_mediapipe_ms"] = figures["latency_p95_ms"] - alone["median_ms"]

@@ -21,7 +21,6 @@ import contextlib
 import importlib.metadata
 import logging
 import math
-import os
 import queue
 import sys
 import threading
@@ -91,9 +90,6 @@ class LiveConfig:
     """Frames the end-of-run summary is taken over (the most recent ones)."""
     warmup_frames: int = 30
     """Frames left out of the summary's frame-time spread (first calls)."""
-    memory_baseline_frames: int = 30
-    """Memory growth is measured from this frame on (a benchmark that repeats a clip: its length, so that
-    the caches a first play fills are in the baseline)."""
 
 
 @dataclass(frozen=True)
@@ -120,8 +116,6 @@ class LiveSummary:
     frame_median_ms: float
     frame_max_ms: float
     """MediaPipe plus fitting and publishing, per frame after the warm-up frames."""
-    rss_growth_mb: float | None
-    """Resident memory at the end less at ``memory_baseline_frames``, MB (None where /proc is not available)."""
     preview_frames: int = 0
     """Frames the preview window drew (on its own thread; the others were replaced by newer ones)."""
     preview_draw_ms: float = 0.0
@@ -325,7 +319,6 @@ class LivePipeline:
         self._history = _StageTimes(self.config.summary_window)
         self._status = _StatusLine(self.config.show_status)
         self._frame_ms = _Samples(self.config.summary_window)  # after the warm-up frames
-        self._rss_after_warmup: float | None = None
         self._last_report = (0.0, 0)  # (monotonic time, frames processed) at the last metrics report
         self._fps = 0.0
 
@@ -407,8 +400,6 @@ class LivePipeline:
         stage_times = (latency_ms, detected.mediapipe_ms, (after_fit - before_fit) * 1e3)
         self._recent.add(*stage_times)
         self._history.add(*stage_times)
-        if self.frames == self.config.memory_baseline_frames:
-            self._rss_after_warmup = resident_memory_mb()
         if self.frames > self.config.warmup_frames:
             self._frame_ms.add(detected.mediapipe_ms + (time.perf_counter() - before_fit) * 1e3)
         if self.recorder is not None:
@@ -537,20 +528,10 @@ class LivePipeline:
             keyframes_dropped=0 if self.keyframes is None else self.keyframes.queue.dropped,
             frame_median_ms=self._frame_ms.percentile(50),
             frame_max_ms=self._frame_ms.maximum(),
-            rss_growth_mb=None if self._rss_after_warmup is None or (rss := resident_memory_mb()) is None else rss - self._rss_after_warmup,
             preview_frames=0 if self.preview is None else self.preview.drawn,
             preview_draw_ms=0.0 if self.preview is None else self.preview.draw_ms(),
             source_lost=self.source_lost,
         )
-
-
-def resident_memory_mb() -> float | None:
-    """This process's resident memory in MB, from /proc (None where there is no /proc)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -583,8 +564,6 @@ class LiveOptions:
     """How often a stream that dropped is reopened before the run ends with a failure status."""
     repeat: bool = False
     """Play a video file again whenever it ends (soak runs); stop with `max_frames` or the stop event."""
-    source_options: SourceOptions | None = None
-    """How the source opens (None: the defaults with ``open_timeout_s``)."""
     loop: LiveConfig = field(default_factory=LiveConfig)
 
 
@@ -622,10 +601,13 @@ def run_live(options: LiveOptions, stop: threading.Event | None = None, recalibr
     recalibrate = recalibrate or threading.Event()
     with contextlib.ExitStack() as stack:
         show_preview = options.loop.preview and display_available()
-        source_options = options.source_options or SourceOptions(
-            open_timeout_s=options.open_timeout_s, reconnect_attempts=options.reconnect_attempts, repeat=options.repeat
+        source = open_source(
+            options.source,
+            options.realtime,
+            SourceOptions(
+                open_timeout_s=options.open_timeout_s, reconnect_attempts=options.reconnect_attempts, repeat=options.repeat
+            ),
         )
-        source = open_source(options.source, options.realtime, source_options)
         stack.callback(source.stop)
         publishers = open_publishers(options.publishers)
         stack.callback(close_all, publishers)
@@ -662,34 +644,23 @@ def run_live_benchmark(
     frame_size: tuple[int, int] | None = (640, 480),
     realtime: bool = True,
     preview: bool = False,
-    plays: int = 1,
 ) -> dict[str, Any]:
     """End-to-end speed of the live loop on a file: fps, capture->publish latency, MediaPipe and tracker ms.
 
     Frames are resized to `frame_size` (640x480 by default, a typical webcam) and published on a ZeroMQ
     socket on a free local port. With realtime=True the file plays at its own rate, as a camera would, so
     fps is capped by the file's rate and slow frames show up as drops; realtime=False measures throughput.
-    The file plays ``plays`` times back to back (memory growth over long runs); at most ``max_frames``.
     """
-    with open_source(str(source), realtime=False) as probe:
-        one_play = sum(1 for _ in probe.frames())
-    # Memory growth from the end of the first play (the caches it filled are in the baseline), or from half
-    # way when the run is shorter than two plays.
-    baseline = min(one_play, max_frames // 2) if plays > 1 else LiveConfig().memory_baseline_frames
     options = LiveOptions(
         source=str(source),
         realtime=realtime,
-        source_options=SourceOptions(plays=plays),
         flame=flame,
         models_dir=models_dir,
         device=device,
         publishers=PublisherOptions(zmq="tcp://127.0.0.1:*"),
-        loop=LiveConfig(
-            max_frames=max_frames, frame_size=frame_size, show_status=False, preview=preview, memory_baseline_frames=baseline
-        ),
+        loop=LiveConfig(max_frames=max_frames, frame_size=frame_size, show_status=False, preview=preview),
     )
     summary = run_live(options)
-    tracked = summary.frames - baseline
     return {
         "source": str(source),
         "frame_size": list(frame_size) if frame_size else None,
@@ -699,7 +670,6 @@ def run_live_benchmark(
         "torch_threads": 1,
         **asdict(summary),
         "frame_max_over_median": summary.frame_max_ms / summary.frame_median_ms if summary.frame_median_ms else float("nan"),
-        "rss_growth_mb_per_10k_frames": None if summary.rss_growth_mb is None or tracked <= 0 else summary.rss_growth_mb * 1e4 / tracked,
     }
 
 

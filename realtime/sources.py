@@ -73,8 +73,6 @@ class SourceOptions:
     """Pace of an image folder in realtime mode (images carry no timing of their own)."""
     camera_resolution: tuple[int, int] | None = None
     """(width, height) to request from a webcam; None keeps the camera's default."""
-    plays: int = 1
-    """How many times a file or folder plays, back to back (long runs from a short clip, as in benchmarks)."""
     stream_options: dict[str, str] = field(default_factory=dict)
     """FFmpeg options for network streams, e.g. {"rtsp_transport": "tcp"}."""
     repeat: bool = False
@@ -559,33 +557,6 @@ def _open_reader(spec: str, options: SourceOptions) -> _Reader:
     return _VideoFileReader(path, options.repeat)
 
 
-class _RepeatingReader:
-    """A file or folder played ``plays`` times, with times that keep rising across the repetitions."""
-
-    def __init__(self, first: _Reader, reopen: Callable[[], _Reader], plays: int) -> None:
-        self._open_reader = reopen
-        self._plays = plays
-        self._reader = first
-        self.description = f"{self._reader.description} x{plays}"
-        self.fps, self.size, self.live = self._reader.fps, self._reader.size, self._reader.live
-
-    def frames(self, stop: threading.Event) -> Iterator[RawFrame]:
-        offset = 0.0
-        interval = 1.0 / (self.fps or 25.0)
-        for play in range(self._plays):
-            if play > 0:
-                self._reader.close()
-                self._reader = self._open_reader()
-            last = offset
-            for image, pts in self._reader.frames(stop):
-                last = offset + (pts if pts is not None else 0.0)
-                yield image, last if pts is not None else None
-            offset = last + interval
-
-    def close(self) -> None:
-        self._reader.close()
-
-
 def open_source(spec: str | int, realtime: bool = True, options: SourceOptions | None = None) -> FrameSource:
     """Open a camera index ("0"), a stream URL, a video/GIF file, an image, or a folder of images.
 
@@ -594,11 +565,7 @@ def open_source(spec: str | int, realtime: bool = True, options: SourceOptions |
     folder delivers every frame in order, as fast as the consumer takes them. Live sources always drop.
     The source is opened here (size and fps are known) and starts capturing on start().
     """
-    options = options or SourceOptions()
-    reader = _open_reader(str(spec), options)
-    if options.plays > 1 and not reader.live:
-        reader = _RepeatingReader(reader, lambda: _open_reader(str(spec), options), options.plays)
-    return FrameSource(reader, realtime)
+    return FrameSource(_open_reader(str(spec), options or SourceOptions()), realtime)
 
 
 def read_ahead(frames: Iterator[Frame], depth: int = 4) -> Iterator[Frame]:

@@ -199,11 +199,10 @@ def test_frames_carry_the_fit_of_a_face_in_front_of_the_camera(live_run: LiveRun
     assert np.all((landmarks >= 0) & (landmarks <= [360, 288])), "landmarks are pixels of the input image"
 
 
-def test_summary_has_frame_times_and_memory_growth_after_the_warm_up(live_run: LiveRun) -> None:
+def test_summary_has_frame_times_after_the_warm_up(live_run: LiveRun) -> None:
     summary = live_run.summary
     assert summary.frames > LiveConfig().warmup_frames
     assert 0 < summary.mediapipe_ms < summary.frame_median_ms <= summary.frame_max_ms
-    assert summary.rss_growth_mb is not None and abs(summary.rss_growth_mb) < 1e4
 
 
 def test_identity_is_published_at_start_and_after_calibration(live_run: LiveRun) -> None:

@@ -154,18 +154,6 @@ def test_image_folder_plays_in_natural_order_as_rgb(tmp_path):
         assert len(list(source.frames())) == 12
 
 
-def test_a_file_played_several_times_repeats_its_frames_with_rising_times(shared_clips):
-    path = str(shared_clips / MP4_CLIP)
-    once = list(iter_frames(path))
-    with open_source(path, realtime=False, options=SourceOptions(plays=3)) as source:
-        frames = list(source.frames())
-    assert len(frames) == 3 * len(once)
-    assert [f.index for f in frames] == list(range(len(frames)))
-    times = [f.source_pts for f in frames]
-    assert all(later > earlier for earlier, later in zip(times, times[1:])), "times rise across the repetitions"
-    assert np.array_equal(frames[len(once)].image, once[0].image) and np.array_equal(frames[-1].image, once[-1].image)
-
-
 def test_read_ahead_gives_the_same_frames_then_the_reading_error(tmp_path):
     folder = tmp_path / "images"
     write_numbered_pngs(folder, 12)
