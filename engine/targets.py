@@ -3,6 +3,10 @@
 Observations come as MediaPipe's 478 points and/or iBUG 68 points (pixels, NaN where not observed). Each
 landmark group of the model takes its targets from them:
 - ``lmk68``: the given 68 points, else the 68 points converted from MediaPipe (engine.landmarks.to_68);
+  where the model's MediaPipe embedding covers a feature (brows, eyes, nose, lips), the 68 points of that
+  feature are left unobserved whenever MediaPipe points are given: the direct embedding already fits them,
+  and the 68-point version (a table fitted on two images) would pull the same points elsewhere. The jaw
+  contour is always kept;
 - ``mediapipe``: MediaPipe's points at the embedding's ``landmark_indices``;
 - ``eyes``: MediaPipe's iris centres (the subject's left, then right, as FLAME orders its eye joints).
 """
@@ -47,6 +51,35 @@ def mediapipe_contour_landmarks() -> np.ndarray:
     return np.array(sorted({index for group in groups for c in group for index in (c.start, c.end)}))
 
 
+#: iBUG 68 points (0-based) of each feature, with the MediaPipe connection set that outlines the same feature
+#: (MediaPipe's "right" is the subject's right, as iBUG's first brow and eye).
+_FEATURES_68 = (
+    (range(17, 22), "FACE_LANDMARKS_RIGHT_EYEBROW"),
+    (range(22, 27), "FACE_LANDMARKS_LEFT_EYEBROW"),
+    (range(27, 36), "FACE_LANDMARKS_NOSE"),
+    (range(36, 42), "FACE_LANDMARKS_RIGHT_EYE"),
+    (range(42, 48), "FACE_LANDMARKS_LEFT_EYE"),
+    (range(48, 68), "FACE_LANDMARKS_LIPS"),
+)
+
+
+def covered_68_points(landmark_indices: np.ndarray) -> np.ndarray:
+    """(68,) bool: the iBUG points whose feature a MediaPipe embedding of ``landmark_indices`` covers.
+
+    A feature counts as covered when the embedding holds at least half of MediaPipe's outline of it
+    (metrical-tracker's 105 points hold all of the brows, eyes and lips and half of the nose). The jaw
+    contour (iBUG 1-17) is never covered: FLAME's contour follows the silhouette as the head turns.
+    """
+    from mediapipe.tasks.python import vision
+
+    embedded = set(np.asarray(landmark_indices).tolist())
+    covered = np.zeros(68, dtype=bool)
+    for points, name in _FEATURES_68:
+        outline = {index for c in getattr(vision.FaceLandmarksConnections, name) for index in (c.start, c.end)}
+        covered[list(points)] = 2 * len(outline & embedded) >= len(outline)
+    return covered
+
+
 def tracking_head(head: HeadModel) -> HeadModel:
     """The head as the tracker fits it.
 
@@ -86,6 +119,9 @@ class TargetBuilder:
         self.model = model
         self.weights = landmark_weights(model, config)
         self.mediapipe_indices = head.mediapipe.landmark_indices if head.mediapipe is not None else None
+        fits_both = "lmk68" in model.slices and "mediapipe" in model.slices and self.mediapipe_indices is not None
+        #: (68,) bool, the 68 points left to the MediaPipe embedding when MediaPipe points are observed.
+        self.covered68 = covered_68_points(self.mediapipe_indices) if fits_both else np.zeros(68, dtype=bool)
         self.dtype, self.device = model.joint_rest.dtype, model.joint_rest.device
 
     def pixels(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> np.ndarray:
@@ -97,6 +133,8 @@ class TargetBuilder:
         for group, part in self.model.slices.items():
             if group == "lmk68":
                 out[:, part] = lmk68 if lmk68 is not None else to_68(mp478)
+                if mp478 is not None:
+                    out[:, part][:, self.covered68] = np.nan
             elif group == "mediapipe" and mp478 is not None:
                 out[:, part] = mp478[:, self.mediapipe_indices]
             elif group == "eyes" and mp478 is not None and mp478.shape[1] == N_LANDMARKS:
