@@ -251,11 +251,12 @@ def load_mediapipe_to_68() -> MediapipeTo68:
     return mapping
 
 
-def to_68(points478: np.ndarray) -> np.ndarray:
+def to_68(points478: np.ndarray, mapping: MediapipeTo68 | None = None) -> np.ndarray:
     """MediaPipe landmarks (..., 478 or 468, D) -> iBUG 68 points (..., 68, D), 0-based iBUG order.
 
     A NaN in any of a point's three source landmarks makes that point NaN; other points are unaffected.
+    ``mapping`` defaults to the committed table.
     """
-    mapping = load_mediapipe_to_68()
+    mapping = mapping or load_mediapipe_to_68()
     corners = points478[..., mapping.triangles, :]  # (..., 68, 3, D)
     return np.einsum("...kcd,kc->...kd", corners, mapping.bary.astype(corners.dtype, copy=False))

@@ -3,10 +3,10 @@
 Observations come as MediaPipe's 478 points and/or iBUG 68 points (pixels, NaN where not observed). Each
 landmark group of the model takes its targets from them:
 - ``lmk68``: the given 68 points, else the 68 points converted from MediaPipe (engine.landmarks.to_68);
-  where the model's MediaPipe embedding covers a feature (brows, eyes, nose, lips), the 68 points of that
-  feature are left unobserved whenever MediaPipe points are given: the direct embedding already fits them,
-  and the 68-point version (a table fitted on two images) would pull the same points elsewhere. The jaw
-  contour is always kept;
+  where the 68 points are converted and the model's MediaPipe embedding covers a feature (brows, eyes,
+  nose, lips), the 68 points of that feature are left unobserved: the direct embedding already fits the same
+  detector points, and their 68-point version (a table fitted on two images) would pull them elsewhere. The
+  jaw contour is always kept, and 68 points given as such (another detector) are all fitted;
 - ``mediapipe``: MediaPipe's points at the embedding's ``landmark_indices``;
 - ``eyes``: MediaPipe's iris centres (the subject's left, then right, as FLAME orders its eye joints).
 """
@@ -22,7 +22,7 @@ import torch
 from engine.fitting import FitConfig, Targets, landmark_weights
 from engine.head_model import HeadModel, MediapipeEmbedding
 from engine.landmark_model import LandmarkModel
-from engine.landmarks import LEFT_IRIS_CENTER, N_LANDMARKS, RIGHT_IRIS_CENTER, to_68
+from engine.landmarks import LEFT_IRIS_CENTER, N_LANDMARKS, RIGHT_IRIS_CENTER, MediapipeTo68, to_68
 
 
 def groups_for(model: HeadModel) -> tuple[str, ...]:
@@ -115,12 +115,14 @@ def spans_a_face(targets: Targets, min_size_px: float, min_aspect: float) -> boo
 class TargetBuilder:
     """Builds Targets for one LandmarkModel; reuses its index arrays for every frame."""
 
-    def __init__(self, model: LandmarkModel, head: HeadModel, config: FitConfig) -> None:
+    def __init__(self, model: LandmarkModel, head: HeadModel, config: FitConfig, mapping: MediapipeTo68 | None = None) -> None:
         self.model = model
+        #: The MediaPipe -> 68 table that converts MediaPipe points (None: the committed one).
+        self.mapping = mapping
         self.weights = landmark_weights(model, config)
         self.mediapipe_indices = head.mediapipe.landmark_indices if head.mediapipe is not None else None
         fits_both = "lmk68" in model.slices and "mediapipe" in model.slices and self.mediapipe_indices is not None
-        #: (68,) bool, the 68 points left to the MediaPipe embedding when MediaPipe points are observed.
+        #: (68,) bool, the converted 68 points left to the MediaPipe embedding.
         self.covered68 = covered_68_points(self.mediapipe_indices) if fits_both else np.zeros(68, dtype=bool)
         self.dtype, self.device = model.joint_rest.dtype, model.joint_rest.device
 
@@ -132,8 +134,10 @@ class TargetBuilder:
         out = np.full((batch, self.model.n_landmarks, 2), np.nan, dtype=np.float64)
         for group, part in self.model.slices.items():
             if group == "lmk68":
-                out[:, part] = lmk68 if lmk68 is not None else to_68(mp478)
-                if mp478 is not None:
+                if lmk68 is not None:
+                    out[:, part] = lmk68
+                else:
+                    out[:, part] = to_68(mp478, self.mapping)
                     out[:, part][:, self.covered68] = np.nan
             elif group == "mediapipe" and mp478 is not None:
                 out[:, part] = mp478[:, self.mediapipe_indices]

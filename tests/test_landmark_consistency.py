@@ -1,5 +1,6 @@
 """Landmark consistency (issue 13, item 3): where the MediaPipe embedding covers a feature, the tracker fits it
-and not also the 68-point version of the same points; the 68 set keeps the jaw contour."""
+and not also the 68-point version of the same detector points (converted by the MediaPipe -> 68 table); the
+68 set keeps the jaw contour."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from mediapipe.tasks.python import vision
 
 from engine.assets import load_flame
 from engine.camera import project
-from engine.flame import rodrigues
+from engine.demo_head import build_demo_head
+from engine.flame import FlameLayer, rodrigues
+from engine.landmarks import load_mediapipe_to_68
 from engine.synthetic import SyntheticMotion, synthetic_sequence
-from engine.targets import covered_68_points
+from engine.targets import TargetBuilder, covered_68_points, tracking_head
 from engine.tracker import Tracker, TrackerConfig
 from offline.track_job import LandmarkSequence, calibrate_on_sequence
 
@@ -30,59 +33,69 @@ def flame(flame_dir: Path):
     return load_flame(flame_dir, n_shape=20, n_exp=10)
 
 
+@pytest.fixture(scope="module")
+def mediapipe_points(landmarker_task: Path) -> np.ndarray:
+    """(T, 478, 2) all of MediaPipe's points of a moving synthetic face (the demo head, built on MediaPipe's mesh)."""
+    layer = FlameLayer(build_demo_head(landmarker_task), 10, 10)
+    points = synthetic_sequence(layer, MOTION).mp478
+    assert np.isfinite(points).all()
+    return points
+
+
 def test_metrical_trackers_embedding_covers_every_inner_feature(flame) -> None:
     covered = covered_68_points(flame.mediapipe.landmark_indices)
     assert not covered[CONTOUR].any() and covered[17:].all()
-    # Without lips or brows in the embedding, their 68 points stay.
+    # Without lips in the embedding, their 68 points stay.
     lips = {index for c in vision.FaceLandmarksConnections.FACE_LANDMARKS_LIPS for index in (c.start, c.end)}
     no_lips = covered_68_points(np.array([i for i in flame.mediapipe.landmark_indices if i not in lips]))
     assert not no_lips[48:].any() and no_lips[17:48].all()
 
 
-def test_with_both_embeddings_the_targets_are_the_contour_and_the_mediapipe_points(flame) -> None:
+def test_with_both_embeddings_the_targets_are_the_contour_and_the_mediapipe_points(flame, mediapipe_points: np.ndarray) -> None:
     tracker = Tracker(flame, MOTION.image_size, CONFIG)
-    truth = synthetic_sequence(tracker.layer, MOTION)
-    targets = tracker.targets(truth.mp478[:1], truth.lmk68[:1])
-    observed = targets.observed[0].numpy()
+    observed = tracker.targets(mediapipe_points[:1], None).observed[0].numpy()
     slices = tracker.full.slices
     assert observed[slices["lmk68"]].nonzero()[0].tolist() == CONTOUR.tolist()
     assert observed[slices["mediapipe"]].all() and observed[slices["eyes"]].all()
-    # Without MediaPipe points (a 68-point detector alone) all 68 are fitted.
-    alone = tracker.targets(None, truth.lmk68[:1]).observed[0].numpy()
-    assert alone[slices["lmk68"]].all()
+    # 68 points given as such (another detector) are all fitted.
+    given = tracker.targets(mediapipe_points[:1], mediapipe_points[:1, :68]).observed[0].numpy()
+    assert given[slices["lmk68"]].all()
+    # Without a MediaPipe embedding the converted 68 points are all fitted.
+    alone = Tracker(replace(flame, mediapipe=None), MOTION.image_size, CONFIG)
+    assert alone.targets(mediapipe_points[:1], None).observed[0].numpy()[alone.full.slices["lmk68"]].all()
 
 
-def _fitted(head, truth, lmk68: np.ndarray, use_mediapipe: bool) -> np.ndarray:
-    """(T, 68, 2) projected fitted 68 points of a tracked sequence."""
+def _fitted_nose_tip(head, mp478: np.ndarray, mapping) -> np.ndarray:
+    """(T, 2) projected fitted iBUG nose tip over a sequence tracked with ``mapping`` converting to 68 points."""
     tracker = Tracker(head, MOTION.image_size, CONFIG)
-    mp478 = truth.mp478 if use_mediapipe else None
-    calibrate_on_sequence(tracker, LandmarkSequence(mp478, lmk68, MOTION.image_size, truth.fps, "synthetic"), {}, False)
-    points = []
-    for index in range(MOTION.frames):
-        frame = tracker.track(None if mp478 is None else mp478[index], lmk68[index], timestamp=index / truth.fps)
+    tracker.targets = TargetBuilder(tracker.full, tracking_head(head), CONFIG.fit, mapping)
+    calibrate_on_sequence(tracker, LandmarkSequence(mp478, None, MOTION.image_size, 25.0, "synthetic"), {}, False)
+    options = {"dtype": CONFIG.dtype, "device": CONFIG.device}
+    tips = []
+    for index in range(len(mp478)):
+        frame = tracker.track(mp478[index], None, timestamp=index / 25.0)
         assert frame.valid
-        options = {"dtype": CONFIG.dtype, "device": CONFIG.device}
         with torch.no_grad():
             evaluation = tracker.fixed.evaluate(
                 torch.as_tensor(frame.exp[None], **options), rodrigues(torch.as_tensor(frame.pose[None], **options)),
                 torch.as_tensor(frame.transl[None], **options), jacobians=False,
             )
         projected = project(evaluation.points, tracker.focal, tracker.camera.center)[0].double().numpy()
-        points.append(projected[tracker.full.slices["lmk68"]])
-    return np.stack(points)
+        tips.append(projected[tracker.full.slices["lmk68"]][NOSE_TIP])
+    return np.stack(tips)
 
 
-def test_a_biased_68_nose_tip_no_longer_pulls_the_fit(flame) -> None:
-    layer = Tracker(flame, MOTION.image_size, CONFIG).layer
-    truth = synthetic_sequence(layer, MOTION)
-    iod = np.linalg.norm(truth.lmk68[:, 36] - truth.lmk68[:, 45], axis=1)
-    biased = truth.lmk68.copy()
-    biased[:, NOSE_TIP, 1] += 0.05 * iod  # 5 % IOD down, more than the issue measured (3.3 %)
+def test_a_biased_nose_tip_in_the_68_table_no_longer_pulls_the_fit(flame, mediapipe_points: np.ndarray) -> None:
+    table = load_mediapipe_to_68()
+    triangles, bary = table.triangles.copy(), table.bary.copy()
+    triangles[NOSE_TIP], bary[NOSE_TIP] = (4, 2, 2), (0.4, 0.3, 0.3)  # towards the subnasale (MediaPipe 2)
+    biased = replace(table, triangles=triangles, bary=bary)
+    iod = np.linalg.norm(mediapipe_points[:, 33] - mediapipe_points[:, 263], axis=1)
 
-    # 68 points alone: the bias pulls the fitted nose tip down (the bias is big enough to matter).
+    # 68 points alone: the biased table pulls the fitted nose tip (about 4 % IOD: the bias matters).
     only68 = replace(flame, mediapipe=None)
-    shift_alone = (_fitted(only68, truth, biased, False) - _fitted(only68, truth, truth.lmk68, False))[:, NOSE_TIP, 1]
-    assert np.mean(shift_alone / iod) > 0.005
-    # With the MediaPipe embedding, the 68-point nose is not fitted: the fit does not move at all.
-    both = _fitted(flame, truth, biased, True) - _fitted(flame, truth, truth.lmk68, True)
+    pulled = _fitted_nose_tip(only68, mediapipe_points, biased) - _fitted_nose_tip(only68, mediapipe_points, table)
+    assert np.mean(np.linalg.norm(pulled, axis=1) / iod) > 0.02
+    # With the MediaPipe embedding, the converted nose is not fitted: the fit does not move at all.
+    both = _fitted_nose_tip(flame, mediapipe_points, biased) - _fitted_nose_tip(flame, mediapipe_points, table)
     assert np.abs(both).max() < 1e-9
