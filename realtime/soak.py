@@ -52,13 +52,16 @@ class _Counter:
 
 def _receive(address: str, counter: _Counter) -> None:
     with Subscriber(address, topics=[TOPIC_FRAME], timeout_s=None) as subscriber:
-        while not counter.done.is_set():
+        while True:
             received = subscriber.receive(timeout_s=0.2)
-            if received is not None:
-                seq = received[1]["seq"]
-                counter.gaps += int(counter.last_seq >= 0 and seq != counter.last_seq + 1)
-                counter.last_seq = seq
-                counter.received += 1
+            if received is None:
+                if counter.done.is_set():  # stopped, and everything in flight has been read
+                    break
+                continue
+            seq = received[1]["seq"]
+            counter.gaps += int(counter.last_seq >= 0 and seq != counter.last_seq + 1)
+            counter.last_seq = seq
+            counter.received += 1
         counter.rejected, counter.reconnects = subscriber.rejected, subscriber.reconnects
 
 
@@ -91,9 +94,8 @@ def run_soak(
         live.join(timeout=SAMPLE_INTERVAL_S)
     stop.set()
     live.join()
-    time.sleep(0.5)  # the last messages in flight
     counter.done.set()
-    receiver.join(timeout=5)
+    receiver.join(timeout=10)
     summary = outcome["summary"]
     warm_up = min(WARM_UP_MAX_S, WARM_UP_FRACTION * seconds)
     judged = [(t, mb) for t, mb in samples if t >= warm_up] or samples[-1:]
