@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
+import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.errors import UserError
@@ -18,6 +22,8 @@ from realtime.publishers import (
     VmcPublisher,
     ZmqPublisher,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 _HOST_PORT = re.compile(r"(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[^:\[\]]*))(?::(?P<port>[^:]*))?")
@@ -97,3 +103,19 @@ def close_all(publishers: list[Publisher]) -> None:
 def dropped_messages(publishers: list[Publisher]) -> int:
     """Messages the publishers could not send at once and dropped (a slow subscriber, a full UDP buffer)."""
     return sum(getattr(publisher, "dropped", 0) for publisher in publishers)
+
+
+def wait_for_subscribers(publishers: Sequence[Publisher], wait_s: float, stop: threading.Event) -> bool:
+    """Give ZeroMQ subscribers up to ``wait_s`` to subscribe, so the first message is not lost; False if none did.
+
+    ZeroMQ drops what a PUB socket sends before a subscription has arrived ("slow joiner"): a replay, or a run
+    that must account for every frame, waits here before its first message.
+    """
+    deadline = time.monotonic() + wait_s
+    for publisher in publishers:
+        if isinstance(publisher, ZmqPublisher):
+            while not publisher.wait_for_subscriber(min(0.1, max(0.0, deadline - time.monotonic()))):
+                if stop.is_set() or time.monotonic() >= deadline:
+                    log.warning("no ZeroMQ subscriber on %s after %g s: publishing anyway", publisher.endpoint, wait_s)
+                    return False
+    return True

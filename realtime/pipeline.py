@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
-import math
 import queue
 import sys
 import threading
@@ -51,7 +50,7 @@ from flame_client.messages import (
 )
 from realtime.keyframes import KeyframeConfig, KeyframeSelector
 from realtime.refiner import LiveRefiner
-from realtime.outputs import PublisherOptions, close_all, dropped_messages, open_publishers
+from realtime.outputs import PublisherOptions, close_all, dropped_messages, open_publishers, wait_for_subscribers
 from realtime.preview import PreviewFrame, PreviewWindow, display_available
 from realtime.publishers import Publisher
 from realtime.recorder import SessionRecorder
@@ -564,6 +563,9 @@ class LiveOptions:
     """How often a stream that dropped is reopened before the run ends with a failure status."""
     repeat: bool = False
     """Play a video file again whenever it ends (soak runs); stop with `max_frames` or the stop event."""
+    subscriber_wait_s: float = 0.0
+    """Before the first frame, wait up to this long for a first ZeroMQ subscriber (a soak that counts every
+    frame); 0 starts at once, as a camera should."""
     loop: LiveConfig = field(default_factory=LiveConfig)
 
 
@@ -632,6 +634,8 @@ def run_live(options: LiveOptions, stop: threading.Event | None = None, recalibr
             preview = stack.enter_context(PreviewWindow(head, tracker.layer.n_shape, tracker.layer.n_exp, recalibrate))
         pipeline = LivePipeline(source, landmarker, tracker, publishers, recorder, options.loop, preview)
         pipeline.recalibrate = recalibrate
+        if options.subscriber_wait_s > 0:
+            wait_for_subscribers(publishers, options.subscriber_wait_s, stop)
         return pipeline.run(stop)
 
 

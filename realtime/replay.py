@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flame_client.messages import TOPIC_FRAME, TOPIC_SHAPE, MessageError, validate
-from realtime.outputs import PublisherOptions, close_all, dropped_messages, open_publishers
-from realtime.publishers import Publisher, ZmqPublisher
+from realtime.outputs import PublisherOptions, close_all, dropped_messages, open_publishers, wait_for_subscribers
+from realtime.publishers import Publisher
 from realtime.session import SessionReader
 
 log = logging.getLogger(__name__)
@@ -47,18 +47,6 @@ class ReplaySummary:
         return f"replayed {self.frames} frames and {self.shapes} identities in {self.duration_s:.1f} s{skipped}{not_sent}{unheard}"
 
 
-def _wait_for_subscribers(publishers: Sequence[Publisher], wait_s: float, stop: threading.Event) -> bool:
-    """Give ZeroMQ subscribers up to ``wait_s`` to connect, so the first message is not lost; False if none did."""
-    deadline = time.monotonic() + wait_s
-    for publisher in publishers:
-        if isinstance(publisher, ZmqPublisher):
-            while not publisher.wait_for_subscriber(min(0.1, max(0.0, deadline - time.monotonic()))):
-                if stop.is_set() or time.monotonic() >= deadline:
-                    log.warning("no ZeroMQ subscriber on %s after %g s: replaying anyway", publisher.endpoint, wait_s)
-                    return False
-    return True
-
-
 def replay_session(
     reader: SessionReader,
     publishers: Sequence[Publisher],
@@ -69,7 +57,7 @@ def replay_session(
     """Publish the session's frame and shape messages at their recorded pace divided by `speed`, once the
     ZeroMQ publisher has a subscriber (or after ``subscriber_wait_s``)."""
     stop = stop or threading.Event()
-    heard = _wait_for_subscribers(publishers, subscriber_wait_s, stop)
+    heard = wait_for_subscribers(publishers, subscriber_wait_s, stop)
     dropped_before = dropped_messages(list(publishers))
     started = time.monotonic()
     frames = shapes = skipped = 0

@@ -45,6 +45,7 @@ class _Counter:
     received: int = 0
     rejected: int = 0
     reconnects: int = 0
+    first_seq: int = -1
     last_seq: int = -1
     gaps: int = 0
     done: threading.Event = field(default_factory=threading.Event)
@@ -59,6 +60,8 @@ def _receive(address: str, counter: _Counter) -> None:
                     break
                 continue
             seq = received[1]["seq"]
+            if counter.first_seq < 0:
+                counter.first_seq = seq
             counter.gaps += int(counter.last_seq >= 0 and seq != counter.last_seq + 1)
             counter.last_seq = seq
             counter.received += 1
@@ -78,6 +81,7 @@ def run_soak(
     address = f"tcp://127.0.0.1:{_free_port()}"
     options = LiveOptions(
         source=str(video), realtime=True, flame=flame, models_dir=models_dir, device=device, repeat=True,
+        subscriber_wait_s=10.0,
         publishers=PublisherOptions(zmq=address), loop=LiveConfig(show_status=False),
     )  # fmt: skip
     counter = _Counter()
@@ -106,6 +110,8 @@ def run_soak(
         "seconds": round(time.monotonic() - started, 1),
         "frames_processed": summary.frames,
         "frames_received": counter.received,
+        "first_seq_received": counter.first_seq,
+        "last_seq_received": counter.last_seq,
         "sequence_gaps": counter.gaps,
         "rejected": counter.rejected,
         "subscriber_reconnects": counter.reconnects,
