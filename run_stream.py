@@ -570,18 +570,18 @@ def _run_bench(args: argparse.Namespace) -> int:
             raise UserError(f"--clip {args.clip}: no face found in its first {clip.n_frames} frames; give a video of a face")
         report["mediapipe_clip"] = {"frames": len(mediapipe_ms), "median_ms": float(np.median(mediapipe_ms))}
 
-    for device in devices:
-        config = TrackerConfig(device=device)
-        status(f"FLAME layer on {device}")
-        section: dict[str, object] = {"flame_layer": bench_flame_layer(head, device)}
-        status(f"tracking {args.frames} synthetic frames on {device}")
+    for torch_device in devices:
+        config = TrackerConfig(device=torch_device)
+        status(f"FLAME layer on {torch_device}")
+        section: dict[str, object] = {"flame_layer": bench_flame_layer(head, torch_device)}
+        status(f"tracking {args.frames} synthetic frames on {torch_device}")
         synthetic = synthetic_sequence(Tracker(head, (512, 512), config).layer, SyntheticMotion(frames=args.frames))
         section["tracking_synthetic"] = bench_tracking(head, synthetic.mp478, synthetic.lmk68, (512, 512), synthetic.fps, config)
         if clip is not None:
-            status(f"tracking the clip on {device}")
+            status(f"tracking the clip on {torch_device}")
             section["tracking_clip"] = bench_tracking(head, clip.mp478, clip.lmk68, clip.image_size, clip.fps, config)
             # Targets: numpy_over_mediapipe <= 0.1 with a FLAME-sized model, <= 0.05 with the demo head.
-            status(f"per-frame solve (NumPy and PyTorch) against MediaPipe on the clip, on {device}")
+            status(f"per-frame solve (NumPy and PyTorch) against MediaPipe on the clip, on {torch_device}")
             section["solve_against_mediapipe"] = bench_solve_against_mediapipe(
                 head, str(args.clip), find_face_landmarker(models_dir), clip.mp478, clip.image_size, clip.fps, config, args.frames
             )
@@ -589,10 +589,10 @@ def _run_bench(args: argparse.Namespace) -> int:
             from engine.photometric import bench_photometric
             from engine.render import benchmark_render
 
-            status(f"renderer and photometric fitting on {device}")
-            section["render_256"] = benchmark_render(device, size=256)
-            section["photometric_256"] = bench_photometric(head, device, size=256)
-        report[device] = section
+            status(f"renderer and photometric fitting on {torch_device}")
+            section["render_256"] = benchmark_render(torch_device, size=256)
+            section["photometric_256"] = bench_photometric(head, torch_device, size=256)
+        report[torch_device] = section
     status("tracking with one thread and with one per core")
     report["torch_threads"] = bench_threads(head, synthetic.mp478, synthetic.lmk68, (512, 512), synthetic.fps, args.threads)
     if args.accuracy:

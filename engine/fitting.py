@@ -18,7 +18,7 @@ raised; a non-finite step leaves the state as it was.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
