@@ -7,6 +7,7 @@ Everything here is measured, never asserted: the numbers go into the README thro
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -180,6 +181,32 @@ def _opening_pairs(tracker: Tracker) -> tuple[tuple[int, int], tuple[tuple[int, 
             tuple((start + a, start + b) for a, b in EYE_OPENINGS_68))
 
 
+def model_landmark_pixels(tracker: Tracker, shape: np.ndarray, exp: np.ndarray, pose: np.ndarray, transl: np.ndarray) -> np.ndarray:
+    """(T, N, 2) pixels of the tracker's landmark targets for T frames' parameters (exp, pose axis-angle (T, J, 3),
+    transl) with one identity ``shape``."""
+    options = {"dtype": tracker.config.dtype, "device": tracker.config.device}
+    coeffs = torch.cat([torch.as_tensor(shape, **options).reshape(1, -1).expand(len(exp), -1), torch.as_tensor(exp, **options)], 1)
+    with torch.no_grad():
+        points = tracker.full.evaluate(coeffs, rodrigues(torch.as_tensor(pose, **options)), torch.as_tensor(transl, **options),
+                                       jacobians=False).points
+        return project(points, tracker.focal, tracker.camera.center).cpu().double().numpy()
+
+
+def landmark_errors(tracker: Tracker, shape: np.ndarray, exp: np.ndarray, pose: np.ndarray, transl: np.ndarray,
+                    mp478: np.ndarray) -> np.ndarray:
+    """(T,) each frame's mean distance of the model's landmarks to MediaPipe's over the outer-eye-corner
+    distance (a fraction; NaN where the detector saw no face), as :func:`fit_scores` measures it."""
+    observed = tracker.targets.pixels(mp478, None)
+    iod = np.linalg.norm(mp478[:, OUTER_EYE_CORNERS[0]] - mp478[:, OUTER_EYE_CORNERS[1]], axis=1)
+    return _errors_over_iod(model_landmark_pixels(tracker, shape, exp, pose, transl), observed, iod)
+
+
+def _errors_over_iod(model: np.ndarray, observed: np.ndarray, iod: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a frame without a face is all NaN: its error is NaN
+        return np.nanmean(np.linalg.norm(model - observed, axis=2), axis=1) / iod
+
+
 def fit_scores(
     tracker: Tracker, shape: np.ndarray, exp: np.ndarray, pose: np.ndarray, transl: np.ndarray, valid: np.ndarray,
     mp478: np.ndarray, still_frames: int = 20,
@@ -192,18 +219,12 @@ def fit_scores(
     (pixels) over the ``still_frames`` frames where the detector's own landmarks move least; mouth and blink:
     correlation of the model's mouth and eye openings with the detector's over the valid frames.
     """
-    options = {"dtype": tracker.config.dtype, "device": tracker.config.device}
     count = len(mp478)
-    coeffs = torch.cat([torch.as_tensor(shape, **options).reshape(1, -1).expand(count, -1), torch.as_tensor(exp, **options)], 1)
-    with torch.no_grad():
-        points = tracker.full.evaluate(coeffs, rodrigues(torch.as_tensor(pose, **options)), torch.as_tensor(transl, **options),
-                                       jacobians=False).points
-        model = project(points, tracker.focal, tracker.camera.center).cpu().double().numpy()
+    model = model_landmark_pixels(tracker, shape, exp, pose, transl)
     observed = tracker.targets.pixels(mp478, None)
     iod = np.linalg.norm(mp478[:, OUTER_EYE_CORNERS[0]] - mp478[:, OUTER_EYE_CORNERS[1]], axis=1)
     usable = np.asarray(valid, bool) & np.isfinite(iod)
-    distance = np.linalg.norm(model - observed, axis=2)
-    errors = np.nanmean(distance, axis=1)[usable] / iod[usable]
+    errors = _errors_over_iod(model, observed, iod)[usable]
     model[~usable] = np.nan
     observed_motion = np.nanmean(np.linalg.norm(np.diff(observed, axis=0), axis=2), axis=1)
     window = np.convolve(np.nan_to_num(observed_motion, nan=np.inf), np.ones(still_frames - 1), mode="valid")

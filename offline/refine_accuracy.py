@@ -1,7 +1,8 @@
 """Refinement against tracking on a real clip: the same frames, the same measures, side by side.
 
-MediaPipe's landmarks of the clip are tracked (landmarks only, as ``track`` does), the tracked frames are
-refined photometrically (as ``track --photometric`` does), and both results are scored against the detector
+MediaPipe's landmarks of the clip are tracked (landmarks only, smoothed over the sequence as ``track`` does
+unless the options' smoothing is None), the tracked frames are refined photometrically (as ``track
+--photometric`` does), and both results are scored against the detector
 (:func:`engine.evaluation.fit_scores`) and by their image error inside the face mask, both rendered with the
 refinement's albedo and lighting. ``python run_stream.py bench --accuracy --refine CLIP`` prints it.
 """
@@ -31,7 +32,7 @@ def compare_refine_with_track(
     options = options or RefineOptions()
     sequence, _ = detect_landmarks(clip, landmarker_task, max_frames=frames)
     started, cpu_started = time.perf_counter(), time.process_time()
-    tracker, results, _ = track_sequence(sequence, head, TrackerConfig(device=device), progress)
+    tracker, results, _ = track_sequence(sequence, head, TrackerConfig(device=device), progress, options.smoothing)
     track_seconds, track_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     with tempfile.TemporaryDirectory() as out:
         timings = refine_video(clip, tracker, results, sequence.mp478, Path(out), options, progress)
@@ -39,7 +40,8 @@ def compare_refine_with_track(
         fitter = PhotometricFitter(tracker, options.photometric)
         load_appearance(fitter, Path(out) / IDENTITY_FILE)
     report: dict[str, object] = {"clip": clip, "model": head.name, "crop_size": options.photometric.size,
-                                 "frame_iterations": options.photometric.frame_iterations, "window": options.window}
+                                 "frame_iterations": options.photometric.frame_iterations, "window": options.window,
+                                 "smoothing": None if options.smoothing is None else options.smoothing.describe()}
     image_errors = _image_errors(fitter, clip, sequence.mp478, [results, refined], options.window)
     for name, arrays, error in (("track", results, image_errors[0]), ("refine", refined, image_errors[1])):
         report[name] = {**score_frames(head, arrays, sequence.mp478, sequence.image_size, device), "image_error_in_face_mask": error}
@@ -49,6 +51,8 @@ def compare_refine_with_track(
     report["refine"]["cpu_seconds_per_frame"] = timings["cpu_seconds_per_frame"]
     report["refine"]["identity_seconds"] = timings.get("identity_s", float("nan"))
     report["refine"]["rejected_windows"] = timings.get("rejected_windows", 0)
+    report["refine"]["smoothing_seconds"] = timings.get("smoothing_s", 0.0)
+    report["refine"]["kept_landmark_fit_after_smoothing"] = timings.get("kept_landmark_fit_after_smoothing", 0)
     return report
 
 

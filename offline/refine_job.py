@@ -6,14 +6,21 @@ landmark calibration's shape; without a texture space a detailed albedo map is t
 keyframes' pixels. Every frame is then corrected in windows of consecutive frames, each window's corrections
 tied to the one before it, so smoothness runs across the whole sequence. A window whose landmark error rises
 above the landmark fit's by more than a margin is rejected (logged and counted in ``meta.json``): its frames
-keep the landmark fit. Output in ``DIR`` (format version in ``meta.json``):
+keep the landmark fit. Once every frame is refined, the refined parameters are smoothed over the whole
+sequence with ``track``'s smoother (:mod:`engine.smoothing`, past and future frames), and a frame whose
+landmark error the smoothed result raises above the landmark fit's by more than the margin keeps the landmark
+fit. The landmark fit refinement starts from is itself ``track``'s smoothed one. Output in ``DIR`` (format
+version in ``meta.json``):
 
 - ``identity.npz``: ``shape``, ``tex`` (texture-space coefficients, or the coarse estimated albedo map),
   ``light`` (9, 3) SH coefficients, and ``albedo_map`` (the detailed map, when gathered); written first,
   reused when a run is resumed;
 - ``{frame:06d}.npz``: the reference format of ``offline.track_job`` plus ``tex``, ``light``,
-  ``image_error`` and ``refined`` (False where the window was rejected); frames whose file exists are
-  skipped, so an interrupted run resumes where it stopped;
+  ``image_error`` (of the refinement, before smoothing) and ``refined`` (False where the window was
+  rejected or the frame keeps the landmark fit after smoothing); frames whose file exists are skipped, so an
+  interrupted run resumes where it stopped;
+- ``unsmoothed.npz``: with smoothing, once every frame is refined, the refined frames stacked before the
+  smoothing pass rewrites every frame file; an interrupted pass starts again from it (as ``track``'s does);
 - ``texture.png`` (the albedo UV map, when the model has UVs), ``tracking.npz`` (all frames), ``meta.json``.
 """
 
@@ -32,10 +39,20 @@ import torch
 from tqdm import tqdm
 
 from engine.errors import UserError
+from engine.evaluation import landmark_errors
 from engine.flame import rodrigues
 from engine.photometric import FrameState, PhotometricConfig, PhotometricFitter
-from engine.tracker import Tracker, diversity_feature, params_from_reference, reference_arrays, select_diverse
-from offline.track_job import LandmarkSequence, track_sequence, write_npz_atomic
+from engine.smoothing import SmoothingConfig
+from engine.tracker import (
+    Tracker,
+    diversity_feature,
+    params_from_reference,
+    reference_arrays,
+    select_diverse,
+    stack_reference,
+    unstack_reference,
+)
+from offline.track_job import UNSMOOTHED_FILE, LandmarkSequence, smooth_frames, track_sequence, write_npz_atomic
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +74,10 @@ class RefineOptions:
     #: (fraction of the inter-ocular distance), or any of its frames rises more than ``frame_margin``.
     landmark_margin: float = 0.001
     frame_margin: float = 0.005
+    #: The final pass over the whole refined sequence, ``track``'s (None: the per-window fits are the result).
+    #: A smoothed frame whose landmark error rises more than ``landmark_margin`` above the landmark fit's
+    #: keeps the landmark fit.
+    smoothing: SmoothingConfig | None = field(default_factory=SmoothingConfig)
 
 
 def state_from_reference(tracker: Tracker, arrays: dict[str, np.ndarray]) -> FrameState | None:
@@ -89,6 +110,9 @@ class SequenceRefiner:
         self.timings: dict[str, float] = {}
         self.rejected_windows: list[tuple[int, int]] = []  # (first, last) frame of each rejected window
         self.windows = 0
+        self.kept_after_smoothing: list[int] = []  # frames whose smoothed refinement lost to the landmark fit
+        self._landmarks: list[np.ndarray | None] = []  # each frame's detector landmarks, for the smoothing guard
+        self._refined_now: set[int] = set()  # frames refined by this run (not resumed from their files)
 
     def run(
         self, states: list[FrameState | None], frames: Callable[[], Iterator[FrameInput]], progress: bool = True
@@ -112,6 +136,8 @@ class SequenceRefiner:
                         "the margin); their frames keep the landmark fit", len(self.rejected_windows), self.windows)
         if n_seen < len(states):
             log.warning("the input ended after %d of %d frames: the rest is skipped", n_seen, len(states))
+        if self.options.smoothing is not None:
+            self._smooth_and_rewrite(states[:n_seen], progress)
         self._write_summary(n_seen)
         return self.timings
 
@@ -169,6 +195,7 @@ class SequenceRefiner:
     ) -> tuple[int, int]:
         """Refine and write every frame ``frames()`` yields; return how many were refined and how many seen."""
         window: list[tuple[int, np.ndarray, np.ndarray, FrameState]] = []
+        self._landmarks, self._refined_now = [], set()
         previous: FrameState | None = None  # the correction (refined minus landmark fit) of the frame before
         refined = n_seen = 0
         bar = tqdm(total=len(states), desc="refine", unit="frame", disable=not progress)
@@ -176,6 +203,7 @@ class SequenceRefiner:
             if index >= len(states):
                 break
             n_seen = index + 1
+            self._landmarks.append(points)
             done = self._frame_path(index).is_file()
             usable = states[index] is not None and points is not None and np.isfinite(points).all(axis=1).any()
             if window and (done or not usable):
@@ -190,6 +218,7 @@ class SequenceRefiner:
             elif not usable:
                 previous = None
                 self._write(index, states[index], None, refined=False)
+                self._refined_now.add(index)
                 bar.update(1)
             else:
                 window.append((index, image, points, states[index]))
@@ -229,7 +258,53 @@ class SequenceRefiner:
             frames, image_error = initial, self.fitter.image_error(initial, batch)
         for row, (index, *_rest) in enumerate(window):
             self._write(index, frames.index(slice(row, row + 1)), float(image_error[row]), refined=accepted)
+            self._refined_now.add(index)
         return frames.minus(initial).index(slice(len(window) - 1, len(window)))
+
+    # --------------------------------------------------------------------------------------------- smoothing
+    def _smooth_and_rewrite(self, states: list[FrameState | None], progress: bool) -> None:
+        """Smooth the refined sequence, keep the landmark fit where smoothing costs landmark accuracy, and
+        rewrite every frame file; the refined frames are kept first, so an interrupted pass starts again."""
+        started = time.perf_counter()
+        unsmoothed = self.out_dir / UNSMOOTHED_FILE
+        raw: list[dict[str, np.ndarray]] = []
+        if unsmoothed.is_file():  # an earlier smoothing pass: frame files it reached hold smoothed parameters
+            with np.load(unsmoothed, allow_pickle=False) as saved:
+                raw = unstack_reference({key: saved[key] for key in saved.files})
+        if len(raw) != len(states) or self._refined_now:
+            # Frames refined by this run replace their earlier versions; the others are the earlier refinement.
+            raw = [self._load_arrays(i) if i in self._refined_now or i >= len(raw) else raw[i] for i in range(len(states))]
+            write_npz_atomic(unsmoothed, stack_reference(raw))
+        smoothed = smooth_frames(raw, self.options.smoothing, self.fps or 25.0)
+        self.kept_after_smoothing = self._frames_worse_than_landmark_fit(states, smoothed)
+        for index in self.kept_after_smoothing:
+            self._write(index, states[index], float(raw[index]["image_error"][0]), refined=False)
+        kept = set(self.kept_after_smoothing)
+        for index, arrays in enumerate(tqdm(smoothed, desc="smooth", unit="frame", disable=not progress, leave=False)):
+            if index not in kept:
+                write_npz_atomic(self._frame_path(index), arrays)
+        self.timings["smoothing_s"] = time.perf_counter() - started
+        self.timings["kept_landmark_fit_after_smoothing"] = len(kept)
+        if kept:
+            log.warning("%d frame(s) keep the landmark fit: smoothing raised their landmark error more than %.2f %% "
+                        "of the inter-ocular distance above it", len(kept), 100 * self.options.landmark_margin)
+
+    def _frames_worse_than_landmark_fit(self, states: list[FrameState | None], smoothed: list[dict[str, np.ndarray]]) -> list[int]:
+        """Frames whose smoothed landmark error exceeds the landmark fit's by more than ``landmark_margin``."""
+        checked = [i for i, state in enumerate(states) if state is not None and bool(smoothed[i]["valid"][0])
+                   and self._landmarks[i] is not None]
+        if not checked:
+            return []
+        mp478 = np.stack([self._landmarks[i] for i in checked])
+        shape = self.tracker.shape.cpu().numpy()
+
+        def errors(frames: list[FrameState]) -> np.ndarray:
+            stacked = FrameState.cat(frames)
+            return landmark_errors(self.tracker, shape, stacked.exp.cpu().numpy(), stacked.pose.cpu().numpy(),
+                                   stacked.transl.cpu().numpy(), mp478)
+
+        rise = errors([state_from_reference(self.tracker, smoothed[i]) for i in checked]) - errors([states[i] for i in checked])
+        return [index for index, value in zip(checked, rise) if value > self.options.landmark_margin]
 
     def _with_memory_guard(self, fit: Callable):
         try:
@@ -260,16 +335,15 @@ class SequenceRefiner:
                                         torch.zeros(1, 3, **options)))
 
     def _load_state(self, index: int) -> FrameState | None:
+        return state_from_reference(self.tracker, self._load_arrays(index))
+
+    def _load_arrays(self, index: int) -> dict[str, np.ndarray]:
         with np.load(self._frame_path(index)) as saved:
-            return state_from_reference(self.tracker, {key: saved[key] for key in saved.files})
+            return {key: saved[key] for key in saved.files}
 
     def _write_summary(self, n_frames: int) -> None:
-        paths = [self._frame_path(i) for i in range(n_frames)]
-        loaded = []
-        for path in paths:
-            with np.load(path) as saved:
-                loaded.append({key: saved[key] for key in saved.files})
-        write_npz_atomic(self.out_dir / "tracking.npz", {key: np.concatenate([a[key] for a in loaded]) for key in loaded[0]})
+        loaded = [self._load_arrays(i) for i in range(n_frames)]
+        write_npz_atomic(self.out_dir / "tracking.npz", stack_reference(loaded))
         appearance = self.fitter.appearance
         meta = {
             "format": "flame-live photometric refinement",
@@ -286,6 +360,8 @@ class SequenceRefiner:
             "windows": self.windows,
             "rejected_windows": [list(pair) for pair in self.rejected_windows],
             "landmark_margin_iod": self.options.landmark_margin,
+            "smoothing": None if self.options.smoothing is None else self.options.smoothing.describe(),
+            "kept_landmark_fit_after_smoothing": self.kept_after_smoothing,
             "light": "9 SH coefficients per RGB channel, DECA's basis order and constants (engine.render)",
             "timings": self.timings,
         }
@@ -363,7 +439,8 @@ def refine_session(
     # live frames before calibration were fitted with the mean face, and live output may be filtered.
     landmarks = _session_landmarks(reader, messages, n_frames, landmarker_task)
     sequence = LandmarkSequence(landmarks, None, (height, width), reader.fps or 25.0, str(session_dir))
-    tracker, results, _ = track_sequence(sequence, tracker.head, tracker.config, progress)
+    options = options or RefineOptions()
+    tracker, results, _ = track_sequence(sequence, tracker.head, tracker.config, progress, options.smoothing)
     states = [state_from_reference(tracker, arrays) for arrays in results]
 
     def frames() -> Iterator[FrameInput]:

@@ -180,16 +180,25 @@ def detect_landmarks(
 
 
 def track_sequence(
-    sequence: LandmarkSequence, head: HeadModel, config: TrackerConfig, progress: bool = True
+    sequence: LandmarkSequence, head: HeadModel, config: TrackerConfig, progress: bool = True,
+    smoothing: SmoothingConfig | None = None,
 ) -> tuple[Tracker, list[dict[str, np.ndarray]], dict[str, float]]:
-    """Calibrate on the most diverse frames of the whole sequence, then track every frame, in memory."""
+    """Calibrate on the most diverse frames of the whole sequence, then track every frame, in memory; with
+    ``smoothing``, smoothed over the whole sequence as :func:`track_input` does."""
     tracker = Tracker(head, sequence.image_size, config)
     timings: dict[str, float] = {}
     single = calibrate_on_sequence(tracker, sequence, timings, progress)
     if single is not None:
         return tracker, [single], timings
-    frames = track_frames(tracker, sequence, 0, progress)
-    return tracker, list(frames), timings
+    frames = list(track_frames(tracker, sequence, 0, progress))
+    if smoothing is not None:
+        frames = smooth_frames(frames, smoothing, sequence.fps)
+    return tracker, frames, timings
+
+
+def smooth_frames(frames: list[dict[str, np.ndarray]], smoothing: SmoothingConfig, fps: float) -> list[dict[str, np.ndarray]]:
+    """Per-frame reference arrays smoothed over the whole sequence (:func:`engine.smoothing.smooth_sequence`)."""
+    return unstack_reference(smooth_sequence(stack_reference(frames), smoothing, fps))
 
 
 def calibrate_on_sequence(
@@ -456,7 +465,7 @@ def _smooth_and_rewrite(
         raw = stack_reference(results)
         write_npz_atomic(unsmoothed, raw)
     started = time.perf_counter()
-    smoothed = unstack_reference(smooth_sequence(raw, options.smoothing, sequence.fps))
+    smoothed = smooth_frames(unstack_reference(raw), options.smoothing, sequence.fps)
     for index, arrays in enumerate(tqdm(smoothed, desc="smooth", unit="frame", disable=not options.progress, leave=False)):
         _write_frame(tracker, out_dir, index, arrays, options.save_vertices)
     timings["smoothing_s"] = time.perf_counter() - started

@@ -134,6 +134,19 @@ def test_sequence_refinement_writes_every_frame_and_resumes(scene: dict, tmp_pat
         assert not frame["valid"][0]
     assert (tmp_path / "texture.png").is_file() and (tmp_path / "meta.json").is_file()
 
+    with np.load(tmp_path / "unsmoothed.npz") as saved:  # the refined frames, before the smoothing pass
+        refined = {key: saved[key] for key in saved.files}
+    assert refined["exp"].shape == (FRAMES, 10) and not refined["valid"][2]
+
+    (tmp_path / "000003.npz").unlink()
+    SequenceRefiner(tracker, tmp_path, options).run(states, frames, progress=False)
+    assert (tmp_path / "000003.npz").is_file()
+    with np.load(tmp_path / "unsmoothed.npz") as saved:
+        assert np.array_equal(saved["exp"][:3], refined["exp"][:3]), "frames 0-2 were refined again"
+        assert np.isfinite(saved["exp"][3]).all()
+    # Without smoothing nothing but the missing frame is written again.
+    options = dataclasses.replace(options, smoothing=None)
+    written = {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("0*.npz")}
     (tmp_path / "000003.npz").unlink()
     SequenceRefiner(tracker, tmp_path, options).run(states, frames, progress=False)
     assert (tmp_path / "000003.npz").is_file()
@@ -259,3 +272,22 @@ def test_refine_command_refines_a_real_live_recording_without_losing_the_landmar
     assert scores["landmark_error_iod_percent"] <= tracked["landmark_error_iod_percent"] + margin_percent + 0.02
     assert scores["landmark_error_iod_percent_worst_frame"] <= tracked["landmark_error_iod_percent_worst_frame"] + 0.5
     assert scores["mouth_correlation"] >= 0.97
+
+
+def test_smoothed_refine_keeps_track_s_landmark_fit_and_lowers_the_image_error_on_a_real_clip(
+    shared_clips: Path, landmarker_task: Path
+) -> None:
+    """``bench --accuracy --refine`` on the first frames of a real clip, both results smoothed over the whole
+    sequence as ``track`` smooths: refine stays within its margin of track's landmark error, keeps the mouth
+    curve, and fits the image better."""
+    from engine.demo_head import build_demo_head
+    from offline.refine_accuracy import compare_refine_with_track
+
+    options = RefineOptions(PhotometricConfig(size=64, frame_iterations=2))
+    report = compare_refine_with_track(build_demo_head(landmarker_task), str(shared_clips / "bbaf2n.mpg"), landmarker_task,
+                                       frames=40, options=options, progress=False)
+    track, refine = report["track"], report["refine"]
+    assert report["smoothing"] == options.smoothing.describe()
+    assert refine["landmark_error_iod_percent"] <= track["landmark_error_iod_percent"] + 100 * options.landmark_margin
+    assert refine["mouth_correlation"] >= min(0.97, track["mouth_correlation"])
+    assert refine["image_error_in_face_mask"] < track["image_error_in_face_mask"]
