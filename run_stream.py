@@ -263,7 +263,11 @@ def _run_track(args: argparse.Namespace) -> int:
         from offline.refine_job import refine_video
 
         out = args.out / PHOTOMETRIC_DIR
-        refined = refine_video(args.input, result.tracker, result.results, result.sequence.mp478, out, _refine_options(args))
+        from dataclasses import replace
+
+        # The refinement is smoothed as the tracking it starts from is (--smoothing).
+        refine_options = replace(_refine_options(args), smoothing=smoothing)
+        refined = refine_video(args.input, result.tracker, result.results, result.sequence.mp478, out, refine_options)
         print(f"photometric refinement: {refined['seconds_per_frame']:.2f} s per frame -> {out}")
         if args.render:
             _render_next_to(out, args.input, head, single_image=len(result.results) == 1)
