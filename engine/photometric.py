@@ -166,6 +166,11 @@ def state_from_tracked(frames: list[TrackedFrame], device: str | torch.device, d
     )
 
 
+def _cross_2d(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """z of the cross product of (N, 2) vectors (np.cross on 2-vectors is deprecated since NumPy 2.0)."""
+    return u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0]
+
+
 class Appearance(torch.nn.Module):
     """The albedo model: a texture space, a free UV albedo map, or free per-vertex colours.
 
@@ -238,9 +243,9 @@ class Appearance(torch.nn.Module):
         faces = owner[rows, columns] - 1
         centre = np.stack([columns + 0.5, rows + 0.5], axis=1)
         a, b, c = corners[faces, 0], corners[faces, 1], corners[faces, 2]
-        area = np.cross(b - a, c - a)
+        area = _cross_2d(b - a, c - a)
         area = np.where(np.abs(area) < 1e-12, 1e-12, area)
-        w1, w2 = np.cross(centre - a, c - a) / area, np.cross(b - a, centre - a) / area
+        w1, w2 = _cross_2d(centre - a, c - a) / area, _cross_2d(b - a, centre - a) / area
         bary = np.clip(np.stack([1.0 - w1 - w2, w1, w2], axis=1), 0.0, 1.0)
         bary /= bary.sum(axis=1, keepdims=True)
         device = self.uv_coords.device
