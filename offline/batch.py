@@ -37,10 +37,11 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from engine.atomic import write_json_atomic
 from engine.errors import UserError
 from engine.tracker import TrackerConfig
 from offline import track_job
-from realtime.session import SESSION_FILE, VIDEO_FILE, write_json_atomically
+from realtime.session import SESSION_FILE, VIDEO_FILE
 
 if TYPE_CHECKING:
     from offline.refine_job import RefineOptions
@@ -241,7 +242,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_record(root: Path, result: InputResult) -> None:
-    write_json_atomically(_record_path(root, result.name), asdict(result))
+    write_json_atomic(_record_path(root, result.name), asdict(result))
 
 
 def input_is_complete(root: Path, item: BatchInput, options: JobOptions) -> bool:
@@ -550,7 +551,7 @@ def write_summary(plan: BatchPlan, options: JobOptions, fresh: dict[str, InputRe
         "inputs": [{key: value for key, value in asdict(line).items() if key != "options"} for line in lines],
         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_json_atomically(plan.root / SUMMARY_FILE, document)
+    write_json_atomic(plan.root / SUMMARY_FILE, document)
     return lines
 
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from engine.atomic import write_bytes_atomic
 from engine.errors import UserError
 from engine.export import PARAMETER_KEYS, check_tracked_with, euler_matrix, read_parameter_arrays, tracked_model_checksum
 from engine.gltf import CameraView, RigAnimation, build_glb, skeleton_of
@@ -60,7 +59,8 @@ def export_gltf(out: Path, head: HeadModel, params: Path | None) -> str:
         else:
             texture = source.texture.read_bytes()
     data = build_glb(head, source.shape, source.n_exp, source.animation, texture, source.camera)
-    _write_atomically(out, data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out, data)
     frames = 0 if source.animation is None else source.animation.times.size
     parts = [f"{head.n_vertices} vertices of the {head.name}", f"{source.n_exp} expression + 36 pose-corrective targets"]
     if frames:
@@ -182,17 +182,3 @@ def _from_session(folder: Path, head: HeadModel) -> RigSource:
     camera = CameraView(frames[-1]["fov_deg"], size[0] / size[1] if size else None)
     texture = folder / TEXTURE_FILE
     return RigSource(shape, n_exp, animation, camera, texture if texture.is_file() else None)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write via a temporary file and os.replace: an interrupted export never leaves half a .glb."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".glb.tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a rig is as shareable as any exported mesh
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -26,7 +26,6 @@ version in ``meta.json``):
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from engine.atomic import write_json_atomic, write_npz_atomic
 from engine.errors import UserError
 from engine.evaluation import landmark_errors
 from engine.flame import rodrigues
@@ -52,7 +52,8 @@ from engine.tracker import (
     stack_reference,
     unstack_reference,
 )
-from offline.track_job import UNSMOOTHED_FILE, LandmarkSequence, smooth_frames, track_sequence, write_npz_atomic
+from engine.versions import software_versions
+from offline.track_job import UNSMOOTHED_FILE, LandmarkSequence, smooth_frames, track_sequence
 
 log = logging.getLogger(__name__)
 
@@ -364,8 +365,9 @@ class SequenceRefiner:
             "kept_landmark_fit_after_smoothing": self.kept_after_smoothing,
             "light": "9 SH coefficients per RGB channel, DECA's basis order and constants (engine.render)",
             "timings": self.timings,
+            "versions": software_versions(),
         }
-        (self.out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_json_atomic(self.out_dir / "meta.json", meta)
 
 
 def _frame_params(state: FrameState):

@@ -31,11 +31,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import platform
 import re
 import shutil
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -46,6 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from engine.atomic import write_json_atomic, write_npz_atomic
 from engine.errors import UserError
 from engine.export import posed_vertices
 from engine.head_model import HeadModel
@@ -62,7 +60,7 @@ from engine.tracker import (
     stack_reference,
     unstack_reference,
 )
-from realtime.session import write_json_atomically
+from engine.versions import software_versions
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +371,7 @@ def prepare_output_dir(out_dir: Path, job: dict[str, object], overwrite: bool) -
     except OSError as error:
         raise UserError(f"cannot create the output folder {out_dir} ({error.strerror})") from None
     if earlier != job:
-        write_json_atomically(out_dir / JOB_FILE, job)
+        write_json_atomic(out_dir / JOB_FILE, job)
 
 
 def _written_by_track(name: str) -> bool:
@@ -501,14 +499,8 @@ def _write_summary(
         "R = Rz(roll) Ry(yaw) Rx(pitch), OpenGL view (y up, -z forward); vertices in OpenCV camera space",
         "timings": timings,
         "torch_threads": torch.get_num_threads(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+        "versions": software_versions(),
     }
-    write_json_atomically(out_dir / META_FILE, meta)
+    write_json_atomic(out_dir / META_FILE, meta)
 
 
-def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an .npz so that an interrupted run never leaves a half-written file under the final name."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    with os.fdopen(handle, "wb") as stream:
-        np.savez(stream, **arrays)
-    os.replace(temporary, path)

@@ -18,7 +18,6 @@ About once a second the loop publishes ``flame.metrics`` and refreshes the statu
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import queue
 import sys
@@ -569,13 +568,6 @@ class LiveOptions:
     loop: LiveConfig = field(default_factory=LiveConfig)
 
 
-def _software_versions() -> dict[str, str]:
-    versions = {"torch": torch.__version__, "opencv": cv2.__version__}
-    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        versions["mediapipe"] = importlib.metadata.version("mediapipe")
-    return versions
-
-
 def _session_metadata(options: LiveOptions, source: FrameSource, head: HeadModel, tracker: Tracker) -> dict[str, Any]:
     return {
         "source": source.description,
@@ -587,7 +579,6 @@ def _session_metadata(options: LiveOptions, source: FrameSource, head: HeadModel
         "calibration": None,
         "schema_version": SCHEMA_VERSION,
         "landmarks_in_messages": options.loop.include_landmarks,
-        "versions": _software_versions(),
     }
 
 

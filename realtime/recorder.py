@@ -10,10 +10,8 @@ See realtime/session.py for the layout and for reading a session back.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
-import platform
 import queue
 import threading
 import time
@@ -27,7 +25,9 @@ import av
 import msgpack
 import numpy as np
 
+from engine.atomic import write_json_atomic
 from engine.errors import UserError
+from engine.versions import software_versions
 from realtime.session import (
     MESSAGE_RECORD_FIELDS,
     MESSAGES_FILE,
@@ -36,7 +36,6 @@ from realtime.session import (
     SESSION_FORMAT_VERSION,
     VIDEO_FILE,
     VIDEO_TIME_BASE,
-    write_json_atomically,
 )
 from realtime.sources import Frame
 
@@ -57,20 +56,6 @@ class RecorderOptions:
     """Matroska cluster length: a crash loses at most the cluster being written."""
     max_pending_s: float = 0.5
     flush_interval_s: float = 0.5
-
-
-def _software_versions() -> dict[str, str]:
-    try:
-        flame_live = importlib.metadata.version("flame-live")
-    except importlib.metadata.PackageNotFoundError:
-        flame_live = "unknown (not installed)"
-    return {
-        "flame-live": flame_live,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "av": av.__version__,
-        "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
-    }
 
 
 def _prepare_directory(directory: Path, overwrite: bool) -> None:
@@ -166,7 +151,7 @@ class SessionRecorder:
             "closed": False,
             "video": None,
             "messages": {"file": MESSAGES_FILE, "encoding": "msgpack", "record": MESSAGE_RECORD_FIELDS},
-            "software": _software_versions(),
+            "software": software_versions(),
             "metadata": dict(metadata),
         }
         if self._video is not None:
@@ -262,7 +247,7 @@ class SessionRecorder:
 
     def _save_info(self) -> None:
         with self._info_lock:
-            write_json_atomically(self.directory / SESSION_FILE, self._info)
+            write_json_atomic(self.directory / SESSION_FILE, self._info)
 
     def _admit_frame(self, frame: Frame) -> np.ndarray:
         height, width = frame.image.shape[:2]

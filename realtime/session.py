@@ -15,12 +15,9 @@ accepts a truncated last record or video cluster and reads everything before it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from fractions import Fraction
@@ -29,7 +26,6 @@ from typing import Any, NamedTuple
 
 import av
 import msgpack
-import numpy as np
 
 from engine.errors import UserError
 from realtime.sources import Frame
@@ -58,30 +54,6 @@ class RecordedMessage(NamedTuple):
     t_capture: float
     video_frame: int | None
     t_written: float
-
-
-def _json_default(value: object) -> object:
-    """Lets metadata hold numpy arrays and scalars (a calibration result, say)."""
-    if isinstance(value, np.ndarray | np.generic):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def write_json_atomically(path: Path, document: dict[str, Any]) -> None:
-    """Write via a temporary file and os.replace, so that a crash leaves the old or the new file, never half."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-            json.dump(document, stream, indent=2, default=_json_default)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a session file is as readable as its video
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
 
 
 def _is_valid_record(record: object) -> bool:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.atomic import write_npz_atomic
 from engine.camera import FLIP
 from engine.fitting import FrameParams
 from engine.flame import FlameLayer, rodrigues
@@ -24,7 +25,7 @@ from engine.overlay import BACKGROUND_RGB
 from engine.synthetic import SyntheticMotion, synthetic_sequence
 from engine.tracker import Tracker, TrackerConfig, reference_arrays
 from offline.render_job import RenderOptions, render_result
-from offline.track_job import LANDMARKS_FILE, LandmarkSequence, frame_path, load_landmark_file, write_npz_atomic
+from offline.track_job import LANDMARKS_FILE, LandmarkSequence, frame_path, load_landmark_file
 from realtime.sources import iter_frames
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.atomic import write_npz_atomic
 from offline.track_job import (
     CALIBRATION_FILE,
     JOB_FILE,
@@ -23,7 +24,6 @@ from offline.track_job import (
     STACK_FILE,
     UNSMOOTHED_FILE,
     frame_path,
-    write_npz_atomic,
     written_frames,
 )
 

@@ -1,0 +1,69 @@
+"""Atomic file writes: a crash or an error leaves the old file or the new one under the final name, never half.
+
+Every writer goes through a temporary file in the same folder, fsyncs it, renames it over the target with
+os.replace and fsyncs the folder, so the rename itself survives a power cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+#: mkstemp makes files private; our results are as readable as any file the user writes.
+_FILE_MODE = 0o644
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened, as on Windows)."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write`` with a binary stream whose content replaces ``path`` only once ``write`` has returned."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, _FILE_MODE)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    _fsync_folder(path.parent)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    write_atomic(path, lambda stream: stream.write(data))
+
+
+def _json_default(value: object) -> object:
+    """Lets documents hold numpy arrays and scalars (a calibration result, say)."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def write_json_atomic(path: Path, document: Any) -> None:
+    """Write ``document`` as indented JSON; serialised before the file is opened, so a bad value writes nothing."""
+    text = json.dumps(document, indent=2, default=_json_default) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    write_atomic(path, lambda stream: np.savez(stream, **arrays))

@@ -1,0 +1,51 @@
+"""engine/atomic.py: a writer that fails midway leaves the previous file, or none, and no temporary behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.atomic import write_atomic, write_bytes_atomic, write_json_atomic, write_npz_atomic
+
+
+def test_each_writer_round_trips(tmp_path: Path) -> None:
+    write_bytes_atomic(tmp_path / "a.bin", b"\x00\x01")
+    write_json_atomic(tmp_path / "a.json", {"fov": np.float32(0.5), "size": np.array([640, 480])})
+    write_npz_atomic(tmp_path / "a.npz", {"x": np.arange(3)})
+    assert (tmp_path / "a.bin").read_bytes() == b"\x00\x01"
+    assert json.loads((tmp_path / "a.json").read_text()) == {"fov": 0.5, "size": [640, 480]}
+    assert np.load(tmp_path / "a.npz")["x"].tolist() == [0, 1, 2]
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "a.json", "a.npz"]
+
+
+def test_a_writer_that_raises_midway_leaves_the_old_file_and_no_partial(tmp_path: Path) -> None:
+    target = tmp_path / "meta.json"
+    write_json_atomic(target, {"frames": 1})
+
+    def half_then_fail(stream) -> None:
+        stream.write(b'{"frames": 2, "tim')
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        write_atomic(target, half_then_fail)
+    assert json.loads(target.read_text()) == {"frames": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
+class _Unreadable:
+    """An array-like whose data cannot be read: np.savez fails after writing the arrays before it."""
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        raise OSError("camera unplugged")
+
+
+def test_an_npz_that_fails_after_its_first_array_leaves_no_file(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="camera unplugged"):
+        write_npz_atomic(tmp_path / "frame.npz", {"shape": np.zeros(300), "exp": _Unreadable()})
+    with pytest.raises(TypeError):
+        write_json_atomic(tmp_path / "meta.json", {"bad": object()})
+    assert list(tmp_path.iterdir()) == []
