@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from engine.head_model import ModelFileError
+from flame_client.messages import BLENDSHAPE_NAMES  # the wire schema's list is MediaPipe's output order
 
 if TYPE_CHECKING:
     from mediapipe.tasks.python.vision.face_landmarker import FaceLandmarkerResult
@@ -37,20 +38,6 @@ RIGHT_IRIS_CENTER = 468
 RIGHT_IRIS = (468, 469, 470, 471, 472)
 LEFT_IRIS_CENTER = 473
 LEFT_IRIS = (473, 474, 475, 476, 477)
-
-#: The 52 blendshape names exactly as MediaPipe reports them, in its output order.
-BLENDSHAPE_NAMES: tuple[str, ...] = (
-    "_neutral", "browDownLeft", "browDownRight", "browInnerUp", "browOuterUpLeft", "browOuterUpRight",
-    "cheekPuff", "cheekSquintLeft", "cheekSquintRight", "eyeBlinkLeft", "eyeBlinkRight", "eyeLookDownLeft",
-    "eyeLookDownRight", "eyeLookInLeft", "eyeLookInRight", "eyeLookOutLeft", "eyeLookOutRight",
-    "eyeLookUpLeft", "eyeLookUpRight", "eyeSquintLeft", "eyeSquintRight", "eyeWideLeft", "eyeWideRight",
-    "jawForward", "jawLeft", "jawOpen", "jawRight", "mouthClose", "mouthDimpleLeft", "mouthDimpleRight",
-    "mouthFrownLeft", "mouthFrownRight", "mouthFunnel", "mouthLeft", "mouthLowerDownLeft",
-    "mouthLowerDownRight", "mouthPressLeft", "mouthPressRight", "mouthPucker", "mouthRight",
-    "mouthRollLower", "mouthRollUpper", "mouthShrugLower", "mouthShrugUpper", "mouthSmileLeft",
-    "mouthSmileRight", "mouthStretchLeft", "mouthStretchRight", "mouthUpperUpLeft", "mouthUpperUpRight",
-    "noseSneerLeft", "noseSneerRight",
-)  # fmt: skip
 
 MAPPING_FILE = "mediapipe_to_68.npz"
 MAPPING_FORMAT_VERSION = 1
@@ -76,7 +63,7 @@ class FaceObservation:
 
     points: np.ndarray  # (478, 2) float32, pixels of the input image
     depth: np.ndarray  # (478,) float32, MediaPipe's relative z (scaled like x; smaller = closer to camera)
-    blendshapes: np.ndarray  # (52,) float32 in [0, 1], order of BLENDSHAPE_NAMES; NaN when not requested
+    blendshapes: np.ndarray  # (52,) float32 in [0, 1], order of flame_client's BLENDSHAPE_NAMES; NaN when not requested
     transform: np.ndarray  # (4, 4) float64 facial transformation matrix (canonical face cm -> camera); NaN if off
     image_size: tuple[int, int]  # (height, width)
     timestamp_ms: int  # the timestamp MediaPipe was given (after the rising-timestamp guard); 0 in IMAGE mode

@@ -23,7 +23,6 @@ from engine.landmark_mapping import (
     observe,
 )
 from engine.landmarks import (
-    BLENDSHAPE_NAMES,
     LEFT_IRIS_CENTER,
     RIGHT_IRIS_CENTER,
     FaceLandmarker,
@@ -31,6 +30,7 @@ from engine.landmarks import (
     load_mediapipe_to_68,
     to_68,
 )
+from flame_client.messages import BLENDSHAPE_NAMES
 
 
 def test_canonical_face_is_a_face_sized_mesh(landmarker_task: Path) -> None:
