@@ -5,7 +5,7 @@ Both the user's FLAME files (``engine.assets``) and the demo head built from Med
 fitting engine, exporters) sees only this type.  Arrays are plain numpy, float64 where they come from the
 files; the FLAME layer converts them to torch tensors of the chosen dtype and device once.
 
-Conventions (see ARCHITECTURE.md): model space is FLAME's, y up, z toward the viewer, metres.
+Conventions (README.md, "Architecture"): model space is FLAME's, y up, z toward the viewer, metres.
 """
 
 from __future__ import annotations

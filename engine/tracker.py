@@ -10,7 +10,7 @@ The per-frame life of a :class:`Tracker`:
    with a residual that is too high is marked invalid, the last good parameters are held, and the next
    face is re-acquired from a cold start (PnP on the mean pose).
 
-Output frames follow the conventions of ARCHITECTURE.md; :func:`reference_arrays` converts one into the
+Output frames follow the conventions in README.md, "Architecture"; :func:`reference_arrays` converts one into the
 per-frame arrays of the "FLAME Head Tracker" reference format.
 """
 
