@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+import cv2
 import numpy as np
 
 #: mkstemp makes files private; our results are as readable as any file the user writes.
@@ -67,3 +68,11 @@ def write_json_atomic(path: Path, document: Any) -> None:
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     write_atomic(path, lambda stream: np.savez(stream, **arrays))
+
+
+def write_png_atomic(path: Path, image_rgb: np.ndarray) -> None:
+    """Write an RGB image as PNG; encoded before the file is opened."""
+    encoded, data = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    if not encoded:
+        raise OSError(f"could not encode {path.name} as PNG")
+    write_bytes_atomic(path, data.tobytes())

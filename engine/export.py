@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.atomic import write_bytes_atomic
 from engine.camera import FLIP
 from engine.errors import UserError
 from engine.flame import FlameLayer
@@ -113,4 +114,4 @@ def write_mesh(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None:
     else:
         raise UserError(f"--out {path}: the mesh format is chosen by the extension, .obj or .ply")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    write_bytes_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))

@@ -32,12 +32,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.atomic import write_json_atomic, write_npz_atomic
+from engine.atomic import write_json_atomic, write_npz_atomic, write_png_atomic
 from engine.errors import UserError
 from engine.evaluation import landmark_errors
 from engine.flame import rodrigues
@@ -185,7 +184,7 @@ class SequenceRefiner:
         write_npz_atomic(path, arrays)
         texture = self.fitter.appearance.texture_image()
         if texture is not None:
-            cv2.imwrite(str(self.out_dir / "texture.png"), cv2.cvtColor(texture, cv2.COLOR_RGB2BGR))
+            write_png_atomic(self.out_dir / "texture.png", texture)
 
     # ------------------------------------------------------------------------------------------------ frames
     def _frame_path(self, index: int) -> Path:

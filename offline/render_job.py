@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from engine.atomic import write_png_atomic
 from engine.camera import FLIP, Camera
 from engine.demo_head import DEMO_HEAD_NAME
 from engine.errors import UserError
@@ -384,10 +385,10 @@ class _PngWriter:
 
     def write(self, index: int, image: np.ndarray) -> None:
         path = self.out if self.single else self.out / f"{index:06d}.png"
-        temporary = path.with_name(f".{path.name}.tmp.png")
-        if not cv2.imwrite(str(temporary), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-            raise UserError(f"could not write {path}")
-        os.replace(temporary, path)
+        try:
+            write_png_atomic(path, image)
+        except OSError as error:
+            raise UserError(f"could not write {path}: {error}") from None
 
     def close(self, complete: bool) -> None:
         """Every frame is complete on disk as soon as it is written."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
-from engine.atomic import write_atomic, write_bytes_atomic, write_json_atomic, write_npz_atomic
+from engine.atomic import write_atomic, write_bytes_atomic, write_json_atomic, write_npz_atomic, write_png_atomic
 
 
 def test_each_writer_round_trips(tmp_path: Path) -> None:
@@ -49,3 +50,10 @@ def test_an_npz_that_fails_after_its_first_array_leaves_no_file(tmp_path: Path) 
     with pytest.raises(TypeError):
         write_json_atomic(tmp_path / "meta.json", {"bad": object()})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_png_round_trips_in_rgb_order(tmp_path: Path) -> None:
+    image = np.zeros((4, 6, 3), np.uint8)
+    image[..., 0] = 255  # red
+    write_png_atomic(tmp_path / "red.png", image)
+    assert cv2.imread(str(tmp_path / "red.png"))[0, 0].tolist() == [0, 0, 255]  # OpenCV reads BGR
