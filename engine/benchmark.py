@@ -17,6 +17,7 @@ import torch
 
 from engine.flame import FlameLayer
 from engine.head_model import HeadModel
+from engine.timing import synchronizer
 from engine.tracker import Tracker, TrackerConfig, diversity_feature, select_diverse
 
 
@@ -33,10 +34,6 @@ def _timed(function: Callable[[], object], repeats: int, warmup: int = 5, sync: 
     return samples
 
 
-def _synchronizer(device: str) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-
 def summary(samples_ms: np.ndarray) -> dict[str, float]:
     return {"median_ms": float(np.median(samples_ms)), "p95_ms": float(np.percentile(samples_ms, 95))}
 
@@ -48,7 +45,7 @@ def bench_flame_layer(head: HeadModel, device: str = "cpu", n_shape: int = 100, 
     generator = torch.Generator(device="cpu").manual_seed(0)
     params["exp"] = torch.randn(params["exp"].shape, generator=generator).to(device)
     params["pose"] = (0.2 * torch.randn(params["pose"].shape, generator=generator)).to(device)
-    sync = _synchronizer(device)
+    sync = synchronizer(device)
     with torch.no_grad():
         landmarks = _timed(lambda: layer.landmarks(**params), repeats, sync=sync)
         dense = _timed(lambda: layer.vertices(**params), repeats, sync=sync)
@@ -74,7 +71,7 @@ def bench_tracking(
     def frame(index: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         return (None if mp478 is None else mp478[index], None if lmk68 is None else lmk68[index])
 
-    sync = _synchronizer(config.device)
+    sync = synchronizer(config.device)
     survey = Tracker(head, image_size, replace(config, calibration_seconds=float("inf")))
     features, usable = [], []
     for index in range(frames):
@@ -171,7 +168,7 @@ def bench_solve_against_mediapipe(
         tracker.adopt_calibration(calibrated.shape, calibrated.camera.focal)
         trackers[solver] = tracker
     samples: dict[str, list[float]] = {"mediapipe": [], "numpy": [], "torch": []}
-    sync = _synchronizer(config.device)
+    sync = synchronizer(config.device)
     with FaceLandmarker(LandmarkerConfig(task)) as landmarker:
         for frame in iter_frames(video):
             if frame.index >= frames:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.camera import project, project_with_jacobian
+from engine.camera import focal_from_fov, project, project_with_jacobian
 from engine.flame import rodrigues, rotation_log
 from engine.head_model import JOINT_NAMES
 from engine.landmark_model import LandmarkEvaluation, LandmarkModel
@@ -382,7 +382,7 @@ def calibrate(
     frames = params.exp.shape[0]
     shape = torch.zeros(n_shape, **options) if shape is None else shape.to(**options)
     log_focal = torch.tensor(math.log(focal), **options)
-    prior_log_focal = math.log(focal if not fit_focal else _focal_for_fov(config.priors.fov_deg, center))
+    prior_log_focal = math.log(focal if not fit_focal else focal_from_fov(config.priors.fov_deg, 2 * center[1]))
     n_shared = n_shape + (1 if fit_focal else 0)
     iterations = config.calib_iterations if iterations is None else iterations
 
@@ -471,7 +471,3 @@ def _log_focal_std(schur: torch.Tensor | None, residuals: _Residuals, config: Fi
     observed = int((residuals.weights > 0).sum())
     variance = max(2.0 * float(residuals.data_cost.sum()) / max(observed - n_params, 1), 1.0)
     return math.sqrt(variance / curvature) if curvature > 0 else math.inf
-
-
-def _focal_for_fov(fov_deg: float, center: tuple[float, float]) -> float:
-    return center[1] / math.tan(math.radians(fov_deg) / 2)

@@ -27,6 +27,7 @@ from engine.camera import MIN_DEPTH
 from engine.fitting import FitConfig, FitResult, FrameBlock, FrameParams, Targets, fitted_joints, landmark_weights
 from engine.flame import axis_angles, contour_row
 from engine.landmark_model import LandmarkModel, LandmarkTable
+from engine.timing import synchronizer
 
 log = logging.getLogger(__name__)
 
@@ -391,14 +392,14 @@ def faster_frame_solver(model: LandmarkModel, config: FitConfig, image_size: tup
     targets = Targets(project(points, focal_tensor, (width / 2, height / 2)), landmark_weights(model, config))
     start = FrameParams(exp, rotations, transl + torch.tensor([[0.005, -0.003, 0.01]], **options))
     timings = {}
+    synchronize = synchronizer(options["device"])
     for name, solver in (("numpy", CpuFrameFitter), ("torch", FrameFitter)):
         fitter = solver(model, config)
         samples = []
         for index in range(repeats + 3):
             started = time.perf_counter()
             fitter.fit(start, targets, focal_tensor, (width / 2, height / 2), prediction=start)
-            if options["device"].type == "cuda":
-                torch.cuda.synchronize(options["device"])
+            synchronize()
             if index >= 3:  # the first calls build tables and warm caches
                 samples.append(time.perf_counter() - started)
         timings[name] = float(np.median(samples))

@@ -45,6 +45,7 @@ from engine.fitting import fitted_joints
 from engine.flame import rodrigues
 from engine.head_model import HeadModel
 from engine.render import SH_CONSTANTS, rasterize, render, sh_shading, vertex_normals
+from engine.timing import synchronizer
 from engine.tracker import TrackedFrame, Tracker
 
 log = logging.getLogger(__name__)
@@ -697,9 +698,7 @@ def bench_photometric(
     batch = FrameBatch(image, K, model_points, torch.ones(frames, size, size, dtype=torch.bool, device=device))
     start = FrameState(torch.zeros_like(truth.exp), truth.pose.clone(), truth.transl.clone())
 
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    synchronize = synchronizer(device)
 
     def timed(iterations: int) -> float:
         synchronize()

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.camera import FLIP, MIN_DEPTH
+from engine.timing import synchronizer
 
 #: Multiplies each SH basis function [1, x, y, z, xy, xz, yz, x^2 - y^2, 3z^2 - 1] (in this order). These
 #: are the real SH normalisations times the Lambertian convolution factors (2pi/3 for band 1, pi/4 for
@@ -593,9 +594,7 @@ def benchmark_render(
     colors.requires_grad_(True)
     sh.requires_grad_(True)
 
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    synchronize = synchronizer(device)
 
     def forward() -> RenderOutput:
         return render(vertices, faces, K, size, size, sh, vertex_colors=colors)
