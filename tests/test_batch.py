@@ -163,8 +163,11 @@ def test_bad_input_is_one_line(flame_dir: Path, inputs: list[Path], tmp_path: Pa
 def test_an_interrupted_batch_resumes_and_leaves_no_half_written_file(
     flame_dir: Path, layer: FlameLayer, tmp_path: Path, stop: signal.Signals, jobs: str
 ) -> None:
-    # Long enough that the signal lands while inputs are still queued, now that tracking a frame takes ~2 ms.
-    takes = [write_landmarks(tmp_path / "in" / f"long{index}.npz", layer, frames=240, seed=index) for index in range(4)]
+    # The first input is short and the rest long, so that the two pool workers never finish together: the signal
+    # lands while one input still runs and the last is still queued, however fast tracking is.
+    lengths = {f"long{index}": frames for index, frames in enumerate((120, 480, 480, 480))}
+    takes = [write_landmarks(tmp_path / "in" / f"{name}.npz", layer, frames=frames, seed=index)
+             for index, (name, frames) in enumerate(lengths.items())]  # fmt: skip
     root = tmp_path / "root"
     command = [sys.executable, str(REPO / "run_stream.py"), "batch", *map(str, takes), "--out", str(root), "--flame", str(flame_dir), *MODEL_OPTIONS, "--jobs", jobs]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -189,7 +192,7 @@ def test_an_interrupted_batch_resumes_and_leaves_no_half_written_file(
     assert result.returncode == 0, result.stderr
     lines = summary(root)
     assert {name for name, line in lines.items() if line["status"] == "skipped"} == done_first
-    assert all(line["status"] in ("done", "skipped") and line["frames"] == 240 for line in lines.values())
+    assert all(line["status"] in ("done", "skipped") and line["frames"] == lengths[name] for name, line in lines.items())
 
 
 def test_a_recorded_session_is_tracked_as_its_video(shared_clips: Path, landmarker_task: Path, tmp_path: Path) -> None:
