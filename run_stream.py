@@ -150,7 +150,8 @@ def _run_live(args: argparse.Namespace) -> int:
 
     from flame_client.messages import DEFAULT_ZMQ_ADDRESS
     from realtime.outputs import publisher_options
-    from realtime.pipeline import LiveConfig, LiveOptions, run_live
+    from realtime.live import LiveOptions, run_live
+    from realtime.pipeline import LiveConfig
     from realtime.shutdown import recalibrate_on_signal, stop_on_signals
     from realtime.sources import format_camera_list, list_cameras
 
@@ -551,7 +552,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         raise UserError("--refine compares accuracy: run 'bench --accuracy --refine VIDEO'")
     models_dir = resolve_models_dir(args.models)
     if args.soak is not None:
-        from realtime.soak import run_soak
+        from realtime.bench import run_soak
 
         if args.live is None:
             raise UserError("--soak needs a video to repeat: add --live VIDEO")
@@ -617,7 +618,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         accuracy["offline_smoothing"] = _bench_smoothing(head, args, models_dir, status)
         report["accuracy"] = accuracy
     if args.live:
-        from realtime.pipeline import mediapipe_alone_benchmark, run_live_benchmark
+        from realtime.bench import mediapipe_alone_benchmark, run_live_benchmark
         from realtime.preview import display_available
 
         status("MediaPipe alone on the live clip")

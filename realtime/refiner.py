@@ -25,12 +25,42 @@ import torch
 
 from engine.head_model import HeadModel
 from engine.photometric import PhotometricConfig, PhotometricFitter, state_from_tracked
-from engine.tracker import Tracker, TrackerConfig
+from engine.tracker import Tracker, TrackerConfig, TrackingIdentity
 from realtime.keyframes import Keyframe, KeyframeQueue
 
 log = logging.getLogger(__name__)
 
 IdentityCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+
+
+class RefinedIdentityHandoff:
+    """The refiner's newest identity on its way to the live tracker.
+
+    :meth:`receive` is the refiner's ``on_update``: it prepares the identity on the refiner's thread (the slow
+    part), so that :meth:`adopt`, called by the live loop between frames, only swaps it in. A result that comes
+    before the previous one was adopted replaces it.
+    """
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+        self.appearance: tuple[np.ndarray, np.ndarray] | None = None
+        """(texture, light) of the adopted identity; None until the first one."""
+        self._lock = threading.Lock()
+        self._pending: tuple[TrackingIdentity, np.ndarray, np.ndarray] | None = None
+
+    def receive(self, shape: np.ndarray, tex: np.ndarray, light: np.ndarray) -> None:
+        identity = self.tracker.identity_for(torch.as_tensor(shape))
+        with self._lock:
+            self._pending = (identity, tex, light)
+
+    def adopt(self) -> None:
+        """Track with the newest received identity, if one came since the last call."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            identity, tex, light = pending
+            self.tracker.adopt_prepared_identity(identity)
+            self.appearance = (tex, light)
 
 
 @dataclass

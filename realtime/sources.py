@@ -191,6 +191,15 @@ class FrameSource:
     def dropped(self) -> int:
         return self.slot.dropped
 
+    def frame_time(self, frame: Frame) -> float:
+        """Seconds on the clock `frame` was shot on: media time when every frame of a file is read (possibly
+        faster than real time), else the capture clock."""
+        if not self.delivers_every_frame:
+            return frame.t_monotonic
+        if frame.source_pts is not None:
+            return frame.source_pts
+        return frame.index / (self.fps or 25.0)
+
     @property
     def ended(self) -> bool:
         return self.slot.ended

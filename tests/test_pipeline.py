@@ -35,7 +35,8 @@ from flame_client import BLENDSHAPE_NAMES, Subscriber, validate
 from flame_client.messages import TOPIC_FRAME, TOPIC_METRICS, TOPIC_SHAPE, metrics_message
 from realtime.keyframes import KeyframeConfig
 from realtime.outputs import PublisherOptions, close_all, open_publishers, parse_host_port
-from realtime.pipeline import LiveConfig, LivePipeline, LiveSummary
+from realtime.metrics import LiveSummary
+from realtime.pipeline import LiveConfig, LivePipeline
 from realtime.publishers import Publisher, VmcPublisher, ZmqPublisher
 from realtime.recorder import SessionRecorder
 from realtime.replay import replay_session

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from realtime.soak import run_soak
+from realtime.bench import run_soak
 
 GRID_CLIP = "bbaf2n.mpg"  # 75 frames (3 s): the soak repeats it
 

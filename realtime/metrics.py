@@ -1,0 +1,227 @@
+"""The live loop's measurements: per-frame stage times, the ``flame.metrics`` report, the status line and the
+end-of-run summary.
+
+The loop hands every frame's times to :class:`LiveMetrics` (:meth:`LiveMetrics.record_frame`) and, once per
+``interval_s``, the counts it keeps (:class:`LiveCounts`) to :meth:`LiveMetrics.report`, which publishes them and
+refreshes the status line. Recent frames (``window``) feed the published percentiles; a longer history
+(``summary_window``) feeds the :class:`LiveSummary` a run returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from flame_client.messages import metrics_message
+from realtime.publishers import Publisher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LiveSummary:
+    """What a run did, as returned by ``LivePipeline.run``; times in milliseconds unless named otherwise."""
+
+    frames: int
+    valid_frames: int
+    dropped_frames: int
+    """Frames the source captured but the loop had no time for."""
+    publisher_dropped: int
+    duration_s: float
+    fps: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    """Capture to publish, over the last ``summary_window`` frames."""
+    mediapipe_ms: float
+    tracker_ms: float
+    """Median per-frame times of the two stages."""
+    tracker_max_ms: float
+    """The slowest fit, usually the frame that calibrated the identity."""
+    keyframes: int
+    keyframes_dropped: int
+    frame_median_ms: float
+    frame_max_ms: float
+    """MediaPipe plus fitting and publishing, per frame after the warm-up frames."""
+    preview_frames: int = 0
+    """Frames the preview window drew (on its own thread; the others were replaced by newer ones)."""
+    preview_draw_ms: float = 0.0
+    """Median time the preview thread took to pose, render and show one frame."""
+    source_lost: str | None = None
+    """Why the camera or stream stopped for good, when it did; the run then ends with a failure status."""
+
+    def describe(self) -> str:
+        lost = f"; stopped early: {self.source_lost}" if self.source_lost else ""
+        return (
+            f"processed {self.frames} frames ({self.valid_frames} with a face) in {self.duration_s:.1f} s: "
+            f"{self.fps:.1f} fps, capture->publish p50 {self.latency_p50_ms:.0f} ms p95 {self.latency_p95_ms:.0f} ms, "
+            f"{self.dropped_frames} frames dropped{lost}"
+        )
+
+
+@dataclass(frozen=True)
+class LiveCounts:
+    """What the loop has counted so far, for a report or the summary."""
+
+    frames: int
+    valid_frames: int
+    dropped_frames: int
+    """Frames the source captured but the loop had no time for."""
+    publisher_dropped: int
+    calibrated: bool
+    keyframes: int | None = None
+    """Keyframes selected (None: selection is off)."""
+    keyframes_dropped: int = 0
+    preview_frames: int = 0
+    preview_draw_ms: float = 0.0
+    source_lost: str | None = None
+
+
+class Samples:
+    """The most recent `capacity` values of one measurement, in a preallocated ring."""
+
+    def __init__(self, capacity: int) -> None:
+        self._values = np.zeros(capacity)
+        self._count = 0
+
+    def add(self, value: float) -> None:
+        self._values[self._count % len(self._values)] = value
+        self._count += 1
+
+    def percentile(self, q: float) -> float:
+        if self._count == 0:
+            return 0.0
+        return float(np.percentile(self._values[: min(self._count, len(self._values))], q))
+
+    def maximum(self) -> float:
+        return float(self._values[: min(self._count, len(self._values))].max()) if self._count else 0.0
+
+
+class StageTimes:
+    """Latency and stage times of recent frames."""
+
+    def __init__(self, capacity: int) -> None:
+        self.latency_ms = Samples(capacity)
+        self.mediapipe_ms = Samples(capacity)
+        self.tracker_ms = Samples(capacity)
+
+    def add(self, latency_ms: float, mediapipe_ms: float, tracker_ms: float) -> None:
+        self.latency_ms.add(latency_ms)
+        self.mediapipe_ms.add(mediapipe_ms)
+        self.tracker_ms.add(tracker_ms)
+
+
+class StatusLine:
+    """One line that rewrites itself on a terminal; a log line per update elsewhere (files, CI logs)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled
+        self._terminal = enabled and sys.stderr.isatty()
+        self._shown = False
+
+    def show(self, text: str) -> None:
+        if not self._enabled:
+            return
+        if self._terminal:
+            sys.stderr.write("\r" + text + "\x1b[K")
+            sys.stderr.flush()
+            self._shown = True
+        else:
+            log.info(text)
+
+    def finish(self) -> None:
+        if self._shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class LiveMetrics:
+    """Stage times of the frames so far, reported as ``flame.metrics`` and a status line every ``interval_s``."""
+
+    def __init__(self, interval_s: float, window: int, summary_window: int, warmup_frames: int, show_status: bool) -> None:
+        self.interval_s = interval_s
+        self.warmup_frames = warmup_frames
+        self.fps = 0.0
+        """Frames per second between the last two reports."""
+        self._recent = StageTimes(window)
+        self._history = StageTimes(summary_window)
+        self._frame_ms = Samples(summary_window)  # after the warm-up frames
+        self._status = StatusLine(show_status)
+        self._recorded = 0
+        self._started = time.monotonic()
+        self._last_report = (self._started, 0)  # (monotonic time, frames recorded) at the last report
+
+    def start(self) -> None:
+        """The run begins now: fps and the duration count from here."""
+        self._started = time.monotonic()
+        self._last_report = (self._started, self._recorded)
+
+    def record_frame(self, latency_ms: float, mediapipe_ms: float, tracker_ms: float, frame_ms: float) -> None:
+        """One processed frame: capture->publish latency, the two stages' times, and the whole frame's."""
+        self._recorded += 1
+        self._recent.add(latency_ms, mediapipe_ms, tracker_ms)
+        self._history.add(latency_ms, mediapipe_ms, tracker_ms)
+        if self._recorded > self.warmup_frames:
+            self._frame_ms.add(frame_ms)
+
+    def report_due(self) -> bool:
+        return time.monotonic() - self._last_report[0] >= self.interval_s
+
+    def report(self, counts: LiveCounts, publishers: Sequence[Publisher]) -> None:
+        """Publish ``flame.metrics`` over the recent frames and refresh the status line."""
+        now = time.monotonic()
+        last_time, last_frames = self._last_report
+        self.fps = (counts.frames - last_frames) / max(now - last_time, 1e-6)
+        self._last_report = (now, counts.frames)
+        recent = self._recent
+        extra = {"frames": counts.frames, "valid_frames": counts.valid_frames, "publisher_dropped": counts.publisher_dropped}
+        if counts.keyframes is not None:
+            extra |= {"keyframes": counts.keyframes, "keyframes_dropped": counts.keyframes_dropped}
+        message = metrics_message(
+            fps=self.fps,
+            latency_p50_ms=recent.latency_ms.percentile(50),
+            latency_p95_ms=recent.latency_ms.percentile(95),
+            dropped_frames=counts.dropped_frames,
+            mediapipe_ms=recent.mediapipe_ms.percentile(50),
+            tracker_ms=recent.tracker_ms.percentile(50),
+            extra=extra,
+        )
+        for publisher in publishers:
+            publisher.publish_metrics(message)
+        self._status.show(
+            f"{self.fps:5.1f} fps | latency p50 {message['latency_p50_ms']:4.0f} ms p95 {message['latency_p95_ms']:4.0f} ms"
+            f" | mediapipe {message['mediapipe_ms']:3.0f} ms | tracker {message['tracker_ms']:3.0f} ms"
+            f" | dropped {counts.dropped_frames} | {'calibrated' if counts.calibrated else 'calibrating'}"
+        )
+
+    def end_status_line(self) -> None:
+        self._status.finish()
+
+    def summary(self, counts: LiveCounts) -> LiveSummary:
+        """The run so far, over the longer history."""
+        duration_s = time.monotonic() - self._started
+        history = self._history
+        return LiveSummary(
+            frames=counts.frames,
+            valid_frames=counts.valid_frames,
+            dropped_frames=counts.dropped_frames,
+            publisher_dropped=counts.publisher_dropped,
+            duration_s=duration_s,
+            fps=counts.frames / duration_s if duration_s > 0 else 0.0,
+            latency_p50_ms=history.latency_ms.percentile(50),
+            latency_p95_ms=history.latency_ms.percentile(95),
+            mediapipe_ms=history.mediapipe_ms.percentile(50),
+            tracker_ms=history.tracker_ms.percentile(50),
+            tracker_max_ms=history.tracker_ms.maximum(),
+            keyframes=counts.keyframes or 0,
+            keyframes_dropped=counts.keyframes_dropped,
+            frame_median_ms=self._frame_ms.percentile(50),
+            frame_max_ms=self._frame_ms.maximum(),
+            preview_frames=counts.preview_frames,
+            preview_draw_ms=counts.preview_draw_ms,
+            source_lost=counts.source_lost,
+        )
