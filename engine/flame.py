@@ -185,10 +185,10 @@ class FlameLayer(torch.nn.Module):
             static_parts.append(("eyes", eye_idx[:, None].expand(2, 3), one_hot))
 
         # Static landmarks: one flat list of vertices; each part remembers its slice.
-        self._static_slices: dict[str, slice] = {}
+        self.static_slices: dict[str, slice] = {}  # part name ("static68", "mediapipe", "eyes"...) -> its rows of static_vertex_idx
         offset = 0
         for name, idx, _ in static_parts:
-            self._static_slices[name] = slice(offset, offset + idx.shape[0])
+            self.static_slices[name] = slice(offset, offset + idx.shape[0])
             offset += idx.shape[0]
         self.static_vertex_idx = (
             torch.cat([idx for _, idx, _ in static_parts]) if static_parts else torch.zeros(0, 3, dtype=torch.long, device=device)
@@ -304,7 +304,7 @@ class FlameLayer(torch.nn.Module):
         batch = pose.shape[0]
         static = self._pose_vertices(self._static_subset, shape, exp, rotations, transforms, transl)
         static = (static.reshape(batch, -1, 3, 3) * self.static_bary[None, :, :, None]).sum(dim=2)
-        parts = {name: static[:, part] for name, part in self._static_slices.items()}
+        parts = {name: static[:, part] for name, part in self.static_slices.items()}
 
         lmk68 = parts.get("full68")
         if self.has_contour:

@@ -129,7 +129,7 @@ class LandmarkModel:
         offset = 17 if with_contour else 0
         if with_contour:
             self.slices["lmk68"] = slice(0, 68)
-        for name, part in layer._static_slices.items():
+        for name, part in layer.static_slices.items():
             group = "lmk68" if name in ("static68", "full68") else name
             if group not in groups:
                 continue
