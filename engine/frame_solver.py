@@ -1,167 +1,224 @@
-"""The per-frame tracking solve of one frame on the CPU, in float64 NumPy on preallocated-size arrays.
+"""The per-frame tracking solve of one frame on the CPU, in float64 NumPy on preallocated buffers.
 
 :class:`engine.fitting.FrameFitter` solves batches with PyTorch on any device; for the live case (one frame,
 about 200 residuals x 60 unknowns) its cost is PyTorch's per-operation overhead, not arithmetic. This solver
 runs the same Levenberg-Marquardt iterations (same residuals, priors, damping, chord steps and stopping
-rules, see FrameFitter.fit) with each iteration assembled in a few dozen NumPy products:
+rules, see FrameFitter.fit), with the work laid out so that each step is a few products on buffers made
+once per identity:
 
-- points: one matrix-vector product of the expression basis, one of the pose correctives, and a batched
-  3x3 rotation of each active joint's share (LandmarkModel's sum over joints);
-- Jacobian: the joint-major bases rotated by the world rotations in one product, the rotation columns as
-  cross products with each fitted joint's arm, the projection applied per row;
-- normal equations: one product J^T W J and a Cholesky solve of the small system.
+- points: every landmark is sum_j Rw_j S_lj + W_lj o_j + transl (see engine.landmark_model), i.e. one
+  product M D of a (3, 4 Ja + 1) matrix of world rotations, joint offsets and translation with a stacked
+  (4 Ja + 1, L) matrix of rest shares S, skinning weights W and ones. S is one matrix-vector product of a
+  basis in [expression, pose features, 1], over only the (landmark, joint) pairs with a skinning weight;
+- Jacobian: the bases rotated by the world rotations in one product (expression and pose-corrective columns
+  together), the arms of every fitted joint in one product like the points, their cross products with the
+  joint axes in one batched product, and the projection applied per row;
+- normal equations: H = (sqrt(w) J)^T (sqrt(w) J) (a symmetric rank-k product) and one LAPACK positive
+  definite solve.
 
+Everything that depends only on the identity and the camera (tables per contour row, index arrays, prior
+weights) is built in the constructor, which the tracker runs when it adopts an identity, off the hot path.
 Results equal FrameFitter's in float64 to rounding (tests compare both on synthetic sequences).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.linalg import lapack
 
 from engine.camera import MIN_DEPTH
 from engine.fitting import FitConfig, FitResult, FrameBlock, FrameParams, Targets, fitted_joints, landmark_weights
-from engine.flame import axis_angles, contour_row
+from engine.flame import contour_row
 from engine.landmark_model import LandmarkModel, LandmarkTable
 from engine.timing import synchronizer
 
 log = logging.getLogger(__name__)
 
-#: Tables converted per contour row, as LandmarkModel keeps its own (the yaw rows a head visits).
-_TABLES_KEPT = 16
+#: [e_a]x for a = x, y, z: the generators of rotations.
+_GENERATORS = np.array([[[0, 0, 0], [0, 0, -1], [0, 1, 0]], [[0, 0, 1], [0, 0, 0], [-1, 0, 0]], [[0, -1, 0], [1, 0, 0], [0, 0, 0]]], dtype=np.float64)
+_EYE = np.eye(3)
 
 
-def _skew(vector: np.ndarray) -> np.ndarray:
-    x, y, z = vector
-    return np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().double().numpy()
+
+
+def _axis_angles(rotations: np.ndarray) -> np.ndarray:
+    """engine.flame.axis_angles (N, 3, 3) -> (N, 3), the same formula in fewer operations."""
+    r = rotations.reshape(-1, 9)
+    vee = 0.5 * (r[:, [7, 2, 3]] - r[:, [5, 6, 1]])
+    sin = np.sqrt(np.einsum("ij,ij->i", vee, vee))[:, None]
+    cos = 0.5 * (r[:, 0] + r[:, 4] + r[:, 8] - 1)[:, None]
+    angle = np.arctan2(sin, cos)
+    return vee * np.where(sin > 1e-7, angle / np.maximum(sin, 1e-12), 1 + sin**2 / 6)
 
 
 def _rodrigues(vectors: np.ndarray) -> np.ndarray:
     """(N, 3) -> (N, 3, 3), as engine.flame.rodrigues (the same 1e-8 offset keeps it smooth at zero)."""
-    angle = np.linalg.norm(vectors + 1e-8, axis=-1)[:, None, None]
-    axis = vectors / angle[:, :, 0]
-    x, y, z = axis.T
-    zero = np.zeros_like(x)
-    skew = np.stack([zero, -z, y, z, zero, -x, -y, x, zero], axis=-1).reshape(-1, 3, 3)
-    return np.eye(3) + np.sin(angle) * skew + (1 - np.cos(angle)) * (skew @ skew)
+    angle = np.sqrt(((vectors + 1e-8) ** 2).sum(axis=1))[:, None, None]
+    skew = (_GENERATORS.reshape(3, 9).T @ (vectors / angle[:, :, 0]).T).T.reshape(-1, 3, 3)
+    return _EYE + np.sin(angle) * skew + (1 - np.cos(angle)) * (skew @ skew)
 
 
-def _arrays(table: LandmarkTable) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A LandmarkTable's weight (.., L, Ja), rest (.., Ja, 3, L), coefficient and pose bases (.., Ja, 3, L, N), float64."""
+class _Bases:
+    """One LandmarkTable's landmarks (the static points, or every row of the contour) in the solver's layouts.
 
-    def array(tensor: torch.Tensor) -> np.ndarray:
-        return tensor.detach().cpu().double().numpy()
+    ``values`` gives the rest shares: rows (active joint, xyz, landmark) with a skinning weight, columns
+    [expression, pose features, 1]; ``positions`` says where each row goes in the stacked matrix D.
+    ``rotated`` holds the Jacobian's bases joint-major, (3 Ja, L, width): per landmark the expression columns,
+    zeros where the rotation and translation columns go, then the fitted joints' pose-corrective columns.
+    """
 
-    return array(table.weight), np.moveaxis(array(table.rest), -3, -1), array(table.coeff_basis), array(table.pose_basis)
-
-
-class _Table:
-    """The landmarks of one frame laid out for single-frame products: the static points after the contour
-    row that the head's yaw selects (as LandmarkModel.single_frame_table joins them)."""
-
-    def __init__(self, parts: list[tuple[np.ndarray, ...]], joints: np.ndarray, has_pose_correctives: bool, pose_features: np.ndarray, subtree: np.ndarray) -> None:
-        weight, rest, coeff_basis, pose_basis = (np.concatenate(arrays, axis=axis) for arrays, axis in zip(zip(*parts), (0, 2, 2, 2)))
-        active, _, count, n_coeffs = coeff_basis.shape
-        self.joints = joints
+    def __init__(self, table: LandmarkTable, first: int, total: int, layout: _Layout) -> None:
+        weight = _numpy(table.weight)  # (.., n, Ja)
+        rest = np.moveaxis(_numpy(table.rest), -3, -1)  # (.., Ja, 3, n)
+        coeff = _numpy(table.coeff_basis)  # (.., Ja, 3, n, E)
+        pose = _numpy(table.pose_basis)  # (.., Ja, 3, n, 9 (J-1))
+        lead = weight.shape[:-2]
+        active, _, count, n_exp = coeff.shape[-4:]
+        columns = [coeff] + ([pose] if layout.corrected else []) + [rest[..., None]]
+        values = np.concatenate(columns, axis=-1).reshape(*lead, active * 3 * count, -1)
+        # Rows where no landmark has a skinning weight are zero in every column: leave them out.
+        keep = np.flatnonzero(np.abs(values).reshape(-1, *values.shape[-2:]).max(axis=(0, 2)) > 0)
+        self.values = np.ascontiguousarray(values[..., keep, :])
+        rows, landmarks = np.divmod(np.arange(active * 3 * count), count)
+        self.positions = (rows * total + first + landmarks)[keep]
+        self.weight = np.ascontiguousarray(np.swapaxes(weight, -1, -2))  # (.., Ja, n)
         self.count = count
-        self.weight = weight  # (L, Ja)
-        self.rest = rest  # (Ja, 3, L)
-        self.coeff_basis = coeff_basis.reshape(active * 3, count * n_coeffs)  # (Ja*3, L*C)
-        self.coeff_rows = coeff_basis.reshape(active * 3 * count, n_coeffs)  # (Ja*3*L, C)
-        self.has_pose_correctives = has_pose_correctives
-        self.pose_rows = pose_basis.reshape(active * 3 * count, -1)  # (Ja*3*L, 9 (J-1))
-        # The correctives' rotation Jacobian needs only the features of the fitted joints.
-        self.pose_fitted = np.ascontiguousarray(pose_basis[..., pose_features]).reshape(active * 3, -1)
-        self.subtree = subtree[:, joints]  # (fitted joints, Ja): which active joints move with each
-        self.subtree_weight = self.weight @ self.subtree.T  # (L, fitted joints)
-        self.joint_weights = np.ascontiguousarray(weight.T[:, None, :])  # (Ja, 1, L)
+        width = layout.width
+        rotated = np.zeros((*lead, active * 3, count, width))
+        rotated[..., :n_exp] = coeff.reshape(*lead, active * 3, count, n_exp)
+        if layout.corrected:
+            rotated[..., layout.size :] = pose[..., layout.pose_features].reshape(*lead, active * 3, count, -1)
+        self.rotated = rotated.reshape(*lead, active * 3, count * width)
 
 
-@dataclass
+class _Layout:
+    """Sizes and index arrays shared by the bases and buffers of one fitter."""
+
+    def __init__(self, model: LandmarkModel, config: FitConfig) -> None:
+        self.joints = fitted_joints(model.n_joints, config)
+        self.n_exp = model.n_coeffs
+        self.size = self.n_exp + 3 * len(self.joints) + 3
+        self.active = model.static.joints.cpu().numpy()
+        # Pose-corrective features are 9 per joint below the root: the fitted joints below the root move them.
+        self.corrected = [joint for joint in self.joints if joint > 0] if model.static.has_pose_correctives else []
+        if self.corrected and self.joints[1:] != self.corrected:
+            raise ValueError("the root must be the first fitted joint")
+        self.pose_features = np.concatenate([np.arange(9 * (j - 1), 9 * j) for j in self.corrected]) if self.corrected else None
+        self.width = self.size + 9 * len(self.corrected)
+        self.n_values = self.n_exp + (9 * (model.n_joints - 1) if self.corrected else 0) + 1
+
+
+class _Evaluation:
+    """One state's landmarks, residuals and prior, in buffers reused from frame to frame (two per fitter:
+    the current state's and a candidate's)."""
+
+    def __init__(self, layout: _Layout, n_landmarks: int, n_joints: int) -> None:
+        active = len(layout.active)
+        self.values = np.zeros(layout.n_values)
+        self.values[-1] = 1.0
+        # D: rest shares (3 Ja rows), skinning weights (Ja rows), ones; M: world rotations, offsets, translation.
+        self.stacked = np.zeros((4 * active + 1, n_landmarks))
+        self.stacked[-1] = 1.0
+        self.weight_rows = self.stacked[3 * active : 4 * active]
+        self.matrix = np.zeros((3, 4 * active + 1))
+        self.rotation_block = self.matrix[:, : 3 * active].reshape(3, active, 3)
+        self.offset_block = self.matrix[:, 3 * active : 4 * active]
+        self.points = np.empty((3, n_landmarks))
+        self.errors = np.empty((2, n_landmarks))
+        self.world_rot = np.empty((n_joints, 3, 3))
+        self.world_pos = np.empty((n_joints, 3))
+        self.row: int | None = None
+        self.weights = np.empty(n_landmarks)
+        self.cost = 0.0
+        self.prior_gradient = np.empty(layout.size)
+        self.prior_diagonal = np.empty(layout.size)
+
+
 class _Frame:
     """One frame's observations in the solver's layout."""
 
-    pixels: np.ndarray  # (2, L), NaN where not observed
-    observed: np.ndarray  # (L,)
-    group_weights: np.ndarray  # (L,), zero where not observed
-    scale: float  # pixels per unit of normalised residual
-    face_size: float
-    focal: float
-    center: tuple[float, float]
-    robust_scale: float
-
-    def __post_init__(self) -> None:
+    def __init__(self, targets: Targets, config: FitConfig, focal: float, center: tuple[float, float]) -> None:
+        pixels = _numpy(targets.pixels[0]).T  # (2, L), NaN where not observed
+        observed = targets.observed[0].cpu().numpy()
+        self.face_size = float(targets.face_size[0])
+        scale = config.noise * self.face_size  # pixels per unit of normalised residual
         # The residual (pixel - target) / scale as (points * focal_signs / depth + offsets) * unit_mask.
-        self.focal_signs = np.array([[self.focal], [-self.focal]])
-        self.offsets = np.where(self.observed, np.array(self.center)[:, None] - self.pixels, 0.0)
-        self.unit_mask = self.observed / self.scale
-        self.group_weights = np.where(self.observed, self.group_weights, 0.0)
-        self.cost_weights = self.group_weights * self.robust_scale**2
-
-
-@dataclass
-class _State:
-    exp: np.ndarray  # (E,)
-    rotations: np.ndarray  # (J, 3, 3)
-    transl: np.ndarray  # (3,)
-
-
-@dataclass
-class _Evaluation:
-    """One state's landmarks, residuals and prior; what its Jacobian needs is kept with it."""
-
-    table: _Table
-    shares: np.ndarray  # (Ja, 3, L) each active joint's share of each landmark, posed
-    world_rot: np.ndarray  # (J, 3, 3)
-    world_pos: np.ndarray  # (J, 3)
-    points: np.ndarray  # (3, L)
-    errors: np.ndarray  # (2, L) normalised residuals, zero where not observed
-    weights: np.ndarray  # (L,) robust weight times group weight, zero where not observed
-    cost: float
-    prior_gradient: np.ndarray
-    prior_diagonal: np.ndarray
+        self.focal_signs = np.array([[focal], [-focal]])
+        self.offsets = np.where(observed, np.array(center)[:, None] - pixels, 0.0)
+        self.unit_mask = observed / scale
+        self.focal_over_scale = focal / scale
+        self.group_weights = np.where(observed, _numpy(targets.weights), 0.0)
+        self.cost_weights = self.group_weights * config.robust_scale**2
 
 
 class CpuFrameFitter:
     """FrameFitter.fit for one frame at a time, in NumPy on the CPU, whatever device the model lives on.
 
-    Built once per identity (``model`` from LandmarkModel.with_fixed_shape), like FrameFitter.
+    Built once per identity (``model`` from LandmarkModel.with_fixed_shape), like FrameFitter; every table and
+    buffer the solve needs is made here.
     """
 
     def __init__(self, model: LandmarkModel, config: FitConfig) -> None:
         self.model = model
         self.config = config
-        self.joints = fitted_joints(model.n_joints, config)
-        self.n_exp = model.n_coeffs
-        self.size = self.n_exp + 3 * len(self.joints) + 3
-        self.parents = list(model.parents)
+        layout = self.layout = _Layout(model, config)
+        self.joints = layout.joints
+        self.n_exp = n_exp = layout.n_exp
+        self.size = size = layout.size
+        parents = list(model.parents)
         # The kinematic tree level by level (children of the root, their children, ...): one product per level.
-        depth = [0] * len(self.parents)
-        for joint in range(1, len(self.parents)):
-            depth[joint] = depth[self.parents[joint]] + 1
+        depth = [0] * len(parents)
+        for joint in range(1, len(parents)):
+            depth[joint] = depth[parents[joint]] + 1
         self.levels = [
-            (np.array(level), np.array([self.parents[j] for j in level]))
+            (np.array(level), np.array([parents[j] for j in level]))
             for level in ([j for j in range(1, len(depth)) if depth[j] == d] for d in range(1, max(depth, default=0) + 1))
         ]
-        self.joint_rest = model.joint_rest.detach().cpu().double().numpy()  # (J, 3)
-        self.joint_coeff_basis = model.joint_coeff_basis.detach().cpu().double().numpy()  # (J, 3, C)
-        self.joint_offset_basis = self.joint_coeff_basis - self.joint_coeff_basis[[max(p, 0) for p in self.parents]]
-        self.subtree = model.subtree.detach().cpu().double().numpy()[self.joints]  # (fitted, J): joints below each
-        # Pose-corrective features are 9 per joint below the root: those of the fitted joints, and d vec(R)/d delta.
-        self.corrected = [(i, joint) for i, joint in enumerate(self.joints) if joint > 0]
-        self.pose_features = np.concatenate([np.arange(9 * (joint - 1), 9 * joint) for _, joint in self.corrected])
-        self.generators = np.stack([_skew(axis) for axis in np.eye(3)])  # [e_a]x
-        self.corrected_slots = [i for i, _ in self.corrected]
-        self.corrected_joints = [joint for _, joint in self.corrected]
-        self.translation_columns = np.eye(3)[:, None, :]
-        # Every contour row converted once (about 10 MB for FLAME), so that a turning head costs one join per row.
-        self.static = _arrays(model.static)
-        self.contour = _arrays(model.contour) if model.contour is not None else None
-        self._tables: dict[int | None, _Table] = {}
+        self.joint_rest = _numpy(model.joint_rest)  # (J, 3)
+        self.joint_coeff_basis = _numpy(model.joint_coeff_basis)  # (J, 3, E)
+        self.joint_coeff_rows = self.joint_coeff_basis.reshape(-1, n_exp)
+        self.joint_offset_basis = self.joint_coeff_basis - self.joint_coeff_basis[[max(p, 0) for p in parents]]
+        active = layout.active
+        self.active_coeff_basis = self.joint_coeff_basis[active]
+        # Which active joints move with each fitted joint (itself and those below it).
+        self.subtree = _numpy(model.subtree)[np.ix_(self.joints, active)]  # (F, Ja)
+        n_contour = model.contour.weight.shape[-2] if model.contour is not None else 0
+        self.n_landmarks = total = n_contour + model.static.weight.shape[-2]
+        self.static = _Bases(model.static, n_contour, total, layout)
+        self.contour = _Bases(model.contour, 0, total, layout) if model.contour is not None else None
+        self.slots = [_Evaluation(layout, total, model.n_joints) for _ in range(2)]
+        for slot in self.slots:
+            slot.weight_rows[:, n_contour:] = self.static.weight
+        # Jacobian buffers: the rotated bases (3, L, width), whose first `size` columns are d points / d params.
+        fitted = len(self.joints)
+        self.rotated = np.zeros((3, total, layout.width))
+        self.rotated_rows = self.rotated.reshape(3, total * layout.width)
+        self.d_points = self.rotated[:, :, :size]
+        self.d_exp = self.d_points[:, :, :n_exp]
+        self.d_rot = self.d_points[:, :, n_exp : n_exp + 3 * fitted].reshape(3, total, fitted, 3)
+        self.d_corrected = self.d_points[:, :, n_exp + 3 : n_exp + 3 * fitted].reshape(3, total, fitted - 1, 3)
+        self.d_pose = self.rotated[:, :, size:].reshape(3 * total, -1)
+        self.arm_matrix = np.zeros((fitted, 3, 4 * len(active) + 1))
+        self.arm_rotation = self.arm_matrix[:, :, : 3 * len(active)].reshape(fitted, 3, len(active), 3)
+        self.arm_offset = self.arm_matrix[:, :, 3 * len(active) : 4 * len(active)]
+        self.subtree_rotation = self.subtree[:, None, :, None]
+        self.subtree_offset = self.subtree[:, None, :]
+        n_corrected = len(layout.corrected)
+        self.pose_derivative = np.zeros((9 * n_corrected, 3 * n_corrected))
+        self.pose_blocks = self.pose_derivative.reshape(n_corrected, 9, n_corrected, 3)
+        self.corrected_index = np.arange(n_corrected)
+        self.jacobian = np.empty((2, total, size))
+        self.scaled = np.empty((2 * total, size))
+        self.scratch = np.empty((total, size))
+        self.translation_block = np.broadcast_to(np.eye(3)[:, None, :], (3, total, 3))
         self._priors(config)
 
     def _priors(self, config: FitConfig) -> None:
@@ -170,136 +227,130 @@ class CpuFrameFitter:
         self.prior_weight, self.motion_weight = block.prior_weight.numpy(), block.motion_weight.numpy()
         self.coupling = block.coupling.numpy()
         self.jaw_opening = block.jaw_opening
-
-    def _table(self, rotations: np.ndarray) -> _Table:
-        row = contour_row(rotations[0]) if self.model.contour is not None else None
-        table = self._tables.get(row)
-        if table is None:
-            if len(self._tables) >= _TABLES_KEPT:
-                del self._tables[next(iter(self._tables))]  # the oldest row
-            parts = [self.static] if row is None else [tuple(part[row] for part in self.contour), self.static]
-            static = self.model.static
-            table = self._tables[row] = _Table(parts, static.joints.cpu().numpy(), static.has_pose_correctives, self.pose_features, self.subtree)
-        return table
+        self.overclosed_weight = self.prior_weight.copy()
+        self.overclosed_weight[self.jaw_opening] = config.priors.jaw_overclose
+        self.diagonal_index = np.arange(self.size) * (self.size + 1)
 
     # ------------------------------------------------------------------------------------------ evaluation
-    def _kinematics(self, exp: np.ndarray, rotations: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rest_joints = self.joint_rest + self.joint_coeff_basis @ exp
-        world_rot = np.empty_like(rotations)
-        world_pos = np.empty_like(rest_joints)
+    def _evaluate(self, state: _State, frame: _Frame, prediction: _State | None, slot: _Evaluation) -> _Evaluation:
+        """Fill ``slot`` with the landmarks, residuals, cost and prior of ``state``."""
+        exp, rotations, transl = state.exp, state.rotations, state.transl
+        layout, active = self.layout, self.layout.active
+        rest_joints = self.joint_rest + (self.joint_coeff_rows @ exp).reshape(-1, 3)
+        world_rot, world_pos = slot.world_rot, slot.world_pos
         world_rot[0], world_pos[0] = rotations[0], rest_joints[0]
         for joints, parents in self.levels:
             world_rot[joints] = world_rot[parents] @ rotations[joints]
             world_pos[joints] = (world_rot[parents] @ (rest_joints[joints] - rest_joints[parents])[..., None])[..., 0] + world_pos[parents]
-        return rest_joints, world_rot, world_pos
+        values = slot.values
+        values[: self.n_exp] = exp
+        if layout.corrected:
+            np.subtract(rotations[1:].reshape(-1, 9), _EYE.ravel(), out=values[self.n_exp : -1].reshape(-1, 9))
+        stacked = slot.stacked
+        np.put(stacked, self.static.positions, self.static.values @ values)
+        if self.contour is not None:
+            slot.row = row = contour_row(rotations[0])
+            np.put(stacked, self.contour.positions, self.contour.values[row] @ values)
+            slot.weight_rows[:, : self.contour.count] = self.contour.weight[row]
+        # Each joint's share: Rw_j S_lj + W_lj (Pw_j - Rw_j Jr_j), all joints and landmarks in one product.
+        active_rot = world_rot[active]
+        slot.rotation_block[...] = active_rot.transpose(1, 0, 2)
+        slot.offset_block[...] = (world_pos[active] - (active_rot @ rest_joints[active][..., None])[..., 0]).T
+        slot.matrix[:, -1] = transl
+        points = np.matmul(slot.matrix, stacked, out=slot.points)
+        # u = f x / (-z) + cx, v = f (-y) / (-z) + cy; errors normalised, zero where not observed.
+        errors = np.multiply(points[:2], frame.focal_signs / np.maximum(-points[2], MIN_DEPTH), out=slot.errors)
+        errors += frame.offsets
+        errors *= frame.unit_mask
+        relative = np.einsum("ij,ij->j", errors, errors) * (1.0 / self.config.robust_scale**2)
+        np.divide(frame.group_weights, 1.0 + relative, out=slot.weights)
+        slot.cost = float(frame.cost_weights @ np.log1p(relative)) + self._prior(state, prediction, slot)
+        return slot
 
-    def _prior(self, state: _State, prediction: _State | None) -> tuple[float, np.ndarray, np.ndarray]:
+    def _prior(self, state: _State, prediction: _State | None, slot: _Evaluation) -> float:
+        """The prior's cost; its gradient and Hessian diagonal go into ``slot`` (FrameBlock.prior in NumPy)."""
+        fitted = len(self.joints)
         rotations = state.rotations[self.joints]
         if prediction is not None:
             relative = prediction.rotations[self.joints].transpose(0, 2, 1) @ rotations
-            logs = axis_angles(np.concatenate([rotations, relative]))
-            angles, change_angles = logs[: len(self.joints)].ravel(), logs[len(self.joints) :].ravel()
+            logs = _axis_angles(np.concatenate([rotations, relative]))
+            value = np.concatenate([state.exp, logs[:fitted].ravel(), state.transl])
+            change = np.concatenate([state.exp - prediction.exp, logs[fitted:].ravel(), state.transl - prediction.transl])
         else:
-            angles = axis_angles(rotations).ravel()
-        value = np.concatenate([state.exp, angles, state.transl])
-        weight = self.prior_weight.copy()
-        if value[self.jaw_opening] < 0:
-            weight[self.jaw_opening] = self.config.priors.jaw_overclose
+            value = np.concatenate([state.exp, _axis_angles(rotations).ravel(), state.transl])
+        weight = self.overclosed_weight if value[self.jaw_opening] < 0 else self.prior_weight
         coupled = value @ self.coupling
-        gradient = weight * value + coupled
-        cost = 0.5 * ((weight * value**2).sum() + (coupled * value).sum())
-        diagonal = weight
-        if prediction is not None:
-            change = np.concatenate([state.exp - prediction.exp, change_angles, state.transl - prediction.transl])
-            gradient = gradient + self.motion_weight * change
-            cost = cost + 0.5 * (self.motion_weight * change**2).sum()
-            diagonal = diagonal + self.motion_weight
-        return cost, gradient, diagonal
+        weighted = weight * value
+        gradient = np.add(weighted, coupled, out=slot.prior_gradient)
+        cost = 0.5 * float(weighted @ value + coupled @ value)
+        if prediction is None:
+            slot.prior_diagonal[:] = weight
+            return cost
+        moved = self.motion_weight * change
+        gradient += moved
+        np.add(weight, self.motion_weight, out=slot.prior_diagonal)
+        return cost + 0.5 * float(moved @ change)
 
-    def _evaluate(self, state: _State, frame: _Frame, prediction: _State | None) -> _Evaluation:
-        table = self._table(state.rotations)
-        rest_joints, world_rot, world_pos = self._kinematics(state.exp, state.rotations)
-        joints = table.joints
-        rest = table.rest + (table.coeff_rows @ state.exp).reshape(table.rest.shape)
-        if table.has_pose_correctives:
-            features = (state.rotations[1:] - np.eye(3)).ravel()
-            rest += (table.pose_rows @ features).reshape(table.rest.shape)
-        # Each joint's share: R_j (S_lj - W_lj Jr_j) + W_lj P_j = R_j S_lj + W_lj (P_j - R_j Jr_j).
-        offset = world_pos[joints] - (world_rot[joints] @ rest_joints[joints][..., None])[..., 0]  # (Ja, 3)
-        shares = world_rot[joints] @ rest + table.joint_weights * offset[:, :, None]
-        points = shares.sum(axis=0) + state.transl[:, None]
-        depth = np.maximum(-points[2], MIN_DEPTH)
-        # u = f x / (-z) + cx, v = f (-y) / (-z) + cy; errors normalised, zero where not observed.
-        errors = (points[:2] * (frame.focal_signs / depth) + frame.offsets) * frame.unit_mask
-        relative = (errors**2).sum(axis=0) / self.config.robust_scale**2
-        weights = frame.group_weights / (1.0 + relative)
-        data_cost = (frame.cost_weights * np.log1p(relative)).sum()
-        prior_cost, prior_gradient, prior_diagonal = self._prior(state, prediction)
-        return _Evaluation(table, shares, world_rot, world_pos, points, errors, weights, data_cost + prior_cost, prior_gradient, prior_diagonal)
-
-    def _jacobian(self, state: _State, evaluation: _Evaluation, frame: _Frame) -> np.ndarray:
-        """(2L, size) d residual / d [exp, rotation increments of the fitted joints, translation], rows x then y."""
-        table, world_rot, world_pos = evaluation.table, evaluation.world_rot, evaluation.world_pos
-        joints, count, n_exp, fitted = table.joints, table.count, self.n_exp, len(self.joints)
-        rotation_rows = world_rot[joints].transpose(1, 0, 2).reshape(3, -1)  # (3, Ja*3)
-        d_points = np.empty((3, count, self.size))
-        # d points / d exp: sum_j R_j dS_lj/dc + W_lj (dP_j/dc - R_j dJr_j/dc).
+    def _jacobian(self, state: _State, slot: _Evaluation, frame: _Frame) -> np.ndarray:
+        """(2L, size) d residual / d [exp, rotation increments of the fitted joints, translation], rows u then v."""
+        world_rot, world_pos, active, n_exp = slot.world_rot, slot.world_pos, self.layout.active, self.n_exp
+        # The bases rotated to the world: expression and pose-corrective columns in one product per table.
+        rotation_rows = slot.matrix[:, : 3 * len(active)]
+        if self.contour is not None:
+            split = self.contour.count * self.layout.width
+            np.matmul(rotation_rows, self.contour.rotated[slot.row], out=self.rotated_rows[:, :split])
+            np.matmul(rotation_rows, self.static.rotated, out=self.rotated_rows[:, split:])
+        else:
+            np.matmul(rotation_rows, self.static.rotated, out=self.rotated_rows)
+        # d points / d exp also moves the joints: + sum_j W_lj (dPw_j/dc - Rw_j dJr_j/dc).
         d_pos = np.empty_like(self.joint_coeff_basis)
         d_pos[0] = self.joint_coeff_basis[0]
-        for joints_below, parents in self.levels:
-            d_pos[joints_below] = world_rot[parents] @ self.joint_offset_basis[joints_below] + d_pos[parents]
-        joint_term = d_pos[joints] - world_rot[joints] @ self.joint_coeff_basis[joints]  # (Ja, 3, C)
-        d_points[..., :n_exp] = (rotation_rows @ table.coeff_basis).reshape(3, count, n_exp)
-        d_points[..., :n_exp] += (table.weight @ joint_term.reshape(len(joints), -1)).reshape(count, 3, n_exp).transpose(1, 0, 2)
-        # d points / d rotation increment a of joint k: e_a-th column of -[arm_lk]x Rw_k = (Rw_k e_a) x arm_lk.
-        arms = (table.subtree @ evaluation.shares.reshape(len(joints), -1)).reshape(fitted, 3, count)
-        arms -= table.subtree_weight.T[:, None, :] * world_pos[self.joints][:, :, None]
-        axes = world_rot[self.joints][:, :, :, None]  # (fitted, xyz, a, 1): column a is the world axis of increment a
-        arm = arms[:, :, None, :]  # (fitted, xyz, 1, L)
-        d_rot = d_points[..., n_exp : n_exp + 3 * fitted].reshape(3, count, fitted, 3)
-        for xyz in range(3):
-            first, second = (xyz + 1) % 3, (xyz + 2) % 3
-            d_rot[xyz] = (axes[:, first] * arm[:, second] - axes[:, second] * arm[:, first]).transpose(2, 0, 1)
-        if table.has_pose_correctives and self.corrected:
+        for joints, parents in self.levels:
+            d_pos[joints] = world_rot[parents] @ self.joint_offset_basis[joints] + d_pos[parents]
+        joint_term = d_pos[active] - world_rot[active] @ self.active_coeff_basis  # (Ja, 3, E)
+        self.d_exp += (slot.weight_rows.T @ joint_term.reshape(len(active), -1)).reshape(-1, 3, n_exp).transpose(1, 0, 2)
+        # d points / d rotation increment a of joint k: -[arm_lk]x Rw_k e_a, with arm_lk = sum over the joints
+        # below k of their shares - W_below Pw_k: one product with D, like the points.
+        np.multiply(slot.rotation_block, self.subtree_rotation, out=self.arm_rotation)
+        np.multiply(slot.offset_block - world_pos[self.joints][:, :, None], self.subtree_offset, out=self.arm_offset)
+        arms = (self.arm_matrix.reshape(-1, self.arm_matrix.shape[-1]) @ slot.stacked).reshape(len(self.joints), 3, -1)
+        # -[arm]x Rw_k = sum_c arm_c (-[e_c]x Rw_k): one batched product over the fitted joints.
+        turns = (-_GENERATORS @ world_rot[self.joints][:, None]).reshape(len(self.joints), 3, 9)
+        self.d_rot[...] = (arms.transpose(0, 2, 1) @ turns).reshape(len(self.joints), -1, 3, 3).transpose(2, 1, 0, 3)
+        if self.layout.corrected:
             # d vec(R_k)/d delta_a = vec(R_k [e_a]x), through the pose-corrective bases rotated to the world.
-            corrected = len(self.corrected)
-            rotated = (rotation_rows @ table.pose_fitted).reshape(3 * count, corrected, 9).transpose(1, 0, 2)  # (K, 3L, 9)
-            local = (state.rotations[self.corrected_joints][:, None] @ self.generators).reshape(-1, 3, 9).transpose(0, 2, 1)
-            corrective = (rotated @ local).reshape(corrected, 3, count, 3)  # one product per joint (an einsum is 10x slower)
-            d_rot[:, :, self.corrected_slots] += corrective.transpose(1, 2, 0, 3)
-        d_points[..., -3:] = self.translation_columns
+            self.pose_blocks[self.corrected_index, :, self.corrected_index, :] = (
+                (state.rotations[self.layout.corrected][:, None] @ _GENERATORS).transpose(0, 2, 3, 1).reshape(-1, 9, 3)
+            )
+            self.d_corrected += (self.d_pose @ self.pose_derivative).reshape(self.d_corrected.shape)
+        self.d_points[:, :, -3:] = self.translation_block
         # Projection u = f x / (-z), v = f (-y) / (-z), divided by the residual scale.
-        depth = np.maximum(-evaluation.points[2], MIN_DEPTH)
-        scale = (frame.focal / depth / frame.scale)[:, None]
-        x_over_z = (evaluation.points[0] / depth)[:, None]
-        y_over_z = (-evaluation.points[1] / depth)[:, None]
-        jacobian = np.empty((2, count, self.size))
-        np.multiply(x_over_z, d_points[2], out=jacobian[0])
-        jacobian[0] += d_points[0]
-        jacobian[0] *= scale
-        np.multiply(y_over_z, d_points[2], out=jacobian[1])
-        jacobian[1] -= d_points[1]
-        jacobian[1] *= scale
-        return jacobian.reshape(2 * count, self.size)
+        points = slot.points
+        inverse_depth = 1.0 / np.maximum(-points[2], MIN_DEPTH)
+        scale = (frame.focal_over_scale * inverse_depth)[:, None]
+        x_term = scale * (points[0] * inverse_depth)[:, None]
+        y_term = scale * (-points[1] * inverse_depth)[:, None]
+        jacobian, scratch, d_points = self.jacobian, self.scratch, self.d_points
+        np.multiply(d_points[0], scale, out=jacobian[0])
+        jacobian[0] += np.multiply(d_points[2], x_term, out=scratch)
+        np.multiply(d_points[2], y_term, out=jacobian[1])
+        jacobian[1] -= np.multiply(d_points[1], scale, out=scratch)
+        return jacobian.reshape(-1, self.size)
 
     # ----------------------------------------------------------------------------------------------- solve
-    def _solve(self, hessian: np.ndarray, gradient: np.ndarray, damping: float) -> np.ndarray:
-        """Marquardt step, as engine.fitting's: (H + damping diag(H) + tiny I) step = -gradient; zero if singular.
-
-        PyTorch's LAPACK calls on the arrays' own memory: fewer checks per call than NumPy's.
-        """
-        diagonal = np.diagonal(hessian)
-        damped = hessian + np.diag(diagonal * damping + 1e-9 * max(diagonal.max(), 1e-9))
-        factor, info = torch.linalg.cholesky_ex(torch.from_numpy(damped))
-        if info.item() != 0:
+    def _step(self, hessian: np.ndarray, gradient: np.ndarray, damping: float) -> np.ndarray:
+        """Marquardt step, as engine.fitting's: (H + damping diag(H) + tiny I) step = -gradient; zero if singular."""
+        diagonal = hessian.ravel()[self.diagonal_index]
+        damped = hessian.copy()
+        damped.ravel()[self.diagonal_index] += diagonal * damping + 1e-9 * max(float(diagonal.max()), 1e-9)
+        _, solution, info = lapack.dposv(damped, gradient, lower=1, overwrite_a=1)
+        if info != 0 or not np.isfinite(solution).all():
             return np.zeros_like(gradient)
-        step = -torch.cholesky_solve(torch.from_numpy(gradient)[:, None], factor)[:, 0].numpy()
-        return step if np.isfinite(step).all() else np.zeros_like(step)
+        return -solution
 
     def _apply(self, state: _State, step: np.ndarray) -> _State:
         rotations = state.rotations.copy()
-        deltas = step[self.n_exp : -3].reshape(len(self.joints), 3)
-        rotations[self.joints] = state.rotations[self.joints] @ _rodrigues(deltas)
+        rotations[self.joints] = state.rotations[self.joints] @ _rodrigues(step[self.n_exp : -3].reshape(-1, 3))
         return _State(state.exp + step[: self.n_exp], rotations, state.transl + step[-3:])
 
     def fit(
@@ -316,62 +367,66 @@ class CpuFrameFitter:
             raise ValueError(f"CpuFrameFitter fits one frame at a time, not {params.exp.shape[0]}")
         config = self.config
         iterations = config.track_iterations if iterations is None else iterations
-        face_size = float(targets.face_size[0])
-        frame = _Frame(
-            targets.pixels[0].detach().cpu().double().numpy().T, targets.observed[0].cpu().numpy(),
-            targets.weights.detach().cpu().double().numpy(), config.noise * face_size, face_size, float(focal), center,
-            config.robust_scale,
-        )  # fmt: skip
+        frame = _Frame(targets, config, float(focal), center)
         predicted_state = None if prediction is None else _state(prediction)
         state = _state(params)
-        evaluation = self._evaluate(state, frame, predicted_state)
+        current, spare = self.slots
+        self._evaluate(state, frame, predicted_state, current)
         damping = config.initial_damping
+        scaled = self.scaled
         # Chord steps exactly as FrameFitter.fit: the Jacobian is kept while steps are accepted.
         jacobian, fresh = None, False
         used = 0
         for used in range(1, iterations + 1):
             if jacobian is None:
-                jacobian, fresh = self._jacobian(state, evaluation, frame), True
-            weighted = jacobian * np.tile(evaluation.weights, 2)[:, None]
-            hessian = (weighted.T @ jacobian) + self.coupling
-            hessian[np.diag_indices(self.size)] += evaluation.prior_diagonal
-            gradient = (weighted.T @ evaluation.errors.ravel()) + evaluation.prior_gradient
-            step = self._solve(hessian, gradient, damping)
+                jacobian, fresh = self._jacobian(state, current, frame), True
+            # J^T W J as (sqrt(w) J)^T (sqrt(w) J): NumPy computes a product of an array with its own transpose
+            # as a symmetric rank-k update, half the work.
+            root = np.sqrt(current.weights)
+            np.multiply(jacobian.reshape(2, -1, self.size), root[:, None], out=scaled.reshape(2, -1, self.size))
+            hessian = scaled.T @ scaled
+            hessian += self.coupling
+            hessian.ravel()[self.diagonal_index] += current.prior_diagonal
+            gradient = scaled.T @ (current.errors * root).ravel() + current.prior_gradient
+            step = self._step(hessian, gradient, damping)
             candidate = self._apply(state, step)
-            predicted = -(gradient @ step) - 0.5 * (step @ hessian @ step)
-            if predicted < config.cost_tolerance * evaluation.cost:
+            predicted = -float(gradient @ step) - 0.5 * float(step @ hessian @ step)
+            if predicted < config.cost_tolerance * current.cost:
                 state = candidate
                 break
-            evaluation_c = self._evaluate(candidate, frame, predicted_state)
-            accept = bool(np.isfinite(evaluation_c.cost)) and evaluation_c.cost <= evaluation.cost
-            gain = (evaluation.cost - evaluation_c.cost) / max(evaluation.cost, 1e-12)
+            evaluated = self._evaluate(candidate, frame, predicted_state, spare)
+            accept = math.isfinite(evaluated.cost) and evaluated.cost <= current.cost
+            gain = (current.cost - evaluated.cost) / max(current.cost, 1e-12)
             damping = min(max(damping / 3 if accept else damping * 10, 1e-7), 1e7)
             if accept:
-                state, evaluation, fresh = candidate, evaluation_c, False
+                state, current, spare, fresh = candidate, evaluated, current, False
             elif not fresh:
                 jacobian = None
             if np.abs(step).max() < config.step_tolerance or (accept and gain < config.cost_tolerance):
                 break
-        return self._result(state, evaluation, frame, params, used)
+        return self._result(state, current, frame, params, used)
 
-    def _result(self, state: _State, evaluation: _Evaluation, frame: _Frame, like: FrameParams, used: int) -> FitResult:
+    def _result(self, state: _State, slot: _Evaluation, frame: _Frame, like: FrameParams, used: int) -> FitResult:
         options = {"dtype": like.exp.dtype, "device": like.exp.device}
         params = FrameParams(
             torch.as_tensor(state.exp[None], **options), torch.as_tensor(state.rotations[None], **options),
             torch.as_tensor(state.transl[None], **options),
         )  # fmt: skip
-        weights = evaluation.weights
-        mean_square = (weights * (evaluation.errors**2).sum(axis=0)).sum() / max(weights.sum(), 1e-12)
-        rms_px = np.sqrt(mean_square) * self.config.noise * frame.face_size
-        return FitResult(params, torch.tensor([evaluation.cost], **options), torch.tensor([rms_px], **options), used)
+        weights = slot.weights
+        mean_square = float(weights @ np.einsum("ij,ij->j", slot.errors, slot.errors)) / max(float(weights.sum()), 1e-12)
+        rms_px = math.sqrt(mean_square) * self.config.noise * frame.face_size
+        return FitResult(params, torch.tensor([slot.cost], **options), torch.tensor([rms_px], **options), used)
+
+
+@dataclass
+class _State:
+    exp: np.ndarray  # (E,)
+    rotations: np.ndarray  # (J, 3, 3)
+    transl: np.ndarray  # (3,)
 
 
 def _state(params: FrameParams) -> _State:
-    def array(tensor: torch.Tensor) -> np.ndarray:
-        return tensor[0].detach().cpu().double().numpy()
-
-    return _State(array(params.exp), array(params.rotations), array(params.transl))
-
+    return _State(_numpy(params.exp[0]), _numpy(params.rotations[0]), _numpy(params.transl[0]))
 
 
 def faster_frame_solver(model: LandmarkModel, config: FitConfig, image_size: tuple[int, int], focal: float, repeats: int = 10) -> str:
