@@ -42,21 +42,34 @@ log = logging.getLogger(__name__)
 
 #: [e_a]x for a = x, y, z: the generators of rotations.
 _GENERATORS = np.array([[[0, 0, 0], [0, 0, -1], [0, 1, 0]], [[0, 0, 1], [0, 0, 0], [-1, 0, 0]], [[0, -1, 0], [1, 0, 0], [0, 0, 0]]], dtype=np.float64)
+_NEGATIVE_GENERATORS = -_GENERATORS
 _EYE = np.eye(3)
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().cpu().double().numpy()
+    """A float64 copy of a tensor on any device."""
+    return tensor.numpy(force=True).astype(np.float64)
+
+
+def _index(indices: list[int]) -> int | slice | np.ndarray:
+    """The cheapest NumPy index that selects ``indices``: one integer, a slice, or else an array."""
+    if len(set(indices)) == 1:
+        return indices[0]
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return slice(indices[0], indices[-1] + 1)
+    return np.array(indices)
 
 
 def _axis_angles(rotations: np.ndarray) -> np.ndarray:
     """engine.flame.axis_angles (N, 3, 3) -> (N, 3), the same formula in fewer operations."""
-    r = rotations.reshape(-1, 9)
-    vee = 0.5 * (r[:, [7, 2, 3]] - r[:, [5, 6, 1]])
-    sin = np.sqrt(np.einsum("ij,ij->i", vee, vee))[:, None]
-    cos = 0.5 * (r[:, 0] + r[:, 4] + r[:, 8] - 1)[:, None]
-    angle = np.arctan2(sin, cos)
-    return vee * np.where(sin > 1e-7, angle / np.maximum(sin, 1e-12), 1 + sin**2 / 6)
+    vee = 0.5 * (rotations - rotations.transpose(0, 2, 1)).reshape(-1, 9)[:, [7, 2, 3]]
+    sin = np.sqrt(np.einsum("ij,ij->i", vee, vee))
+    angle = np.arctan2(sin, 0.5 * (np.einsum("nii->n", rotations) - 1))
+    factor = angle / np.maximum(sin, 1e-12)
+    small = sin <= 1e-7
+    if small.any():
+        factor[small] = 1 + sin[small] ** 2 / 6
+    return vee * factor[:, None]
 
 
 def _rodrigues(vectors: np.ndarray) -> np.ndarray:
@@ -124,6 +137,7 @@ class _Evaluation:
         active = len(layout.active)
         self.values = np.zeros(layout.n_values)
         self.values[-1] = 1.0
+        self.features = self.values[layout.n_exp : -1].reshape(-1, 9)
         # D: rest shares (3 Ja rows), skinning weights (Ja rows), ones; M: world rotations, offsets, translation.
         self.stacked = np.zeros((4 * active + 1, n_landmarks))
         self.stacked[-1] = 1.0
@@ -131,6 +145,7 @@ class _Evaluation:
         self.matrix = np.zeros((3, 4 * active + 1))
         self.rotation_block = self.matrix[:, : 3 * active].reshape(3, active, 3)
         self.offset_block = self.matrix[:, 3 * active : 4 * active]
+        self.translation = self.matrix[:, -1]
         self.points = np.empty((3, n_landmarks))
         self.errors = np.empty((2, n_landmarks))
         self.world_rot = np.empty((n_joints, 3, 3))
@@ -139,15 +154,15 @@ class _Evaluation:
         self.weights = np.empty(n_landmarks)
         self.cost = 0.0
         self.prior_gradient = np.empty(layout.size)
-        self.prior_diagonal = np.empty(layout.size)
+        self.prior_diagonal = self.prior_gradient
 
 
 class _Frame:
     """One frame's observations in the solver's layout."""
 
-    def __init__(self, targets: Targets, config: FitConfig, focal: float, center: tuple[float, float]) -> None:
+    def __init__(self, targets: Targets, group_weights: np.ndarray, config: FitConfig, focal: float, center: tuple[float, float]) -> None:
         pixels = _numpy(targets.pixels[0]).T  # (2, L), NaN where not observed
-        observed = targets.observed[0].cpu().numpy()
+        observed = targets.observed[0].numpy(force=True)
         self.face_size = float(targets.face_size[0])
         scale = config.noise * self.face_size  # pixels per unit of normalised residual
         # The residual (pixel - target) / scale as (points * focal_signs / depth + offsets) * unit_mask.
@@ -155,7 +170,7 @@ class _Frame:
         self.offsets = np.where(observed, np.array(center)[:, None] - pixels, 0.0)
         self.unit_mask = observed / scale
         self.focal_over_scale = focal / scale
-        self.group_weights = np.where(observed, _numpy(targets.weights), 0.0)
+        self.group_weights = np.where(observed, group_weights, 0.0)
         self.cost_weights = self.group_weights * config.robust_scale**2
 
 
@@ -179,17 +194,18 @@ class CpuFrameFitter:
         for joint in range(1, len(parents)):
             depth[joint] = depth[parents[joint]] + 1
         self.levels = [
-            (np.array(level), np.array([parents[j] for j in level]))
+            (_index(level), _index([parents[j] for j in level]))
             for level in ([j for j in range(1, len(depth)) if depth[j] == d] for d in range(1, max(depth, default=0) + 1))
         ]
         self.joint_rest = _numpy(model.joint_rest)  # (J, 3)
         self.joint_coeff_basis = _numpy(model.joint_coeff_basis)  # (J, 3, E)
         self.joint_coeff_rows = self.joint_coeff_basis.reshape(-1, n_exp)
         self.joint_offset_basis = self.joint_coeff_basis - self.joint_coeff_basis[[max(p, 0) for p in parents]]
-        active = layout.active
+        active = self.active = _index(layout.active.tolist())
+        self.fitted = _index(self.joints)
         self.active_coeff_basis = self.joint_coeff_basis[active]
         # Which active joints move with each fitted joint (itself and those below it).
-        self.subtree = _numpy(model.subtree)[np.ix_(self.joints, active)]  # (F, Ja)
+        self.subtree = _numpy(model.subtree)[np.ix_(self.joints, layout.active)]  # (F, Ja)
         n_contour = model.contour.weight.shape[-2] if model.contour is not None else 0
         self.n_landmarks = total = n_contour + model.static.weight.shape[-2]
         self.static = _Bases(model.static, n_contour, total, layout)
@@ -206,9 +222,10 @@ class CpuFrameFitter:
         self.d_rot = self.d_points[:, :, n_exp : n_exp + 3 * fitted].reshape(3, total, fitted, 3)
         self.d_corrected = self.d_points[:, :, n_exp + 3 : n_exp + 3 * fitted].reshape(3, total, fitted - 1, 3)
         self.d_pose = self.rotated[:, :, size:].reshape(3 * total, -1)
-        self.arm_matrix = np.zeros((fitted, 3, 4 * len(active) + 1))
-        self.arm_rotation = self.arm_matrix[:, :, : 3 * len(active)].reshape(fitted, 3, len(active), 3)
-        self.arm_offset = self.arm_matrix[:, :, 3 * len(active) : 4 * len(active)]
+        n_active = len(layout.active)
+        self.arm_matrix = np.zeros((fitted * 3, 4 * n_active + 1))
+        self.arm_rotation = self.arm_matrix[:, : 3 * n_active].reshape(fitted, 3, n_active, 3)
+        self.arm_offset = self.arm_matrix[:, 3 * n_active : 4 * n_active].reshape(fitted, 3, n_active)
         self.subtree_rotation = self.subtree[:, None, :, None]
         self.subtree_offset = self.subtree[:, None, :]
         n_corrected = len(layout.corrected)
@@ -219,6 +236,8 @@ class CpuFrameFitter:
         self.scaled = np.empty((2 * total, size))
         self.scratch = np.empty((total, size))
         self.translation_block = np.broadcast_to(np.eye(3)[:, None, :], (3, total, 3))
+        self.group_weights_source: torch.Tensor | None = None
+        self.group_weights = np.empty(0)
         self._priors(config)
 
     def _priors(self, config: FitConfig) -> None:
@@ -227,15 +246,17 @@ class CpuFrameFitter:
         self.prior_weight, self.motion_weight = block.prior_weight.numpy(), block.motion_weight.numpy()
         self.coupling = block.coupling.numpy()
         self.jaw_opening = block.jaw_opening
-        self.overclosed_weight = self.prior_weight.copy()
-        self.overclosed_weight[self.jaw_opening] = config.priors.jaw_overclose
+        overclosed_weight = self.prior_weight.copy()
+        overclosed_weight[self.jaw_opening] = config.priors.jaw_overclose
+        #: Prior and motion weights, without then with the jaw's over-closing penalty.
+        self.prior_weights = (self.prior_weight, overclosed_weight)
         self.diagonal_index = np.arange(self.size) * (self.size + 1)
 
     # ------------------------------------------------------------------------------------------ evaluation
-    def _evaluate(self, state: _State, frame: _Frame, prediction: _State | None, slot: _Evaluation) -> _Evaluation:
+    def _evaluate(self, state: _State, frame: _Frame, anchor: _Anchor, slot: _Evaluation) -> _Evaluation:
         """Fill ``slot`` with the landmarks, residuals, cost and prior of ``state``."""
-        exp, rotations, transl = state.exp, state.rotations, state.transl
-        layout, active = self.layout, self.layout.active
+        exp, rotations = state.exp, state.rotations
+        active = self.active
         rest_joints = self.joint_rest + (self.joint_coeff_rows @ exp).reshape(-1, 3)
         world_rot, world_pos = slot.world_rot, slot.world_pos
         world_rot[0], world_pos[0] = rotations[0], rest_joints[0]
@@ -244,19 +265,19 @@ class CpuFrameFitter:
             world_pos[joints] = (world_rot[parents] @ (rest_joints[joints] - rest_joints[parents])[..., None])[..., 0] + world_pos[parents]
         values = slot.values
         values[: self.n_exp] = exp
-        if layout.corrected:
-            np.subtract(rotations[1:].reshape(-1, 9), _EYE.ravel(), out=values[self.n_exp : -1].reshape(-1, 9))
+        if self.layout.corrected:
+            np.subtract(rotations[1:].reshape(-1, 9), _EYE.ravel(), out=slot.features)
         stacked = slot.stacked
-        np.put(stacked, self.static.positions, self.static.values @ values)
+        stacked.put(self.static.positions, self.static.values @ values)
         if self.contour is not None:
             slot.row = row = contour_row(rotations[0])
-            np.put(stacked, self.contour.positions, self.contour.values[row] @ values)
+            stacked.put(self.contour.positions, self.contour.values[row] @ values)
             slot.weight_rows[:, : self.contour.count] = self.contour.weight[row]
         # Each joint's share: Rw_j S_lj + W_lj (Pw_j - Rw_j Jr_j), all joints and landmarks in one product.
         active_rot = world_rot[active]
         slot.rotation_block[...] = active_rot.transpose(1, 0, 2)
         slot.offset_block[...] = (world_pos[active] - (active_rot @ rest_joints[active][..., None])[..., 0]).T
-        slot.matrix[:, -1] = transl
+        slot.translation[:] = state.transl
         points = np.matmul(slot.matrix, stacked, out=slot.points)
         # u = f x / (-z) + cx, v = f (-y) / (-z) + cy; errors normalised, zero where not observed.
         errors = np.multiply(points[:2], frame.focal_signs / np.maximum(-points[2], MIN_DEPTH), out=slot.errors)
@@ -264,38 +285,34 @@ class CpuFrameFitter:
         errors *= frame.unit_mask
         relative = np.einsum("ij,ij->j", errors, errors) * (1.0 / self.config.robust_scale**2)
         np.divide(frame.group_weights, 1.0 + relative, out=slot.weights)
-        slot.cost = float(frame.cost_weights @ np.log1p(relative)) + self._prior(state, prediction, slot)
+        slot.cost = float(frame.cost_weights @ np.log1p(relative)) + self._prior(state, anchor, slot)
         return slot
 
-    def _prior(self, state: _State, prediction: _State | None, slot: _Evaluation) -> float:
-        """The prior's cost; its gradient and Hessian diagonal go into ``slot`` (FrameBlock.prior in NumPy)."""
-        fitted = len(self.joints)
-        rotations = state.rotations[self.joints]
-        if prediction is not None:
-            relative = prediction.rotations[self.joints].transpose(0, 2, 1) @ rotations
-            logs = _axis_angles(np.concatenate([rotations, relative]))
-            value = np.concatenate([state.exp, logs[:fitted].ravel(), state.transl])
-            change = np.concatenate([state.exp - prediction.exp, logs[fitted:].ravel(), state.transl - prediction.transl])
-        else:
-            value = np.concatenate([state.exp, _axis_angles(rotations).ravel(), state.transl])
-        weight = self.overclosed_weight if value[self.jaw_opening] < 0 else self.prior_weight
-        coupled = value @ self.coupling
-        weighted = weight * value
-        gradient = np.add(weighted, coupled, out=slot.prior_gradient)
-        cost = 0.5 * float(weighted @ value + coupled @ value)
-        if prediction is None:
-            slot.prior_diagonal[:] = weight
-            return cost
-        moved = self.motion_weight * change
-        gradient += moved
-        np.add(weight, self.motion_weight, out=slot.prior_diagonal)
-        return cost + 0.5 * float(moved @ change)
+    def _prior(self, state: _State, anchor: _Anchor, slot: _Evaluation) -> float:
+        """The prior's cost; its gradient and Hessian diagonal go into ``slot`` (FrameBlock.prior in NumPy).
+
+        The parameter vector [exp, joint angles, translation] and its change since the prediction are the two
+        rows of one array, so that both terms are a few products.
+        """
+        rotations = state.rotations[self.fitted]
+        rows = anchor.rows
+        rows[:, : self.n_exp] = state.exp
+        rows[:, self.n_exp : -3] = _axis_angles(np.concatenate([rotations, anchor.inverse @ rotations])).reshape(2, -1)
+        rows[:, -3:] = state.transl
+        rows -= anchor.offset
+        overclosed = bool(rows[0, self.jaw_opening] < 0)
+        weighted = anchor.weights[overclosed] * rows
+        coupled = rows[0] @ self.coupling
+        np.add(weighted[0], weighted[1], out=slot.prior_gradient)
+        slot.prior_gradient += coupled
+        slot.prior_diagonal = anchor.diagonals[overclosed]
+        return 0.5 * (float(np.vdot(weighted, rows)) + float(coupled @ rows[0]))
 
     def _jacobian(self, state: _State, slot: _Evaluation, frame: _Frame) -> np.ndarray:
         """(2L, size) d residual / d [exp, rotation increments of the fitted joints, translation], rows u then v."""
-        world_rot, world_pos, active, n_exp = slot.world_rot, slot.world_pos, self.layout.active, self.n_exp
+        world_rot, world_pos, active, n_exp = slot.world_rot, slot.world_pos, self.active, self.n_exp
         # The bases rotated to the world: expression and pose-corrective columns in one product per table.
-        rotation_rows = slot.matrix[:, : 3 * len(active)]
+        rotation_rows = slot.rotation_block.reshape(3, -1)
         if self.contour is not None:
             split = self.contour.count * self.layout.width
             np.matmul(rotation_rows, self.contour.rotated[slot.row], out=self.rotated_rows[:, :split])
@@ -308,14 +325,14 @@ class CpuFrameFitter:
         for joints, parents in self.levels:
             d_pos[joints] = world_rot[parents] @ self.joint_offset_basis[joints] + d_pos[parents]
         joint_term = d_pos[active] - world_rot[active] @ self.active_coeff_basis  # (Ja, 3, E)
-        self.d_exp += (slot.weight_rows.T @ joint_term.reshape(len(active), -1)).reshape(-1, 3, n_exp).transpose(1, 0, 2)
+        self.d_exp += (slot.weight_rows.T @ joint_term.reshape(len(joint_term), -1)).reshape(-1, 3, n_exp).transpose(1, 0, 2)
         # d points / d rotation increment a of joint k: -[arm_lk]x Rw_k e_a, with arm_lk = sum over the joints
         # below k of their shares - W_below Pw_k: one product with D, like the points.
         np.multiply(slot.rotation_block, self.subtree_rotation, out=self.arm_rotation)
-        np.multiply(slot.offset_block - world_pos[self.joints][:, :, None], self.subtree_offset, out=self.arm_offset)
-        arms = (self.arm_matrix.reshape(-1, self.arm_matrix.shape[-1]) @ slot.stacked).reshape(len(self.joints), 3, -1)
+        np.multiply(slot.offset_block - world_pos[self.fitted][:, :, None], self.subtree_offset, out=self.arm_offset)
+        arms = (self.arm_matrix @ slot.stacked).reshape(len(self.joints), 3, -1)
         # -[arm]x Rw_k = sum_c arm_c (-[e_c]x Rw_k): one batched product over the fitted joints.
-        turns = (-_GENERATORS @ world_rot[self.joints][:, None]).reshape(len(self.joints), 3, 9)
+        turns = (_NEGATIVE_GENERATORS @ world_rot[self.fitted][:, None]).reshape(len(self.joints), 3, 9)
         self.d_rot[...] = (arms.transpose(0, 2, 1) @ turns).reshape(len(self.joints), -1, 3, 3).transpose(2, 1, 0, 3)
         if self.layout.corrected:
             # d vec(R_k)/d delta_a = vec(R_k [e_a]x), through the pose-corrective bases rotated to the world.
@@ -350,7 +367,7 @@ class CpuFrameFitter:
 
     def _apply(self, state: _State, step: np.ndarray) -> _State:
         rotations = state.rotations.copy()
-        rotations[self.joints] = state.rotations[self.joints] @ _rodrigues(step[self.n_exp : -3].reshape(-1, 3))
+        rotations[self.fitted] = state.rotations[self.fitted] @ _rodrigues(step[self.n_exp : -3].reshape(-1, 3))
         return _State(state.exp + step[: self.n_exp], rotations, state.transl + step[-3:])
 
     def fit(
@@ -367,11 +384,13 @@ class CpuFrameFitter:
             raise ValueError(f"CpuFrameFitter fits one frame at a time, not {params.exp.shape[0]}")
         config = self.config
         iterations = config.track_iterations if iterations is None else iterations
-        frame = _Frame(targets, config, float(focal), center)
-        predicted_state = None if prediction is None else _state(prediction)
+        if targets.weights is not self.group_weights_source:  # the same tensor for every frame of a tracker
+            self.group_weights_source, self.group_weights = targets.weights, _numpy(targets.weights)
+        frame = _Frame(targets, self.group_weights, config, float(focal), center)
+        anchor = _Anchor(self, None if prediction is None else _state(prediction))
         state = _state(params)
         current, spare = self.slots
-        self._evaluate(state, frame, predicted_state, current)
+        self._evaluate(state, frame, anchor, current)
         damping = config.initial_damping
         scaled = self.scaled
         # Chord steps exactly as FrameFitter.fit: the Jacobian is kept while steps are accepted.
@@ -394,7 +413,7 @@ class CpuFrameFitter:
             if predicted < config.cost_tolerance * current.cost:
                 state = candidate
                 break
-            evaluated = self._evaluate(candidate, frame, predicted_state, spare)
+            evaluated = self._evaluate(candidate, frame, anchor, spare)
             accept = math.isfinite(evaluated.cost) and evaluated.cost <= current.cost
             gain = (current.cost - evaluated.cost) / max(current.cost, 1e-12)
             damping = min(max(damping / 3 if accept else damping * 10, 1e-7), 1e7)
@@ -407,15 +426,35 @@ class CpuFrameFitter:
         return self._result(state, current, frame, params, used)
 
     def _result(self, state: _State, slot: _Evaluation, frame: _Frame, like: FrameParams, used: int) -> FitResult:
-        options = {"dtype": like.exp.dtype, "device": like.exp.device}
-        params = FrameParams(
-            torch.as_tensor(state.exp[None], **options), torch.as_tensor(state.rotations[None], **options),
-            torch.as_tensor(state.transl[None], **options),
-        )  # fmt: skip
         weights = slot.weights
         mean_square = float(weights @ np.einsum("ij,ij->j", slot.errors, slot.errors)) / max(float(weights.sum()), 1e-12)
         rms_px = math.sqrt(mean_square) * self.config.noise * frame.face_size
-        return FitResult(params, torch.tensor([slot.cost], **options), torch.tensor([rms_px], **options), used)
+        # One conversion to a tensor; parameters, cost and error are views of it.
+        packed = np.concatenate([state.exp, state.rotations.ravel(), state.transl, (slot.cost, rms_px)])
+        values = torch.from_numpy(packed).to(device=like.exp.device, dtype=like.exp.dtype)
+        n_exp, n_joints = len(state.exp), len(state.rotations)
+        rotations_end = n_exp + 9 * n_joints
+        params = FrameParams(values[None, :n_exp], values[n_exp:rotations_end].reshape(1, n_joints, 3, 3), values[None, rotations_end:-2])
+        return FitResult(params, values[-2:-1], values[-1:], used)
+
+
+class _Anchor:
+    """What the prior compares a state with: the prediction (temporal terms) or, without one, nothing (the
+    motion weights are zero, so the second row of the prior's array adds nothing)."""
+
+    def __init__(self, fitter: CpuFrameFitter, prediction: _State | None) -> None:
+        n_exp, fitted = fitter.n_exp, fitter.fitted
+        self.rows = np.empty((2, fitter.size))
+        self.offset = np.zeros((2, fitter.size))
+        if prediction is None:
+            self.inverse = np.broadcast_to(_EYE, (len(fitter.joints), 3, 3))
+            motion = np.zeros(fitter.size)
+        else:
+            self.inverse = prediction.rotations[fitted].transpose(0, 2, 1)
+            self.offset[1, :n_exp], self.offset[1, -3:] = prediction.exp, prediction.transl
+            motion = fitter.motion_weight
+        self.weights = [np.stack([weight, motion]) for weight in fitter.prior_weights]
+        self.diagonals = [weight + motion for weight in fitter.prior_weights]
 
 
 @dataclass
