@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from engine.camera import focal_from_fov, project, project_with_jacobian
@@ -103,13 +104,15 @@ class Targets:
     weights: torch.Tensor  # (L,) group weight of each landmark
 
     def __post_init__(self) -> None:
-        self.observed = torch.isfinite(self.pixels).all(dim=-1)  # (B, L)
-        big = torch.finfo(self.pixels.dtype).max
-        observed = self.observed[..., None]
-        low = torch.where(observed, self.pixels, torch.full_like(self.pixels, big)).amin(dim=1)
-        high = torch.where(observed, self.pixels, torch.full_like(self.pixels, -big)).amax(dim=1)
+        # In NumPy: for a frame's few hundred points PyTorch's per-operation overhead costs more than the work.
+        pixels = self.pixels.numpy(force=True)
+        observed = np.isfinite(pixels).all(axis=-1)
+        low = np.where(observed[..., None], pixels, np.inf).min(axis=1)
+        high = np.where(observed[..., None], pixels, -np.inf).max(axis=1)
+        self.observed = torch.from_numpy(observed).to(self.pixels.device)  # (B, L)
         #: (B,) bounding-box diagonal of the observed points, in pixels.
-        self.face_size = torch.linalg.vector_norm(high - low, dim=-1).clamp_min(1.0)
+        size = np.maximum(np.linalg.norm(high - low, axis=-1), 1.0).astype(pixels.dtype)
+        self.face_size = torch.from_numpy(size).to(self.pixels.device)
 
 
 def landmark_weights(model: LandmarkModel, config: FitConfig) -> torch.Tensor:

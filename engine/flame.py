@@ -63,12 +63,25 @@ def rotation_log(rotation: torch.Tensor) -> torch.Tensor:
 
 def axis_angles(rotations: np.ndarray) -> np.ndarray:
     """:func:`rotation_log` for NumPy arrays (N, 3, 3) -> (N, 3), where a frame's few rotations need no tensors."""
-    r = rotations
-    vee = 0.5 * np.stack([r[:, 2, 1] - r[:, 1, 2], r[:, 0, 2] - r[:, 2, 0], r[:, 1, 0] - r[:, 0, 1]], axis=-1)
-    sin = np.linalg.norm(vee, axis=-1, keepdims=True)
-    cos = 0.5 * (r[:, 0, 0] + r[:, 1, 1] + r[:, 2, 2] - 1)[:, None]
-    angle = np.arctan2(sin, cos)
-    return vee * np.where(sin > 1e-7, angle / np.maximum(sin, 1e-12), 1 + sin**2 / 6)
+    vee = 0.5 * (rotations - rotations.transpose(0, 2, 1)).reshape(-1, 9)[:, [7, 2, 3]]
+    sin = np.sqrt(np.einsum("ij,ij->i", vee, vee))
+    angle = np.arctan2(sin, 0.5 * (np.einsum("nii->n", rotations) - 1))
+    factor = angle / np.maximum(sin, 1e-12)
+    small = sin <= 1e-7
+    if small.any():
+        factor[small] = 1 + sin[small] ** 2 / 6
+    return vee * factor[:, None]
+
+
+#: [e_a]x for a = x, y, z: the generators of rotations.
+GENERATORS = np.array([[[0, 0, 0], [0, 0, -1], [0, 1, 0]], [[0, 0, 1], [0, 0, 0], [-1, 0, 0]], [[0, -1, 0], [1, 0, 0], [0, 0, 0]]], dtype=np.float64)
+
+
+def rotation_matrices(axis_angle: np.ndarray) -> np.ndarray:
+    """:func:`rodrigues` for NumPy arrays (N, 3) -> (N, 3, 3), with the same 1e-8 offset that keeps it smooth at zero."""
+    angle = np.sqrt(((axis_angle + 1e-8) ** 2).sum(axis=1))[:, None, None]
+    skew = (GENERATORS.reshape(3, 9).T @ (axis_angle / angle[:, :, 0]).T).T.reshape(-1, 3, 3)
+    return np.eye(3) + np.sin(angle) * skew + (1 - np.cos(angle)) * (skew @ skew)
 
 
 def _contour_rows(yaw_deg: torch.Tensor) -> torch.Tensor:

@@ -34,15 +34,13 @@ from scipy.linalg import lapack
 
 from engine.camera import MIN_DEPTH
 from engine.fitting import FitConfig, FitResult, FrameBlock, FrameParams, Targets, fitted_joints, landmark_weights
-from engine.flame import contour_row
+from engine.flame import GENERATORS, axis_angles, contour_row, rotation_matrices
 from engine.landmark_model import LandmarkModel, LandmarkTable
 from engine.timing import synchronizer
 
 log = logging.getLogger(__name__)
 
-#: [e_a]x for a = x, y, z: the generators of rotations.
-_GENERATORS = np.array([[[0, 0, 0], [0, 0, -1], [0, 1, 0]], [[0, 0, 1], [0, 0, 0], [-1, 0, 0]], [[0, -1, 0], [1, 0, 0], [0, 0, 0]]], dtype=np.float64)
-_NEGATIVE_GENERATORS = -_GENERATORS
+_NEGATIVE_GENERATORS = -GENERATORS
 _EYE = np.eye(3)
 
 
@@ -58,25 +56,6 @@ def _index(indices: list[int]) -> int | slice | np.ndarray:
     if indices == list(range(indices[0], indices[-1] + 1)):
         return slice(indices[0], indices[-1] + 1)
     return np.array(indices)
-
-
-def _axis_angles(rotations: np.ndarray) -> np.ndarray:
-    """engine.flame.axis_angles (N, 3, 3) -> (N, 3), the same formula in fewer operations."""
-    vee = 0.5 * (rotations - rotations.transpose(0, 2, 1)).reshape(-1, 9)[:, [7, 2, 3]]
-    sin = np.sqrt(np.einsum("ij,ij->i", vee, vee))
-    angle = np.arctan2(sin, 0.5 * (np.einsum("nii->n", rotations) - 1))
-    factor = angle / np.maximum(sin, 1e-12)
-    small = sin <= 1e-7
-    if small.any():
-        factor[small] = 1 + sin[small] ** 2 / 6
-    return vee * factor[:, None]
-
-
-def _rodrigues(vectors: np.ndarray) -> np.ndarray:
-    """(N, 3) -> (N, 3, 3), as engine.flame.rodrigues (the same 1e-8 offset keeps it smooth at zero)."""
-    angle = np.sqrt(((vectors + 1e-8) ** 2).sum(axis=1))[:, None, None]
-    skew = (_GENERATORS.reshape(3, 9).T @ (vectors / angle[:, :, 0]).T).T.reshape(-1, 3, 3)
-    return _EYE + np.sin(angle) * skew + (1 - np.cos(angle)) * (skew @ skew)
 
 
 class _Bases:
@@ -297,7 +276,7 @@ class CpuFrameFitter:
         rotations = state.rotations[self.fitted]
         rows = anchor.rows
         rows[:, : self.n_exp] = state.exp
-        rows[:, self.n_exp : -3] = _axis_angles(np.concatenate([rotations, anchor.inverse @ rotations])).reshape(2, -1)
+        rows[:, self.n_exp : -3] = axis_angles(np.concatenate([rotations, anchor.inverse @ rotations])).reshape(2, -1)
         rows[:, -3:] = state.transl
         rows -= anchor.offset
         overclosed = bool(rows[0, self.jaw_opening] < 0)
@@ -337,7 +316,7 @@ class CpuFrameFitter:
         if self.layout.corrected:
             # d vec(R_k)/d delta_a = vec(R_k [e_a]x), through the pose-corrective bases rotated to the world.
             self.pose_blocks[self.corrected_index, :, self.corrected_index, :] = (
-                (state.rotations[self.layout.corrected][:, None] @ _GENERATORS).transpose(0, 2, 3, 1).reshape(-1, 9, 3)
+                (state.rotations[self.layout.corrected][:, None] @ GENERATORS).transpose(0, 2, 3, 1).reshape(-1, 9, 3)
             )
             self.d_corrected += (self.d_pose @ self.pose_derivative).reshape(self.d_corrected.shape)
         self.d_points[:, :, -3:] = self.translation_block
@@ -367,7 +346,7 @@ class CpuFrameFitter:
 
     def _apply(self, state: _State, step: np.ndarray) -> _State:
         rotations = state.rotations.copy()
-        rotations[self.fitted] = state.rotations[self.fitted] @ _rodrigues(step[self.n_exp : -3].reshape(-1, 3))
+        rotations[self.fitted] = state.rotations[self.fitted] @ rotation_matrices(step[self.n_exp : -3].reshape(-1, 3))
         return _State(state.exp + step[: self.n_exp], rotations, state.transl + step[-3:])
 
     def fit(

@@ -13,6 +13,7 @@ landmark group of the model takes its targets from them:
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from functools import lru_cache
 
@@ -94,22 +95,24 @@ def tracking_head(head: HeadModel) -> HeadModel:
     return replace(head, mediapipe=reduced)
 
 
-def spans_a_face(targets: Targets, min_size_px: float, min_aspect: float) -> bool:
-    """Whether the observed points of the first frame of ``targets`` can be a face at all.
+def spans_a_face(points: np.ndarray, min_size_px: float, min_aspect: float) -> bool:
+    """Whether observed points (N, 2), in pixels, can be a face at all.
 
     Points that all coincide, lie on a line, or fit in a box a few pixels wide fix no head pose: a fit to
     them puts the head anywhere (all-equal points put it 1e14 m away), so such frames are not tracked.
     ``min_aspect`` is the smallest ratio of the points' spread across to along their main direction.
     """
-    usable = targets.observed[0] & (targets.weights > 0)
-    points = targets.pixels[0][usable].double()
+    points = np.asarray(points, dtype=np.float64)
     if len(points) < 3:
         return False
-    if float(torch.linalg.vector_norm(points.amax(dim=0) - points.amin(dim=0))) < min_size_px:
+    width, height = points.max(axis=0) - points.min(axis=0)
+    if math.hypot(width, height) < min_size_px:
         return False
-    centred = points - points.mean(dim=0)
-    spread = torch.linalg.svdvals(centred)  # descending: along, then across the main direction
-    return bool(spread[1] >= min_aspect * spread[0])
+    # The spreads are the square roots of the eigenvalues of the centred points' 2x2 scatter matrix.
+    centred = points - points.mean(axis=0)
+    (xx, xy), (_, yy) = centred.T @ centred
+    middle, radius = (xx + yy) / 2, math.hypot((xx - yy) / 2, xy)
+    return bool(max(middle - radius, 0.0) >= min_aspect**2 * (middle + radius))
 
 
 class TargetBuilder:

@@ -31,7 +31,7 @@ from engine.camera import FLIP, Camera, fov_from_focal
 from engine.export import euler_matrix
 from engine.filters import OneEuroConfig, OneEuroFilter
 from engine.fitting import Calibration, FitConfig, FrameFitter, FrameParams, Targets, calibrate
-from engine.flame import FlameLayer, axis_angles, rotation_log, rodrigues
+from engine.flame import FlameLayer, axis_angles, rodrigues, rotation_matrices
 from engine.frame_solver import CpuFrameFitter, faster_frame_solver
 from engine.head_model import HeadModel
 from engine.landmark_model import LandmarkModel
@@ -139,6 +139,7 @@ class Tracker:
         self.layer = FlameLayer(fitted, self.config.n_shape, self.config.n_exp, self.config.device, self.config.dtype)
         self.full = LandmarkModel(self.layer, groups_for(head))
         self.targets = TargetBuilder(self.full, fitted, self.config.fit)
+        self._weighted_landmarks = self.targets.weights.numpy(force=True) > 0
         fov = self.config.fov_deg if self.config.fov_deg is not None else self.config.fit.priors.fov_deg
         self.camera = Camera(width, height, fov)
         self.shape = torch.zeros(self.layer.n_shape, dtype=self.config.dtype, device=self.config.device)
@@ -188,10 +189,10 @@ class Tracker:
 
     def _observed_enough(self, targets: Targets) -> bool:
         """Enough landmarks observed, spanning a face (not a point, a line or a few pixels)."""
-        observed = targets.observed & (targets.weights > 0)
-        if float(observed.float().mean()) < self.config.min_observed_fraction:
+        usable = targets.observed[0].numpy(force=True) & self._weighted_landmarks
+        if usable.mean() < self.config.min_observed_fraction:
             return False
-        return spans_a_face(targets, self.config.min_face_px, self.config.min_face_aspect)
+        return spans_a_face(targets.pixels[0].numpy(force=True)[usable], self.config.min_face_px, self.config.min_face_aspect)
 
     def cold_start(self, targets: Targets, model: LandmarkModel | None = None, exp: torch.Tensor | None = None) -> FrameParams:
         """Rigid pose from PnP of the neutral model's landmarks; expression zero, joints at rest."""
@@ -241,9 +242,11 @@ class Tracker:
             return last.clone()
         t0, before = self._history[-2]
         ratio = min((timestamp - t1) / max(t1 - t0, 1e-3), 2.0) * 0.5  # damped: half the observed velocity
+        # The head's rotation continued in NumPy: a few 3x3 products cost less there than PyTorch's per-call overhead.
+        last_root = last.rotations[0, 0].numpy(force=True).astype(np.float64)
+        spin = axis_angles((before.rotations[0, 0].numpy(force=True).T @ last_root)[None])
         predicted = last.clone()
-        spin = rotation_log(before.rotations[:, 0].transpose(-1, -2) @ last.rotations[:, 0])
-        predicted.rotations[:, 0] = last.rotations[:, 0] @ rodrigues(spin * ratio)
+        predicted.rotations[0, 0] = torch.from_numpy(last_root @ rotation_matrices(spin * ratio)[0])
         predicted.transl = last.transl + (last.transl - before.transl) * ratio
         return predicted
 
