@@ -16,18 +16,10 @@ import torch
 
 from engine.camera import project
 from engine.flame import FlameLayer, rodrigues
+from engine.frames import FrameParams, TrackedFrame, params_from_frames, stack_reference, unstack_reference
 from engine.head_model import HeadModel
 from engine.synthetic import SyntheticMotion, synthetic_sequence
-from engine.tracker import (
-    TrackedFrame,
-    Tracker,
-    TrackerConfig,
-    diversity_feature,
-    params_from_reference,
-    select_diverse,
-    stack_reference,
-    unstack_reference,
-)
+from engine.tracker import Tracker, TrackerConfig, diversity_feature, select_diverse
 from engine.smoothing import SmoothingConfig, smooth_sequence
 
 if TYPE_CHECKING:
@@ -111,11 +103,8 @@ def synthetic_accuracy(head: HeadModel, motion: SyntheticMotion, config: Tracker
 
 
 def _projected_landmarks(tracker: Tracker, frame: TrackedFrame) -> np.ndarray:
-    options = {"dtype": tracker.config.dtype, "device": tracker.config.device}
-    evaluation = tracker.fixed.evaluate(
-        torch.as_tensor(frame.exp[None], **options), rodrigues(torch.as_tensor(frame.pose[None], **options)),
-        torch.as_tensor(frame.transl[None], **options), jacobians=False,
-    )
+    params = params_from_frames([frame], tracker.config.dtype, tracker.config.device)
+    evaluation = tracker.fixed.evaluate(params.exp, params.rotations, params.transl, jacobians=False)
     return project(evaluation.points, tracker.focal, tracker.camera.center)[0].cpu().double().numpy()
 
 
@@ -253,12 +242,9 @@ def fit_scores(
 
 def reference_landmarks(tracker: Tracker, stacked: dict[str, np.ndarray]) -> np.ndarray:
     """(T, L, 2) pixels of the tracker's landmarks for stacked reference arrays (a track's frames)."""
-    params = [params_from_reference(tracker, frame) for frame in unstack_reference(stacked)]
-    exp = torch.cat([p.exp for p in params])
-    rotations = torch.cat([p.rotations for p in params])
-    transl = torch.cat([p.transl for p in params])
+    params = FrameParams.cat([tracker.params_from_reference(frame) for frame in unstack_reference(stacked)])
     with torch.no_grad():
-        evaluation = tracker.fixed.evaluate(exp, rotations, transl, jacobians=False)
+        evaluation = tracker.fixed.evaluate(params.exp, params.rotations, params.transl, jacobians=False)
         return project(evaluation.points, tracker.focal, tracker.camera.center).cpu().double().numpy()
 
 

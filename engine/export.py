@@ -17,6 +17,7 @@ from engine.atomic import write_bytes_atomic
 from engine.camera import FLIP
 from engine.errors import UserError
 from engine.flame import FlameLayer
+from engine.frames import model_pose
 from engine.head_model import HeadModel
 from flame_client.rotations import euler_matrix
 
@@ -29,11 +30,7 @@ def posed_vertices(layer: FlameLayer, arrays: dict[str, np.ndarray], space: str 
     Evaluated in the layer's own dtype and device: per-frame callers pass one layer for every frame.
     """
     options = {"dtype": layer.v_template.dtype, "device": layer.v_template.device}
-    pose = torch.zeros(1, layer.n_joints, 3, **options)
-    pose[0, 1] = torch.as_tensor(arrays["neck_pose"][0], **options)
-    pose[0, 2] = torch.as_tensor(arrays["jaw_pose"][0], **options)
-    if layer.n_joints >= 5:
-        pose[0, 3:5] = torch.as_tensor(arrays["eye_pose"][0].reshape(2, 3), **options)
+    pose = torch.as_tensor(model_pose(arrays, layer.n_joints)[None], **options)
     with torch.no_grad():
         vertices = layer.vertices(
             torch.as_tensor(arrays["shape"], **options), torch.as_tensor(arrays["exp"], **options), pose, torch.zeros(1, 3, **options)

@@ -25,10 +25,9 @@ import torch
 
 from engine.camera import focal_from_fov, project, project_with_jacobian
 from engine.flame import rodrigues, rotation_log
-from engine.head_model import JOINT_NAMES
+from engine.frames import FrameParams
+from engine.head_model import JAW, LEFT_EYE, NECK, RIGHT_EYE, ROOT, has_eyes
 from engine.landmark_model import LandmarkEvaluation, LandmarkModel
-
-ROOT, NECK, JAW, LEFT_EYE, RIGHT_EYE = (JOINT_NAMES.index(n) for n in JOINT_NAMES)
 
 
 @dataclass
@@ -78,25 +77,6 @@ class FitConfig:
 
 
 @dataclass
-class FrameParams:
-    """Per-frame parameters of a batch of frames. ``coeffs`` are expression coefficients."""
-
-    exp: torch.Tensor  # (B, E)
-    rotations: torch.Tensor  # (B, J, 3, 3) local joint rotations; root = head rotation in the world
-    transl: torch.Tensor  # (B, 3)
-
-    def clone(self) -> FrameParams:
-        return FrameParams(self.exp.clone(), self.rotations.clone(), self.transl.clone())
-
-    def pose(self) -> torch.Tensor:
-        """(B, J, 3) axis-angle."""
-        return rotation_log(self.rotations)
-
-    def index(self, rows: torch.Tensor | slice) -> FrameParams:
-        return FrameParams(self.exp[rows], self.rotations[rows], self.transl[rows])
-
-
-@dataclass
 class Targets:
     """Observed pixels per landmark of a LandmarkModel, NaN where not observed, and per-landmark weights."""
 
@@ -128,7 +108,7 @@ def _options(like: torch.Tensor) -> dict:
 
 def fitted_joints(n_joints: int, config: FitConfig) -> list[int]:
     joints = [ROOT] + ([NECK] if config.fit_neck else []) + [JAW]
-    return joints + ([LEFT_EYE, RIGHT_EYE] if n_joints > RIGHT_EYE else [])
+    return joints + ([LEFT_EYE, RIGHT_EYE] if has_eyes(n_joints) else [])
 
 
 @dataclass

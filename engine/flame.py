@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from engine.errors import UserError
-from engine.head_model import JOINT_NAMES, HeadModel
+from engine.head_model import LEFT_EYE, RIGHT_EYE, ROOT, HeadModel, has_eyes
 
 #: Rows of the contour table span these yaw angles in whole degrees (DECA's layout, see _contour_rows).
 MAX_CONTOUR_YAW_DEG = 39
@@ -138,7 +138,7 @@ class FlameLayer(torch.nn.Module):
     """FLAME (or the demo head) as a differentiable function of shape, expression, pose and translation.
 
     Arguments of every evaluation: ``shape`` (B, n_shape), ``exp`` (B, n_exp), ``pose`` (B, J, 3) axis-angle
-    per joint in JOINT_NAMES order (root, neck, jaw, left_eye, right_eye), ``transl`` (B, 3).
+    per joint in ``engine.head_model.JOINT_NAMES`` order (root, neck, jaw, left_eye, right_eye), ``transl`` (B, 3).
     """
 
     def __init__(
@@ -223,11 +223,11 @@ class FlameLayer(torch.nn.Module):
         An eyeball is the set of vertices skinned (mostly) to an eye joint; its pupil is the vertex whose
         direction from the eye's rotation centre points most along +z (FLAME faces +z).
         """
-        if model.n_joints < 5:
+        if not has_eyes(model.n_joints):
             return None
         joints = model.j_regressor @ model.v_template
         pupils = []
-        for joint in (JOINT_NAMES.index("left_eye"), JOINT_NAMES.index("right_eye")):
+        for joint in (LEFT_EYE, RIGHT_EYE):
             members = np.flatnonzero(model.lbs_weights[:, joint] > 0.5)
             if members.size == 0:
                 return None
@@ -332,7 +332,7 @@ class FlameLayer(torch.nn.Module):
         smplx takes the yaw of the root rotation alone; DECA also chains in the neck's rotation. The two agree
         whenever the neck is not posed, which is the tracker's default.
         """
-        root = rotations[:, JOINT_NAMES.index("root")]
+        root = rotations[:, ROOT]
         # smplx's rot_mat_to_euler: the rotation about y of a y-x-z decomposition.
         yaw = torch.atan2(-root[:, 2, 0], torch.sqrt(root[:, 0, 0] ** 2 + root[:, 1, 0] ** 2))
         return _contour_rows(-torch.rad2deg(yaw))

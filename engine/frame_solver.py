@@ -33,8 +33,9 @@ import torch
 from scipy.linalg import lapack
 
 from engine.camera import MIN_DEPTH
-from engine.fitting import FitConfig, FitResult, FrameBlock, FrameParams, Targets, fitted_joints, landmark_weights
+from engine.fitting import FitConfig, FitResult, FrameBlock, Targets, fitted_joints, landmark_weights
 from engine.flame import GENERATORS, axis_angles, contour_row, rotation_matrices
+from engine.frames import FrameParams
 from engine.landmark_model import LandmarkModel, LandmarkTable
 from engine.timing import synchronizer
 

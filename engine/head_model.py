@@ -18,6 +18,13 @@ from engine.errors import UserError
 
 #: Joint order of FLAME's kinematic tree. The demo head uses the same names and order.
 JOINT_NAMES: tuple[str, ...] = ("root", "neck", "jaw", "left_eye", "right_eye")
+#: Their indices in a pose (J, 3) or rotations (J, 3, 3); the root joint's rotation is the head's.
+ROOT, NECK, JAW, LEFT_EYE, RIGHT_EYE = range(len(JOINT_NAMES))
+
+
+def has_eyes(n_joints: int) -> bool:
+    """Whether a model with this many joints has FLAME's two eye joints (FLAME and the demo head do)."""
+    return n_joints > RIGHT_EYE
 
 
 class ModelFileError(UserError):

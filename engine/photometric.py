@@ -43,10 +43,11 @@ from engine.camera import FLIP
 from engine.evaluation import OUTER_EYE_CORNERS
 from engine.fitting import fitted_joints
 from engine.flame import rodrigues
+from engine.frames import FrameState
 from engine.head_model import HeadModel
 from engine.render import SH_CONSTANTS, rasterize, render, sh_shading, vertex_normals
 from engine.timing import synchronizer
-from engine.tracker import TrackedFrame, Tracker
+from engine.tracker import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -122,31 +123,6 @@ class FrameBatch:
 
 
 @dataclass
-class FrameState:
-    """Per-frame parameters in the tracker's world frame: ``pose`` is FLAME's joints, axis-angle."""
-
-    exp: torch.Tensor  # (B, E)
-    pose: torch.Tensor  # (B, J, 3)
-    transl: torch.Tensor  # (B, 3)
-
-    def detach(self) -> FrameState:
-        return FrameState(self.exp.detach().clone(), self.pose.detach().clone(), self.transl.detach().clone())
-
-    def index(self, rows: slice | list[int]) -> FrameState:
-        return FrameState(self.exp[rows], self.pose[rows], self.transl[rows])
-
-    def plus(self, correction: FrameState) -> FrameState:
-        return FrameState(self.exp + correction.exp, self.pose + correction.pose, self.transl + correction.transl)
-
-    def minus(self, other: FrameState) -> FrameState:
-        return FrameState(self.exp - other.exp, self.pose - other.pose, self.transl - other.transl)
-
-    @staticmethod
-    def cat(states: list[FrameState]) -> FrameState:
-        return FrameState(*(torch.cat([getattr(s, key) for s in states]) for key in ("exp", "pose", "transl")))
-
-
-@dataclass
 class PhotometricResult:
     frames: FrameState
     image_error: np.ndarray  # (B,) mean absolute RGB error inside the face mask, 0..1
@@ -155,16 +131,6 @@ class PhotometricResult:
     seconds: float
     landmark_error: np.ndarray | None = None  # (B,) mean landmark distance over the inter-ocular distance
     initial_landmark_error: np.ndarray | None = None  # (B,) the same for the parameters the fit started from
-
-
-def state_from_tracked(frames: list[TrackedFrame], device: str | torch.device, dtype: torch.dtype) -> FrameState:
-    """The tracker's per-frame results as a batch FrameState."""
-    options = {"device": device, "dtype": dtype}
-    return FrameState(
-        torch.as_tensor(np.stack([f.exp for f in frames]), **options),
-        torch.as_tensor(np.stack([f.pose for f in frames]), **options),
-        torch.as_tensor(np.stack([f.transl for f in frames]), **options),
-    )
 
 
 def _cross_2d(u: np.ndarray, v: np.ndarray) -> np.ndarray:

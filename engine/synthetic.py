@@ -16,6 +16,7 @@ import torch
 
 from engine.camera import Camera, project
 from engine.flame import FlameLayer, rodrigues
+from engine.head_model import JAW, LEFT_EYE, RIGHT_EYE, ROOT, has_eyes
 from engine.landmark_model import LandmarkModel
 from engine.landmarks import LEFT_IRIS_CENTER, N_LANDMARKS, RIGHT_IRIS_CENTER
 from engine.targets import groups_for
@@ -62,13 +63,13 @@ def synthetic_sequence(layer: FlameLayer, motion: SyntheticMotion) -> SyntheticS
         phase, speed = rng.uniform(0, 2 * math.pi), rng.uniform(0.5, 2.0)
         exp[:, component] = motion.exp_std * np.sin(2 * math.pi * speed * time_axis + phase) / (1 + 0.3 * component)
     pose = np.zeros((frames, layer.n_joints, 3))
-    pose[:, 0, 1] = math.radians(motion.max_yaw_deg) * np.sin(2 * math.pi * time_axis)
-    pose[:, 0, 0] = math.radians(motion.max_pitch_deg) * np.sin(4 * math.pi * time_axis + 1.0)
-    pose[:, 0, 2] = math.radians(5) * np.sin(2 * math.pi * time_axis + 2.0)
-    pose[:, 2, 0] = motion.max_jaw_rad * 0.5 * (1 - np.cos(6 * math.pi * time_axis))
-    if layer.n_joints >= 5:
+    pose[:, ROOT, 1] = math.radians(motion.max_yaw_deg) * np.sin(2 * math.pi * time_axis)
+    pose[:, ROOT, 0] = math.radians(motion.max_pitch_deg) * np.sin(4 * math.pi * time_axis + 1.0)
+    pose[:, ROOT, 2] = math.radians(5) * np.sin(2 * math.pi * time_axis + 2.0)
+    pose[:, JAW, 0] = motion.max_jaw_rad * 0.5 * (1 - np.cos(6 * math.pi * time_axis))
+    if has_eyes(layer.n_joints):
         gaze = 0.15 * np.stack([np.sin(3 * math.pi * time_axis), np.cos(5 * math.pi * time_axis), 0 * time_axis], axis=1)
-        pose[:, 3] = pose[:, 4] = gaze
+        pose[:, LEFT_EYE] = pose[:, RIGHT_EYE] = gaze
     transl = np.zeros((frames, 3))
     transl[:, 2] = -motion.distance
     transl[:, 0] = 0.02 * np.sin(2 * math.pi * time_axis)

@@ -10,8 +10,8 @@ The per-frame life of a :class:`Tracker`:
    with a residual that is too high is marked invalid, the last good parameters are held, and the next
    face is re-acquired from a cold start (PnP on the mean pose).
 
-Output frames follow the conventions in README.md, "Architecture"; :func:`reference_arrays` converts one into the
-per-frame arrays of the "FLAME Head Tracker" reference format.
+Output frames are :class:`engine.frames.TrackedFrame`; ``engine.frames`` converts them to the reference format, the
+wire message and back.
 """
 
 from __future__ import annotations
@@ -28,10 +28,18 @@ import numpy as np
 import torch
 
 from engine.camera import FLIP, Camera, fov_from_focal
-from engine.export import euler_matrix
 from engine.filters import OneEuroConfig, OneEuroFilter
-from engine.fitting import Calibration, FitConfig, FrameFitter, FrameParams, Targets, calibrate
-from engine.flame import FlameLayer, axis_angles, rodrigues, rotation_matrices
+from engine.fitting import Calibration, FitConfig, FrameFitter, Targets, calibrate
+from engine.flame import FlameLayer, axis_angles, rotation_matrices
+from engine.frames import (
+    FrameParams,
+    TrackedFrame,
+    frame_from_params,
+    frame_from_reference,
+    params_from_frames,
+    params_row,
+    reference_arrays,
+)
 from engine.frame_solver import CpuFrameFitter, faster_frame_solver
 from engine.head_model import HeadModel
 from engine.landmark_model import LandmarkModel
@@ -40,8 +48,6 @@ from engine.targets import TargetBuilder, groups_for, spans_a_face, tracking_hea
 log = logging.getLogger(__name__)
 
 _FLIP = np.array(FLIP)
-#: Version of the per-frame arrays below (the reference tracker's keys plus ours), stored in every frame.
-FRAME_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -79,24 +85,6 @@ class TrackerConfig:
     #: Calibrate from the candidate pool in a thread of its own and adopt the result between frames, so that
     #: live tracking never waits for it (offline runs calibrate in line, for results that never vary).
     calibrate_in_background: bool = False
-
-
-@dataclass
-class TrackedFrame:
-    """One frame's result. Rotations axis-angle; ``pose`` is FLAME's joints with root = head rotation."""
-
-    valid: bool
-    exp: np.ndarray  # (E,)
-    pose: np.ndarray  # (J, 3): root, neck, jaw, left eye, right eye
-    transl: np.ndarray  # (3,) FLAME translation in the fitting world (camera at origin, looking down -z)
-    head_rot: np.ndarray  # (3,) places the model in OpenCV camera space: x_cam = R(head_rot) x_model + head_trans
-    head_trans: np.ndarray  # (3,) metres, camera space
-    fov_deg: float
-    rms_px: float
-    iterations: int
-    fit_ms: float
-    calibrated: bool
-    shape_version: int
 
 
 @dataclass
@@ -271,7 +259,7 @@ class Tracker:
         rms_px = float(result.rms_px[0])
         face_size = float(targets.face_size[0])
         params = result.params
-        if not math.isfinite(rms_px) or rms_px > self.config.loss_threshold * face_size or not _finite(params):
+        if not math.isfinite(rms_px) or rms_px > self.config.loss_threshold * face_size or not params.finite():
             log.debug("fit rejected: rms %.2f px for a face of %.0f px", rms_px, face_size)
             return self._invalid(started, rms_px, result.iterations)
         self._lost = False
@@ -288,39 +276,36 @@ class Tracker:
         if self._filter is not None:
             self._filter.reset()
         if self._last_frame is not None:
-            held = self._last_frame
-            return TrackedFrame(
-                False, held.exp, held.pose, held.transl, held.head_rot, held.head_trans, held.fov_deg, rms_px,
-                iterations, (time.perf_counter() - started) * 1e3, self.calibrated, self.shape_version,
-            )
-        neutral = FrameParams(
-            torch.zeros(1, self.layer.n_exp, dtype=self.config.dtype),
-            torch.eye(3, dtype=self.config.dtype).expand(1, self.layer.n_joints, 3, 3),
-            torch.zeros(1, 3, dtype=self.config.dtype),
-        )
-        frame = self._frame(neutral, False, rms_px, iterations, started, None)
-        return frame
+            fit_ms = (time.perf_counter() - started) * 1e3
+            return self._last_frame.held(rms_px, iterations, fit_ms, self.calibrated, self.shape_version)
+        neutral = FrameParams.neutral(1, self.layer.n_exp, self.layer.n_joints, self.config.dtype)
+        return self._frame(neutral, False, rms_px, iterations, started, None)
 
     def frame_from(self, params: FrameParams, rms_px: float = float("nan")) -> TrackedFrame:
         """A valid TrackedFrame for given parameters (batch of one), e.g. a calibration frame."""
         return self._frame(params, True, rms_px, 0, time.perf_counter(), None)
 
     def _frame(self, params: FrameParams, valid: bool, rms_px: float, iterations: int, started: float, timestamp: float | None) -> TrackedFrame:
-        exp = params.exp[0].cpu().double().numpy()
-        pose = axis_angles(params.rotations[0].cpu().double().numpy())
-        transl = params.transl[0].cpu().double().numpy()
+        exp, pose, transl = params_row(params)
         if self._filter is not None and timestamp is not None:
             packed = self._filter(np.concatenate([exp, pose.ravel(), transl]), timestamp)
             exp, pose, transl = packed[: exp.size], packed[exp.size : exp.size + pose.size].reshape(pose.shape), packed[-3:]
-        root_rest = self.root_rest_joint(exp)
-        rot_world = cv2.Rodrigues(pose[0])[0]
-        # x_cam = FLIP (R (x - J0) + J0 + transl): facing the camera, head_rot is a half turn about x.
-        head_rot = cv2.Rodrigues(_FLIP[:, None] * rot_world)[0][:, 0]
-        head_trans = _FLIP * (root_rest - rot_world @ root_rest + transl)
-        return TrackedFrame(
-            valid, exp, pose, transl, head_rot, head_trans, self.camera.fov_deg, rms_px, iterations,
+        return frame_from_params(
+            exp, pose, transl, self.root_rest_joint(exp), self.camera.fov_deg, valid, rms_px, iterations,
             (time.perf_counter() - started) * 1e3, self.calibrated, self.shape_version,
         )
+
+    def reference_arrays(self, frame: TrackedFrame) -> dict[str, np.ndarray]:
+        """One frame in the reference format (``engine.frames.reference_arrays``) with this identity and camera."""
+        return reference_arrays(frame, self.shape.cpu().double().numpy(), self.camera.intrinsics(), self.head.checksum)
+
+    def frame_from_reference(self, arrays: dict[str, np.ndarray]) -> TrackedFrame:
+        """The inverse of :meth:`reference_arrays` (``engine.frames.frame_from_reference``)."""
+        return frame_from_reference(arrays, self.layer.n_joints, self.root_rest_joint)
+
+    def params_from_reference(self, arrays: dict[str, np.ndarray]) -> FrameParams:
+        """One frame of reference arrays as the solver's parameters (batch of one) in the tracker's dtype."""
+        return params_from_frames([self.frame_from_reference(arrays)], self.config.dtype, self.config.device)
 
     def root_rest_joint(self, exp: np.ndarray) -> np.ndarray:
         """The root joint of the shaped, expressed template (the pivot of the head rotation), metres."""
@@ -482,9 +467,7 @@ class Tracker:
         if initial is None:
             params = self.cold_start(targets, self.fixed)
         else:
-            params = FrameParams(
-                torch.cat([p.exp for p in initial]), torch.cat([p.rotations for p in initial]), torch.cat([p.transl for p in initial])
-            )
+            params = FrameParams.cat(initial)
         fit_focal = self.config.fov_deg is None
         result = calibrate(
             self.full, params, targets, self.camera.focal, self.camera.center, self.config.fit,
@@ -499,6 +482,7 @@ class Tracker:
                 result = self._calibrate_at_default_fov(params, targets, result, camera)
         return _CalibrationOutcome(result, camera.with_focal(result.focal), fov_source, fov_log_std)
 
+
 def fit_single(
     head: HeadModel,
     image_size: tuple[int, int],
@@ -510,80 +494,13 @@ def fit_single(
     tracker = Tracker(head, image_size, config)
     started = time.perf_counter()
     if not tracker.can_fit(mp478, lmk68):
-        return reference_arrays(tracker, tracker._invalid(started))
+        return tracker.reference_arrays(tracker._invalid(started))
     result = tracker.calibrate([(mp478, lmk68)])
     rms_px = float(result.frames.rms_px[0])
     face_size = float(tracker.targets(*(None if a is None else a[None] for a in (mp478, lmk68))).face_size[0])
-    if not math.isfinite(rms_px) or rms_px > tracker.config.loss_threshold * face_size or not _finite(result.frames.params):
-        return reference_arrays(tracker, tracker._invalid(started, rms_px))
-    return reference_arrays(tracker, tracker.frame_from(result.frames.params, rms_px))
-
-
-def euler_from_matrix(rotation: np.ndarray) -> np.ndarray:
-    """(yaw, pitch, roll) in radians with rotation = Rz(roll) @ Ry(yaw) @ Rx(pitch), the reference's order."""
-    yaw = math.atan2(-rotation[2, 0], math.hypot(rotation[2, 1], rotation[2, 2]))
-    pitch = math.atan2(rotation[2, 1], rotation[2, 2])
-    roll = math.atan2(rotation[1, 0], rotation[0, 0])
-    return np.array([yaw, pitch, roll])
-
-
-def reference_arrays(tracker: Tracker, frame: TrackedFrame) -> dict[str, np.ndarray]:
-    """One frame in the reference tracker's per-frame format (leading dimension 1), plus ``valid`` and
-    ``format_version``.
-
-    As in the reference, ``head_pose`` stays zero and the camera moves: ``cam`` = (yaw, pitch, roll, x, y, z)
-    is the world-to-view transform x_view = R x + t of the FLAME mesh posed with a zero head pose, with
-    R = Rz(roll) Ry(yaw) Rx(pitch) in radians and an OpenGL-style view (y up, looking down -z). R is our root
-    joint rotation, and the camera-space pose on the wire is ``R(head_rot) = FLIP R``, ``head_trans = FLIP t``
-    (FLIP = diag(1, -1, -1): OpenCV axes from OpenGL's).
-    """
-    rotation = cv2.Rodrigues(np.asarray(frame.pose[0], dtype=np.float64))[0]
-    translation = _FLIP * frame.head_trans
-    n_joints = frame.pose.shape[0]
-    eyes = frame.pose[3:5].reshape(-1) if n_joints >= 5 else np.zeros(6)
-    return {
-        "shape": tracker.shape.cpu().double().numpy()[None].astype(np.float32),
-        "exp": frame.exp[None].astype(np.float32),
-        "head_pose": np.zeros((1, 3), np.float32),
-        "jaw_pose": frame.pose[2][None].astype(np.float32),
-        "neck_pose": frame.pose[1][None].astype(np.float32),
-        "eye_pose": eyes[None].astype(np.float32),
-        "cam": np.concatenate([euler_from_matrix(rotation), translation])[None].astype(np.float32),
-        "fov": np.array([frame.fov_deg], np.float32),
-        "K": tracker.camera.intrinsics()[None].astype(np.float32),
-        "valid": np.array([frame.valid]),
-        "format_version": np.array([FRAME_FORMAT_VERSION]),
-        "model_checksum": np.array([tracker.head.checksum]),
-    }
-
-
-def stack_reference(frames: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-frame reference arrays (leading dimension 1) stacked over frames, as tracking.npz holds them."""
-    return {key: np.concatenate([frame[key] for frame in frames]) for key in frames[0]}
-
-
-def unstack_reference(stacked: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """The inverse of :func:`stack_reference`: one dict per frame, leading dimension 1."""
-    frames = len(next(iter(stacked.values())))
-    return [{key: value[index : index + 1] for key, value in stacked.items()} for index in range(frames)]
-
-
-def params_from_reference(tracker: Tracker, arrays: dict[str, np.ndarray]) -> FrameParams:
-    """The inverse of :func:`reference_arrays`: one frame's parameters (batch of one) in the tracker's dtype."""
-    exp = arrays["exp"][0].astype(np.float64)
-    rotation = euler_matrix(*(float(v) for v in arrays["cam"][0, :3]))
-    pose = np.zeros((tracker.layer.n_joints, 3))
-    pose[0] = cv2.Rodrigues(rotation)[0][:, 0]
-    pose[1], pose[2] = arrays["neck_pose"][0], arrays["jaw_pose"][0]
-    if tracker.layer.n_joints >= 5:
-        pose[3:5] = arrays["eye_pose"][0].reshape(2, 3)
-    # cam translation = J0 - R J0 + transl, with J0 the root joint of the shaped, expressed template.
-    root = tracker.root_rest_joint(exp)
-    transl = arrays["cam"][0, 3:].astype(np.float64) - root + rotation @ root
-    options = {"dtype": tracker.config.dtype, "device": tracker.config.device}
-    return FrameParams(
-        torch.as_tensor(exp[None], **options), rodrigues(torch.as_tensor(pose[None], **options)), torch.as_tensor(transl[None], **options)
-    )
+    if not math.isfinite(rms_px) or rms_px > tracker.config.loss_threshold * face_size or not result.frames.params.finite():
+        return tracker.reference_arrays(tracker._invalid(started, rms_px))
+    return tracker.reference_arrays(tracker.frame_from(result.frames.params, rms_px))
 
 
 def diversity_feature(pose: np.ndarray, exp: np.ndarray) -> np.ndarray:
@@ -603,7 +520,3 @@ def select_diverse(features: list[np.ndarray], count: int) -> list[int]:
         chosen.append(nxt)
         distance = np.minimum(distance, np.linalg.norm(stacked - stacked[nxt], axis=1))
     return sorted(chosen)
-
-
-def _finite(params: FrameParams) -> bool:
-    return bool(torch.isfinite(params.exp).all() and torch.isfinite(params.rotations).all() and torch.isfinite(params.transl).all())

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from engine.evaluation import fit_scores
+from engine.frames import FrameState
 from engine.head_model import HeadModel
-from engine.photometric import FrameState, PhotometricFitter
+from engine.photometric import PhotometricFitter
 from engine.tracker import Tracker, TrackerConfig
 from offline.refine_job import IDENTITY_FILE, RefineOptions, load_appearance, refine_video, state_from_reference
 from offline.track_job import detect_landmarks, track_sequence

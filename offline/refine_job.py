@@ -39,18 +39,10 @@ from tqdm import tqdm
 from engine.atomic import write_json_atomic, write_npz_atomic, write_png_atomic
 from engine.errors import UserError
 from engine.evaluation import landmark_errors
-from engine.flame import rodrigues
-from engine.photometric import FrameState, PhotometricConfig, PhotometricFitter
+from engine.frames import FrameParams, FrameState, stack_reference, unstack_reference
+from engine.photometric import PhotometricConfig, PhotometricFitter
 from engine.smoothing import SmoothingConfig
-from engine.tracker import (
-    Tracker,
-    diversity_feature,
-    params_from_reference,
-    reference_arrays,
-    select_diverse,
-    stack_reference,
-    unstack_reference,
-)
+from engine.tracker import Tracker, diversity_feature, select_diverse
 from engine.versions import software_versions
 from offline.track_job import UNSMOOTHED_FILE, LandmarkSequence, smooth_frames, track_sequence
 
@@ -84,8 +76,7 @@ def state_from_reference(tracker: Tracker, arrays: dict[str, np.ndarray]) -> Fra
     """A frame's parameters from the reference-format arrays of ``track_job`` (None when not valid)."""
     if not bool(arrays["valid"][0]):
         return None
-    params = params_from_reference(tracker, arrays)
-    return FrameState(params.exp, params.pose(), params.transl)
+    return tracker.params_from_reference(arrays).as_state()
 
 
 def load_appearance(fitter: PhotometricFitter, path: Path) -> None:
@@ -320,19 +311,17 @@ class SequenceRefiner:
             frame = self.tracker.frame_from(self._neutral())
             frame.valid = False
         else:
-            frame = self.tracker.frame_from(_frame_params(state))
-        arrays = reference_arrays(self.tracker, frame)
+            frame = self.tracker.frame_from(state.as_params())
+        arrays = self.tracker.reference_arrays(frame)
         arrays["tex"] = self.fitter.appearance.state()[None].astype(np.float32)
         arrays["light"] = self.fitter.light.cpu().numpy()[None].astype(np.float32)
         arrays["image_error"] = np.array([np.nan if image_error is None else image_error], np.float32)
         arrays["refined"] = np.array([refined])
         write_npz_atomic(self._frame_path(index), arrays)
 
-    def _neutral(self):
-        options = {"device": self.fitter.device, "dtype": self.fitter.dtype}
-        return _frame_params(FrameState(torch.zeros(1, self.tracker.layer.n_exp, **options),
-                                        torch.zeros(1, self.tracker.layer.n_joints, 3, **options),
-                                        torch.zeros(1, 3, **options)))
+    def _neutral(self) -> FrameParams:
+        layer = self.tracker.layer
+        return FrameParams.neutral(1, layer.n_exp, layer.n_joints, self.fitter.dtype, self.fitter.device)
 
     def _load_state(self, index: int) -> FrameState | None:
         return state_from_reference(self.tracker, self._load_arrays(index))
@@ -367,12 +356,6 @@ class SequenceRefiner:
             "versions": software_versions(),
         }
         write_json_atomic(self.out_dir / "meta.json", meta)
-
-
-def _frame_params(state: FrameState):
-    from engine.fitting import FrameParams
-
-    return FrameParams(state.exp, rodrigues(state.pose), state.transl)
 
 
 def refine_video(

@@ -34,11 +34,12 @@ import numpy as np
 from tqdm import tqdm
 
 from engine.atomic import write_png_atomic
-from engine.camera import FLIP, Camera
+from engine.camera import Camera
 from engine.demo_head import DEMO_HEAD_NAME
 from engine.errors import UserError
 from engine.export import PARAMETER_KEYS, check_tracked_with, posed_vertices, read_parameter_arrays
 from engine.flame import FlameLayer
+from engine.frames import reference_from_message
 from engine.head_model import HeadModel
 from engine.overlay import (
     FITTED_RGB,
@@ -53,7 +54,6 @@ from engine.overlay import (
     grey_canvas,
     mark_invalid,
 )
-from engine.tracker import euler_from_matrix
 from offline.track_job import LANDMARKS_FILE, OVERLAY_IMAGE, OVERLAY_VIDEO, load_landmark_file
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,6 @@ TRACK_FORMAT = "flame-live tracking"
 REFINE_FORMAT = "flame-live photometric refinement"
 META_FILE = "meta.json"
 TEXTURE_FILE = "texture.png"
-_FLIP = np.array(FLIP)
 _DEFAULT_CRF = 18
 
 
@@ -284,7 +283,7 @@ def _read_session(directory: Path) -> FitRecord:
         if record.topic == TOPIC_SHAPE:
             shape = np.asarray(message["shape"], dtype=np.float32)
         elif record.video_frame is not None and shape is not None:
-            params[record.video_frame] = _arrays_from_message(message, shape, (height, width))
+            params[record.video_frame] = reference_from_message(message, shape, Camera(width, height, float(message["fov_deg"])).intrinsics())
             landmarks = message.get("landmarks")
             if landmarks is not None and len(landmarks) == 2 * 478:
                 observed[record.video_frame] = np.asarray(landmarks, dtype=np.float64).reshape(478, 2)
@@ -300,27 +299,6 @@ def _read_session(directory: Path) -> FitRecord:
         directory=directory, kind="session", model=model, params=params, image_size=(height, width), fps=reader.fps,
         n_frames=None, frames=frames, frames_origin=str(reader.video_path), observed=observed,
     )  # fmt: skip
-
-
-def _arrays_from_message(message: dict[str, Any], shape: np.ndarray, image_size: tuple[int, int]) -> dict[str, np.ndarray]:
-    """A recorded ``flame.frame`` message as the reference arrays (see README: how cam and head_pose relate)."""
-    rotation = _FLIP[:, None] * cv2.Rodrigues(np.asarray(message["head_rot"], dtype=np.float64))[0]
-    translation = _FLIP * np.asarray(message["head_trans"], dtype=np.float64)
-    height, width = image_size
-
-    def row(values: Any) -> np.ndarray:
-        return np.asarray(values, dtype=np.float32).reshape(1, -1)
-
-    return {
-        "shape": shape[None],
-        "exp": row(message["exp"]),
-        "jaw_pose": row(message["jaw_pose"]),
-        "neck_pose": row(message["neck_pose"]),
-        "eye_pose": row(message["eye_pose"]),
-        "cam": row(np.concatenate([euler_from_matrix(rotation), translation])),
-        "K": Camera(width, height, float(message["fov_deg"])).intrinsics()[None],
-        "valid": np.array([bool(message["valid"])]),
-    }
 
 
 # ------------------------------------------------------------------------------------------------- output

@@ -46,20 +46,11 @@ from tqdm import tqdm
 from engine.atomic import write_json_atomic, write_npz_atomic
 from engine.errors import UserError
 from engine.export import posed_vertices
+from engine.frames import FRAME_FORMAT_VERSION, stack_reference, unstack_reference
 from engine.head_model import HeadModel
 from engine.landmarks import N_LANDMARKS, FaceLandmarker, LandmarkerConfig
 from engine.smoothing import SmoothingConfig, smooth_sequence
-from engine.tracker import (
-    FRAME_FORMAT_VERSION,
-    Tracker,
-    TrackerConfig,
-    diversity_feature,
-    params_from_reference,
-    reference_arrays,
-    select_diverse,
-    stack_reference,
-    unstack_reference,
-)
+from engine.tracker import Tracker, TrackerConfig, diversity_feature, select_diverse
 from engine.versions import software_versions
 
 log = logging.getLogger(__name__)
@@ -213,7 +204,7 @@ def calibrate_on_sequence(
         started = time.perf_counter()
         result = tracker.calibrate([(mp478, lmk68)])
         timings["fit_s"] = time.perf_counter() - started
-        return reference_arrays(tracker, tracker.frame_from(result.frames.params, float(result.frames.rms_px[0])))
+        return tracker.reference_arrays(tracker.frame_from(result.frames.params, float(result.frames.rms_px[0])))
     started = time.perf_counter()
     # The survey only needs poses and expressions with the mean identity: it never calibrates itself.
     scout = Tracker(tracker.head, sequence.image_size, replace(tracker.config, calibration_seconds=math.inf))
@@ -238,7 +229,7 @@ def track_frames(tracker: Tracker, sequence: LandmarkSequence, start: int = 0, p
     """Track frames ``start``.. of a calibrated tracker, yielding each frame's reference arrays as it is done."""
     for index in tqdm(range(start, sequence.n_frames), desc="track", unit="frame", disable=not progress, initial=start, total=sequence.n_frames):
         frame = tracker.track(*sequence.frame(index), timestamp=index / sequence.fps)
-        yield reference_arrays(tracker, frame)
+        yield tracker.reference_arrays(frame)
 
 
 @dataclass(frozen=True)
@@ -431,7 +422,7 @@ def _track_and_write(
     if resumed:
         log.info("resuming %s at frame %d of %d", out_dir, resumed, sequence.n_frames)
         valid = [index for index, arrays in enumerate(results) if bool(arrays["valid"][0])]
-        previous = [(index / sequence.fps, params_from_reference(tracker, results[index])) for index in valid[-2:]]
+        previous = [(index / sequence.fps, tracker.params_from_reference(results[index])) for index in valid[-2:]]
         tracker.resume_after(previous, last_valid=bool(results[-1]["valid"][0]))
     started = time.perf_counter()
     for arrays in track_frames(tracker, sequence, resumed, options.progress):

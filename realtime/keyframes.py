@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.tracker import TrackedFrame
+from engine.frames import TrackedFrame
 from flame_client.rotations import head_rotation_from_frontal
 from realtime.sources import Frame
 

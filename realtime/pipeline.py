@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.frames import TrackedFrame, frame_message_from
 from engine.landmarks import N_LANDMARKS, FaceLandmarker
-from engine.tracker import TrackedFrame, Tracker, reference_arrays
-from flame_client.messages import BLENDSHAPE_NAMES, TOPIC_FRAME, TOPIC_SHAPE, frame_message, shape_message
+from engine.tracker import Tracker
+from flame_client.messages import BLENDSHAPE_NAMES, TOPIC_FRAME, TOPIC_SHAPE, shape_message
 from realtime.detection import Detected, DetectionStage
 from realtime.keyframes import KeyframeConfig, KeyframeSelector
 from realtime.metrics import LiveCounts, LiveMetrics, LiveSummary
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 
 NO_LANDMARKS = np.full((N_LANDMARKS, 2), np.nan)
 NO_BLENDSHAPES = np.zeros(len(BLENDSHAPE_NAMES))
-RESTING_EYES = np.zeros((2, 3))
 SWITCH_INTERVAL_S = 0.001
 """The interpreter's thread switch interval while the loop runs (see :meth:`LivePipeline.run`)."""
 
@@ -184,7 +184,7 @@ class LivePipeline:
             self.recorder.write(frame, TOPIC_FRAME, message)
         self._offer_keyframe(detected, tracked)
         if self.preview is not None:
-            arrays = reference_arrays(self.tracker, tracked) if tracked.valid else None
+            arrays = self.tracker.reference_arrays(tracked) if tracked.valid else None
             landmarks = None if observation is None else observation.points
             self.preview.submit(PreviewFrame(frame.image, arrays, landmarks, tracked.valid, self.tracker.calibrated,
                                              self.metrics.fps, latency_ms))
@@ -206,21 +206,9 @@ class LivePipeline:
         landmarks = None
         if self.config.include_landmarks:
             landmarks = NO_LANDMARKS if observation is None else observation.points
-        pose = tracked.pose
-        return frame_message(
-            seq=detected.frame.index,
-            t_capture=detected.frame.t_capture,
-            valid=tracked.valid,
-            exp=tracked.exp,
-            jaw_pose=pose[2],
-            eye_pose=pose[3:5] if len(pose) >= 5 else RESTING_EYES,
-            neck_pose=pose[1],
-            head_rot=tracked.head_rot,
-            head_trans=tracked.head_trans,
-            fov_deg=tracked.fov_deg,
-            blendshapes=self._blendshapes,
-            landmarks=landmarks,
-            image_size=self._image_size,
+        return frame_message_from(
+            tracked, seq=detected.frame.index, t_capture=detected.frame.t_capture, blendshapes=self._blendshapes,
+            landmarks=landmarks, image_size=self._image_size,
         )
 
     def _publish_shape_if_changed(self, frame: Frame | None = None) -> None:

@@ -95,7 +95,7 @@ class PreviewFrame:
     """One result as the live loop hands it over; the window only reads it."""
 
     image: np.ndarray  # RGB, shared with the recorder: never modified
-    arrays: dict[str, np.ndarray] | None  # the fit in the reference format (engine.tracker.reference_arrays)
+    arrays: dict[str, np.ndarray] | None  # the fit in the reference format (engine.frames.reference_arrays)
     landmarks: np.ndarray | None  # (478, 2) MediaPipe pixels, None without a face
     valid: bool
     calibrated: bool

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from engine.frames import state_from_frames
 from engine.head_model import HeadModel
-from engine.photometric import PhotometricConfig, PhotometricFitter, state_from_tracked
+from engine.photometric import PhotometricConfig, PhotometricFitter
 from engine.tracker import Tracker, TrackerConfig, TrackingIdentity
 from realtime.keyframes import Keyframe, KeyframeQueue
 
@@ -130,7 +131,7 @@ class LiveRefiner:
         live = self._padded(self.current_shape().detach().cpu(), fitter.tracker)
         fitter.shape = live.to(device=fitter.device, dtype=fitter.dtype)
         batch = fitter.prepare([k.image for k in self._pool], [k.landmarks for k in self._pool])
-        initial = state_from_tracked([k.tracked for k in self._pool], fitter.device, fitter.dtype)
+        initial = state_from_frames([k.tracked for k in self._pool], fitter.dtype, fitter.device)
         fitter.fit_identity(batch, initial, self.config.iterations)
         guard = self._guard_for(fitter)
         candidate, current = self._landmark_rms(guard, fitter.shape), self._landmark_rms(guard, live)

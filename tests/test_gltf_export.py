@@ -18,8 +18,8 @@ from scipy.spatial.transform import Rotation
 
 from engine.assets import load_flame
 from engine.demo_head import build_demo_head
-from engine.fitting import FrameParams
 from engine.flame import FlameLayer, rodrigues
+from engine.frames import FrameParams
 from engine.head_model import HeadModel
 from engine.tracker import Tracker, TrackerConfig
 from flame_client.messages import TOPIC_FRAME, TOPIC_SHAPE, frame_message, shape_message

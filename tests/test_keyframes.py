@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from engine.tracker import TrackedFrame
+from engine.frames import TrackedFrame
 from flame_client.rotations import FRONTAL_QUATERNION, axis_angle_from_quaternion, quaternion_from_axis_angle, quaternion_multiply
 from realtime.keyframes import KeyframeConfig, KeyframeQueue, KeyframeSelector
 from realtime.sources import Frame

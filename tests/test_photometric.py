@@ -15,9 +15,10 @@ import torch
 
 from engine.assets import load_flame
 from engine.errors import UserError
+from engine.frames import FrameState, state_from_frames
 from engine.head_model import TextureSpace
 from engine.photometric import (
-    UNIT_AMBIENT, FrameBatch, FrameState, PhotometricConfig, PhotometricFitter, PhotometricWeights, state_from_tracked,
+    UNIT_AMBIENT, FrameBatch, PhotometricConfig, PhotometricFitter, PhotometricWeights
 )
 from engine.synthetic import SyntheticMotion, synthetic_sequence
 from engine.tracker import Tracker, TrackerConfig
@@ -64,7 +65,7 @@ def _landmark_fit(scene: dict) -> tuple[Tracker, FrameState]:
     tracker = Tracker(scene["head"], (SIZE, SIZE), scene["config"])
     result = tracker.calibrate([(sequence.mp478[i], sequence.lmk68[i]) for i in range(FRAMES)])
     frames = [tracker.frame_from(result.frames.params.index(slice(i, i + 1))) for i in range(FRAMES)]
-    return tracker, state_from_tracked(frames, "cpu", torch.float32)
+    return tracker, state_from_frames(frames, torch.float32)
 
 
 def _rms(a: np.ndarray, b: np.ndarray) -> float:

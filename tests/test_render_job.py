@@ -18,12 +18,12 @@ import torch
 
 from engine.atomic import write_npz_atomic
 from engine.camera import FLIP
-from engine.fitting import FrameParams
 from engine.flame import FlameLayer, rodrigues
+from engine.frames import FrameParams
 from engine.model_selection import select_head_model
 from engine.overlay import BACKGROUND_RGB
 from engine.synthetic import SyntheticMotion, synthetic_sequence
-from engine.tracker import Tracker, TrackerConfig, reference_arrays
+from engine.tracker import Tracker, TrackerConfig
 from offline.render_job import RenderOptions, render_result
 from offline.track_job import LANDMARKS_FILE, LandmarkSequence, frame_path, load_landmark_file
 from realtime.sources import iter_frames
@@ -160,7 +160,7 @@ def test_synthetic_ground_truth_renders_within_a_pixel_of_the_projected_true_mes
     for index in range(4):
         params = FrameParams(torch.as_tensor(truth.exp[index : index + 1]), rodrigues(torch.as_tensor(truth.pose[index : index + 1])),
                              torch.as_tensor(truth.transl[index : index + 1]))  # fmt: skip
-        results.append(reference_arrays(tracker, tracker.frame_from(params)))
+        results.append(tracker.reference_arrays(tracker.frame_from(params)))
     # The true parameters as a track result (see README, "Offline output"): frames and meta.json, no video.
     (tmp_path / "truth").mkdir()
     for index, arrays in enumerate(results):

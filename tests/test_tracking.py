@@ -15,7 +15,7 @@ from engine.demo_head import build_demo_head
 from engine.filters import OneEuroConfig, OneEuroFilter
 from engine.flame import FlameLayer, rodrigues
 from engine.synthetic import SyntheticMotion, SyntheticSequence, synthetic_sequence
-from engine.tracker import Tracker, TrackerConfig, fit_single, reference_arrays, select_diverse
+from engine.tracker import Tracker, TrackerConfig, fit_single, select_diverse
 
 REFERENCE_SHAPES = {
     "shape": (1, None), "exp": (1, None), "head_pose": (1, 3), "jaw_pose": (1, 3), "neck_pose": (1, 3),
@@ -163,7 +163,7 @@ def test_reference_cam_reproduces_the_camera_space_pose(flame_head) -> None:
     tracker = Tracker(flame_head, (512, 512), TrackerConfig(n_shape=50, n_exp=20))
     sequence = synthetic_sequence(tracker.layer, SyntheticMotion(frames=3, seed=2))
     frame = tracker.track(sequence.mp478[2], sequence.lmk68[2], timestamp=0.0)
-    arrays = reference_arrays(tracker, frame)
+    arrays = tracker.reference_arrays(frame)
     flip = np.diag([1.0, -1.0, -1.0])
     head = rodrigues(torch.as_tensor(frame.head_rot)).numpy()
     np.testing.assert_allclose(flip @ _euler(*arrays["cam"][0, :3].astype(np.float64)), head, atol=1e-5)

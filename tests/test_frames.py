@@ -1,0 +1,170 @@
+"""One frame's forms and conversions (engine/frames.py): every conversion undone by its inverse, and the camera-space
+placement checked against the posed FLAME mesh itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.assets import load_flame
+from engine.camera import FLIP
+from engine.flame import FlameLayer, rodrigues
+from engine.frames import (
+    FrameParams,
+    TrackedFrame,
+    camera_from_world,
+    euler_from_matrix,
+    frame_from_message,
+    frame_from_params,
+    frame_from_reference,
+    frame_message_from,
+    params_from_frames,
+    params_row,
+    reference_arrays,
+    reference_from_message,
+    stack_reference,
+    state_from_frames,
+    unstack_reference,
+    world_from_camera,
+)
+from flame_client.messages import BLENDSHAPE_NAMES, TOPIC_FRAME, decode, encode
+from flame_client.rotations import euler_matrix
+
+RNG = np.random.default_rng(12)
+REFERENCE_KEYS = {"shape", "exp", "head_pose", "jaw_pose", "neck_pose", "eye_pose", "cam", "fov", "K"}
+
+
+def root_joint(exp: np.ndarray) -> np.ndarray:
+    """A root joint that moves with the expression, as FLAME's does (the conversions need no real model)."""
+    return np.array([0.002, -0.031, 0.015]) + 0.01 * exp[:3]
+
+
+def random_frame(n_joints: int = 5, n_exp: int = 10, valid: bool = True) -> TrackedFrame:
+    pose = RNG.normal(0.0, 0.3, (n_joints, 3))
+    exp = RNG.normal(0.0, 1.0, n_exp)
+    transl = np.array([0.01, -0.02, -0.6]) + RNG.normal(0.0, 0.02, 3)
+    return frame_from_params(exp, pose, transl, root_joint(exp), fov_deg=42.0, valid=valid)
+
+
+def assert_same_frame(got: TrackedFrame, expected: TrackedFrame, atol: float) -> None:
+    assert got.valid == expected.valid
+    for key in ("exp", "pose", "transl", "head_rot", "head_trans"):
+        np.testing.assert_allclose(getattr(got, key), getattr(expected, key), atol=atol, err_msg=key)
+    assert got.fov_deg == pytest.approx(expected.fov_deg, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def flame_layer(flame_dir: Path) -> FlameLayer:
+    return FlameLayer(load_flame(flame_dir, n_shape=20, n_exp=10), 20, 10, dtype=torch.float64)
+
+
+def test_world_and_camera_space_convert_both_ways() -> None:
+    for _ in range(20):
+        rotation, transl, root = RNG.normal(0.0, 0.8, 3), RNG.normal(0.0, 0.3, 3), RNG.normal(0.0, 0.05, 3)
+        head_rot, head_trans = camera_from_world(rotation, transl, root)
+        back_rotation, back_transl = world_from_camera(head_rot, head_trans, root)
+        np.testing.assert_allclose(back_rotation, rotation, atol=1e-12)
+        np.testing.assert_allclose(back_transl, transl, atol=1e-12)
+
+
+def test_the_camera_space_placement_is_where_the_posed_mesh_is(flame_layer: FlameLayer) -> None:
+    """x_cam = R(head_rot) x_model + head_trans holds for every vertex of the FLAME mesh (head pose at zero in
+    model space), with the root joint FLAME itself rotates about."""
+    shape, exp = torch.as_tensor(RNG.normal(0, 0.5, (1, 20))), torch.as_tensor(RNG.normal(0, 0.5, (1, 10)))
+    pose = torch.as_tensor(RNG.normal(0, 0.2, (1, 5, 3)))
+    transl = torch.tensor([[0.02, -0.01, -0.5]], dtype=torch.float64)
+    with torch.no_grad():
+        world = flame_layer.vertices(shape, exp, pose, transl)[0].numpy()
+        model_pose = pose.clone()
+        model_pose[0, 0] = 0.0
+        model = flame_layer.vertices(shape, exp, model_pose, torch.zeros(1, 3, dtype=torch.float64))[0].numpy()
+    root = _root_from_rest(flame_layer, shape, exp)
+    head_rot, head_trans = camera_from_world(pose[0, 0].numpy(), transl[0].numpy(), root)
+    placed = model @ rodrigues(torch.as_tensor(head_rot)).numpy().T + head_trans
+    np.testing.assert_allclose(placed, world * np.array(FLIP), atol=1e-7)  # rodrigues is smoothed by 1e-8 at zero
+
+
+def _root_from_rest(layer: FlameLayer, shape: torch.Tensor, exp: torch.Tensor) -> np.ndarray:
+    """FLAME's root joint of the shaped, expressed template: the joint regressor applied to it."""
+    with torch.no_grad():
+        rest = layer.vertices(shape, exp, torch.zeros(1, layer.n_joints, 3, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64))
+    return (torch.as_tensor(layer.model.j_regressor, dtype=torch.float64) @ rest[0]).numpy()[0]
+
+
+def test_frames_and_solver_batches_convert_both_ways() -> None:
+    frames = [random_frame() for _ in range(3)]
+    params = params_from_frames(frames, torch.float64)
+    assert params.rotations.shape == (3, 5, 3, 3)
+    for row, frame in enumerate(frames):
+        exp, pose, transl = params_row(params, row)
+        assert_same_frame(frame_from_params(exp, pose, transl, root_joint(exp), frame.fov_deg), frame, atol=1e-10)
+    state = params.as_state()
+    np.testing.assert_allclose(state.pose.numpy(), np.stack([f.pose for f in frames]), atol=1e-10)
+    np.testing.assert_allclose(state.as_params().rotations.numpy(), params.rotations.numpy(), atol=1e-10)
+    np.testing.assert_allclose(state_from_frames(frames, torch.float64).pose.numpy(), state.pose.numpy(), atol=1e-10)
+
+
+def test_a_frame_survives_the_reference_format_and_the_format_keeps_its_keys() -> None:
+    frame = random_frame()
+    intrinsics = np.array([[800.0, 0, 320], [0, 800.0, 240], [0, 0, 1]])
+    arrays = reference_arrays(frame, RNG.normal(0, 1, 20), intrinsics, "abc123")
+    assert REFERENCE_KEYS <= set(arrays)
+    assert all(arrays[key].shape[0] == 1 for key in arrays)
+    assert arrays["eye_pose"].shape == (1, 6) and arrays["cam"].shape == (1, 6) and arrays["K"].shape == (1, 3, 3)
+    assert not arrays["head_pose"].any(), "the reference keeps the head pose at zero and moves the camera"
+    np.testing.assert_allclose(arrays["jaw_pose"][0], frame.jaw_pose, atol=1e-6)
+    np.testing.assert_allclose(arrays["eye_pose"][0], frame.pose[3:5].reshape(-1), atol=1e-6)
+    back = frame_from_reference(arrays, 5, root_joint)
+    assert_same_frame(back, frame, atol=2e-6)
+    without_ours = {key: value for key, value in arrays.items() if key in REFERENCE_KEYS}
+    assert frame_from_reference(without_ours, 5, root_joint).valid, "a reference tracker's file (no 'valid') is valid"
+
+
+def test_a_frame_survives_the_wire_message() -> None:
+    frame = random_frame()
+    message = frame_message_from(frame, seq=7, t_capture=1.5, blendshapes=np.linspace(0, 1, len(BLENDSHAPE_NAMES)))
+    topic, decoded = decode(encode(TOPIC_FRAME, message))
+    assert topic == TOPIC_FRAME
+    assert decoded["seq"] == 7 and len(decoded["eye_pose"]) == 6
+    assert_same_frame(frame_from_message(decoded, 5, root_joint), frame, atol=1e-9)
+
+
+def test_a_message_gives_the_reference_arrays_of_its_frame() -> None:
+    frame = random_frame(valid=False)
+    shape, intrinsics = RNG.normal(0, 1, 20), np.diag([900.0, 900.0, 1.0])
+    message = frame_message_from(frame, seq=0, t_capture=0.0, blendshapes=np.zeros(len(BLENDSHAPE_NAMES)))
+    direct, through_frame = reference_from_message(message, shape, intrinsics), reference_arrays(frame, shape, intrinsics, "x")
+    for key in REFERENCE_KEYS | {"valid"}:
+        np.testing.assert_allclose(direct[key], through_frame[key], atol=1e-6, err_msg=key)
+
+
+def test_a_model_without_eye_joints_has_resting_eyes() -> None:
+    frame = random_frame(n_joints=3)
+    assert not frame.has_eyes
+    np.testing.assert_array_equal(frame.eye_pose, np.zeros(6))
+    arrays = reference_arrays(frame, np.zeros(5), np.eye(3), "x")
+    assert_same_frame(frame_from_reference(arrays, 3, root_joint), frame, atol=2e-6)
+
+
+def test_stacked_arrays_unstack_into_the_frames() -> None:
+    frames = [reference_arrays(random_frame(), np.zeros(5), np.eye(3), "x") for _ in range(4)]
+    stacked = stack_reference(frames)
+    assert stacked["exp"].shape == (4, 10)
+    for got, expected in zip(unstack_reference(stacked), frames):
+        assert got.keys() == expected.keys()
+        for key in got:
+            np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_euler_angles_and_matrices_convert_both_ways() -> None:
+    for yaw, pitch, roll in RNG.uniform(-1.2, 1.2, (20, 3)):
+        np.testing.assert_allclose(euler_from_matrix(euler_matrix(yaw, pitch, roll)), [yaw, pitch, roll], atol=1e-12)
+
+
+def test_a_neutral_batch_is_at_rest() -> None:
+    neutral = FrameParams.neutral(2, 4, 5, torch.float32)
+    assert neutral.finite()
+    np.testing.assert_array_equal(neutral.pose().numpy(), np.zeros((2, 5, 3)))
