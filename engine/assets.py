@@ -5,7 +5,8 @@ sparse matrix, or an ``.npz`` with the same keys) and whatever lies beside it: t
 embedding (DECA's ``landmark_embedding.npy`` or the RingNet pair ``flame_static_embedding.pkl`` +
 ``flame_dynamic_embedding.npy``), metrical-tracker's MediaPipe embedding, a texture space
 (``FLAME_albedo_from_BFM.npz`` or ``FLAME_texture.npz``) and UV coordinates (``FLAME_texture.npz`` or
-``head_template.obj``). Every pickle goes through :mod:`engine.safe_pickle`; every problem becomes a
+``head_template.obj``), and metrical-tracker's eyelid blendshapes (``l_eyelid.npy`` + ``r_eyelid.npy``).
+Every pickle goes through :mod:`engine.safe_pickle`; every problem becomes a
 one-line :class:`ModelFileError` naming the file, the key and what was expected.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 from engine import model_files as mf
 from engine.errors import UserError
 from engine.head_model import ContourEmbedding, Embedding, HeadModel, MediapipeEmbedding, ModelFileError, TextureSpace
-from engine.safe_pickle import ArrayRefusedError, RefusedGlobalError, load_npy, load_npz, load_pickle
+from engine.safe_pickle import AllocationBudget, ArrayRefusedError, RefusedGlobalError, load_npy, load_npz, load_pickle
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,13 @@ def load_flame(
         sources=sources,
     )
     _attach_landmark_embeddings(model, folder, n_faces)
+    _attach_eyelids(model, folder)
     _attach_uv_and_texture(model, folder, n_faces, n_tex)
     model.validate()
     log.info(
-        "loaded %s from %s: %d vertices, %d joints, %d shape + %d expression components",
+        "loaded %s from %s: %d vertices, %d joints, %d shape + %d expression components%s",
         model.name, model_path, n_vertices, n_joints, model.n_shape, model.n_exp,
+        " + 2 eyelids" if model.eyelids is not None else "",
     )
     return model
 
@@ -257,6 +260,42 @@ def _attach_landmark_embeddings(model: HeadModel, folder: Path, n_faces: int) ->
         indices = _indices(content, mediapipe, "landmark_indices", count, N_MEDIAPIPE_LANDMARKS, "MediaPipe landmarks")
         model.mediapipe = MediapipeEmbedding(face_idx=embedding.face_idx, bary=embedding.bary, landmark_indices=indices)
         model.sources[mediapipe.name] = mf.sha256_of(mediapipe)
+
+
+def _attach_eyelids(model: HeadModel, folder: Path) -> None:
+    """metrical-tracker's eyelid blendshapes, both or none: each a (V, 3) float array of vertex offsets."""
+    found = [mf.find_spec_file(folder, spec) for spec in mf.EYELID_FILES]
+    if not any(found):
+        return
+    if not all(found):
+        present = next(spec.name for spec, path in zip(mf.EYELID_FILES, found) if path is not None)
+        absent = next(spec.name for spec, path in zip(mf.EYELID_FILES, found) if path is None)
+        raise ModelFileError(
+            f"{present} is in {folder} but {absent} is not: the eyelid blendshapes come as a pair from "
+            f"{mf.LEFT_EYELID.source}; add {absent} or remove {present}"
+        )
+    offsets = [_read(path, lambda p: _eyelid_offsets(p, model.n_vertices), spec.source) for spec, path in zip(mf.EYELID_FILES, found)]
+    model.eyelids = np.stack(offsets, axis=2)
+    for path in found:
+        model.sources[path.name] = mf.sha256_of(path)
+
+
+def _eyelid_offsets(path: Path, n_vertices: int) -> np.ndarray:
+    """One eyelid blendshape: (V, 3) (or (1, V, 3)) floats, finite. The budget admits one float64 (V, 3)
+    array, so a header promising more is refused before anything is allocated."""
+    with path.open("rb") as stream:
+        array = load_npy(stream, AllocationBudget(limit=n_vertices * 3 * 8 + 1024))
+    if array.dtype.kind != "f":
+        raise ModelFileError(f"{path.name} holds {array.dtype} values, not the float vertex offsets of an eyelid blendshape")
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.shape != (n_vertices, 3):
+        raise ModelFileError(
+            f"{path.name} has shape {array.shape}, expected ({n_vertices}, 3): it belongs to another model"
+        )
+    if not np.all(np.isfinite(array)):
+        raise ModelFileError(f"{path.name} contains NaN or infinite values; download it again")
+    return array.astype(np.float64)
 
 
 def require_tracking_landmarks(model: HeadModel) -> None:

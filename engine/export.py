@@ -17,7 +17,7 @@ from engine.atomic import write_bytes_atomic
 from engine.camera import FLIP
 from engine.errors import UserError
 from engine.flame import FlameLayer
-from engine.frames import model_pose
+from engine.frames import EYELIDS_KEY, model_pose
 from engine.head_model import HeadModel
 from flame_client.rotations import euler_matrix
 
@@ -27,14 +27,15 @@ PARAMETER_KEYS = ("shape", "exp", "jaw_pose", "neck_pose", "eye_pose", "cam")
 def posed_vertices(layer: FlameLayer, arrays: dict[str, np.ndarray], space: str = "model") -> np.ndarray:
     """(V, 3) float64 vertices for one frame's arrays (each with a leading dimension of 1).
 
-    Evaluated in the layer's own dtype and device: per-frame callers pass one layer for every frame.
+    Evaluated in the layer's own dtype and device: per-frame callers pass one layer for every frame. The lids
+    close by the frame's ``eyelids`` when both it and the layer have them.
     """
     options = {"dtype": layer.v_template.dtype, "device": layer.v_template.device}
     pose = torch.as_tensor(model_pose(arrays, layer.n_joints)[None], **options)
+    eyelids = torch.as_tensor(arrays[EYELIDS_KEY], **options) if EYELIDS_KEY in arrays else None
+    exp = layer.expression(torch.as_tensor(arrays["exp"], **options), eyelids)
     with torch.no_grad():
-        vertices = layer.vertices(
-            torch.as_tensor(arrays["shape"], **options), torch.as_tensor(arrays["exp"], **options), pose, torch.zeros(1, 3, **options)
-        )[0].cpu().double().numpy()
+        vertices = layer.vertices(torch.as_tensor(arrays["shape"], **options), exp, pose, torch.zeros(1, 3, **options))[0].cpu().double().numpy()
     if space == "model":
         return vertices
     cam = arrays["cam"][0].astype(np.float64)
@@ -49,7 +50,8 @@ def frame_arrays(path: Path, frame: int | None, model: HeadModel) -> dict[str, n
     index = 0 if frame is None else frame
     if not 0 <= index < frames:
         raise UserError(f"--frame {index} is outside {path}, which holds frames 0..{frames - 1}")
-    picked = {key: np.asarray(arrays[key][index : index + 1], dtype=np.float64) for key in PARAMETER_KEYS}
+    keys = PARAMETER_KEYS + ((EYELIDS_KEY,) if EYELIDS_KEY in arrays else ())
+    picked = {key: np.asarray(arrays[key][index : index + 1], dtype=np.float64) for key in keys}
     check_tracked_with(path, tracked_model_checksum(path, arrays, index), picked["shape"].shape[1], picked["exp"].shape[1], model)
     if not all(np.all(np.isfinite(v)) for v in picked.values()):
         raise UserError(f"{path} frame {index} holds NaN or infinite parameters")

@@ -36,6 +36,8 @@ class Priors:
 
     shape: float = 1.0
     exp: float = 0.05
+    #: Eyelid weights (0 open, 1 closed), when the model has eyelid blendshapes.
+    eyelids: float = 0.05
     #: Jaw rotation about its local x (opening), y and z; opening beyond closed (negative x) is penalised hard.
     jaw: tuple[float, float, float] = (0.5, 200.0, 200.0)
     jaw_overclose: float = 500.0
@@ -51,6 +53,8 @@ class Temporal:
     """Weights pulling each parameter towards its prediction from previous frames (tracking only)."""
 
     exp: float = 0.5
+    #: Lower than the expression's: a blink closes and opens the lids within a few frames.
+    eyelids: float = 0.1
     jaw: float = 20.0
     eyes: float = 2.0
     neck: float = 50.0
@@ -150,10 +154,11 @@ class FrameBlock:
     """Jacobian columns and priors of the per-frame parameters: [exp, rotation increments, translation].
 
     The priors act on one vector per frame, [exp, axis-angle of each fitted joint, translation], with
-    per-element weights built once; only the jaw's over-closing hinge changes per evaluation.
+    per-element weights built once; only the jaw's over-closing hinge changes per evaluation. ``n_exp`` counts
+    every expression coefficient, the last ``n_eyelids`` of them being eyelid weights with priors of their own.
     """
 
-    def __init__(self, n_exp: int, joints: list[int], config: FitConfig, options: dict) -> None:
+    def __init__(self, n_exp: int, joints: list[int], config: FitConfig, options: dict, n_eyelids: int = 0) -> None:
         self.n_exp = n_exp
         self.joints = joints
         self.joint_index = torch.tensor(joints, dtype=torch.long, device=options["device"])  # indexing without a list
@@ -164,6 +169,8 @@ class FrameBlock:
         motion = torch.zeros(self.size, **options)
         self.coupling = torch.zeros(self.size, self.size, **options)
         prior[:n_exp], motion[:n_exp] = priors.exp, temporal.exp
+        if n_eyelids:
+            prior[n_exp - n_eyelids : n_exp], motion[n_exp - n_eyelids : n_exp] = priors.eyelids, temporal.eyelids
         motion[-3:] = temporal.translation
         joint_prior = {NECK: priors.neck, JAW: torch.tensor(priors.jaw, **options), LEFT_EYE: priors.eyes, RIGHT_EYE: priors.eyes}
         joint_motion = {ROOT: temporal.head_rotation, NECK: temporal.neck, JAW: temporal.jaw, LEFT_EYE: temporal.eyes, RIGHT_EYE: temporal.eyes}
@@ -259,7 +266,7 @@ class FrameFitter:
         self.model = model
         self.config = config
         options = _options(model.joint_rest)
-        self.block = FrameBlock(model.n_coeffs, fitted_joints(model.n_joints, config), config, options)
+        self.block = FrameBlock(model.n_coeffs, fitted_joints(model.n_joints, config), config, options, model.layer.n_eyelids)
         self.initial_damping = torch.full((1,), config.initial_damping, **options)
 
     def fit(
@@ -361,7 +368,7 @@ def calibrate(
     """
     n_shape = model.layer.n_shape
     options = _options(params.exp)
-    block = FrameBlock(model.n_coeffs - n_shape, fitted_joints(model.n_joints, config), config, options)
+    block = FrameBlock(model.n_coeffs - n_shape, fitted_joints(model.n_joints, config), config, options, model.layer.n_eyelids)
     frames = params.exp.shape[0]
     shape = torch.zeros(n_shape, **options) if shape is None else shape.to(**options)
     log_focal = torch.tensor(math.log(focal), **options)

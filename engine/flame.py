@@ -137,8 +137,14 @@ class _VertexSubset:
 class FlameLayer(torch.nn.Module):
     """FLAME (or the demo head) as a differentiable function of shape, expression, pose and translation.
 
-    Arguments of every evaluation: ``shape`` (B, n_shape), ``exp`` (B, n_exp), ``pose`` (B, J, 3) axis-angle
-    per joint in ``engine.head_model.JOINT_NAMES`` order (root, neck, jaw, left_eye, right_eye), ``transl`` (B, 3).
+    Arguments of every evaluation: ``shape`` (B, n_shape), ``exp`` (B, n_exp) or (B, n_expression),
+    ``pose`` (B, J, 3) axis-angle per joint in ``engine.head_model.JOINT_NAMES`` order (root, neck, jaw,
+    left_eye, right_eye), ``transl`` (B, 3).
+
+    With eyelid blendshapes (metrical-tracker's), the layer's expression coefficients are FLAME's ``n_exp``
+    followed by ``n_eyelids`` = 2 eyelid weights (left, right; 0 open, 1 closed): ``n_expression`` in all.
+    They act like expression blendshapes (rest-space offsets, then skinning) but move no joint, as in
+    metrical-tracker, where they are added to the posed mesh. An ``exp`` of FLAME's width leaves the lids open.
     """
 
     def __init__(
@@ -153,6 +159,8 @@ class FlameLayer(torch.nn.Module):
         self.model = model
         self.n_shape = model.n_shape if n_shape is None else min(n_shape, model.n_shape)
         self.n_exp = model.n_exp if n_exp is None else min(n_exp, model.n_exp)
+        self.n_eyelids = model.n_eyelids
+        self.n_expression = self.n_exp + self.n_eyelids
         self.n_joints = model.n_joints
         self.parents = [int(p) for p in model.parents]
 
@@ -161,7 +169,10 @@ class FlameLayer(torch.nn.Module):
 
         self.register_buffer("v_template", tensor(model.v_template))
         self.register_buffer("shapedirs", tensor(model.shapedirs[:, :, : self.n_shape]))
-        self.register_buffer("exprdirs", tensor(model.exprdirs[:, :, : self.n_exp]))
+        exprdirs = model.exprdirs[:, :, : self.n_exp]
+        if model.eyelids is not None:
+            exprdirs = np.concatenate([exprdirs, model.eyelids], axis=2)
+        self.register_buffer("exprdirs", tensor(exprdirs))
         self.register_buffer("posedirs", tensor(model.posedirs))
         self.register_buffer("lbs_weights", tensor(model.lbs_weights))
         self.register_buffer("faces", tensor(model.faces, torch.long))
@@ -169,7 +180,10 @@ class FlameLayer(torch.nn.Module):
         # Joints are linear in shape and expression: regress the bases once instead of every dense mesh.
         self.register_buffer("j_template", j_regressor @ self.v_template)
         self.register_buffer("j_shapedirs", torch.einsum("jv,vcs->jcs", j_regressor, self.shapedirs))
-        self.register_buffer("j_exprdirs", torch.einsum("jv,vce->jce", j_regressor, self.exprdirs))
+        j_exprdirs = torch.einsum("jv,vce->jce", j_regressor, self.exprdirs[:, :, : self.n_exp])
+        if self.n_eyelids:
+            j_exprdirs = torch.cat([j_exprdirs, j_exprdirs.new_zeros(*j_exprdirs.shape[:2], self.n_eyelids)], dim=-1)
+        self.register_buffer("j_exprdirs", j_exprdirs)
         self._build_landmark_subsets(model, device)
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -284,8 +298,9 @@ class FlameLayer(torch.nn.Module):
     def check_params(self, shape: torch.Tensor, exp: torch.Tensor, pose: torch.Tensor, transl: torch.Tensor) -> None:
         """Raise UserError (one line) for parameters of the wrong shape or with NaN / infinite values."""
         batch = pose.shape[0] if pose.dim() == 3 else None
+        exp_size = self.n_expression if exp.dim() == 2 and exp.shape[1] == self.n_expression else self.n_exp
         expected = {
-            "shape": (shape, (batch, self.n_shape)), "exp": (exp, (batch, self.n_exp)),
+            "shape": (shape, (batch, self.n_shape)), "exp": (exp, (batch, exp_size)),
             "pose": (pose, (batch, self.n_joints, 3)), "transl": (transl, (batch, 3)),
         }  # fmt: skip
         for name, (value, size) in expected.items():
@@ -295,9 +310,19 @@ class FlameLayer(torch.nn.Module):
             if not bool(torch.isfinite(value).all()):
                 raise UserError(f"FLAME parameter '{name}' contains NaN or infinite values")
 
+    def expression(self, exp: torch.Tensor, eyelids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n_expression): FLAME's expression (B, n_exp) with the eyelid weights (B, n_eyelids) after it
+        (None: open); ``exp`` as it is when it already holds them or the layer has no eyelids."""
+        if exp.shape[-1] == self.n_expression:
+            return exp
+        if eyelids is None:
+            eyelids = exp.new_zeros(*exp.shape[:-1], self.n_eyelids)
+        return torch.cat([exp, eyelids.to(exp)], dim=-1)
+
     def vertices(self, shape: torch.Tensor, exp: torch.Tensor, pose: torch.Tensor, transl: torch.Tensor) -> torch.Tensor:
         """The dense posed mesh (B, V, 3)."""
         self.check_params(shape, exp, pose, transl)
+        exp = self.expression(exp)
         rotations = rodrigues(pose)
         transforms = self.skinning_transforms(rotations, self.rest_joints(shape, exp))
         return self._pose_vertices(self._dense_subset, shape, exp, rotations, transforms, transl)
@@ -312,6 +337,7 @@ class FlameLayer(torch.nn.Module):
     def landmarks(self, shape: torch.Tensor, exp: torch.Tensor, pose: torch.Tensor, transl: torch.Tensor) -> Landmarks:
         """Only the landmark points: 68 (contour by head yaw), MediaPipe-embedded points and pupils."""
         self.check_params(shape, exp, pose, transl)
+        exp = self.expression(exp)
         rotations = rodrigues(pose)
         transforms = self.skinning_transforms(rotations, self.rest_joints(shape, exp))
         batch = pose.shape[0]

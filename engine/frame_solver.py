@@ -222,7 +222,7 @@ class CpuFrameFitter:
 
     def _priors(self, config: FitConfig) -> None:
         """The prior and motion weights of [exp, fitted joint angles, translation]: FrameFitter's, in NumPy."""
-        block = FrameBlock(self.n_exp, self.joints, config, {"dtype": torch.float64, "device": "cpu"})
+        block = FrameBlock(self.n_exp, self.joints, config, {"dtype": torch.float64, "device": "cpu"}, self.model.layer.n_eyelids)
         self.prior_weight, self.motion_weight = block.prior_weight.numpy(), block.motion_weight.numpy()
         self.coupling = block.coupling.numpy()
         self.jaw_opening = block.jaw_opening

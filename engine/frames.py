@@ -58,6 +58,9 @@ from flame_client.rotations import euler_matrix
 
 #: Version of the per-frame reference arrays (the reference tracker's keys plus ours), stored in every frame.
 FRAME_FORMAT_VERSION = 1
+#: Our per-frame key for the eyelid weights (1, 2), only from a model with eyelid blendshapes; the same name in
+#: the wire schema's ``flame.frame``.
+EYELIDS_KEY = "eyelids"
 #: The root joint of the shaped template for an expression (E,) -> (3,) metres: ``HeadRig.root_joint``.
 RootJoint = Callable[[np.ndarray], np.ndarray]
 
@@ -81,6 +84,12 @@ class TrackedFrame:
     fit_ms: float = 0.0
     calibrated: bool = True
     shape_version: int = 0
+    #: (2,) eyelid weights, the person's left then right (0 open, 1 closed); None without eyelid blendshapes.
+    eyelids: np.ndarray | None = None
+
+    def expression(self) -> np.ndarray:
+        """The expression coefficients as the FLAME layer takes them: ``exp``, then the eyelid weights if any."""
+        return self.exp if self.eyelids is None else np.concatenate([self.exp, self.eyelids])
 
     @property
     def head_rotation(self) -> np.ndarray:
@@ -108,7 +117,7 @@ class TrackedFrame:
         """This frame's parameters repeated for a frame without a usable fit: invalid, with that frame's statistics."""
         return TrackedFrame(
             False, self.exp, self.pose, self.transl, self.head_rot, self.head_trans, self.fov_deg, rms_px,
-            iterations, fit_ms, calibrated, shape_version,
+            iterations, fit_ms, calibrated, shape_version, self.eyelids,
         )
 
 
@@ -206,10 +215,14 @@ def _world_from_view(rot_world: np.ndarray, view_trans: np.ndarray, root: np.nda
 def frame_from_params(
     exp: np.ndarray, pose: np.ndarray, transl: np.ndarray, root: np.ndarray, fov_deg: float, valid: bool = True,
     rms_px: float = math.nan, iterations: int = 0, fit_ms: float = 0.0, calibrated: bool = True, shape_version: int = 0,
+    eyelids: np.ndarray | None = None,
 ) -> TrackedFrame:
-    """A TrackedFrame from one frame's fitting-world parameters (``params_row``) and its root joint."""
+    """A TrackedFrame from one frame's fitting-world parameters (``params_row``; FLAME's ``exp`` and, for a
+    model with eyelid blendshapes, the ``eyelids`` that follow it in the solver's expression) and its root joint."""
     head_rot, head_trans = camera_from_world(pose[ROOT], transl, root)
-    return TrackedFrame(valid, exp, pose, transl, head_rot, head_trans, fov_deg, rms_px, iterations, fit_ms, calibrated, shape_version)
+    return TrackedFrame(
+        valid, exp, pose, transl, head_rot, head_trans, fov_deg, rms_px, iterations, fit_ms, calibrated, shape_version, eyelids
+    )
 
 
 def params_row(params: FrameParams, row: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -222,7 +235,7 @@ def params_row(params: FrameParams, row: int = 0) -> tuple[np.ndarray, np.ndarra
 def params_from_frames(frames: list[TrackedFrame], dtype: torch.dtype, device: str | torch.device = "cpu") -> FrameParams:
     """The inverse of :func:`frame_from_params`: a batch of the frames' fitting-world parameters."""
     options = {"dtype": dtype, "device": device}
-    exp = torch.as_tensor(np.stack([f.exp for f in frames]), **options)
+    exp = torch.as_tensor(np.stack([f.expression() for f in frames]), **options)
     pose = torch.as_tensor(np.stack([f.pose for f in frames]), **options)
     return FrameParams(exp, rodrigues(pose), torch.as_tensor(np.stack([f.transl for f in frames]), **options))
 
@@ -230,7 +243,8 @@ def params_from_frames(frames: list[TrackedFrame], dtype: torch.dtype, device: s
 def state_from_frames(frames: list[TrackedFrame], dtype: torch.dtype, device: str | torch.device = "cpu") -> FrameState:
     """The frames' fitting-world parameters as an axis-angle batch (no detour through rotation matrices)."""
     options = {"dtype": dtype, "device": device}
-    return FrameState(*(torch.as_tensor(np.stack([getattr(f, key) for f in frames]), **options) for key in ("exp", "pose", "transl")))
+    exp = torch.as_tensor(np.stack([f.expression() for f in frames]), **options)
+    return FrameState(exp, *(torch.as_tensor(np.stack([getattr(f, key) for f in frames]), **options) for key in ("pose", "transl")))
 
 
 # ---------------------------------------------------------------------------- TrackedFrame <-> reference .npz
@@ -245,9 +259,10 @@ def euler_from_matrix(rotation: np.ndarray) -> np.ndarray:
 
 def reference_arrays(frame: TrackedFrame, shape: np.ndarray, intrinsics: np.ndarray, model_checksum: str) -> dict[str, np.ndarray]:
     """One frame in the reference tracker's per-frame format (leading dimension 1), plus ``valid``,
-    ``format_version`` and ``model_checksum``; ``shape`` (S,) is the identity, ``intrinsics`` K (3, 3)."""
+    ``format_version``, ``model_checksum`` and, from a model with eyelid blendshapes, ``eyelids`` (1, 2) (a key
+    of ours: the reference keys stay as they are); ``shape`` (S,) is the identity, ``intrinsics`` K (3, 3)."""
     rotation = cv2.Rodrigues(np.asarray(frame.head_rotation, dtype=np.float64))[0]
-    return {
+    arrays = {
         "shape": np.asarray(shape, dtype=np.float64)[None].astype(np.float32),
         "exp": frame.exp[None].astype(np.float32),
         "head_pose": np.zeros((1, 3), np.float32),
@@ -261,6 +276,9 @@ def reference_arrays(frame: TrackedFrame, shape: np.ndarray, intrinsics: np.ndar
         "format_version": np.array([FRAME_FORMAT_VERSION]),
         "model_checksum": np.array([model_checksum]),
     }
+    if frame.eyelids is not None:
+        arrays[EYELIDS_KEY] = frame.eyelids[None].astype(np.float32)
+    return arrays
 
 
 def frame_from_reference(arrays: Mapping[str, np.ndarray], n_joints: int, root_joint: RootJoint) -> TrackedFrame:
@@ -274,7 +292,9 @@ def frame_from_reference(arrays: Mapping[str, np.ndarray], n_joints: int, root_j
     pose[ROOT], transl = _world_from_view(rotation, view_trans, root_joint(exp))
     head_rot = cv2.Rodrigues(_FLIP[:, None] * rotation)[0][:, 0]
     valid = bool(arrays["valid"][0]) if "valid" in arrays else True
-    return TrackedFrame(valid, exp, pose, transl, head_rot, _FLIP * view_trans, float(np.asarray(arrays["fov"]).reshape(-1)[0]))
+    eyelids = arrays[EYELIDS_KEY][0].astype(np.float64) if EYELIDS_KEY in arrays else None
+    fov_deg = float(np.asarray(arrays["fov"]).reshape(-1)[0])
+    return TrackedFrame(valid, exp, pose, transl, head_rot, _FLIP * view_trans, fov_deg, eyelids=eyelids)
 
 
 def model_pose(arrays: Mapping[str, np.ndarray], n_joints: int) -> np.ndarray:
@@ -307,7 +327,7 @@ def frame_message_from(
     return frame_message(
         seq=seq, t_capture=t_capture, valid=frame.valid, exp=frame.exp, jaw_pose=frame.jaw_pose, eye_pose=frame.eye_pose,
         neck_pose=frame.neck_pose, head_rot=frame.head_rot, head_trans=frame.head_trans, fov_deg=frame.fov_deg,
-        blendshapes=blendshapes, landmarks=landmarks, image_size=image_size, t_publish=t_publish,
+        blendshapes=blendshapes, landmarks=landmarks, image_size=image_size, t_publish=t_publish, eyelids=frame.eyelids,
     )
 
 
@@ -321,7 +341,8 @@ def frame_from_message(message: Mapping[str, Any], n_joints: int, root_joint: Ro
     pose[NECK], pose[JAW] = message["neck_pose"], message["jaw_pose"]
     if has_eyes(n_joints):
         pose[LEFT_EYE : RIGHT_EYE + 1] = np.reshape(message["eye_pose"], (2, 3))
-    return TrackedFrame(bool(message["valid"]), exp, pose, transl, head_rot, head_trans, float(message["fov_deg"]))
+    eyelids = np.asarray(message[EYELIDS_KEY], dtype=np.float64) if message.get(EYELIDS_KEY) is not None else None
+    return TrackedFrame(bool(message["valid"]), exp, pose, transl, head_rot, head_trans, float(message["fov_deg"]), eyelids=eyelids)
 
 
 def reference_from_message(message: Mapping[str, Any], shape: np.ndarray, intrinsics: np.ndarray) -> dict[str, np.ndarray]:
@@ -332,7 +353,7 @@ def reference_from_message(message: Mapping[str, Any], shape: np.ndarray, intrin
     def row(values: Any) -> np.ndarray:
         return np.asarray(values, dtype=np.float32).reshape(1, -1)
 
-    return {
+    arrays = {
         "shape": np.asarray(shape, dtype=np.float32)[None],
         "exp": row(message["exp"]),
         "head_pose": np.zeros((1, 3), np.float32),
@@ -345,3 +366,6 @@ def reference_from_message(message: Mapping[str, Any], shape: np.ndarray, intrin
         "valid": np.array([bool(message["valid"])]),
         "format_version": np.array([FRAME_FORMAT_VERSION]),
     }
+    if message.get(EYELIDS_KEY) is not None:
+        arrays[EYELIDS_KEY] = row(message[EYELIDS_KEY])
+    return arrays

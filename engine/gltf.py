@@ -8,7 +8,8 @@ Fixed names, which the Blender and Unity clients rely on (the maths is in ``flam
   jaw and eyes under neck) at the identity's joint positions, FLAME's skinning weights in ``JOINTS_0``/
   ``WEIGHTS_0`` and, where a vertex has more than four influences, ``JOINTS_1``/``WEIGHTS_1``;
 - morph targets ``exp_000`` ... ``exp_{n-1}`` (weight = expression coefficient) then ``pose_000`` ...
-  ``pose_035`` (weight = FLAME's pose feature, ``flame_client.rig.pose_corrective_weights``), named in
+  ``pose_035`` (weight = FLAME's pose feature, ``flame_client.rig.pose_corrective_weights``), then, when the
+  model has metrical-tracker's eyelid blendshapes, ``eyelid_left`` and ``eyelid_right``, named in
   ``mesh.extras.targetNames``; ``mesh.extras`` also holds ``flameJointRest``, ``flameJointExpBasis`` (how the
   joints move with the expression), ``flameModel`` and ``flameModelChecksum``;
 - with a sequence, one animation ``flame_tracking``: the mesh node's morph weights and every joint's
@@ -58,6 +59,7 @@ class RigAnimation:
     head_rotation: np.ndarray  # (T, 3, 3)
     head_translation: np.ndarray  # (T, 3) metres
     valid: np.ndarray  # (T,) bool
+    eyelids: np.ndarray | None = None  # (T, 2) left, right (0 open, 1 closed); None: tracked without eyelids
 
     def held(self) -> RigAnimation:
         """Invalid frames take the last valid frame's pose (those before the first valid one, the first's)."""
@@ -69,6 +71,7 @@ class RigAnimation:
         return replace(
             self, exp=self.exp[source], joint_poses=self.joint_poses[source], head_rotation=self.head_rotation[source],
             head_translation=self.head_translation[source], valid=np.ones_like(self.valid),
+            eyelids=None if self.eyelids is None else self.eyelids[source],
         )  # fmt: skip
 
 
@@ -100,7 +103,8 @@ def build_glb(
     texture_png: bytes | None = None,
     camera: CameraView | None = None,
 ) -> bytes:
-    """The rig of ``head`` with identity ``shape`` and ``n_exp`` expression targets as .glb bytes."""
+    """The rig of ``head`` with identity ``shape`` and ``n_exp`` expression targets as .glb bytes (and the
+    two eyelid targets when the head has eyelid blendshapes)."""
     if tuple(int(p) for p in head.parents) != JOINT_PARENTS or tuple(JOINT_NAMES) != ("root", "neck", "jaw", "left_eye", "right_eye"):
         raise UserError(f"the {head.name} does not have FLAME's five-joint tree; a glTF rig cannot be made from it")
     shape = np.asarray(shape, dtype=np.float64).reshape(-1)
@@ -136,7 +140,7 @@ def build_glb(
     builder.document["scenes"] = [{"name": "flame_live", "nodes": scene_nodes}]
     builder.document["scene"] = 0
     if animation is not None:
-        _add_animation(builder, skeleton, n_exp, animation.held(), joint_nodes)
+        _add_animation(builder, skeleton, n_exp, head.n_eyelids, animation.held(), joint_nodes)
     return builder.glb()
 
 
@@ -211,7 +215,8 @@ def _add_mesh(
     for index, (joints, weights) in enumerate(_skin_sets(head.lbs_weights[source])):
         attributes[f"JOINTS_{index}"] = builder.accessor(joints, _UNSIGNED_BYTE, _ARRAY_BUFFER)
         attributes[f"WEIGHTS_{index}"] = builder.accessor(weights, _FLOAT, _ARRAY_BUFFER)
-    directions = np.concatenate([head.exprdirs[:, :, :n_exp], head.posedirs], axis=2)[source]
+    bases = [head.exprdirs[:, :, :n_exp], head.posedirs] + ([head.eyelids] if head.eyelids is not None else [])
+    directions = np.concatenate(bases, axis=2)[source]
     targets = [{"POSITION": builder.accessor(directions[:, :, k], _FLOAT, _ARRAY_BUFFER, bounds=True)} for k in range(directions.shape[2])]
     index_type = _UNSIGNED_SHORT if len(source) <= 0xFFFF else _UNSIGNED_INT
     indices = faces.astype(np.uint16 if index_type == _UNSIGNED_SHORT else np.uint32).reshape(-1, 1)
@@ -220,7 +225,7 @@ def _add_mesh(
         "material": _add_material(builder, texture_png if texcoords is not None else None), "targets": targets, "mode": 4,
     }  # fmt: skip
     extras = {
-        "targetNames": list(target_names(n_exp)), **skeleton.to_extras(),
+        "targetNames": list(target_names(n_exp, head.eyelids is not None)), **skeleton.to_extras(),
         "flameModel": head.name, "flameModelChecksum": head.checksum,
     }  # fmt: skip
     builder.document["meshes"] = [{"name": MESH_NODE_NAME, "primitives": [primitive], "weights": [0.0] * len(targets), "extras": extras}]
@@ -244,17 +249,21 @@ def _add_material(builder: _GlbBuilder, texture_png: bytes | None) -> int:
 # Animation
 
 
-def _add_animation(builder: _GlbBuilder, skeleton: Skeleton, n_exp: int, animation: RigAnimation, joint_nodes: list[int]) -> None:
+def _add_animation(
+    builder: _GlbBuilder, skeleton: Skeleton, n_exp: int, n_eyelids: int, animation: RigAnimation, joint_nodes: list[int]
+) -> None:
     frames = animation.times.size
-    weights = np.empty((frames, n_exp + 36))
+    weights = np.zeros((frames, n_exp + 36 + n_eyelids))
     translations = np.empty((frames, len(JOINT_NAMES), 3))
     rotations = np.empty((frames, len(JOINT_NAMES), 4))
     for frame in range(frames):
         exp = animation.exp[frame]
-        weights[frame] = np.concatenate([exp, pose_corrective_weights(*animation.joint_poses[frame])])
+        weights[frame, : n_exp + 36] = np.concatenate([exp, pose_corrective_weights(*animation.joint_poses[frame])])
         translations[frame], rotations[frame] = joint_transforms(
             skeleton, exp, animation.head_rotation[frame], animation.head_translation[frame], animation.joint_poses[frame]
         )
+    if n_eyelids and animation.eyelids is not None:  # else the lids stay open
+        weights[:, n_exp + 36 :] = animation.eyelids
     # q and -q are the same rotation; keep neighbours in the same hemisphere so interpolation takes the short way.
     for frame in range(1, frames):
         flip = np.einsum("jc,jc->j", rotations[frame], rotations[frame - 1]) < 0

@@ -90,6 +90,9 @@ class HeadModel:
     uv_coords: np.ndarray | None = None  # (Vt, 2) texture coordinates in [0, 1], v up
     uv_faces: np.ndarray | None = None  # (F, 3) indices into uv_coords
     texture: TextureSpace | None = None
+    #: (V, 3, 2) metrical-tracker's eyelid blendshapes (subject's left, then right): rest-space vertex offsets
+    #: that close each eye fully at weight 1; extra expression components, None without the files.
+    eyelids: np.ndarray | None = None
     #: file name -> sha256 of every file the model was read from, for meta.json and flame.shape messages.
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -108,6 +111,10 @@ class HeadModel:
     @property
     def n_exp(self) -> int:
         return int(self.exprdirs.shape[2])
+
+    @property
+    def n_eyelids(self) -> int:
+        return 0 if self.eyelids is None else int(self.eyelids.shape[2])
 
     @property
     def checksum(self) -> str:
@@ -131,6 +138,8 @@ class HeadModel:
             "weights": (self.lbs_weights, (n_vertices, n_joints)),
             "faces": (self.faces, (None, 3)),
         }
+        if self.eyelids is not None:
+            expected["eyelids"] = (self.eyelids, (n_vertices, 3, 2))
         for key, (array, shape) in expected.items():
             if array.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, array.shape)):
                 pretty = "(" + ", ".join("N" if s is None else str(s) for s in shape) + ")"

@@ -113,7 +113,8 @@ class _Kinematics:
 class LandmarkModel:
     """The landmark points of a FlameLayer for chosen groups, evaluated with analytic Jacobians.
 
-    ``coeffs`` are shape then expression, (B, n_shape + n_exp), or expression alone for a model made by
+    ``coeffs`` are shape then expression, (B, n_shape + n_expression) (the layer's expression includes its
+    eyelid weights, if any), or expression alone for a model made by
     :meth:`with_fixed_shape`. ``rotations`` are local joint rotations (B, J, 3, 3). Landmarks are ordered by
     group (GROUPS); each group's slice is in ``slices``.
     """
@@ -122,7 +123,7 @@ class LandmarkModel:
         self.layer = layer
         self.n_joints = layer.n_joints
         self.parents = layer.parents
-        self.n_coeffs = layer.n_shape + layer.n_exp
+        self.n_coeffs = layer.n_shape + layer.n_expression
         self.slices: dict[str, slice] = {}
         static_idx, static_bary = [], []
         with_contour = layer.has_contour and "lmk68" in groups

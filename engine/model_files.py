@@ -131,6 +131,22 @@ HEAD_TEMPLATE = ModelFileSpec(
     source="flame.is.tue.mpg.de, or github.com/yfeng95/DECA, data/",
     license="FLAME model license, per user, no redistribution",
 )
+LEFT_EYELID = ModelFileSpec(
+    names=("l_eyelid.npy",),
+    purpose="eyelid blendshape that closes the left eye (with r_eyelid.npy: blinks close the lids)",
+    need=Need.OPTIONAL,
+    source="github.com/Zielon/metrical-tracker, flame/blendshapes/",
+    license="metrical-tracker license (non-commercial research)",
+)
+RIGHT_EYELID = ModelFileSpec(
+    names=("r_eyelid.npy",),
+    purpose="eyelid blendshape that closes the right eye (pairs with l_eyelid.npy)",
+    need=Need.OPTIONAL,
+    source="github.com/Zielon/metrical-tracker, flame/blendshapes/",
+    license="metrical-tracker license (non-commercial research)",
+)
+#: The eyelid blendshapes in the order of the ``eyelids`` coefficients: the subject's left eye, then right.
+EYELID_FILES = (LEFT_EYELID, RIGHT_EYELID)
 FACE_LANDMARKER = ModelFileSpec(
     names=(LANDMARKER_NAME,),
     purpose="MediaPipe Face Landmarker (478 landmarks, blendshapes)",
@@ -147,6 +163,8 @@ FLAME_FILES = (
     STATIC_EMBEDDING,
     DYNAMIC_EMBEDDING,
     MEDIAPIPE_EMBEDDING,
+    LEFT_EYELID,
+    RIGHT_EYELID,
     BFM_ALBEDO,
     FLAME_TEXTURE,
     HEAD_TEMPLATE,

@@ -28,8 +28,9 @@ import math
 import numpy as np
 from scipy.linalg import solveh_banded
 
-#: The reference-format keys that vary per frame and are smoothed; shape, fov and K are per-sequence.
-SMOOTHED_KEYS = ("exp", "jaw_pose", "neck_pose", "eye_pose", "cam")
+#: The per-frame keys that vary and are smoothed (``eyelids`` only exists with eyelid blendshapes); shape, fov
+#: and K are per-sequence.
+SMOOTHED_KEYS = ("exp", "eyelids", "jaw_pose", "neck_pose", "eye_pose", "cam")
 #: Columns of ``cam`` that are Euler angles (radians; unwrapped before smoothing).
 _CAM_ANGLES = slice(0, 3)
 # The k-th difference of white noise with standard deviation s has standard deviation sqrt(C(2k, k)) s.

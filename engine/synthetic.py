@@ -1,9 +1,9 @@
 """Synthetic ground truth: landmark sequences rendered from a head model with known parameters.
 
 Used by the accuracy tests and the benchmarks. A sequence has a known identity, smooth expression, jaw and
-eye motion, head yaw and pitch within given limits, and observations with Gaussian pixel noise plus a
-fraction of wild outliers, laid out exactly as real input is (MediaPipe 478 and/or 68 points, NaN where a
-point is not observed).
+eye motion, blinks (for a model with eyelid blendshapes), head yaw and pitch within given limits, and
+observations with Gaussian pixel noise plus a fraction of wild outliers, laid out exactly as real input is
+(MediaPipe 478 and/or 68 points, NaN where a point is not observed).
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ class SyntheticMotion:
     noise_px: float = 0.5
     outlier_fraction: float = 0.02
     outlier_px: float = 25.0
+    #: Blinks spread over the sequence, each closing both eyelids fully for a frame (models with eyelids only).
+    blinks: int = 0
+    blink_frames: int = 7
     seed: int = 0
 
 
@@ -50,6 +53,7 @@ class SyntheticSequence:
     transl: np.ndarray  # (T, 3)
     camera: Camera
     fps: float = 25.0
+    eyelids: np.ndarray | None = None  # (T, 2) left, right (0 open, 1 closed); None for a model without eyelids
 
 
 def synthetic_sequence(layer: FlameLayer, motion: SyntheticMotion) -> SyntheticSequence:
@@ -70,6 +74,7 @@ def synthetic_sequence(layer: FlameLayer, motion: SyntheticMotion) -> SyntheticS
     if has_eyes(layer.n_joints):
         gaze = 0.15 * np.stack([np.sin(3 * math.pi * time_axis), np.cos(5 * math.pi * time_axis), 0 * time_axis], axis=1)
         pose[:, LEFT_EYE] = pose[:, RIGHT_EYE] = gaze
+    eyelids = _blinks(frames, motion) if layer.n_eyelids else None
     transl = np.zeros((frames, 3))
     transl[:, 2] = -motion.distance
     transl[:, 0] = 0.02 * np.sin(2 * math.pi * time_axis)
@@ -78,7 +83,8 @@ def synthetic_sequence(layer: FlameLayer, motion: SyntheticMotion) -> SyntheticS
     camera = Camera(width, height, motion.fov_deg)
     model = LandmarkModel(_float64(layer), groups_for(layer.model))
     with torch.no_grad():
-        coeffs = torch.as_tensor(np.concatenate([np.repeat(shape[None], frames, 0), exp], axis=1), **options)
+        columns = [np.repeat(shape[None], frames, 0), exp] + ([eyelids] if eyelids is not None else [])
+        coeffs = torch.as_tensor(np.concatenate(columns, axis=1), **options)
         points = model.evaluate(coeffs, rodrigues(torch.as_tensor(pose, **options)), torch.as_tensor(transl, **options), jacobians=False).points
         clean = project(points, torch.tensor(camera.focal, **options), camera.center).numpy()
     noisy = clean + rng.normal(0, motion.noise_px, clean.shape)
@@ -97,7 +103,17 @@ def synthetic_sequence(layer: FlameLayer, motion: SyntheticMotion) -> SyntheticS
             mp478[:, layer.model.mediapipe.landmark_indices] = noisy[:, part]
         elif group == "eyes":
             mp478[:, [LEFT_IRIS_CENTER, RIGHT_IRIS_CENTER]] = noisy[:, part]
-    return SyntheticSequence(mp478, lmk68, clean, shape, exp, pose, transl, camera)
+    return SyntheticSequence(mp478, lmk68, clean, shape, exp, pose, transl, camera, eyelids=eyelids)
+
+
+def _blinks(frames: int, motion: SyntheticMotion) -> np.ndarray:
+    """(T, 2) eyelid weights: ``motion.blinks`` blinks evenly spread, each a raised cosine reaching 1."""
+    eyelids = np.zeros((frames, 2))
+    for centre in np.linspace(0, frames, motion.blinks + 2)[1:-1]:
+        offset = np.arange(frames) - round(centre)
+        inside = np.abs(offset) < motion.blink_frames / 2
+        eyelids[inside] = 0.5 * (1 + np.cos(2 * math.pi * offset[inside] / motion.blink_frames))[:, None]
+    return eyelids
 
 
 def _float64(layer: FlameLayer) -> FlameLayer:

@@ -206,7 +206,7 @@ class Tracker:
             root = _FLIP[:, None] * rot_cv * _FLIP[None, :]
             rotations[item, 0] = torch.as_tensor(root, **options)
             transl[item] = torch.as_tensor(_FLIP * trans_cv - root_rest + root @ root_rest, **options)
-        exp0 = torch.zeros(batch, self.layer.n_exp, **options)
+        exp0 = torch.zeros(batch, self.layer.n_expression, **options)
         return FrameParams(exp0, rotations, transl)
 
     def _solve_pnp(self, object_points: np.ndarray, pixels: np.ndarray, intrinsics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -278,7 +278,7 @@ class Tracker:
         if self._last_frame is not None:
             fit_ms = (time.perf_counter() - started) * 1e3
             return self._last_frame.held(rms_px, iterations, fit_ms, self.calibrated, self.shape_version)
-        neutral = FrameParams.neutral(1, self.layer.n_exp, self.layer.n_joints, self.config.dtype)
+        neutral = FrameParams.neutral(1, self.layer.n_expression, self.layer.n_joints, self.config.dtype)
         return self._frame(neutral, False, rms_px, iterations, started, None)
 
     def frame_from(self, params: FrameParams, rms_px: float = float("nan")) -> TrackedFrame:
@@ -290,9 +290,11 @@ class Tracker:
         if self._filter is not None and timestamp is not None:
             packed = self._filter(np.concatenate([exp, pose.ravel(), transl]), timestamp)
             exp, pose, transl = packed[: exp.size], packed[exp.size : exp.size + pose.size].reshape(pose.shape), packed[-3:]
+        n_exp = self.layer.n_exp
         return frame_from_params(
-            exp, pose, transl, self.root_rest_joint(exp), self.camera.fov_deg, valid, rms_px, iterations,
+            exp[:n_exp], pose, transl, self.root_rest_joint(exp), self.camera.fov_deg, valid, rms_px, iterations,
             (time.perf_counter() - started) * 1e3, self.calibrated, self.shape_version,
+            eyelids=exp[n_exp:] if self.layer.n_eyelids else None,
         )
 
     def reference_arrays(self, frame: TrackedFrame) -> dict[str, np.ndarray]:
@@ -300,17 +302,24 @@ class Tracker:
         return reference_arrays(frame, self.shape.cpu().double().numpy(), self.camera.intrinsics(), self.head.checksum)
 
     def frame_from_reference(self, arrays: dict[str, np.ndarray]) -> TrackedFrame:
-        """The inverse of :meth:`reference_arrays` (``engine.frames.frame_from_reference``)."""
-        return frame_from_reference(arrays, self.layer.n_joints, self.root_rest_joint)
+        """The inverse of :meth:`reference_arrays` (``engine.frames.frame_from_reference``); frames tracked
+        without eyelid blendshapes open the lids of a model that has them."""
+        frame = frame_from_reference(arrays, self.layer.n_joints, self.root_rest_joint)
+        if self.layer.n_eyelids and frame.eyelids is None:
+            frame.eyelids = np.zeros(self.layer.n_eyelids)
+        return frame
 
     def params_from_reference(self, arrays: dict[str, np.ndarray]) -> FrameParams:
         """One frame of reference arrays as the solver's parameters (batch of one) in the tracker's dtype."""
         return params_from_frames([self.frame_from_reference(arrays)], self.config.dtype, self.config.device)
 
     def root_rest_joint(self, exp: np.ndarray) -> np.ndarray:
-        """The root joint of the shaped, expressed template (the pivot of the head rotation), metres."""
+        """The root joint of the shaped, expressed template (the pivot of the head rotation), metres.
+
+        ``exp`` may leave out the eyelid weights: they move no joint."""
         coeffs = torch.as_tensor(exp, dtype=self.config.dtype, device=self.config.device)
-        return (self.fixed.joint_rest[0] + self.fixed.joint_coeff_basis[0] @ coeffs).cpu().double().numpy()
+        basis = self.fixed.joint_coeff_basis[0][:, : coeffs.shape[0]]
+        return (self.fixed.joint_rest[0] + basis @ coeffs).cpu().double().numpy()
 
     # ----------------------------------------------------------------------------------------- calibration
     def _offer_candidate(self, mp478: np.ndarray | None, lmk68: np.ndarray | None, params: FrameParams, timestamp: float) -> None:

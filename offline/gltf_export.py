@@ -22,6 +22,7 @@ import numpy as np
 from engine.atomic import write_bytes_atomic
 from engine.errors import UserError
 from engine.export import PARAMETER_KEYS, check_tracked_with, euler_matrix, read_parameter_arrays, tracked_model_checksum
+from engine.frames import EYELIDS_KEY
 from engine.gltf import CameraView, RigAnimation, build_glb, skeleton_of
 from engine.head_model import HeadModel
 from engine.tracker import TrackerConfig
@@ -92,7 +93,7 @@ def load_rig_source(params: Path | None, head: HeadModel) -> RigSource:
 
 def _from_tracking(path: Path, head: HeadModel) -> RigSource:
     stored = read_parameter_arrays(path)
-    wanted = (*PARAMETER_KEYS, "head_pose", "valid", "fov", "K")
+    wanted = (*PARAMETER_KEYS, EYELIDS_KEY, "head_pose", "valid", "fov", "K")
     arrays = {key: np.asarray(value, dtype=np.float64) for key, value in stored.items() if key in wanted}
     frames = arrays["exp"].shape[0]
     if frames == 0:
@@ -124,6 +125,7 @@ def _from_tracking(path: Path, head: HeadModel) -> RigSource:
         times=np.arange(frames) / fps, exp=exp,
         joint_poses=np.stack([arrays["neck_pose"], arrays["jaw_pose"], *np.split(arrays["eye_pose"], 2, axis=1)], axis=1),
         head_rotation=rotations, head_translation=translations, valid=valid,
+        eyelids=np.where(valid[:, None], arrays[EYELIDS_KEY], 0.0) if EYELIDS_KEY in arrays else None,
     )  # fmt: skip
     camera = None
     if "fov" in arrays:
@@ -177,8 +179,16 @@ def _from_session(folder: Path, head: HeadModel) -> RigSource:
         joint_poses=np.stack([[frame["neck_pose"], frame["jaw_pose"], frame["eye_pose"][:3], frame["eye_pose"][3:]] for frame in frames]),
         head_rotation=np.stack([rotation for rotation, _ in poses]), head_translation=np.stack([shift for _, shift in poses]),
         valid=np.array([frame["valid"] for frame in frames]),
+        eyelids=_session_eyelids(frames),
     )  # fmt: skip
     size = frames[-1].get("image_size") or reader.frame_size
     camera = CameraView(frames[-1]["fov_deg"], size[0] / size[1] if size else None)
     texture = folder / TEXTURE_FILE
     return RigSource(shape, n_exp, animation, camera, texture if texture.is_file() else None)
+
+
+def _session_eyelids(frames: list[dict]) -> np.ndarray | None:
+    """(T, 2) the frames' eyelid weights (open where a frame has none); None when no frame has them."""
+    if not any(EYELIDS_KEY in frame for frame in frames):
+        return None
+    return np.stack([frame.get(EYELIDS_KEY) or (0.0, 0.0) for frame in frames])

@@ -321,7 +321,7 @@ class SequenceRefiner:
 
     def _neutral(self) -> FrameParams:
         layer = self.tracker.layer
-        return FrameParams.neutral(1, layer.n_exp, layer.n_joints, self.fitter.dtype, self.fitter.device)
+        return FrameParams.neutral(1, layer.n_expression, layer.n_joints, self.fitter.dtype, self.fitter.device)
 
     def _load_state(self, index: int) -> FrameState | None:
         return state_from_reference(self.tracker, self._load_arrays(index))

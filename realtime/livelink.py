@@ -21,7 +21,8 @@ Packet (version 6), every number big-endian:
 ``int32 float32``        frame time: frame number and sub-frame (Unreal's ``FFrameTime``)
 ``int32 int32``          frame rate: numerator and denominator (``FFrameRate``)
 ``uint8``                number of values, 61
-``float32`` x 61         ``EARFaceBlendShape`` order: the 52 ARKit shapes (:data:`LIVE_LINK_FACE_NAMES`),
+``float32`` x 61         ``EARFaceBlendShape`` order: the 52 ARKit shapes (:data:`LIVE_LINK_FACE_NAMES`; MediaPipe's
+                         scores, EyeBlinkLeft/Right from the fitted eyelids when the model has them),
                          then HeadYaw, HeadPitch, HeadRoll, LeftEyeYaw/Pitch/Roll, RightEyeYaw/Pitch/Roll
 =======================  ===========================================================================
 
@@ -53,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from flame_client.messages import BLENDSHAPE_NAMES
+from flame_client.messages import BLENDSHAPE_NAMES, blendshapes_with_eyelids
 from flame_client.rig import GLTF_FROM_CAMERA
 from flame_client.rotations import matrix_from_axis_angle
 
@@ -140,7 +141,7 @@ class LiveLinkFaceEncoder:
 
     def values(self, frame_msg: Mapping[str, Any]) -> list[float]:
         """The 61 values of one frame in :data:`LIVE_LINK_FACE_NAMES` order."""
-        scores = frame_msg["blendshapes"]
+        scores = blendshapes_with_eyelids(frame_msg)
         shapes = [0.0 if index == _NO_SOURCE else min(1.0, max(0.0, scores[index])) for index in self._sources]
         return shapes + list(head_angles(frame_msg["head_rot"])) + list(eye_angles(frame_msg["eye_pose"]))
 

@@ -14,6 +14,8 @@ address                        types      content
 ``/flame/head``                f x 6      head_rot (axis-angle, camera space), head_trans (metres)
 ``/flame/pose``                f x 12     neck_pose, jaw_pose, eye_pose (left, right): FLAME's joint order
 ``/flame/exp``                 f x N      expression coefficients
+``/flame/eyelids``             f x 2      eyelid weights, left then right (0 open, 1 closed): only from a model
+                                          with eyelid blendshapes
 ``/flame/blendshapes``         f x 52     MediaPipe scores in ``BLENDSHAPE_NAMES`` order
 ``/flame/blendshape/<name>``   f          one per MediaPipe name, only with ``blendshape_addresses=True``
 ``/flame/fov``                 f          vertical field of view, degrees
@@ -49,6 +51,7 @@ from flame_client.messages import (
     TOPIC_FRAME,
     TOPIC_METRICS,
     TOPIC_SHAPE,
+    blendshapes_with_eyelids,
     encode,
 )
 from realtime.livelink import DEFAULT_LIVELINK_PORT, DEFAULT_SUBJECT, LiveLinkFaceEncoder
@@ -349,6 +352,8 @@ class OscPublisher(_UdpSender):
                 osc_float_array("/flame/blendshapes", blendshapes),
                 osc_message("/flame/fov", "f", frame_msg["fov_deg"]),
             ]
+            if frame_msg.get("eyelids") is not None:
+                messages.append(osc_float_array("/flame/eyelids", frame_msg["eyelids"]))
             if self._named_blendshapes is not None:
                 messages += self._named_blendshapes.encode(blendshapes)
         self._send(osc_bundle(messages))
@@ -400,7 +405,8 @@ class VmcPublisher(_UdpSender):
     """VMC protocol "Performer": Perfect Sync blendshapes and Neck/Head bones, ready for VSeeFace, EVMC4U, VMC4B.
 
     Per frame, two bundles: status and pose (``/VMC/Ext/OK``, ``/VMC/Ext/T``, ``/VMC/Ext/Root/Pos``,
-    ``/VMC/Ext/Bone/Pos`` Neck and Head), then the 52 ``/VMC/Ext/Blend/Val`` followed by ``/VMC/Ext/Blend/Apply``.
+    ``/VMC/Ext/Bone/Pos`` Neck and Head), then the 52 ``/VMC/Ext/Blend/Val`` followed by ``/VMC/Ext/Blend/Apply``
+    (MediaPipe's scores; EyeBlinkLeft/Right from the fitted eyelids when the model has eyelid blendshapes).
     Without a face only the status goes out (tracking status 0) and the avatar holds its last pose.
     """
 
@@ -438,7 +444,7 @@ class VmcPublisher(_UdpSender):
             osc_message("/VMC/Ext/Bone/Pos", "sfffffff", "Head", *self.options.head_position, *head),
         ]
         self._send(osc_bundle(status + pose))
-        blend_values = self._blend_values.encode(self._perfect_sync.values(frame_msg["blendshapes"]))
+        blend_values = self._blend_values.encode(self._perfect_sync.values(blendshapes_with_eyelids(frame_msg)))
         self._send(osc_bundle(blend_values + [self._blend_apply]))
 
     def publish_shape(self, shape_msg: Mapping[str, Any]) -> None:
@@ -455,7 +461,8 @@ class VmcPublisher(_UdpSender):
 class LiveLinkPublisher(_UdpSender):
     """Live Link Face packets for Unreal's stock "Apple ARKit Face Support" Live Link source (``realtime.livelink``).
 
-    One packet per tracked frame: MediaPipe's ARKit blendshapes with our fit's head and eye angles. Without a
+    One packet per tracked frame: MediaPipe's ARKit blendshapes (the blinks from the fitted eyelids when the
+    model has them) with our fit's head and eye angles. Without a
     face nothing is sent, and Unreal holds the subject's last pose.
     """
 

@@ -10,7 +10,7 @@ Files are written the way users have them: ``generic_model.pkl`` as a Python 2 p
 ``Ch`` objects and a ``scipy.sparse.csc.csc_matrix`` naming ``numpy.core.multiarray`` (written without
 chumpy or scipy by a pickler that emits those global names), DECA's ``landmark_embedding.npy`` with torch
 tensors in torch's legacy storage format (without importing torch), the RingNet pair, metrical-tracker's
-MediaPipe embedding, a texture space and ``head_template.obj``.
+MediaPipe embedding and eyelid blendshapes, a texture space and ``head_template.obj``.
 
 Landmarks come from MediaPipe's canonical face (frontal x, y in cm) projected onto the head; the 17 jaw
 contour points follow the silhouette per yaw row using smplx's row convention: row r is yaw angle a = r for
@@ -327,6 +327,37 @@ def flame_arrays(seed: int = 0) -> FlameArrays:
     )
 
 
+# Upper and lower lid heights (frontal y, metres) of the canonical face's eye outlines above (159/145, 386/374).
+_UPPER_LID_Y, _LOWER_LID_Y = 0.0296, 0.0229
+
+
+@functools.lru_cache(maxsize=4)
+def eyelid_blendshapes(seed: int = 0) -> np.ndarray:
+    """(5023, 3, 2) eyelid blendshapes in metrical-tracker's form (l_eyelid.npy, then r_eyelid.npy): at weight 1
+    each brings its eye's upper lid down onto the lower one.
+
+    The skin around the eye is drawn onto the lower lid's line (moved by its height above it: a field linear
+    in y, so the coarse mesh interpolates it exactly), fading out towards the brow, the cheek and beyond the
+    eye's corners, plus a little smooth random field so that no expression component reproduces it.
+    """
+    rng = np.random.default_rng(seed + 1000)
+    v_template = flame_arrays(seed).v_template
+    on_head = np.arange(N_VERTICES) < N_HEAD_VERTICES
+    front = on_head & (v_template[:, 2] > 0.0)
+    x, y = v_template[:, 0], v_template[:, 1]
+    shapes = []
+    for centre_x, _ in (EYE_CENTRES_XY["left"], EYE_CENTRES_XY["right"]):
+        across = np.exp(-0.5 * ((x - centre_x) / 0.014) ** 4)
+        height = y - _LOWER_LID_Y
+        fade = (1.0 - _smoothstep((y - _UPPER_LID_Y - 0.004) / 0.008)) * (1.0 - _smoothstep((_LOWER_LID_Y - 0.004 - y) / 0.008))
+        offsets = np.zeros((N_VERTICES, 3))
+        offsets[:, 1] = -height * fade * across * front
+        offsets[:, 2] = 0.15 * offsets[:, 1]  # the closing lid slides over the eyeball's curve
+        noise = _smooth_fields(rng, v_template, 3, (0.02,)).sum(axis=2)
+        shapes.append(offsets + 2e-4 * noise * (across * front)[:, None])
+    return np.stack(shapes, axis=2)
+
+
 def _smoothstep(x: np.ndarray) -> np.ndarray:
     x = np.clip(x, 0.0, 1.0)
     return x * x * (3.0 - 2.0 * x)
@@ -567,6 +598,7 @@ def write_flame_folder(
     embeddings: tuple[str, ...] = ("deca", "ringnet", "mediapipe"),
     texture: str | None = "flame",
     head_template: bool = False,
+    eyelids: bool = False,
 ) -> Path:
     """Write a complete FLAME-format folder and return it.
 
@@ -574,7 +606,8 @@ def write_flame_folder(
     Open's layout: the same arrays plus its ``supr_expression_metadata``) or "open_zip" (that pickle inside
     FLAME2023Open.zip, beside a readme, as downloaded); embeddings: any of "deca",
     "ringnet", "mediapipe"; texture: "flame" (FLAME_texture.npz with vt/ft), "bfm"
-    (FLAME_albedo_from_BFM.npz) or None; head_template: also write head_template.obj (v, vt, f v/vt).
+    (FLAME_albedo_from_BFM.npz) or None; head_template: also write head_template.obj (v, vt, f v/vt);
+    eyelids: also write metrical-tracker's l_eyelid.npy and r_eyelid.npy ((5023, 3) float32 each).
     """
     arrays = flame_arrays(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -618,6 +651,10 @@ def write_flame_folder(
         np.savez(out_dir / "FLAME_albedo_from_BFM.npz", MU=mean_bgr.ravel(), PC=basis_columns)
     if head_template:
         _write_obj(out_dir / "head_template.obj", arrays)
+    if eyelids:
+        shapes = eyelid_blendshapes(seed).astype(np.float32)
+        np.save(out_dir / "l_eyelid.npy", shapes[:, :, 0])
+        np.save(out_dir / "r_eyelid.npy", shapes[:, :, 1])
     return out_dir
 
 

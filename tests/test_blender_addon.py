@@ -143,11 +143,17 @@ def test_the_live_link_drives_the_imported_rig_exactly_from_a_replayed_stream(
     assert np.abs(result["recorded_last_vertices"] - expected).max() <= TOLERANCE_M
 
 
-@pytest.fixture(scope="module", params=["demo", "flame"])
+@pytest.fixture(scope="module", params=["demo", "flame", "flame with eyelids"])
 def tracked(request, tmp_path_factory, landmarker_task: Path, shared_clips: Path) -> tuple[str, Path]:
     """(--flame, folder): 'track' on a short real clip with strong head turns (23 frames at 12.5 fps), with the
-    demo head and with the FLAME-format fixture (5023 vertices, UV seams, more than four joints per vertex)."""
-    flame = "demo" if request.param == "demo" else str(request.getfixturevalue("flame_dir"))
+    demo head, with the FLAME-format fixture (5023 vertices, UV seams, more than four joints per vertex) and with
+    that fixture plus eyelid blendshapes (two more shape keys, driven by the frames' ``eyelids``)."""
+    if request.param == "flame with eyelids":
+        from flame_fixtures import write_flame_folder
+
+        flame = str(write_flame_folder(tmp_path_factory.mktemp("flame_eyelids"), eyelids=True))
+    else:
+        flame = "demo" if request.param == "demo" else str(request.getfixturevalue("flame_dir"))
     out = tmp_path_factory.mktemp("tracked") / "track"
     clip = shared_clips / "head-pose-face-detection-female.gif"
     arguments = ["track", str(clip), "--out", str(out), "--models", str(landmarker_task.parent), "--flame", flame]
@@ -179,9 +185,10 @@ def test_import_tracking_keys_every_frame_and_blenders_exporters_write_the_anima
     no_rig, not_tracking, imported = result["results"]
     assert "select the FLAME head rig" in no_rig and "holds neither tracking.npz" in not_tracking
     assert imported == "FINISHED"
-    keys = ("shape", "exp", "jaw_pose", "neck_pose", "eye_pose", "cam")
     with np.load(folder / "tracking.npz") as data:
+        keys = ("shape", "exp", "jaw_pose", "neck_pose", "eye_pose", "cam") + (("eyelids",) if "eyelids" in data.files else ())
         tracking = {key: data[key].astype(np.float64) for key in keys}
+    assert ("eyelids" in keys) == (head.eyelids is not None)
     count = len(tracking["exp"])
     assert list(result["frames"]) == [1 + 2 * i for i in range(count)]
     # The rig splits vertices on UV seams: match each of Blender's vertices to its FLAME vertex at rest.
@@ -198,4 +205,4 @@ def test_import_tracking_keys_every_frame_and_blenders_exporters_write_the_anima
     paths = {channel["target"]["path"] for animation in exported["animations"] for channel in animation["channels"]}
     assert {"weights", "rotation", "translation"} <= paths
     fbx = (exports / "head.fbx").read_bytes()
-    assert fbx.count(b"BlendShapeChannel") >= tracking["exp"].shape[1] + 36 and b"AnimationCurveNode" in fbx
+    assert fbx.count(b"BlendShapeChannel") >= tracking["exp"].shape[1] + 36 + head.n_eyelids and b"AnimationCurveNode" in fbx

@@ -87,13 +87,13 @@ def receiver_factory(check_program: Path) -> Iterator:
         receiver.close()
 
 
-def random_frame(rng: np.random.Generator, seq: int, valid: bool = True) -> dict:
+def random_frame(rng: np.random.Generator, seq: int, valid: bool = True, eyelids: bool = False) -> dict:
     head = Rotation.from_rotvec([math.pi, 0.0, 0.0]) * Rotation.from_rotvec(rng.uniform(-0.5, 0.5, 3))
     return frame_message(
         seq=seq, t_capture=1_700_000_000.0 + seq / 30, valid=valid, exp=rng.normal(0, 1, 50),
         jaw_pose=rng.uniform(-0.4, 0.4, 3), eye_pose=rng.uniform(-0.3, 0.3, 6), neck_pose=rng.uniform(-0.3, 0.3, 3),
         head_rot=head.as_rotvec(), head_trans=rng.uniform(-0.1, 0.1, 3) + [0, 0, 0.6], fov_deg=rng.uniform(30, 70),
-        blendshapes=rng.uniform(0, 1, 52),
+        blendshapes=rng.uniform(0, 1, 52), eyelids=rng.uniform(0, 1, 2) if eyelids else None,
     )  # fmt: skip
 
 
@@ -151,7 +151,7 @@ def test_protocol_files_do_not_reference_unity() -> None:
 @needs_mono
 def test_frames_from_our_osc_publisher_decode_to_the_sent_values(receiver_factory) -> None:
     rng = np.random.default_rng(3)
-    frames = [random_frame(rng, seq) for seq in range(4)] + [random_frame(rng, 4, valid=False)]
+    frames = [random_frame(rng, seq, eyelids=seq % 2 == 1) for seq in range(4)] + [random_frame(rng, 4, valid=False)]
     receiver = receiver_factory(len(frames))
     with OscPublisher("127.0.0.1", receiver.port, blendshape_addresses=True) as publisher:
         publisher.publish_shape(shape_message(rng.normal(0, 1, 100), "demo head (not FLAME)", "abc123"))
@@ -167,6 +167,7 @@ def test_frames_from_our_osc_publisher_decode_to_the_sent_values(receiver_factor
             for key in ("head_rot", "head_trans", "neck_pose", "jaw_pose", "eye_pose", "exp", "blendshapes"):
                 np.testing.assert_array_equal(decoded[key], as_sent(sent[key]), err_msg=key)
             assert decoded["fov_deg"] == as_sent([sent["fov_deg"]])[0]
+            np.testing.assert_array_equal(decoded["eyelids"], as_sent(sent.get("eyelids", [])))  # empty: none sent
             received = as_received(sent)
             eyes = received["eye_pose"].reshape(2, 3)
             expected = pose_corrective_weights(received["neck_pose"], received["jaw_pose"], eyes[0], eyes[1])

@@ -81,7 +81,7 @@ def _load_tracking(folder: Path) -> Motion:
     path = folder / "tracking.npz"
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {key: np.asarray(data[key], dtype=np.float64) for key in (*TRACKING_KEYS, "valid") if key in data}
+            arrays = {key: np.asarray(data[key], dtype=np.float64) for key in (*TRACKING_KEYS, "valid", "eyelids") if key in data}
     except (OSError, ValueError) as error:
         raise RecordingError(f"{path} is not readable ({error})") from None
     missing = [key for key in TRACKING_KEYS if key not in arrays]
@@ -92,6 +92,8 @@ def _load_tracking(folder: Path) -> Motion:
     for key, size in expected.items():
         if arrays[key].reshape(len(arrays[key]), -1).shape != (count, size):
             raise RecordingError(f"{path}: {key} has shape {arrays[key].shape}, expected ({count}, {size})")
+    if "eyelids" in arrays and arrays["eyelids"].shape != (count, 2):
+        raise RecordingError(f"{path}: eyelids has shape {arrays['eyelids'].shape}, expected ({count}, 2)")
     if count == 0:
         raise RecordingError(f"{path} holds no frames")
     valid = arrays.get("valid", np.ones(count)).reshape(-1) > 0.5
@@ -103,7 +105,10 @@ def _load_tracking(folder: Path) -> Motion:
             poses.append(None)
             continue
         exp, jaw, neck, eyes, cam = values
-        poses.append(pose_from_tracking(cam, neck, jaw, eyes, exp))
+        eyelids = arrays["eyelids"][index] if "eyelids" in arrays else None
+        if eyelids is not None and not np.all(np.isfinite(eyelids)):
+            eyelids = None
+        poses.append(pose_from_tracking(cam, neck, jaw, eyes, exp, eyelids))
     return Motion([index / fps for index in range(count)], poses, str(folder))
 
 
@@ -160,6 +165,7 @@ def _session_frame(record: dict) -> tuple[float | None, FramePose | None]:
         return None, None
     if not all(np.all(np.isfinite(value)) for value in arrays.values()):
         return None, None
+    eyelids = _session_eyelids(message.get("eyelids"))
     return float(t_capture), pose_from_axis_angles(
         arrays["head_rot"],
         arrays["head_trans"],
@@ -167,4 +173,16 @@ def _session_frame(record: dict) -> tuple[float | None, FramePose | None]:
         arrays["jaw_pose"],
         arrays["eye_pose"],
         arrays["exp"],
+        eyelids,
     )
+
+
+def _session_eyelids(value: object) -> np.ndarray | None:
+    """A recorded frame's eyelid weights, or None when it has none or they break the schema (lids open)."""
+    if value is None:
+        return None
+    try:
+        eyelids = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return eyelids if eyelids.shape == (2,) and np.all(np.isfinite(eyelids)) else None

@@ -1,7 +1,7 @@
 """The FLAME head rig as Blender's glTF importer builds it, and how one frame poses it.
 
-``run_stream.py export --gltf`` writes a skinned mesh ``flame_head`` with shape keys ``exp_000``... and
-``pose_000``...``pose_035`` and joints ``root``, ``neck``, ``jaw``, ``left_eye``, ``right_eye``
+``run_stream.py export --gltf`` writes a skinned mesh ``flame_head`` with shape keys ``exp_000``...,
+``pose_000``...``pose_035`` (and ``eyelid_left``, ``eyelid_right`` from a model with eyelids) and joints ``root``, ``neck``, ``jaw``, ``left_eye``, ``right_eye``
 (``flame_client.rig`` documents it). Blender's importer turns glTF's Y-up world into its Z-up world, makes the
 joints bones of an armature (turning each bone to point at its child) and keeps ``mesh.extras`` as custom
 properties of the mesh data, where the skeleton's rest joints and expression basis live.
@@ -66,7 +66,9 @@ class FlameRig:
             raise RigError(f"{mesh.name}: {error}") from None
         keys = mesh.data.shape_keys.key_blocks
         self.n_exp = sum(1 for name in rig.expression_target_names(len(keys)) if name in keys)
-        self.key_names = rig.target_names(self.n_exp)
+        #: The rig has the eyelid targets (exported from a model with eyelid blendshapes).
+        self.has_eyelids = all(name in keys for name in rig.EYELID_TARGET_NAMES)
+        self.key_names = rig.target_names(self.n_exp, self.has_eyelids)
         missing = [name for name in self.key_names if name not in keys]
         missing += [name for name in rig.JOINT_NAMES if name not in armature.data.bones]
         if missing:
@@ -120,7 +122,10 @@ class FlameRig:
         translations, quaternions = rig.joint_transforms(
             self.skeleton, exp, pose.head_rotation, pose.head_translation, pose.joint_poses
         )
-        weights = np.concatenate([exp, rig.pose_corrective_weights(*pose.joint_poses)])
+        weights = [exp, rig.pose_corrective_weights(*pose.joint_poses)]
+        if self.has_eyelids:  # open when the frame has no eyelid weights
+            weights.append(pose.eyelids if pose.eyelids is not None else np.zeros(len(rig.EYELID_TARGET_NAMES)))
+        weights = np.concatenate(weights)
         to_armature = np.linalg.inv(np.array(self.armature.matrix_world)) @ BLENDER_FROM_GLTF
         from_armature = np.linalg.inv(to_armature)
         world: list[np.ndarray] = []

@@ -44,6 +44,7 @@ class StreamFrame:
     jaw_pose: np.ndarray  # (3,)
     eye_pose: np.ndarray  # (6,) left eye, then right eye
     exp: np.ndarray  # (N,) expression coefficients
+    eyelids: np.ndarray | None = None  # (2,) left, right (0 open, 1 closed): only from a model with eyelids
 
 
 class FrameError(ValueError):
@@ -91,7 +92,8 @@ def frame_from_messages(messages: list[OscMessage]) -> StreamFrame | None:
     exp = _floats(by_address["/flame/exp"], None)
     if not 0 < len(exp) <= MAX_EXPRESSION:
         raise FrameError(f"/flame/exp has {len(exp)} values, expected 1 to {MAX_EXPRESSION}")
-    return StreamFrame(seq, t_capture, t_publish, head[:3], head[3:], pose[:3], pose[3:6], pose[6:], exp)
+    eyelids = _floats(by_address["/flame/eyelids"], 2) if "/flame/eyelids" in by_address else None
+    return StreamFrame(seq, t_capture, t_publish, head[:3], head[3:], pose[:3], pose[3:6], pose[6:], exp, eyelids)
 
 
 @dataclass

@@ -16,7 +16,9 @@ MessagePack library without extension types. Every payload carries ``v``, the sc
     the camera has ``head_rot`` close to (pi, 0, 0) (see ``flame_client.rotations``); ``fov_deg`` the camera's
     vertical field of view; ``blendshapes`` (52) MediaPipe's scores in :data:`BLENDSHAPE_NAMES` order, where
     "Left" is the person's own left; optional ``landmarks`` (x0, y0, x1, y1, ...) in pixels of the input image,
-    NaN where not observed; optional ``image_size`` (width, height) in pixels.
+    NaN where not observed; optional ``image_size`` (width, height) in pixels; optional ``eyelids`` (2: the
+    person's left eyelid then right, 0 open, 1 closed), only from a model with metrical-tracker's eyelid
+    blendshapes, which act like two further expression components after ``exp``.
 ``flame.shape`` (whenever the identity changes, and again to each new subscriber)
     ``t_publish``; ``shape`` FLAME identity coefficients; ``model`` the head model's name ("FLAME 2020",
     "FLAME 2023", "demo head (not FLAME)"); ``model_checksum`` identifying its files; optional ``tex`` albedo
@@ -72,6 +74,9 @@ BLENDSHAPE_NAMES: tuple[str, ...] = (
     "mouthUpperUpLeft", "mouthUpperUpRight", "noseSneerLeft", "noseSneerRight",
 )  # fmt: skip
 
+#: Where the blink scores sit in ``blendshapes``: the person's left eye, then right (as ``eyelids``).
+EYE_BLINK_INDICES: tuple[int, int] = (BLENDSHAPE_NAMES.index("eyeBlinkLeft"), BLENDSHAPE_NAMES.index("eyeBlinkRight"))
+
 METRICS_FIELDS: tuple[str, ...] = (
     "fps", "latency_p50_ms", "latency_p95_ms", "dropped_frames", "mediapipe_ms", "tracker_ms",
 )  # fmt: skip
@@ -100,6 +105,7 @@ def frame_message(
     landmarks: np.ndarray | None = None,
     image_size: tuple[int, int] | None = None,
     t_publish: float | None = None,
+    eyelids: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """A ``flame.frame`` message. Arrays may be any shape with the right number of values (landmarks (K, 2)).
 
@@ -124,7 +130,20 @@ def frame_message(
         message["landmarks"] = _plain_floats("landmarks", landmarks, allow_nan=True)
     if image_size is not None:
         message["image_size"] = [int(image_size[0]), int(image_size[1])]
+    if eyelids is not None:
+        message["eyelids"] = _plain_floats("eyelids", eyelids, 2)
     return message
+
+
+def blendshapes_with_eyelids(frame: Mapping[str, Any]) -> list[float]:
+    """A frame's ``blendshapes`` with ``eyeBlinkLeft``/``eyeBlinkRight`` taken from its fitted ``eyelids``
+    (clamped to [0, 1]) when it has them: the lids of the fitted mesh rather than MediaPipe's classifier."""
+    scores = list(frame["blendshapes"])
+    eyelids = frame.get("eyelids")
+    if eyelids is not None:
+        for index, weight in zip(EYE_BLINK_INDICES, eyelids):
+            scores[index] = min(1.0, max(0.0, float(weight)))
+    return scores
 
 
 def shape_message(
@@ -318,6 +337,7 @@ _FRAME_REQUIRED: dict[str, _Checker] = {
 _FRAME_OPTIONAL: dict[str, _Checker] = {
     "landmarks": _floats(2, 2 * MAX_LANDMARKS, multiple_of=2, allow_nan=True),
     "image_size": _image_size,
+    "eyelids": _floats(2, 2),
 }
 _SHAPE_REQUIRED: dict[str, _Checker] = {
     "t_publish": _number,

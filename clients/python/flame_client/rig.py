@@ -8,8 +8,9 @@ The rig written by ``run_stream.py export --gltf`` has fixed names that clients 
 - joints ``root``, ``neck``, ``jaw``, ``left_eye``, ``right_eye`` (FLAME's joint order 0..4; the neck's parent
   is the root, the jaw's and the eyes' parent is the neck), nodes with rest translations ``B_k - B_parent``;
 - morph targets ``exp_000`` ... ``exp_{n-1}`` (the expression components, weight = the coefficient), then
-  ``pose_000`` ... ``pose_035`` (FLAME's pose correctives, weights = :func:`pose_corrective_weights`), their
-  names in ``mesh.extras.targetNames``;
+  ``pose_000`` ... ``pose_035`` (FLAME's pose correctives, weights = :func:`pose_corrective_weights`), then, for
+  a model with metrical-tracker's eyelid blendshapes, ``eyelid_left`` and ``eyelid_right`` (weight = a frame's
+  ``eyelids``: 0 open, 1 closed; they move no joint), their names in ``mesh.extras.targetNames``;
 - ``mesh.extras.flameJointRest`` (5 x 3, row-major) the rest joints ``B`` and ``mesh.extras.flameJointExpBasis``
   (5 x 3 x n, row-major) how the joints move with the expression (FLAME regresses its joints from the
   expressed mesh); :meth:`Skeleton.from_extras` reads both.
@@ -43,6 +44,8 @@ JOINT_PARENTS: tuple[int, ...] = (-1, 0, 1, 1, 1)
 MESH_NODE_NAME = "flame_head"
 N_POSE_TARGETS = 9 * (len(JOINT_NAMES) - 1)
 POSE_TARGET_NAMES: tuple[str, ...] = tuple(f"pose_{k:03d}" for k in range(N_POSE_TARGETS))
+#: The eyelid morph targets (the person's left, then right), last in a rig made from a model with eyelids.
+EYELID_TARGET_NAMES: tuple[str, ...] = ("eyelid_left", "eyelid_right")
 #: glTF world from OpenCV camera space (and back: the matrix is its own inverse).
 GLTF_FROM_CAMERA = np.diag([1.0, -1.0, -1.0])
 
@@ -52,9 +55,10 @@ def expression_target_names(n_exp: int) -> tuple[str, ...]:
     return tuple(f"exp_{i:03d}" for i in range(n_exp))
 
 
-def target_names(n_exp: int) -> tuple[str, ...]:
-    """Every morph target of the rig, in order: the expressions, then the 36 pose correctives."""
-    return expression_target_names(n_exp) + POSE_TARGET_NAMES
+def target_names(n_exp: int, eyelids: bool = False) -> tuple[str, ...]:
+    """Every morph target of the rig, in order: the expressions, the 36 pose correctives, then (``eyelids``)
+    the two eyelid targets."""
+    return expression_target_names(n_exp) + POSE_TARGET_NAMES + (EYELID_TARGET_NAMES if eyelids else ())
 
 
 def pose_corrective_weights(neck: Any, jaw: Any, left_eye: Any, right_eye: Any) -> np.ndarray:
@@ -115,7 +119,7 @@ class Skeleton:
 class RigPose:
     """Everything a client sets on the rig for one frame."""
 
-    weights: np.ndarray  # (n_exp + 36,) morph weights in target order
+    weights: np.ndarray  # (n_exp + 36 [+ 2 eyelids],) morph weights in target order
     translations: np.ndarray  # (5, 3) joints' local translations
     rotations: np.ndarray  # (5, 4) joints' local rotations, quaternions (x, y, z, w)
 
@@ -139,15 +143,19 @@ def joint_transforms(
     return translations, np.stack([quaternion_from_matrix(rotation) for rotation in rotations])
 
 
-def frame_rig_pose(skeleton: Skeleton, frame: Mapping[str, Any]) -> RigPose:
+def frame_rig_pose(skeleton: Skeleton, frame: Mapping[str, Any], eyelids: bool = False) -> RigPose:
     """The rig pose of a ``flame.frame`` message (or any mapping with its keys: ``exp``, ``neck_pose``,
-    ``jaw_pose``, ``eye_pose``, ``head_rot``, ``head_trans``)."""
+    ``jaw_pose``, ``eye_pose``, ``head_rot``, ``head_trans``); ``eyelids``: the rig has the eyelid targets,
+    whose weights come from the frame's ``eyelids`` (open when it has none)."""
     eyes = np.asarray(frame["eye_pose"], dtype=np.float64).reshape(2, 3)
     poses = (frame["neck_pose"], frame["jaw_pose"], eyes[0], eyes[1])
     exp = _fit_length(frame["exp"], skeleton.n_exp)
     head_rotation, head_translation = gltf_head_pose(frame["head_rot"], frame["head_trans"])
     translations, rotations = joint_transforms(skeleton, exp, head_rotation, head_translation, poses)
-    return RigPose(np.concatenate([exp, pose_corrective_weights(*poses)]), translations, rotations)
+    weights = [exp, pose_corrective_weights(*poses)]
+    if eyelids:
+        weights.append(_fit_length(frame.get("eyelids") or (), len(EYELID_TARGET_NAMES)))
+    return RigPose(np.concatenate(weights), translations, rotations)
 
 
 def _fit_length(values: Any, count: int) -> np.ndarray:

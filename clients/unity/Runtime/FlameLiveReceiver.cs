@@ -17,7 +17,7 @@ namespace FlameLive
         public string listenAddress = "127.0.0.1";
 
         [Header("Rig (found by name under this object when left empty)")]
-        [Tooltip("The 'flame_head' mesh with blend shapes exp_000... and pose_000...pose_035.")]
+        [Tooltip("The 'flame_head' mesh with blend shapes exp_000..., pose_000...pose_035 (and eyelid_left, eyelid_right from a model with eyelids).")]
         public SkinnedMeshRenderer face;
         [Tooltip("The joints root, neck, jaw, left_eye, right_eye. The root carries the head's pose relative to " +
                  "the imported rig's root object, whose origin is the webcam looking down -Z (glTF's camera convention).")]
@@ -36,6 +36,8 @@ namespace FlameLive
         Vector3 restRootPosition;
         int[] expressionShapes = new int[0];
         float[] expressionScales = new float[0];
+        readonly int[] eyelidShapes = { -1, -1 };
+        readonly float[] eyelidScales = new float[2];
         readonly int[] poseShapes = new int[FlameRig.PoseCorrectiveCount];
         readonly float[] poseScales = new float[FlameRig.PoseCorrectiveCount];
         readonly float[] poseWeights = new float[FlameRig.PoseCorrectiveCount];
@@ -107,6 +109,11 @@ namespace FlameLive
                 FlameRig.PoseCorrectiveWeights(frame, poseWeights);
                 for (int k = 0; k < poseShapes.Length; k++)
                     if (poseShapes[k] >= 0) face.SetBlendShapeWeight(poseShapes[k], poseWeights[k] * poseScales[k]);
+                for (int side = 0; side < eyelidShapes.Length; side++)
+                {
+                    float weight = frame.Eyelids.Length == eyelidShapes.Length ? frame.Eyelids[side] : 0f; // no eyelids: open
+                    if (eyelidShapes[side] >= 0) face.SetBlendShapeWeight(eyelidShapes[side], weight * eyelidScales[side]);
+                }
             }
             FlameRig.JointTransforms(skeleton, frame, translations, rotations);
             for (int joint = 0; joint < joints.Length; joint++)
@@ -164,6 +171,12 @@ namespace FlameLive
             {
                 poseShapes[k] = mesh.GetBlendShapeIndex("pose_" + k.ToString("000"));
                 poseScales[k] = poseShapes[k] >= 0 ? FullWeight(mesh, poseShapes[k]) : 0f;
+            }
+            // A rig exported from a model with eyelid blendshapes has these two; the others have neither.
+            for (int side = 0; side < eyelidShapes.Length; side++)
+            {
+                eyelidShapes[side] = mesh.GetBlendShapeIndex(side == 0 ? "eyelid_left" : "eyelid_right");
+                eyelidScales[side] = eyelidShapes[side] >= 0 ? FullWeight(mesh, eyelidShapes[side]) : 0f;
             }
         }
 

@@ -58,6 +58,7 @@ static class ProtocolCheck
                 Field(json, "jaw_pose", Array(frame.JawPose));
                 Field(json, "eye_pose", Array(frame.EyePose));
                 Field(json, "exp", Array(frame.Expression));
+                Field(json, "eyelids", Array(frame.Eyelids));
                 Field(json, "blendshapes", Array(frame.Blendshapes));
                 Field(json, "fov_deg", Number(frame.FovDeg));
                 Field(json, "pose_correctives", Array(weights));

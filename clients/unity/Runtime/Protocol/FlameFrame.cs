@@ -21,6 +21,9 @@ namespace FlameLive.Protocol
         /// <summary>FLAME's joints: neck, jaw, then the eyes (left, right), each an axis-angle.</summary>
         public float[] NeckPose = new float[3], JawPose = new float[3], EyePose = new float[6];
         public float[] Expression = new float[0];
+        /// <summary>Eyelid weights, the person's left then right (0 open, 1 closed); empty unless the model has
+        /// metrical-tracker's eyelid blendshapes.</summary>
+        public float[] Eyelids = new float[0];
         /// <summary>MediaPipe's 52 scores (empty when the frame had none).</summary>
         public float[] Blendshapes = new float[0];
         public float FovDeg;
@@ -110,6 +113,9 @@ namespace FlameLive.Protocol
                     case "/flame/exp":
                         frame.Expression = Floats(message, 1, FlameFrame.MaxExpression);
                         exp = true;
+                        break;
+                    case "/flame/eyelids":
+                        frame.Eyelids = Floats(message, 2, 2);
                         break;
                     case "/flame/blendshapes":
                         frame.Blendshapes = Floats(message, FlameFrame.BlendshapeCount, FlameFrame.BlendshapeCount);
