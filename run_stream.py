@@ -719,9 +719,10 @@ def _run_models(args: argparse.Namespace) -> int:
         model = load_flame(flame, n_tex=0)
         landmarks = "68 (with jaw contour)" if model.contour68 is not None else "51 (no jaw contour)"
         mediapipe = f", {len(model.mediapipe.face_idx)} MediaPipe" if model.mediapipe is not None else ""
+        eyelids = " + 2 eyelids (blinks close the lids)" if model.eyelids is not None else ""
         print(
             f"\n{model.name} loads: {model.n_vertices} vertices, {model.n_shape} shape + {model.n_exp} expression "
-            f"components, landmarks {landmarks}{mediapipe}; checksum {model.checksum}"
+            f"components{eyelids}, landmarks {landmarks}{mediapipe}; checksum {model.checksum}"
         )
     return 0
 

@@ -122,11 +122,15 @@ def test_each_blendshape_closes_its_own_eye(heads: Heads) -> None:
     np.testing.assert_array_equal(layer.vertices(**zero), layer.vertices(zero["shape"], layer.expression(zero["exp"]), zero["pose"], zero["transl"]))
 
 
-def test_the_models_table_lists_them(heads: Heads, tmp_path: Path) -> None:
+def test_the_models_table_lists_them(heads: Heads, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = {row.spec.name: row for row in mf.model_inventory(heads.folder, heads.folder, cache_dir=tmp_path).rows}
     for spec in mf.EYELID_FILES:
         assert rows[spec.name].state == "found" and not rows[spec.name].required
         assert "metrical-tracker" in rows[spec.name].spec.source
+    from run_stream import main
+
+    assert main(["models", "--models", str(heads.folder)]) == 0
+    assert "100 expression components + 2 eyelids" in capsys.readouterr().out
     absent = {row.spec.name: row for row in mf.model_inventory(tmp_path, tmp_path, cache_dir=tmp_path).rows}
     assert absent["l_eyelid.npy"].state == "missing" and not absent["l_eyelid.npy"].required
 
