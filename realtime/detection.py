@@ -8,7 +8,6 @@ counted) in the source's slot instead.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -17,6 +16,7 @@ import cv2
 import numpy as np
 
 from engine.landmarks import FaceLandmarker, FaceObservation
+from realtime.handoff import DropOldestQueue
 from realtime.sources import Frame, FrameSource
 
 
@@ -49,44 +49,38 @@ class DetectionStage:
         self._source = source
         self._landmarker = landmarker
         self._frame_size = frame_size
-        self._handoff: queue.Queue[Detected] = queue.Queue(maxsize=1)
-        self._stop = threading.Event()
-        self._done = threading.Event()
-        self._error: BaseException | None = None
+        self._handoff: DropOldestQueue[Detected] = DropOldestQueue(1)
         self._thread = threading.Thread(target=self._run, name="flame-live-detection", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._handoff.close()
         self._thread.join(timeout=5.0)
 
     @property
     def finished(self) -> bool:
-        return self._done.is_set() and self._handoff.empty()
+        return self._handoff.ended
 
     def get(self, timeout: float) -> Detected | None:
-        try:
-            return self._handoff.get(timeout=timeout)
-        except queue.Empty:
-            if self._error is not None:
-                raise self._error
-            return None
+        return self._handoff.get(timeout=timeout)
 
     def _run(self) -> None:
+        error: BaseException | None = None
         try:
-            while not self._stop.is_set():
+            while not self._handoff.closed:
                 frame = self._source.slot.get(timeout=0.1)
                 if frame is None:
                     if self._source.ended:
                         break
                     continue
-                self._hand_over(self._detect(frame))
-        except BaseException as error:  # noqa: BLE001 - handed to the fitting stage, which raises it
-            self._error = error
+                if not self._handoff.hand_over(self._detect(frame)):
+                    break
+        except BaseException as exc:  # noqa: BLE001 - handed to the fitting stage, which raises it
+            error = exc
         finally:
-            self._done.set()
+            self._handoff.close(error)
 
     def _detect(self, frame: Frame) -> Detected:
         if self._frame_size is not None and frame.image.shape[1::-1] != self._frame_size:
@@ -95,11 +89,3 @@ class DetectionStage:
         started = time.perf_counter()
         observation = self._landmarker.detect(frame.image, round(frame_time * 1000.0))
         return Detected(frame, frame_time, observation, (time.perf_counter() - started) * 1e3)
-
-    def _hand_over(self, detected: Detected) -> None:
-        while not self._stop.is_set():
-            try:
-                self._handoff.put(detected, timeout=0.1)
-                return
-            except queue.Full:
-                continue

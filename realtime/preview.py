@@ -33,6 +33,7 @@ from engine.export import posed_vertices
 from engine.flame import FlameLayer
 from engine.head_model import HeadModel
 from engine.overlay import FITTED_RGB, INVALID_RGB, MESH_ALPHA, OBSERVED_RGB, LandmarkPairs, MeshPainter, composite, draw_label, draw_points
+from realtime.handoff import DropOldestQueue
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,7 @@ class PreviewWindow:
         self._draw_seconds: deque[float] = deque(maxlen=256)
         self._head, self._n_shape, self._n_exp = head, n_shape, n_exp
         self._recalibrate = recalibrate
-        self._newest: PreviewFrame | None = None
-        self._arrived = threading.Condition()
+        self._newest: DropOldestQueue[PreviewFrame] = DropOldestQueue(1)  # an undrawn frame is replaced
         self._stop = threading.Event()
         self._closed = threading.Event()
         self._finished = threading.Event()
@@ -128,9 +128,7 @@ class PreviewWindow:
 
     def submit(self, frame: PreviewFrame) -> None:
         """Hand over the newest result; returns at once (an undrawn older one is replaced)."""
-        with self._arrived:
-            self._newest = frame
-            self._arrived.notify()
+        self._newest.offer(frame)
 
     def draw_ms(self) -> float:
         """Median milliseconds to pose, render and show one frame, over the recent frames (0 before the first)."""
@@ -139,8 +137,7 @@ class PreviewWindow:
 
     def close(self) -> None:
         self._stop.set()
-        with self._arrived:
-            self._arrived.notify()
+        self._newest.close()
         self._finished.wait(timeout=5.0)
 
     def __enter__(self) -> PreviewWindow:
@@ -150,13 +147,6 @@ class PreviewWindow:
         self.close()
 
     # ------------------------------------------------------------------------------------ the drawing thread
-    def _take(self) -> PreviewFrame | None:
-        with self._arrived:
-            if self._newest is None and not self._stop.is_set():
-                self._arrived.wait(timeout=0.03)  # short: the window's events are polled between frames
-            frame, self._newest = self._newest, None
-        return frame
-
     def _run(self) -> None:
         try:
             self._show_until_closed()
@@ -176,7 +166,7 @@ class PreviewWindow:
         pairs = LandmarkPairs.for_head(self._head)
         try:
             while not self._stop.is_set():
-                frame = self._take()
+                frame = self._newest.get(timeout=0.03)  # short: the window's events are polled between frames
                 if frame is not None:
                     started = time.perf_counter()
                     canvas = self._draw(frame, layer, painter, pairs)

@@ -1,6 +1,6 @@
 """The live refiner: a background thread that turns keyframes into a photometrically refined identity.
 
-It consumes :class:`realtime.keyframes.KeyframeQueue` (never blocking the live loop, which only puts), keeps
+It consumes the keyframe selector's queue (:class:`realtime.handoff.DropOldestQueue`: the live loop only offers), keeps
 the latest ``pool_size`` keyframes, fits shape, albedo and lighting to them jointly with its own
 :class:`Tracker` (nothing is shared with the live tracker), and hands each result to ``on_update(shape, tex,
 light)``. The callback runs on the refiner's thread: the live loop should store the result and adopt it
@@ -27,7 +27,8 @@ from engine.frames import state_from_frames
 from engine.head_model import HeadModel
 from engine.photometric import PhotometricConfig, PhotometricFitter
 from engine.tracker import Tracker, TrackerConfig, TrackingIdentity
-from realtime.keyframes import Keyframe, KeyframeQueue
+from realtime.handoff import DropOldestQueue
+from realtime.keyframes import Keyframe
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class RefinerConfig:
 class LiveRefiner:
     """Refines identity from keyframes on its own thread; ``start``/``stop`` or use as a context manager."""
 
-    def __init__(self, head: HeadModel, queue: KeyframeQueue, current_shape: Callable[[], torch.Tensor],
+    def __init__(self, head: HeadModel, queue: DropOldestQueue[Keyframe], current_shape: Callable[[], torch.Tensor],
                  on_update: IdentityCallback, config: RefinerConfig | None = None) -> None:
         """``current_shape()`` returns the identity the live tracker uses now (called on the refiner's thread)."""
         self.head = head
@@ -115,7 +116,7 @@ class LiveRefiner:
         while not self._stop.is_set():
             keyframe = self.queue.get(timeout=0.1)
             if keyframe is None:
-                if self.queue.closed:
+                if self.queue.ended:
                     return
                 continue
             self._pool = (self._pool + [keyframe])[-self.config.pool_size :]

@@ -1,8 +1,8 @@
 """Frame sources: webcams, network streams, video files and image folders, each frame stamped on capture.
 
-A `FrameSource` runs one capture thread that hands frames to a `LatestFrameSlot`. In live use the
-capture thread never waits for the consumer: a newer frame replaces an untaken one, and the slot counts
-the replaced frames as dropped, so nothing queues and the engine always works on the newest image.
+A `FrameSource` runs one capture thread that hands frames to a one-frame slot (`realtime.handoff`). In live
+use the capture thread never waits for the consumer: a newer frame replaces an untaken one, and the slot
+counts the replaced frames as dropped, so nothing queues and the engine always works on the newest image.
 For offline work (`realtime=False` on a file or folder) the hand-off blocks instead, so that every frame
 arrives in order. `iter_frames` reads a source in the calling thread, without a capture thread.
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import re
 import threading
 import time
@@ -27,6 +26,7 @@ import cv2
 import numpy as np
 
 from engine.errors import UserError
+from realtime.handoff import DropOldestQueue
 
 log = logging.getLogger(__name__)
 
@@ -93,73 +93,6 @@ class _Reader(Protocol):
     def close(self) -> None: ...
 
 
-class LatestFrameSlot:
-    """A one-frame hand-off between the capture thread and the consumer, plus the end-of-stream signal."""
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._frame: Frame | None = None
-        self._dropped = 0
-        self._closed = False
-        self._error: BaseException | None = None
-
-    @property
-    def dropped(self) -> int:
-        """Frames replaced by a newer one before the consumer took them."""
-        with self._condition:
-            return self._dropped
-
-    @property
-    def ended(self) -> bool:
-        """True once the source has finished and its last frame has been taken."""
-        with self._condition:
-            return self._closed and self._frame is None
-
-    def offer(self, frame: Frame) -> bool:
-        """Put the newest frame without waiting, replacing (and counting) an untaken one; False if closed."""
-        with self._condition:
-            if self._closed:
-                return False
-            if self._frame is not None:
-                self._dropped += 1
-            self._frame = frame
-            self._condition.notify_all()
-            return True
-
-    def hand_over(self, frame: Frame) -> bool:
-        """Wait until the consumer took the previous frame, then put this one; False if the slot closed."""
-        with self._condition:
-            self._condition.wait_for(lambda: self._frame is None or self._closed)
-            if self._closed:
-                return False
-            self._frame = frame
-            self._condition.notify_all()
-            return True
-
-    def get(self, timeout: float | None = None) -> Frame | None:
-        """The newest untaken frame, waiting up to `timeout` seconds (None: until one comes or the end).
-
-        Returns None on timeout or at the end of the stream (tell them apart with `ended`). Re-raises an
-        error that stopped the capture thread, once the frames before it have been taken.
-        """
-        with self._condition:
-            self._condition.wait_for(lambda: self._frame is not None or self._closed, timeout)
-            frame, self._frame = self._frame, None
-            if frame is not None:
-                self._condition.notify_all()
-                return frame
-            if self._closed and self._error is not None:
-                raise self._error
-            return None
-
-    def close(self, error: BaseException | None = None) -> None:
-        """Mark the end of the stream; the frame still in the slot can be taken."""
-        with self._condition:
-            self._closed = True
-            self._error = error
-            self._condition.notify_all()
-
-
 class FrameSource:
     """A source with its capture thread. Use as a context manager, or call start() and stop()."""
 
@@ -168,7 +101,7 @@ class FrameSource:
         # Live sources cannot wait for the consumer: the camera or server keeps sending, so waiting
         # would only serve ever staler frames. Only files and folders can deliver every frame.
         self.delivers_every_frame = not realtime and not reader.live
-        self.slot = LatestFrameSlot()
+        self.slot: DropOldestQueue[Frame] = DropOldestQueue(1)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reader_closed = False
@@ -580,24 +513,18 @@ def open_source(spec: str | int, realtime: bool = True, options: SourceOptions |
 def read_ahead(frames: Iterator[Frame], depth: int = 4) -> Iterator[Frame]:
     """The same frames, decoded up to ``depth`` ahead in a thread of its own (decoding overlaps the caller's
     work on each frame); an error while reading is raised here, after the frames before it."""
-    handoff: queue.Queue[Frame | BaseException | None] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    handoff: DropOldestQueue[Frame] = DropOldestQueue(depth)
 
     def read() -> None:
+        error: BaseException | None = None
         try:
             for frame in frames:
-                while not stop.is_set():
-                    try:
-                        handoff.put(frame, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            handoff.put(None)
-        except BaseException as error:  # noqa: BLE001 - raised in the consumer
-            handoff.put(error)
+                if not handoff.hand_over(frame):
+                    return  # the consumer stopped
+        except BaseException as exc:  # noqa: BLE001 - raised in the consumer
+            error = exc
         finally:
+            handoff.close(error)
             close = getattr(frames, "close", None)
             if close is not None:
                 close()  # a generator over a file releases it here, in the thread that ran it
@@ -605,12 +532,10 @@ def read_ahead(frames: Iterator[Frame], depth: int = 4) -> Iterator[Frame]:
     reader = threading.Thread(target=read, name="read ahead", daemon=True)
     reader.start()
     try:
-        while (item := handoff.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        while (frame := handoff.get()) is not None:
+            yield frame
     finally:
-        stop.set()
+        handoff.close()
         reader.join(timeout=_STOP_TIMEOUT_S)
 
 

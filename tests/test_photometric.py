@@ -22,7 +22,8 @@ from engine.photometric import (
 )
 from engine.synthetic import SyntheticMotion, synthetic_sequence
 from engine.tracker import Tracker, TrackerConfig
-from realtime.keyframes import Keyframe, KeyframeQueue
+from realtime.handoff import DropOldestQueue
+from realtime.keyframes import Keyframe
 from offline.refine_job import RefineOptions, SequenceRefiner, refine_session
 from realtime.refiner import LiveRefiner, RefinerConfig
 
@@ -158,7 +159,7 @@ def test_sequence_refinement_writes_every_frame_and_resumes(scene: dict, tmp_pat
 def test_live_refiner_publishes_identity_from_keyframes(scene: dict) -> None:
     sequence = scene["sequence"]
     tracker, _ = _landmark_fit(scene)
-    queue = KeyframeQueue(4)
+    queue: DropOldestQueue[Keyframe] = DropOldestQueue(4)
     updates: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     arrived = threading.Event()
 
@@ -170,7 +171,7 @@ def test_live_refiner_publishes_identity_from_keyframes(scene: dict) -> None:
     with LiveRefiner(scene["head"], queue, lambda: tracker.shape, on_update, config) as refiner:
         for i in range(2):
             tracked = tracker.track(sequence.mp478[i], sequence.lmk68[i], timestamp=i / 25)
-            queue.put(Keyframe(scene["images"][i], sequence.mp478[i], tracked, float(i), i))
+            queue.offer(Keyframe(scene["images"][i], sequence.mp478[i], tracked, float(i), i))
         assert arrived.wait(60), "the refiner published nothing"
         queue.close()
     assert refiner.updates >= 1
@@ -186,7 +187,7 @@ def test_live_refiner_does_not_hand_over_an_identity_that_fits_the_landmarks_wor
     """Without its landmark anchor, on frames of noise, the photometric shape drifts: the guard keeps it back."""
     sequence = scene["sequence"]
     tracker, _ = _landmark_fit(scene)
-    queue = KeyframeQueue(4)
+    queue: DropOldestQueue[Keyframe] = DropOldestQueue(4)
     updates: list[np.ndarray] = []
     weights = PhotometricWeights(landmarks=0.0, shape=0.0)
     photometric = PhotometricConfig(size=64, identity_iterations=2, shape_iterations=10, weights=weights)
@@ -195,7 +196,7 @@ def test_live_refiner_does_not_hand_over_an_identity_that_fits_the_landmarks_wor
     with LiveRefiner(scene["head"], queue, lambda: tracker.shape, lambda shape, tex, light: updates.append(shape), config) as refiner:
         for i in range(2):
             tracked = tracker.track(sequence.mp478[i], sequence.lmk68[i], timestamp=i / 25)
-            queue.put(Keyframe(noise[i], sequence.mp478[i], tracked, float(i), i))
+            queue.offer(Keyframe(noise[i], sequence.mp478[i], tracked, float(i), i))
         queue.close()
         refiner.stop(60)
     assert refiner.rejected >= 1 and not updates

@@ -16,7 +16,6 @@ import pytest
 from engine.errors import UserError
 from realtime.sources import (
     Frame,
-    LatestFrameSlot,
     SourceLostError,
     SourceOptions,
     format_camera_list,
@@ -43,44 +42,6 @@ def count_with_pyav(path: Path) -> int:
 
 def make_frame(index: int) -> Frame:
     return Frame(np.full((2, 2, 3), index, np.uint8), index, time.time(), time.monotonic())
-
-
-def test_slot_hands_out_the_newest_frame_and_counts_the_replaced_ones():
-    slot = LatestFrameSlot()
-    for index in range(3):
-        assert slot.offer(make_frame(index))
-    assert slot.get(timeout=0).index == 2
-    assert slot.dropped == 2
-    assert slot.get(timeout=0.01) is None and not slot.ended
-
-    slot.offer(make_frame(3))
-    slot.close()
-    assert not slot.ended, "the last frame is still to be taken after the end"
-    assert slot.get().index == 3
-    assert slot.get() is None and slot.ended
-    assert not slot.offer(make_frame(4)), "a closed slot takes no more frames"
-
-
-def test_slot_re_raises_the_capture_error_after_the_remaining_frame():
-    slot = LatestFrameSlot()
-    slot.offer(make_frame(0))
-    slot.close(RuntimeError("decoder crashed"))
-    assert slot.get().index == 0
-    with pytest.raises(RuntimeError, match="decoder crashed"):
-        slot.get()
-
-
-def test_blocking_hand_over_waits_for_the_consumer():
-    slot = LatestFrameSlot()
-    assert slot.hand_over(make_frame(0))
-    second_done = threading.Event()
-    producer = threading.Thread(target=lambda: slot.hand_over(make_frame(1)) and second_done.set())
-    producer.start()
-    assert not second_done.wait(0.1), "the second frame must wait while the first is untaken"
-    assert slot.get().index == 0
-    producer.join(5)
-    assert second_done.is_set()
-    assert slot.get().index == 1 and slot.dropped == 0
 
 
 @pytest.mark.parametrize("clip", [GRID_CLIP, GIF_CLIP])
