@@ -513,7 +513,9 @@ def fit_single(
 
 
 def diversity_feature(pose: np.ndarray, exp: np.ndarray) -> np.ndarray:
-    """What makes frames diverse for calibration: head rotation (pose[0], radians) and leading expressions."""
+    """How frames differ, for choosing calibration frames (here) and the refiner's keyframes (realtime.keyframes):
+    head rotation (pose[0], radians, weight 2) then the 10 leading expressions (weight 0.3). Rotation weighs more
+    because turning the head shows the face's depth, which pins down identity and focal length."""
     return np.concatenate([2.0 * pose[0], 0.3 * exp[:10]])
 
 

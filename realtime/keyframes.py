@@ -1,22 +1,22 @@
 """Keyframe selection for the refiner: frames whose pose or expression the chosen set has not seen yet.
 
-A frame's feature is its head rotation away from frontal (radians) followed by its leading expression
-coefficients (weighted). A tracked frame becomes a keyframe when its feature lies farther than
+A frame's feature is the one the tracker chooses its calibration frames by (:func:`engine.tracker.diversity_feature`:
+head rotation, then the leading expression coefficients, weighted): calibration and refinement both want views
+that constrain the identity. A tracked frame becomes a keyframe when its feature lies farther than
 ``min_distance`` from every feature already selected, so a still head yields one keyframe and each new
-head turn or expression adds more. Keyframes go into a :class:`KeyframeQueue` that never blocks the live
-loop: when the refiner falls behind, the oldest waiting keyframe is dropped (and counted).
+head turn or expression adds more. Keyframes go into a :class:`realtime.handoff.DropOldestQueue` that never
+blocks the live loop: when the refiner falls behind, the oldest waiting keyframe is dropped (and counted).
 """
 
 from __future__ import annotations
 
-import threading
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine.frames import TrackedFrame
-from flame_client.rotations import head_rotation_from_frontal
+from engine.tracker import diversity_feature
+from realtime.handoff import DropOldestQueue
 from realtime.sources import Frame
 
 
@@ -24,12 +24,9 @@ from realtime.sources import Frame
 class KeyframeConfig:
     queue_size: int = 8
     """Keyframes waiting for the refiner; beyond this the oldest is dropped."""
-    min_distance: float = 0.15
-    """Novelty threshold in feature units: 0.15 is about 9 degrees of head rotation."""
-    expression_components: int = 10
-    """Leading expression coefficients in the feature."""
-    expression_weight: float = 0.3
-    """Scale of the expression coefficients against radians of rotation."""
+    min_distance: float = 0.3
+    """Novelty threshold in units of :func:`engine.tracker.diversity_feature`: 0.3 is about 9 degrees of head
+    rotation, or one expression coefficient changed by 1."""
     memory: int = 512
     """Selected features remembered for the novelty test; the oldest is forgotten beyond this."""
 
@@ -48,77 +45,25 @@ class Keyframe:
     frame_index: int
 
 
-class KeyframeQueue:
-    """A bounded FIFO between the live loop (put, never waits) and the refiner (get, waits)."""
-
-    def __init__(self, maxsize: int) -> None:
-        if maxsize < 1:
-            raise ValueError(f"the keyframe queue needs room for at least one keyframe, not {maxsize}")
-        self._items: deque[Keyframe] = deque(maxlen=maxsize)
-        self._condition = threading.Condition()
-        self._dropped = 0
-        self._closed = False
-
-    @property
-    def dropped(self) -> int:
-        """Keyframes pushed out unrefined because the queue was full."""
-        with self._condition:
-            return self._dropped
-
-    @property
-    def closed(self) -> bool:
-        with self._condition:
-            return self._closed
-
-    def __len__(self) -> int:
-        with self._condition:
-            return len(self._items)
-
-    def put(self, keyframe: Keyframe) -> None:
-        """Add a keyframe without waiting; when full, the oldest one is dropped to make room."""
-        with self._condition:
-            if len(self._items) == self._items.maxlen:
-                self._dropped += 1
-            self._items.append(keyframe)
-            self._condition.notify()
-
-    def get(self, timeout: float | None = None) -> Keyframe | None:
-        """The oldest waiting keyframe; None after `timeout` seconds, or at once when closed and empty."""
-        with self._condition:
-            self._condition.wait_for(lambda: self._items or self._closed, timeout)
-            return self._items.popleft() if self._items else None
-
-    def close(self) -> None:
-        """No more keyframes will come (the live loop ended); waiting getters return."""
-        with self._condition:
-            self._closed = True
-            self._condition.notify_all()
-
-
 class KeyframeSelector:
     """Decides which tracked frames are novel and queues them; used by the live loop's thread only."""
 
     def __init__(self, config: KeyframeConfig | None = None) -> None:
         self.config = config or KeyframeConfig()
-        self.queue = KeyframeQueue(self.config.queue_size)
+        self.queue: DropOldestQueue[Keyframe] = DropOldestQueue(self.config.queue_size)
         self.selected = 0
         self._features: np.ndarray | None = None  # (memory, D) ring buffer, allocated with the first feature
         self._count = 0
-
-    def feature(self, tracked: TrackedFrame) -> np.ndarray:
-        """Head rotation from frontal (radians), then the weighted leading expression coefficients."""
-        expression = tracked.exp[: self.config.expression_components]
-        return np.concatenate([head_rotation_from_frontal(tracked.head_rot), self.config.expression_weight * expression])
 
     def offer(self, frame: Frame, landmarks: np.ndarray | None, tracked: TrackedFrame) -> bool:
         """Queue the frame if it is tracked and novel; True when it became a keyframe."""
         if not tracked.valid or landmarks is None:
             return False
-        feature = self.feature(tracked)
+        feature = diversity_feature(tracked.pose, tracked.exp)
         if not self._is_novel(feature):
             return False
         self._remember(feature)
-        self.queue.put(Keyframe(frame.image, landmarks, tracked, frame.t_capture, frame.index))
+        self.queue.offer(Keyframe(frame.image, landmarks, tracked, frame.t_capture, frame.index))
         self.selected += 1
         return True
 

@@ -1,17 +1,22 @@
-"""Keyframe selection (novel pose or expression only) and the bounded queue that never blocks the live loop."""
+"""Keyframe selection (novel pose or expression only), into a queue that never blocks the live loop."""
 
 from __future__ import annotations
 
 import math
 import threading
-import time
 
 import numpy as np
-import pytest
 
 from engine.frames import TrackedFrame
-from flame_client.rotations import FRONTAL_QUATERNION, axis_angle_from_quaternion, quaternion_from_axis_angle, quaternion_multiply
-from realtime.keyframes import KeyframeConfig, KeyframeQueue, KeyframeSelector
+from engine.tracker import diversity_feature
+from flame_client.rotations import (
+    FRONTAL_QUATERNION,
+    axis_angle_from_quaternion,
+    head_rotation_from_frontal,
+    quaternion_from_axis_angle,
+    quaternion_multiply,
+)
+from realtime.keyframes import KeyframeConfig, KeyframeSelector
 from realtime.sources import Frame
 
 IMAGE = np.zeros((48, 64, 3), np.uint8)
@@ -24,8 +29,10 @@ def tracked(yaw_deg: float = 0.0, exp0: float = 0.0, valid: bool = True) -> Trac
     head_rot = axis_angle_from_quaternion(quaternion_multiply(FRONTAL_QUATERNION, turn))
     exp = np.zeros(20)
     exp[0] = exp0
+    pose = np.zeros((5, 3))
+    pose[0] = [0.0, math.radians(yaw_deg), 0.0]  # the same turn as the model's root rotation
     return TrackedFrame(
-        valid=valid, exp=exp, pose=np.zeros((5, 3)), transl=np.zeros(3), head_rot=head_rot,
+        valid=valid, exp=exp, pose=pose, transl=np.zeros(3), head_rot=head_rot,
         head_trans=np.array([0.0, 0.0, 0.6]), fov_deg=40.0, rms_px=1.0, iterations=3, fit_ms=1.0,
         calibrated=True, shape_version=1,
     )  # fmt: skip
@@ -39,21 +46,23 @@ def offer_all(selector: KeyframeSelector, fits: list[TrackedFrame]) -> list[int]
     return [index for index, fit in enumerate(fits) if selector.offer(frame(index), LANDMARKS, fit)]
 
 
-def test_feature_is_rotation_from_frontal_then_weighted_expressions() -> None:
-    selector = KeyframeSelector(KeyframeConfig(expression_components=3, expression_weight=0.5))
-    feature = selector.feature(tracked(yaw_deg=20.0, exp0=1.0))
-    np.testing.assert_allclose(feature[:3], [0.0, math.radians(20.0), 0.0], atol=1e-9)
-    np.testing.assert_allclose(feature[3:], [0.5, 0.0, 0.0])
+def test_keyframes_are_told_apart_by_the_tracker_s_diversity_feature() -> None:
+    fit = tracked(yaw_deg=20.0, exp0=1.0)
+    np.testing.assert_allclose(fit.pose[0], head_rotation_from_frontal(fit.head_rot), atol=1e-12)  # a consistent fit
+    selector = KeyframeSelector(KeyframeConfig(min_distance=0.3))
+    assert offer_all(selector, [tracked(yaw_deg=0.0), tracked(yaw_deg=8.0), tracked(yaw_deg=10.0)]) == [0, 2]
+    assert offer_all(selector, [tracked(exp0=0.9), tracked(exp0=1.1)]) == [1]
+    np.testing.assert_allclose(diversity_feature(fit.pose, fit.exp)[:4], [0.0, 2 * math.radians(20.0), 0.0, 0.3])
 
 
 def test_a_still_head_gives_one_keyframe_and_each_new_pose_or_expression_another() -> None:
-    selector = KeyframeSelector(KeyframeConfig(min_distance=0.15, queue_size=16))
+    selector = KeyframeSelector(KeyframeConfig(min_distance=0.3, queue_size=16))
     still = [tracked(yaw_deg=0.2 * (i % 3)) for i in range(10)]
     assert offer_all(selector, still) == [0]
     # 20 degrees is novel, 22 is not (2 degrees from a kept one); 20 again later is not either.
     turns = [tracked(yaw_deg=20.0), tracked(yaw_deg=22.0), tracked(yaw_deg=-20.0), tracked(yaw_deg=20.0)]
     assert offer_all(selector, turns) == [0, 2]
-    assert offer_all(selector, [tracked(exp0=1.0), tracked(exp0=1.1)]) == [0]
+    assert offer_all(selector, [tracked(exp0=1.5), tracked(exp0=1.6)]) == [0]
     assert selector.selected == 4 and len(selector.queue) == 4
 
 
@@ -86,22 +95,8 @@ def test_memory_forgets_the_oldest_feature() -> None:
     assert offer_all(selector, [tracked(yaw_deg=angle) for angle in (0, 10, 20, 0)]) == [0, 1, 2, 3]
 
 
-def test_get_waits_for_a_keyframe_and_close_releases_waiters() -> None:
-    queue = KeyframeQueue(4)
-    assert queue.get(timeout=0.01) is None
+def test_a_selected_keyframe_reaches_a_waiting_consumer() -> None:
     selector = KeyframeSelector()
     delivered = threading.Timer(0.05, lambda: selector.offer(frame(3), LANDMARKS, tracked()))
     delivered.start()
     assert selector.queue.get(timeout=5).frame_index == 3
-    waiter_result = []
-    waiter = threading.Thread(target=lambda: waiter_result.append(queue.get()))
-    waiter.start()
-    time.sleep(0.05)
-    queue.close()
-    waiter.join(timeout=5)
-    assert not waiter.is_alive() and waiter_result == [None] and queue.closed
-
-
-def test_queue_needs_room() -> None:
-    with pytest.raises(ValueError):
-        KeyframeQueue(0)
