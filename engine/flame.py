@@ -14,6 +14,7 @@ Two paths share the same code:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,25 @@ class Landmarks:
     lmk68: torch.Tensor | None  # iBUG order: 17 contour points, then the 51 static points
     mediapipe: torch.Tensor | None  # in the order of HeadModel.mediapipe.landmark_indices
     eyes: torch.Tensor | None  # (B, 2, 3): subject's left and right pupil centres
+
+
+def world_transforms(rotations: torch.Tensor, rest_joints: torch.Tensor, parents: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kinematic chain, walked from the root: every joint's rotation (B, J, 3, 3) and position (B, J, 3) in
+    the world, for local joint `rotations` (B, J, 3, 3) about `rest_joints` (B, J, 3) (the root stays at its
+    rest location; translation is applied after). `parents[j]` < j is joint j's parent."""
+    world_rot, world_pos = [rotations[:, 0]], [rest_joints[:, 0]]
+    for joint in range(1, rotations.shape[1]):
+        parent = parents[joint]
+        world_rot.append(world_rot[parent] @ rotations[:, joint])
+        offset = rest_joints[:, joint] - rest_joints[:, parent]
+        world_pos.append((world_rot[parent] @ offset[..., None])[..., 0] + world_pos[parent])
+    return torch.stack(world_rot, dim=1), torch.stack(world_pos, dim=1)
+
+
+def pose_features(rotations: torch.Tensor) -> torch.Tensor:
+    """(B, 9 (J-1)): what FLAME's pose correctives are linear in, R_j - I of every joint below the root."""
+    eye = torch.eye(3, dtype=rotations.dtype, device=rotations.device)
+    return (rotations[:, 1:] - eye).reshape(rotations.shape[0], -1)
 
 
 def rodrigues(axis_angle: torch.Tensor) -> torch.Tensor:
@@ -261,19 +281,9 @@ class FlameLayer(torch.nn.Module):
 
     def skinning_transforms(self, rotations: torch.Tensor, rest_joints: torch.Tensor) -> torch.Tensor:
         """(B, J, 3, 4) transforms taking rest-pose points to posed points for each joint (smplx's A)."""
-        relative = rest_joints.clone()
-        relative[:, 1:] -= rest_joints[:, self.parents[1:]]
-        world_rot = [rotations[:, 0]]
-        world_trans = [relative[:, 0]]
-        for joint in range(1, self.n_joints):
-            parent = self.parents[joint]
-            world_rot.append(world_rot[parent] @ rotations[:, joint])
-            world_trans.append(world_rot[parent] @ relative[:, joint, :, None] + world_trans[parent][..., None])
-            world_trans[-1] = world_trans[-1][..., 0]
-        rot = torch.stack(world_rot, dim=1)
-        trans = torch.stack(world_trans, dim=1)
+        rot, pos = world_transforms(rotations, rest_joints, self.parents)
         # Express each transform relative to the joint's rest location, so it applies to rest-pose vertices.
-        trans = trans - (rot @ rest_joints[..., None])[..., 0]
+        trans = pos - (rot @ rest_joints[..., None])[..., 0]
         return torch.cat([rot, trans[..., None]], dim=-1)
 
     def _pose_vertices(
@@ -287,9 +297,7 @@ class FlameLayer(torch.nn.Module):
     ) -> torch.Tensor:
         """Blendshapes, pose correctives and skinning for the subset's vertices: (B, M, 3)."""
         batch = rotations.shape[0]
-        eye = torch.eye(3, dtype=rotations.dtype, device=rotations.device)
-        pose_feature = (rotations[:, 1:] - eye).reshape(batch, -1)
-        coefficients = torch.cat([shape, exp, pose_feature], dim=1)[..., None]
+        coefficients = torch.cat([shape, exp, pose_features(rotations)], dim=1)[..., None]
         rest = subset.template + (subset.basis @ coefficients).reshape(batch, -1, 3)
         blended = (subset.weights @ transforms.reshape(batch, self.n_joints, 12)).reshape(batch, -1, 3, 4)
         return (blended[..., :3] @ rest[..., None])[..., 0] + blended[..., 3] + transl[:, None]

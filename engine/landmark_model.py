@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.flame import FlameLayer
+from engine.flame import FlameLayer, pose_features, world_transforms
 
 #: Joined contour+static tables kept per model (about 1 MB each for FLAME): the yaw rows a head visits.
 _JOINED_TABLES_KEPT = 16
@@ -178,22 +178,9 @@ class LandmarkModel:
         return mask
 
     def _kinematics(self, coeffs: torch.Tensor, rotations: torch.Tensor) -> _Kinematics:
-        batch = coeffs.shape[0]
         rest_joints = self.joint_rest + (self.joint_coeff_basis @ coeffs.T).permute(2, 0, 1)
-        world_rot, world_pos = [rotations[:, 0]], [rest_joints[:, 0]]
-        for joint in range(1, self.n_joints):
-            parent = self.parents[joint]
-            world_rot.append(world_rot[parent] @ rotations[:, joint])
-            offset = rest_joints[:, joint] - rest_joints[:, parent]
-            world_pos.append((world_rot[parent] @ offset[..., None])[..., 0] + world_pos[parent])
-        eye = torch.eye(3, dtype=coeffs.dtype, device=coeffs.device)
-        return _Kinematics(
-            rest_joints,
-            torch.stack(world_rot, dim=1),
-            torch.stack(world_pos, dim=1),
-            None,
-            (rotations[:, 1:] - eye).reshape(batch, -1),
-        )
+        world_rot, world_pos = world_transforms(rotations, rest_joints, self.parents)
+        return _Kinematics(rest_joints, world_rot, world_pos, None, pose_features(rotations))
 
     def _joint_position_jacobian(self, kin: _Kinematics) -> torch.Tensor:
         """(B, J, 3, C) d world joint positions / d coefficients, down the kinematic chain."""
