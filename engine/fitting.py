@@ -126,6 +126,18 @@ class _Residuals:
     d_log_focal: torch.Tensor | None = None  # (B, L*2)
 
 
+@dataclass
+class _Assessment:
+    """One state of the fit, evaluated without Jacobians: its landmarks, residuals and total cost, and the
+    per-frame priors' gradient and Hessian diagonal (for the next step's normal equations)."""
+
+    evaluation: LandmarkEvaluation
+    residuals: _Residuals
+    cost: torch.Tensor  # (B,) per frame (FrameFitter), or () the whole joint problem (calibrate)
+    prior_gradient: torch.Tensor  # (B, size)
+    prior_diagonal: torch.Tensor  # (B, size)
+
+
 def _residuals(evaluation: LandmarkEvaluation, focal: torch.Tensor, center: tuple[float, float], targets: Targets, config: FitConfig) -> _Residuals:
     pixels = project(evaluation.points, focal, center)
     observed = targets.observed
@@ -282,52 +294,54 @@ class FrameFitter:
         model, block, config = self.model, self.block, self.config
         iterations = config.track_iterations if iterations is None else iterations
         damping = self.initial_damping.expand(params.exp.shape[0])
-
-        def assess(state: FrameParams) -> tuple[LandmarkEvaluation, _Residuals, torch.Tensor, torch.Tensor, torch.Tensor]:
-            evaluation = model.evaluate(state.exp, state.rotations, state.transl, jacobians=False)
-            residuals = _residuals(evaluation, focal, center, targets, config)
-            prior_cost, prior_gradient, prior_diagonal = block.prior(state, prediction)
-            return evaluation, residuals, residuals.data_cost + prior_cost, prior_gradient, prior_diagonal
-
         state = params
-        evaluation, residuals, cost, prior_gradient, prior_diagonal = assess(state)
+        current = self.assess(state, targets, focal, center, prediction)
         # After the first iteration the Jacobian is kept (a chord step): warm-started frames move little, so
         # re-linearising would cost most of an iteration for the same step. Residuals, robust weights and
         # priors are always current, so the fixed point is unchanged; a refused chord step re-linearises.
         jacobian, fresh = None, False
         used = 0
         for used in range(1, iterations + 1):
+            residuals = current.residuals
             if jacobian is None:
-                jacobian, fresh = block.jacobian(_linearise(model, evaluation, residuals, focal, center), residuals), True
+                jacobian, fresh = block.jacobian(_linearise(model, current.evaluation, residuals, focal, center), residuals), True
             weighted = jacobian * residuals.weights[..., None]
-            hessian = weighted.transpose(1, 2) @ jacobian + block.hessian(prior_diagonal)
-            gradient = (weighted.transpose(1, 2) @ residuals.values[..., None])[..., 0] + prior_gradient
+            hessian = weighted.transpose(1, 2) @ jacobian + block.hessian(current.prior_diagonal)
+            gradient = (weighted.transpose(1, 2) @ residuals.values[..., None])[..., 0] + current.prior_gradient
             step = _solve(hessian, gradient, damping)
             candidate = block.apply(state, step)
             # The quadratic model predicts the step's gain; when it is negligible, take the step unchecked and
             # spare the evaluation that would only confirm convergence.
             predicted = -(gradient * step).sum(dim=1) - 0.5 * (step[:, None] @ hessian @ step[..., None])[:, 0, 0]
-            if bool((predicted < config.cost_tolerance * cost).all()):
+            if bool((predicted < config.cost_tolerance * current.cost).all()):
                 state = candidate
                 break
-            evaluation_c, residuals_c, cost_c, prior_gradient_c, prior_diagonal_c = assess(candidate)
-            accept = torch.isfinite(cost_c) & (cost_c <= cost)
-            gain = (cost - cost_c) / cost.clamp_min(1e-12)
+            trial = self.assess(candidate, targets, focal, center, prediction)
+            accept = torch.isfinite(trial.cost) & (trial.cost <= current.cost)
+            gain = (current.cost - trial.cost) / current.cost.clamp_min(1e-12)
             damping = torch.where(accept, damping / 3, damping * 10).clamp(1e-7, 1e7)
             if bool(accept.all()):
-                state, evaluation, residuals, cost = candidate, evaluation_c, residuals_c, cost_c
-                prior_gradient, prior_diagonal = prior_gradient_c, prior_diagonal_c
+                state, current = candidate, trial
                 fresh = False
             elif bool(accept.any()):
                 state = _merge(accept, candidate, state)
-                evaluation, residuals, cost, prior_gradient, prior_diagonal = assess(state)
+                current = self.assess(state, targets, focal, center, prediction)
                 jacobian = None
             elif not fresh:
                 jacobian = None
             settled = (step.abs().amax(dim=1) < config.step_tolerance) | (accept & (gain < config.cost_tolerance))
             if bool(settled.all()):
                 break
-        return FitResult(state, cost, _weighted_rms_px(residuals, targets, config), used)
+        return FitResult(state, current.cost, _weighted_rms_px(current.residuals, targets, config), used)
+
+    def assess(
+        self, state: FrameParams, targets: Targets, focal: torch.Tensor, center: tuple[float, float], prediction: FrameParams | None
+    ) -> _Assessment:
+        """`state` against `targets`: landmarks, residuals, and the cost with the priors (and temporal terms)."""
+        evaluation = self.model.evaluate(state.exp, state.rotations, state.transl, jacobians=False)
+        residuals = _residuals(evaluation, focal, center, targets, self.config)
+        prior_cost, prior_gradient, prior_diagonal = self.block.prior(state, prediction)
+        return _Assessment(evaluation, residuals, residuals.data_cost + prior_cost, prior_gradient, prior_diagonal)
 
 
 def _merge(take_first: torch.Tensor, first: FrameParams, second: FrameParams) -> FrameParams:
@@ -376,23 +390,14 @@ def calibrate(
     n_shared = n_shape + (1 if fit_focal else 0)
     iterations = config.calib_iterations if iterations is None else iterations
 
-    def assess(state: FrameParams, shape: torch.Tensor, log_focal: torch.Tensor):
-        coeffs = torch.cat([shape.expand(frames, -1), state.exp], dim=1)
-        evaluation = model.evaluate(coeffs, state.rotations, state.transl, jacobians=False)
-        residuals = _residuals(evaluation, log_focal.exp(), center, targets, config)
-        prior_cost, prior_gradient, prior_diagonal = block.prior(state, None)
-        shared_cost = 0.5 * config.priors.shape * (shape**2).sum()
-        if fit_focal:
-            shared_cost = shared_cost + 0.5 * config.priors.fov * (log_focal - prior_log_focal) ** 2
-        total = (residuals.data_cost + prior_cost).sum() + shared_cost
-        return evaluation, residuals, total, prior_gradient, prior_diagonal
-
+    problem = _JointProblem(model, block, targets, center, config, fit_focal, prior_log_focal)
     state = params
-    evaluation, residuals, cost, prior_gradient, prior_diagonal = assess(state, shape, log_focal)
+    current = problem.assess(state, shape, log_focal)
     damping = torch.tensor([config.initial_damping], **options)
     used = 0
     schur = None
     for used in range(1, iterations + 1):
+        evaluation, residuals, cost = current.evaluation, current.residuals, current.cost
         frame_jacobian = block.jacobian(_linearise(model, evaluation, residuals, log_focal.exp(), center), residuals)  # (K, 2L, P)
         d_points = residuals.d_points.reshape(frames, -1, 2, 3)
         shared_columns = [(d_points @ evaluation.d_coeffs[..., :n_shape]).flatten(1, 2)]
@@ -400,10 +405,10 @@ def calibrate(
             shared_columns.append(residuals.d_log_focal[..., None])
         shared_jacobian = torch.cat(shared_columns, dim=-1)  # (K, 2L, n_shared)
         weights = residuals.weights[..., None]
-        h_ff = (frame_jacobian * weights).transpose(1, 2) @ frame_jacobian + block.hessian(prior_diagonal)
+        h_ff = (frame_jacobian * weights).transpose(1, 2) @ frame_jacobian + block.hessian(current.prior_diagonal)
         h_sf = (shared_jacobian * weights).transpose(1, 2) @ frame_jacobian  # (K, n_shared, P)
         h_ss = ((shared_jacobian * weights).transpose(1, 2) @ shared_jacobian).sum(dim=0)
-        g_f = ((frame_jacobian * weights).transpose(1, 2) @ residuals.values[..., None])[..., 0] + prior_gradient
+        g_f = ((frame_jacobian * weights).transpose(1, 2) @ residuals.values[..., None])[..., 0] + current.prior_gradient
         g_s = ((shared_jacobian * weights).transpose(1, 2) @ residuals.values[..., None])[..., 0].sum(dim=0)
         h_ss = h_ss + torch.diag_embed(torch.cat([torch.full((n_shape,), config.priors.shape, **options), torch.full((n_shared - n_shape,), config.priors.fov, **options)]))
         g_s[:n_shape] += config.priors.shape * shape
@@ -427,12 +432,10 @@ def calibrate(
         candidate = block.apply(state, frame_step)
         shape_c = shape + shared_step[:n_shape]
         log_focal_c = log_focal + shared_step[n_shape] if fit_focal else log_focal
-        evaluation_c, residuals_c, cost_c, prior_gradient_c, prior_diagonal_c = assess(candidate, shape_c, log_focal_c)
-        if bool(torch.isfinite(cost_c)) and bool(cost_c <= cost):
-            state, shape, log_focal = candidate, shape_c, log_focal_c
-            evaluation, residuals, prior_gradient, prior_diagonal = evaluation_c, residuals_c, prior_gradient_c, prior_diagonal_c
-            converged = bool(cost - cost_c <= config.calibration_tolerance * cost) or max(frame_step.abs().max(), shared_step.abs().max()) < config.step_tolerance
-            cost = cost_c
+        trial = problem.assess(candidate, shape_c, log_focal_c)
+        if bool(torch.isfinite(trial.cost)) and bool(trial.cost <= cost):
+            state, shape, log_focal, current = candidate, shape_c, log_focal_c, trial
+            converged = bool(cost - trial.cost <= config.calibration_tolerance * cost) or max(frame_step.abs().max(), shared_step.abs().max()) < config.step_tolerance
             damping = (damping / 3).clamp_min(1e-7)
             if converged:
                 break
@@ -440,10 +443,36 @@ def calibrate(
             damping = damping * 10
             if bool(damping > 1e4):  # steps that short no longer lower the cost: this is the minimum
                 break
-    frame_costs = residuals.data_cost
-    result = FitResult(state, frame_costs, _weighted_rms_px(residuals, targets, config), used)
+    residuals = current.residuals
+    result = FitResult(state, residuals.data_cost, _weighted_rms_px(residuals, targets, config), used)
     spread = _log_focal_std(schur, residuals, config, n_shared + frames * block.size) if fit_focal else None
     return Calibration(shape, float(log_focal.exp()), result, spread)
+
+
+@dataclass
+class _JointProblem:
+    """What the cost of :func:`calibrate` depends on besides the state, the identity and the focal length."""
+
+    model: LandmarkModel
+    block: FrameBlock
+    targets: Targets
+    center: tuple[float, float]
+    config: FitConfig
+    fit_focal: bool
+    prior_log_focal: float
+
+    def assess(self, state: FrameParams, shape: torch.Tensor, log_focal: torch.Tensor) -> _Assessment:
+        """All frames with one identity `shape` and focal length: the cost is the whole problem's (a scalar)."""
+        config = self.config
+        coeffs = torch.cat([shape.expand(state.exp.shape[0], -1), state.exp], dim=1)
+        evaluation = self.model.evaluate(coeffs, state.rotations, state.transl, jacobians=False)
+        residuals = _residuals(evaluation, log_focal.exp(), self.center, self.targets, config)
+        prior_cost, prior_gradient, prior_diagonal = self.block.prior(state, None)
+        shared_cost = 0.5 * config.priors.shape * (shape**2).sum()
+        if self.fit_focal:
+            shared_cost = shared_cost + 0.5 * config.priors.fov * (log_focal - self.prior_log_focal) ** 2
+        total = (residuals.data_cost + prior_cost).sum() + shared_cost
+        return _Assessment(evaluation, residuals, total, prior_gradient, prior_diagonal)
 
 
 def _log_focal_std(schur: torch.Tensor | None, residuals: _Residuals, config: FitConfig, n_params: int) -> float:

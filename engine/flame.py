@@ -7,8 +7,10 @@ added last. Joints are regressed from the shaped *and* expressed template, as sm
 Two paths share the same code:
 - :meth:`FlameLayer.vertices` evaluates the dense mesh;
 - :meth:`FlameLayer.landmarks` evaluates only the vertices that the landmarks touch (a few hundred instead of
-  5023) and is the per-frame hot path of the tracker. The blendshape rows those vertices need are gathered
-  once, at construction, including every candidate row of the yaw-dependent jaw contour.
+  5023): the plain reference that the solver's own landmark model (:mod:`engine.landmark_model`, with
+  analytic Jacobians, and its NumPy twin :mod:`engine.frame_solver`, the tracker's per-frame path) is tested
+  against. The blendshape rows those vertices need are gathered once, at construction, including every
+  candidate row of the yaw-dependent jaw contour.
 """
 
 from __future__ import annotations

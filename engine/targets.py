@@ -148,6 +148,11 @@ class TargetBuilder:
                 out[:, part] = mp478[:, [LEFT_IRIS_CENTER, RIGHT_IRIS_CENTER]]
         return out
 
-    def __call__(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> Targets:
+    def build(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> Targets:
+        """The fitting targets of a batch of frames from (B, 478, 2) and/or (B, 68, 2) pixel arrays."""
         pixels = torch.as_tensor(self.pixels(mp478, lmk68), dtype=self.dtype, device=self.device)
         return Targets(pixels, self.weights)
+
+    def build_frame(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> Targets:
+        """The fitting targets of one frame (a batch of one) from (478, 2) and/or (68, 2) pixel arrays."""
+        return self.build(None if mp478 is None else mp478[None], None if lmk68 is None else lmk68[None])

@@ -173,7 +173,7 @@ class Tracker:
         """Whether one frame's landmarks can be fitted: enough observed, spanning a face."""
         if mp478 is None and lmk68 is None:
             return False
-        return self._observed_enough(self.targets(None if mp478 is None else mp478[None], None if lmk68 is None else lmk68[None]))
+        return self._observed_enough(self.targets.build_frame(mp478, lmk68))
 
     def _observed_enough(self, targets: Targets) -> bool:
         """Enough landmarks observed, spanning a face (not a point, a line or a few pixels)."""
@@ -246,7 +246,7 @@ class Tracker:
         self._adopt_background_calibration()
         if mp478 is None and lmk68 is None:
             return self._invalid(started)
-        targets = self.targets(None if mp478 is None else mp478[None], None if lmk68 is None else lmk68[None])
+        targets = self.targets.build_frame(mp478, lmk68)
         if not self._observed_enough(targets):
             return self._invalid(started)
         warm = not self._lost and self._history and self.config.warm_start != "none"
@@ -469,7 +469,7 @@ class Tracker:
         """The joint fit of :meth:`calibrate`, leaving the tracker as it was (safe on another thread)."""
         mp = [o[0] for o in observations]
         lmk = [o[1] for o in observations]
-        targets = self.targets(
+        targets = self.targets.build(
             None if any(m is None for m in mp) else np.stack(mp),
             None if any(m is None for m in lmk) else np.stack(lmk),
         )
@@ -506,7 +506,7 @@ def fit_single(
         return tracker.reference_arrays(tracker._invalid(started))
     result = tracker.calibrate([(mp478, lmk68)])
     rms_px = float(result.frames.rms_px[0])
-    face_size = float(tracker.targets(*(None if a is None else a[None] for a in (mp478, lmk68))).face_size[0])
+    face_size = float(tracker.targets.build_frame(mp478, lmk68).face_size[0])
     if not math.isfinite(rms_px) or rms_px > tracker.config.loss_threshold * face_size or not result.frames.params.finite():
         return tracker.reference_arrays(tracker._invalid(started, rms_px))
     return tracker.reference_arrays(tracker.frame_from(result.frames.params, rms_px))

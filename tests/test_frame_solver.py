@@ -54,9 +54,9 @@ def test_numpy_solver_tracks_a_sequence_exactly_as_the_torch_solver(model_name: 
 
 def test_numpy_solver_refuses_batches(flame_dir: Path) -> None:
     tracker = Tracker(load_flame(flame_dir, n_shape=20, n_exp=10), (256, 256))
-    params = tracker.cold_start(tracker.targets(np.full((2, 478, 2), 128.0), None))
+    params = tracker.cold_start(tracker.targets.build(np.full((2, 478, 2), 128.0), None))
     with pytest.raises(ValueError, match="one frame at a time"):
-        tracker.fitter.fit(params, tracker.targets(np.full((2, 478, 2), 128.0), None), tracker.focal, tracker.camera.center)
+        tracker.fitter.fit(params, tracker.targets.build(np.full((2, 478, 2), 128.0), None), tracker.focal, tracker.camera.center)
 
 
 def test_background_calibration_adopts_the_identity_that_calibrating_in_line_finds(flame_dir: Path) -> None:

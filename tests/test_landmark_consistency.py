@@ -53,16 +53,16 @@ def test_metrical_trackers_embedding_covers_every_inner_feature(flame) -> None:
 
 def test_with_both_embeddings_the_targets_are_the_contour_and_the_mediapipe_points(flame, mediapipe_points: np.ndarray) -> None:
     tracker = Tracker(flame, MOTION.image_size, CONFIG)
-    observed = tracker.targets(mediapipe_points[:1], None).observed[0].numpy()
+    observed = tracker.targets.build(mediapipe_points[:1], None).observed[0].numpy()
     slices = tracker.full.slices
     assert observed[slices["lmk68"]].nonzero()[0].tolist() == CONTOUR.tolist()
     assert observed[slices["mediapipe"]].all() and observed[slices["eyes"]].all()
     # 68 points given as such (another detector) are all fitted.
-    given = tracker.targets(mediapipe_points[:1], mediapipe_points[:1, :68]).observed[0].numpy()
+    given = tracker.targets.build(mediapipe_points[:1], mediapipe_points[:1, :68]).observed[0].numpy()
     assert given[slices["lmk68"]].all()
     # Without a MediaPipe embedding the converted 68 points are all fitted.
     alone = Tracker(replace(flame, mediapipe=None), MOTION.image_size, CONFIG)
-    assert alone.targets(mediapipe_points[:1], None).observed[0].numpy()[alone.full.slices["lmk68"]].all()
+    assert alone.targets.build(mediapipe_points[:1], None).observed[0].numpy()[alone.full.slices["lmk68"]].all()
 
 
 def _fitted_nose_tip(head, mp478: np.ndarray, mapping) -> np.ndarray:
