@@ -126,6 +126,10 @@ class HeadModel:
             digest.update(f"{name}:{self.sources[name]}\n".encode())
         return digest.hexdigest()[:16]
 
+    def describe(self) -> dict[str, object]:
+        """Which model a result was made with, as meta.json and session.json record it."""
+        return {"name": self.name, "checksum": self.checksum, "is_demo": self.is_demo, "files": self.sources}
+
     def validate(self) -> None:
         """Check every array's shape against the others; raise ModelFileError naming the first bad one."""
         n_vertices, n_joints = self.n_vertices, self.n_joints

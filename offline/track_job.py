@@ -475,7 +475,7 @@ def _write_summary(
     meta = {
         "format": "flame-live tracking",
         "format_version": FRAME_FORMAT_VERSION,
-        "model": {"name": tracker.head.name, "is_demo": tracker.head.is_demo, "checksum": tracker.head.checksum, "files": tracker.head.sources},
+        "model": tracker.head.describe(),
         "source": sequence.source,
         "image_size": {"height": sequence.image_size[0], "width": sequence.image_size[1]},
         "fps": sequence.fps,

@@ -31,7 +31,7 @@ def session_metadata(
     return {
         "source": source.description,
         "source_fps": source.fps,
-        "model": {"name": head.name, "checksum": head.checksum, "is_demo": head.is_demo, "files": head.sources},
+        "model": head.describe(),
         "tracker": {"n_shape": tracker.layer.n_shape, "n_exp": tracker.layer.n_exp, "device": device},
         "camera": camera_metadata(tracker),
         "fov_fixed": fov_fixed,
