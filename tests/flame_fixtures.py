@@ -352,7 +352,7 @@ def eyelid_blendshapes(seed: int = 0) -> np.ndarray:
         fade = (1.0 - _smoothstep((y - _UPPER_LID_Y - 0.004) / 0.008)) * (1.0 - _smoothstep((_LOWER_LID_Y - 0.004 - y) / 0.008))
         offsets = np.zeros((N_VERTICES, 3))
         offsets[:, 1] = -height * fade * across * front
-        offsets[:, 2] = 0.15 * offsets[:, 1]  # the closing lid slides over the eyeball's curve
+        offsets[:, 2] = -0.3 * offsets[:, 1]  # the closing lid moves forward, over the eyeball
         noise = _smooth_fields(rng, v_template, 3, (0.02,)).sum(axis=2)
         shapes.append(offsets + 2e-4 * noise * (across * front)[:, None])
     return np.stack(shapes, axis=2)
