@@ -1,0 +1,165 @@
+"""MediaPipe in its own process: the same landmarks as in this process, frames in flight in order, and clean
+ends: a worker that dies is reported, a parent that dies (kill -9) or is interrupted (Ctrl-C) leaves no
+worker process and no shared memory behind. Real MediaPipe on a real clip, real processes and signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.head_model import ModelFileError
+from engine.landmarks import FaceLandmarker, LandmarkerConfig
+from realtime.detection_process import DetectionProcess, DetectionProcessError
+from realtime.sources import iter_frames
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLIP = "bbaf2n.mpg"  # 360x288, a frontal speaker
+FRAMES = 12
+WAIT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def frames(shared_clips: Path) -> list[np.ndarray]:
+    images = []
+    for frame in iter_frames(str(shared_clips / CLIP)):
+        images.append(frame.image)
+        if len(images) == FRAMES:
+            return images
+    raise AssertionError(f"{CLIP} has fewer than {FRAMES} frames")
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie of a parent that has not waited counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
+def _wait_until_gone(pid: int) -> bool:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if _gone(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_the_worker_finds_the_same_faces_with_frames_in_flight(frames: list[np.ndarray], landmarker_task: Path) -> None:
+    config = LandmarkerConfig(landmarker_task)
+    with FaceLandmarker(config) as landmarker:
+        expected = [landmarker.detect(image, index * 40) for index, image in enumerate(frames)]
+    height, width = frames[0].shape[:2]
+    with DetectionProcess(config, (height, width), slots=3) as process:
+        collected = []
+        for index, image in enumerate(frames):
+            if process.in_flight == process.slots:
+                collected.append(process.collect())
+            process.submit(image, index * 40)
+        with pytest.raises(RuntimeError, match="in flight"):
+            process.submit(frames[0], 10_000)  # every slot is taken
+        while process.in_flight:
+            collected.append(process.collect())
+        single = process.detect(frames[-1], FRAMES * 40)
+    assert all(e is not None for e in expected), "every frame of the clip shows a face"
+    for want, got in zip(expected, collected, strict=True):
+        assert got.observation is not None and got.mediapipe_ms > 0
+        np.testing.assert_array_equal(got.observation.points, want.points)
+        np.testing.assert_array_equal(got.observation.depth, want.depth)
+        np.testing.assert_array_equal(got.observation.blendshapes, want.blendshapes)
+        np.testing.assert_array_equal(got.observation.transform, want.transform)
+        assert got.observation.image_size == (height, width) and got.observation.timestamp_ms == want.timestamp_ms
+    assert single is not None and single.image_size == (height, width)
+    assert not Path("/dev/shm", process.memory_name).exists(), "closing frees the shared memory"
+
+
+def test_frames_of_another_size_are_resized_into_the_ring(frames: list[np.ndarray], landmarker_task: Path) -> None:
+    with DetectionProcess(LandmarkerConfig(landmarker_task, running_mode="image"), (480, 640)) as process:
+        observation = process.detect(frames[0])
+    assert observation is not None and observation.image_size == (480, 640)
+    assert 0 < observation.points[:, 0].min() and observation.points[:, 0].max() < 640
+    # 360x288 scaled to 640x480: the face's width grows by 640/360
+    with FaceLandmarker(LandmarkerConfig(landmarker_task, running_mode="image")) as landmarker:
+        original = landmarker.detect(frames[0])
+    ratio = np.ptp(observation.points[:, 0]) / np.ptp(original.points[:, 0])
+    assert ratio == pytest.approx(640 / 360, rel=0.03)
+
+
+def test_a_worker_that_dies_is_reported_not_waited_for(frames: list[np.ndarray], landmarker_task: Path) -> None:
+    process = DetectionProcess(LandmarkerConfig(landmarker_task), frames[0].shape[:2])
+    try:
+        assert process.detect(frames[0], 0) is not None
+        os.kill(process.pid, signal.SIGKILL)
+        assert _wait_until_gone(process.pid)
+        with pytest.raises(DetectionProcessError, match="ended unexpectedly"):
+            process.submit(frames[1], 40)
+            process.collect()
+    finally:
+        process.close()
+    assert not Path("/dev/shm", process.memory_name).exists()
+
+
+def test_an_unusable_model_is_one_line_error(tmp_path: Path) -> None:
+    broken = tmp_path / "face_landmarker.task"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(ModelFileError, match="not a usable MediaPipe face landmarker model"):
+        DetectionProcess(LandmarkerConfig(broken), (64, 64))
+
+
+PARENT = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from pathlib import Path
+    from engine.landmarks import LandmarkerConfig
+    from realtime.detection_process import DetectionProcess
+
+    with DetectionProcess(LandmarkerConfig(Path(sys.argv[1])), (96, 128)) as process:
+        print(process.pid, process.memory_name, flush=True)
+        try:
+            while True:
+                process.detect(np.zeros((96, 128, 3), np.uint8))
+                time.sleep(0.01)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
+def test_the_worker_never_outlives_its_parent(how: str, landmarker_task: Path) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(landmarker_task)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        worker_pid, memory_name = parent.stdout.readline().split()
+        worker_pid = int(worker_pid)
+        assert not _gone(worker_pid) and Path("/dev/shm", memory_name).exists()
+        time.sleep(0.5)  # a few detections in flight
+        if how == "kill -9":
+            parent.kill()
+        else:
+            os.killpg(parent.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the parent's whole process group
+        stdout, stderr = parent.communicate(timeout=WAIT_S)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert _wait_until_gone(worker_pid), f"the detection worker outlived its parent ({how})"
+    if how == "Ctrl-C":
+        assert parent.returncode == 0 and "interrupted" in stdout and "Traceback" not in stderr
+        assert not Path("/dev/shm", memory_name).exists(), "the parent freed the shared memory"
+    else:  # Python's resource tracker frees what a killed parent left
+        deadline = time.monotonic() + WAIT_S
+        while Path("/dev/shm", memory_name).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path("/dev/shm", memory_name).exists(), "the killed parent's shared memory was freed"
