@@ -33,9 +33,11 @@ import logging
 import math
 import re
 import shutil
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -48,7 +50,7 @@ from engine.errors import UserError
 from engine.export import posed_vertices
 from engine.frames import FRAME_FORMAT_VERSION, stack_reference, unstack_reference
 from engine.head_model import HeadModel
-from engine.landmarks import N_LANDMARKS, FaceLandmarker, LandmarkerConfig
+from engine.landmarks import N_LANDMARKS, LandmarkerConfig
 from engine.smoothing import SmoothingConfig, smooth_sequence
 from engine.tracker import Tracker, TrackerConfig, diversity_feature, select_diverse
 from engine.versions import software_versions
@@ -134,12 +136,15 @@ def load_landmark_file(path: Path) -> LandmarkSequence:
 
 
 def detect_landmarks(
-    source: str, task_path: Path, max_frames: int | None = None, progress: bool = True
+    source: str, task_path: Path, max_frames: int | None = None, progress: bool = True, survey: Survey | None = None
 ) -> tuple[LandmarkSequence, list[float]]:
     """Run MediaPipe over every frame (or the first ``max_frames``) of a video, image or image folder.
 
+    Three things overlap: decoding (a thread), MediaPipe (a process of its own, a few frames in flight) and
+    this thread, which stores each frame's landmarks and, given a ``survey``, surveys the frame at once.
     Also returns MediaPipe's own milliseconds per frame.
     """
+    from realtime.detection_process import DetectionProcess
     from realtime.sources import iter_frames, open_source, read_ahead
 
     with open_source(source, realtime=False) as probe:
@@ -147,11 +152,25 @@ def detect_landmarks(
         width, height = probe.size
     single_image = Path(source).is_file() and Path(source).suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff"}
     mode = "image" if single_image else "video"
+    if survey is not None:
+        survey.begin((height, width), float(fps))
     points: list[np.ndarray] = []
     timings: list[float] = []
-    with FaceLandmarker(LandmarkerConfig(task_path, running_mode=mode)) as landmarker:
-        frames = read_ahead(iter_frames(source))
-        for frame in tqdm(frames, desc="landmarks", unit="frame", leave=False, total=max_frames, disable=not progress):
+    with (
+        DetectionProcess(LandmarkerConfig(task_path, running_mode=mode), (height, width)) as detector,
+        tqdm(desc="landmarks", unit="frame", leave=False, total=max_frames, disable=not progress) as bar,
+    ):
+
+        def take() -> None:
+            detection = detector.collect()
+            timings.append(detection.mediapipe_ms)
+            found = detection.observation
+            points.append(np.full((N_LANDMARKS, 2), np.nan) if found is None else found.points.astype(np.float64))
+            if survey is not None:
+                survey.add(len(points) - 1, None if found is None else points[-1])
+            bar.update()
+
+        for frame in read_ahead(iter_frames(source)):
             if max_frames is not None and frame.index >= max_frames:
                 break
             if frame.image.shape[:2] != (height, width):
@@ -159,13 +178,55 @@ def detect_landmarks(
                     f"{source}: image {frame.index + 1} is {frame.image.shape[1]}x{frame.image.shape[0]} but the first is "
                     f"{width}x{height}; one run tracks one camera, so put the images of each size in a folder of their own"
                 )
-            started = time.perf_counter()
-            observation = landmarker.detect(frame.image, None if mode == "image" else int(round(frame.index * 1000 / fps)))
-            timings.append((time.perf_counter() - started) * 1e3)
-            points.append(np.full((N_LANDMARKS, 2), np.nan) if observation is None else observation.points.astype(np.float64))
+            if detector.in_flight == detector.slots:
+                take()
+            detector.submit(frame.image, None if mode == "image" else int(round(frame.index * 1000 / fps)))
+        while detector.in_flight:
+            take()
     if not points:
         raise UserError(f"{source} holds no frames")
     return LandmarkSequence(np.stack(points), None, (height, width), float(fps), source), timings
+
+
+class Survey:
+    """The survey pass: every frame tracked with the mean identity, to find the most diverse frames, on which
+    identity and FOV are then calibrated. Frames are added in order, during detection or afterwards."""
+
+    def __init__(self, head: HeadModel, config: TrackerConfig) -> None:
+        self._head = head
+        # The survey only needs poses and expressions with the mean identity: it never calibrates itself.
+        self._config = replace(config, calibration_seconds=math.inf)
+        self._scout: Tracker | None = None
+        self._fps = 25.0
+        self.candidates: list[int] = []
+        self._features: list[np.ndarray] = []
+        self._added = 0
+        self.seconds = 0.0
+        """Time spent surveying."""
+
+    def begin(self, image_size: tuple[int, int], fps: float) -> None:
+        self._scout = Tracker(self._head, image_size, self._config)
+        self._fps = fps
+
+    def add(self, index: int, mp478: np.ndarray | None, lmk68: np.ndarray | None = None) -> None:
+        if self._scout is None:
+            raise RuntimeError("Survey.begin first")
+        started = time.perf_counter()
+        frame = self._scout.track(mp478, lmk68, timestamp=index / self._fps)
+        if frame.valid:
+            self.candidates.append(index)
+            self._features.append(diversity_feature(frame.pose, frame.exp))
+        self._added += 1
+        self.seconds += time.perf_counter() - started
+
+    @property
+    def surveyed(self) -> int:
+        """Frames added so far."""
+        return self._added
+
+    def choose(self, count: int) -> list[int]:
+        """The ``count`` most diverse frames with a face (fewer when fewer were tracked)."""
+        return [self.candidates[i] for i in select_diverse(self._features, count)]
 
 
 def track_sequence(
@@ -191,9 +252,11 @@ def smooth_frames(frames: list[dict[str, np.ndarray]], smoothing: SmoothingConfi
 
 
 def calibrate_on_sequence(
-    tracker: Tracker, sequence: LandmarkSequence, timings: dict[str, float], progress: bool = True
+    tracker: Tracker, sequence: LandmarkSequence, timings: dict[str, float], progress: bool = True,
+    survey: Survey | None = None,
 ) -> dict[str, np.ndarray] | None:
-    """Calibrate identity and FOV on the most diverse frames (a survey pass with the mean identity finds them).
+    """Calibrate identity and FOV on the most diverse frames, which a survey pass with the mean identity finds
+    (``survey``: one already run over every frame, during detection).
 
     A single image is fitted on its own: its arrays are returned, as no tracking pass follows.
     """
@@ -205,22 +268,16 @@ def calibrate_on_sequence(
         result = tracker.calibrate([(mp478, lmk68)])
         timings["fit_s"] = time.perf_counter() - started
         return tracker.reference_arrays(tracker.frame_from(result.frames.params, float(result.frames.rms_px[0])))
-    started = time.perf_counter()
-    # The survey only needs poses and expressions with the mean identity: it never calibrates itself.
-    scout = Tracker(tracker.head, sequence.image_size, replace(tracker.config, calibration_seconds=math.inf))
-    candidates: list[int] = []
-    features: list[np.ndarray] = []
-    for index in tqdm(range(sequence.n_frames), desc="survey", unit="frame", disable=not progress, leave=False):
-        frame = scout.track(*sequence.frame(index), timestamp=index / sequence.fps)
-        if frame.valid:
-            candidates.append(index)
-            features.append(diversity_feature(frame.pose, frame.exp))
-    timings["survey_s"] = time.perf_counter() - started
-    if not candidates:
+    if survey is None:
+        survey = Survey(tracker.head, tracker.config)
+        survey.begin(sequence.image_size, sequence.fps)
+        for index in tqdm(range(sequence.n_frames), desc="survey", unit="frame", disable=not progress, leave=False):
+            survey.add(index, *sequence.frame(index))
+    timings["survey_s"] = survey.seconds
+    if not survey.candidates:
         raise UserError(f"no face could be tracked in {sequence.source}")
-    chosen = [candidates[i] for i in select_diverse(features, tracker.config.calibration_frames)]
     started = time.perf_counter()
-    tracker.calibrate([sequence.frame(i) for i in chosen])
+    tracker.calibrate([sequence.frame(i) for i in survey.choose(tracker.config.calibration_frames)])
     timings["calibration_s"] = time.perf_counter() - started
     return None
 
@@ -291,21 +348,23 @@ def track_input(
     started = time.perf_counter()
     prepare_output_dir(out_dir, describe_job(source, head, options), options.overwrite)
     timings: dict[str, float] = {}
-    sequence = _landmarks(source, out_dir, landmarker_task, timings, options.progress)
+    # Without a calibration yet, the survey runs while MediaPipe detects the frames that follow.
+    survey = None if (out_dir / CALIBRATION_FILE).is_file() else Survey(head, options.tracker)
+    sequence = _landmarks(source, out_dir, landmarker_task, timings, options.progress, survey)
     tracker = Tracker(head, sequence.image_size, options.tracker)
-    _calibration(tracker, sequence, out_dir, timings, options.progress)
+    _calibration(tracker, sequence, out_dir, timings, options.progress, survey if survey and survey.surveyed else None)
     results, resumed = _track_and_write(tracker, sequence, out_dir, options, timings)
-    timings["total_s"] = time.perf_counter() - started
-    if "mediapipe_ms_per_frame" in timings and resumed == 0:  # the whole job ran now: its rate beside MediaPipe's
-        timings["frames_per_second"] = sequence.n_frames / timings["total_s"]
-        timings["mediapipe_alone_fps"] = 1e3 / timings["mediapipe_ms_per_frame"]
-        log.info(
-            "tracked %d frames at %.1f fps (MediaPipe alone: %.1f fps)",
-            sequence.n_frames, timings["frames_per_second"], timings["mediapipe_alone_fps"],
-        )
     if not is_complete(out_dir):
         if options.smoothing is not None:
             results = _smooth_and_rewrite(tracker, results, sequence, out_dir, options, timings)
+        timings["total_s"] = time.perf_counter() - started
+        if "mediapipe_ms_per_frame" in timings and resumed == 0:  # the whole job ran now: its rate beside MediaPipe's
+            timings["frames_per_second"] = sequence.n_frames / timings["total_s"]
+            timings["mediapipe_alone_fps"] = 1e3 / timings["mediapipe_ms_per_frame"]
+            log.info(
+                "tracked %d frames at %.1f fps (MediaPipe alone: %.1f fps)",
+                sequence.n_frames, timings["frames_per_second"], timings["mediapipe_alone_fps"],
+            )
         _write_summary(out_dir, tracker, results, sequence, timings, options.smoothing)
     return TrackResult(out_dir, tracker, sequence, results, timings, resumed)
 
@@ -376,7 +435,9 @@ def _read_job(path: Path) -> dict[str, object] | None:
         return None
 
 
-def _landmarks(source: str, out_dir: Path, landmarker_task: Path | None, timings: dict[str, float], progress: bool) -> LandmarkSequence:
+def _landmarks(
+    source: str, out_dir: Path, landmarker_task: Path | None, timings: dict[str, float], progress: bool, survey: Survey | None
+) -> LandmarkSequence:
     saved = out_dir / LANDMARKS_FILE
     if Path(source).suffix.lower() == ".npz":
         return load_landmark_file(Path(source))
@@ -384,13 +445,17 @@ def _landmarks(source: str, out_dir: Path, landmarker_task: Path | None, timings
         return replace(load_landmark_file(saved), source=source)
     if landmarker_task is None:
         raise UserError(f"{source} needs MediaPipe's face_landmarker.task to find its landmarks")
-    sequence, mediapipe_ms = detect_landmarks(source, landmarker_task, progress=progress)
+    started = time.perf_counter()
+    sequence, mediapipe_ms = detect_landmarks(source, landmarker_task, progress=progress, survey=survey)
+    timings["landmarks_s"] = time.perf_counter() - started
     timings["mediapipe_ms_per_frame"] = sum(mediapipe_ms) / len(mediapipe_ms)
     write_npz_atomic(saved, {"mp478": sequence.mp478, "image_size": np.array(sequence.image_size), "fps": np.array(sequence.fps)})
     return sequence
 
 
-def _calibration(tracker: Tracker, sequence: LandmarkSequence, out_dir: Path, timings: dict[str, float], progress: bool) -> None:
+def _calibration(
+    tracker: Tracker, sequence: LandmarkSequence, out_dir: Path, timings: dict[str, float], progress: bool, survey: Survey | None
+) -> None:
     saved = out_dir / CALIBRATION_FILE
     if saved.is_file():
         with np.load(saved) as calibration:
@@ -399,7 +464,7 @@ def _calibration(tracker: Tracker, sequence: LandmarkSequence, out_dir: Path, ti
                 tracker.fov_source = str(calibration["fov_source"])
                 tracker.fov_log_std = float(calibration["fov_log_std"]) if np.isfinite(calibration["fov_log_std"]) else None
         return
-    single = calibrate_on_sequence(tracker, sequence, timings, progress)
+    single = calibrate_on_sequence(tracker, sequence, timings, progress, survey)
     if single is not None:
         write_npz_atomic(frame_path(out_dir, 0), single)
     spread = np.nan if tracker.fov_log_std is None else tracker.fov_log_std
@@ -425,20 +490,58 @@ def _track_and_write(
         previous = [(index / sequence.fps, tracker.params_from_reference(results[index])) for index in valid[-2:]]
         tracker.resume_after(previous, last_valid=bool(results[-1]["valid"][0]))
     started = time.perf_counter()
-    for arrays in track_frames(tracker, sequence, resumed, options.progress):
-        _write_frame(tracker, out_dir, len(results), arrays, options.save_vertices)
-        results.append(arrays)
+    with FrameWriter() as writer:
+        for arrays in track_frames(tracker, sequence, resumed, options.progress):
+            writer.write(frame_path(out_dir, len(results)), _stored_frame(tracker, arrays, options.save_vertices))
+            results.append(arrays)
     timings["tracking_s"] = time.perf_counter() - started
     timings["tracking_ms_per_frame"] = timings["tracking_s"] * 1e3 / (sequence.n_frames - resumed)
     return results, resumed
 
 
-def _write_frame(tracker: Tracker, out_dir: Path, index: int, arrays: dict[str, np.ndarray], save_vertices: bool) -> None:
-    stored = arrays
-    if save_vertices:
-        vertices = posed_vertices(tracker.layer, arrays, space="camera")[None].astype(np.float32)
-        stored = {**arrays, "vertices": vertices}
-    write_npz_atomic(frame_path(out_dir, index), stored)
+def _stored_frame(tracker: Tracker, arrays: dict[str, np.ndarray], save_vertices: bool) -> dict[str, np.ndarray]:
+    """What a frame file holds: the reference arrays, and with ``save_vertices`` the posed mesh."""
+    if not save_vertices:
+        return arrays
+    return {**arrays, "vertices": posed_vertices(tracker.layer, arrays, space="camera")[None].astype(np.float32)}
+
+
+class FrameWriter:
+    """Writes frame files atomically on a few threads, so that their fsyncs (several milliseconds each on a
+    disk) overlap the tracking and each other (the file system commits concurrent ones together).
+
+    At most ``depth`` writes wait. Leaving the ``with`` block, also on Ctrl-C or an error, waits for every
+    write already handed over, so an interrupted run keeps a gap-free run of frame files. A failed write is
+    raised by the next ``write`` or on leaving.
+    """
+
+    def __init__(self, threads: int = 4, depth: int = 32) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="frame writer")
+        self._room = threading.BoundedSemaphore(depth)
+        self._errors: list[BaseException] = []
+
+    def write(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+        self._raise_failure()
+        self._room.acquire()
+        future = self._pool.submit(write_npz_atomic, path, arrays)
+        future.add_done_callback(self._finished)
+
+    def _finished(self, future: Future) -> None:
+        self._room.release()
+        if future.exception() is not None:
+            self._errors.append(future.exception())
+
+    def _raise_failure(self) -> None:
+        if self._errors:
+            raise self._errors[0]
+
+    def __enter__(self) -> FrameWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._pool.shutdown(wait=True)
+        if exc_info[0] is None:
+            self._raise_failure()
 
 
 def _smooth_and_rewrite(
@@ -455,8 +558,9 @@ def _smooth_and_rewrite(
         write_npz_atomic(unsmoothed, raw)
     started = time.perf_counter()
     smoothed = smooth_frames(unstack_reference(raw), options.smoothing, sequence.fps)
-    for index, arrays in enumerate(tqdm(smoothed, desc="smooth", unit="frame", disable=not options.progress, leave=False)):
-        _write_frame(tracker, out_dir, index, arrays, options.save_vertices)
+    with FrameWriter() as writer:
+        for index, arrays in enumerate(tqdm(smoothed, desc="smooth", unit="frame", disable=not options.progress, leave=False)):
+            writer.write(frame_path(out_dir, index), _stored_frame(tracker, arrays, options.save_vertices))
     timings["smoothing_s"] = time.perf_counter() - started
     return smoothed
 
