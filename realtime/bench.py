@@ -3,14 +3,17 @@
 Speed: :func:`run_live_benchmark` runs ``live`` on a file (paced at the file's rate, or as fast as possible)
 and :func:`mediapipe_alone_benchmark` times MediaPipe alone on the same frames, the rate the loop could reach.
 
-Soak: the loop runs as ``live`` does (capture thread, MediaPipe, tracker, ZeroMQ publisher) while a real subscriber
-on 127.0.0.1 receives and validates every message, and the process's resident memory is sampled. Memory is
-judged after a warm-up (models, caches and buffers reach their size in the first minute), by the growth from
-there to the end and by the slope of a straight line through the samples, in MB per hour.
+Soak: the loop runs as ``live`` does (capture thread, MediaPipe's process, tracker, ZeroMQ publisher) while a
+real subscriber on 127.0.0.1 receives and validates every message, and the resident memory of this process and
+of MediaPipe's is sampled. Memory is judged after a warm-up (models, caches and buffers reach their size in the
+first minute), by the growth from there to the end and by the slope of a straight line through the samples, in
+MB per hour and in MB per 10,000 frames. ``bench --live`` runs the same loop flat out on the repeated clip for a
+number of frames (:func:`run_memory_check`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -96,13 +99,30 @@ def mediapipe_alone_benchmark(
     return {"frames": len(samples), "median_ms": float(np.median(samples) * 1e3), "fps": len(samples) / float(np.sum(samples))}
 
 
-def resident_mb() -> float:
-    """This process's resident memory (VmRSS), in MB."""
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("/proc/self/status has no VmRSS line")
+def resident_mb(pid: int | str = "self") -> float:
+    """A process's resident memory (VmRSS), in MB; 0 for a process that has ended."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except FileNotFoundError:
+        return 0.0
+    return 0.0  # a zombie has no VmRSS line
+
+
+def child_pids() -> list[int]:
+    """This process's child processes (MediaPipe's among them while the live loop runs)."""
+    children = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            children += [int(pid) for pid in (task / "children").read_text().split()]
+    return children
+
+
+def resident_with_children_mb() -> float:
+    """Resident memory of this process and its child processes together, in MB."""
+    return resident_mb() + sum(resident_mb(pid) for pid in child_pids())
 
 
 @dataclass
@@ -142,12 +162,30 @@ def _free_port() -> int:
 def run_soak(
     video: str | Path, seconds: float, flame: str | None = "demo", models_dir: Path | None = None, device: str = "cpu"
 ) -> dict[str, Any]:
-    """Run the live loop on ``video`` (repeated) for ``seconds``; return delivery counts and memory figures."""
+    """Run the live loop on ``video`` (repeated, at its own rate) for ``seconds``; return delivery counts and
+    memory figures."""
+    return _run_repeated(video, flame, models_dir, device, seconds=seconds)
+
+
+def run_memory_check(
+    video: str | Path, frames: int, flame: str | None = "demo", models_dir: Path | None = None, device: str = "cpu"
+) -> dict[str, Any]:
+    """Run the live loop flat out on ``video`` (repeated) for ``frames`` frames; return delivery counts and
+    memory figures, among them the growth per 10,000 frames after the warm-up."""
+    return _run_repeated(video, flame, models_dir, device, frames=frames)
+
+
+def _run_repeated(
+    video: str | Path, flame: str | None, models_dir: Path | None, device: str, seconds: float | None = None,
+    frames: int | None = None,
+) -> dict[str, Any]:
+    """The live loop on a repeating video with a subscriber: for ``seconds`` at the video's rate, or for
+    ``frames`` frames as fast as possible."""
     address = f"tcp://127.0.0.1:{_free_port()}"
     options = LiveOptions(
-        source=str(video), realtime=True, flame=flame, models_dir=models_dir, device=device, repeat=True,
+        source=str(video), realtime=frames is None, flame=flame, models_dir=models_dir, device=device, repeat=True,
         subscriber_wait_s=10.0,
-        publishers=PublisherOptions(zmq=address), loop=LiveConfig(show_status=False),
+        publishers=PublisherOptions(zmq=address), loop=LiveConfig(show_status=False, max_frames=frames),
     )  # fmt: skip
     counter = _Counter()
     receiver = threading.Thread(target=_receive, args=(address, counter), name="soak subscriber", daemon=True)
@@ -157,22 +195,24 @@ def run_soak(
     live = threading.Thread(target=lambda: outcome.update(summary=run_live(options, stop)), name="soak live loop")
     started = time.monotonic()
     live.start()
-    samples: list[tuple[float, float]] = []
-    while live.is_alive() and time.monotonic() - started < seconds:
-        samples.append((time.monotonic() - started, resident_mb()))
+    samples: list[tuple[float, int, float]] = []  # (seconds, frames received, MB)
+    while live.is_alive() and (seconds is None or time.monotonic() - started < seconds):
+        samples.append((time.monotonic() - started, counter.received, resident_with_children_mb()))
         live.join(timeout=SAMPLE_INTERVAL_S)
     stop.set()
     live.join()
     counter.done.set()
     receiver.join(timeout=10)
     summary = outcome["summary"]
-    warm_up = min(WARM_UP_MAX_S, WARM_UP_FRACTION * seconds)
-    judged = [(t, mb) for t, mb in samples if t >= warm_up] or samples[-1:]
-    times, memory = np.array([t for t, _ in judged]), np.array([mb for _, mb in judged])
-    slope = float(np.polyfit(times, memory, 1)[0] * 3600.0) if len(judged) >= 3 else float("nan")
+    duration = time.monotonic() - started
+    warm_up = min(WARM_UP_MAX_S, WARM_UP_FRACTION * duration)
+    judged = [sample for sample in samples if sample[0] >= warm_up] or samples[-1:]
+    times, received, memory = (np.array(column, dtype=float) for column in zip(*judged, strict=True))
+    enough = len(judged) >= 3 and np.ptp(received) > 0
     return {
         "video": str(video),
-        "seconds": round(time.monotonic() - started, 1),
+        "paced": frames is None,
+        "seconds": round(duration, 1),
         "frames_processed": summary.frames,
         "frames_received": counter.received,
         "first_seq_received": counter.first_seq,
@@ -183,10 +223,13 @@ def run_soak(
         "capture_dropped": summary.dropped_frames,
         "publisher_dropped": summary.publisher_dropped,
         "fps": summary.fps,
-        "rss_start_mb": samples[0][1] if samples else float("nan"),
+        "rss_start_mb": samples[0][2] if samples else float("nan"),
         "rss_after_warm_up_mb": float(memory[0]),
         "rss_end_mb": float(memory[-1]),
         "rss_growth_after_warm_up_mb": float(memory[-1] - memory[0]),
-        "rss_slope_mb_per_hour": slope,
-        "warm_up_s": warm_up,
+        "rss_slope_mb_per_hour": float(np.polyfit(times, memory, 1)[0] * 3600.0) if enough else float("nan"),
+        "rss_growth_per_10k_frames_mb": float(np.polyfit(received, memory, 1)[0] * 1e4) if enough else float("nan"),
+        "frames_after_warm_up": int(received[-1] - received[0]),
+        "warm_up_s": round(warm_up, 1),
+        "rss_includes": "this process and MediaPipe's",
     }

@@ -1,23 +1,31 @@
-"""The live loop's detection stage: MediaPipe in its own thread, one frame ahead of the fitting stage.
+"""The live loop's detection stage: MediaPipe in a process of its own, fed by a thread, ahead of the fitting stage.
 
-The stage takes the newest frame from the source's latest-frame slot, resizes it to the loop's frame size,
-finds its landmarks and hands the result to the fitting stage through a one-result hand-off: it waits while the
-fitting stage is busy, so no detected frame ages there, and the frames captured meanwhile are replaced (and
-counted) in the source's slot instead.
+The stage's thread takes the newest frame from the source's latest-frame slot, resizes it to the loop's frame
+size and hands it to MediaPipe's process (:mod:`realtime.detection_process`); when the source delivers every
+frame (a file read flat out), it submits the next frame while one is detected, so MediaPipe never waits for
+this process; a camera's newest frame goes alone, as soon as MediaPipe is free. Each result goes to the fitting
+stage through a one-result hand-off: it waits while the fitting stage is busy, so no detected frame ages there,
+and the frames captured meanwhile are replaced (and counted) in the source's slot instead.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
-import time
 from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
 
-from engine.landmarks import FaceLandmarker, FaceObservation
+from engine.landmarks import FaceObservation
+from realtime.detection_process import DetectionProcess
 from realtime.handoff import DropOldestQueue
 from realtime.sources import Frame, FrameSource
+
+#: Frames in MediaPipe's process at once when the source delivers every frame (a file read flat out): one
+#: being detected, the next one waiting for it, so MediaPipe never waits. A camera's frames go one at a time:
+#: a frame waiting behind another would be older when its turn comes than the newest one in the slot.
+IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,7 @@ class Detected:
     observation: FaceObservation | None
     """MediaPipe's landmarks and blendshapes; None when it found no face."""
     mediapipe_ms: float
+    """MediaPipe's own time for the frame, measured in its process."""
 
 
 def resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -39,16 +48,21 @@ def resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class DetectionStage:
-    """MediaPipe in its own thread, one frame ahead of the fitting stage.
+    """MediaPipe's process fed by a thread of this one, ahead of the fitting stage.
 
     ``get`` returns the next detected frame, None on timeout, or raises what the stage raised. After the
     source ends, ``finished`` is true once every detected frame was taken.
     """
 
-    def __init__(self, source: FrameSource, landmarker: FaceLandmarker, frame_size: tuple[int, int] | None) -> None:
+    def __init__(self, source: FrameSource, detector: DetectionProcess) -> None:
+        """Frames are resized to the detection process's image size (the loop's frame size) when they differ."""
+        if detector.slots < IN_FLIGHT:
+            raise ValueError(f"the detection process needs at least {IN_FLIGHT} slots, it has {detector.slots}")
         self._source = source
-        self._landmarker = landmarker
-        self._frame_size = frame_size
+        self._detector = detector
+        self._in_flight = IN_FLIGHT if source.delivers_every_frame else 1
+        height, width = detector.image_size
+        self._frame_size = (width, height)
         self._handoff: DropOldestQueue[Detected] = DropOldestQueue(1)
         self._thread = threading.Thread(target=self._run, name="flame-live-detection", daemon=True)
 
@@ -68,24 +82,32 @@ class DetectionStage:
 
     def _run(self) -> None:
         error: BaseException | None = None
+        submitted: collections.deque[tuple[Frame, float]] = collections.deque()  # in MediaPipe's process, in order
         try:
             while not self._handoff.closed:
-                frame = self._source.slot.get(timeout=0.1)
-                if frame is None:
-                    if self._source.ended:
+                if self._detector.in_flight < self._in_flight:
+                    # With a frame in flight, only a frame already waiting is taken: the result comes first.
+                    frame = self._source.slot.get(timeout=0.0 if submitted else 0.1)
+                    if frame is not None:
+                        submitted.append(self._submit(frame))
+                        continue
+                    if not submitted:
+                        if self._source.ended:
+                            break
+                        continue
+                detection = self._detector.collect(timeout_s=0.1)
+                if detection is not None:
+                    frame, frame_time = submitted.popleft()
+                    if not self._handoff.hand_over(Detected(frame, frame_time, detection.observation, detection.mediapipe_ms)):
                         break
-                    continue
-                if not self._handoff.hand_over(self._detect(frame)):
-                    break
         except BaseException as exc:  # noqa: BLE001 - handed to the fitting stage, which raises it
             error = exc
         finally:
             self._handoff.close(error)
 
-    def _detect(self, frame: Frame) -> Detected:
-        if self._frame_size is not None and frame.image.shape[1::-1] != self._frame_size:
+    def _submit(self, frame: Frame) -> tuple[Frame, float]:
+        if frame.image.shape[1::-1] != self._frame_size:
             frame = replace(frame, image=resized(frame.image, self._frame_size))
         frame_time = self._source.frame_time(frame)
-        started = time.perf_counter()
-        observation = self._landmarker.detect(frame.image, round(frame_time * 1000.0))
-        return Detected(frame, frame_time, observation, (time.perf_counter() - started) * 1e3)
+        self._detector.submit(frame.image, round(frame_time * 1000.0))
+        return frame, frame_time

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -315,6 +316,8 @@ def _serve(config: LandmarkerConfig, ring: _Ring, connection: Connection) -> Non
     except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
         connection.send(("start_error", f"{type(error).__name__}: {error}"))
         return
+    gc.collect()
+    gc.freeze()  # MediaPipe and the model stay for good: later collections need not walk them
     connection.send(("ready",))
     with landmarker:
         while True:

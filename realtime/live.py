@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.filters import OneEuroConfig
-from engine.landmarks import FaceLandmarker, LandmarkerConfig
+from engine.landmarks import LandmarkerConfig
 from engine.model_files import find_face_landmarker, resolve_models_dir
 from engine.model_selection import select_head_model
 from engine.tracker import Tracker, TrackerConfig
 from realtime.metrics import LiveSummary
+from realtime.detection_process import DetectionProcess
 from realtime.outputs import PublisherOptions, close_all, open_publishers, wait_for_subscribers
 from realtime.pipeline import LiveConfig, LivePipeline
 from realtime.preview import PreviewWindow, display_available
@@ -81,8 +82,8 @@ def run_live(options: LiveOptions, stop: threading.Event | None = None, recalibr
 
         models_dir = resolve_models_dir(options.models_dir)
         head = select_head_model(options.flame, models_dir)
-        landmarker = stack.enter_context(FaceLandmarker(LandmarkerConfig(find_face_landmarker(models_dir))))
         width, height = options.loop.frame_size or source.size
+        detector = stack.enter_context(DetectionProcess(LandmarkerConfig(find_face_landmarker(models_dir)), (height, width)))
         tracker_config = TrackerConfig(
             fov_deg=options.fov_deg, output_filter=OneEuroConfig(), device=options.device, calibrate_in_background=True
         )
@@ -98,7 +99,7 @@ def run_live(options: LiveOptions, stop: threading.Event | None = None, recalibr
         preview = None
         if show_preview:
             preview = stack.enter_context(PreviewWindow(head, tracker.layer.n_shape, tracker.layer.n_exp, recalibrate))
-        pipeline = LivePipeline(source, landmarker, tracker, publishers, recorder, options.loop, preview)
+        pipeline = LivePipeline(source, detector, tracker, publishers, recorder, options.loop, preview)
         pipeline.recalibrate = recalibrate
         if options.subscriber_wait_s > 0:
             wait_for_subscribers(publishers, options.subscriber_wait_s, stop)

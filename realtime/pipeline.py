@@ -1,8 +1,10 @@
 """The live loop: newest frame -> MediaPipe -> tracker -> ``flame.frame`` -> publishers, recorder and keyframes.
 
 Two stages run at once, so that the loop keeps MediaPipe's own rate: the detection stage
-(:mod:`realtime.detection`, its own thread) takes the newest frame from the source and finds its landmarks,
-while the fitting stage (the calling thread, this module) fits and publishes the frame before it. Threads: the
+(:mod:`realtime.detection`: a thread feeding MediaPipe's own process, :mod:`realtime.detection_process`, so
+that MediaPipe and the solver never wait for each other's interpreter lock) takes the newest frame from the
+source and finds its landmarks, while the fitting stage (the calling thread, this module) fits and publishes
+the frame before it. Threads: the
 source's capture thread fills a one-frame slot (a frame the loop had no time for is replaced and counted as
 dropped); the detection stage hands each result over through a one-result slot (it waits while the fitting
 stage is busy, so no frame ages there); the recorder writes in its own thread; the tracker calibrates in its
@@ -20,6 +22,7 @@ runs over is :func:`realtime.live.run_live`'s job.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import threading
@@ -32,10 +35,11 @@ import numpy as np
 import torch
 
 from engine.frames import TrackedFrame, frame_message_from
-from engine.landmarks import N_LANDMARKS, FaceLandmarker
+from engine.landmarks import N_LANDMARKS
 from engine.tracker import Tracker
 from flame_client.messages import BLENDSHAPE_NAMES, TOPIC_FRAME, TOPIC_SHAPE, shape_message
 from realtime.detection import Detected, DetectionStage
+from realtime.detection_process import DetectionProcess
 from realtime.keyframes import KeyframeConfig, KeyframeSelector
 from realtime.metrics import LiveCounts, LiveMetrics, LiveSummary
 from realtime.outputs import dropped_messages
@@ -90,7 +94,7 @@ class LivePipeline:
     def __init__(
         self,
         source: FrameSource,
-        landmarker: FaceLandmarker,
+        detector: DetectionProcess,
         tracker: Tracker,
         publishers: Sequence[Publisher],
         recorder: SessionRecorder | None = None,
@@ -99,7 +103,7 @@ class LivePipeline:
     ) -> None:
         self.config = config or LiveConfig()
         self.source = source
-        self.landmarker = landmarker
+        self.detector = detector
         self.tracker = tracker
         self.publishers = list(publishers)
         self.recorder = recorder
@@ -129,9 +133,13 @@ class LivePipeline:
         # each time the fitting stage wants the interpreter back, instead of Python's default 5 ms.
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL_S)
+        # What exists now (models, tracker, publishers) lives as long as the loop: frozen, the garbage collector
+        # no longer walks it, so a full collection during the loop is short (measured: one of 660 ms otherwise).
+        gc.collect()
+        gc.freeze()
         self.metrics.start()
         self._publish_shape_if_changed()
-        detection = DetectionStage(self.source, self.landmarker, self.config.frame_size)
+        detection = DetectionStage(self.source, self.detector)
         self.source.start()
         detection.start()
         try:
@@ -160,6 +168,7 @@ class LivePipeline:
             self.metrics.end_status_line()
             torch.set_num_threads(torch_threads)
             sys.setswitchinterval(switch_interval)
+            gc.unfreeze()
         return self.metrics.summary(self._counts())
 
     def _process(self, detected: Detected) -> bool:

@@ -28,11 +28,12 @@ from pythonosc.osc_packet import OscPacket
 
 from engine.errors import UserError
 from engine.filters import OneEuroConfig
-from engine.landmarks import FaceLandmarker, LandmarkerConfig
+from engine.landmarks import LandmarkerConfig
 from engine.model_selection import select_head_model
 from engine.tracker import Tracker, TrackerConfig
 from flame_client import BLENDSHAPE_NAMES, Subscriber, validate
 from flame_client.messages import TOPIC_FRAME, TOPIC_METRICS, TOPIC_SHAPE, metrics_message
+from realtime.detection_process import DetectionProcess
 from realtime.keyframes import KeyframeConfig
 from realtime.outputs import PublisherOptions, close_all, open_publishers, parse_host_port
 from realtime.metrics import LiveSummary
@@ -115,14 +116,14 @@ def build_pipeline(
     source = open_source(str(source_path), realtime=realtime)
     width, height = source.size
     head = select_head_model("demo", task.parent)
-    landmarker = FaceLandmarker(LandmarkerConfig(task))
+    detector = DetectionProcess(LandmarkerConfig(task), (height, width))
     tracker = Tracker(head, (height, width), TrackerConfig(output_filter=OneEuroConfig()))
     recorder = None
     if recorder_dir is not None:
         metadata = {"source": source.description, "model": {"name": head.name, "checksum": head.checksum}}
         recorder = SessionRecorder(recorder_dir, source.fps, source.size, metadata)
-    pipeline = LivePipeline(source, landmarker, tracker, publishers, recorder, LiveConfig(**config))
-    return pipeline, [landmarker] + ([recorder] if recorder else [])
+    pipeline = LivePipeline(source, detector, tracker, publishers, recorder, LiveConfig(**config))
+    return pipeline, [detector] + ([recorder] if recorder else [])
 
 
 @dataclass

@@ -1,0 +1,71 @@
+"""``bench --track VIDEO``: the offline ``track`` job against MediaPipe alone on the same frames, and what
+writing each frame's file durably (fsync) costs, one file at a time and on :class:`FrameWriter`'s threads."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.atomic import write_npz_atomic
+from engine.head_model import HeadModel
+from offline.track_job import FrameWriter, TrackOptions, frame_path, track_input
+from realtime.bench import mediapipe_alone_benchmark
+
+WRITE_SAMPLES = 100
+
+
+def bench_track(video: str | Path, head: HeadModel, landmarker_task: Path) -> dict[str, Any]:
+    """Track every frame of ``video`` into a temporary folder, timing the whole job, between two runs of
+    MediaPipe alone over the same frames (their mean is the reference); then time frame-file writes there."""
+    before = mediapipe_alone_benchmark(video, landmarker_task.parent, max_frames=1 << 30, frame_size=None)
+    with tempfile.TemporaryDirectory(prefix="flame-live-bench-") as folder:
+        out_dir = Path(folder) / "track"
+        started = time.perf_counter()
+        result = track_input(video, out_dir, head, landmarker_task, TrackOptions(progress=False))
+        seconds = time.perf_counter() - started
+        writes = _bench_frame_writes(Path(folder), result.results[len(result.results) // 2])
+    after = mediapipe_alone_benchmark(video, landmarker_task.parent, max_frames=1 << 30, frame_size=None)
+    alone_fps = (before["fps"] + after["fps"]) / 2
+    frames = len(result.results)
+    return {
+        "video": str(video),
+        "frames": frames,
+        "mediapipe_alone_fps": alone_fps,
+        "mediapipe_alone_fps_before_after": [before["fps"], after["fps"]],
+        "track_seconds": seconds,
+        "track_fps": frames / seconds,
+        "track_over_mediapipe_alone": frames / seconds / alone_fps,
+        "stages_s": {key: value for key, value in result.timings.items() if key.endswith("_s")},
+        "frame_writes": writes,
+    }
+
+
+def _bench_frame_writes(folder: Path, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    """Milliseconds per frame file: atomic with fsync (what ``track`` writes), atomic without fsync (rename
+    only: safe against a crash of the program, not of the machine), and with fsync on FrameWriter's threads."""
+    durable, renamed = [], []
+    for index in range(WRITE_SAMPLES):
+        started = time.perf_counter()
+        write_npz_atomic(frame_path(folder, index), arrays)
+        durable.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        temporary = folder / f".{index}.tmp"
+        with open(temporary, "wb") as stream:
+            np.savez(stream, **arrays)
+        os.replace(temporary, frame_path(folder, WRITE_SAMPLES + index))
+        renamed.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    with FrameWriter() as writer:
+        for index in range(WRITE_SAMPLES):
+            writer.write(frame_path(folder, 2 * WRITE_SAMPLES + index), arrays)
+    pooled = (time.perf_counter() - started) / WRITE_SAMPLES
+    return {
+        "atomic_fsync_ms": float(np.median(durable) * 1e3),
+        "atomic_without_fsync_ms": float(np.median(renamed) * 1e3),
+        "atomic_fsync_on_writer_threads_ms": pooled * 1e3,
+    }
