@@ -18,6 +18,7 @@ import pytest
 from engine.atomic import write_npz_atomic
 from offline.track_job import (
     CALIBRATION_FILE,
+    FrameWriter,
     JOB_FILE,
     LANDMARKS_FILE,
     META_FILE,
@@ -144,3 +145,14 @@ def test_overwrite_never_deletes_files_track_did_not_write(shared_clips: Path, l
     result = run(track_command(shared_clips / CLIP, out, landmarker_task.parent, "--overwrite"))
     assert result.returncode == 2 and "beach.jpg" in result.stderr
     assert (out / "beach.jpg").read_bytes() == b"not ours"
+
+
+def test_a_failed_frame_write_is_raised_not_lost(tmp_path: Path) -> None:
+    arrays = {"exp": np.zeros((1, 5), np.float32)}
+    with pytest.raises(FileNotFoundError):
+        with FrameWriter(threads=2, depth=4) as writer:
+            writer.write(frame_path(tmp_path, 0), arrays)
+            writer.write(frame_path(tmp_path / "missing", 1), arrays)  # no such folder
+            for index in range(2, 8):
+                writer.write(frame_path(tmp_path, index), arrays)
+    assert frame_path(tmp_path, 0).is_file()
