@@ -33,7 +33,6 @@ from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 
-import cv2
 import numpy as np
 
 from engine.head_model import ModelFileError
@@ -118,7 +117,7 @@ class DetectionProcess:
     """
 
     def __init__(self, config: LandmarkerConfig, image_size: tuple[int, int], slots: int = DEFAULT_SLOTS) -> None:
-        """``image_size`` is (height, width): frames of another size are resized into the ring."""
+        """``image_size`` is (height, width), the size of every frame submitted."""
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
         self.image_size = (int(image_size[0]), int(image_size[1]))
@@ -154,7 +153,7 @@ class DetectionProcess:
         return len(self._in_flight)
 
     def submit(self, image_rgb: np.ndarray, timestamp_ms: int | None = None) -> None:
-        """Copy an (H, W, 3) uint8 RGB image into a free slot and start its detection.
+        """Copy an (H, W, 3) uint8 RGB image of the process's size into a free slot and start its detection.
 
         In VIDEO mode ``timestamp_ms`` must rise (the worker bumps one that does not, as FaceLandmarker
         does); None stamps it with the worker's clock. Raises when every slot is in flight.
@@ -163,15 +162,11 @@ class DetectionProcess:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image_rgb.shape} {image_rgb.dtype}")
         if not self._free:
             raise RuntimeError(f"all {self.slots} slots are in flight: collect a detection first")
-        ring = self._live_ring()
+        if image_rgb.shape[:2] != self.image_size:
+            raise ValueError(f"this detection process takes {self.image_size[1]}x{self.image_size[0]} images, "
+                             f"not {image_rgb.shape[1]}x{image_rgb.shape[0]}")
         slot = self._free[0]
-        height, width = self.image_size
-        if image_rgb.shape[:2] == (height, width):
-            np.copyto(ring.images[slot], image_rgb)
-        else:
-            shrinking = width * height < image_rgb.shape[0] * image_rgb.shape[1]
-            interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-            cv2.resize(image_rgb, (width, height), dst=ring.images[slot], interpolation=interpolation)
+        np.copyto(self._live_ring().images[slot], image_rgb)
         self._send((slot, None if timestamp_ms is None else int(timestamp_ms)))
         self._free.popleft()
         self._in_flight.append(slot)

@@ -88,7 +88,8 @@ class LiveConfig:
 class LivePipeline:
     """Runs the loop over components opened by the caller (see :func:`realtime.live.run_live`), who also closes them.
 
-    The tracker must have been made for the size of the frames it will see (after ``frame_size``).
+    The tracker and the detection process must have been made for the size of the frames the loop tracks
+    (``frame_size``, else the source's).
     """
 
     def __init__(

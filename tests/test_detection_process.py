@@ -82,16 +82,13 @@ def test_the_worker_finds_the_same_faces_with_frames_in_flight(frames: list[np.n
     assert not Path("/dev/shm", process.memory_name).exists(), "closing frees the shared memory"
 
 
-def test_frames_of_another_size_are_resized_into_the_ring(frames: list[np.ndarray], landmarker_task: Path) -> None:
+def test_an_image_of_another_size_or_type_is_refused(frames: list[np.ndarray], landmarker_task: Path) -> None:
     with DetectionProcess(LandmarkerConfig(landmarker_task, running_mode="image"), (480, 640)) as process:
-        observation = process.detect(frames[0])
-    assert observation is not None and observation.image_size == (480, 640)
-    assert 0 < observation.points[:, 0].min() and observation.points[:, 0].max() < 640
-    # 360x288 scaled to 640x480: the face's width grows by 640/360
-    with FaceLandmarker(LandmarkerConfig(landmarker_task, running_mode="image")) as landmarker:
-        original = landmarker.detect(frames[0])
-    ratio = np.ptp(observation.points[:, 0]) / np.ptp(original.points[:, 0])
-    assert ratio == pytest.approx(640 / 360, rel=0.03)
+        with pytest.raises(ValueError, match="takes 640x480 images, not 360x288"):
+            process.submit(frames[0])
+        with pytest.raises(ValueError, match="uint8 RGB"):
+            process.submit(np.zeros((480, 640), np.uint8))
+        assert process.in_flight == 0 and process.detect(np.zeros((480, 640, 3), np.uint8)) is None
 
 
 def test_a_worker_that_dies_is_reported_not_waited_for(frames: list[np.ndarray], landmarker_task: Path) -> None:
