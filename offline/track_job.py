@@ -515,7 +515,7 @@ class FrameWriter:
     raised by the next ``write`` or on leaving.
     """
 
-    def __init__(self, threads: int = 4, depth: int = 32) -> None:
+    def __init__(self, threads: int = 4, depth: int = 64) -> None:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="frame writer")
         self._room = threading.BoundedSemaphore(depth)
         self._errors: list[BaseException] = []
