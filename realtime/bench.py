@@ -77,6 +77,9 @@ def run_live_benchmark(
         "torch_threads": 1,
         **asdict(summary),
         "frame_max_over_median": summary.frame_max_ms / summary.frame_median_ms if summary.frame_median_ms else float("nan"),
+        "fitting_cpu_max_over_median": (
+            summary.fitting_cpu_max_ms / summary.fitting_cpu_median_ms if summary.fitting_cpu_median_ms else float("nan")
+        ),
     }
 
 

@@ -47,6 +47,10 @@ class LiveSummary:
     frame_median_ms: float
     frame_max_ms: float
     """MediaPipe plus fitting and publishing, per frame after the warm-up frames."""
+    fitting_cpu_median_ms: float = 0.0
+    fitting_cpu_max_ms: float = 0.0
+    """CPU time of the fitting stage's thread per frame (fit and publish) after the warm-up frames: the work
+    itself, without the waits for a core or the interpreter lock that the wall-clock times include."""
     preview_frames: int = 0
     """Frames the preview window drew (on its own thread; the others were replaced by newer ones)."""
     preview_draw_ms: float = 0.0
@@ -150,6 +154,7 @@ class LiveMetrics:
         self._recent = StageTimes(window)
         self._history = StageTimes(summary_window)
         self._frame_ms = Samples(summary_window)  # after the warm-up frames
+        self._fitting_cpu_ms = Samples(summary_window)  # after the warm-up frames
         self._status = StatusLine(show_status)
         self._recorded = 0
         self._started = time.monotonic()
@@ -160,13 +165,17 @@ class LiveMetrics:
         self._started = time.monotonic()
         self._last_report = (self._started, self._recorded)
 
-    def record_frame(self, latency_ms: float, mediapipe_ms: float, tracker_ms: float, frame_ms: float) -> None:
-        """One processed frame: capture->publish latency, the two stages' times, and the whole frame's."""
+    def record_frame(
+        self, latency_ms: float, mediapipe_ms: float, tracker_ms: float, frame_ms: float, fitting_cpu_ms: float
+    ) -> None:
+        """One processed frame: capture->publish latency, the two stages' times, the whole frame's, and the CPU
+        time the fitting stage spent on it."""
         self._recorded += 1
         self._recent.add(latency_ms, mediapipe_ms, tracker_ms)
         self._history.add(latency_ms, mediapipe_ms, tracker_ms)
         if self._recorded > self.warmup_frames:
             self._frame_ms.add(frame_ms)
+            self._fitting_cpu_ms.add(fitting_cpu_ms)
 
     def report_due(self) -> bool:
         return time.monotonic() - self._last_report[0] >= self.interval_s
@@ -221,6 +230,8 @@ class LiveMetrics:
             keyframes_dropped=counts.keyframes_dropped,
             frame_median_ms=self._frame_ms.percentile(50),
             frame_max_ms=self._frame_ms.maximum(),
+            fitting_cpu_median_ms=self._fitting_cpu_ms.percentile(50),
+            fitting_cpu_max_ms=self._fitting_cpu_ms.maximum(),
             preview_frames=counts.preview_frames,
             preview_draw_ms=counts.preview_draw_ms,
             source_lost=counts.source_lost,
