@@ -487,6 +487,8 @@ def _add_render(subparsers: argparse._SubParsersAction, common: argparse.Argumen
     render.add_argument("--frames", default=None, metavar="A:B", help="only input frames A..B-1 (A: or :B also work)")
     render.add_argument("--video", type=Path, default=None, metavar="PATH",
                         help="the input's video, image or image folder, when the result's own record of it is wrong or gone")  # fmt: skip
+    render.add_argument("--appearance", type=Path, default=None, metavar="REFINE_DIR",
+                        help="draw with this refinement's texture and lighting (compare a track fit with its refinement)")  # fmt: skip
     render.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     render.set_defaults(handler=_run_render)
 
@@ -497,7 +499,7 @@ def _run_render(args: argparse.Namespace) -> int:
     first, stop = parse_frame_range(args.frames) if args.frames else (0, None)
     options = RenderOptions(
         style=args.style, landmarks=args.landmarks, first_frame=first, stop_frame=stop, video=args.video,
-        overwrite=args.overwrite, flame=args.flame, models_dir=args.models,
+        overwrite=args.overwrite, flame=args.flame, models_dir=args.models, appearance=args.appearance,
     )  # fmt: skip
     print(render_result(args.result, args.out, options).describe())
     return 0

@@ -9,6 +9,9 @@ frame:
 - ``side``: the input beside the overlay (a refined fit: input | textured render | overlay);
 - ``mesh``: the mesh alone on grey.
 
+``RenderOptions.appearance`` (``render --appearance REFINE_DIR``) draws any result with a refinement's texture
+and lighting, so a ``track`` fit and its refinement can be compared under one appearance.
+
 Frames without a valid fit show the input unrendered with a red border and "no fit", never a stale mesh.
 Output by the name given: ``FILE.mp4`` (H.264 at the input's frame rate and size), ``FILE.png`` (one frame),
 or a folder of ``{frame:06d}.png``. An MP4 is written under a temporary name and renamed when complete, so
@@ -85,6 +88,8 @@ class RenderOptions:
     flame: str | None = None
     """The model (a FLAME folder or 'demo'); None: the demo head for a demo-head result, else the default."""
     models_dir: Path | None = None
+    appearance: Path | None = None
+    """A refine folder whose texture and lighting draw this result (None: the result's own)."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,7 @@ class FitRecord:
     frames_origin: str  # what the frames are, for messages
     observed: dict[int, np.ndarray] = field(default_factory=dict)  # frame index -> (478, 2) MediaPipe pixels
     appearance: Appearance | None = None
+    light: np.ndarray | None = None  # (9, 3) SH lighting for frames whose arrays carry none (--appearance)
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -250,6 +256,23 @@ def _read_result_folder(directory: Path) -> FitRecord:
         observed=observed,
         appearance=_refined_appearance(directory, meta, params) if kind == "refine" else None,
     )
+
+
+def borrowed_appearance(directory: Path, model_checksum: str | None) -> tuple[Appearance, np.ndarray]:
+    """The texture (or vertex colours) and the lighting of a refine folder, to draw another result of the same
+    model with (``--appearance``)."""
+    directory = Path(directory)
+    meta = _read_json(directory / META_FILE) if (directory / META_FILE).is_file() else {}
+    if meta.get("format") != REFINE_FORMAT:
+        raise UserError(f"--appearance {directory}: not a refine output folder (its {META_FILE} must come from refine)")
+    if model_checksum is not None and (meta.get("model") or {}).get("checksum") not in (None, model_checksum):
+        raise UserError(f"--appearance {directory} was refined with another model than the result; give a refinement of the same model")
+    params = _frame_files(directory)
+    appearance = _refined_appearance(directory, meta, params)
+    lit = [arrays["light"][0] for arrays in params.values() if "light" in arrays]
+    if appearance is None or not lit:
+        raise UserError(f"--appearance {directory} holds no texture and lighting; was the refinement interrupted?")
+    return appearance, np.asarray(lit[0], dtype=np.float64)
 
 
 def _refined_appearance(directory: Path, meta: dict[str, Any], params: dict[int, dict[str, np.ndarray]]) -> Appearance | None:
@@ -395,7 +418,7 @@ class FrameComposer:
         if valid:
             vertices = posed_vertices(self.layer, arrays, space="camera")
             K = arrays["K"][0].astype(np.float64)
-            light = arrays["light"][0].astype(np.float64) if self.textured and "light" in arrays else None
+            light = arrays["light"][0].astype(np.float64) if self.textured and "light" in arrays else self.record.light
             painted = self.painter.paint(vertices, K, (height, width), light)
         alpha = 1.0 if self.textured else MESH_ALPHA
         style = self.options.style
@@ -452,6 +475,8 @@ def render_result(result_dir: Path, out: Path, options: RenderOptions | None = N
         raise UserError(f"--style {options.style}: choose one of {', '.join(STYLES)}")
     kind = check_output(out, options.overwrite)
     record = read_fit(Path(result_dir), options.video)
+    if options.appearance is not None:
+        record.appearance, record.light = borrowed_appearance(options.appearance, record.model.get("checksum"))
     if kind == "image" and options.stop_frame != options.first_frame + 1 and record.n_frames != 1:
         raise UserError(f"--out {out} holds one picture: pass --frames N:N+1 for frame N, or give FILE.mp4 or a folder")
     if record.frames is None and options.style != "mesh":

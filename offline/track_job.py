@@ -136,13 +136,16 @@ def load_landmark_file(path: Path) -> LandmarkSequence:
 
 
 def detect_landmarks(
-    source: str, task_path: Path, max_frames: int | None = None, progress: bool = True, survey: Survey | None = None
+    source: str, task_path: Path, max_frames: int | None = None, progress: bool = True, survey: Survey | None = None,
+    independent: bool = False,
 ) -> tuple[LandmarkSequence, list[float]]:
     """Run MediaPipe over every frame (or the first ``max_frames``) of a video, image or image folder.
 
-    Three things overlap: decoding (a thread), MediaPipe (a process of its own, a few frames in flight) and
-    this thread, which stores each frame's landmarks and, given a ``survey``, surveys the frame at once.
-    Also returns MediaPipe's own milliseconds per frame.
+    A video is tracked in MediaPipe's video mode (each frame starts from the previous frame's face; its
+    landmarks trail motion), unless ``independent``: every frame is then detected on its own, as a single
+    image (slower and noisier, but without the lag). Three things overlap: decoding (a thread), MediaPipe (a
+    process of its own, a few frames in flight) and this thread, which stores each frame's landmarks and,
+    given a ``survey``, surveys the frame at once. Also returns MediaPipe's own milliseconds per frame.
     """
     from realtime.detection_process import DetectionProcess
     from realtime.sources import iter_frames, open_source, read_ahead
@@ -151,7 +154,7 @@ def detect_landmarks(
         fps = probe.fps or 25.0
         width, height = probe.size
     single_image = Path(source).is_file() and Path(source).suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff"}
-    mode = "image" if single_image else "video"
+    mode = "image" if single_image or independent else "video"
     if survey is not None:
         survey.begin((height, width), float(fps))
     points: list[np.ndarray] = []

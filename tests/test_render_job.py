@@ -229,7 +229,8 @@ def test_a_recorded_session_renders_every_video_frame(session: Path, demo_head, 
     assert frames[0].shape == (288, 360, 3) and rate == 25.0
 
 
-def test_refine_render_draws_the_textured_head_and_side_shows_three_panels(session: Path, landmarker_task: Path, tmp_path: Path) -> None:
+def test_refine_render_draws_the_textured_head_and_side_shows_three_panels(session: Path, landmarker_task: Path, demo_head,
+                                                                          tmp_path: Path) -> None:
     refined = tmp_path / "refined"
     result = run_cli("refine", str(session), "--out", str(refined), "--size", "64", "--iterations", "1", "--render",
                      "--models", str(landmarker_task.parent))  # fmt: skip
@@ -246,6 +247,15 @@ def test_refine_render_draws_the_textured_head_and_side_shows_three_panels(sessi
     head = np.abs(textured.astype(int) - np.array(BACKGROUND_RGB)).max(axis=2) > 0
     assert 0.05 < head.mean() < 0.6  # the textured head alone, on grey
     assert textured[head].std() > 10  # shaded and textured, not a flat colour
+    # The live fit drawn with the refinement's texture and light: the same three panels, its own geometry.
+    borrowed = render_result(session, tmp_path / "live.png", RenderOptions(style="side", first_frame=40, stop_frame=41,
+                                                                          appearance=refined, progress=False), demo_head)
+    assert borrowed.rendered_frames == 1
+    live = cv2.cvtColor(cv2.imread(str(tmp_path / "live.png")), cv2.COLOR_BGR2RGB)
+    assert live.shape == side.shape
+    live_head = np.abs(live[LABEL_ROWS:-LABEL_ROWS, 360:720].astype(int) - np.array(BACKGROUND_RGB)).max(axis=2) > 0
+    assert live[LABEL_ROWS:-LABEL_ROWS, 360:720][live_head].std() > 10
+    assert (live_head != head).mean() < 0.02  # both fits cover the same face, give or take its outline
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +277,7 @@ def cli_errors(tracked_clip, landmarker_task: Path, tmp_path_factory: pytest.Tem
         "exists": ["render", str(track_dir), "--out", str(folder / "taken.mp4")],
         "frames": ["render", str(track_dir), "--out", str(folder / "c.mp4"), "--frames", "5:2"],
         "picture": ["render", str(track_dir), "--out", str(folder / "one.png")],
+        "appearance": ["render", str(track_dir), "--out", str(folder / "d.mp4"), "--appearance", str(track_dir)],
     }
     processes = {
         name: subprocess.Popen([sys.executable, str(REPO / "run_stream.py"), *args, *models], cwd=REPO, stdout=subprocess.PIPE,
@@ -289,6 +300,7 @@ def cli_errors(tracked_clip, landmarker_task: Path, tmp_path_factory: pytest.Tem
         ("exists", "already exists; pass --overwrite"),
         ("frames", "--frames 5:2: expected A:B"),
         ("picture", "holds one picture: pass --frames N:N+1"),
+        ("appearance", "not a refine output folder"),
     ],
 )
 def test_bad_input_is_one_clear_line(cli_errors: dict, case: str, expected: str) -> None:
