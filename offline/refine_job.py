@@ -337,7 +337,7 @@ class SequenceRefiner:
         meta = {
             "format": "flame-live photometric refinement",
             "format_version": REFINE_FORMAT_VERSION,
-            "model": {"name": self.tracker.head.name, "checksum": self.tracker.head.checksum},
+            "model": self.tracker.head.describe(),
             "frames": n_frames,
             "fps": self.fps,
             "valid_frames": int(sum(bool(a["valid"][0]) for a in loaded)),
