@@ -376,7 +376,8 @@ class PhotometricFitter:
         """Mean robust RGB error over the face mask, and the per-frame mean absolute error.
 
         Face pixels the head does not cover compare with the renderer's black background: a fit cannot lower
-        its error by uncovering hard pixels, while an open mouth (dark, and a hole in the mesh) stays cheap.
+        its error by uncovering hard pixels, while an open mouth (dark) stays cheap where the mesh has a hole
+        there (the demo head closes its mouth with triangles between the inner lips).
         """
         mask = batch.face_mask
         difference = (rendered.image - batch.images) * mask.unsqueeze(-1)
