@@ -97,6 +97,18 @@ def float_between(low: float, high: float) -> Callable[[str], float]:
     return check
 
 
+def fov_degrees(text: str) -> float:
+    """A vertical field of view in degrees, in the range ``engine.camera.check_fov`` allows (the one check)."""
+    from engine.camera import check_fov  # here, not at the top: --help stays instant without torch
+    from engine.errors import UserError
+
+    value = _number(text, "a field of view in degrees")
+    try:
+        return check_fov(value, "--fov")
+    except UserError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def shard(text: str) -> tuple[int, int]:
     """``I/N`` with 0 <= I < N: this process's share of a job array (Slurm's task id and count)."""
     index, slash, count = text.partition("/")

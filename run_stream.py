@@ -31,6 +31,7 @@ from cli_checks import (
     existing_path,
     flame_model,
     float_between,
+    fov_degrees,
     int_between,
     non_negative_int,
     output_dir,
@@ -121,7 +122,7 @@ def _add_live(subparsers: argparse._SubParsersAction, common: argparse.ArgumentP
     live.add_argument("--source", default="0", metavar="0|rtsp://...|FILE|DIR", help="camera index, stream URL, "
                       "video or image file, or folder of images (default: camera 0)")  # fmt: skip
     live.add_argument("--list-cameras", action="store_true", help="list the cameras that work and exit")
-    live.add_argument("--fov", type=float_between(5, 150), metavar="DEG", help="known vertical field of view (default: estimated)")
+    live.add_argument("--fov", type=fov_degrees, metavar="DEG", help="known vertical field of view (default: estimated)")
     timing = live.add_mutually_exclusive_group()
     timing.add_argument("--realtime", dest="realtime", action="store_true", default=True,
                         help="play files at their own rate, dropping frames there is no time for (default)")  # fmt: skip
@@ -213,7 +214,7 @@ def _add_track(subparsers: argparse._SubParsersAction, common: argparse.Argument
 
 def _add_tracking_options(parser: argparse.ArgumentParser) -> None:
     """What track (and batch, per input) fits and writes."""
-    parser.add_argument("--fov", type=float_between(5, 150), default=None, metavar="DEG", help="known vertical field of view (default: estimated)")
+    parser.add_argument("--fov", type=fov_degrees, default=None, metavar="DEG", help="known vertical field of view (default: estimated)")
     parser.add_argument("--save-vertices", action="store_true", help="also store the posed mesh (camera space) per frame")
     parser.add_argument("--n-shape", type=positive_int, default=100, metavar="N", help="identity components to fit (default 100)")
     parser.add_argument("--n-exp", type=positive_int, default=50, metavar="N", help="expression components to fit (default 50)")
@@ -248,7 +249,7 @@ def _run_track(args: argparse.Namespace) -> int:
     head = select_head_model(args.flame, models_dir, n_tex=TEXTURE_COMPONENTS if args.photometric else 0)
     if not landmarks_file:
         task = find_face_landmarker(models_dir)
-    config = TrackerConfig(n_shape=args.n_shape, n_exp=args.n_exp, fov_deg=args.fov, device=_device(args.device))
+    config = TrackerConfig(n_shape=args.n_shape, n_exp=args.n_exp, fov_deg=args.fov, fit_fov=args.fov is None, device=_device(args.device))
     smoothing = SmoothingConfig() if args.smoothing is None else SmoothingConfig(strength=args.smoothing) if args.smoothing > 0 else None
     options = TrackOptions(config, save_vertices=args.save_vertices, smoothing=smoothing, overwrite=args.overwrite)
     try:
@@ -343,8 +344,9 @@ def _run_refine(args: argparse.Namespace) -> int:
     head = select_head_model(args.flame, models_dir, n_tex=TEXTURE_COMPONENTS)
     device = _device(args.device)
 
-    def tracker_factory(image_size: tuple[int, int], n_shape: int, n_exp: int, fov_deg: float) -> Tracker:
-        return Tracker(head, image_size, TrackerConfig(n_shape=n_shape, n_exp=n_exp, fov_deg=fov_deg, device=device))
+    def tracker_factory(image_size: tuple[int, int], n_shape: int, n_exp: int, known_fov_deg: float | None) -> Tracker:
+        config = TrackerConfig(n_shape=n_shape, n_exp=n_exp, fov_deg=known_fov_deg, fit_fov=known_fov_deg is None, device=device)
+        return Tracker(head, image_size, config)
 
     def landmarker_task() -> Path | None:
         try:
@@ -408,7 +410,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         models_dir=models_dir,
         landmarker_task=find_face_landmarker(models_dir).resolve() if any(not i.is_landmarks for i in plan.mine) else None,
         flame=str(Path(args.flame).resolve()) if args.flame not in (None, "demo") else args.flame,
-        tracker=TrackerConfig(n_shape=args.n_shape, n_exp=args.n_exp, fov_deg=args.fov, device=_device(args.device)),
+        tracker=TrackerConfig(n_shape=args.n_shape, n_exp=args.n_exp, fov_deg=args.fov, fit_fov=args.fov is None, device=_device(args.device)),
         save_vertices=args.save_vertices,
         overwrite=args.overwrite,
         refine=_refine_options(args) if args.refine else None,

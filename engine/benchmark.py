@@ -165,7 +165,7 @@ def bench_solve_against_mediapipe(
     trackers = {}
     for solver in ("numpy", "torch"):
         tracker = Tracker(head, image_size, replace(config, frame_solver=solver, calibration_seconds=float("inf")))
-        tracker.adopt_calibration(calibrated.shape, calibrated.camera.focal)
+        tracker.adopt_calibration(calibrated.rig.shape, calibrated.rig.camera.focal)
         trackers[solver] = tracker
     samples: dict[str, list[float]] = {"mediapipe": [], "numpy": [], "torch": []}
     sync = synchronizer(config.device)

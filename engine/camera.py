@@ -2,8 +2,9 @@
 
 The fitting world is FLAME's frame with the camera at its origin looking down -z (as OpenGL views are): a
 head facing the camera has zero rotation. OpenCV camera coordinates are that frame with y and z negated, so
-``x_cv = FLIP * x_world``. Intrinsics come from the image size and a vertical field of view, as in the
-reference tracker: ``f = height / (2 tan(fov / 2))``, principal point at the image centre.
+``x_cv = FLIP * x_world``. A camera keeps its focal length in pixels (what the solvers use); the vertical
+field of view is how it is given and reported, as in the reference tracker: ``f = height / (2 tan(fov / 2))``
+(:func:`focal_from_fov`, the one conversion), principal point at the image centre.
 """
 
 from __future__ import annotations
@@ -14,10 +15,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.errors import UserError
+
 #: OpenCV camera axes from the world's: x stays, y and z flip.
 FLIP = (1.0, -1.0, -1.0)
 #: Points closer than this (metres, along the view axis) are treated as behind the camera.
 MIN_DEPTH = 1e-3
+#: Vertical fields of view (degrees) a camera may be given: from a long telephoto to a wide fisheye.
+FOV_RANGE_DEG = (5.0, 150.0)
+
+
+def check_fov(fov_deg: float, what: str = "the field of view") -> float:
+    """``fov_deg`` when it is a finite number in :data:`FOV_RANGE_DEG`, else UserError naming ``what``."""
+    low, high = FOV_RANGE_DEG
+    if not (isinstance(fov_deg, int | float) and math.isfinite(fov_deg) and low <= fov_deg <= high):
+        raise UserError(f"{what} must be between {low:g} and {high:g} degrees (vertical), not {fov_deg!r}")
+    return float(fov_deg)
 
 
 def focal_from_fov(fov_deg: float, height: int) -> float:
@@ -30,15 +43,21 @@ def fov_from_focal(focal: float, height: int) -> float:
 
 @dataclass(frozen=True)
 class Camera:
-    """Image size in pixels and vertical field of view in degrees."""
+    """Image size and focal length, in pixels of the input image."""
 
     width: int
     height: int
-    fov_deg: float
+    focal: float
+
+    @staticmethod
+    def from_fov(width: int, height: int, fov_deg: float) -> Camera:
+        """A camera with a vertical field of view in degrees (checked against :data:`FOV_RANGE_DEG`)."""
+        return Camera(width, height, focal_from_fov(check_fov(fov_deg), height))
 
     @property
-    def focal(self) -> float:
-        return focal_from_fov(self.fov_deg, self.height)
+    def fov_deg(self) -> float:
+        """The vertical field of view in degrees."""
+        return fov_from_focal(self.focal, self.height)
 
     @property
     def center(self) -> tuple[float, float]:
@@ -50,7 +69,7 @@ class Camera:
         return np.array([[self.focal, 0.0, cx], [0.0, self.focal, cy], [0.0, 0.0, 1.0]])
 
     def with_focal(self, focal: float) -> Camera:
-        return Camera(self.width, self.height, fov_from_focal(focal, self.height))
+        return Camera(self.width, self.height, float(focal))
 
 
 def project(points: torch.Tensor, focal: torch.Tensor, center: tuple[float, float]) -> torch.Tensor:

@@ -16,8 +16,9 @@ import torch
 
 from engine.camera import project
 from engine.flame import FlameLayer, rodrigues
-from engine.frames import FrameParams, TrackedFrame, params_from_frames, stack_reference, unstack_reference
+from engine.frames import FrameParams, TrackedFrame, stack_reference, unstack_reference
 from engine.head_model import HeadModel
+from engine.rig import HeadRig
 from engine.synthetic import SyntheticMotion, synthetic_sequence
 from engine.tracker import Tracker, TrackerConfig, diversity_feature, select_diverse
 from engine.smoothing import SmoothingConfig, smooth_sequence
@@ -64,17 +65,17 @@ def synthetic_accuracy(head: HeadModel, motion: SyntheticMotion, config: Tracker
     """Track a synthetic sequence; landmark, dense reprojection and aligned 3D errors against the truth."""
     config = replace(config, calibration_seconds=math.inf)
     tracker = Tracker(head, motion.image_size, config)
-    sequence = synthetic_sequence(tracker.layer, motion)
+    sequence = synthetic_sequence(tracker.rig.layer, motion)
     features = [diversity_feature(sequence.pose[i], sequence.exp[i]) for i in range(motion.frames)]
 
     def frame(index: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         return tuple(None if a is None else a[index] for a in (sequence.mp478, sequence.lmk68))
 
     tracker.calibrate([frame(i) for i in select_diverse(features, config.calibration_frames)])
-    layer = FlameLayer(head, tracker.layer.n_shape, tracker.layer.n_exp, dtype=torch.float64)
-    shape = tracker.shape.double().numpy()
+    layer = FlameLayer(head, tracker.rig.layer.n_shape, tracker.rig.layer.n_exp, dtype=torch.float64)
+    shape = tracker.rig.shape.double().numpy()
     focal_truth = torch.tensor(sequence.camera.focal, dtype=torch.float64)
-    focal_fit = torch.tensor(tracker.camera.focal, dtype=torch.float64)
+    focal_fit = torch.tensor(tracker.rig.camera.focal, dtype=torch.float64)
     landmark, dense, aligned = [], [], []
     for index in range(motion.frames):
         fit = tracker.track(*frame(index), timestamp=index / sequence.fps)
@@ -82,10 +83,10 @@ def synthetic_accuracy(head: HeadModel, motion: SyntheticMotion, config: Tracker
         fit_vertices = _dense(layer, shape, fit.exp, fit.pose, fit.transl)
         visible = _visible(truth_vertices, layer.faces)
         truth_px = project(truth_vertices[None], focal_truth, sequence.camera.center)[0].numpy()
-        fit_px = project(fit_vertices[None], focal_fit, tracker.camera.center)[0].numpy()
+        fit_px = project(fit_vertices[None], focal_fit, tracker.rig.camera.center)[0].numpy()
         dense.append(np.linalg.norm(fit_px[visible] - truth_px[visible], axis=1).mean())
         aligned.append(similarity_aligned_error(fit_vertices.numpy()[visible], truth_vertices.numpy()[visible]))
-        landmark_px = _projected_landmarks(tracker, fit)
+        landmark_px = _projected_landmarks(tracker.rig, fit)
         landmark.append(np.linalg.norm(landmark_px - sequence.clean[index], axis=1).mean())
     zero_exp, zero_pose, zero_transl = np.zeros(layer.n_exp), np.zeros((layer.n_joints, 3)), np.zeros(3)
     neutral_fit = _dense(layer, shape, zero_exp, zero_pose, zero_transl).numpy()
@@ -98,14 +99,12 @@ def synthetic_accuracy(head: HeadModel, motion: SyntheticMotion, config: Tracker
         "posed_3d_mm_after_similarity": 1e3 * float(np.mean(aligned)),
         "neutral_shape_3d_mm_after_similarity": 1e3 * similarity_aligned_error(neutral_fit, neutral_truth),
         "fov_true_deg": sequence.camera.fov_deg,
-        "fov_fit_deg": tracker.camera.fov_deg,
+        "fov_fit_deg": tracker.rig.camera.fov_deg,
     }
 
 
-def _projected_landmarks(tracker: Tracker, frame: TrackedFrame) -> np.ndarray:
-    params = params_from_frames([frame], tracker.config.dtype, tracker.config.device)
-    evaluation = tracker.fixed.evaluate(params.exp, params.rotations, params.transl, jacobians=False)
-    return project(evaluation.points, tracker.focal, tracker.camera.center)[0].cpu().double().numpy()
+def _projected_landmarks(rig: HeadRig, frame: TrackedFrame) -> np.ndarray:
+    return rig.landmark_pixels(rig.params_from_frames([frame]))[0].cpu().double().numpy()
 
 
 def clip_accuracy(head: HeadModel, mp478: np.ndarray, image_size: tuple[int, int], fps: float, config: TrackerConfig, still_frames: int = 20) -> dict[str, float]:
@@ -119,8 +118,8 @@ def clip_accuracy(head: HeadModel, mp478: np.ndarray, image_size: tuple[int, int
     for index in range(len(mp478)):
         points = mp478[index] if np.isfinite(mp478[index]).any() else None
         fit = tracker.track(points, None, timestamp=index / fps)
-        projected = _projected_landmarks(tracker, fit)
-        target = tracker.targets.pixels(None if points is None else points[None], None)[0]
+        projected = _projected_landmarks(tracker.rig, fit)
+        target = tracker.rig.targets.pixels(None if points is None else points[None], None)[0]
         model_points.append(projected)
         observed.append(target)
         if fit.valid and points is not None:
@@ -155,39 +154,39 @@ MOUTH_OPENING_68 = (62, 66)
 EYE_OPENINGS_68 = ((37, 41), (44, 46))
 
 
-def _opening_pairs(tracker: Tracker) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
-    """Indices into the tracker's landmark targets of the mouth's and the eyes' (upper, lower) points."""
+def _opening_pairs(rig: HeadRig) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
+    """Indices into the rig's landmark targets of the mouth's and the eyes' (upper, lower) points."""
     probe = np.repeat(np.arange(478, dtype=np.float64)[None, :, None], 2, axis=2)
-    order = tracker.targets.pixels(probe, None)[0, :, 0]
-    if "mediapipe" in tracker.full.slices:
-        start = tracker.full.slices["mediapipe"].start
-        position = {int(order[i]): i for i in range(start, tracker.full.slices["mediapipe"].stop)}
+    order = rig.targets.pixels(probe, None)[0, :, 0]
+    if "mediapipe" in rig.landmarks.slices:
+        start = rig.landmarks.slices["mediapipe"].start
+        position = {int(order[i]): i for i in range(start, rig.landmarks.slices["mediapipe"].stop)}
         if all(p in position for pair in (MOUTH_OPENING, *EYE_OPENINGS) for p in pair):
             return ((position[MOUTH_OPENING[0]], position[MOUTH_OPENING[1]]),
                     tuple((position[a], position[b]) for a, b in EYE_OPENINGS))
-    start = tracker.full.slices["lmk68"].start
+    start = rig.landmarks.slices["lmk68"].start
     return ((start + MOUTH_OPENING_68[0], start + MOUTH_OPENING_68[1]),
             tuple((start + a, start + b) for a, b in EYE_OPENINGS_68))
 
 
-def model_landmark_pixels(tracker: Tracker, shape: np.ndarray, exp: np.ndarray, pose: np.ndarray, transl: np.ndarray) -> np.ndarray:
-    """(T, N, 2) pixels of the tracker's landmark targets for T frames' parameters (exp, pose axis-angle (T, J, 3),
+def model_landmark_pixels(rig: HeadRig, shape: np.ndarray, exp: np.ndarray, pose: np.ndarray, transl: np.ndarray) -> np.ndarray:
+    """(T, N, 2) pixels of the rig's landmark targets for T frames' parameters (exp, pose axis-angle (T, J, 3),
     transl) with one identity ``shape``."""
-    options = {"dtype": tracker.config.dtype, "device": tracker.config.device}
+    options = rig.options
     coeffs = torch.cat([torch.as_tensor(shape, **options).reshape(1, -1).expand(len(exp), -1), torch.as_tensor(exp, **options)], 1)
     with torch.no_grad():
-        points = tracker.full.evaluate(coeffs, rodrigues(torch.as_tensor(pose, **options)), torch.as_tensor(transl, **options),
+        points = rig.landmarks.evaluate(coeffs, rodrigues(torch.as_tensor(pose, **options)), torch.as_tensor(transl, **options),
                                        jacobians=False).points
-        return project(points, tracker.focal, tracker.camera.center).cpu().double().numpy()
+        return project(points, rig.focal, rig.camera.center).cpu().double().numpy()
 
 
-def landmark_errors(tracker: Tracker, shape: np.ndarray, exp: np.ndarray, pose: np.ndarray, transl: np.ndarray,
+def landmark_errors(rig: HeadRig, shape: np.ndarray, exp: np.ndarray, pose: np.ndarray, transl: np.ndarray,
                     mp478: np.ndarray) -> np.ndarray:
     """(T,) each frame's mean distance of the model's landmarks to MediaPipe's over the outer-eye-corner
     distance (a fraction; NaN where the detector saw no face), as :func:`fit_scores` measures it."""
-    observed = tracker.targets.pixels(mp478, None)
+    observed = rig.targets.pixels(mp478, None)
     iod = np.linalg.norm(mp478[:, OUTER_EYE_CORNERS[0]] - mp478[:, OUTER_EYE_CORNERS[1]], axis=1)
-    return _errors_over_iod(model_landmark_pixels(tracker, shape, exp, pose, transl), observed, iod)
+    return _errors_over_iod(model_landmark_pixels(rig, shape, exp, pose, transl), observed, iod)
 
 
 def _errors_over_iod(model: np.ndarray, observed: np.ndarray, iod: np.ndarray) -> np.ndarray:
@@ -197,11 +196,11 @@ def _errors_over_iod(model: np.ndarray, observed: np.ndarray, iod: np.ndarray) -
 
 
 def fit_scores(
-    tracker: Tracker, shape: np.ndarray, exp: np.ndarray, pose: np.ndarray, transl: np.ndarray, valid: np.ndarray,
+    rig: HeadRig, shape: np.ndarray, exp: np.ndarray, pose: np.ndarray, transl: np.ndarray, valid: np.ndarray,
     mp478: np.ndarray, still_frames: int = 20,
 ) -> dict[str, float]:
     """How well per-frame parameters (T frames: exp, pose axis-angle (T, J, 3), transl) fit a clip's MediaPipe
-    landmarks with this tracker's model and camera.
+    landmarks with this rig's model and camera.
 
     Landmark error: mean distance of the model's landmarks to the detector's over the outer-eye-corner
     distance (percent), mean and worst frame; jitter: RMS frame-to-frame motion of the model's landmarks
@@ -209,8 +208,8 @@ def fit_scores(
     correlation of the model's mouth and eye openings with the detector's over the valid frames.
     """
     count = len(mp478)
-    model = model_landmark_pixels(tracker, shape, exp, pose, transl)
-    observed = tracker.targets.pixels(mp478, None)
+    model = model_landmark_pixels(rig, shape, exp, pose, transl)
+    observed = rig.targets.pixels(mp478, None)
     iod = np.linalg.norm(mp478[:, OUTER_EYE_CORNERS[0]] - mp478[:, OUTER_EYE_CORNERS[1]], axis=1)
     usable = np.asarray(valid, bool) & np.isfinite(iod)
     errors = _errors_over_iod(model, observed, iod)[usable]
@@ -219,7 +218,7 @@ def fit_scores(
     window = np.convolve(np.nan_to_num(observed_motion, nan=np.inf), np.ones(still_frames - 1), mode="valid")
     start = int(np.argmin(window)) if len(window) else 0
     steps = np.linalg.norm(np.diff(model[start : start + still_frames], axis=0), axis=2)
-    mouth, eyes = _opening_pairs(tracker)
+    mouth, eyes = _opening_pairs(rig)
 
     def correlation(pair: tuple[int, int]) -> float:
         model_curve = np.linalg.norm(model[usable, pair[0]] - model[usable, pair[1]], axis=1)
@@ -240,12 +239,11 @@ def fit_scores(
 # ------------------------------------------------------------------------------------- offline smoothing
 
 
-def reference_landmarks(tracker: Tracker, stacked: dict[str, np.ndarray]) -> np.ndarray:
-    """(T, L, 2) pixels of the tracker's landmarks for stacked reference arrays (a track's frames)."""
-    params = FrameParams.cat([tracker.params_from_reference(frame) for frame in unstack_reference(stacked)])
+def reference_landmarks(rig: HeadRig, stacked: dict[str, np.ndarray]) -> np.ndarray:
+    """(T, L, 2) pixels of the rig's landmarks for stacked reference arrays (a track's frames)."""
+    params = FrameParams.cat([rig.params_from_reference(frame) for frame in unstack_reference(stacked)])
     with torch.no_grad():
-        evaluation = tracker.fixed.evaluate(params.exp, params.rotations, params.transl, jacobians=False)
-        return project(evaluation.points, tracker.focal, tracker.camera.center).cpu().double().numpy()
+        return rig.landmark_pixels(params).cpu().double().numpy()
 
 
 def _opening(points: np.ndarray, pairs: list[tuple[int, int]], iod: np.ndarray) -> np.ndarray:
@@ -273,24 +271,24 @@ def jitter_over_iod(points: np.ndarray, iod: np.ndarray, usable: np.ndarray) -> 
     return float(np.nanmean(np.nanmedian(second[keep], axis=0)))
 
 
-def smoothing_accuracy(tracker: Tracker, mp478: np.ndarray, raw: dict[str, np.ndarray], smoothed: dict[str, np.ndarray]) -> dict[str, float]:
+def smoothing_accuracy(rig: HeadRig, mp478: np.ndarray, raw: dict[str, np.ndarray], smoothed: dict[str, np.ndarray]) -> dict[str, float]:
     """A tracked real sequence before and after offline smoothing, against MediaPipe's landmarks.
 
     Jitter (:func:`jitter_over_iod`) of the detector and of the fitted landmarks before and after, the mean
     landmark error over the inter-ocular distance (percent) before and after, and how well the fitted eye- and
     mouth-opening curves follow the detector's (Pearson correlation) before and after.
     """
-    observed = tracker.targets.pixels(mp478, None)
+    observed = rig.targets.pixels(mp478, None)
     iod = np.linalg.norm(mp478[:, OUTER_EYE_CORNERS[0]] - mp478[:, OUTER_EYE_CORNERS[1]], axis=-1)
     valid = np.asarray(raw["valid"], dtype=bool).reshape(-1) & np.isfinite(iod)
-    mouth, eyes = _opening_pairs(tracker)
+    mouth, eyes = _opening_pairs(rig)
     pairs = {"eyes": list(eyes), "mouth": [mouth]}
     report: dict[str, float] = {"frames": int(len(valid)), "valid_frames": int(valid.sum())}
     detector_jitter = jitter_over_iod(observed, iod, valid)
     report["jitter_detector_pct_iod"] = 100 * detector_jitter
     curves = {name: _opening(observed, p, iod) for name, p in pairs.items()}
     for label, stacked in (("raw", raw), ("smoothed", smoothed)):
-        fitted = reference_landmarks(tracker, stacked)
+        fitted = reference_landmarks(rig, stacked)
         errors = np.nanmean(np.linalg.norm(fitted - observed, axis=-1), axis=-1) / iod
         report[f"error_{label}_pct_iod"] = 100 * float(np.mean(errors[valid]))
         jitter = jitter_over_iod(fitted, iod, valid)
@@ -307,7 +305,7 @@ def synthetic_smoothing_accuracy(head: HeadModel, motion: SyntheticMotion, confi
     distance to the noise-free truth (pixels) and their jitter over the truth's, before and after."""
     from offline.track_job import LandmarkSequence, track_sequence
 
-    layer = Tracker(head, motion.image_size, config).layer
+    layer = Tracker(head, motion.image_size, config).rig.layer
     truth = synthetic_sequence(layer, motion)
     sequence = LandmarkSequence(truth.mp478, truth.lmk68, motion.image_size, truth.fps, "synthetic")
     tracker, frames, _ = track_sequence(sequence, head, config, progress=False)
@@ -317,7 +315,7 @@ def synthetic_smoothing_accuracy(head: HeadModel, motion: SyntheticMotion, confi
     unit = np.ones(motion.frames)
     truth_jitter = jitter_over_iod(truth.clean, unit, usable)
     for label, stacked in (("raw", raw), ("smoothed", smooth_sequence(raw, smoothing, truth.fps))):
-        fitted = reference_landmarks(tracker, stacked)
+        fitted = reference_landmarks(tracker.rig, stacked)
         report[f"landmark_px_{label}"] = float(np.mean(np.linalg.norm(fitted - truth.clean, axis=-1)))
         report[f"jitter_{label}_over_truth"] = jitter_over_iod(fitted, unit, usable) / truth_jitter
     return report
@@ -329,4 +327,4 @@ def clip_smoothing_accuracy(head: HeadModel, sequence: LandmarkSequence, config:
 
     tracker, frames, _ = track_sequence(sequence, head, config, progress=False)
     raw = stack_reference(frames)
-    return {"fps": sequence.fps, **smoothing_accuracy(tracker, sequence.mp478, raw, smooth_sequence(raw, smoothing, sequence.fps))}
+    return {"fps": sequence.fps, **smoothing_accuracy(tracker.rig, sequence.mp478, raw, smooth_sequence(raw, smoothing, sequence.fps))}

@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 import torch
 
-from engine.camera import FLIP
+from engine.camera import FLIP, Camera
 from engine.evaluation import OUTER_EYE_CORNERS
 from engine.fitting import fitted_joints
 from engine.flame import rodrigues
@@ -47,7 +47,7 @@ from engine.frames import FrameState
 from engine.head_model import HeadModel
 from engine.render import SH_CONSTANTS, rasterize, render, sh_shading, vertex_normals
 from engine.timing import synchronizer
-from engine.tracker import Tracker
+from engine.rig import HeadRig
 
 log = logging.getLogger(__name__)
 
@@ -288,21 +288,21 @@ def face_mask(points: np.ndarray, size: int, erosion_px: int) -> np.ndarray:
 
 
 class PhotometricFitter:
-    """Photometric fitting for one tracker: its head model, camera and landmark model."""
+    """Photometric fitting on a head rig: its head model, camera, landmark model and identity."""
 
-    def __init__(self, tracker: Tracker, config: PhotometricConfig | None = None) -> None:
+    def __init__(self, rig: HeadRig, config: PhotometricConfig | None = None) -> None:
         self.config = config or PhotometricConfig()
-        self.tracker = tracker
-        self.layer = tracker.layer
-        self.device = tracker.shape.device
-        self.dtype = tracker.shape.dtype
-        self.appearance = Appearance(tracker.head, self.config, self.device, self.dtype)
-        self.shape = tracker.shape.detach().clone()
+        self.rig = rig
+        self.layer = rig.layer
+        self.device = rig.shape.device
+        self.dtype = rig.shape.dtype
+        self.appearance = Appearance(rig.head, self.config, self.device, self.dtype)
+        self.shape = rig.shape.detach().clone()
         self.light = torch.zeros(9, 3, device=self.device, dtype=self.dtype)
         self.light[0] = UNIT_AMBIENT
         self._flip = torch.tensor(FLIP, device=self.device, dtype=self.dtype)
         corrected = torch.zeros(self.layer.n_joints, 1, device=self.device, dtype=self.dtype)
-        corrected[fitted_joints(self.layer.n_joints, tracker.config.fit)] = 1.0
+        corrected[fitted_joints(self.layer.n_joints, rig.fit)] = 1.0
         self._corrected_joints = corrected  # the joints the landmark fit estimates; the others stay as given
 
     @property
@@ -323,10 +323,10 @@ class PhotometricFitter:
         """
         size = size or self.config.size
         lmk68 = lmk68 or [None] * len(images)
-        camera = self.tracker.camera
+        camera = self.rig.camera
         crops, intrinsics, targets, masks, iods = [], [], [], [], []
         for image, mp, lmk in zip(images, mp478, lmk68):
-            pixels = self.tracker.targets.pixels(None if mp is None else mp[None], None if lmk is None else lmk[None])[0]
+            pixels = self.rig.targets.pixels(None if mp is None else mp[None], None if lmk is None else lmk[None])[0]
             observed = np.concatenate([p for p in (mp, lmk, pixels) if p is not None])
             if not np.isfinite(observed).all(axis=1).any():
                 raise ValueError("every frame given to the photometric fit needs observed landmarks")
@@ -389,7 +389,7 @@ class PhotometricFitter:
         return loss, per_frame.detach()
 
     def _landmark_pixels(self, shape: torch.Tensor, frames: FrameState, batch: FrameBatch) -> torch.Tensor:
-        model = self.tracker.full
+        model = self.rig.landmarks
         coeffs = torch.cat([shape.expand(frames.exp.shape[0], -1), frames.exp], dim=1)
         points = model.evaluate(coeffs, rodrigues(frames.pose), frames.transl, jacobians=False).points * self._flip
         projected = points @ batch.K.transpose(1, 2)
@@ -409,7 +409,7 @@ class PhotometricFitter:
         c = self.config.landmark_robust_scale
         scale = (self.config.landmark_noise * iod)[:, None]
         robust = (c**2) * torch.log1p(distance_sq / scale**2 / c**2)
-        weights = self.tracker.targets.weights * observed
+        weights = self.rig.targets.weights * observed
         loss = ((robust * weights).sum(1) / weights.sum(1).clamp_min(1e-9)).mean()
         count = observed.sum(1).clamp_min(1)
         rms = torch.sqrt((distance_sq * observed).sum(1) / count)
@@ -646,19 +646,17 @@ def bench_photometric(
     A synthetic head (the model's mean shape, frontal, 0.6 m away) is fitted to a rendering of itself
     with another expression, ``frames`` frames per batch.
     """
-    from engine.tracker import TrackerConfig
-
     device = torch.device(device)
-    tracker = Tracker(head, (size, size), TrackerConfig(fov_deg=30.0, device=str(device)))
+    rig = HeadRig(head, Camera.from_fov(size, size, 30.0), n_shape=100, n_exp=50, device=device)
     config = PhotometricConfig(size=size)
-    fitter = PhotometricFitter(tracker, config)
-    options = {"device": device, "dtype": tracker.config.dtype}
+    fitter = PhotometricFitter(rig, config)
+    options = rig.options
     truth = FrameState(
-        0.5 * torch.ones(frames, tracker.layer.n_exp, **options) / (1 + torch.arange(tracker.layer.n_exp, **options)),
-        torch.zeros(frames, tracker.layer.n_joints, 3, **options),
+        0.5 * torch.ones(frames, rig.layer.n_exp, **options) / (1 + torch.arange(rig.layer.n_exp, **options)),
+        torch.zeros(frames, rig.layer.n_joints, 3, **options),
         torch.tensor([[0.0, 0.0, -0.6]], **options).expand(frames, 3).clone(),
     )
-    K = torch.as_tensor(tracker.camera.intrinsics(), **options).expand(frames, 3, 3)
+    K = torch.as_tensor(rig.camera.intrinsics(), **options).expand(frames, 3, 3)
     with torch.no_grad():
         model_points = fitter._landmark_pixels(fitter.shape, truth, FrameBatch(torch.zeros(frames, size, size, 3, **options), K, torch.zeros(1), torch.zeros(1)))
         image = fitter.render(truth, FrameBatch(torch.zeros(frames, size, size, 3, **options), K, model_points, torch.ones(frames, size, size, dtype=torch.bool, device=device))).image
@@ -682,6 +680,6 @@ def bench_photometric(
         "device": str(device),
         "size": size,
         "frames_per_batch": frames,
-        "faces": int(tracker.layer.faces.shape[0]),
+        "faces": int(rig.layer.faces.shape[0]),
         "iteration_ms": (many - one) * 1e3 / repeats,
     }

@@ -80,7 +80,7 @@ def synthetic_sequence(layer: FlameLayer, motion: SyntheticMotion) -> SyntheticS
     transl[:, 0] = 0.02 * np.sin(2 * math.pi * time_axis)
 
     height, width = motion.image_size
-    camera = Camera(width, height, motion.fov_deg)
+    camera = Camera.from_fov(width, height, motion.fov_deg)
     model = LandmarkModel(_float64(layer), groups_for(layer.model))
     with torch.no_grad():
         columns = [np.repeat(shape[None], frames, 0), exp] + ([eyelids] if eyelids is not None else [])

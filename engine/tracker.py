@@ -10,8 +10,10 @@ The per-frame life of a :class:`Tracker`:
    with a residual that is too high is marked invalid, the last good parameters are held, and the next
    face is re-acquired from a cold start (PnP on the mean pose).
 
-Output frames are :class:`engine.frames.TrackedFrame`; ``engine.frames`` converts them to the reference format, the
-wire message and back.
+The model, its landmarks, the camera and the identity in use are the tracker's :class:`~engine.rig.HeadRig`
+(``tracker.rig``); the tracker itself is the state machine above. Output frames are
+:class:`engine.frames.TrackedFrame`; ``engine.frames`` (and the rig, for what needs the model) converts them to
+the reference format, the wire message and back.
 """
 
 from __future__ import annotations
@@ -28,22 +30,16 @@ import numpy as np
 import torch
 
 from engine.camera import FLIP, Camera, fov_from_focal
+from engine.errors import UserError
 from engine.filters import OneEuroConfig, OneEuroFilter
 from engine.fitting import Calibration, FitConfig, FrameFitter, Targets, calibrate
-from engine.flame import FlameLayer, axis_angles, rotation_matrices
-from engine.frames import (
-    FrameParams,
-    TrackedFrame,
-    frame_from_params,
-    frame_from_reference,
-    params_from_frames,
-    params_row,
-    reference_arrays,
-)
+from engine.flame import axis_angles, rotation_matrices
+from engine.frames import FrameParams, TrackedFrame, frame_from_params, params_row
 from engine.frame_solver import CpuFrameFitter, faster_frame_solver
 from engine.head_model import HeadModel
 from engine.landmark_model import LandmarkModel
-from engine.targets import TargetBuilder, groups_for, spans_a_face, tracking_head
+from engine.rig import HeadRig, RigIdentity
+from engine.targets import spans_a_face
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +50,13 @@ _FLIP = np.array(FLIP)
 class TrackerConfig:
     n_shape: int = 100
     n_exp: int = 50
-    #: Vertical field of view in degrees; None estimates it during calibration.
+    #: Vertical field of view in degrees that tracking starts with: the known one when ``fit_fov`` is False, else
+    #: the first guess that calibration replaces; None: the webcam default (``fit.priors.fov_deg``).
     fov_deg: float | None = None
+    #: Estimate the field of view during calibration; False keeps ``fov_deg`` as given (``--fov``).
+    fit_fov: bool = True
     #: An estimated FOV is kept only when the frames determined log(focal) this well (standard deviation; 0.1
-    #: is about +-10 % in focal length); otherwise the webcam default (``fit.priors.fov_deg``) is used.
+    #: is about +-10 % in focal length); otherwise ``fov_deg`` (by default the webcam default) is used.
     fov_max_log_std: float = 0.05
     fit: FitConfig = field(default_factory=FitConfig)
     calibration_frames: int = 8
@@ -89,13 +88,10 @@ class TrackerConfig:
 
 @dataclass
 class TrackingIdentity:
-    """An identity and camera with the per-frame model and fitter specialised to them (see Tracker.identity_for)."""
+    """A rig identity with the per-frame fitter specialised to it (see Tracker.identity_for)."""
 
-    shape: torch.Tensor
-    camera: Camera
-    fixed: LandmarkModel
+    rig: RigIdentity
     fitter: CpuFrameFitter | FrameFitter
-    focal: torch.Tensor
 
 
 @dataclass
@@ -121,25 +117,25 @@ class Tracker:
 
     def __init__(self, head: HeadModel, image_size: tuple[int, int], config: TrackerConfig | None = None) -> None:
         self.config = config or TrackerConfig()
-        self.head = head
+        if not self.config.fit_fov and self.config.fov_deg is None:
+            raise UserError("a field of view that is not estimated must be given: set fov_deg (--fov DEG)")
         height, width = image_size
-        fitted = tracking_head(head)
-        self.layer = FlameLayer(fitted, self.config.n_shape, self.config.n_exp, self.config.device, self.config.dtype)
-        self.full = LandmarkModel(self.layer, groups_for(head))
-        self.targets = TargetBuilder(self.full, fitted, self.config.fit)
-        self._weighted_landmarks = self.targets.weights.numpy(force=True) > 0
-        fov = self.config.fov_deg if self.config.fov_deg is not None else self.config.fit.priors.fov_deg
-        self.camera = Camera(width, height, fov)
-        self.shape = torch.zeros(self.layer.n_shape, dtype=self.config.dtype, device=self.config.device)
+        #: The FOV tracking starts with: the given one, or the first guess an estimate falls back to.
+        self.first_fov_deg = self.config.fov_deg if self.config.fov_deg is not None else self.config.fit.priors.fov_deg
+        self.rig = HeadRig(
+            head, Camera.from_fov(width, height, self.first_fov_deg), self.config.n_shape, self.config.n_exp, self.config.fit,
+            self.config.device, self.config.dtype,
+        )
+        self._weighted_landmarks = self.rig.targets.weights.numpy(force=True) > 0
         #: Where the FOV comes from: "given" (--fov), "estimated", or "default" (the frames did not determine it).
-        self.fov_source = "given" if self.config.fov_deg is not None else "default"
+        self.fov_source = "default" if self.config.fit_fov else "given"
         #: The standard deviation of log(focal) the last calibration's frames allowed (None: not estimated).
         self.fov_log_std: float | None = None
         self.frame_solver = self.config.frame_solver
         if self.frame_solver == "auto":
             on_cpu = torch.device(self.config.device).type == "cpu"
-            self.frame_solver = "numpy" if on_cpu else faster_frame_solver(self.full.with_fixed_shape(self.shape), self.config.fit, image_size, self.camera.focal)
-        self._freeze_identity()
+            self.frame_solver = "numpy" if on_cpu else faster_frame_solver(self.rig.fixed_landmarks, self.config.fit, image_size, self.rig.camera.focal)
+        self.fitter = self._fitter(self.rig.fixed_landmarks)
         self.calibrated = False
         self.shape_version = 0
         self._history: list[tuple[float, FrameParams]] = []  # last valid frames, newest last
@@ -154,26 +150,24 @@ class Tracker:
         self._calibration_lock = threading.Lock()
 
     # --------------------------------------------------------------------------------------------- helpers
-    def _freeze_identity(self) -> None:
-        """Specialise the landmark model and the per-frame fitter to the current shape and camera."""
-        self._use(self._identity(self.shape, self.camera))
+    def _fitter(self, landmarks: LandmarkModel) -> CpuFrameFitter | FrameFitter:
+        solver = CpuFrameFitter if self.frame_solver == "numpy" else FrameFitter
+        return solver(landmarks, self.config.fit)
 
     def _identity(self, shape: torch.Tensor, camera: Camera) -> TrackingIdentity:
         """What tracking with this identity and camera needs, built without touching the tracker's state."""
-        fixed = self.full.with_fixed_shape(shape)
-        solver = CpuFrameFitter if self.frame_solver == "numpy" else FrameFitter
-        focal = torch.tensor(camera.focal, dtype=self.config.dtype, device=self.config.device)
-        return TrackingIdentity(shape, camera, fixed, solver(fixed, self.config.fit), focal)
+        identity = self.rig.identity_for(shape, camera)
+        return TrackingIdentity(identity, self._fitter(identity.landmarks))
 
     def _use(self, identity: TrackingIdentity) -> None:
-        self.shape, self.camera = identity.shape, identity.camera
-        self.fixed, self.fitter, self.focal = identity.fixed, identity.fitter, identity.focal
+        self.rig.use(identity.rig)
+        self.fitter = identity.fitter
 
     def can_fit(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> bool:
         """Whether one frame's landmarks can be fitted: enough observed, spanning a face."""
         if mp478 is None and lmk68 is None:
             return False
-        return self._observed_enough(self.targets.build_frame(mp478, lmk68))
+        return self._observed_enough(self.rig.targets.build_frame(mp478, lmk68))
 
     def _observed_enough(self, targets: Targets) -> bool:
         """Enough landmarks observed, spanning a face (not a point, a line or a few pixels)."""
@@ -184,7 +178,7 @@ class Tracker:
 
     def cold_start(self, targets: Targets, model: LandmarkModel | None = None, exp: torch.Tensor | None = None) -> FrameParams:
         """Rigid pose from PnP of the neutral model's landmarks; expression zero, joints at rest."""
-        model = model or self.fixed
+        model = model or self.rig.fixed_landmarks
         batch = targets.pixels.shape[0]
         options = {"dtype": self.config.dtype, "device": self.config.device}
         n_coeffs = model.n_coeffs
@@ -198,7 +192,7 @@ class Tracker:
         root_rest = root_rest.cpu().double().numpy()
         rotations = identity.expand(batch, -1, -1, -1).clone()
         transl = torch.zeros(batch, 3, **options)
-        intrinsics = self.camera.intrinsics()
+        intrinsics = self.rig.camera.intrinsics()
         for item in range(batch):
             pixels = targets.pixels[item].cpu().double().numpy()
             usable = np.isfinite(pixels).all(axis=1) & (targets.weights.cpu().numpy() > 0)
@@ -206,7 +200,7 @@ class Tracker:
             root = _FLIP[:, None] * rot_cv * _FLIP[None, :]
             rotations[item, 0] = torch.as_tensor(root, **options)
             transl[item] = torch.as_tensor(_FLIP * trans_cv - root_rest + root @ root_rest, **options)
-        exp0 = torch.zeros(batch, self.layer.n_expression, **options)
+        exp0 = torch.zeros(batch, self.rig.layer.n_expression, **options)
         return FrameParams(exp0, rotations, transl)
 
     def _solve_pnp(self, object_points: np.ndarray, pixels: np.ndarray, intrinsics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -217,11 +211,11 @@ class Tracker:
             if ok and np.all(np.isfinite(tvec)) and tvec[2, 0] > 0:
                 return cv2.Rodrigues(rvec)[0], tvec[:, 0]
         # Degenerate input: a frontal head at the depth that matches the observed face size.
-        extent = np.ptp(pixels, axis=0).max() if len(pixels) else self.camera.height / 3
+        extent = np.ptp(pixels, axis=0).max() if len(pixels) else self.rig.camera.height / 3
         model_extent = np.ptp(object_points, axis=0)[:2].max() if len(object_points) else 0.15
-        depth = self.camera.focal * model_extent / max(extent, 1.0)
-        center = pixels.mean(axis=0) if len(pixels) else np.array(self.camera.center)
-        offset = (center - np.array(self.camera.center)) * depth / self.camera.focal
+        depth = self.rig.camera.focal * model_extent / max(extent, 1.0)
+        center = pixels.mean(axis=0) if len(pixels) else np.array(self.rig.camera.center)
+        offset = (center - np.array(self.rig.camera.center)) * depth / self.rig.camera.focal
         return np.eye(3), np.array([offset[0], offset[1], depth])
 
     def _predict(self, timestamp: float) -> FrameParams:
@@ -246,16 +240,16 @@ class Tracker:
         self._adopt_background_calibration()
         if mp478 is None and lmk68 is None:
             return self._invalid(started)
-        targets = self.targets.build_frame(mp478, lmk68)
+        targets = self.rig.targets.build_frame(mp478, lmk68)
         if not self._observed_enough(targets):
             return self._invalid(started)
         warm = not self._lost and self._history and self.config.warm_start != "none"
         if warm:
             initial = self._predict(timestamp)
-            result = self.fitter.fit(initial, targets, self.focal, self.camera.center, prediction=initial)
+            result = self.fitter.fit(initial, targets, self.rig.focal, self.rig.camera.center, prediction=initial)
         else:
             initial = self.cold_start(targets)
-            result = self.fitter.fit(initial, targets, self.focal, self.camera.center, iterations=self.config.cold_iterations)
+            result = self.fitter.fit(initial, targets, self.rig.focal, self.rig.camera.center, iterations=self.config.cold_iterations)
         rms_px = float(result.rms_px[0])
         face_size = float(targets.face_size[0])
         params = result.params
@@ -278,7 +272,7 @@ class Tracker:
         if self._last_frame is not None:
             fit_ms = (time.perf_counter() - started) * 1e3
             return self._last_frame.held(rms_px, iterations, fit_ms, self.calibrated, self.shape_version)
-        neutral = FrameParams.neutral(1, self.layer.n_expression, self.layer.n_joints, self.config.dtype)
+        neutral = FrameParams.neutral(1, self.rig.layer.n_expression, self.rig.layer.n_joints, self.config.dtype)
         return self._frame(neutral, False, rms_px, iterations, started, None)
 
     def frame_from(self, params: FrameParams, rms_px: float = float("nan")) -> TrackedFrame:
@@ -290,36 +284,12 @@ class Tracker:
         if self._filter is not None and timestamp is not None:
             packed = self._filter(np.concatenate([exp, pose.ravel(), transl]), timestamp)
             exp, pose, transl = packed[: exp.size], packed[exp.size : exp.size + pose.size].reshape(pose.shape), packed[-3:]
-        n_exp = self.layer.n_exp
+        n_exp = self.rig.layer.n_exp
         return frame_from_params(
-            exp[:n_exp], pose, transl, self.root_rest_joint(exp), self.camera.fov_deg, valid, rms_px, iterations,
+            exp[:n_exp], pose, transl, self.rig.root_joint(exp), self.rig.camera.fov_deg, valid, rms_px, iterations,
             (time.perf_counter() - started) * 1e3, self.calibrated, self.shape_version,
-            eyelids=exp[n_exp:] if self.layer.n_eyelids else None,
+            eyelids=exp[n_exp:] if self.rig.layer.n_eyelids else None,
         )
-
-    def reference_arrays(self, frame: TrackedFrame) -> dict[str, np.ndarray]:
-        """One frame in the reference format (``engine.frames.reference_arrays``) with this identity and camera."""
-        return reference_arrays(frame, self.shape.cpu().double().numpy(), self.camera.intrinsics(), self.head.checksum)
-
-    def frame_from_reference(self, arrays: dict[str, np.ndarray]) -> TrackedFrame:
-        """The inverse of :meth:`reference_arrays` (``engine.frames.frame_from_reference``); frames tracked
-        without eyelid blendshapes open the lids of a model that has them."""
-        frame = frame_from_reference(arrays, self.layer.n_joints, self.root_rest_joint)
-        if self.layer.n_eyelids and frame.eyelids is None:
-            frame.eyelids = np.zeros(self.layer.n_eyelids)
-        return frame
-
-    def params_from_reference(self, arrays: dict[str, np.ndarray]) -> FrameParams:
-        """One frame of reference arrays as the solver's parameters (batch of one) in the tracker's dtype."""
-        return params_from_frames([self.frame_from_reference(arrays)], self.config.dtype, self.config.device)
-
-    def root_rest_joint(self, exp: np.ndarray) -> np.ndarray:
-        """The root joint of the shaped, expressed template (the pivot of the head rotation), metres.
-
-        ``exp`` may leave out the eyelid weights: they move no joint."""
-        coeffs = torch.as_tensor(exp, dtype=self.config.dtype, device=self.config.device)
-        basis = self.fixed.joint_coeff_basis[0][:, : coeffs.shape[0]]
-        return (self.fixed.joint_rest[0] + basis @ coeffs).cpu().double().numpy()
 
     # ----------------------------------------------------------------------------------------- calibration
     def _offer_candidate(self, mp478: np.ndarray | None, lmk68: np.ndarray | None, params: FrameParams, timestamp: float) -> None:
@@ -339,21 +309,20 @@ class Tracker:
     def identity_for(self, shape: torch.Tensor) -> TrackingIdentity:
         """Everything tracking with ``shape`` needs, built on the caller's thread (the slow part of adopting
         an identity, kept off the tracking thread); hand it to :meth:`adopt_prepared_identity`."""
-        shape = shape.detach().to(device=self.shape.device, dtype=self.shape.dtype).reshape(self.shape.shape).clone()
-        return self._identity(shape, self.camera)
+        return self._identity(shape, self.rig.camera)
 
     def adopt_prepared_identity(self, identity: TrackingIdentity) -> None:
         """Track with an identity from :meth:`identity_for`; call between frames."""
-        if identity.camera != self.camera:  # calibrated again meanwhile: the identity keeps the new camera
-            identity = self._identity(identity.shape, self.camera)
+        if identity.rig.camera != self.rig.camera:  # calibrated again meanwhile: the identity keeps the new camera
+            identity = self._identity(identity.rig.shape, self.rig.camera)
         self._use(identity)
         self.shape_version += 1
 
     def adopt_calibration(self, shape: torch.Tensor, focal: float) -> None:
-        """Take an identity and focal length calibrated earlier (a resumed offline run) as if calibrated now."""
-        self.camera = self.camera.with_focal(focal)
+        """Take an identity and focal length (pixels) calibrated earlier (a resumed offline run) as if calibrated now."""
         self.calibrated = True
-        self.adopt_identity(shape)
+        self._use(self._identity(shape, self.rig.camera.with_focal(focal)))
+        self.shape_version += 1
 
     def resume_after(self, previous: list[tuple[float, FrameParams]], last_valid: bool) -> None:
         """Continue a sequence as if its earlier frames had been tracked by this tracker: ``previous`` holds
@@ -379,10 +348,10 @@ class Tracker:
         log.warning(
             "the frames do not determine the field of view (estimate %.0f deg, +-%.0f %% in focal length): using the "
             "webcam default of %.0f deg; pass --fov DEG if you know it",
-            fov_from_focal(estimate.focal, self.camera.height), 100 * min(estimate.log_focal_std, 9.99), camera.fov_deg,
+            fov_from_focal(estimate.focal, self.rig.camera.height), 100 * min(estimate.log_focal_std, 9.99), camera.fov_deg,
         )
         return calibrate(
-            self.full, params, targets, camera.focal, camera.center, self.config.fit, fit_focal=False, shape=self.shape
+            self.rig.landmarks, params, targets, camera.focal, camera.center, self.config.fit, fit_focal=False, shape=self.rig.shape
         )
 
     def fov_description(self) -> str:
@@ -395,10 +364,10 @@ class Tracker:
     def fov_report(self) -> dict[str, object]:
         """The FOV, its source and how well the frames determined it, for meta.json and session.json."""
         return {
-            "deg": self.camera.fov_deg,
+            "deg": self.rig.camera.fov_deg,
             "source": self.fov_source,
             "log_focal_std": self.fov_log_std if self.fov_log_std is not None and math.isfinite(self.fov_log_std) else None,
-            "default_deg": self.config.fit.priors.fov_deg,
+            "default_deg": self.first_fov_deg,
             "max_log_focal_std": self.config.fov_max_log_std,
         }
 
@@ -439,7 +408,7 @@ class Tracker:
         self._adopt_fov(outcome)
         log.info(
             "calibrated in the background: fov %.1f deg (%s), rms %.2f px",
-            self.camera.fov_deg, self.fov_description(), float(outcome.result.frames.rms_px.mean()),
+            self.rig.camera.fov_deg, self.fov_description(), float(outcome.result.frames.rms_px.mean()),
         )
 
     def calibrate(
@@ -452,7 +421,7 @@ class Tracker:
         self._adopt_fov(outcome)
         log.info(
             "calibrated on %d frames in %.0f ms: fov %.1f deg (%s), rms %.2f px",
-            len(observations), (time.perf_counter() - started) * 1e3, self.camera.fov_deg, self.fov_description(),
+            len(observations), (time.perf_counter() - started) * 1e3, self.rig.camera.fov_deg, self.fov_description(),
             float(outcome.result.frames.rms_px.mean()),
         )
         return outcome.result
@@ -469,24 +438,24 @@ class Tracker:
         """The joint fit of :meth:`calibrate`, leaving the tracker as it was (safe on another thread)."""
         mp = [o[0] for o in observations]
         lmk = [o[1] for o in observations]
-        targets = self.targets.build(
+        targets = self.rig.targets.build(
             None if any(m is None for m in mp) else np.stack(mp),
             None if any(m is None for m in lmk) else np.stack(lmk),
         )
         if initial is None:
-            params = self.cold_start(targets, self.fixed)
+            params = self.cold_start(targets, self.rig.fixed_landmarks)
         else:
             params = FrameParams.cat(initial)
-        fit_focal = self.config.fov_deg is None
+        fit_focal = self.config.fit_fov
         result = calibrate(
-            self.full, params, targets, self.camera.focal, self.camera.center, self.config.fit,
-            fit_focal=fit_focal, shape=self.shape,
+            self.rig.landmarks, params, targets, self.rig.camera.focal, self.rig.camera.center, self.config.fit,
+            fit_focal=fit_focal, shape=self.rig.shape,
         )
-        camera, fov_source, fov_log_std = self.camera, self.fov_source, self.fov_log_std
+        camera, fov_source, fov_log_std = self.rig.camera, self.fov_source, self.fov_log_std
         if fit_focal:
             fov_source, fov_log_std = "estimated", result.log_focal_std
             if not result.log_focal_std <= self.config.fov_max_log_std:
-                camera = Camera(self.camera.width, self.camera.height, self.config.fit.priors.fov_deg)
+                camera = Camera.from_fov(self.rig.camera.width, self.rig.camera.height, self.first_fov_deg)
                 fov_source = "default"
                 result = self._calibrate_at_default_fov(params, targets, result, camera)
         return _CalibrationOutcome(result, camera.with_focal(result.focal), fov_source, fov_log_std)
@@ -503,13 +472,13 @@ def fit_single(
     tracker = Tracker(head, image_size, config)
     started = time.perf_counter()
     if not tracker.can_fit(mp478, lmk68):
-        return tracker.reference_arrays(tracker._invalid(started))
+        return tracker.rig.reference_arrays(tracker._invalid(started))
     result = tracker.calibrate([(mp478, lmk68)])
     rms_px = float(result.frames.rms_px[0])
-    face_size = float(tracker.targets.build_frame(mp478, lmk68).face_size[0])
+    face_size = float(tracker.rig.targets.build_frame(mp478, lmk68).face_size[0])
     if not math.isfinite(rms_px) or rms_px > tracker.config.loss_threshold * face_size or not result.frames.params.finite():
-        return tracker.reference_arrays(tracker._invalid(started, rms_px))
-    return tracker.reference_arrays(tracker.frame_from(result.frames.params, rms_px))
+        return tracker.rig.reference_arrays(tracker._invalid(started, rms_px))
+    return tracker.rig.reference_arrays(tracker.frame_from(result.frames.params, rms_px))
 
 
 def diversity_feature(pose: np.ndarray, exp: np.ndarray) -> np.ndarray:

@@ -321,8 +321,9 @@ def _track_and_refine(item: BatchInput, out_dir: Path, options: JobOptions) -> t
 
         if item.is_session:
 
-            def tracker_factory(image_size: tuple[int, int], n_shape: int, n_exp: int, fov_deg: float) -> Tracker:
-                config = TrackerConfig(n_shape=n_shape, n_exp=n_exp, fov_deg=fov_deg, device=options.tracker.device)
+            def tracker_factory(image_size: tuple[int, int], n_shape: int, n_exp: int, known_fov_deg: float | None) -> Tracker:
+                config = TrackerConfig(n_shape=n_shape, n_exp=n_exp, fov_deg=known_fov_deg, fit_fov=known_fov_deg is None,
+                                       device=options.tracker.device)
                 return Tracker(head, image_size, config)
 
             refine_session(item.source, tracker_factory, out_dir / track_job.PHOTOMETRIC_DIR, options.landmarker_task, options.refine, progress=False)

@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.camera import Camera
 from engine.evaluation import fit_scores
 from engine.frames import FrameState
 from engine.head_model import HeadModel
 from engine.photometric import PhotometricFitter
-from engine.tracker import Tracker, TrackerConfig
+from engine.rig import HeadRig
+from engine.tracker import TrackerConfig
 from offline.refine_job import IDENTITY_FILE, RefineOptions, load_appearance, refine_video, state_from_reference
 from offline.track_job import detect_landmarks, track_sequence
 
@@ -39,7 +41,7 @@ def compare_refine_with_track(
     with tempfile.TemporaryDirectory() as out:
         timings = refine_video(clip, tracker, results, sequence.mp478, Path(out), options, progress)
         refined = [_load(Path(out) / f"{i:06d}.npz") for i in range(len(results))]
-        fitter = PhotometricFitter(tracker, options.photometric)
+        fitter = PhotometricFitter(tracker.rig, options.photometric)
         load_appearance(fitter, Path(out) / IDENTITY_FILE)
     report: dict[str, object] = {"clip": clip, "model": head.name, "crop_size": options.photometric.size,
                                  "frame_iterations": options.photometric.frame_iterations, "window": options.window,
@@ -78,22 +80,23 @@ def score_frames(head: HeadModel, arrays: list[dict[str, np.ndarray]], mp478: np
     """:func:`engine.evaluation.fit_scores` of per-frame arrays (track's format) against MediaPipe's landmarks,
     with the model, identity and field of view the arrays were made with."""
     first = next(frame for frame in arrays if bool(frame["valid"][0]))
-    config = TrackerConfig(n_shape=first["shape"].shape[1], n_exp=first["exp"].shape[1], fov_deg=float(first["fov"][0]), device=device)
-    tracker = Tracker(head, image_size, config)
-    tracker.adopt_identity(torch.as_tensor(first["shape"][0]))
-    return _scores(tracker, arrays, mp478)
+    height, width = image_size
+    camera = Camera.from_fov(width, height, float(first["fov"][0]))
+    rig = HeadRig(head, camera, first["shape"].shape[1], first["exp"].shape[1], device=device)
+    rig.use(rig.identity_for(torch.as_tensor(first["shape"][0])))
+    return _scores(rig, arrays, mp478)
 
 
-def _states(tracker: Tracker, arrays: list[dict[str, np.ndarray]]) -> list[FrameState | None]:
-    return [state_from_reference(tracker, frame) for frame in arrays]
+def _states(rig: HeadRig, arrays: list[dict[str, np.ndarray]]) -> list[FrameState | None]:
+    return [state_from_reference(rig, frame) for frame in arrays]
 
 
-def _scores(tracker: Tracker, arrays: list[dict[str, np.ndarray]], mp478: np.ndarray) -> dict[str, float]:
-    states = _states(tracker, arrays)
+def _scores(rig: HeadRig, arrays: list[dict[str, np.ndarray]], mp478: np.ndarray) -> dict[str, float]:
+    states = _states(rig, arrays)
     neutral = next(s for s in states if s is not None)
     filled = [s if s is not None else neutral for s in states]
     stacked = FrameState.cat(filled)
-    return fit_scores(tracker, arrays[0]["shape"][0], stacked.exp.numpy(), stacked.pose.numpy(), stacked.transl.numpy(),
+    return fit_scores(rig, arrays[0]["shape"][0], stacked.exp.numpy(), stacked.pose.numpy(), stacked.transl.numpy(),
                       np.array([s is not None for s in states]), mp478)
 
 
@@ -101,7 +104,7 @@ def _image_errors(fitter: PhotometricFitter, clip: str, mp478: np.ndarray, resul
     """Mean absolute RGB error inside the face mask of each result, all rendered with the fitter's appearance."""
     from realtime.sources import iter_frames
 
-    states = [_states(fitter.tracker, arrays) for arrays in results]
+    states = [_states(fitter.rig, arrays) for arrays in results]
     sums = [0.0] * len(results)
     count = 0
     images, indices = [], []

@@ -41,6 +41,7 @@ from engine.errors import UserError
 from engine.evaluation import landmark_errors
 from engine.frames import FrameParams, FrameState, stack_reference, unstack_reference
 from engine.photometric import PhotometricConfig, PhotometricFitter
+from engine.rig import HeadRig
 from engine.smoothing import SmoothingConfig
 from engine.tracker import Tracker, diversity_feature, select_diverse
 from engine.versions import software_versions
@@ -72,11 +73,11 @@ class RefineOptions:
     smoothing: SmoothingConfig | None = field(default_factory=SmoothingConfig)
 
 
-def state_from_reference(tracker: Tracker, arrays: dict[str, np.ndarray]) -> FrameState | None:
+def state_from_reference(rig: HeadRig, arrays: dict[str, np.ndarray]) -> FrameState | None:
     """A frame's parameters from the reference-format arrays of ``track_job`` (None when not valid)."""
     if not bool(arrays["valid"][0]):
         return None
-    return tracker.params_from_reference(arrays).as_state()
+    return rig.params_from_reference(arrays).as_state()
 
 
 def load_appearance(fitter: PhotometricFitter, path: Path) -> None:
@@ -97,7 +98,7 @@ class SequenceRefiner:
         self.out_dir = Path(out_dir)
         self.options = options or RefineOptions()
         self.fps = fps  # of the frames, recorded in meta.json so the sequence can be animated at its own rate
-        self.fitter = PhotometricFitter(tracker, self.options.photometric)
+        self.fitter = PhotometricFitter(tracker.rig, self.options.photometric)
         self.timings: dict[str, float] = {}
         self.rejected_windows: list[tuple[int, int]] = []  # (first, last) frame of each rejected window
         self.windows = 0
@@ -287,14 +288,14 @@ class SequenceRefiner:
         if not checked:
             return []
         mp478 = np.stack([self._landmarks[i] for i in checked])
-        shape = self.tracker.shape.cpu().numpy()
+        shape = self.tracker.rig.shape.cpu().numpy()
 
         def errors(frames: list[FrameState]) -> np.ndarray:
             stacked = FrameState.cat(frames)
-            return landmark_errors(self.tracker, shape, stacked.exp.cpu().numpy(), stacked.pose.cpu().numpy(),
+            return landmark_errors(self.tracker.rig, shape, stacked.exp.cpu().numpy(), stacked.pose.cpu().numpy(),
                                    stacked.transl.cpu().numpy(), mp478)
 
-        rise = errors([state_from_reference(self.tracker, smoothed[i]) for i in checked]) - errors([states[i] for i in checked])
+        rise = errors([state_from_reference(self.tracker.rig, smoothed[i]) for i in checked]) - errors([states[i] for i in checked])
         return [index for index, value in zip(checked, rise) if value > self.options.landmark_margin]
 
     def _with_memory_guard(self, fit: Callable):
@@ -312,7 +313,7 @@ class SequenceRefiner:
             frame.valid = False
         else:
             frame = self.tracker.frame_from(state.as_params())
-        arrays = self.tracker.reference_arrays(frame)
+        arrays = self.tracker.rig.reference_arrays(frame)
         arrays["tex"] = self.fitter.appearance.state()[None].astype(np.float32)
         arrays["light"] = self.fitter.light.cpu().numpy()[None].astype(np.float32)
         arrays["image_error"] = np.array([np.nan if image_error is None else image_error], np.float32)
@@ -320,11 +321,11 @@ class SequenceRefiner:
         write_npz_atomic(self._frame_path(index), arrays)
 
     def _neutral(self) -> FrameParams:
-        layer = self.tracker.layer
+        layer = self.tracker.rig.layer
         return FrameParams.neutral(1, layer.n_expression, layer.n_joints, self.fitter.dtype, self.fitter.device)
 
     def _load_state(self, index: int) -> FrameState | None:
-        return state_from_reference(self.tracker, self._load_arrays(index))
+        return state_from_reference(self.tracker.rig, self._load_arrays(index))
 
     def _load_arrays(self, index: int) -> dict[str, np.ndarray]:
         with np.load(self._frame_path(index)) as saved:
@@ -337,7 +338,7 @@ class SequenceRefiner:
         meta = {
             "format": "flame-live photometric refinement",
             "format_version": REFINE_FORMAT_VERSION,
-            "model": self.tracker.head.describe(),
+            "model": self.tracker.rig.head.describe(),
             "frames": n_frames,
             "fps": self.fps,
             "valid_frames": int(sum(bool(a["valid"][0]) for a in loaded)),
@@ -367,7 +368,7 @@ def refine_video(
 
     if mp478 is None:
         raise UserError("--photometric needs MediaPipe landmarks: give the video or images, not a 68-point landmarks file")
-    states = [state_from_reference(tracker, arrays) for arrays in results]
+    states = [state_from_reference(tracker.rig, arrays) for arrays in results]
 
     def frames() -> Iterator[FrameInput]:
         for frame in iter_frames(source):
@@ -381,15 +382,16 @@ def refine_video(
 
 
 def refine_session(
-    session_dir: Path, tracker_factory: Callable[[tuple[int, int], int, int, float], Tracker], out_dir: Path,
+    session_dir: Path, tracker_factory: Callable[[tuple[int, int], int, int, float | None], Tracker], out_dir: Path,
     landmarker_task: Path | None, options: RefineOptions | None = None, progress: bool = True,
 ) -> dict[str, float]:
     """Refine a recorded live session (realtime.session): its video frames and recorded ``flame.frame`` messages.
 
-    ``tracker_factory(image_size (h, w), n_shape, n_exp, fov_deg)`` makes the tracker for the recorded camera.
+    ``tracker_factory(image_size (h, w), n_shape, n_exp, known_fov_deg)`` makes the tracker for the recorded camera
+    (``known_fov_deg`` None: estimate the field of view).
     Landmarks come from the messages when they were recorded, else MediaPipe runs on the video
-    (``landmarker_task``); the recording is tracked again from them, landmarks only and offline, with the
-    recorded camera's field of view, and refinement starts from that fit.
+    (``landmarker_task``); the recording is tracked again from them, landmarks only and offline (with the
+    recorded field of view when the live run was given it, else estimated again), and refinement starts from that fit.
     """
     from flame_client.messages import TOPIC_FRAME
     from realtime.session import SessionReader
@@ -411,12 +413,16 @@ def refine_session(
     fov = camera.get("fov_deg")
     if not isinstance(fov, int | float):
         raise UserError(f"session {session_dir}: session.json lacks the camera's field of view; the session is incomplete")
-    tracker = tracker_factory((height, width), int(tracker_info.get("n_shape", 100)), int(tracker_info.get("n_exp", 50)), float(fov))
+    # A FOV the live run was given stays known; one it estimated (from its first seconds) or defaulted to is
+    # estimated again, from the whole recording, as `track` would.
+    given = metadata.get("fov_fixed") is True or (camera.get("fov") or {}).get("source") == "given"
+    n_shape, n_exp = int(tracker_info.get("n_shape", 100)), int(tracker_info.get("n_exp", 50))
+    tracker = tracker_factory((height, width), n_shape, n_exp, float(fov) if given else None)
     recorded_model = (metadata.get("model") or {}).get("checksum")
-    if recorded_model is not None and recorded_model != tracker.head.checksum:
+    if recorded_model is not None and recorded_model != tracker.rig.head.checksum:
         raise UserError(
             f"session {session_dir} was tracked with the {(metadata.get('model') or {}).get('name')}, not the "
-            f"{tracker.head.name}: pass the same --flame as when recording"
+            f"{tracker.rig.head.name}: pass the same --flame as when recording"
         )
     n_frames = max(messages) + 1
     # The anchor is the landmark-only fit of the whole recording, as `track` makes it, not the live messages:
@@ -424,8 +430,8 @@ def refine_session(
     landmarks = _session_landmarks(reader, messages, n_frames, landmarker_task)
     sequence = LandmarkSequence(landmarks, None, (height, width), reader.fps or 25.0, str(session_dir))
     options = options or RefineOptions()
-    tracker, results, _ = track_sequence(sequence, tracker.head, tracker.config, progress, options.smoothing)
-    states = [state_from_reference(tracker, arrays) for arrays in results]
+    tracker, results, _ = track_sequence(sequence, tracker.rig.head, tracker.config, progress, options.smoothing)
+    states = [state_from_reference(tracker.rig, arrays) for arrays in results]
 
     def frames() -> Iterator[FrameInput]:
         for frame in reader.video_frames():

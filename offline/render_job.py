@@ -306,7 +306,7 @@ def _read_session(directory: Path) -> FitRecord:
         if record.topic == TOPIC_SHAPE:
             shape = np.asarray(message["shape"], dtype=np.float32)
         elif record.video_frame is not None and shape is not None:
-            params[record.video_frame] = reference_from_message(message, shape, Camera(width, height, float(message["fov_deg"])).intrinsics())
+            params[record.video_frame] = reference_from_message(message, shape, Camera.from_fov(width, height, float(message["fov_deg"])).intrinsics())
             landmarks = message.get("landmarks")
             if landmarks is not None and len(landmarks) == 2 * 478:
                 observed[record.video_frame] = np.asarray(landmarks, dtype=np.float64).reshape(478, 2)

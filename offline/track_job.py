@@ -270,9 +270,9 @@ def calibrate_on_sequence(
         started = time.perf_counter()
         result = tracker.calibrate([(mp478, lmk68)])
         timings["fit_s"] = time.perf_counter() - started
-        return tracker.reference_arrays(tracker.frame_from(result.frames.params, float(result.frames.rms_px[0])))
+        return tracker.rig.reference_arrays(tracker.frame_from(result.frames.params, float(result.frames.rms_px[0])))
     if survey is None:
-        survey = Survey(tracker.head, tracker.config)
+        survey = Survey(tracker.rig.head, tracker.config)
         survey.begin(sequence.image_size, sequence.fps)
         for index in tqdm(range(sequence.n_frames), desc="survey", unit="frame", disable=not progress, leave=False):
             survey.add(index, *sequence.frame(index))
@@ -289,7 +289,7 @@ def track_frames(tracker: Tracker, sequence: LandmarkSequence, start: int = 0, p
     """Track frames ``start``.. of a calibrated tracker, yielding each frame's reference arrays as it is done."""
     for index in tqdm(range(start, sequence.n_frames), desc="track", unit="frame", disable=not progress, initial=start, total=sequence.n_frames):
         frame = tracker.track(*sequence.frame(index), timestamp=index / sequence.fps)
-        yield tracker.reference_arrays(frame)
+        yield tracker.rig.reference_arrays(frame)
 
 
 @dataclass(frozen=True)
@@ -472,7 +472,7 @@ def _calibration(
         write_npz_atomic(frame_path(out_dir, 0), single)
     spread = np.nan if tracker.fov_log_std is None else tracker.fov_log_std
     write_npz_atomic(saved, {
-        "shape": tracker.shape.cpu().numpy(), "focal": np.array(tracker.camera.focal),
+        "shape": tracker.rig.shape.cpu().numpy(), "focal": np.array(tracker.rig.camera.focal),
         "fov_source": np.array(tracker.fov_source), "fov_log_std": np.array(spread),
     })  # fmt: skip
 
@@ -490,7 +490,7 @@ def _track_and_write(
     if resumed:
         log.info("resuming %s at frame %d of %d", out_dir, resumed, sequence.n_frames)
         valid = [index for index, arrays in enumerate(results) if bool(arrays["valid"][0])]
-        previous = [(index / sequence.fps, tracker.params_from_reference(results[index])) for index in valid[-2:]]
+        previous = [(index / sequence.fps, tracker.rig.params_from_reference(results[index])) for index in valid[-2:]]
         tracker.resume_after(previous, last_valid=bool(results[-1]["valid"][0]))
     started = time.perf_counter()
     with FrameWriter() as writer:
@@ -506,7 +506,7 @@ def _stored_frame(tracker: Tracker, arrays: dict[str, np.ndarray], save_vertices
     """What a frame file holds: the reference arrays, and with ``save_vertices`` the posed mesh."""
     if not save_vertices:
         return arrays
-    return {**arrays, "vertices": posed_vertices(tracker.layer, arrays, space="camera")[None].astype(np.float32)}
+    return {**arrays, "vertices": posed_vertices(tracker.rig.layer, arrays, space="camera")[None].astype(np.float32)}
 
 
 class FrameWriter:
@@ -582,7 +582,7 @@ def _write_summary(
     meta = {
         "format": "flame-live tracking",
         "format_version": FRAME_FORMAT_VERSION,
-        "model": tracker.head.describe(),
+        "model": tracker.rig.head.describe(),
         "source": sequence.source,
         "image_size": {"height": sequence.image_size[0], "width": sequence.image_size[1]},
         "fps": sequence.fps,
@@ -590,8 +590,8 @@ def _write_summary(
         "valid_frames": int(sum(bool(r["valid"][0]) for r in results)),
         "fov_deg": float(results[-1]["fov"][0]),
         "fov": tracker.fov_report(),
-        "n_shape": tracker.layer.n_shape,
-        "n_exp": tracker.layer.n_exp,
+        "n_shape": tracker.rig.layer.n_shape,
+        "n_exp": tracker.rig.layer.n_exp,
         "smoothing": None if smoothing is None else smoothing.describe(),
         "conventions": "head_pose is zero; cam = (yaw, pitch, roll, x, y, z), world-to-view, radians, "
         "R = Rz(roll) Ry(yaw) Rx(pitch), OpenGL view (y up, -z forward); vertices in OpenCV camera space",

@@ -85,7 +85,7 @@ def run_live(options: LiveOptions, stop: threading.Event | None = None, recalibr
         width, height = options.loop.frame_size or source.size
         detector = stack.enter_context(DetectionProcess(LandmarkerConfig(find_face_landmarker(models_dir)), (height, width)))
         tracker_config = TrackerConfig(
-            fov_deg=options.fov_deg, output_filter=OneEuroConfig(), device=options.device, calibrate_in_background=True
+            fov_deg=options.fov_deg, fit_fov=options.fov_deg is None, output_filter=OneEuroConfig(), device=options.device, calibrate_in_background=True
         )
         tracker = Tracker(head, (height, width), tracker_config)
         log.info("tracking %s (%dx%d) with the %s on %s", source.description, width, height, head.name, options.device)
@@ -98,7 +98,7 @@ def run_live(options: LiveOptions, stop: threading.Event | None = None, recalibr
             stack.enter_context(recorder)
         preview = None
         if show_preview:
-            preview = stack.enter_context(PreviewWindow(head, tracker.layer.n_shape, tracker.layer.n_exp, recalibrate))
+            preview = stack.enter_context(PreviewWindow(head, tracker.rig.layer.n_shape, tracker.rig.layer.n_exp, recalibrate))
         pipeline = LivePipeline(source, detector, tracker, publishers, recorder, options.loop, preview)
         pipeline.recalibrate = recalibrate
         if options.subscriber_wait_s > 0:

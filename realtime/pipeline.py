@@ -120,7 +120,7 @@ class LivePipeline:
         self.frames = 0
         self.valid_frames = 0
         self.source_lost: str | None = None
-        self._image_size = (tracker.camera.width, tracker.camera.height)
+        self._image_size = (tracker.rig.camera.width, tracker.rig.camera.height)
         self._blendshapes = NO_BLENDSHAPES
         self._shape_version: int | None = None
 
@@ -195,7 +195,7 @@ class LivePipeline:
             self.recorder.write(frame, TOPIC_FRAME, message)
         self._offer_keyframe(detected, tracked)
         if self.preview is not None:
-            arrays = self.tracker.reference_arrays(tracked) if tracked.valid else None
+            arrays = self.tracker.rig.reference_arrays(tracked) if tracked.valid else None
             landmarks = None if observation is None else observation.points
             self.preview.submit(PreviewFrame(frame.image, arrays, landmarks, tracked.valid, self.tracker.calibrated,
                                              self.metrics.fps, latency_ms))
@@ -227,8 +227,8 @@ class LivePipeline:
         if self.tracker.shape_version == self._shape_version:
             return
         self._shape_version = self.tracker.shape_version
-        head = self.tracker.head
-        shape = self.tracker.shape.detach().cpu().numpy()
+        head = self.tracker.rig.head
+        shape = self.tracker.rig.shape.detach().cpu().numpy()
         appearance = self.refined_identity.appearance
         tex, light = appearance if appearance is not None else (None, None)
         message = shape_message(shape, head.name, head.checksum, tex=tex, light=light)
@@ -247,7 +247,7 @@ class LivePipeline:
             self.keyframes.offer(detected.frame, landmarks, tracked)
         # The refiner starts from the landmark calibration's identity, so it waits for it.
         if self.config.refine and self.refiner is None and self.tracker.calibrated and self.keyframes is not None:
-            self.refiner = LiveRefiner(self.tracker.head, self.keyframes.queue, lambda: self.tracker.shape,
+            self.refiner = LiveRefiner(self.tracker.rig.head, self.keyframes.queue, lambda: self.tracker.rig.shape,
                                        self.refined_identity.receive).start()
 
     def _reached_max_frames(self) -> bool:

@@ -2,7 +2,7 @@
 
 It consumes the keyframe selector's queue (:class:`realtime.handoff.DropOldestQueue`: the live loop only offers), keeps
 the latest ``pool_size`` keyframes, fits shape, albedo and lighting to them jointly with its own
-:class:`Tracker` (nothing is shared with the live tracker), and hands each result to ``on_update(shape, tex,
+:class:`~engine.rig.HeadRig` (nothing is shared with the live tracker), and hands each result to ``on_update(shape, tex,
 light)``. The callback runs on the refiner's thread: the live loop should store the result and adopt it
 between frames (``Tracker.adopt_identity``), then publish ``flame.shape``.
 
@@ -23,9 +23,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from engine.camera import Camera
 from engine.frames import state_from_frames
 from engine.head_model import HeadModel
 from engine.photometric import PhotometricConfig, PhotometricFitter
+from engine.rig import HeadRig
 from engine.tracker import Tracker, TrackerConfig, TrackingIdentity
 from realtime.handoff import DropOldestQueue
 from realtime.keyframes import Keyframe
@@ -128,13 +130,14 @@ class LiveRefiner:
     def _refine(self) -> None:
         started = time.monotonic()
         log.debug("refining the identity on %d keyframes", len(self._pool))
-        fitter = self._fitter_for(self._pool[-1])
-        live = self._padded(self.current_shape().detach().cpu(), fitter.tracker)
+        fov_deg = self._pool[-1].tracked.fov_deg
+        fitter = self._fitter_for(self._pool[-1].image.shape[:2], fov_deg)
+        live = self._padded(self.current_shape().detach().cpu(), fitter.rig)
         fitter.shape = live.to(device=fitter.device, dtype=fitter.dtype)
         batch = fitter.prepare([k.image for k in self._pool], [k.landmarks for k in self._pool])
         initial = state_from_frames([k.tracked for k in self._pool], fitter.dtype, fitter.device)
         fitter.fit_identity(batch, initial, self.config.iterations)
-        guard = self._guard_for(fitter)
+        guard = self._guard_for(fitter.rig.camera, fov_deg)
         candidate, current = self._landmark_rms(guard, fitter.shape), self._landmark_rms(guard, live)
         if not candidate <= current * (1.0 + self.config.guard_tolerance):
             self.rejected += 1
@@ -146,37 +149,38 @@ class LiveRefiner:
         log.info("refined identity #%d from %d keyframes in %.1f s", self.updates, len(self._pool), time.monotonic() - started)
         self.on_update(fitter.shape.cpu().numpy().copy(), fitter.appearance.state(), fitter.light.cpu().numpy().reshape(-1))
 
-    def _guard_for(self, fitter: PhotometricFitter) -> Tracker:
-        """A tracker for the guard's landmark fits with the fitter's camera: each keyframe fitted on its own from a
-        cold start, never calibrating, so that two identities are compared fairly."""
-        camera = fitter.tracker.camera
-        if self._guard is None or self._guard.camera != camera:
-            config = replace(fitter.tracker.config, warm_start="none", calibration_seconds=math.inf, output_filter=None)
+    def _guard_for(self, camera: Camera, fov_deg: float) -> Tracker:
+        """A tracker for the guard's landmark fits with the fitter's camera (``fov_deg`` made it): each keyframe
+        fitted on its own from a cold start, never calibrating, so that two identities are compared fairly."""
+        if self._guard is None or self._guard.rig.camera != camera:
+            config = replace(self.config.tracker, fov_deg=fov_deg, fit_fov=False, warm_start="none",
+                             calibration_seconds=math.inf, output_filter=None)
             self._guard = Tracker(self.head, (camera.height, camera.width), config)
         return self._guard
 
     def _landmark_rms(self, guard: Tracker, shape: torch.Tensor) -> float:
         """Mean RMS pixel error of landmark-only fits of the pool's frames with this identity."""
-        guard.adopt_identity(self._padded(shape.cpu(), guard))
+        guard.adopt_identity(self._padded(shape.cpu(), guard.rig))
         errors = [fit.rms_px for fit in (guard.track(k.landmarks, timestamp=0.0) for k in self._pool) if fit.valid]
         return float(np.mean(errors)) if errors else float("inf")
 
     @staticmethod
-    def _padded(shape: torch.Tensor, tracker: Tracker) -> torch.Tensor:
-        """``shape`` cut or zero-padded to the tracker's number of identity coefficients."""
-        count = min(shape.numel(), tracker.layer.n_shape)
-        padded = torch.zeros(tracker.layer.n_shape, dtype=tracker.shape.dtype)
+    def _padded(shape: torch.Tensor, rig: HeadRig) -> torch.Tensor:
+        """``shape`` cut or zero-padded to the rig's number of identity coefficients."""
+        count = min(shape.numel(), rig.layer.n_shape)
+        padded = torch.zeros(rig.layer.n_shape, dtype=rig.shape.dtype)
         padded[:count] = shape.reshape(-1)[:count]
         return padded
 
-    def _fitter_for(self, keyframe: Keyframe) -> PhotometricFitter:
-        """The fitter, made for the keyframes' image size and FOV (the first time, or when either changed)."""
-        height, width = keyframe.image.shape[:2]
-        camera = None if self._fitter is None else self._fitter.tracker.camera
-        if camera is None or (camera.height, camera.width, camera.fov_deg) != (height, width, keyframe.tracked.fov_deg):
-            config = replace(self.config.tracker, fov_deg=keyframe.tracked.fov_deg)
-            tracker = Tracker(self.head, (height, width), config)
+    def _fitter_for(self, image_size: tuple[int, int], fov_deg: float) -> PhotometricFitter:
+        """The fitter, made for the keyframes' image size (height, width) and FOV (the first time, or when either
+        changed)."""
+        height, width = image_size
+        camera = Camera.from_fov(width, height, fov_deg)
+        if self._fitter is None or self._fitter.rig.camera != camera:
+            config = self.config.tracker
+            rig = HeadRig(self.head, camera, config.n_shape, config.n_exp, config.fit, config.device, config.dtype)
             shape = self._shape if self._fitter is None else self._fitter.shape.cpu()
-            tracker.adopt_identity(self._padded(shape, tracker))
-            self._fitter = PhotometricFitter(tracker, self.config.photometric)
+            rig.use(rig.identity_for(self._padded(shape, rig)))
+            self._fitter = PhotometricFitter(rig, self.config.photometric)
         return self._fitter

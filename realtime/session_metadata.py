@@ -15,7 +15,7 @@ from realtime.sources import FrameSource
 
 
 def camera_metadata(tracker: Tracker) -> dict[str, Any]:
-    camera = tracker.camera
+    camera = tracker.rig.camera
     return {
         "image_size": [camera.width, camera.height],
         "fov_deg": camera.fov_deg,  # vertical, as everywhere in flame-live
@@ -32,7 +32,7 @@ def session_metadata(
         "source": source.description,
         "source_fps": source.fps,
         "model": head.describe(),
-        "tracker": {"n_shape": tracker.layer.n_shape, "n_exp": tracker.layer.n_exp, "device": device},
+        "tracker": {"n_shape": tracker.rig.layer.n_shape, "n_exp": tracker.rig.layer.n_exp, "device": device},
         "camera": camera_metadata(tracker),
         "fov_fixed": fov_fixed,
         "calibration": None,

@@ -180,11 +180,11 @@ def _landmark_error_px(tracker: Tracker, frame, clean: np.ndarray) -> float:
 
     options = {"dtype": tracker.config.dtype}
     with torch.no_grad():
-        points = tracker.fixed.evaluate(
+        points = tracker.rig.fixed_landmarks.evaluate(
             torch.as_tensor(frame.expression()[None], **options), rodrigues(torch.as_tensor(frame.pose[None], **options)),
             torch.as_tensor(frame.transl[None], **options), jacobians=False,
         ).points
-    pixels = project(points, tracker.focal, tracker.camera.center)[0].double().numpy()
+    pixels = project(points, tracker.rig.focal, tracker.rig.camera.center)[0].double().numpy()
     return float(np.linalg.norm(pixels - clean, axis=1).mean())
 
 
@@ -231,7 +231,7 @@ def test_npz_output_has_an_eyelids_key_beside_the_reference_keys(heads: Heads, b
         assert np.all(eyelids[blinking.eyelids[:, 0] == 1.0] > 0.5)  # smoothing keeps the blinks
         arrays = {key: stacked[key][13:14] for key in stacked.files}  # the first blink's middle
     tracker = Tracker(heads.with_eyelids, IMAGE_SIZE, TrackerConfig(n_shape=N_SHAPE, n_exp=N_EXP))
-    params = tracker.params_from_reference(arrays)
+    params = tracker.rig.params_from_reference(arrays)
     np.testing.assert_allclose(params.exp[0, N_EXP:].numpy(), arrays["eyelids"][0], atol=1e-6)
     # The posed mesh (export, --save-vertices) closes the lids: the eyelids move skin by millimetres, all of it
     # around the eyes (model space: the eyes are 2.6 cm above the origin).

@@ -20,7 +20,7 @@ STILL = SyntheticMotion(frames=40, max_yaw_deg=0.5, max_pitch_deg=0.5, seed=3)
 
 def _calibrated(head, motion: SyntheticMotion, config: TrackerConfig) -> Tracker:
     tracker = Tracker(head, motion.image_size, config)
-    truth = synthetic_sequence(tracker.layer, motion)
+    truth = synthetic_sequence(tracker.rig.layer, motion)
     calibrate_on_sequence(tracker, LandmarkSequence(truth.mp478, truth.lmk68, motion.image_size, truth.fps, "synthetic"), {}, False)
     return tracker
 
@@ -61,11 +61,11 @@ def test_a_turning_head_determines_the_fov(flame) -> None:
 
 
 def test_a_given_fov_is_kept_and_meta_json_says_where_it_comes_from(flame, tmp_path: Path) -> None:
-    layer = Tracker(flame, STILL.image_size, TrackerConfig(n_shape=20, n_exp=10)).layer
+    layer = Tracker(flame, STILL.image_size, TrackerConfig(n_shape=20, n_exp=10)).rig.layer
     truth = synthetic_sequence(layer, STILL)
     landmarks = tmp_path / "still.npz"
     np.savez(landmarks, mp478=truth.mp478, lmk68=truth.lmk68, image_size=np.array(STILL.image_size), fps=25.0)
-    cases = ((TrackerConfig(n_shape=20, n_exp=10, fov_max_log_std=1e-6), "default", 50.0), (TrackerConfig(n_shape=20, n_exp=10, fov_deg=35.0), "given", 35.0))
+    cases = ((TrackerConfig(n_shape=20, n_exp=10, fov_max_log_std=1e-6), "default", 50.0), (TrackerConfig(n_shape=20, n_exp=10, fov_deg=35.0, fit_fov=False), "given", 35.0))
     for config, source, fov in cases:
         out = tmp_path / f"out_{source}"
         track_input(landmarks, out, flame, None, TrackOptions(config, progress=False))

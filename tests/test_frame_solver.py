@@ -21,12 +21,12 @@ from engine.tracker import Tracker, TrackerConfig
 def _trackers(head, config: TrackerConfig) -> tuple[Tracker, Tracker, object]:
     """A NumPy-solver and a PyTorch-solver tracker with one identity, and the sequence they track."""
     survey = Tracker(head, (512, 512), config)
-    sequence = synthetic_sequence(survey.layer, SyntheticMotion(frames=60, max_yaw_deg=35.0))
+    sequence = synthetic_sequence(survey.rig.layer, SyntheticMotion(frames=60, max_yaw_deg=35.0))
     survey.calibrate([(None if sequence.mp478 is None else sequence.mp478[i], None if sequence.lmk68 is None else sequence.lmk68[i]) for i in range(0, 60, 8)])
     trackers = []
     for solver in ("numpy", "torch"):
         tracker = Tracker(head, (512, 512), replace(config, frame_solver=solver))
-        tracker.adopt_calibration(survey.shape, survey.camera.focal)
+        tracker.adopt_calibration(survey.rig.shape, survey.rig.camera.focal)
         trackers.append(tracker)
     return trackers[0], trackers[1], sequence
 
@@ -54,9 +54,9 @@ def test_numpy_solver_tracks_a_sequence_exactly_as_the_torch_solver(model_name: 
 
 def test_numpy_solver_refuses_batches(flame_dir: Path) -> None:
     tracker = Tracker(load_flame(flame_dir, n_shape=20, n_exp=10), (256, 256))
-    params = tracker.cold_start(tracker.targets.build(np.full((2, 478, 2), 128.0), None))
+    params = tracker.cold_start(tracker.rig.targets.build(np.full((2, 478, 2), 128.0), None))
     with pytest.raises(ValueError, match="one frame at a time"):
-        tracker.fitter.fit(params, tracker.targets.build(np.full((2, 478, 2), 128.0), None), tracker.focal, tracker.camera.center)
+        tracker.fitter.fit(params, tracker.rig.targets.build(np.full((2, 478, 2), 128.0), None), tracker.rig.focal, tracker.rig.camera.center)
 
 
 def test_background_calibration_adopts_the_identity_that_calibrating_in_line_finds(flame_dir: Path) -> None:
@@ -64,7 +64,7 @@ def test_background_calibration_adopts_the_identity_that_calibrating_in_line_fin
     config = TrackerConfig(n_shape=50, n_exp=20, calibration_seconds=0.5)
     in_line = Tracker(head, (512, 512), config)
     background = Tracker(head, (512, 512), replace(config, calibrate_in_background=True))
-    sequence = synthetic_sequence(in_line.layer, SyntheticMotion(frames=20, seed=9))
+    sequence = synthetic_sequence(in_line.rig.layer, SyntheticMotion(frames=20, seed=9))
     for index in range(14):  # calibrates after 0.5 s, at frame 13, from the same candidates in both
         in_line.track(sequence.mp478[index], sequence.lmk68[index], timestamp=index / 25)
         frame = background.track(sequence.mp478[index], sequence.lmk68[index], timestamp=index / 25)
@@ -76,8 +76,8 @@ def test_background_calibration_adopts_the_identity_that_calibrating_in_line_fin
         index += 1
         time.sleep(0.01)
     assert background.shape_version == 1
-    np.testing.assert_allclose(background.shape.numpy(), in_line.shape.numpy(), rtol=0, atol=1e-6)
-    assert background.camera == in_line.camera
+    np.testing.assert_allclose(background.rig.shape.numpy(), in_line.rig.shape.numpy(), rtol=0, atol=1e-6)
+    assert background.rig.camera == in_line.rig.camera
 
 
 def test_a_prepared_identity_is_adopted_between_frames(flame_dir: Path) -> None:
@@ -85,9 +85,9 @@ def test_a_prepared_identity_is_adopted_between_frames(flame_dir: Path) -> None:
     tracker = Tracker(head, (512, 512), TrackerConfig(n_shape=20, n_exp=10))
     shape = torch.linspace(-1, 1, 20)
     identity = tracker.identity_for(shape)
-    assert tracker.shape_version == 0 and not torch.equal(tracker.shape, shape)  # preparing changes nothing
+    assert tracker.shape_version == 0 and not torch.equal(tracker.rig.shape, shape)  # preparing changes nothing
     tracker.adopt_prepared_identity(identity)
-    assert tracker.shape_version == 1 and torch.equal(tracker.shape, shape) and tracker.fitter is identity.fitter
+    assert tracker.shape_version == 1 and torch.equal(tracker.rig.shape, shape) and tracker.fitter is identity.fitter
 
 
 def test_auto_solves_frames_in_numpy_on_the_cpu_and_the_measured_choice_is_logged(flame_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -95,6 +95,6 @@ def test_auto_solves_frames_in_numpy_on_the_cpu_and_the_measured_choice_is_logge
     tracker = Tracker(head, (480, 640), TrackerConfig(n_shape=20, n_exp=10))
     assert tracker.frame_solver == "numpy" and isinstance(tracker.fitter, CpuFrameFitter)
     with caplog.at_level(logging.INFO, logger="engine.frame_solver"):
-        choice = faster_frame_solver(tracker.fixed, tracker.config.fit, (480, 640), tracker.camera.focal, repeats=2)
+        choice = faster_frame_solver(tracker.rig.fixed_landmarks, tracker.config.fit, (480, 640), tracker.rig.camera.focal, repeats=2)
     assert choice in ("numpy", "torch")
     assert any(record.message.startswith("per-frame solve:") for record in caplog.records)

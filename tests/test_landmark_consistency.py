@@ -24,7 +24,7 @@ from offline.track_job import LandmarkSequence, calibrate_on_sequence
 
 CONTOUR = np.arange(17)
 NOSE_TIP = 30  # iBUG 31, 0-based
-CONFIG = TrackerConfig(n_shape=20, n_exp=10, fov_deg=30.0, calibration_seconds=0.1, calibration_frames=4)
+CONFIG = TrackerConfig(n_shape=20, n_exp=10, fov_deg=30.0, fit_fov=False, calibration_seconds=0.1, calibration_frames=4)
 MOTION = SyntheticMotion(frames=8, max_yaw_deg=10.0, max_pitch_deg=5.0, seed=5)
 
 
@@ -53,22 +53,22 @@ def test_metrical_trackers_embedding_covers_every_inner_feature(flame) -> None:
 
 def test_with_both_embeddings_the_targets_are_the_contour_and_the_mediapipe_points(flame, mediapipe_points: np.ndarray) -> None:
     tracker = Tracker(flame, MOTION.image_size, CONFIG)
-    observed = tracker.targets.build(mediapipe_points[:1], None).observed[0].numpy()
-    slices = tracker.full.slices
+    observed = tracker.rig.targets.build(mediapipe_points[:1], None).observed[0].numpy()
+    slices = tracker.rig.landmarks.slices
     assert observed[slices["lmk68"]].nonzero()[0].tolist() == CONTOUR.tolist()
     assert observed[slices["mediapipe"]].all() and observed[slices["eyes"]].all()
     # 68 points given as such (another detector) are all fitted.
-    given = tracker.targets.build(mediapipe_points[:1], mediapipe_points[:1, :68]).observed[0].numpy()
+    given = tracker.rig.targets.build(mediapipe_points[:1], mediapipe_points[:1, :68]).observed[0].numpy()
     assert given[slices["lmk68"]].all()
     # Without a MediaPipe embedding the converted 68 points are all fitted.
     alone = Tracker(replace(flame, mediapipe=None), MOTION.image_size, CONFIG)
-    assert alone.targets.build(mediapipe_points[:1], None).observed[0].numpy()[alone.full.slices["lmk68"]].all()
+    assert alone.rig.targets.build(mediapipe_points[:1], None).observed[0].numpy()[alone.rig.landmarks.slices["lmk68"]].all()
 
 
 def _fitted_nose_tip(head, mp478: np.ndarray, mapping) -> np.ndarray:
     """(T, 2) projected fitted iBUG nose tip over a sequence tracked with ``mapping`` converting to 68 points."""
     tracker = Tracker(head, MOTION.image_size, CONFIG)
-    tracker.targets = TargetBuilder(tracker.full, tracking_head(head), CONFIG.fit, mapping)
+    tracker.rig.targets = TargetBuilder(tracker.rig.landmarks, tracking_head(head), CONFIG.fit, mapping)
     calibrate_on_sequence(tracker, LandmarkSequence(mp478, None, MOTION.image_size, 25.0, "synthetic"), {}, False)
     options = {"dtype": CONFIG.dtype, "device": CONFIG.device}
     tips = []
@@ -76,12 +76,12 @@ def _fitted_nose_tip(head, mp478: np.ndarray, mapping) -> np.ndarray:
         frame = tracker.track(mp478[index], None, timestamp=index / 25.0)
         assert frame.valid
         with torch.no_grad():
-            evaluation = tracker.fixed.evaluate(
+            evaluation = tracker.rig.fixed_landmarks.evaluate(
                 torch.as_tensor(frame.exp[None], **options), rodrigues(torch.as_tensor(frame.pose[None], **options)),
                 torch.as_tensor(frame.transl[None], **options), jacobians=False,
             )
-        projected = project(evaluation.points, tracker.focal, tracker.camera.center)[0].double().numpy()
-        tips.append(projected[tracker.full.slices["lmk68"]][NOSE_TIP])
+        projected = project(evaluation.points, tracker.rig.focal, tracker.rig.camera.center)[0].double().numpy()
+        tips.append(projected[tracker.rig.landmarks.slices["lmk68"]][NOSE_TIP])
     return np.stack(tips)
 
 

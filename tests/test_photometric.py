@@ -41,17 +41,17 @@ def scene(flame_dir: Path) -> dict:
     mean = np.clip(cv2.resize(head.texture.mean, (side, side)) + 0.12 * detail.mean(-1, keepdims=True) + 0.03 * detail, 0, 1)
     basis = 3.0 * np.stack([cv2.resize(head.texture.basis[..., k], (side, side)) for k in range(5)], -1)
     head = dataclasses.replace(head, texture=TextureSpace(mean.astype(np.float32), basis.astype(np.float32), "test albedo"))
-    config = TrackerConfig(n_shape=20, n_exp=10, fov_deg=30.0, calibration_seconds=math.inf)
+    config = TrackerConfig(n_shape=20, n_exp=10, fov_deg=30.0, fit_fov=False, calibration_seconds=math.inf)
     tracker = Tracker(head, (SIZE, SIZE), config)
     motion = SyntheticMotion(frames=FRAMES, image_size=(SIZE, SIZE), noise_px=1.0, outlier_fraction=0.0, seed=3, max_yaw_deg=25)
-    sequence = synthetic_sequence(tracker.layer, motion)
+    sequence = synthetic_sequence(tracker.rig.layer, motion)
     tex = rng.normal(0, 1, 5)
     light = torch.zeros(9, 3)
     light[0], light[1], light[2], light[3], light[7] = 0.9 * UNIT_AMBIENT, 0.3, 0.4, 0.5, 0.1
-    renderer = PhotometricFitter(tracker, PhotometricConfig(size=SIZE))
+    renderer = PhotometricFitter(tracker.rig, PhotometricConfig(size=SIZE))
     renderer.appearance.load_state(tex)
     truth = FrameState(*(torch.tensor(a, dtype=torch.float32) for a in (sequence.exp, sequence.pose, sequence.transl)))
-    K = torch.tensor(tracker.camera.intrinsics(), dtype=torch.float32).expand(FRAMES, 3, 3)
+    K = torch.tensor(tracker.rig.camera.intrinsics(), dtype=torch.float32).expand(FRAMES, 3, 3)
     everywhere = torch.ones(FRAMES, SIZE, SIZE, dtype=torch.bool)
     with torch.no_grad():
         out = renderer.render(truth, FrameBatch(torch.zeros(FRAMES, SIZE, SIZE, 3), K, torch.zeros(1), everywhere),
@@ -78,7 +78,7 @@ def test_photometric_fit_recovers_expression_better_than_landmarks(scene: dict) 
     tracker, initial = _landmark_fit(scene)
     landmark_exp_error = _rms(initial.exp.numpy(), sequence.exp)
 
-    fitter = PhotometricFitter(tracker, PhotometricConfig(size=SIZE))
+    fitter = PhotometricFitter(tracker.rig, PhotometricConfig(size=SIZE))
     batch = fitter.prepare(scene["images"], list(sequence.mp478), list(sequence.lmk68))
     before = fitter.image_error(initial, batch)
     result = fitter.fit_identity(batch, initial, iterations=30)
@@ -105,12 +105,12 @@ def test_photometric_fit_recovers_expression_better_than_landmarks(scene: dict) 
 
 def test_missing_texture_space_falls_back_to_estimated_albedo(flame_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     head = load_flame(flame_dir, n_shape=10, n_exp=10, n_tex=0)
-    tracker = Tracker(head, (SIZE, SIZE), TrackerConfig(n_shape=10, n_exp=10, fov_deg=30.0))
+    tracker = Tracker(head, (SIZE, SIZE), TrackerConfig(n_shape=10, n_exp=10, fov_deg=30.0, fit_fov=False))
     with caplog.at_level(logging.WARNING):
-        fitter = PhotometricFitter(tracker, PhotometricConfig(size=SIZE, albedo_map_size=16))
+        fitter = PhotometricFitter(tracker.rig, PhotometricConfig(size=SIZE, albedo_map_size=16))
     assert fitter.appearance.kind == "uv_map"
     assert "no texture space" in caplog.text
-    without_uv = PhotometricFitter(Tracker(dataclasses.replace(head, uv_coords=None, uv_faces=None), (SIZE, SIZE), tracker.config))
+    without_uv = PhotometricFitter(Tracker(dataclasses.replace(head, uv_coords=None, uv_faces=None), (SIZE, SIZE), tracker.config).rig)
     assert without_uv.appearance.kind == "vertex" and without_uv.appearance.albedo().shape == (head.n_vertices, 3)
 
 
@@ -168,7 +168,7 @@ def test_live_refiner_publishes_identity_from_keyframes(scene: dict) -> None:
         arrived.set()
 
     config = RefinerConfig(pool_size=2, iterations=5, photometric=PhotometricConfig(size=96), tracker=scene["config"])
-    with LiveRefiner(scene["head"], queue, lambda: tracker.shape, on_update, config) as refiner:
+    with LiveRefiner(scene["head"], queue, lambda: tracker.rig.shape, on_update, config) as refiner:
         for i in range(2):
             tracked = tracker.track(sequence.mp478[i], sequence.lmk68[i], timestamp=i / 25)
             queue.offer(Keyframe(scene["images"][i], sequence.mp478[i], tracked, float(i), i))
@@ -180,7 +180,7 @@ def test_live_refiner_publishes_identity_from_keyframes(scene: dict) -> None:
     assert np.isfinite(shape).all() and np.isfinite(light).all()
     before = tracker.shape_version
     tracker.adopt_identity(torch.as_tensor(shape))
-    assert tracker.shape_version == before + 1 and torch.allclose(tracker.shape, torch.as_tensor(shape, dtype=tracker.shape.dtype))
+    assert tracker.shape_version == before + 1 and torch.allclose(tracker.rig.shape, torch.as_tensor(shape, dtype=tracker.rig.shape.dtype))
 
 
 def test_live_refiner_does_not_hand_over_an_identity_that_fits_the_landmarks_worse(scene: dict) -> None:
@@ -193,7 +193,7 @@ def test_live_refiner_does_not_hand_over_an_identity_that_fits_the_landmarks_wor
     photometric = PhotometricConfig(size=64, identity_iterations=2, shape_iterations=10, weights=weights)
     config = RefinerConfig(pool_size=2, iterations=2, photometric=photometric, tracker=scene["config"])
     noise = np.random.default_rng(1).integers(0, 256, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
-    with LiveRefiner(scene["head"], queue, lambda: tracker.shape, lambda shape, tex, light: updates.append(shape), config) as refiner:
+    with LiveRefiner(scene["head"], queue, lambda: tracker.rig.shape, lambda shape, tex, light: updates.append(shape), config) as refiner:
         for i in range(2):
             tracked = tracker.track(sequence.mp478[i], sequence.lmk68[i], timestamp=i / 25)
             queue.offer(Keyframe(noise[i], sequence.mp478[i], tracked, float(i), i))

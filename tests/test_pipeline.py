@@ -195,7 +195,7 @@ def test_frames_carry_the_fit_of_a_face_in_front_of_the_camera(live_run: LiveRun
     depth = np.array([message["head_trans"][2] for message in valid])
     assert np.all((depth > 0.2) & (depth < 3.0)), "the head should be in front of the camera, within metres"
     last = valid[-1]
-    fov = live_run.pipeline.tracker.camera.fov_deg
+    fov = live_run.pipeline.tracker.rig.camera.fov_deg
     assert last["fov_deg"] == pytest.approx(fov)  # vertical, as the tracker's
     landmarks = np.array(last["landmarks"]).reshape(-1, 2)
     assert np.all((landmarks >= 0) & (landmarks <= [360, 288])), "landmarks are pixels of the input image"
@@ -213,9 +213,9 @@ def test_identity_is_published_at_start_and_after_calibration(live_run: LiveRun)
     shapes = live_run.messages(TOPIC_SHAPE)
     assert len(shapes) == 2, "the mean face at start, then the calibrated identity"
     assert not any(shapes[0]["shape"]) and any(shapes[1]["shape"])
-    head = live_run.pipeline.tracker.head
+    head = live_run.pipeline.tracker.rig.head
     assert shapes[1]["model"] == head.name and shapes[1]["model_checksum"] == head.checksum
-    np.testing.assert_allclose(shapes[1]["shape"], live_run.pipeline.tracker.shape.numpy())
+    np.testing.assert_allclose(shapes[1]["shape"], live_run.pipeline.tracker.rig.shape.numpy())
 
 
 def test_metrics_arrive_during_and_at_the_end_of_the_run(live_run: LiveRun) -> None:
@@ -255,7 +255,7 @@ def test_recording_holds_exactly_what_was_published(live_run: LiveRun) -> None:
     assert sum(1 for _ in reader.video_frames()) == live_run.summary.frames
     calibration = reader.metadata["calibration"]
     assert calibration["shape"] == live_run.messages(TOPIC_SHAPE)[-1]["shape"]
-    assert reader.metadata["camera"]["fov_deg"] == pytest.approx(live_run.pipeline.tracker.camera.fov_deg)
+    assert reader.metadata["camera"]["fov_deg"] == pytest.approx(live_run.pipeline.tracker.rig.camera.fov_deg)
     assert reader.metadata["camera"]["fov"] == live_run.pipeline.tracker.fov_report()  # where the FOV comes from
 
 
@@ -318,7 +318,7 @@ def test_refined_identity_is_adopted_and_published_with_texture_and_light(shared
         subscriber.close()
         publisher.close()
     assert refined, "no refined identity was published"
-    assert len(refined[0]["light"]) == 27 and len(refined[0]["shape"]) == pipeline.tracker.layer.n_shape
+    assert len(refined[0]["light"]) == 27 and len(refined[0]["shape"]) == pipeline.tracker.rig.layer.n_shape
     assert pipeline.tracker.shape_version >= 2  # the calibration, then the refined identity
     assert pipeline.refiner is not None and pipeline.refiner.updates >= 1
 

@@ -153,14 +153,14 @@ def test_invalid_frames_show_the_input_with_a_marker_and_no_mesh(tracked_clip, c
 
 def test_synthetic_ground_truth_renders_within_a_pixel_of_the_projected_true_mesh(demo_head, tmp_path: Path) -> None:
     size = (320, 320)
-    tracker = Tracker(demo_head, size, TrackerConfig(fov_deg=30.0, dtype=torch.float64))
-    truth = synthetic_sequence(tracker.layer, SyntheticMotion(frames=4, image_size=size, seed=3))
+    tracker = Tracker(demo_head, size, TrackerConfig(fov_deg=30.0, fit_fov=False, dtype=torch.float64))
+    truth = synthetic_sequence(tracker.rig.layer, SyntheticMotion(frames=4, image_size=size, seed=3))
     tracker.adopt_identity(torch.as_tensor(truth.shape))
     results = []
     for index in range(4):
         params = FrameParams(torch.as_tensor(truth.exp[index : index + 1]), rodrigues(torch.as_tensor(truth.pose[index : index + 1])),
                              torch.as_tensor(truth.transl[index : index + 1]))  # fmt: skip
-        results.append(tracker.reference_arrays(tracker.frame_from(params)))
+        results.append(tracker.rig.reference_arrays(tracker.frame_from(params)))
     # The true parameters as a track result (see README, "Offline output"): frames and meta.json, no video.
     (tmp_path / "truth").mkdir()
     for index, arrays in enumerate(results):
@@ -171,8 +171,8 @@ def test_synthetic_ground_truth_renders_within_a_pixel_of_the_projected_true_mes
     (tmp_path / "truth" / "meta.json").write_text(json.dumps(meta))
     render_result(tmp_path / "truth", tmp_path / "mesh", RenderOptions(style="mesh", progress=False), demo_head)
 
-    layer = FlameLayer(demo_head, tracker.layer.n_shape, tracker.layer.n_exp, dtype=torch.float64)
-    K = tracker.camera.intrinsics()
+    layer = FlameLayer(demo_head, tracker.rig.layer.n_shape, tracker.rig.layer.n_exp, dtype=torch.float64)
+    K = tracker.rig.camera.intrinsics()
     for index in range(4):
         with torch.no_grad():
             vertices = layer.vertices(torch.as_tensor(truth.shape)[None], torch.as_tensor(truth.exp[index : index + 1]),

@@ -36,11 +36,11 @@ def _frame(array: np.ndarray | None, index: int) -> np.ndarray | None:
 def _model_pixels(tracker: Tracker, frame) -> np.ndarray:
     """The fitted model's landmarks, projected with the tracker's camera."""
     options = {"dtype": tracker.config.dtype}
-    evaluation = tracker.fixed.evaluate(
+    evaluation = tracker.rig.fixed_landmarks.evaluate(
         torch.as_tensor(frame.exp[None], **options), rodrigues(torch.as_tensor(frame.pose[None], **options)),
         torch.as_tensor(frame.transl[None], **options), jacobians=False,
     )
-    return project(evaluation.points, tracker.focal, tracker.camera.center)[0].numpy()
+    return project(evaluation.points, tracker.rig.focal, tracker.rig.camera.center)[0].numpy()
 
 
 def _track_and_measure(tracker: Tracker, sequence: SyntheticSequence) -> list[float]:
@@ -63,19 +63,19 @@ def test_tracking_is_accurate_on_synthetic_sequences(model_name: str, request: p
     head = request.getfixturevalue("flame_head") if model_name == "flame" else build_demo_head(request.getfixturevalue("landmarker_task"))
     config = TrackerConfig(n_shape=50, n_exp=20, calibration_seconds=math.inf)
     tracker = Tracker(head, (512, 512), config)
-    sequence = synthetic_sequence(tracker.layer, SyntheticMotion(frames=40, seed=7))
+    sequence = synthetic_sequence(tracker.rig.layer, SyntheticMotion(frames=40, seed=7))
     _calibrate_on_diverse_frames(tracker, sequence)
     if model_name == "demo":
         # The demo head's identity basis cannot trade size for distance, so the FOV is observable; the
         # fixture's random FLAME shape fields can, and there only the landmarks are held to account.
-        assert tracker.camera.fov_deg == pytest.approx(sequence.camera.fov_deg, abs=3.0)
+        assert tracker.rig.camera.fov_deg == pytest.approx(sequence.camera.fov_deg, abs=3.0)
     errors = _track_and_measure(tracker, sequence)
     assert np.mean(errors) < 0.5, f"mean landmark error {np.mean(errors):.3f} px"
 
 
 def test_faceless_and_degenerate_frames_are_invalid_and_tracking_recovers(flame_head) -> None:
     tracker = Tracker(flame_head, (512, 512), TrackerConfig(n_shape=50, n_exp=20, calibration_seconds=math.inf))
-    sequence = synthetic_sequence(tracker.layer, SyntheticMotion(frames=12, seed=3))
+    sequence = synthetic_sequence(tracker.rig.layer, SyntheticMotion(frames=12, seed=3))
     _calibrate_on_diverse_frames(tracker, sequence)
     good = tracker.track(sequence.mp478[0], sequence.lmk68[0], timestamp=0.0)
     assert good.valid
@@ -103,7 +103,7 @@ def test_degenerate_landmark_sets_are_invalid_frames(flame_head) -> None:
     """All points equal, all on a line, or a face of 3 px fix no pose: each is an invalid frame, never a
     'valid' head far away, and tracking recovers on the next real face."""
     tracker = Tracker(flame_head, (512, 512), TrackerConfig(n_shape=50, n_exp=20, calibration_seconds=math.inf))
-    sequence = synthetic_sequence(tracker.layer, SyntheticMotion(frames=6, seed=5))
+    sequence = synthetic_sequence(tracker.rig.layer, SyntheticMotion(frames=6, seed=5))
     assert tracker.track(sequence.mp478[0], sequence.lmk68[0], timestamp=0.0).valid
     line = np.stack([np.linspace(100, 300, 68), np.linspace(200, 260, 68)], axis=1)
     degenerate = {
@@ -122,7 +122,7 @@ def test_degenerate_landmark_sets_are_invalid_frames(flame_head) -> None:
 
 def test_landmarks_of_another_face_shape_count_as_lost(flame_head) -> None:
     tracker = Tracker(flame_head, (512, 512), TrackerConfig(n_shape=50, n_exp=20))
-    sequence = synthetic_sequence(tracker.layer, SyntheticMotion(frames=2, seed=1))
+    sequence = synthetic_sequence(tracker.rig.layer, SyntheticMotion(frames=2, seed=1))
     assert tracker.track(sequence.mp478[0], sequence.lmk68[0], timestamp=0.0).valid
     scrambled = np.random.default_rng(0).permutation(sequence.lmk68[1])  # a face-sized cloud, not a face
     assert not tracker.track(None, scrambled, timestamp=0.04).valid
@@ -131,7 +131,7 @@ def test_landmarks_of_another_face_shape_count_as_lost(flame_head) -> None:
 def test_single_image_fit_returns_the_reference_format(flame_head) -> None:
     config = TrackerConfig(n_shape=50, n_exp=20)
     tracker = Tracker(flame_head, (512, 512), config)
-    sequence = synthetic_sequence(tracker.layer, SyntheticMotion(frames=1, seed=11, noise_px=0.0, outlier_fraction=0.0))
+    sequence = synthetic_sequence(tracker.rig.layer, SyntheticMotion(frames=1, seed=11, noise_px=0.0, outlier_fraction=0.0))
     arrays = fit_single(flame_head, (512, 512), sequence.mp478[0], sequence.lmk68[0], config)
     for key, shape in REFERENCE_SHAPES.items():
         assert arrays[key].shape[0] == shape[0] and all(s is None or s == a for s, a in zip(shape, arrays[key].shape)), key
@@ -161,9 +161,9 @@ def _euler(yaw: float, pitch: float, roll: float) -> np.ndarray:
 
 def test_reference_cam_reproduces_the_camera_space_pose(flame_head) -> None:
     tracker = Tracker(flame_head, (512, 512), TrackerConfig(n_shape=50, n_exp=20))
-    sequence = synthetic_sequence(tracker.layer, SyntheticMotion(frames=3, seed=2))
+    sequence = synthetic_sequence(tracker.rig.layer, SyntheticMotion(frames=3, seed=2))
     frame = tracker.track(sequence.mp478[2], sequence.lmk68[2], timestamp=0.0)
-    arrays = tracker.reference_arrays(frame)
+    arrays = tracker.rig.reference_arrays(frame)
     flip = np.diag([1.0, -1.0, -1.0])
     head = rodrigues(torch.as_tensor(frame.head_rot)).numpy()
     np.testing.assert_allclose(flip @ _euler(*arrays["cam"][0, :3].astype(np.float64)), head, atol=1e-5)
@@ -195,15 +195,15 @@ def test_real_clip_with_demo_head_tracks_every_detected_frame(landmarker_task: P
 
 def test_recalibration_on_request_gathers_frames_and_calibrates_again(flame_head) -> None:
     tracker = Tracker(flame_head, (512, 512), TrackerConfig(n_shape=50, n_exp=20, calibration_seconds=0.5))
-    sequence = synthetic_sequence(tracker.layer, SyntheticMotion(frames=40, seed=9))
+    sequence = synthetic_sequence(tracker.rig.layer, SyntheticMotion(frames=40, seed=9))
     for index in range(20):  # 0.8 s of frames: calibrates once after 0.5 s
         tracker.track(sequence.mp478[index], sequence.lmk68[index], timestamp=index / 25)
     assert tracker.calibrated and tracker.shape_version == 1
-    first_shape = tracker.shape.clone()
+    first_shape = tracker.rig.shape.clone()
     tracker.request_recalibration()
     assert not tracker.calibrated
     for index in range(20, 40):
         frame = tracker.track(sequence.mp478[index], sequence.lmk68[index], timestamp=index / 25)
         assert frame.valid
     assert tracker.calibrated and tracker.shape_version == 2
-    assert not torch.equal(tracker.shape, first_shape)  # fitted again, on the new frames
+    assert not torch.equal(tracker.rig.shape, first_shape)  # fitted again, on the new frames

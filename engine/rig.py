@@ -1,0 +1,119 @@
+"""The head rig: one head model, its landmarks and one camera, with one identity at a time.
+
+What tracking, the photometric fitter, the refiners, evaluation and the benchmarks share, in one object:
+
+- the model: ``head`` (as loaded), ``layer`` (FLAME's dense mesh and joints) and ``landmarks`` (the landmark
+  model with the identity free, for calibration);
+- ``targets``: observed MediaPipe / 68-point landmarks -> the landmark model's pixel targets and weights;
+- the identity in use, a :class:`RigIdentity` (shape, camera with its focal length in pixels, and the
+  landmark model specialised to that shape), built whole off the tracking thread when needed
+  (:meth:`HeadRig.identity_for`) and swapped in between frames (:meth:`HeadRig.use`);
+- the conversions of ``engine.frames`` that need the model: the root joint, the identity and K.
+
+The :class:`~engine.tracker.Tracker` keeps only the tracking state machine around a rig.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.camera import Camera, project
+from engine.fitting import FitConfig
+from engine.flame import FlameLayer
+from engine.frames import FrameParams, TrackedFrame, frame_from_reference, params_from_frames, reference_arrays
+from engine.head_model import HeadModel
+from engine.landmark_model import LandmarkModel
+from engine.targets import TargetBuilder, groups_for, tracking_head
+
+
+@dataclass(frozen=True)
+class RigIdentity:
+    """An identity and camera with the landmark model specialised to them."""
+
+    shape: torch.Tensor  # (S,)
+    camera: Camera
+    landmarks: LandmarkModel  # the rig's landmark model with this shape fixed
+    focal: torch.Tensor  # camera.focal as a scalar tensor on the rig's device
+
+
+class HeadRig:
+    """One head model fitted to one camera's landmarks, with the identity in use."""
+
+    def __init__(
+        self, head: HeadModel, camera: Camera, n_shape: int, n_exp: int, fit: FitConfig | None = None,
+        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.head = head
+        self.fit = fit or FitConfig()
+        self.options = {"dtype": dtype, "device": torch.device(device)}
+        fitted = tracking_head(head)
+        self.layer = FlameLayer(fitted, n_shape, n_exp, device, dtype)
+        self.landmarks = LandmarkModel(self.layer, groups_for(head))
+        self.targets = TargetBuilder(self.landmarks, fitted, self.fit)
+        self.identity = self.identity_for(torch.zeros(self.layer.n_shape, **self.options), camera)
+
+    @property
+    def shape(self) -> torch.Tensor:
+        return self.identity.shape
+
+    @property
+    def camera(self) -> Camera:
+        return self.identity.camera
+
+    @property
+    def focal(self) -> torch.Tensor:
+        return self.identity.focal
+
+    @property
+    def fixed_landmarks(self) -> LandmarkModel:
+        """The landmark model with the current identity fixed (the per-frame fits')."""
+        return self.identity.landmarks
+
+    def identity_for(self, shape: torch.Tensor, camera: Camera | None = None) -> RigIdentity:
+        """An identity (shape (S,), any dtype or device) with ``camera`` (default: the current one), built
+        without touching the rig: safe on another thread, then :meth:`use` it between frames."""
+        shape = shape.detach().to(**self.options).reshape(self.layer.n_shape).clone()
+        camera = camera or self.camera
+        return RigIdentity(shape, camera, self.landmarks.with_fixed_shape(shape), torch.tensor(camera.focal, **self.options))
+
+    def use(self, identity: RigIdentity) -> None:
+        self.identity = identity
+
+    def root_joint(self, exp: np.ndarray) -> np.ndarray:
+        """The root joint of the shaped, expressed template (the pivot of the head rotation), metres.
+
+        ``exp`` may leave out the eyelid weights: they move no joint."""
+        coeffs = torch.as_tensor(exp, **self.options)
+        landmarks = self.identity.landmarks
+        basis = landmarks.joint_coeff_basis[0][:, : coeffs.shape[0]]
+        return (landmarks.joint_rest[0] + basis @ coeffs).cpu().double().numpy()
+
+    def landmark_pixels(self, params: FrameParams) -> torch.Tensor:
+        """(B, L, 2) the landmark model's points for a batch of frames, in pixels, with the current identity."""
+        evaluation = self.identity.landmarks.evaluate(params.exp, params.rotations, params.transl, jacobians=False)
+        return project(evaluation.points, self.focal, self.camera.center)
+
+    # ------------------------------------------------------------------------ engine.frames, with this model
+    def reference_arrays(self, frame: TrackedFrame) -> dict[str, np.ndarray]:
+        """One frame in the reference format (``engine.frames.reference_arrays``) with this identity and camera."""
+        return reference_arrays(frame, self.shape.cpu().double().numpy(), self.camera.intrinsics(), self.head.checksum)
+
+    def frame_from_reference(self, arrays: Mapping[str, np.ndarray]) -> TrackedFrame:
+        """The inverse of :meth:`reference_arrays` (``engine.frames.frame_from_reference``); frames tracked
+        without eyelid blendshapes open the lids of a model that has them."""
+        frame = frame_from_reference(arrays, self.layer.n_joints, self.root_joint)
+        if self.layer.n_eyelids and frame.eyelids is None:
+            frame.eyelids = np.zeros(self.layer.n_eyelids)
+        return frame
+
+    def params_from_reference(self, arrays: Mapping[str, np.ndarray]) -> FrameParams:
+        """One frame of reference arrays as the solvers' parameters (batch of one) in the rig's dtype."""
+        return params_from_frames([self.frame_from_reference(arrays)], self.options["dtype"], self.options["device"])
+
+    def params_from_frames(self, frames: list[TrackedFrame]) -> FrameParams:
+        """Frames as the solvers' batch in the rig's dtype and device (``engine.frames.params_from_frames``)."""
+        return params_from_frames(frames, self.options["dtype"], self.options["device"])
