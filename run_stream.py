@@ -651,6 +651,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         alone = {
             "median_ms": (alone_before["median_ms"] + alone_after["median_ms"]) / 2,
             "fps": (alone_before["fps"] + alone_after["fps"]) / 2,
+            "cpu_ms_per_frame": (alone_before["cpu_ms_per_frame"] + alone_after["cpu_ms_per_frame"]) / 2,
             "before": alone_before,
             "after": alone_after,
         }
@@ -658,6 +659,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         for name, figures in live_runs.items():
             figures["fps_over_mediapipe_alone"] = figures["fps"] / alone["fps"]
             figures["latency_p95_minus_mediapipe_ms"] = figures["latency_p95_ms"] - alone["median_ms"]
+            figures["cpu_over_mediapipe_alone"] = figures["cpu_ms_per_frame"] / alone["cpu_ms_per_frame"]
             report[name] = figures
         for device in devices if len(previews) == 2 else ():
             report[f"live_{device}_preview_fps"] = {
