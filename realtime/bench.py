@@ -217,7 +217,8 @@ def _run_repeated(
     live.start()
     samples: list[tuple[float, int, float]] = []  # (seconds, frames received, MB)
     while live.is_alive() and (seconds is None or time.monotonic() - started < seconds):
-        samples.append((time.monotonic() - started, counter.received, resident_with_children_mb()))
+        if child_pids():  # MediaPipe's process is running: the loop has started and not yet closed
+            samples.append((time.monotonic() - started, counter.received, resident_with_children_mb()))
         live.join(timeout=SAMPLE_INTERVAL_S)
     stop.set()
     live.join()
