@@ -167,23 +167,32 @@ def bench_solve_against_mediapipe(
         tracker = Tracker(head, image_size, replace(config, frame_solver=solver, calibration_seconds=float("inf")))
         tracker.adopt_calibration(calibrated.rig.shape, calibrated.rig.camera.focal)
         trackers[solver] = tracker
-    samples: dict[str, list[float]] = {"mediapipe": [], "numpy": [], "torch": []}
+    # Wall time, and the process's CPU time (all its threads: MediaPipe's own included): on a machine shared
+    # with other jobs, waiting for a core inflates wall times unevenly, CPU times much less.
+    samples: dict[str, list[float]] = {name: [] for name in ("mediapipe", "numpy", "torch")}
+    cpu: dict[str, list[float]] = {name: [] for name in samples}
+    outcomes: dict[str, list[tuple[bool, int]]] = {"numpy": [], "torch": []}
     sync = synchronizer(config.device)
     with FaceLandmarker(LandmarkerConfig(task)) as landmarker:
         for frame in iter_frames(video):
             if frame.index >= frames:
                 break
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             landmarker.detect(frame.image, round(frame.index * 1000 / fps))
             samples["mediapipe"].append(time.perf_counter() - started)
+            cpu["mediapipe"].append(time.process_time() - started_cpu)
             for solver, tracker in trackers.items():
                 points = mp478[frame.index] if np.isfinite(mp478[frame.index]).all() else None
-                started = time.perf_counter()
-                tracker.track(points, timestamp=frame.index / fps)
+                started, started_cpu = time.perf_counter(), time.process_time()
+                result = tracker.track(points, timestamp=frame.index / fps)
                 sync()
                 samples[solver].append(time.perf_counter() - started)
+                cpu[solver].append(time.process_time() - started_cpu)
+                outcomes[solver].append((result.valid, result.iterations))
     warm = slice(min(10, len(samples["mediapipe"]) // 4), None)  # the first frames build tables and start cold
     medians = {name: float(np.median(values[warm])) * 1e3 for name, values in samples.items()}
+    cpu_medians = {name: float(np.median(values[warm])) * 1e3 for name, values in cpu.items()}
+    valid = {name: [v for v, _ in values[warm]] for name, values in outcomes.items()}
     return {
         "frames": len(samples["mediapipe"]),
         "mediapipe_median_ms": medians["mediapipe"],
@@ -191,5 +200,12 @@ def bench_solve_against_mediapipe(
         "torch_solver_median_ms": medians["torch"],
         "numpy_over_mediapipe": medians["numpy"] / medians["mediapipe"],
         "torch_over_mediapipe": medians["torch"] / medians["mediapipe"],
+        "mediapipe_cpu_median_ms": cpu_medians["mediapipe"],
+        "numpy_solver_cpu_median_ms": cpu_medians["numpy"],
+        "numpy_over_mediapipe_cpu": cpu_medians["numpy"] / cpu_medians["mediapipe"],
+        # What the medians are of: frames tracked (not held after a loss) and LM iterations per frame.
+        "numpy_valid_fraction": float(np.mean(valid["numpy"])),
+        "numpy_iterations_mean": float(np.mean([i for _, i in outcomes["numpy"][warm]])),
+        "torch_valid_fraction": float(np.mean(valid["torch"])),
         "torch_over_numpy": medians["torch"] / medians["numpy"],
     }

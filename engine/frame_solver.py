@@ -62,27 +62,33 @@ def _index(indices: list[int]) -> int | slice | np.ndarray:
 class _Bases:
     """One LandmarkTable's landmarks (the static points, or every row of the contour) in the solver's layouts.
 
-    ``values`` gives the rest shares: rows (active joint, xyz, landmark) with a skinning weight, columns
+    A landmark's share of active joint a is T_a [S_la - W_la Jr_a; W_la], with T_a = [Rw_a | Pw_a] the joint's
+    world transform: the rest joint Jr_a (linear in the expression) is folded into the rest share here.
+    ``values`` gives these 4-vectors: rows (active joint, xyzw, landmark) that are not zero everywhere, columns
     [expression, pose features, 1]; ``positions`` says where each row goes in the stacked matrix D.
     ``rotated`` holds the Jacobian's bases joint-major, (3 Ja, L, width): per landmark the expression columns,
     zeros where the rotation and translation columns go, then the fitted joints' pose-corrective columns.
     """
 
-    def __init__(self, table: LandmarkTable, first: int, total: int, layout: _Layout) -> None:
-        weight = _numpy(table.weight)  # (.., n, Ja)
-        rest = np.moveaxis(_numpy(table.rest), -3, -1)  # (.., Ja, 3, n)
-        coeff = _numpy(table.coeff_basis)  # (.., Ja, 3, n, E)
-        pose = _numpy(table.pose_basis)  # (.., Ja, 3, n, 9 (J-1))
+    def __init__(self, table: LandmarkTable, first: int, total: int, layout: _Layout, joint_rest: np.ndarray, joint_basis: np.ndarray) -> None:
+        weight = np.swapaxes(_numpy(table.weight), -1, -2)  # (.., Ja, n)
+        rest = np.moveaxis(_numpy(table.rest), -3, -1) - weight[..., None, :] * joint_rest[:, :, None]  # (.., Ja, 3, n)
+        coeff = _numpy(table.coeff_basis) - weight[..., None, :, None] * joint_basis[:, :, None, :]  # (.., Ja, 3, n, E)
         lead = weight.shape[:-2]
         active, _, count, n_exp = coeff.shape[-4:]
-        columns = [coeff] + ([pose] if layout.corrected else []) + [rest[..., None]]
-        values = np.concatenate(columns, axis=-1).reshape(*lead, active * 3 * count, -1)
-        # Rows where no landmark has a skinning weight are zero in every column: leave them out.
+        values = np.zeros((*lead, active, 4, count, layout.n_values))
+        values[..., :3, :, :n_exp] = coeff
+        if layout.corrected:
+            pose = _numpy(table.pose_basis)  # (.., Ja, 3, n, 9 (J-1))
+            values[..., :3, :, n_exp:-1] = pose
+        values[..., :3, :, -1] = rest
+        values[..., 3, :, -1] = weight
+        values = values.reshape(*lead, active * 4 * count, -1)
+        # Rows that are zero for every landmark (no skinning weight) are left out.
         keep = np.flatnonzero(np.abs(values).reshape(-1, *values.shape[-2:]).max(axis=(0, 2)) > 0)
         self.values = np.ascontiguousarray(values[..., keep, :])
-        rows, landmarks = np.divmod(np.arange(active * 3 * count), count)
+        rows, landmarks = np.divmod(np.arange(active * 4 * count), count)
         self.positions = (rows * total + first + landmarks)[keep]
-        self.weight = np.ascontiguousarray(np.swapaxes(weight, -1, -2))  # (.., Ja, n)
         self.count = count
         width = layout.width
         rotated = np.zeros((*lead, active * 3, count, width))
@@ -118,18 +124,22 @@ class _Evaluation:
         self.values = np.zeros(layout.n_values)
         self.values[-1] = 1.0
         self.features = self.values[layout.n_exp : -1].reshape(-1, 9)
-        # D: rest shares (3 Ja rows), skinning weights (Ja rows), ones; M: world rotations, offsets, translation.
+        # Joint transforms [R | t; 0 0 0 1]: local (rotation and offset from the parent), and in the world.
+        self.local = np.zeros((n_joints, 4, 4))
+        self.local[:, 3, 3] = 1.0
+        self.world = self.local.copy()
+        self.world_rot = self.world[:, :3, :3]
+        self.world_pos = self.world[:, :3, 3]
+        # D: the 4-vector shares of each active joint (4 Ja rows: xyz, then the skinning weight), and ones.
+        # M: each active joint's world transform [Rw | Pw], and the translation.
         self.stacked = np.zeros((4 * active + 1, n_landmarks))
         self.stacked[-1] = 1.0
-        self.weight_rows = self.stacked[3 * active : 4 * active]
+        self.weight_rows = self.stacked[: 4 * active].reshape(active, 4, n_landmarks)[:, 3]
         self.matrix = np.zeros((3, 4 * active + 1))
-        self.rotation_block = self.matrix[:, : 3 * active].reshape(3, active, 3)
-        self.offset_block = self.matrix[:, 3 * active : 4 * active]
+        self.transform_block = self.matrix[:, : 4 * active].reshape(3, active, 4)
         self.translation = self.matrix[:, -1]
         self.points = np.empty((3, n_landmarks))
         self.errors = np.empty((2, n_landmarks))
-        self.world_rot = np.empty((n_joints, 3, 3))
-        self.world_pos = np.empty((n_joints, 3))
         self.row: int | None = None
         self.weights = np.empty(n_landmarks)
         self.cost = 0.0
@@ -181,18 +191,22 @@ class CpuFrameFitter:
         self.joint_coeff_basis = _numpy(model.joint_coeff_basis)  # (J, 3, E)
         self.joint_coeff_rows = self.joint_coeff_basis.reshape(-1, n_exp)
         self.joint_offset_basis = self.joint_coeff_basis - self.joint_coeff_basis[[max(p, 0) for p in parents]]
+        # Each joint's offset from its parent (the root's from the origin), linear in the expression.
+        self.local_rest = self.joint_rest - self.joint_rest[[max(p, 0) for p in parents]] * (np.array(parents) >= 0)[:, None]
+        self.local_rest[0] = self.joint_rest[0]
+        self.local_basis = self.joint_offset_basis.copy()
+        self.local_basis[0] = self.joint_coeff_basis[0]
+        self.local_basis = self.local_basis.reshape(-1, n_exp)
         active = self.active = _index(layout.active.tolist())
         self.fitted = _index(self.joints)
-        self.active_coeff_basis = self.joint_coeff_basis[active]
         # Which active joints move with each fitted joint (itself and those below it).
         self.subtree = _numpy(model.subtree)[np.ix_(self.joints, layout.active)]  # (F, Ja)
         n_contour = model.contour.weight.shape[-2] if model.contour is not None else 0
         self.n_landmarks = total = n_contour + model.static.weight.shape[-2]
-        self.static = _Bases(model.static, n_contour, total, layout)
-        self.contour = _Bases(model.contour, 0, total, layout) if model.contour is not None else None
+        joint_rest, joint_basis = self.joint_rest[layout.active], self.joint_coeff_basis[layout.active]
+        self.static = _Bases(model.static, n_contour, total, layout, joint_rest, joint_basis)
+        self.contour = _Bases(model.contour, 0, total, layout, joint_rest, joint_basis) if model.contour is not None else None
         self.slots = [_Evaluation(layout, total, model.n_joints) for _ in range(2)]
-        for slot in self.slots:
-            slot.weight_rows[:, n_contour:] = self.static.weight
         # Jacobian buffers: the rotated bases (3, L, width), whose first `size` columns are d points / d params.
         fitted = len(self.joints)
         self.rotated = np.zeros((3, total, layout.width))
@@ -204,10 +218,8 @@ class CpuFrameFitter:
         self.d_pose = self.rotated[:, :, size:].reshape(3 * total, -1)
         n_active = len(layout.active)
         self.arm_matrix = np.zeros((fitted * 3, 4 * n_active + 1))
-        self.arm_rotation = self.arm_matrix[:, : 3 * n_active].reshape(fitted, 3, n_active, 3)
-        self.arm_offset = self.arm_matrix[:, 3 * n_active : 4 * n_active].reshape(fitted, 3, n_active)
-        self.subtree_rotation = self.subtree[:, None, :, None]
-        self.subtree_offset = self.subtree[:, None, :]
+        self.arm_block = self.arm_matrix[:, : 4 * n_active].reshape(fitted, 3, n_active, 4)
+        self.subtree_block = self.subtree[:, None, :, None]
         n_corrected = len(layout.corrected)
         self.pose_derivative = np.zeros((9 * n_corrected, 3 * n_corrected))
         self.pose_blocks = self.pose_derivative.reshape(n_corrected, 9, n_corrected, 3)
@@ -236,13 +248,12 @@ class CpuFrameFitter:
     def _evaluate(self, state: _State, frame: _Frame, anchor: _Anchor, slot: _Evaluation) -> _Evaluation:
         """Fill ``slot`` with the landmarks, residuals, cost and prior of ``state``."""
         exp, rotations = state.exp, state.rotations
-        active = self.active
-        rest_joints = self.joint_rest + (self.joint_coeff_rows @ exp).reshape(-1, 3)
-        world_rot, world_pos = slot.world_rot, slot.world_pos
-        world_rot[0], world_pos[0] = rotations[0], rest_joints[0]
+        local, world = slot.local, slot.world
+        local[:, :3, :3] = rotations
+        local[:, :3, 3] = self.local_rest + (self.local_basis @ exp).reshape(-1, 3)
+        world[0] = local[0]
         for joints, parents in self.levels:
-            world_rot[joints] = world_rot[parents] @ rotations[joints]
-            world_pos[joints] = (world_rot[parents] @ (rest_joints[joints] - rest_joints[parents])[..., None])[..., 0] + world_pos[parents]
+            world[joints] = world[parents] @ local[joints]
         values = slot.values
         values[: self.n_exp] = exp
         if self.layout.corrected:
@@ -252,11 +263,8 @@ class CpuFrameFitter:
         if self.contour is not None:
             slot.row = row = contour_row(rotations[0])
             stacked.put(self.contour.positions, self.contour.values[row] @ values)
-            slot.weight_rows[:, : self.contour.count] = self.contour.weight[row]
-        # Each joint's share: Rw_j S_lj + W_lj (Pw_j - Rw_j Jr_j), all joints and landmarks in one product.
-        active_rot = world_rot[active]
-        slot.rotation_block[...] = active_rot.transpose(1, 0, 2)
-        slot.offset_block[...] = (world_pos[active] - (active_rot @ rest_joints[active][..., None])[..., 0]).T
+        # Every landmark is sum_j [Rw_j | Pw_j] [S_lj - W_lj Jr_j; W_lj] + transl: one product.
+        slot.transform_block[...] = world[self.active, :3].transpose(1, 0, 2)
         slot.translation[:] = state.transl
         points = np.matmul(slot.matrix, stacked, out=slot.points)
         # u = f x / (-z) + cx, v = f (-y) / (-z) + cy; errors normalised, zero where not observed.
@@ -292,24 +300,24 @@ class CpuFrameFitter:
         """(2L, size) d residual / d [exp, rotation increments of the fitted joints, translation], rows u then v."""
         world_rot, world_pos, active, n_exp = slot.world_rot, slot.world_pos, self.active, self.n_exp
         # The bases rotated to the world: expression and pose-corrective columns in one product per table.
-        rotation_rows = slot.rotation_block.reshape(3, -1)
+        rotation_rows = slot.transform_block[:, :, :3].reshape(3, -1)
         if self.contour is not None:
             split = self.contour.count * self.layout.width
             np.matmul(rotation_rows, self.contour.rotated[slot.row], out=self.rotated_rows[:, :split])
             np.matmul(rotation_rows, self.static.rotated, out=self.rotated_rows[:, split:])
         else:
             np.matmul(rotation_rows, self.static.rotated, out=self.rotated_rows)
-        # d points / d exp also moves the joints: + sum_j W_lj (dPw_j/dc - Rw_j dJr_j/dc).
+        # d points / d exp also moves the joints: + sum_j W_lj dPw_j/dc (the bases hold - Rw_j W_lj dJr_j/dc).
         d_pos = np.empty_like(self.joint_coeff_basis)
         d_pos[0] = self.joint_coeff_basis[0]
         for joints, parents in self.levels:
             d_pos[joints] = world_rot[parents] @ self.joint_offset_basis[joints] + d_pos[parents]
-        joint_term = d_pos[active] - world_rot[active] @ self.active_coeff_basis  # (Ja, 3, E)
+        joint_term = d_pos[active]  # (Ja, 3, E)
         self.d_exp += (slot.weight_rows.T @ joint_term.reshape(len(joint_term), -1)).reshape(-1, 3, n_exp).transpose(1, 0, 2)
         # d points / d rotation increment a of joint k: -[arm_lk]x Rw_k e_a, with arm_lk = sum over the joints
         # below k of their shares - W_below Pw_k: one product with D, like the points.
-        np.multiply(slot.rotation_block, self.subtree_rotation, out=self.arm_rotation)
-        np.multiply(slot.offset_block - world_pos[self.fitted][:, :, None], self.subtree_offset, out=self.arm_offset)
+        np.multiply(slot.transform_block, self.subtree_block, out=self.arm_block)
+        self.arm_block[..., 3] -= world_pos[self.fitted][:, :, None] * self.subtree[:, None, :]
         arms = (self.arm_matrix @ slot.stacked).reshape(len(self.joints), 3, -1)
         # -[arm]x Rw_k = sum_c arm_c (-[e_c]x Rw_k): one batched product over the fitted joints.
         turns = (_NEGATIVE_GENERATORS @ world_rot[self.fitted][:, None]).reshape(len(self.joints), 3, 9)
