@@ -85,13 +85,13 @@ def rotation_log(rotation: torch.Tensor) -> torch.Tensor:
 
 def axis_angles(rotations: np.ndarray) -> np.ndarray:
     """:func:`rotation_log` for NumPy arrays (N, 3, 3) -> (N, 3), where a frame's few rotations need no tensors."""
-    vee = 0.5 * (rotations - rotations.transpose(0, 2, 1)).reshape(-1, 9)[:, [7, 2, 3]]
+    # twice the vee and the sine: atan2 is unchanged by the common factor, and halving is exact.
+    vee = (rotations - rotations.transpose(0, 2, 1)).reshape(-1, 9)[:, [7, 2, 3]]
     sin = np.sqrt(np.einsum("ij,ij->i", vee, vee))
-    angle = np.arctan2(sin, 0.5 * (np.einsum("nii->n", rotations) - 1))
-    factor = angle / np.maximum(sin, 1e-12)
-    small = sin <= 1e-7
+    factor = np.arctan2(sin, np.einsum("nii->n", rotations) - 1) / np.maximum(sin, 2e-12)
+    small = sin <= 2e-7
     if small.any():
-        factor[small] = 1 + sin[small] ** 2 / 6
+        factor[small] = 0.5 * (1 + (0.5 * sin[small]) ** 2 / 6)
     return vee * factor[:, None]
 
 
