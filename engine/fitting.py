@@ -90,9 +90,9 @@ class Targets:
     def __post_init__(self) -> None:
         # In NumPy: for a frame's few hundred points PyTorch's per-operation overhead costs more than the work.
         pixels = self.pixels.numpy(force=True)
-        observed = np.isfinite(pixels).all(axis=-1)
-        low = np.where(observed[..., None], pixels, np.inf).min(axis=1)
-        high = np.where(observed[..., None], pixels, -np.inf).max(axis=1)
+        observed = np.logical_and.reduce(np.isfinite(pixels), axis=-1)
+        low = np.minimum.reduce(np.where(observed[..., None], pixels, np.inf), axis=1)
+        high = np.maximum.reduce(np.where(observed[..., None], pixels, -np.inf), axis=1)
         self.observed = torch.from_numpy(observed).to(self.pixels.device)  # (B, L)
         #: (B,) bounding-box diagonal of the observed points, in pixels.
         size = np.maximum(np.linalg.norm(high - low, axis=-1), 1.0).astype(pixels.dtype)

@@ -85,25 +85,30 @@ def rotation_log(rotation: torch.Tensor) -> torch.Tensor:
 
 def axis_angles(rotations: np.ndarray) -> np.ndarray:
     """:func:`rotation_log` for NumPy arrays (N, 3, 3) -> (N, 3), where a frame's few rotations need no tensors."""
-    # twice the vee and the sine: atan2 is unchanged by the common factor, and halving is exact.
-    vee = (rotations - rotations.transpose(0, 2, 1)).reshape(-1, 9)[:, [7, 2, 3]]
-    sin = np.sqrt(np.einsum("ij,ij->i", vee, vee))
-    factor = np.arctan2(sin, np.einsum("nii->n", rotations) - 1) / np.maximum(sin, 2e-12)
+    flat = rotations.reshape(-1, 9)
+    # Twice the vee and the sine: atan2 is unchanged by the common factor, and halving is exact.
+    vee = flat[:, _VEE_PLUS] - flat[:, _VEE_MINUS]
+    sin = np.sqrt(np.add.reduce(vee * vee, axis=1))
+    factor = np.arctan2(sin, np.add.reduce(flat[:, ::4], axis=1) - 1) / np.maximum(sin, 2e-12)
     small = sin <= 2e-7
     if small.any():
         factor[small] = 0.5 * (1 + (0.5 * sin[small]) ** 2 / 6)
     return vee * factor[:, None]
 
 
+#: Entries (row-major) of R whose differences R[2,1] - R[1,2], R[0,2] - R[2,0], R[1,0] - R[0,1] are twice the vee.
+_VEE_PLUS, _VEE_MINUS = np.array([7, 2, 3]), np.array([5, 6, 1])
 #: [e_a]x for a = x, y, z: the generators of rotations.
 GENERATORS = np.array([[[0, 0, 0], [0, 0, -1], [0, 1, 0]], [[0, 0, 1], [0, 0, 0], [-1, 0, 0]], [[0, -1, 0], [1, 0, 0], [0, 0, 0]]], dtype=np.float64)
+_GENERATOR_ROWS = GENERATORS.reshape(3, 9)
+_EYE = np.eye(3)
 
 
 def rotation_matrices(axis_angle: np.ndarray) -> np.ndarray:
     """:func:`rodrigues` for NumPy arrays (N, 3) -> (N, 3, 3), with the same 1e-8 offset that keeps it smooth at zero."""
-    angle = np.sqrt(((axis_angle + 1e-8) ** 2).sum(axis=1))[:, None, None]
-    skew = (GENERATORS.reshape(3, 9).T @ (axis_angle / angle[:, :, 0]).T).T.reshape(-1, 3, 3)
-    return np.eye(3) + np.sin(angle) * skew + (1 - np.cos(angle)) * (skew @ skew)
+    angle = np.sqrt(np.add.reduce((axis_angle + 1e-8) ** 2, axis=1))[:, None, None]
+    skew = ((axis_angle / angle[:, :, 0]) @ _GENERATOR_ROWS).reshape(-1, 3, 3)
+    return _EYE + np.sin(angle) * skew + (1 - np.cos(angle)) * (skew @ skew)
 
 
 def _contour_rows(yaw_deg: torch.Tensor) -> torch.Tensor:

@@ -142,6 +142,7 @@ class _Evaluation:
         self.errors = np.empty((2, n_landmarks))
         self.row: int | None = None
         self.weights = np.empty(n_landmarks)
+        self.squared = np.empty(n_landmarks)  # squared residual over the Cauchy scale squared
         self.cost = 0.0
         self.prior_gradient = np.empty(layout.size)
         self.prior_diagonal = self.prior_gradient
@@ -240,8 +241,12 @@ class CpuFrameFitter:
         self.jaw_opening = block.jaw_opening
         overclosed_weight = self.prior_weight.copy()
         overclosed_weight[self.jaw_opening] = config.priors.jaw_overclose
-        #: Prior and motion weights, without then with the jaw's over-closing penalty.
-        self.prior_weights = (self.prior_weight, overclosed_weight)
+        # Per use (without, with a prediction), and per jaw (not, over-closed): the weights of the parameter
+        # vector and of its change since the prediction, and the Hessian diagonal they give.
+        self.prior_terms = []
+        for motion in (np.zeros(self.size), self.motion_weight):
+            weights = [np.stack([weight, motion]) for weight in (self.prior_weight, overclosed_weight)]
+            self.prior_terms.append((weights, [weight + motion for weight in (self.prior_weight, overclosed_weight)]))
         self.diagonal_index = np.arange(self.size) * (self.size + 1)
 
     # ------------------------------------------------------------------------------------------ evaluation
@@ -271,7 +276,9 @@ class CpuFrameFitter:
         errors = np.multiply(points[:2], frame.focal_signs / np.maximum(-points[2], MIN_DEPTH), out=slot.errors)
         errors += frame.offsets
         errors *= frame.unit_mask
-        relative = np.einsum("ij,ij->j", errors, errors) * (1.0 / self.config.robust_scale**2)
+        squared = errors * errors
+        relative = np.add(squared[0], squared[1], out=slot.squared)
+        relative *= 1.0 / self.config.robust_scale**2
         np.divide(frame.group_weights, 1.0 + relative, out=slot.weights)
         slot.cost = float(frame.cost_weights @ np.log1p(relative)) + self._prior(state, anchor, slot)
         return slot
@@ -347,9 +354,9 @@ class CpuFrameFitter:
         """Marquardt step, as engine.fitting's: (H + damping diag(H) + tiny I) step = -gradient; zero if singular."""
         diagonal = hessian.ravel()[self.diagonal_index]
         damped = hessian.copy()
-        damped.ravel()[self.diagonal_index] += diagonal * damping + 1e-9 * max(float(diagonal.max()), 1e-9)
+        damped.ravel()[self.diagonal_index] += diagonal * damping + 1e-9 * max(float(np.maximum.reduce(diagonal)), 1e-9)
         _, solution, info = lapack.dposv(damped, gradient, lower=1, overwrite_a=1)
-        if info != 0 or not np.isfinite(solution).all():
+        if info != 0 or not np.isfinite(np.add.reduce(solution)):
             return np.zeros_like(gradient)
         return -solution
 
@@ -409,13 +416,13 @@ class CpuFrameFitter:
                 state, current, spare, fresh = candidate, evaluated, current, False
             elif not fresh:
                 jacobian = None
-            if np.abs(step).max() < config.step_tolerance or (accept and gain < config.cost_tolerance):
+            if np.maximum.reduce(np.abs(step)) < config.step_tolerance or (accept and gain < config.cost_tolerance):
                 break
         return self._result(state, current, frame, params, used)
 
     def _result(self, state: _State, slot: _Evaluation, frame: _Frame, like: FrameParams, used: int) -> FitResult:
         weights = slot.weights
-        mean_square = float(weights @ np.einsum("ij,ij->j", slot.errors, slot.errors)) / max(float(weights.sum()), 1e-12)
+        mean_square = float(weights @ slot.squared) * self.config.robust_scale**2 / max(float(np.add.reduce(weights)), 1e-12)
         rms_px = math.sqrt(mean_square) * self.config.noise * frame.face_size
         # One conversion to a tensor; parameters, cost and error are views of it.
         packed = np.concatenate([state.exp, state.rotations.ravel(), state.transl, (slot.cost, rms_px)])
@@ -436,13 +443,10 @@ class _Anchor:
         self.offset = np.zeros((2, fitter.size))
         if prediction is None:
             self.inverse = np.broadcast_to(_EYE, (len(fitter.joints), 3, 3))
-            motion = np.zeros(fitter.size)
         else:
             self.inverse = prediction.rotations[fitted].transpose(0, 2, 1)
             self.offset[1, :n_exp], self.offset[1, -3:] = prediction.exp, prediction.transl
-            motion = fitter.motion_weight
-        self.weights = [np.stack([weight, motion]) for weight in fitter.prior_weights]
-        self.diagonals = [weight + motion for weight in fitter.prior_weights]
+        self.weights, self.diagonals = fitter.prior_terms[prediction is not None]
 
 
 @dataclass

@@ -105,11 +105,11 @@ def spans_a_face(points: np.ndarray, min_size_px: float, min_aspect: float) -> b
     points = np.asarray(points, dtype=np.float64)
     if len(points) < 3:
         return False
-    width, height = points.max(axis=0) - points.min(axis=0)
+    width, height = np.maximum.reduce(points) - np.minimum.reduce(points)
     if math.hypot(width, height) < min_size_px:
         return False
     # The spreads are the square roots of the eigenvalues of the centred points' 2x2 scatter matrix.
-    centred = points - points.mean(axis=0)
+    centred = points - np.add.reduce(points) / len(points)
     (xx, xy), (_, yy) = centred.T @ centred
     middle, radius = (xx + yy) / 2, math.hypot((xx - yy) / 2, xy)
     return bool(max(middle - radius, 0.0) >= min_aspect**2 * (middle + radius))

@@ -172,7 +172,7 @@ class Tracker:
     def _observed_enough(self, targets: Targets) -> bool:
         """Enough landmarks observed, spanning a face (not a point, a line or a few pixels)."""
         usable = targets.observed[0].numpy(force=True) & self._weighted_landmarks
-        if usable.mean() < self.config.min_observed_fraction:
+        if np.count_nonzero(usable) < self.config.min_observed_fraction * usable.size:
             return False
         return spans_a_face(targets.pixels[0].numpy(force=True)[usable], self.config.min_face_px, self.config.min_face_aspect)
 
