@@ -225,9 +225,9 @@ class CpuFrameFitter:
         self.pose_derivative = np.zeros((9 * n_corrected, 3 * n_corrected))
         self.pose_blocks = self.pose_derivative.reshape(n_corrected, 9, n_corrected, 3)
         self.corrected_index = np.arange(n_corrected)
-        self.jacobian = np.empty((2, total, size))
+        self.projection = np.zeros((total, 2, 3))
+        self.jacobian = np.empty((total, 2, size))  # rows: landmark, then u and v
         self.scaled = np.empty((2 * total, size))
-        self.scratch = np.empty((total, size))
         self.translation_block = np.broadcast_to(np.eye(3)[:, None, :], (3, total, 3))
         self.group_weights_source: torch.Tensor | None = None
         self.group_weights = np.empty(0)
@@ -304,7 +304,7 @@ class CpuFrameFitter:
         return 0.5 * (float(np.vdot(weighted, rows)) + float(coupled @ rows[0]))
 
     def _jacobian(self, state: _State, slot: _Evaluation, frame: _Frame) -> np.ndarray:
-        """(2L, size) d residual / d [exp, rotation increments of the fitted joints, translation], rows u then v."""
+        """(2L, size) d residual / d [exp, rotation increments of the fitted joints, translation], rows (landmark, u|v)."""
         world_rot, world_pos, active, n_exp = slot.world_rot, slot.world_pos, self.active, self.n_exp
         # The bases rotated to the world: expression and pose-corrective columns in one product per table.
         rotation_rows = slot.transform_block[:, :, :3].reshape(3, -1)
@@ -336,17 +336,15 @@ class CpuFrameFitter:
             )
             self.d_corrected += (self.d_pose @ self.pose_derivative).reshape(self.d_corrected.shape)
         self.d_points[:, :, -3:] = self.translation_block
-        # Projection u = f x / (-z), v = f (-y) / (-z), divided by the residual scale.
-        points = slot.points
+        # Projection u = f x / (-z), v = f (-y) / (-z), divided by the residual scale: a 2x3 matrix per landmark.
+        points, projection = slot.points, self.projection
         inverse_depth = 1.0 / np.maximum(-points[2], MIN_DEPTH)
-        scale = (frame.focal_over_scale * inverse_depth)[:, None]
-        x_term = scale * (points[0] * inverse_depth)[:, None]
-        y_term = scale * (-points[1] * inverse_depth)[:, None]
-        jacobian, scratch, d_points = self.jacobian, self.scratch, self.d_points
-        np.multiply(d_points[0], scale, out=jacobian[0])
-        jacobian[0] += np.multiply(d_points[2], x_term, out=scratch)
-        np.multiply(d_points[2], y_term, out=jacobian[1])
-        jacobian[1] -= np.multiply(d_points[1], scale, out=scratch)
+        scale = frame.focal_over_scale * inverse_depth
+        projection[:, 0, 0] = scale
+        np.negative(scale, out=projection[:, 1, 1])
+        projection[:, 0, 2] = scale * points[0] * inverse_depth
+        projection[:, 1, 2] = -scale * points[1] * inverse_depth
+        jacobian = np.matmul(projection, self.d_points.transpose(1, 0, 2), out=self.jacobian)
         return jacobian.reshape(-1, self.size)
 
     # ----------------------------------------------------------------------------------------------- solve
@@ -396,12 +394,12 @@ class CpuFrameFitter:
                 jacobian, fresh = self._jacobian(state, current, frame), True
             # J^T W J as (sqrt(w) J)^T (sqrt(w) J): NumPy computes a product of an array with its own transpose
             # as a symmetric rank-k update, half the work.
-            root = np.sqrt(current.weights)
-            np.multiply(jacobian.reshape(2, -1, self.size), root[:, None], out=scaled.reshape(2, -1, self.size))
+            root = np.sqrt(current.weights)[:, None]
+            np.multiply(jacobian.reshape(-1, 2, self.size), root[:, :, None], out=scaled.reshape(-1, 2, self.size))
             hessian = scaled.T @ scaled
             hessian += self.coupling
             hessian.ravel()[self.diagonal_index] += current.prior_diagonal
-            gradient = scaled.T @ (current.errors * root).ravel() + current.prior_gradient
+            gradient = scaled.T @ (current.errors.T * root).ravel() + current.prior_gradient
             step = self._step(hessian, gradient, damping)
             candidate = self._apply(state, step)
             predicted = -float(gradient @ step) - 0.5 * float(step @ hessian @ step)

@@ -144,7 +144,8 @@ class FrameParams:
         return FrameState(self.exp, self.pose(), self.transl)
 
     def finite(self) -> bool:
-        return bool(torch.isfinite(self.exp).all() and torch.isfinite(self.rotations).all() and torch.isfinite(self.transl).all())
+        # In NumPy: called for every tracked frame, where PyTorch's per-operation overhead outweighs the work.
+        return all(np.logical_and.reduce(np.isfinite(t.numpy(force=True)), axis=None) for t in (self.exp, self.rotations, self.transl))
 
     @staticmethod
     def cat(batches: list[FrameParams]) -> FrameParams:
@@ -227,9 +228,8 @@ def frame_from_params(
 
 def params_row(params: FrameParams, row: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One frame of a batch as float64 NumPy (exp (E,), pose (J, 3) axis-angle, transl (3,))."""
-    exp = params.exp[row].cpu().double().numpy()
-    pose = axis_angles(params.rotations[row].cpu().double().numpy())
-    return exp, pose, params.transl[row].cpu().double().numpy()
+    exp, rotations, transl = (t[row].numpy(force=True).astype(np.float64) for t in (params.exp, params.rotations, params.transl))
+    return exp, axis_angles(rotations), transl
 
 
 def params_from_frames(frames: list[TrackedFrame], dtype: torch.dtype, device: str | torch.device = "cpu") -> FrameParams:
