@@ -94,9 +94,9 @@ class Targets:
         low = np.minimum.reduce(np.where(observed[..., None], pixels, np.inf), axis=1)
         high = np.maximum.reduce(np.where(observed[..., None], pixels, -np.inf), axis=1)
         self.observed = torch.from_numpy(observed).to(self.pixels.device)  # (B, L)
-        #: (B,) bounding-box diagonal of the observed points, in pixels.
-        size = np.maximum(np.linalg.norm(high - low, axis=-1), 1.0).astype(pixels.dtype)
-        self.face_size = torch.from_numpy(size).to(self.pixels.device)
+        #: (B,) bounding-box diagonal of the observed points, in pixels. PyTorch's norm, to the bit as before:
+        #: the fits (and calibration, with a poorly conditioned identity space) follow this scale.
+        self.face_size = torch.linalg.vector_norm(torch.from_numpy(high - low), dim=-1).clamp_min(1.0).to(self.pixels.device)
 
 
 def landmark_weights(model: LandmarkModel, config: FitConfig) -> torch.Tensor:

@@ -67,7 +67,7 @@ class _Bases:
     ``values`` gives these 4-vectors: rows (active joint, xyzw, landmark) that are not zero everywhere, columns
     [expression, pose features, 1]; ``positions`` says where each row goes in the stacked matrix D.
     ``rotated`` holds the Jacobian's bases joint-major, (3 Ja, L, width): per landmark the expression columns,
-    zeros where the rotation and translation columns go, then the fitted joints' pose-corrective columns.
+    then the pose-corrective columns of the fitted joints below the root.
     """
 
     def __init__(self, table: LandmarkTable, first: int, total: int, layout: _Layout, joint_rest: np.ndarray, joint_basis: np.ndarray) -> None:
@@ -94,7 +94,7 @@ class _Bases:
         rotated = np.zeros((*lead, active * 3, count, width))
         rotated[..., :n_exp] = coeff.reshape(*lead, active * 3, count, n_exp)
         if layout.corrected:
-            rotated[..., layout.size :] = pose[..., layout.pose_features].reshape(*lead, active * 3, count, -1)
+            rotated[..., n_exp:] = pose[..., layout.pose_features].reshape(*lead, active * 3, count, -1)
         self.rotated = rotated.reshape(*lead, active * 3, count * width)
 
 
@@ -111,7 +111,7 @@ class _Layout:
         if self.corrected and self.joints[1:] != self.corrected:
             raise ValueError("the root must be the first fitted joint")
         self.pose_features = np.concatenate([np.arange(9 * (j - 1), 9 * j) for j in self.corrected]) if self.corrected else None
-        self.width = self.size + 9 * len(self.corrected)
+        self.width = self.n_exp + 9 * len(self.corrected)
         self.n_values = self.n_exp + (9 * (model.n_joints - 1) if self.corrected else 0) + 1
 
 
@@ -208,19 +208,20 @@ class CpuFrameFitter:
         self.static = _Bases(model.static, n_contour, total, layout, joint_rest, joint_basis)
         self.contour = _Bases(model.contour, 0, total, layout, joint_rest, joint_basis) if model.contour is not None else None
         self.slots = [_Evaluation(layout, total, model.n_joints) for _ in range(2)]
-        # Jacobian buffers: the rotated bases (3, L, width), whose first `size` columns are d points / d params.
+        # Jacobian buffers: the bases rotated to the world (3, L, width), expression then pose-corrective columns.
         fitted = len(self.joints)
         self.rotated = np.zeros((3, total, layout.width))
         self.rotated_rows = self.rotated.reshape(3, total * layout.width)
-        self.d_points = self.rotated[:, :, :size]
-        self.d_exp = self.d_points[:, :, :n_exp]
-        self.d_rot = self.d_points[:, :, n_exp : n_exp + 3 * fitted].reshape(3, total, fitted, 3)
-        self.d_corrected = self.d_points[:, :, n_exp + 3 : n_exp + 3 * fitted].reshape(3, total, fitted - 1, 3)
-        self.d_pose = self.rotated[:, :, size:].reshape(3 * total, -1)
+        self.d_exp = self.rotated[:, :, :n_exp].transpose(1, 0, 2)  # (L, 3, E)
+        self.d_pose = self.rotated[:, :, n_exp:].reshape(3 * total, -1)
         n_active = len(layout.active)
         self.arm_matrix = np.zeros((fitted * 3, 4 * n_active + 1))
         self.arm_block = self.arm_matrix[:, : 4 * n_active].reshape(fitted, 3, n_active, 4)
         self.subtree_block = self.subtree[:, None, :, None]
+        # Block-diagonal (3 F, 9 F): row (k, c), column (x, k, a) holds (-[e_c]x Rw_k)[x, a].
+        self.turns = np.zeros((3 * fitted, 9 * fitted))
+        self.turn_blocks = self.turns.reshape(fitted, 3, 3, fitted, 3)
+        self.fitted_index = np.arange(fitted)
         n_corrected = len(layout.corrected)
         self.pose_derivative = np.zeros((9 * n_corrected, 3 * n_corrected))
         self.pose_blocks = self.pose_derivative.reshape(n_corrected, 9, n_corrected, 3)
@@ -228,7 +229,6 @@ class CpuFrameFitter:
         self.projection = np.zeros((total, 2, 3))
         self.jacobian = np.empty((total, 2, size))  # rows: landmark, then u and v
         self.scaled = np.empty((2 * total, size))
-        self.translation_block = np.broadcast_to(np.eye(3)[:, None, :], (3, total, 3))
         self.group_weights_source: torch.Tensor | None = None
         self.group_weights = np.empty(0)
         self._priors(config)
@@ -314,37 +314,38 @@ class CpuFrameFitter:
             np.matmul(rotation_rows, self.static.rotated, out=self.rotated_rows[:, split:])
         else:
             np.matmul(rotation_rows, self.static.rotated, out=self.rotated_rows)
-        # d points / d exp also moves the joints: + sum_j W_lj dPw_j/dc (the bases hold - Rw_j W_lj dJr_j/dc).
-        d_pos = np.empty_like(self.joint_coeff_basis)
-        d_pos[0] = self.joint_coeff_basis[0]
-        for joints, parents in self.levels:
-            d_pos[joints] = world_rot[parents] @ self.joint_offset_basis[joints] + d_pos[parents]
-        joint_term = d_pos[active]  # (Ja, 3, E)
-        self.d_exp += (slot.weight_rows.T @ joint_term.reshape(len(joint_term), -1)).reshape(-1, 3, n_exp).transpose(1, 0, 2)
-        # d points / d rotation increment a of joint k: -[arm_lk]x Rw_k e_a, with arm_lk = sum over the joints
-        # below k of their shares - W_below Pw_k: one product with D, like the points.
-        np.multiply(slot.transform_block, self.subtree_block, out=self.arm_block)
-        self.arm_block[..., 3] -= world_pos[self.fitted][:, :, None] * self.subtree[:, None, :]
-        arms = (self.arm_matrix @ slot.stacked).reshape(len(self.joints), 3, -1)
-        # -[arm]x Rw_k = sum_c arm_c (-[e_c]x Rw_k): one batched product over the fitted joints.
-        turns = (_NEGATIVE_GENERATORS @ world_rot[self.fitted][:, None]).reshape(len(self.joints), 3, 9)
-        self.d_rot[...] = (arms.transpose(0, 2, 1) @ turns).reshape(len(self.joints), -1, 3, 3).transpose(2, 1, 0, 3)
-        if self.layout.corrected:
-            # d vec(R_k)/d delta_a = vec(R_k [e_a]x), through the pose-corrective bases rotated to the world.
-            self.pose_blocks[self.corrected_index, :, self.corrected_index, :] = (
-                (state.rotations[self.layout.corrected][:, None] @ GENERATORS).transpose(0, 2, 3, 1).reshape(-1, 9, 3)
-            )
-            self.d_corrected += (self.d_pose @ self.pose_derivative).reshape(self.d_corrected.shape)
-        self.d_points[:, :, -3:] = self.translation_block
-        # Projection u = f x / (-z), v = f (-y) / (-z), divided by the residual scale: a 2x3 matrix per landmark.
-        points, projection = slot.points, self.projection
+        # Projection u = f x / (-z), v = f (-y) / (-z), divided by the residual scale: a 2x3 matrix per landmark,
+        # applied to each block of d points / d parameters in one batched product.
+        points, projection, jacobian, fitted = slot.points, self.projection, self.jacobian, len(self.joints)
         inverse_depth = 1.0 / np.maximum(-points[2], MIN_DEPTH)
         scale = frame.focal_over_scale * inverse_depth
         projection[:, 0, 0] = scale
         np.negative(scale, out=projection[:, 1, 1])
         projection[:, 0, 2] = scale * points[0] * inverse_depth
         projection[:, 1, 2] = -scale * points[1] * inverse_depth
-        jacobian = np.matmul(projection, self.d_points.transpose(1, 0, 2), out=self.jacobian)
+        # d points / d exp also moves the joints: + sum_j W_lj dPw_j/dc (the bases hold - Rw_j W_lj dJr_j/dc).
+        d_pos = np.empty_like(self.joint_coeff_basis)
+        d_pos[0] = self.joint_coeff_basis[0]
+        for joints, parents in self.levels:
+            d_pos[joints] = world_rot[parents] @ self.joint_offset_basis[joints] + d_pos[parents]
+        joint_term = slot.weight_rows.T @ d_pos[active].reshape(slot.weight_rows.shape[0], -1)  # (L, 3 E)
+        np.matmul(projection, self.d_exp + joint_term.reshape(-1, 3, n_exp), out=jacobian[:, :, :n_exp])
+        # d points / d rotation increment a of joint k: -[arm_lk]x Rw_k e_a = sum_c arm_lkc (-[e_c]x Rw_k) e_a,
+        # with arm_lk = sum over the joints below k of their shares - W_below Pw_k: one product with D, like
+        # the points, then one with the block-diagonal matrix of the fitted joints' turns.
+        np.multiply(slot.transform_block, self.subtree_block, out=self.arm_block)
+        self.arm_block[..., 3] -= world_pos[self.fitted][:, :, None] * self.subtree[:, None, :]
+        arms = self.arm_matrix @ slot.stacked  # (3 F, L)
+        self.turn_blocks[self.fitted_index, :, :, self.fitted_index] = _NEGATIVE_GENERATORS @ world_rot[self.fitted][:, None]
+        d_rot = (arms.T @ self.turns).reshape(-1, 3, 3 * fitted)  # (L, xyz, (k, a))
+        if self.layout.corrected:
+            # d vec(R_k)/d delta_a = vec(R_k [e_a]x), through the pose-corrective bases rotated to the world.
+            self.pose_blocks[self.corrected_index, :, self.corrected_index, :] = (
+                (state.rotations[self.layout.corrected][:, None] @ GENERATORS).transpose(0, 2, 3, 1).reshape(-1, 9, 3)
+            )
+            d_rot[:, :, 3:] += (self.d_pose @ self.pose_derivative).reshape(3, -1, d_rot.shape[2] - 3).transpose(1, 0, 2)
+        np.matmul(projection, d_rot, out=jacobian[:, :, n_exp : n_exp + 3 * fitted])
+        jacobian[:, :, -3:] = projection  # d points / d translation is the identity
         return jacobian.reshape(-1, self.size)
 
     # ----------------------------------------------------------------------------------------------- solve
