@@ -590,7 +590,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         status(f"FLAME layer on {torch_device}")
         section: dict[str, object] = {"flame_layer": bench_flame_layer(head, torch_device)}
         status(f"tracking {args.frames} synthetic frames on {torch_device}")
-        synthetic = synthetic_sequence(Tracker(head, (512, 512), config).layer, SyntheticMotion(frames=args.frames))
+        synthetic = synthetic_sequence(Tracker(head, (512, 512), config).rig.layer, SyntheticMotion(frames=args.frames))
         section["tracking_synthetic"] = bench_tracking(head, synthetic.mp478, synthetic.lmk68, (512, 512), synthetic.fps, config)
         if clip is not None:
             status(f"tracking the clip on {torch_device}")

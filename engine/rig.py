@@ -38,6 +38,10 @@ class RigIdentity:
     camera: Camera
     landmarks: LandmarkModel  # the rig's landmark model with this shape fixed
     focal: torch.Tensor  # camera.focal as a scalar tensor on the rig's device
+    #: The root joint at rest (3,) and its expression basis (3, E), float64 NumPy: every output frame needs
+    #: the root joint, and a 3 x E product costs less in NumPy than PyTorch's per-call overhead.
+    root_rest: np.ndarray
+    root_basis: np.ndarray
 
 
 class HeadRig:
@@ -78,7 +82,9 @@ class HeadRig:
         without touching the rig: safe on another thread, then :meth:`use` it between frames."""
         shape = shape.detach().to(**self.options).reshape(self.layer.n_shape).clone()
         camera = camera or self.camera
-        return RigIdentity(shape, camera, self.landmarks.with_fixed_shape(shape), torch.tensor(camera.focal, **self.options))
+        landmarks = self.landmarks.with_fixed_shape(shape)
+        root_rest, root_basis = (tensor[0].numpy(force=True).astype(np.float64) for tensor in (landmarks.joint_rest, landmarks.joint_coeff_basis))
+        return RigIdentity(shape, camera, landmarks, torch.tensor(camera.focal, **self.options), root_rest, root_basis)
 
     def use(self, identity: RigIdentity) -> None:
         self.identity = identity
@@ -87,10 +93,7 @@ class HeadRig:
         """The root joint of the shaped, expressed template (the pivot of the head rotation), metres.
 
         ``exp`` may leave out the eyelid weights: they move no joint."""
-        coeffs = torch.as_tensor(exp, **self.options)
-        landmarks = self.identity.landmarks
-        basis = landmarks.joint_coeff_basis[0][:, : coeffs.shape[0]]
-        return (landmarks.joint_rest[0] + basis @ coeffs).cpu().double().numpy()
+        return self.identity.root_rest + self.identity.root_basis[:, : len(exp)] @ exp
 
     def landmark_pixels(self, params: FrameParams) -> torch.Tensor:
         """(B, L, 2) the landmark model's points for a batch of frames, in pixels, with the current identity."""
