@@ -197,8 +197,14 @@ def _add_track(subparsers: argparse._SubParsersAction, common: argparse.Argument
     _add_tracking_options(track)
     track.add_argument(
         "--smoothing", type=float_between(0, 1000), default=None, metavar="LAMBDA",
-        help="offline smoothing over the whole sequence, past and future frames (default 3 at 25 fps, see "
-        "engine/smoothing.py; larger is smoother, 0 keeps the per-frame fits); blinks and fast mouth motion are kept",
+        help="offline smoothing of expression, jaw and eyes over the whole sequence, past and future frames "
+        "(default 3 at 25 fps, see engine/smoothing.py; larger is smoother, 0 keeps the per-frame fits of every "
+        "parameter); blinks and fast mouth motion are kept",
+    )
+    track.add_argument(
+        "--pose-smoothing", type=float_between(0, 10000), default=None, metavar="LAMBDA",
+        help="the same for the head pose (rotation, translation, neck; default 40 at 25 fps: the head moves slower "
+        "than the face); lower it for very fast head turns",
     )  # fmt: skip
     track.add_argument("--photometric", action="store_true", help="also refine every frame photometrically into DIR/photometric")
     track.add_argument(
@@ -224,7 +230,6 @@ def _run_track(args: argparse.Namespace) -> int:
     from engine.errors import UserError
     from engine.model_files import find_face_landmarker, resolve_models_dir
     from engine.model_selection import select_head_model
-    from engine.smoothing import SmoothingConfig
     from engine.tracker import TrackerConfig
     from offline.refine_job import TEXTURE_COMPONENTS
     from offline.track_job import PHOTOMETRIC_DIR, TrackOptions, load_landmark_file, track_input, written_frames
@@ -250,7 +255,7 @@ def _run_track(args: argparse.Namespace) -> int:
     if not landmarks_file:
         task = find_face_landmarker(models_dir)
     config = TrackerConfig(n_shape=args.n_shape, n_exp=args.n_exp, fov_deg=args.fov, fit_fov=args.fov is None, device=_device(args.device))
-    smoothing = SmoothingConfig() if args.smoothing is None else SmoothingConfig(strength=args.smoothing) if args.smoothing > 0 else None
+    smoothing = _smoothing_config(args)
     options = TrackOptions(config, save_vertices=args.save_vertices, smoothing=smoothing, overwrite=args.overwrite)
     try:
         result = track_input(args.input, args.out, head, task, options)
@@ -679,6 +684,16 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _smoothing_config(args: argparse.Namespace) -> SmoothingConfig | None:
+    """``track``'s smoothing from --smoothing and --pose-smoothing (None: --smoothing 0, the per-frame fits)."""
+    from engine.smoothing import SmoothingConfig
+
+    if args.smoothing == 0:
+        return None
+    chosen = {"strength": args.smoothing, "pose_strength": args.pose_smoothing}
+    return SmoothingConfig(**{name: value for name, value in chosen.items() if value is not None})
 
 
 def _bench_smoothing(head, args: argparse.Namespace, models_dir: Path, status) -> dict[str, object]:

@@ -15,6 +15,14 @@ accelerations at the noise level are smoothed as a linear smoother would, while 
 (a blink, a mouth snapping open) lose their penalty and keep their speed instead of being smeared over the
 neighbouring frames.
 
+Two groups get their own lambda, because their real motion is not alike. The head pose (camera rotation and
+translation, neck) moves slowly, but its per-frame fit trembles with the face: on speech clips the jaw's
+motion leaks into pitch and translation, and that tremble moves every landmark. Expression, jaw and eyes
+carry speech (syllables at 4-6 Hz) and blinks, the fastest real motion of a face, so they are smoothed far
+less. Rotation and translation stay in one group: the fits trade one for the other (a small pitch looks
+like a small vertical shift), so their noise is correlated, and smoothing one harder than the other turns
+that correlated noise back into landmark jitter.
+
 Each run of consecutive valid frames is smoothed on its own: a lost face and its re-acquisition are not
 bridged. Invalid frames (they hold the last good parameters) are left as they are.
 """
@@ -31,6 +39,8 @@ from scipy.linalg import solveh_banded
 #: The per-frame keys that vary and are smoothed (``eyelids`` only exists with eyelid blendshapes); shape, fov
 #: and K are per-sequence.
 SMOOTHED_KEYS = ("exp", "eyelids", "jaw_pose", "neck_pose", "eye_pose", "cam")
+#: The keys of the head pose, smoothed with :attr:`SmoothingConfig.pose_strength`; the rest with ``strength``.
+POSE_KEYS = ("neck_pose", "cam")
 #: Columns of ``cam`` that are Euler angles (radians; unwrapped before smoothing).
 _CAM_ANGLES = slice(0, 3)
 # The k-th difference of white noise with standard deviation s has standard deviation sqrt(C(2k, k)) s.
@@ -44,8 +54,9 @@ _MAD_TO_SIGMA = 1.4826
 class SmoothingConfig:
     """How strongly :func:`smooth_sequence` smooths.
 
-    ``strength`` is lambda above for a 25 fps input: the weight of smooth motion against the per-frame fits
-    (larger is smoother). The prior is on physical acceleration, so other frame rates scale it by
+    ``strength`` is lambda above for expression, jaw and eyes and ``pose_strength`` for the head pose
+    (:data:`POSE_KEYS`), both for a 25 fps input: the weight of smooth motion against the per-frame fits
+    (larger is smoother). The prior is on physical acceleration, so other frame rates scale them by
     (fps / 25)^4: a 12.5 fps clip moves four times as far between frames and is smoothed far less.
     ``robust`` (in units of the acceleration's noise) is where an acceleration stops counting as noise and
     is kept (Cauchy weights: its pull fades); ``order`` of the differences penalised (2: acceleration, 3:
@@ -53,17 +64,20 @@ class SmoothingConfig:
     """
 
     strength: float = 3.0
+    pose_strength: float = 40.0
     robust: float = 2.0
     order: int = 2
     iterations: int = 6
     reference_fps: float = 25.0
 
-    def strength_at(self, fps: float) -> float:
-        """lambda for a sequence of ``fps`` frames per second."""
-        return self.strength * (fps / self.reference_fps) ** (2 * self.order)
+    def strength_at(self, fps: float, pose: bool = False) -> float:
+        """lambda for a sequence of ``fps`` frames per second (of the head pose with ``pose``)."""
+        strength = self.pose_strength if pose else self.strength
+        return strength * (fps / self.reference_fps) ** (2 * self.order)
 
     def describe(self) -> dict[str, object]:
-        return {"method": "robust fixed-interval smoother (Whittaker, Cauchy-weighted accelerations)", **asdict(self)}
+        return {"method": "robust fixed-interval smoother (Whittaker, Cauchy-weighted accelerations), head pose "
+                "and face smoothed with their own strengths", **asdict(self)}
 
 
 def noise_level(values: np.ndarray) -> np.ndarray:
@@ -79,15 +93,15 @@ def noise_level(values: np.ndarray) -> np.ndarray:
     return _MAD_TO_SIGMA * np.median(np.abs(high - np.median(high, axis=0)), axis=0) / _NOISE_ORDER_GAIN
 
 
-def smooth_track(values: np.ndarray, config: SmoothingConfig, fps: float) -> np.ndarray:
-    """Smooth (T, D) ``values`` (one contiguous run of ``fps`` frames per second, every row observed)."""
-    strength = config.strength_at(fps)
-    if values.shape[0] <= _NOISE_ORDER or strength <= 0:
+def smooth_track(values: np.ndarray, strengths: np.ndarray, config: SmoothingConfig) -> np.ndarray:
+    """Smooth (T, D) ``values`` (one contiguous run, every row observed), column d with lambda ``strengths[d]``
+    (already scaled to the frame rate: :meth:`SmoothingConfig.strength_at`)."""
+    if values.shape[0] <= _NOISE_ORDER:
         return values.copy()
     sigma = noise_level(values)
     smoothed = values.copy()
-    for column in np.flatnonzero(sigma > 0):
-        smoothed[:, column] = _smooth_column(values[:, column], sigma[column], strength, config)
+    for column in np.flatnonzero((sigma > 0) & (strengths > 0)):
+        smoothed[:, column] = _smooth_column(values[:, column], sigma[column], float(strengths[column]), config)
     return smoothed
 
 
@@ -138,6 +152,7 @@ def smooth_sequence(stacked: dict[str, np.ndarray], config: SmoothingConfig, fps
     keys = [key for key in SMOOTHED_KEYS if key in stacked]
     columns = [np.asarray(stacked[key], dtype=np.float64).reshape(len(valid), -1) for key in keys]
     joined = np.concatenate(columns, axis=1)
+    strengths = np.concatenate([np.full(c.shape[1], config.strength_at(fps, pose=key in POSE_KEYS)) for key, c in zip(keys, columns)])
     angles = slice(0, 0)
     if "cam" in keys:
         start = sum(c.shape[1] for c in columns[: keys.index("cam")])
@@ -146,7 +161,7 @@ def smooth_sequence(stacked: dict[str, np.ndarray], config: SmoothingConfig, fps
     for run in valid_runs(valid):
         track = joined[run].copy()
         track[:, angles] = np.unwrap(track[:, angles], axis=0)
-        smoothed = smooth_track(track, config, fps)
+        smoothed = smooth_track(track, strengths, config)
         # Back into (-pi, pi] where the input was, so a smoothed angle never jumps by 2 pi.
         smoothed[:, angles] = (smoothed[:, angles] + np.pi) % (2 * np.pi) - np.pi
         out[run] = smoothed

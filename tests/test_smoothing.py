@@ -1,11 +1,13 @@
-"""Offline smoothing: noise goes, blinks and fast mouth motion stay, lost frames are not bridged; and on a real
-clip the smoothed track is steadier than the detector while it still follows the eyes and the mouth."""
+"""Offline smoothing: noise goes, blinks and fast mouth motion stay, lost frames are not bridged, the head pose is
+smoothed harder than the face; and on real clips the smoothed track is steadier than the detector while it still
+follows the eyes and the mouth."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from engine.smoothing import SmoothingConfig, noise_level, smooth_sequence, valid_runs
 
@@ -77,17 +79,40 @@ def test_camera_angles_across_pi_are_smoothed_without_a_turn() -> None:
     assert np.abs(difference).max() < 0.02 and np.all(np.abs(smoothed) <= np.pi + 1e-6)
 
 
-def test_a_real_clip_is_steadier_than_the_detector_and_still_follows_the_eyes_and_mouth(
-    shared_clips: Path, landmarker_task: Path
+def test_the_head_pose_is_smoothed_harder_than_the_face_and_rotation_as_hard_as_translation() -> None:
+    rng = np.random.default_rng(3)
+    frames = 150
+    slow = 0.2 * np.sin(np.linspace(0, 2 * np.pi, frames))  # a 6 s sway
+    noisy = slow[:, None] + rng.normal(0, 0.01, (frames, 6))
+    sequence = _sequence(noisy[:, :1])
+    sequence["cam"] = noisy.astype(np.float32)
+    smoothed = smooth_sequence(sequence, SmoothingConfig(), FPS)
+
+    def jitter(x: np.ndarray) -> np.ndarray:
+        return np.median(np.abs(np.diff(x.astype(np.float64), n=2, axis=0)), axis=0)
+
+    face, pose = jitter(smoothed["exp"])[0], jitter(smoothed["cam"])
+    assert np.all(pose < 0.6 * face), "the same signal is steadier as a head pose than as an expression"
+    # One pose strength for all six columns: the same input comes out the same, angle or translation.
+    alike = smooth_sequence({**sequence, "cam": np.repeat(sequence["cam"][:, 3:4], 6, axis=1)}, SmoothingConfig(), FPS)["cam"]
+    np.testing.assert_allclose(alike[:, :3], alike[:, 3:], atol=1e-6)
+    np.testing.assert_allclose(np.abs(smoothed["cam"] - slow[:, None]).mean(), 0.003, atol=0.002)
+    same = smooth_sequence(sequence, SmoothingConfig(pose_strength=SmoothingConfig().strength), FPS)
+    np.testing.assert_allclose(jitter(same["cam"])[0], face, rtol=0.3)
+
+
+@pytest.mark.parametrize("clip", ["bbaf2n.mpg", "id2_vcd_swwp2s.mpg", "lbax4n.mpg"])
+def test_a_real_speech_clip_is_half_as_jittery_as_the_detector_and_still_follows_the_eyes_and_mouth(
+    clip: str, shared_clips: Path, landmarker_task: Path
 ) -> None:
     from engine.demo_head import build_demo_head
     from engine.evaluation import clip_smoothing_accuracy
     from engine.tracker import TrackerConfig
     from offline.track_job import detect_landmarks
 
-    sequence, _ = detect_landmarks(str(shared_clips / "lbax4n.mpg"), landmarker_task)
+    sequence, _ = detect_landmarks(str(shared_clips / clip), landmarker_task)
     report = clip_smoothing_accuracy(build_demo_head(landmarker_task), sequence, TrackerConfig(), SmoothingConfig())
-    # The issue's target is 0.5; this clip reaches 0.45 (see the README for every clip).
+    # The issue's targets; the GRID speech clips are the hardest (0.39-0.50, see the README for every clip).
     assert report["jitter_smoothed_over_detector"] <= 0.5 < report["jitter_raw_over_detector"]
     assert report["error_smoothed_pct_iod"] - report["error_raw_pct_iod"] <= 0.2
     assert report["eyes_opening_correlation_smoothed"] >= 0.97
