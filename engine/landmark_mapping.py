@@ -10,8 +10,8 @@ images from being overfitted:
 * mirror-pair points (e.g. the two mouth corners) share one solution on mirrored triangles, so the table is
   left/right symmetric and each pair is fitted on twice the data.
 
-The brow points, on which the two annotations disagree most, are also drawn to MediaPipe's own brow
-landmarks (``prior_weight``). The leave-one-image-out error (fit on one image, evaluate on the other) is the
+The brow points, on which the two annotations disagree most, and the nostrils are also drawn to MediaPipe's
+own landmarks for them (``prior_weight``). The leave-one-image-out error (fit on one image, evaluate on the other) is the
 honest accuracy figure.
 
 Regenerate the committed file and print the error table::
@@ -60,11 +60,14 @@ GROUPS: dict[str, range] = {
 }
 RIGHT_EYE_OUTER, LEFT_EYE_OUTER = 36, 45  # iBUG 37 and 46, 1-based
 
-#: Chosen by the leave-one-image-out error (engine/data/README.md): drawn to their named landmarks with weight
-#: 1, the brows improve on both held-out images (the two images' brow labels disagree most); the nose and
-#: mouth improve on one image and get worse on the other, so they keep the hand labels alone.
+#: 0-based iBUG points drawn to their named MediaPipe landmarks, chosen by the leave-one-image-out error
+#: (engine/data/README.md): with weight 1 the brows (18-27, 1-based; the two images' brow labels disagree most)
+#: and the nostrils (32-36) improve on both held-out images. The nose bridge (28-30) and the mouth improve on
+#: one image and get worse on the other, and the nose tip (31) gets worse on both (the iBUG tip sits lower than
+#: MediaPipe's), so they keep the hand labels alone.
 DEFAULT_PRIOR_WEIGHT = 1.0
-PRIOR_GROUPS = ("brows",)
+NOSTRILS = range(31, 36)
+PRIOR_POINTS: tuple[int, ...] = (*GROUPS["brows"], *NOSTRILS)
 
 #: The MediaPipe landmark conventionally named as each inner iBUG point (18-68, 1-based; the jaw has none):
 #: the fit is drawn towards it with ``prior_weight``, which keeps two images from moving a point far from
@@ -240,11 +243,11 @@ def _best_in_triangles(corners: np.ndarray, target: np.ndarray) -> tuple[np.ndar
 
 
 def fit(views: list[View], triangles: np.ndarray, vertex_mirror: np.ndarray, triangle_mirror: np.ndarray,
-        outside: float = 0.0, prior_weight: float = 0.0) -> Fit:
+        outside: float = 0.0, prior_weight: float = 0.0, prior_points: tuple[int, ...] = PRIOR_POINTS) -> Fit:
     """Choose each point's triangle and barycentrics minimising the IOD-normalised error over all views.
 
     ``outside`` lets barycentrics go down to -outside (the triangle grown about its centroid).
-    ``prior_weight`` adds, for each point of PRIOR_GROUPS, its squared distance to MediaPipe's conventionally
+    ``prior_weight`` adds, for each point of ``prior_points``, its squared distance to MediaPipe's conventionally
     named landmark (MEDIAPIPE_NAMED_INNER) in every view, times the weight, to the error minimised.
     """
     scale = np.array([1.0 / view.iod for view in views])[:, None, None]
@@ -259,7 +262,7 @@ def fit(views: list[View], triangles: np.ndarray, vertex_mirror: np.ndarray, tri
         return corners.reshape(len(vertex_triples), -1, 3)
 
     n_jaw = 68 - len(MEDIAPIPE_NAMED_INNER)
-    drawn = {point for group in PRIOR_GROUPS for point in GROUPS[group]}
+    drawn = set(prior_points)
 
     def rows_for(point: int, corners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The hand-placed rows of ``point``, plus the weighted rows drawing it to its named landmark."""
@@ -349,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="npz file to write")
     parser.add_argument("--outside", type=float, default=0.0, help="allowed barycentric undershoot (0 = inside)")
     parser.add_argument("--prior-weight", type=float, default=DEFAULT_PRIOR_WEIGHT,
-                        help="weight of each brow point's conventionally named MediaPipe landmark against a hand-placed "
-                             "view (0 = hand labels alone)")
+                        help="weight of each brow and nostril point's conventionally named MediaPipe landmark against a "
+                             "hand-placed view (0 = hand labels alone)")
     parser.add_argument("--draw", type=Path, help="write overlay PNGs to this folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

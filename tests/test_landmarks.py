@@ -12,8 +12,9 @@ from engine.canonical_face import GEOMETRY_MEMBER, load_canonical_face
 from engine.head_model import ModelFileError
 from engine.landmark_mapping import (
     DEFAULT_PRIOR_WEIGHT,
-    GROUPS,
     IBUG_MIRROR,
+    NOSTRILS,
+    PRIOR_POINTS,
     LabelledImage,
     crop_around,
     errors_by_group,
@@ -202,11 +203,12 @@ def test_to_68_propagates_nan_only_to_affected_points(image_landmarker: FaceLand
     np.testing.assert_array_equal(batch[0], clean)
 
 
-def test_the_committed_table_is_regenerated_and_the_brow_prior_helps_on_held_out_images(
+def test_the_committed_table_is_regenerated_and_the_brow_and_nostril_prior_helps_on_held_out_images(
     landmarker_task: Path, shared_landmarks68: Path
 ) -> None:
-    """The committed table is what `python -m engine.landmark_mapping` writes; drawing the brows to MediaPipe's
-    named brow landmarks lowers their error on each image the fit did not see, and changes no other point."""
+    """The committed table is what `python -m engine.landmark_mapping` writes; drawing the brows and the nostrils
+    to MediaPipe's named landmarks lowers their error on each image the fit did not see, and changes no other
+    point."""
     face = load_canonical_face(landmarker_task)
     views = observe(load_labelled_images(shared_landmarks68), landmarker_task)
     vertex_mirror, triangle_mirror = mesh_mirror(face)
@@ -215,12 +217,18 @@ def test_the_committed_table_is_regenerated_and_the_brow_prior_helps_on_held_out
     np.testing.assert_array_equal(full.face_idx, committed.face_idx)
     np.testing.assert_allclose(full.bary, committed.bary, atol=1e-9)
     hand_only = fit(views, face.triangles, vertex_mirror, triangle_mirror)
-    brows = list(GROUPS["brows"])
-    unchanged = np.setdiff1d(np.arange(68), brows)
+    unchanged = np.setdiff1d(np.arange(68), PRIOR_POINTS)
     np.testing.assert_array_equal(hand_only.face_idx[unchanged], full.face_idx[unchanged])
+    np.testing.assert_array_equal(hand_only.bary[unchanged], full.bary[unchanged])
+
+    def error(fitted, view, points) -> float:
+        return float((np.linalg.norm(fitted.apply(view.mesh_points)[points] - view.hand68[points], axis=1) / view.iod).mean() * 100)
+
     for held_out in ("einstein", "takeo"):
         training = [view for view in views if not view.name.startswith(held_out)]
         with_prior = fit(training, face.triangles, vertex_mirror, triangle_mirror, prior_weight=DEFAULT_PRIOR_WEIGHT)
         without = fit(training, face.triangles, vertex_mirror, triangle_mirror)
         for view in (view for view in views if view.name.startswith(held_out)):
             assert errors_by_group(with_prior, view)["brows"] < errors_by_group(without, view)["brows"] - 2.0, view.name
+            assert error(with_prior, view, list(NOSTRILS)) < error(without, view, list(NOSTRILS)), view.name
+            assert errors_by_group(with_prior, view)["nose"] < errors_by_group(without, view)["nose"], view.name
