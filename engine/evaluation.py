@@ -21,7 +21,7 @@ from engine.head_model import HeadModel
 from engine.rig import HeadRig
 from engine.synthetic import SyntheticMotion, synthetic_sequence
 from engine.tracker import Tracker, TrackerConfig, diversity_feature, select_diverse
-from engine.smoothing import SmoothingConfig, smooth_sequence
+from engine.smoothing import SmoothingConfig
 
 if TYPE_CHECKING:
     from offline.track_job import LandmarkSequence
@@ -301,20 +301,22 @@ def smoothing_accuracy(rig: HeadRig, mp478: np.ndarray, raw: dict[str, np.ndarra
 
 
 def synthetic_smoothing_accuracy(head: HeadModel, motion: SyntheticMotion, config: TrackerConfig, smoothing: SmoothingConfig) -> dict[str, float]:
-    """Track a synthetic sequence offline (``track``'s two passes), then smooth it: the landmarks' mean
-    distance to the noise-free truth (pixels) and their jitter over the truth's, before and after."""
-    from offline.track_job import LandmarkSequence, track_sequence
+    """Track a synthetic sequence offline (``track``'s two passes), then smooth it as ``track`` does: the
+    landmarks' mean distance to the noise-free truth (pixels) and their jitter over the truth's, before and
+    after."""
+    from offline.track_job import LandmarkSequence, smooth_tracked, track_sequence
 
     layer = Tracker(head, motion.image_size, config).rig.layer
     truth = synthetic_sequence(layer, motion)
     sequence = LandmarkSequence(truth.mp478, truth.lmk68, motion.image_size, truth.fps, "synthetic")
     tracker, frames, _ = track_sequence(sequence, head, config, progress=False)
     raw = stack_reference(frames)
+    smoothed = stack_reference(smooth_tracked(tracker.rig, sequence, frames, smoothing)[0])
     report: dict[str, float] = {"frames": motion.frames}
     usable = np.ones(motion.frames, dtype=bool)
     unit = np.ones(motion.frames)
     truth_jitter = jitter_over_iod(truth.clean, unit, usable)
-    for label, stacked in (("raw", raw), ("smoothed", smooth_sequence(raw, smoothing, truth.fps))):
+    for label, stacked in (("raw", raw), ("smoothed", smoothed)):
         fitted = reference_landmarks(tracker.rig, stacked)
         report[f"landmark_px_{label}"] = float(np.mean(np.linalg.norm(fitted - truth.clean, axis=-1)))
         report[f"jitter_{label}_over_truth"] = jitter_over_iod(fitted, unit, usable) / truth_jitter
@@ -322,9 +324,11 @@ def synthetic_smoothing_accuracy(head: HeadModel, motion: SyntheticMotion, confi
 
 
 def clip_smoothing_accuracy(head: HeadModel, sequence: LandmarkSequence, config: TrackerConfig, smoothing: SmoothingConfig) -> dict[str, float]:
-    """Track a real clip's landmarks offline as ``track`` does, then smooth: :func:`smoothing_accuracy`."""
-    from offline.track_job import track_sequence
+    """Track a real clip's landmarks offline as ``track`` does, then smooth as it does: :func:`smoothing_accuracy`,
+    and the head pose's smoothing strength used (at 25 fps)."""
+    from offline.track_job import smooth_tracked, track_sequence
 
     tracker, frames, _ = track_sequence(sequence, head, config, progress=False)
-    raw = stack_reference(frames)
-    return {"fps": sequence.fps, **smoothing_accuracy(tracker.rig, sequence.mp478, raw, smooth_sequence(raw, smoothing, sequence.fps))}
+    smoothed, used = smooth_tracked(tracker.rig, sequence, frames, smoothing)
+    report = smoothing_accuracy(tracker.rig, sequence.mp478, stack_reference(frames), stack_reference(smoothed))
+    return {"fps": sequence.fps, "pose_strength_used": used.pose_strength, **report}

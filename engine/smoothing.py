@@ -23,18 +23,27 @@ less. Rotation and translation stay in one group: the fits trade one for the oth
 like a small vertical shift), so their noise is correlated, and smoothing one harder than the other turns
 that correlated noise back into landmark jitter.
 
+A head that really moves fast (a quick turn filmed at a low frame rate) is not noise, but the parameter
+tracks alone cannot tell: its tremble and its real motion look alike there. Where the fitted landmarks can
+be measured against the detector's, :func:`smooth_within_fit` therefore lowers lambda (the pose's first)
+until smoothing costs at most ``max_error_rise`` of the per-frame fits' landmark error (the discrepancy
+principle, in the landmarks' own space).
+
 Each run of consecutive valid frames is smoothed on its own: a lost face and its re-acquisition are not
 bridged. Invalid frames (they hold the last good parameters) are left as they are.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
+import logging
 import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy.linalg import solveh_banded
+
+log = logging.getLogger(__name__)
 
 #: The per-frame keys that vary and are smoothed (``eyelids`` only exists with eyelid blendshapes); shape, fov
 #: and K are per-sequence.
@@ -60,7 +69,8 @@ class SmoothingConfig:
     (fps / 25)^4: a 12.5 fps clip moves four times as far between frames and is smoothed far less.
     ``robust`` (in units of the acceleration's noise) is where an acceleration stops counting as noise and
     is kept (Cauchy weights: its pull fades); ``order`` of the differences penalised (2: acceleration, 3:
-    jerk); ``iterations`` of reweighting.
+    jerk); ``iterations`` of reweighting. ``max_error_rise``: how much :func:`smooth_within_fit` lets
+    smoothing raise the landmark error, as a fraction of the per-frame fits' own.
     """
 
     strength: float = 3.0
@@ -69,6 +79,7 @@ class SmoothingConfig:
     order: int = 2
     iterations: int = 6
     reference_fps: float = 25.0
+    max_error_rise: float = 0.05
 
     def strength_at(self, fps: float, pose: bool = False) -> float:
         """lambda for a sequence of ``fps`` frames per second (of the head pose with ``pose``)."""
@@ -78,6 +89,7 @@ class SmoothingConfig:
     def describe(self) -> dict[str, object]:
         return {"method": "robust fixed-interval smoother (Whittaker, Cauchy-weighted accelerations), head pose "
                 "and face smoothed with their own strengths", **asdict(self)}
+
 
 
 def noise_level(values: np.ndarray) -> np.ndarray:
@@ -172,3 +184,42 @@ def smooth_sequence(stacked: dict[str, np.ndarray], config: SmoothingConfig, fps
         result[key] = out[:, offset : offset + width].reshape(stacked[key].shape).astype(stacked[key].dtype)
         offset += width
     return result
+
+
+def smooth_within_fit(
+    stacked: dict[str, np.ndarray], config: SmoothingConfig, fps: float,
+    fit_error: Callable[[dict[str, np.ndarray]], float],
+) -> tuple[dict[str, np.ndarray], SmoothingConfig]:
+    """:func:`smooth_sequence` as strong as ``config`` asks, or weaker where that moves the fitted landmarks
+    more than ``config.max_error_rise`` (a fraction) further from the detector's than the per-frame fits are.
+
+    ``fit_error`` maps stacked arrays to the fitted landmarks' mean distance to the detector's. The head-pose
+    strength steps down (by sqrt(2)) until the error is within bounds or it reaches the face's ``strength``;
+    then both halve together, down to a thousandth of it, and past that the per-frame fits are kept. Returns the smoothed
+    arrays and the configuration used.
+    """
+    allowed = (1.0 + config.max_error_rise) * fit_error(stacked)
+    for used in _weaker_settings(config):
+        smoothed = smooth_sequence(stacked, used, fps)
+        if fit_error(smoothed) <= allowed:
+            break
+    else:
+        used = replace(config, strength=0.0, pose_strength=0.0)
+        smoothed = {key: value.copy() for key, value in stacked.items()}
+    if used != config:
+        log.info("smoothed with strength %.3g (head pose %.3g) instead of %.3g (%.3g): stronger smoothing moved the "
+                 "landmarks more than %.0f %% further from the detector's (fast motion)", used.strength,
+                 used.pose_strength, config.strength, config.pose_strength, 100 * config.max_error_rise)
+    return smoothed, used
+
+
+def _weaker_settings(config: SmoothingConfig) -> Iterator[SmoothingConfig]:
+    """``config``, then its head-pose strength in steps of sqrt(2) down to the face's, then both halved together."""
+    pose_strength = config.pose_strength
+    while pose_strength > max(config.strength, config.pose_strength / 1000):
+        yield replace(config, pose_strength=pose_strength)
+        pose_strength /= math.sqrt(2.0)
+    strength = config.strength
+    while strength >= config.strength / 1000 and strength > 0:
+        yield replace(config, strength=strength, pose_strength=strength)
+        strength /= 2

@@ -36,7 +36,7 @@ import shutil
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,11 +47,13 @@ from tqdm import tqdm
 
 from engine.atomic import write_json_atomic, write_npz_atomic
 from engine.errors import UserError
+from engine.evaluation import reference_landmarks
 from engine.export import posed_vertices
 from engine.frames import FRAME_FORMAT_VERSION, stack_reference, unstack_reference
 from engine.head_model import HeadModel
 from engine.landmarks import N_LANDMARKS, LandmarkerConfig
-from engine.smoothing import SmoothingConfig, smooth_sequence
+from engine.rig import HeadRig
+from engine.smoothing import SmoothingConfig, smooth_sequence, smooth_within_fit
 from engine.tracker import Tracker, TrackerConfig, diversity_feature, select_diverse
 from engine.versions import software_versions
 
@@ -245,13 +247,37 @@ def track_sequence(
         return tracker, [single], timings
     frames = list(track_frames(tracker, sequence, 0, progress))
     if smoothing is not None:
-        frames = smooth_frames(frames, smoothing, sequence.fps)
+        frames, _ = smooth_tracked(tracker.rig, sequence, frames, smoothing)
     return tracker, frames, timings
 
 
 def smooth_frames(frames: list[dict[str, np.ndarray]], smoothing: SmoothingConfig, fps: float) -> list[dict[str, np.ndarray]]:
     """Per-frame reference arrays smoothed over the whole sequence (:func:`engine.smoothing.smooth_sequence`)."""
     return unstack_reference(smooth_sequence(stack_reference(frames), smoothing, fps))
+
+
+def landmark_fit_error(rig: HeadRig, sequence: LandmarkSequence) -> Callable[[dict[str, np.ndarray]], float]:
+    """Stacked reference arrays of ``sequence`` -> the rig's landmarks' mean distance (pixels) to the
+    detector's, over the valid frames."""
+    observed = rig.targets.pixels(sequence.mp478, sequence.lmk68)
+
+    def error(stacked: dict[str, np.ndarray]) -> float:
+        valid = np.asarray(stacked["valid"], dtype=bool).reshape(-1)
+        if not valid.any():
+            return 0.0
+        distances = np.linalg.norm(reference_landmarks(rig, stacked)[valid] - observed[valid], axis=-1)
+        return float(np.nanmean(distances))
+
+    return error
+
+
+def smooth_tracked(
+    rig: HeadRig, sequence: LandmarkSequence, frames: list[dict[str, np.ndarray]], smoothing: SmoothingConfig,
+) -> tuple[list[dict[str, np.ndarray]], SmoothingConfig]:
+    """``track``'s smoothing pass: the tracked frames smoothed over the whole sequence, as strongly as the
+    detector's landmarks allow (:func:`engine.smoothing.smooth_within_fit`); and the settings used."""
+    smoothed, used = smooth_within_fit(stack_reference(frames), smoothing, sequence.fps, landmark_fit_error(rig, sequence))
+    return unstack_reference(smoothed), used
 
 
 def calibrate_on_sequence(
@@ -358,8 +384,9 @@ def track_input(
     _calibration(tracker, sequence, out_dir, timings, options.progress, survey if survey and survey.surveyed else None)
     results, resumed = _track_and_write(tracker, sequence, out_dir, options, timings)
     if not is_complete(out_dir):
-        if options.smoothing is not None:
-            results = _smooth_and_rewrite(tracker, results, sequence, out_dir, options, timings)
+        smoothing = options.smoothing
+        if smoothing is not None:
+            results, smoothing = _smooth_and_rewrite(tracker, results, sequence, out_dir, options, timings)
         timings["total_s"] = time.perf_counter() - started
         if "mediapipe_ms_per_frame" in timings and resumed == 0:  # the whole job ran now: its rate beside MediaPipe's
             timings["frames_per_second"] = sequence.n_frames / timings["total_s"]
@@ -368,7 +395,7 @@ def track_input(
                 "tracked %d frames at %.1f fps (MediaPipe alone: %.1f fps)",
                 sequence.n_frames, timings["frames_per_second"], timings["mediapipe_alone_fps"],
             )
-        _write_summary(out_dir, tracker, results, sequence, timings, options.smoothing)
+        _write_summary(out_dir, tracker, results, sequence, timings, smoothing)
     return TrackResult(out_dir, tracker, sequence, results, timings, resumed)
 
 
@@ -550,8 +577,9 @@ class FrameWriter:
 def _smooth_and_rewrite(
     tracker: Tracker, results: list[dict[str, np.ndarray]], sequence: LandmarkSequence, out_dir: Path,
     options: TrackOptions, timings: dict[str, float],
-) -> list[dict[str, np.ndarray]]:
-    """Smooth the whole sequence and rewrite every frame file; the per-frame fits are kept first."""
+) -> tuple[list[dict[str, np.ndarray]], SmoothingConfig]:
+    """Smooth the whole sequence and rewrite every frame file; the per-frame fits are kept first. Returns the
+    smoothed frames and the smoothing settings used."""
     unsmoothed = out_dir / UNSMOOTHED_FILE
     if unsmoothed.is_file():  # an interrupted smoothing pass: frame files may already be smoothed
         with np.load(unsmoothed, allow_pickle=False) as saved:
@@ -560,12 +588,12 @@ def _smooth_and_rewrite(
         raw = stack_reference(results)
         write_npz_atomic(unsmoothed, raw)
     started = time.perf_counter()
-    smoothed = smooth_frames(unstack_reference(raw), options.smoothing, sequence.fps)
+    smoothed, used = smooth_tracked(tracker.rig, sequence, unstack_reference(raw), options.smoothing)
     with FrameWriter() as writer:
         for index, arrays in enumerate(tqdm(smoothed, desc="smooth", unit="frame", disable=not options.progress, leave=False)):
             writer.write(frame_path(out_dir, index), _stored_frame(tracker, arrays, options.save_vertices))
     timings["smoothing_s"] = time.perf_counter() - started
-    return smoothed
+    return smoothed, used
 
 
 def _load_frame(path: Path) -> dict[str, np.ndarray]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.smoothing import SmoothingConfig, noise_level, smooth_sequence, valid_runs
+from engine.smoothing import SmoothingConfig, noise_level, smooth_sequence, smooth_within_fit, valid_runs
 
 FPS = 25.0
 
@@ -99,6 +99,32 @@ def test_the_head_pose_is_smoothed_harder_than_the_face_and_rotation_as_hard_as_
     np.testing.assert_allclose(np.abs(smoothed["cam"] - slow[:, None]).mean(), 0.003, atol=0.002)
     same = smooth_sequence(sequence, SmoothingConfig(pose_strength=SmoothingConfig().strength), FPS)
     np.testing.assert_allclose(jitter(same["cam"])[0], face, rtol=0.3)
+
+
+@pytest.mark.parametrize("hertz", [0.2, 3.0])
+def test_smoothing_weakens_where_it_would_move_the_fit_away_from_the_detector(hertz: float) -> None:
+    """A slow sway is smoothed as asked; a fast head shake (3 Hz, which the asked strengths would flatten) is
+    smoothed only as far as the distance to the detector allows."""
+    rng = np.random.default_rng(5)
+    frames = 100
+    truth = 0.5 * np.sin(2 * np.pi * hertz * np.arange(frames) / FPS)
+    detector = truth + rng.normal(0, 0.01, frames)
+    sequence = _sequence(np.zeros((frames, 1)))
+    sequence["cam"][:, 0] = truth + rng.normal(0, 0.01, frames)  # the per-frame fits
+
+    def fit_error(stacked: dict[str, np.ndarray]) -> float:
+        return float(np.abs(stacked["cam"][:, 0] - detector).mean())
+
+    config = SmoothingConfig()
+    smoothed, used = smooth_within_fit(sequence, config, FPS, fit_error)
+    assert fit_error(smoothed) <= (1 + config.max_error_rise) * fit_error(sequence)
+    from_truth = np.abs(smoothed["cam"][:, 0] - truth).mean() / np.abs(sequence["cam"][:, 0] - truth).mean()
+    if hertz < 1:
+        assert used == config and from_truth < 0.6
+        np.testing.assert_array_equal(smoothed["cam"], smooth_sequence(sequence, config, FPS)["cam"])
+    else:
+        assert fit_error(smooth_sequence(sequence, config, FPS)) > 10 * fit_error(sequence), "the asked strengths flatten it"
+        assert used.pose_strength == used.strength < config.strength and from_truth < 1.2
 
 
 @pytest.mark.parametrize("clip", ["bbaf2n.mpg", "id2_vcd_swwp2s.mpg", "lbax4n.mpg"])
