@@ -22,6 +22,15 @@ def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "run_stream.py"), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+def track_landmarks(landmarks: Path, out: Path, flame_dir: Path, *extra: str) -> None:
+    """``track`` the landmarks file with the fixture's model, its vertices saved."""
+    result = run_cli(
+        "track", str(landmarks), "--out", str(out), "--flame", str(flame_dir), "--n-shape", "20", "--n-exp", "10",
+        "--save-vertices", *extra,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.fixture(scope="module")
 def tracked(flame_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     layer = FlameLayer(load_flame(flame_dir, n_shape=20, n_exp=10), 20, 10)
@@ -32,11 +41,7 @@ def tracked(flame_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     out = folder / "out"
     # These 12 frames sweep the head through +-30 degrees in half a second: the per-frame fits here, smoothed
     # in test_a_fast_head_sweep_lowers_the_smoothing_to_what_the_landmarks_allow.
-    result = run_cli(
-        "track", str(landmarks), "--out", str(out), "--flame", str(flame_dir), "--n-shape", "20", "--n-exp", "10",
-        "--save-vertices", "--smoothing", "0",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    track_landmarks(landmarks, out, flame_dir, "--smoothing", "0")
     return landmarks, out, {"sequence": sequence}
 
 
@@ -72,11 +77,7 @@ def test_camera_space_vertices_project_onto_the_observed_landmarks(tracked, flam
 def test_a_fast_head_sweep_lowers_the_smoothing_to_what_the_landmarks_allow(tracked, flame_dir: Path, tmp_path: Path) -> None:
     landmarks, unsmoothed, extra = tracked
     out = tmp_path / "smoothed"
-    result = run_cli(
-        "track", str(landmarks), "--out", str(out), "--flame", str(flame_dir), "--n-shape", "20", "--n-exp", "10",
-        "--save-vertices", "--pose-smoothing", "20",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    track_landmarks(landmarks, out, flame_dir, "--pose-smoothing", "20")
     smoothing = json.loads((out / "meta.json").read_text())["smoothing"]
     # Smoothed at the asked strengths (3, and 20 for the pose), this sweep's landmarks lie 23 px off, not 1.7.
     assert smoothing["strength"] < 3 and smoothing["pose_strength"] < 20, "the sweep is too fast for the asked strengths"
