@@ -91,6 +91,9 @@ class SmoothingConfig:
                 "and face smoothed with their own strengths", **asdict(self)}
 
 
+#: How often :func:`smooth_within_fit` halves both strengths (to about a thousandth) before it keeps the fits.
+_HALVINGS = 10
+
 
 def noise_level(values: np.ndarray) -> np.ndarray:
     """Per column of (T, D) ``values``: the standard deviation of its frame-to-frame noise.
@@ -164,7 +167,9 @@ def smooth_sequence(stacked: dict[str, np.ndarray], config: SmoothingConfig, fps
     keys = [key for key in SMOOTHED_KEYS if key in stacked]
     columns = [np.asarray(stacked[key], dtype=np.float64).reshape(len(valid), -1) for key in keys]
     joined = np.concatenate(columns, axis=1)
-    strengths = np.concatenate([np.full(c.shape[1], config.strength_at(fps, pose=key in POSE_KEYS)) for key, c in zip(keys, columns)])
+    strengths = np.concatenate(
+        [np.full(block.shape[1], config.strength_at(fps, pose=key in POSE_KEYS)) for key, block in zip(keys, columns)]
+    )
     angles = slice(0, 0)
     if "cam" in keys:
         start = sum(c.shape[1] for c in columns[: keys.index("cam")])
@@ -195,8 +200,8 @@ def smooth_within_fit(
 
     ``fit_error`` maps stacked arrays to the fitted landmarks' mean distance to the detector's. The head-pose
     strength steps down (by sqrt(2)) until the error is within bounds or it reaches the face's ``strength``;
-    then both halve together, down to a thousandth of it, and past that the per-frame fits are kept. Returns the smoothed
-    arrays and the configuration used.
+    then both halve together, down to about a thousandth, and past that the per-frame fits are kept. Returns
+    the smoothed arrays and the configuration used.
     """
     allowed = (1.0 + config.max_error_rise) * fit_error(stacked)
     for used in _weaker_settings(config):
@@ -214,12 +219,16 @@ def smooth_within_fit(
 
 
 def _weaker_settings(config: SmoothingConfig) -> Iterator[SmoothingConfig]:
-    """``config``, then its head-pose strength in steps of sqrt(2) down to the face's, then both halved together."""
+    """``config``, then its head-pose strength in steps of sqrt(2) down to the face's, then both halved
+    together :data:`_HALVINGS` times."""
+    yield config
     pose_strength = config.pose_strength
-    while pose_strength > max(config.strength, config.pose_strength / 1000):
-        yield replace(config, pose_strength=pose_strength)
+    while pose_strength / math.sqrt(2.0) > config.strength:
         pose_strength /= math.sqrt(2.0)
-    strength = config.strength
-    while strength >= config.strength / 1000 and strength > 0:
-        yield replace(config, strength=strength, pose_strength=strength)
-        strength /= 2
+        yield replace(config, pose_strength=pose_strength)
+    strength, pose_strength = config.strength, min(config.pose_strength, config.strength)
+    if pose_strength != config.pose_strength:
+        yield replace(config, pose_strength=pose_strength)
+    for _ in range(_HALVINGS):
+        strength, pose_strength = strength / 2, pose_strength / 2
+        yield replace(config, strength=strength, pose_strength=pose_strength)

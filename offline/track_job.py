@@ -276,7 +276,8 @@ def smooth_tracked(
 ) -> tuple[list[dict[str, np.ndarray]], SmoothingConfig]:
     """``track``'s smoothing pass: the tracked frames smoothed over the whole sequence, as strongly as the
     detector's landmarks allow (:func:`engine.smoothing.smooth_within_fit`); and the settings used."""
-    smoothed, used = smooth_within_fit(stack_reference(frames), smoothing, sequence.fps, landmark_fit_error(rig, sequence))
+    fit_error = landmark_fit_error(rig, sequence)
+    smoothed, used = smooth_within_fit(stack_reference(frames), smoothing, sequence.fps, fit_error)
     return unstack_reference(smoothed), used
 
 

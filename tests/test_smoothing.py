@@ -115,6 +115,9 @@ def test_smoothing_weakens_where_it_would_move_the_fit_away_from_the_detector(he
     def fit_error(stacked: dict[str, np.ndarray]) -> float:
         return float(np.abs(stacked["cam"][:, 0] - detector).mean())
 
+    # A head pose asked to be smoothed less than the face is never smoothed more than asked.
+    _, gentle = smooth_within_fit(sequence, SmoothingConfig(pose_strength=1.0), FPS, fit_error)
+    assert gentle.pose_strength <= 1.0 and gentle.strength <= SmoothingConfig().strength
     config = SmoothingConfig()
     smoothed, used = smooth_within_fit(sequence, config, FPS, fit_error)
     assert fit_error(smoothed) <= (1 + config.max_error_rise) * fit_error(sequence)
