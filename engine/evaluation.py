@@ -98,8 +98,8 @@ def synthetic_accuracy(head: HeadModel, motion: SyntheticMotion, config: Tracker
         "dense_visible_px_mean": float(np.mean(dense)),
         "posed_3d_mm_after_similarity": 1e3 * float(np.mean(aligned)),
         "neutral_shape_3d_mm_after_similarity": 1e3 * similarity_aligned_error(neutral_fit, neutral_truth),
-        "fov_true_deg": sequence.camera.fov_deg,
-        "fov_fit_deg": tracker.rig.camera.fov_deg,
+        "fov_true_deg": motion.fov_deg,
+        "fov_fit_deg": tracker.fov_deg,
     }
 
 

@@ -122,9 +122,9 @@ class Tracker:
         height, width = image_size
         #: The FOV tracking starts with: the given one, or the first guess an estimate falls back to.
         self.first_fov_deg = self.config.fov_deg if self.config.fov_deg is not None else self.config.fit.priors.fov_deg
+        self._first_camera = Camera.from_fov(width, height, self.first_fov_deg)
         self.rig = HeadRig(
-            head, Camera.from_fov(width, height, self.first_fov_deg), self.config.n_shape, self.config.n_exp, self.config.fit,
-            self.config.device, self.config.dtype,
+            head, self._first_camera, self.config.n_shape, self.config.n_exp, self.config.fit, self.config.device, self.config.dtype
         )
         self._weighted_landmarks = self.rig.targets.weights.numpy(force=True) > 0
         #: Where the FOV comes from: "given" (--fov), "estimated", or "default" (the frames did not determine it).
@@ -162,6 +162,13 @@ class Tracker:
     def _use(self, identity: TrackingIdentity) -> None:
         self.rig.use(identity.rig)
         self.fitter = identity.fitter
+
+    @property
+    def fov_deg(self) -> float:
+        """The camera's vertical field of view in degrees, as frames, files and logs report it: exactly the given
+        (or default) value until calibration sets the focal length, then the focal length's."""
+        camera = self.rig.camera
+        return self.first_fov_deg if camera == self._first_camera else camera.fov_deg
 
     def can_fit(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> bool:
         """Whether one frame's landmarks can be fitted: enough observed, spanning a face."""
@@ -286,7 +293,7 @@ class Tracker:
             exp, pose, transl = packed[: exp.size], packed[exp.size : exp.size + pose.size].reshape(pose.shape), packed[-3:]
         n_exp = self.rig.layer.n_exp
         return frame_from_params(
-            exp[:n_exp], pose, transl, self.rig.root_joint(exp), self.rig.camera.fov_deg, valid, rms_px, iterations,
+            exp[:n_exp], pose, transl, self.rig.root_joint(exp), self.fov_deg, valid, rms_px, iterations,
             (time.perf_counter() - started) * 1e3, self.calibrated, self.shape_version,
             eyelids=exp[n_exp:] if self.rig.layer.n_eyelids else None,
         )
@@ -364,7 +371,7 @@ class Tracker:
     def fov_report(self) -> dict[str, object]:
         """The FOV, its source and how well the frames determined it, for meta.json and session.json."""
         return {
-            "deg": self.rig.camera.fov_deg,
+            "deg": self.fov_deg,
             "source": self.fov_source,
             "log_focal_std": self.fov_log_std if self.fov_log_std is not None and math.isfinite(self.fov_log_std) else None,
             "default_deg": self.first_fov_deg,
@@ -408,7 +415,7 @@ class Tracker:
         self._adopt_fov(outcome)
         log.info(
             "calibrated in the background: fov %.1f deg (%s), rms %.2f px",
-            self.rig.camera.fov_deg, self.fov_description(), float(outcome.result.frames.rms_px.mean()),
+            self.fov_deg, self.fov_description(), float(outcome.result.frames.rms_px.mean()),
         )
 
     def calibrate(
@@ -421,7 +428,7 @@ class Tracker:
         self._adopt_fov(outcome)
         log.info(
             "calibrated on %d frames in %.0f ms: fov %.1f deg (%s), rms %.2f px",
-            len(observations), (time.perf_counter() - started) * 1e3, self.rig.camera.fov_deg, self.fov_description(),
+            len(observations), (time.perf_counter() - started) * 1e3, self.fov_deg, self.fov_description(),
             float(outcome.result.frames.rms_px.mean()),
         )
         return outcome.result

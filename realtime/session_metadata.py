@@ -18,7 +18,7 @@ def camera_metadata(tracker: Tracker) -> dict[str, Any]:
     camera = tracker.rig.camera
     return {
         "image_size": [camera.width, camera.height],
-        "fov_deg": camera.fov_deg,  # vertical, as everywhere in flame-live
+        "fov_deg": tracker.fov_deg,  # vertical, as everywhere in flame-live
         "fov": tracker.fov_report(),  # where it comes from: given, estimated, or the default the frames left
         "intrinsics": camera.intrinsics().tolist(),
     }

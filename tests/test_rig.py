@@ -39,6 +39,13 @@ def test_a_field_of_view_out_of_range_is_refused_in_one_line(fov: float) -> None
         Camera.from_fov(640, 480, fov)
 
 
+def test_a_given_field_of_view_is_reported_as_given(flame_head) -> None:
+    """30 degrees at 480 px does not survive degrees -> pixels -> degrees exactly; frames and files still say 30."""
+    assert Camera.from_fov(640, 480, 30.0).fov_deg != 30.0
+    tracker = Tracker(flame_head, (480, 640), TrackerConfig(n_shape=20, n_exp=10, fov_deg=30.0, fit_fov=False))
+    assert tracker.track(None).fov_deg == 30.0 and tracker.fov_report()["deg"] == 30.0
+
+
 def test_a_fixed_field_of_view_must_be_given(flame_head) -> None:
     with pytest.raises(UserError, match="must be given"):
         Tracker(flame_head, (480, 640), TrackerConfig(n_shape=20, n_exp=10, fit_fov=False))
