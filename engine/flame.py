@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numba import njit
 
 from engine.errors import UserError
 from engine.head_model import LEFT_EYE, RIGHT_EYE, ROOT, HeadModel, has_eyes
@@ -83,32 +84,54 @@ def rotation_log(rotation: torch.Tensor) -> torch.Tensor:
     return vee * torch.where(sin > 1e-7, angle / sin.clamp_min(1e-12), 1 + sin**2 / 6)
 
 
+@njit(cache=True)
 def axis_angles(rotations: np.ndarray) -> np.ndarray:
-    """:func:`rotation_log` for NumPy arrays (N, 3, 3) -> (N, 3), where a frame's few rotations need no tensors."""
-    flat = rotations.reshape(-1, 9)
-    # Twice the vee and the sine: atan2 is unchanged by the common factor, and halving is exact.
-    vee = flat[:, _VEE_PLUS] - flat[:, _VEE_MINUS]
-    sin = np.sqrt(np.add.reduce(vee * vee, axis=1))
-    factor = np.arctan2(sin, np.add.reduce(flat[:, ::4], axis=1) - 1) / np.maximum(sin, 2e-12)
-    small = sin <= 2e-7
-    if small.any():
-        factor[small] = 0.5 * (1 + (0.5 * sin[small]) ** 2 / 6)
-    return vee * factor[:, None]
+    """:func:`rotation_log` for NumPy arrays (N, 3, 3) -> (N, 3), where a frame's few rotations need no tensors.
+
+    Compiled (numba): a frame calls it a few times on a handful of rotations, where NumPy's per-call overhead
+    would cost more than the arithmetic.
+    """
+    result = np.empty((rotations.shape[0], 3))
+    for index in range(rotations.shape[0]):
+        r = rotations[index]
+        # Twice the vee and the sine: atan2 is unchanged by the common factor, and halving is exact.
+        x, y, z = r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]
+        sin = math.sqrt(x * x + y * y + z * z)
+        if sin <= 2e-7:
+            factor = 0.5 * (1 + (0.5 * sin) ** 2 / 6)
+        else:
+            factor = math.atan2(sin, r[0, 0] + r[1, 1] + r[2, 2] - 1) / sin
+        result[index, 0], result[index, 1], result[index, 2] = x * factor, y * factor, z * factor
+    return result
 
 
-#: Entries (row-major) of R whose differences R[2,1] - R[1,2], R[0,2] - R[2,0], R[1,0] - R[0,1] are twice the vee.
-_VEE_PLUS, _VEE_MINUS = np.array([7, 2, 3]), np.array([5, 6, 1])
 #: [e_a]x for a = x, y, z: the generators of rotations.
 GENERATORS = np.array([[[0, 0, 0], [0, 0, -1], [0, 1, 0]], [[0, 0, 1], [0, 0, 0], [-1, 0, 0]], [[0, -1, 0], [1, 0, 0], [0, 0, 0]]], dtype=np.float64)
-_GENERATOR_ROWS = GENERATORS.reshape(3, 9)
-_EYE = np.eye(3)
 
 
+@njit(cache=True)
 def rotation_matrices(axis_angle: np.ndarray) -> np.ndarray:
-    """:func:`rodrigues` for NumPy arrays (N, 3) -> (N, 3, 3), with the same 1e-8 offset that keeps it smooth at zero."""
-    angle = np.sqrt(np.add.reduce((axis_angle + 1e-8) ** 2, axis=1))[:, None, None]
-    skew = ((axis_angle / angle[:, :, 0]) @ _GENERATOR_ROWS).reshape(-1, 3, 3)
-    return _EYE + np.sin(angle) * skew + (1 - np.cos(angle)) * (skew @ skew)
+    """:func:`rodrigues` for NumPy arrays (N, 3) -> (N, 3, 3), with the same 1e-8 offset that keeps it smooth at zero.
+
+    Compiled (numba), like :func:`axis_angles`.
+    """
+    result = np.empty((axis_angle.shape[0], 3, 3))
+    for index in range(axis_angle.shape[0]):
+        a = axis_angle[index]
+        angle = math.sqrt((a[0] + 1e-8) ** 2 + (a[1] + 1e-8) ** 2 + (a[2] + 1e-8) ** 2)
+        x, y, z = a[0] / angle, a[1] / angle, a[2] / angle
+        sin, cos = math.sin(angle), 1 - math.cos(angle)
+        # I + sin [k]x + (1 - cos) [k]x^2, with [k]x^2 = k k^T - |k|^2 I written out.
+        result[index, 0, 0] = 1 + cos * (-z * z - y * y)
+        result[index, 1, 1] = 1 + cos * (-z * z - x * x)
+        result[index, 2, 2] = 1 + cos * (-y * y - x * x)
+        result[index, 0, 1] = -sin * z + cos * x * y
+        result[index, 1, 0] = sin * z + cos * x * y
+        result[index, 0, 2] = sin * y + cos * x * z
+        result[index, 2, 0] = -sin * y + cos * x * z
+        result[index, 1, 2] = -sin * x + cos * y * z
+        result[index, 2, 1] = sin * x + cos * y * z
+    return result
 
 
 def _contour_rows(yaw_deg: torch.Tensor) -> torch.Tensor:

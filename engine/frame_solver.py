@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.linalg import lapack
+from numba import njit
 
 from engine.camera import MIN_DEPTH
 from engine.fitting import FitConfig, FitResult, FrameBlock, Targets, fitted_joints, landmark_weights
@@ -173,6 +173,7 @@ class CpuFrameFitter:
     """
 
     def __init__(self, model: LandmarkModel, config: FitConfig) -> None:
+        compile_kernels()
         self.model = model
         self.config = config
         layout = self.layout = _Layout(model, config)
@@ -247,7 +248,6 @@ class CpuFrameFitter:
         for motion in (np.zeros(self.size), self.motion_weight):
             weights = [np.stack([weight, motion]) for weight in (self.prior_weight, overclosed_weight)]
             self.prior_terms.append((weights, [weight + motion for weight in (self.prior_weight, overclosed_weight)]))
-        self.diagonal_index = np.arange(self.size) * (self.size + 1)
 
     # ------------------------------------------------------------------------------------------ evaluation
     def _evaluate(self, state: _State, frame: _Frame, anchor: _Anchor, slot: _Evaluation) -> _Evaluation:
@@ -349,16 +349,6 @@ class CpuFrameFitter:
         return jacobian.reshape(-1, self.size)
 
     # ----------------------------------------------------------------------------------------------- solve
-    def _step(self, hessian: np.ndarray, gradient: np.ndarray, damping: float) -> np.ndarray:
-        """Marquardt step, as engine.fitting's: (H + damping diag(H) + tiny I) step = -gradient; zero if singular."""
-        diagonal = hessian.ravel()[self.diagonal_index]
-        damped = hessian.copy()
-        damped.ravel()[self.diagonal_index] += diagonal * damping + 1e-9 * max(float(np.maximum.reduce(diagonal)), 1e-9)
-        _, solution, info = lapack.dposv(damped, gradient, lower=1, overwrite_a=1)
-        if info != 0 or not np.isfinite(np.add.reduce(solution)):
-            return np.zeros_like(gradient)
-        return -solution
-
     def _apply(self, state: _State, step: np.ndarray) -> _State:
         rotations = state.rotations.copy()
         rotations[self.fitted] = state.rotations[self.fitted] @ rotation_matrices(step[self.n_exp : -3].reshape(-1, 3))
@@ -386,24 +376,17 @@ class CpuFrameFitter:
         current, spare = self.slots
         self._evaluate(state, frame, anchor, current)
         damping = config.initial_damping
-        scaled = self.scaled
+        scaled, step = self.scaled, np.empty(self.size)
         # Chord steps exactly as FrameFitter.fit: the Jacobian is kept while steps are accepted.
         jacobian, fresh = None, False
         used = 0
         for used in range(1, iterations + 1):
             if jacobian is None:
                 jacobian, fresh = self._jacobian(state, current, frame), True
-            # J^T W J as (sqrt(w) J)^T (sqrt(w) J): NumPy computes a product of an array with its own transpose
-            # as a symmetric rank-k update, half the work.
-            root = np.sqrt(current.weights)[:, None]
-            np.multiply(jacobian.reshape(-1, 2, self.size), root[:, :, None], out=scaled.reshape(-1, 2, self.size))
-            hessian = scaled.T @ scaled
-            hessian += self.coupling
-            hessian.ravel()[self.diagonal_index] += current.prior_diagonal
-            gradient = scaled.T @ (current.errors.T * root).ravel() + current.prior_gradient
-            step = self._step(hessian, gradient, damping)
+            predicted, largest = _normal_step(
+                jacobian, current.weights, current.errors, self.coupling, current.prior_diagonal, current.prior_gradient, damping, scaled, step
+            )
             candidate = self._apply(state, step)
-            predicted = -float(gradient @ step) - 0.5 * float(step @ hessian @ step)
             if predicted < config.cost_tolerance * current.cost:
                 state = candidate
                 break
@@ -415,7 +398,7 @@ class CpuFrameFitter:
                 state, current, spare, fresh = candidate, evaluated, current, False
             elif not fresh:
                 jacobian = None
-            if np.maximum.reduce(np.abs(step)) < config.step_tolerance or (accept and gain < config.cost_tolerance):
+            if largest < config.step_tolerance or (accept and gain < config.cost_tolerance):
                 break
         return self._result(state, current, frame, params, used)
 
@@ -430,6 +413,83 @@ class CpuFrameFitter:
         rotations_end = n_exp + 9 * n_joints
         params = FrameParams(values[None, :n_exp], values[n_exp:rotations_end].reshape(1, n_joints, 3, 3), values[None, rotations_end:-2])
         return FitResult(params, values[-2:-1], values[-1:], used)
+
+
+
+@njit(cache=True)
+def _normal_step(
+    jacobian: np.ndarray, weights: np.ndarray, errors: np.ndarray, coupling: np.ndarray, prior_diagonal: np.ndarray,
+    prior_gradient: np.ndarray, damping: float, scaled: np.ndarray, step: np.ndarray,
+) -> tuple[float, float]:
+    """One LM iteration's linear algebra, compiled (numba): it replaces a few dozen NumPy calls whose overhead
+    exceeded their arithmetic.
+
+    Normal equations H = (sqrt(w) J)^T (sqrt(w) J) + coupling + diag(prior), g = (sqrt(w) J)^T sqrt(w) e + prior
+    gradient, then the Marquardt step as engine.fitting's: (H + damping diag(H) + tiny I) step = -g, zero if
+    H is not positive definite. ``step`` receives the step; returns the cost decrease the quadratic model
+    predicts and the largest step component. ``scaled`` is a (2L, size) buffer.
+    """
+    size = jacobian.shape[1]
+    residuals = np.empty(jacobian.shape[0])
+    for landmark in range(weights.shape[0]):
+        root = math.sqrt(weights[landmark])
+        for axis in range(2):
+            row = 2 * landmark + axis
+            residuals[row] = errors[axis, landmark] * root
+            for column in range(size):
+                scaled[row, column] = jacobian[row, column] * root
+    hessian = scaled.T @ scaled + coupling
+    gradient = scaled.T @ residuals + prior_gradient
+    largest_diagonal = 1e-9
+    for index in range(size):
+        hessian[index, index] += prior_diagonal[index]
+        largest_diagonal = max(largest_diagonal, hessian[index, index])
+    damped = hessian.copy()
+    for index in range(size):
+        damped[index, index] += hessian[index, index] * damping + 1e-9 * largest_diagonal
+    step[:] = 0.0
+    try:
+        lower = np.linalg.cholesky(damped)
+    except Exception:  # not positive definite: no step
+        return 0.0, 0.0
+    # Solve L L^T x = g by substitution; the step is -x.
+    solution = gradient.copy()
+    for row in range(size):
+        for column in range(row):
+            solution[row] -= lower[row, column] * solution[column]
+        solution[row] /= lower[row, row]
+    for row in range(size - 1, -1, -1):
+        for column in range(row + 1, size):
+            solution[row] -= lower[column, row] * solution[column]
+        solution[row] /= lower[row, row]
+    if not np.isfinite(np.sum(solution)):
+        return 0.0, 0.0
+    predicted, largest = 0.0, 0.0
+    for row in range(size):
+        step[row] = -solution[row]
+        largest = max(largest, abs(solution[row]))
+    curvature = step @ (hessian @ step)
+    predicted = -(gradient @ step) - 0.5 * curvature
+    return predicted, largest
+
+
+
+_compiled = False
+
+
+def compile_kernels() -> None:
+    """Compile the solver's numba kernels (or load them from numba's cache) once per process, so that no
+    frame pays for it: CpuFrameFitter calls this when it is made, i.e. at start-up and identity adoption."""
+    global _compiled
+    if _compiled:
+        return
+    started = time.perf_counter()
+    size, count = 3, 2
+    jacobian = np.ones((2 * count, size))
+    _normal_step(jacobian, np.ones(count), np.ones((2, count)), np.eye(size), np.ones(size), np.ones(size), 1e-3, np.empty_like(jacobian), np.empty(size))
+    rotation_matrices(axis_angles(np.eye(3)[None]))
+    _compiled = True
+    log.info("per-frame solver kernels ready in %.2f s (numba; compiled once, then loaded from its cache)", time.perf_counter() - started)
 
 
 class _Anchor:
