@@ -376,15 +376,19 @@ class CpuFrameFitter:
         current, spare = self.slots
         self._evaluate(state, frame, anchor, current)
         damping = config.initial_damping
-        scaled, step = self.scaled, np.empty(self.size)
+        scaled, residuals, step = self.scaled, np.empty(len(self.scaled)), np.empty(self.size)
         # Chord steps exactly as FrameFitter.fit: the Jacobian is kept while steps are accepted.
         jacobian, fresh = None, False
         used = 0
         for used in range(1, iterations + 1):
             if jacobian is None:
                 jacobian, fresh = self._jacobian(state, current, frame), True
-            predicted, largest = _normal_step(
-                jacobian, current.weights, current.errors, self.coupling, current.prior_diagonal, current.prior_gradient, damping, scaled, step
+            _weigh_rows(jacobian, current.weights, current.errors, scaled, residuals)
+            # NumPy computes a product of an array with its own transpose as a symmetric rank-k update, half the
+            # work of the general product a compiled kernel would make of it.
+            hessian = scaled.T @ scaled
+            predicted, largest = _damped_step(
+                hessian, scaled, residuals, self.coupling, current.prior_diagonal, current.prior_gradient, damping, step
             )
             candidate = self._apply(state, step)
             if predicted < config.cost_tolerance * current.cost:
@@ -417,28 +421,32 @@ class CpuFrameFitter:
 
 
 @njit(cache=True)
-def _normal_step(
-    jacobian: np.ndarray, weights: np.ndarray, errors: np.ndarray, coupling: np.ndarray, prior_diagonal: np.ndarray,
-    prior_gradient: np.ndarray, damping: float, scaled: np.ndarray, step: np.ndarray,
-) -> tuple[float, float]:
-    """One LM iteration's linear algebra, compiled (numba): it replaces a few dozen NumPy calls whose overhead
-    exceeded their arithmetic.
-
-    Normal equations H = (sqrt(w) J)^T (sqrt(w) J) + coupling + diag(prior), g = (sqrt(w) J)^T sqrt(w) e + prior
-    gradient, then the Marquardt step as engine.fitting's: (H + damping diag(H) + tiny I) step = -g, zero if
-    H is not positive definite. ``step`` receives the step; returns the cost decrease the quadratic model
-    predicts and the largest step component. ``scaled`` is a (2L, size) buffer.
-    """
-    size = jacobian.shape[1]
-    residuals = np.empty(jacobian.shape[0])
+def _weigh_rows(jacobian: np.ndarray, weights: np.ndarray, errors: np.ndarray, scaled: np.ndarray, residuals: np.ndarray) -> None:
+    """sqrt(w) J into ``scaled`` and sqrt(w) e into ``residuals`` (rows: landmark, then u and v), compiled (numba)."""
     for landmark in range(weights.shape[0]):
         root = math.sqrt(weights[landmark])
         for axis in range(2):
             row = 2 * landmark + axis
             residuals[row] = errors[axis, landmark] * root
-            for column in range(size):
+            for column in range(jacobian.shape[1]):
                 scaled[row, column] = jacobian[row, column] * root
-    hessian = scaled.T @ scaled + coupling
+
+
+@njit(cache=True)
+def _damped_step(
+    hessian: np.ndarray, scaled: np.ndarray, residuals: np.ndarray, coupling: np.ndarray, prior_diagonal: np.ndarray,
+    prior_gradient: np.ndarray, damping: float, step: np.ndarray,
+) -> tuple[float, float]:
+    """The rest of one LM iteration's linear algebra, compiled (numba): it replaces a few dozen NumPy calls whose
+    overhead exceeded their arithmetic.
+
+    ``hessian`` holds (sqrt(w) J)^T (sqrt(w) J) and receives the coupling and the prior's diagonal; the gradient
+    is (sqrt(w) J)^T sqrt(w) e + the prior's. Then the Marquardt step as engine.fitting's: (H + damping diag(H)
+    + tiny I) step = -gradient, zero if that is not positive definite. ``step`` receives the step; returns the
+    cost decrease the quadratic model predicts and the largest step component.
+    """
+    size = hessian.shape[0]
+    hessian += coupling
     gradient = scaled.T @ residuals + prior_gradient
     largest_diagonal = 1e-9
     for index in range(size):
@@ -452,7 +460,7 @@ def _normal_step(
         lower = np.linalg.cholesky(damped)
     except Exception:  # not positive definite: no step
         return 0.0, 0.0
-    # Solve L L^T x = g by substitution; the step is -x.
+    # L L^T x = gradient by substitution; the step is -x.
     solution = gradient.copy()
     for row in range(size):
         for column in range(row):
@@ -464,15 +472,12 @@ def _normal_step(
         solution[row] /= lower[row, row]
     if not np.isfinite(np.sum(solution)):
         return 0.0, 0.0
-    predicted, largest = 0.0, 0.0
+    largest = 0.0
     for row in range(size):
         step[row] = -solution[row]
         largest = max(largest, abs(solution[row]))
-    curvature = step @ (hessian @ step)
-    predicted = -(gradient @ step) - 0.5 * curvature
+    predicted = -(gradient @ step) - 0.5 * (step @ (hessian @ step))
     return predicted, largest
-
-
 
 _compiled = False
 
@@ -486,7 +491,9 @@ def compile_kernels() -> None:
     started = time.perf_counter()
     size, count = 3, 2
     jacobian = np.ones((2 * count, size))
-    _normal_step(jacobian, np.ones(count), np.ones((2, count)), np.eye(size), np.ones(size), np.ones(size), 1e-3, np.empty_like(jacobian), np.empty(size))
+    scaled, residuals = np.empty_like(jacobian), np.empty(2 * count)
+    _weigh_rows(jacobian, np.ones(count), np.ones((2, count)), scaled, residuals)
+    _damped_step(scaled.T @ scaled, scaled, residuals, np.eye(size), np.ones(size), np.ones(size), 1e-3, np.empty(size))
     rotation_matrices(axis_angles(np.eye(3)[None]))
     _compiled = True
     log.info("per-frame solver kernels ready in %.2f s (numba; compiled once, then loaded from its cache)", time.perf_counter() - started)
