@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from numba import njit
 
 from engine.errors import UserError
 from engine.head_model import LEFT_EYE, RIGHT_EYE, ROOT, HeadModel, has_eyes
+from engine.jit import compiled
 
 #: Rows of the contour table span these yaw angles in whole degrees (DECA's layout, see _contour_rows).
 MAX_CONTOUR_YAW_DEG = 39
@@ -84,7 +84,7 @@ def rotation_log(rotation: torch.Tensor) -> torch.Tensor:
     return vee * torch.where(sin > 1e-7, angle / sin.clamp_min(1e-12), 1 + sin**2 / 6)
 
 
-@njit(cache=True)
+@compiled
 def axis_angles(rotations: np.ndarray) -> np.ndarray:
     """:func:`rotation_log` for NumPy arrays (N, 3, 3) -> (N, 3), where a frame's few rotations need no tensors.
 
@@ -109,7 +109,7 @@ def axis_angles(rotations: np.ndarray) -> np.ndarray:
 GENERATORS = np.array([[[0, 0, 0], [0, 0, -1], [0, 1, 0]], [[0, 0, 1], [0, 0, 0], [-1, 0, 0]], [[0, -1, 0], [1, 0, 0], [0, 0, 0]]], dtype=np.float64)
 
 
-@njit(cache=True)
+@compiled
 def rotation_matrices(axis_angle: np.ndarray) -> np.ndarray:
     """:func:`rodrigues` for NumPy arrays (N, 3) -> (N, 3, 3), with the same 1e-8 offset that keeps it smooth at zero.
 

@@ -30,12 +30,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from numba import njit
 
 from engine.camera import MIN_DEPTH
 from engine.fitting import FitConfig, FitResult, FrameBlock, Targets, fitted_joints, landmark_weights
 from engine.flame import GENERATORS, axis_angles, contour_row, rotation_matrices
 from engine.frames import FrameParams
+from engine.jit import compiled
 from engine.landmark_model import LandmarkModel, LandmarkTable
 from engine.timing import synchronizer
 
@@ -420,7 +420,7 @@ class CpuFrameFitter:
 
 
 
-@njit(cache=True)
+@compiled
 def _weigh_rows(jacobian: np.ndarray, weights: np.ndarray, errors: np.ndarray, scaled: np.ndarray, residuals: np.ndarray) -> None:
     """sqrt(w) J into ``scaled`` and sqrt(w) e into ``residuals`` (rows: landmark, then u and v), compiled (numba)."""
     for landmark in range(weights.shape[0]):
@@ -432,7 +432,7 @@ def _weigh_rows(jacobian: np.ndarray, weights: np.ndarray, errors: np.ndarray, s
                 scaled[row, column] = jacobian[row, column] * root
 
 
-@njit(cache=True)
+@compiled
 def _damped_step(
     hessian: np.ndarray, scaled: np.ndarray, residuals: np.ndarray, coupling: np.ndarray, prior_diagonal: np.ndarray,
     prior_gradient: np.ndarray, damping: float, step: np.ndarray,
@@ -479,14 +479,14 @@ def _damped_step(
     predicted = -(gradient @ step) - 0.5 * (step @ (hessian @ step))
     return predicted, largest
 
-_compiled = False
+_kernels_ready = False
 
 
 def compile_kernels() -> None:
     """Compile the solver's numba kernels (or load them from numba's cache) once per process, so that no
     frame pays for it: CpuFrameFitter calls this when it is made, i.e. at start-up and identity adoption."""
-    global _compiled
-    if _compiled:
+    global _kernels_ready
+    if _kernels_ready:
         return
     started = time.perf_counter()
     size, count = 3, 2
@@ -495,8 +495,8 @@ def compile_kernels() -> None:
     _weigh_rows(jacobian, np.ones(count), np.ones((2, count)), scaled, residuals)
     _damped_step(scaled.T @ scaled, scaled, residuals, np.eye(size), np.ones(size), np.ones(size), 1e-3, np.empty(size))
     rotation_matrices(axis_angles(np.eye(3)[None]))
-    _compiled = True
-    log.info("per-frame solver kernels ready in %.2f s (numba; compiled once, then loaded from its cache)", time.perf_counter() - started)
+    _kernels_ready = True
+    log.info("per-frame solver kernels ready in %.2f s (numba: compiled on first use, loaded from its cache after)", time.perf_counter() - started)
 
 
 class _Anchor:
