@@ -68,9 +68,7 @@ def run_live_benchmark(
         publishers=PublisherOptions(zmq="tcp://127.0.0.1:*"),
         loop=LiveConfig(max_frames=max_frames, frame_size=frame_size, show_status=False, preview=preview),
     )
-    cpu_started = cpu_seconds()
     summary = run_live(options)
-    cpu_ms_per_frame = (cpu_seconds() - cpu_started) * 1e3 / max(summary.frames, 1)
     return {
         "source": str(source),
         "frame_size": list(frame_size) if frame_size else None,
@@ -80,7 +78,6 @@ def run_live_benchmark(
         "torch_threads": 1,
         **asdict(summary),
         "frame_max_over_median": summary.frame_max_ms / summary.frame_median_ms if summary.frame_median_ms else float("nan"),
-        "cpu_ms_per_frame": cpu_ms_per_frame,
         "fitting_cpu_max_over_median": (
             summary.fitting_cpu_max_ms / summary.fitting_cpu_median_ms if summary.fitting_cpu_median_ms else float("nan")
         ),

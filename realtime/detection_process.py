@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 
 import numpy as np
 
@@ -146,6 +147,16 @@ class DetectionProcess:
     def memory_name(self) -> str:
         """The shared-memory block's name (under /dev/shm on Linux); gone once closed."""
         return self._memory.name
+
+    def cpu_seconds(self) -> float:
+        """CPU time the worker has used so far, user and system (Linux; NaN where /proc is not available)."""
+        if self.pid is None:
+            return float("nan")
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, IndexError):
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
     @property
     def in_flight(self) -> int:

@@ -51,6 +51,9 @@ class LiveSummary:
     fitting_cpu_max_ms: float = 0.0
     """CPU time of the fitting stage's thread per frame (fit and publish) after the warm-up frames: the work
     itself, without the waits for a core or the interpreter lock that the wall-clock times include."""
+    cpu_ms_per_frame: float = float("nan")
+    """CPU time per frame of this process (every thread) and MediaPipe's together, from the first frame to
+    the last: the loop's whole cost, decoding included, start-up excluded."""
     preview_frames: int = 0
     """Frames the preview window drew (on its own thread; the others were replaced by newer ones)."""
     preview_draw_ms: float = 0.0
@@ -210,8 +213,8 @@ class LiveMetrics:
     def end_status_line(self) -> None:
         self._status.finish()
 
-    def summary(self, counts: LiveCounts) -> LiveSummary:
-        """The run so far, over the longer history."""
+    def summary(self, counts: LiveCounts, cpu_seconds: float = float("nan")) -> LiveSummary:
+        """The run so far, over the longer history; ``cpu_seconds``: CPU time the loop's processes used in it."""
         duration_s = time.monotonic() - self._started
         history = self._history
         return LiveSummary(
@@ -232,6 +235,7 @@ class LiveMetrics:
             frame_max_ms=self._frame_ms.maximum(),
             fitting_cpu_median_ms=self._fitting_cpu_ms.percentile(50),
             fitting_cpu_max_ms=self._fitting_cpu_ms.maximum(),
+            cpu_ms_per_frame=cpu_seconds * 1e3 / counts.frames if counts.frames else float("nan"),
             preview_frames=counts.preview_frames,
             preview_draw_ms=counts.preview_draw_ms,
             source_lost=counts.source_lost,

@@ -139,6 +139,7 @@ class LivePipeline:
         gc.collect()
         gc.freeze()
         self.metrics.start()
+        cpu_started = self._cpu_seconds()
         self._publish_shape_if_changed()
         detection = DetectionStage(self.source, self.detector)
         self.source.start()
@@ -170,7 +171,11 @@ class LivePipeline:
             torch.set_num_threads(torch_threads)
             sys.setswitchinterval(switch_interval)
             gc.unfreeze()
-        return self.metrics.summary(self._counts())
+        return self.metrics.summary(self._counts(), self._cpu_seconds() - cpu_started)
+
+    def _cpu_seconds(self) -> float:
+        """CPU time used so far by this process (every thread) and MediaPipe's."""
+        return time.process_time() + self.detector.cpu_seconds()
 
     def _process(self, detected: Detected) -> bool:
         """Fit and publish one detected frame; False when the user closed the preview."""
