@@ -185,24 +185,26 @@ def run_soak(
 
 
 def run_memory_check(
-    video: str | Path, frames: int, flame: str | None = "demo", models_dir: Path | None = None, device: str = "cpu"
+    video: str | Path, frames: int, flame: str | None = "demo", models_dir: Path | None = None, device: str = "cpu",
+    frame_size: tuple[int, int] | None = (640, 480),
 ) -> dict[str, Any]:
-    """Run the live loop flat out on ``video`` (repeated) for ``frames`` frames; return delivery counts and
-    memory figures, among them the growth per 10,000 frames after the warm-up."""
-    return _run_repeated(video, flame, models_dir, device, frames=frames)
+    """Run the live loop flat out on ``video`` (repeated, resized to ``frame_size`` as the speed runs are) for
+    ``frames`` frames; return delivery counts and memory figures, among them the growth per 10,000 frames after
+    the warm-up."""
+    return _run_repeated(video, flame, models_dir, device, frames=frames, frame_size=frame_size)
 
 
 def _run_repeated(
     video: str | Path, flame: str | None, models_dir: Path | None, device: str, seconds: float | None = None,
-    frames: int | None = None,
+    frames: int | None = None, frame_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """The live loop on a repeating video with a subscriber: for ``seconds`` at the video's rate, or for
-    ``frames`` frames as fast as possible."""
+    ``frames`` frames as fast as possible; frames resized to ``frame_size`` (None: the video's own size)."""
     address = f"tcp://127.0.0.1:{_free_port()}"
     options = LiveOptions(
         source=str(video), realtime=frames is None, flame=flame, models_dir=models_dir, device=device, repeat=True,
         subscriber_wait_s=10.0,
-        publishers=PublisherOptions(zmq=address), loop=LiveConfig(show_status=False, max_frames=frames),
+        publishers=PublisherOptions(zmq=address), loop=LiveConfig(show_status=False, max_frames=frames, frame_size=frame_size),
     )  # fmt: skip
     counter = _Counter()
     receiver = threading.Thread(target=_receive, args=(address, counter), name="soak subscriber", daemon=True)
@@ -248,6 +250,7 @@ def _run_repeated(
         "rss_slope_mb_per_hour": float(np.polyfit(times, memory, 1)[0] * 3600.0) if enough else float("nan"),
         "rss_growth_per_10k_frames_mb": float(np.polyfit(received, memory, 1)[0] * 1e4) if enough else float("nan"),
         "frames_after_warm_up": int(received[-1] - received[0]),
+        "frame_size": list(frame_size) if frame_size else None,
         "warm_up_s": round(warm_up, 1),
         "rss_includes": "this process and MediaPipe's",
     }
