@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 #: Soak memory samples before this share of the run (at most WARM_UP_MAX_S) are warm-up and not judged.
 WARM_UP_FRACTION = 0.2
 WARM_UP_MAX_S = 120.0
-SAMPLE_INTERVAL_S = 2.0
+SAMPLE_INTERVAL_S = 0.5
 
 
 def run_live_benchmark(

@@ -23,9 +23,10 @@ def test_a_short_soak_delivers_every_frame_and_measures_memory(shared_clips: Pat
 def test_the_memory_check_counts_mediapipes_process_and_reports_growth_per_10k_frames(
     shared_clips: Path, landmarker_task: Path
 ) -> None:
-    report = run_memory_check(shared_clips / GRID_CLIP, frames=200, models_dir=landmarker_task.parent)
-    assert report["frames_processed"] == 200 and not report["paced"], "flat out, the clip repeated until 200 frames"
-    assert report["frames_received"] == 200 and report["rejected"] == 0
+    report = run_memory_check(shared_clips / GRID_CLIP, frames=300, models_dir=landmarker_task.parent)
+    assert report["frames_processed"] == 300 and not report["paced"], "flat out, the clip repeated until 300 frames"
+    # Flat out, a busy machine may let the subscriber's own queue overflow by a frame or two.
+    assert report["frames_received"] >= 290 and report["rejected"] == 0 and report["publisher_dropped"] == 0
     assert math.isfinite(report["rss_growth_per_10k_frames_mb"]) and report["frames_after_warm_up"] > 0
 
 
