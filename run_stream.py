@@ -11,6 +11,7 @@
     python run_stream.py models                       list the model files and where to get them
     python run_stream.py export --params F.npz ...    write a posed mesh as .obj or .ply
     python run_stream.py export --gltf OUT.glb ...    write the FLAME rig (and its animation) as glTF
+    python run_stream.py config COMMAND               print a command's configuration as TOML (start of a --config FILE)
     python run_stream.py blender-addon --out Z.zip    build the Blender add-on (live link, tracking import)
 
 Each subcommand has its own --help. Heavy imports happen inside the handlers so that --help is instant.
@@ -46,7 +47,9 @@ from cli_checks import (
 #: The repository's real clips, beside the repository (as the tests find them).
 DEFAULT_CLIPS = Path(__file__).resolve().parent.parent / "shared" / "data" / "clips"
 VIDEO_SUFFIXES = (".mp4", ".mpg", ".mpeg", ".avi", ".mov", ".mkv", ".webm", ".gif")
-COMMANDS = ("live", "track", "refine", "batch", "replay", "render", "bench", "models", "export", "blender-addon")
+COMMANDS = ("live", "track", "refine", "batch", "replay", "render", "bench", "models", "export", "blender-addon", "config")
+#: The commands that read a configuration (--config FILE); their trees are in command_configs.py.
+CONFIGURED_COMMANDS = ("live", "track", "refine", "batch", "replay", "render", "bench")
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -66,7 +69,7 @@ def _common_options() -> argparse.ArgumentParser:
         help="FLAME model folder, or 'demo' for the demo head built from MediaPipe's canonical face "
         "(default: the models folder when it holds generic_model.pkl, else the demo head)",
     )
-    common.add_argument("--device", type=device, default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1")
+    common.add_argument("--device", type=device, default=None, help="torch device: auto (CUDA when present; the default), cpu, cuda, cuda:1")
     common.add_argument(
         "--threads", type=positive_int, default=1, metavar="N",
         help="PyTorch CPU threads (default 1: each fit is small, and more threads only slow it down on a busy "
@@ -87,11 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
     commands = (
         _add_live, _add_track, _add_refine, _add_batch, _add_replay, _add_render, _add_bench, _add_models, _add_export,
-        _add_blender_addon,
+        _add_blender_addon, _add_config,
     )  # fmt: skip
     for add in commands:
         add(subparsers, common)
     return parser
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=existing_file, default=None, metavar="FILE",
+        help="configuration file (TOML: 'run_stream.py config COMMAND' prints every key), or a result's meta.json "
+        "/ session.json to make it the same way again; options given on the command line override it",
+    )  # fmt: skip
 
 
 def _add_publisher_options(parser: argparse.ArgumentParser) -> None:
@@ -129,51 +140,49 @@ def _add_live(subparsers: argparse._SubParsersAction, common: argparse.ArgumentP
     timing.add_argument("--as-fast-as-possible", dest="realtime", action="store_false",
                         help="track every frame of a file, as fast as this machine can")  # fmt: skip
     live.add_argument("--max-frames", type=positive_int, metavar="N", help="stop after N processed frames")
-    live.add_argument("--landmarks", action="store_true", help="include MediaPipe's 478 landmarks in frame messages")
+    live.add_argument("--landmarks", action="store_true", default=None, help="include MediaPipe's 478 landmarks in frame messages")
     live.add_argument("--record", type=output_dir, metavar="DIR", help="record the video and every published message here")
     live.add_argument("--overwrite", action="store_true", help="replace a session already recorded in --record DIR")
-    live.add_argument("--preview", action="store_true", help="show the fitted mesh over the frames, with fps, latency and "
+    live.add_argument("--preview", action="store_true", default=None, help="show the fitted mesh over the frames, with fps, latency and "
                       "calibration state (keys: m mesh/landmarks/both, r recalibrate, q or Esc quit)")  # fmt: skip
     live.add_argument(
-        "--refine", action="store_true",
+        "--refine", action="store_true", default=None,
         help="refine identity, texture and light photometrically from keyframes in the background (adopted live)",
     )
-    live.add_argument("--open-timeout", type=positive_float, default=5.0, metavar="S",
+    live.add_argument("--open-timeout", type=positive_float, default=None, metavar="S",
                       help="seconds to wait for a network stream to open (default 5)")  # fmt: skip
-    live.add_argument("--reconnect-attempts", type=non_negative_int, default=5, metavar="N",
+    live.add_argument("--reconnect-attempts", type=non_negative_int, default=None, metavar="N",
                       help="times a dropped network stream is reopened before live gives up with exit status 1 (default 5)")  # fmt: skip
     _add_publisher_options(live)
+    _add_config_option(live)
     live.set_defaults(handler=_run_live)
 
 
 def _run_live(args: argparse.Namespace) -> int:
     import threading
 
-    from flame_client.messages import DEFAULT_ZMQ_ADDRESS
-    from realtime.outputs import publisher_options
+    from command_configs import command_config
     from realtime.live import LiveOptions, run_live
-    from realtime.pipeline import LiveConfig
+    from realtime.outputs import check_distinct_ports
     from realtime.shutdown import recalibrate_on_signal, stop_on_signals
     from realtime.sources import format_camera_list, list_cameras
 
     if args.list_cameras:
         print(format_camera_list(list_cameras()))
         return 0
+    config = command_config("live", args, _publisher_overrides(args))
+    check_distinct_ports(config.publishers)
     options = LiveOptions(
         source=args.source,
         realtime=args.realtime,
         flame=args.flame,
         models_dir=args.models,
-        device=_device(args.device),
-        fov_deg=args.fov,
-        publishers=publisher_options(
-            None if args.no_zmq else args.zmq or DEFAULT_ZMQ_ADDRESS, args.osc, args.vmc, args.livelink
-        ),
+        tracker=config.tracker,
+        publishers=config.publishers,
         record_dir=args.record,
         overwrite=args.overwrite,
-        open_timeout_s=args.open_timeout,
-        reconnect_attempts=args.reconnect_attempts,
-        loop=LiveConfig(max_frames=args.max_frames, include_landmarks=args.landmarks, preview=args.preview, refine=args.refine),
+        source_options=config.source,
+        loop=config.live,
     )
     stop, recalibrate = threading.Event(), threading.Event()
     with stop_on_signals(stop), recalibrate_on_signal(recalibrate):
@@ -215,6 +224,7 @@ def _add_track(subparsers: argparse._SubParsersAction, common: argparse.Argument
     track.add_argument("--render", action="store_true", help="also draw the fit over the input: DIR/overlay.mp4 "
                        "(overlay.png for an image; with --photometric also DIR/photometric/overlay.mp4)")  # fmt: skip
     _add_photometric_options(track)
+    _add_config_option(track)
     track.set_defaults(handler=_run_track)
 
 
@@ -222,18 +232,19 @@ def _add_tracking_options(parser: argparse.ArgumentParser) -> None:
     """What track (and batch, per input) fits and writes."""
     parser.add_argument("--fov", type=fov_degrees, default=None, metavar="DEG", help="known vertical field of view (default: estimated)")
     parser.add_argument("--save-vertices", action="store_true", help="also store the posed mesh (camera space) per frame")
-    parser.add_argument("--n-shape", type=positive_int, default=100, metavar="N", help="identity components to fit (default 100)")
-    parser.add_argument("--n-exp", type=positive_int, default=50, metavar="N", help="expression components to fit (default 50)")
+    parser.add_argument("--n-shape", type=positive_int, default=None, metavar="N", help="identity components to fit (default 100)")
+    parser.add_argument("--n-exp", type=positive_int, default=None, metavar="N", help="expression components to fit (default 50)")
 
 
 def _run_track(args: argparse.Namespace) -> int:
+    from command_configs import active_smoothing, command_config
     from engine.errors import UserError
     from engine.model_files import find_face_landmarker, resolve_models_dir
     from engine.model_selection import select_head_model
-    from engine.tracker import TrackerConfig
     from offline.refine_job import TEXTURE_COMPONENTS
     from offline.track_job import PHOTOMETRIC_DIR, TrackOptions, load_landmark_file, track_input, written_frames
 
+    config = command_config("track", args)
     source = Path(args.input)
     landmarks_file = source.suffix.lower() == ".npz"
     if not source.exists() and "://" not in args.input:
@@ -254,9 +265,7 @@ def _run_track(args: argparse.Namespace) -> int:
     head = select_head_model(args.flame, models_dir, n_tex=TEXTURE_COMPONENTS if args.photometric else 0)
     if not landmarks_file:
         task = find_face_landmarker(models_dir)
-    config = TrackerConfig(n_shape=args.n_shape, n_exp=args.n_exp, fov_deg=args.fov, fit_fov=args.fov is None, device=_device(args.device))
-    smoothing = _smoothing_config(args)
-    options = TrackOptions(config, save_vertices=args.save_vertices, smoothing=smoothing, overwrite=args.overwrite)
+    options = TrackOptions(config.tracker, args.save_vertices, active_smoothing(config.smoothing), overwrite=args.overwrite)
     try:
         result = track_input(args.input, args.out, head, task, options)
     except KeyboardInterrupt:
@@ -270,11 +279,7 @@ def _run_track(args: argparse.Namespace) -> int:
         from offline.refine_job import refine_video
 
         out = args.out / PHOTOMETRIC_DIR
-        from dataclasses import replace
-
-        # The refinement is smoothed as the tracking it starts from is (--smoothing).
-        refine_options = replace(_refine_options(args), smoothing=smoothing)
-        refined = refine_video(args.input, result.tracker, result.results, result.sequence.mp478, out, refine_options)
+        refined = refine_video(args.input, result.tracker, result.results, result.sequence.mp478, out, _refine_options(config))
         print(f"photometric refinement: {refined['seconds_per_frame']:.2f} s per frame -> {out}")
         if args.render:
             _render_next_to(out, args.input, head, single_image=len(result.results) == 1)
@@ -294,15 +299,6 @@ def _render_next_to(result_dir: Path, source: str | Path, head, single_image: bo
     print(render_beside(result_dir, source, head, single_image).describe())
 
 
-def _device(requested: str) -> str:
-    """Resolve --device (already checked while parsing): 'auto' is CUDA when PyTorch sees a GPU, else the CPU."""
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
-
-
 def _add_refine(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     refine = subparsers.add_parser(
         "refine",
@@ -316,6 +312,7 @@ def _add_refine(subparsers: argparse._SubParsersAction, common: argparse.Argumen
     refine.add_argument("--out", type=output_dir, default=None, metavar="DIR", help="output folder (default SESSION_DIR/refined)")
     refine.add_argument("--render", action="store_true", help="also draw the refined, textured fit over the video: DIR/overlay.mp4")
     _add_photometric_options(refine)
+    _add_config_option(refine)
     refine.set_defaults(handler=_run_refine)
 
 
@@ -323,35 +320,35 @@ def _add_photometric_options(parser: argparse.ArgumentParser) -> None:
     # Defaults live in engine.photometric.PhotometricConfig (not imported here: it loads torch).
     parser.add_argument("--size", type=int_between(32, 1024), default=None, help="photometric crop size in pixels (default 128)")
     parser.add_argument("--iterations", type=non_negative_int, default=None, help="L-BFGS iterations per window of frames (default 4)")
-    parser.add_argument("--window", type=positive_int, default=8, help="consecutive frames refined together (default 8)")
+    parser.add_argument("--window", type=positive_int, default=None, help="consecutive frames refined together (default 8)")
 
 
-def _refine_options(args: argparse.Namespace):
+def _refine_options(config):
+    """The [refine] table of a configuration, with ``smoothing.strength = 0`` meaning not smoothed."""
     from dataclasses import replace
 
-    from engine.photometric import PhotometricConfig
-    from offline.refine_job import RefineOptions
+    from command_configs import active_smoothing
 
-    config = PhotometricConfig()
-    config = replace(config, size=args.size if args.size is not None else config.size,
-                     frame_iterations=args.iterations if args.iterations is not None else config.frame_iterations)
-    return RefineOptions(config, window=args.window)
+    return replace(config.refine, smoothing=active_smoothing(config.refine.smoothing))
 
 
 def _run_refine(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from command_configs import command_config
     from engine.model_files import find_face_landmarker, resolve_models_dir
     from engine.model_selection import select_head_model
-    from engine.tracker import Tracker, TrackerConfig
+    from engine.tracker import Tracker
     from offline.refine_job import TEXTURE_COMPONENTS, refine_session
 
-    options = _refine_options(args)
+    config = command_config("refine", args)
+    options = _refine_options(config)
     models_dir = resolve_models_dir(args.models)
     head = select_head_model(args.flame, models_dir, n_tex=TEXTURE_COMPONENTS)
-    device = _device(args.device)
 
     def tracker_factory(image_size: tuple[int, int], n_shape: int, n_exp: int, known_fov_deg: float | None) -> Tracker:
-        config = TrackerConfig(n_shape=n_shape, n_exp=n_exp, fov_deg=known_fov_deg, fit_fov=known_fov_deg is None, device=device)
-        return Tracker(head, image_size, config)
+        recorded = replace(config.tracker, n_shape=n_shape, n_exp=n_exp, fov_deg=known_fov_deg, fit_fov=known_fov_deg is None)
+        return Tracker(head, image_size, recorded)
 
     def landmarker_task() -> Path | None:
         try:
@@ -397,17 +394,19 @@ def _add_batch(subparsers: argparse._SubParsersAction, common: argparse.Argument
     _add_tracking_options(batch)
     batch.add_argument("--overwrite", action="store_true", help="replace results of an input tracked with other options")
     _add_photometric_options(batch)
+    _add_config_option(batch)
     batch.set_defaults(handler=_run_batch)
 
 
 def _run_batch(args: argparse.Namespace) -> int:
     from functools import partial
 
+    from command_configs import active_smoothing, command_config
     from engine.model_files import find_face_landmarker, resolve_models_dir
     from engine.model_selection import select_head_model
-    from engine.tracker import TrackerConfig
     from offline import batch
 
+    config = command_config("batch", args)
     plan = batch.plan_batch(args.inputs, args.out.resolve(), *args.shard)
     models_dir = resolve_models_dir(args.models).resolve()
     select_head_model(args.flame, models_dir)  # a bad model fails here, before any work
@@ -415,10 +414,11 @@ def _run_batch(args: argparse.Namespace) -> int:
         models_dir=models_dir,
         landmarker_task=find_face_landmarker(models_dir).resolve() if any(not i.is_landmarks for i in plan.mine) else None,
         flame=str(Path(args.flame).resolve()) if args.flame not in (None, "demo") else args.flame,
-        tracker=TrackerConfig(n_shape=args.n_shape, n_exp=args.n_exp, fov_deg=args.fov, fit_fov=args.fov is None, device=_device(args.device)),
+        tracker=config.tracker,
+        smoothing=active_smoothing(config.smoothing),
         save_vertices=args.save_vertices,
         overwrite=args.overwrite,
-        refine=_refine_options(args) if args.refine else None,
+        refine=_refine_options(config) if args.refine else None,
         render=args.render,
         threads=args.threads,
     )
@@ -454,23 +454,33 @@ def _add_replay(subparsers: argparse._SubParsersAction, common: argparse.Argumen
     replay.add_argument("--wait", type=float_between(0.0, 600.0), default=3.0, metavar="S",
                         help="seconds to wait for a first ZeroMQ subscriber, so it misses nothing (default 3)")  # fmt: skip
     _add_publisher_options(replay)
+    _add_config_option(replay)
     replay.set_defaults(handler=_run_replay)
+
+
+def _publisher_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """--zmq, --no-zmq, --osc, --vmc and --livelink as configuration keys (None: not given)."""
+    from engine.config import NONE
+    from realtime.outputs import publisher_options
+
+    given = publisher_options(args.zmq, args.osc, args.vmc, args.livelink)
+    return {"publishers.zmq": NONE if args.no_zmq else given.zmq, "publishers.osc": given.osc,
+            "publishers.vmc": given.vmc, "publishers.livelink": given.livelink}  # fmt: skip
 
 
 def _run_replay(args: argparse.Namespace) -> int:
     import threading
 
-    from flame_client.messages import DEFAULT_ZMQ_ADDRESS
-    from realtime.outputs import publisher_options
+    from command_configs import command_config
+    from realtime.outputs import check_distinct_ports
     from realtime.replay import run_replay
     from realtime.shutdown import stop_on_signals
 
-    outputs = publisher_options(
-        None if args.no_zmq else args.zmq or DEFAULT_ZMQ_ADDRESS, args.osc, args.vmc, args.livelink
-    )
+    config = command_config("replay", args, _publisher_overrides(args))
+    check_distinct_ports(config.publishers)
     stop = threading.Event()
     with stop_on_signals(stop):
-        summary = run_replay(args.session, outputs, args.speed, stop, args.wait)
+        summary = run_replay(args.session, config.publishers, args.speed, stop, args.wait)
     print(summary.describe())
     return 0
 
@@ -489,26 +499,28 @@ def _add_render(subparsers: argparse._SubParsersAction, common: argparse.Argumen
     render.add_argument("result", type=Path, metavar="RESULT_DIR", help="a track / refine output folder or a recorded session")
     render.add_argument("--out", type=Path, required=True, metavar="FILE.mp4|FILE.png|DIR",
                         help="H.264 video at the input's frame rate, one PNG (one frame), or a folder of PNGs")  # fmt: skip
-    render.add_argument("--style", choices=("overlay", "side", "mesh"), default="overlay", help="what to draw (default overlay)")
-    render.add_argument("--landmarks", action="store_true", help="also draw observed (green) and fitted (magenta) landmarks")
+    render.add_argument("--style", choices=("overlay", "side", "mesh"), default=None, help="what to draw (default overlay)")
+    render.add_argument("--landmarks", action="store_true", default=None, help="also draw observed (green) and fitted (magenta) landmarks")
     render.add_argument("--frames", default=None, metavar="A:B", help="only input frames A..B-1 (A: or :B also work)")
     render.add_argument("--video", type=Path, default=None, metavar="PATH",
                         help="the input's video, image or image folder, when the result's own record of it is wrong or gone")  # fmt: skip
     render.add_argument("--appearance", type=Path, default=None, metavar="REFINE_DIR",
                         help="draw with this refinement's texture and lighting (compare a track fit with its refinement)")  # fmt: skip
-    render.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    render.add_argument("--overwrite", action="store_true", default=None, help="replace --out if it exists")
+    _add_config_option(render)
     render.set_defaults(handler=_run_render)
 
 
 def _run_render(args: argparse.Namespace) -> int:
-    from offline.render_job import RenderOptions, parse_frame_range, render_result
+    from command_configs import command_config
+    from engine.config import NONE
+    from offline.render_job import parse_frame_range, render_result
 
-    first, stop = parse_frame_range(args.frames) if args.frames else (0, None)
-    options = RenderOptions(
-        style=args.style, landmarks=args.landmarks, first_frame=first, stop_frame=stop, video=args.video,
-        overwrite=args.overwrite, flame=args.flame, models_dir=args.models, appearance=args.appearance,
-    )  # fmt: skip
-    print(render_result(args.result, args.out, options).describe())
+    first, stop = parse_frame_range(args.frames) if args.frames else (None, None)
+    given = {"first_frame": first, "stop_frame": NONE if args.frames and stop is None else stop, "video": args.video,
+             "overwrite": args.overwrite, "flame": args.flame, "models_dir": args.models, "appearance": args.appearance}  # fmt: skip
+    config = command_config("render", args, {f"render.{key}": value for key, value in given.items()})
+    print(render_result(args.result, args.out, config.render).describe())
     return 0
 
 
@@ -545,24 +557,30 @@ def _add_bench(subparsers: argparse._SubParsersAction, common: argparse.Argument
     bench.add_argument("--soak", type=positive_float, default=None, metavar="SECONDS",
                        help="instead, run the live loop on --live VIDEO (repeated) for SECONDS with a subscriber, "
                        "and report delivery and memory growth (a stability check; 3600 for an hour)")  # fmt: skip
+    _add_config_option(bench)
     bench.set_defaults(handler=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import replace
+
     import numpy as np
     import torch
 
+    from command_configs import command_config
     from engine.benchmark import bench_flame_layer, bench_solve_against_mediapipe, bench_threads, bench_tracking
+    from engine.config import to_tree
     from engine.errors import UserError
     from engine.model_files import find_face_landmarker, resolve_models_dir
     from engine.model_selection import select_head_model
     from engine.synthetic import SyntheticMotion, synthetic_sequence
-    from engine.tracker import Tracker, TrackerConfig
+    from engine.tracker import Tracker
 
     def status(stage: str) -> None:
         print(f"bench: {stage} ...", file=sys.stderr, flush=True)
 
+    config = command_config("bench", args)
     if args.refine and not args.accuracy:
         raise UserError("--refine compares accuracy: run 'bench --accuracy --refine VIDEO'")
     models_dir = resolve_models_dir(args.models)
@@ -572,7 +590,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         if args.live is None:
             raise UserError("--soak needs a video to repeat: add --live VIDEO")
         status(f"soak: the live loop on {args.live} for {args.soak:g} s")
-        soak = run_soak(args.live, args.soak, flame=args.flame or "demo", models_dir=models_dir, device=_device(args.device))
+        soak = run_soak(args.live, args.soak, flame=args.flame or "demo", models_dir=models_dir, device=config.tracker.device)
         _print_report({"soak": soak})
         if args.json:
             args.json.write_text(json.dumps({"soak": soak}, indent=2) + "\n")
@@ -591,19 +609,19 @@ def _run_bench(args: argparse.Namespace) -> int:
         report["mediapipe_clip"] = {"frames": len(mediapipe_ms), "median_ms": float(np.median(mediapipe_ms))}
 
     for torch_device in devices:
-        config = TrackerConfig(device=torch_device)
+        tracker_config = replace(config.tracker, device=torch_device)
         status(f"FLAME layer on {torch_device}")
         section: dict[str, object] = {"flame_layer": bench_flame_layer(head, torch_device)}
         status(f"tracking {args.frames} synthetic frames on {torch_device}")
-        synthetic = synthetic_sequence(Tracker(head, (512, 512), config).rig.layer, SyntheticMotion(frames=args.frames))
-        section["tracking_synthetic"] = bench_tracking(head, synthetic.mp478, synthetic.lmk68, (512, 512), synthetic.fps, config)
+        synthetic = synthetic_sequence(Tracker(head, (512, 512), tracker_config).rig.layer, SyntheticMotion(frames=args.frames))
+        section["tracking_synthetic"] = bench_tracking(head, synthetic.mp478, synthetic.lmk68, (512, 512), synthetic.fps, tracker_config)
         if clip is not None:
             status(f"tracking the clip on {torch_device}")
-            section["tracking_clip"] = bench_tracking(head, clip.mp478, clip.lmk68, clip.image_size, clip.fps, config)
+            section["tracking_clip"] = bench_tracking(head, clip.mp478, clip.lmk68, clip.image_size, clip.fps, tracker_config)
             # Targets: numpy_over_mediapipe <= 0.1 with a FLAME-sized model, <= 0.05 with the demo head.
             status(f"per-frame solve (NumPy and PyTorch) against MediaPipe on the clip, on {torch_device}")
             section["solve_against_mediapipe"] = bench_solve_against_mediapipe(
-                head, str(args.clip), find_face_landmarker(models_dir), clip.mp478, clip.image_size, clip.fps, config, args.frames
+                head, str(args.clip), find_face_landmarker(models_dir), clip.mp478, clip.image_size, clip.fps, tracker_config, args.frames
             )
         if args.photometric:
             from engine.photometric import bench_photometric
@@ -620,17 +638,20 @@ def _run_bench(args: argparse.Namespace) -> int:
         from engine.filters import OneEuroConfig
 
         status("accuracy")
-        accuracy: dict[str, object] = {"synthetic": synthetic_accuracy(head, SyntheticMotion(frames=args.frames), TrackerConfig())}
+        measured = replace(config.tracker, device="cpu")  # accuracy figures are the CPU's, whatever else runs
+        accuracy: dict[str, object] = {"synthetic": synthetic_accuracy(head, SyntheticMotion(frames=args.frames), measured)}
         if clip is not None:
-            accuracy["clip"] = clip_accuracy(head, clip.mp478, clip.image_size, clip.fps, TrackerConfig())
-            accuracy["clip_one_euro"] = clip_accuracy(head, clip.mp478, clip.image_size, clip.fps, TrackerConfig(output_filter=OneEuroConfig()))
+            accuracy["clip"] = clip_accuracy(head, clip.mp478, clip.image_size, clip.fps, measured)
+            accuracy["clip_one_euro"] = clip_accuracy(
+                head, clip.mp478, clip.image_size, clip.fps, replace(measured, output_filter=measured.output_filter or OneEuroConfig())
+            )
         if args.refine:
             from offline.refine_accuracy import compare_refine_with_track
 
             status("refinement against tracking")
             accuracy["refine_vs_track"] = compare_refine_with_track(
                 head, str(args.refine), find_face_landmarker(models_dir), args.frames, device=devices[-1])
-        accuracy["offline_smoothing"] = _bench_smoothing(head, args, models_dir, status)
+        accuracy["offline_smoothing"] = _bench_smoothing(head, args, models_dir, status, measured, config.smoothing)
         report["accuracy"] = accuracy
     if args.live:
         from realtime.bench import mediapipe_alone_benchmark, run_live_benchmark, run_memory_check
@@ -673,7 +694,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             }
         status(f"memory: the live loop flat out on the repeated clip for {args.memory_frames} frames")
         report["live_memory"] = run_memory_check(
-            str(args.live), args.memory_frames, flame=args.flame or "demo", models_dir=models_dir, device=_device(args.device)
+            str(args.live), args.memory_frames, flame=args.flame or "demo", models_dir=models_dir, device=config.tracker.device
         )
     if args.track:
         from offline.track_bench import bench_track
@@ -681,34 +702,21 @@ def _run_bench(args: argparse.Namespace) -> int:
         status(f"offline track of {args.track} against MediaPipe alone")
         report["track"] = bench_track(args.track, head, find_face_landmarker(models_dir))
     _print_report(report)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:  # with the configuration measured, which 'bench --config FILE.json' reads back
+        args.json.write_text(json.dumps({**report, "config": to_tree(config)}, indent=2) + "\n")
     return 0
 
 
-def _smoothing_config(args: argparse.Namespace) -> SmoothingConfig | None:
-    """``track``'s smoothing from --smoothing and --pose-smoothing (None: --smoothing 0, the per-frame fits)."""
-    from engine.smoothing import SmoothingConfig
-
-    if args.smoothing == 0:
-        return None
-    chosen = {"strength": args.smoothing, "pose_strength": args.pose_smoothing}
-    return SmoothingConfig(**{name: value for name, value in chosen.items() if value is not None})
-
-
-def _bench_smoothing(head, args: argparse.Namespace, models_dir: Path, status) -> dict[str, object]:
+def _bench_smoothing(head, args: argparse.Namespace, models_dir: Path, status, tracker_config, smoothing) -> dict[str, object]:
     """Offline tracking before and after smoothing: a synthetic sequence, and every video in --clips."""
     from engine.evaluation import clip_smoothing_accuracy, synthetic_smoothing_accuracy
     from engine.model_files import find_face_landmarker
-    from engine.smoothing import SmoothingConfig
     from engine.synthetic import SyntheticMotion
-    from engine.tracker import TrackerConfig
     from offline.track_job import detect_landmarks
 
-    smoothing = SmoothingConfig()
     status("offline smoothing on a synthetic sequence")
     report: dict[str, object] = {"settings": smoothing.describe()}
-    report["synthetic"] = synthetic_smoothing_accuracy(head, SyntheticMotion(frames=args.frames), TrackerConfig(), smoothing)
+    report["synthetic"] = synthetic_smoothing_accuracy(head, SyntheticMotion(frames=args.frames), tracker_config, smoothing)
     folder = args.clips if args.clips is not None else DEFAULT_CLIPS if DEFAULT_CLIPS.is_dir() else None
     if folder is None:
         return report
@@ -719,7 +727,7 @@ def _bench_smoothing(head, args: argparse.Namespace, models_dir: Path, status) -
         if sequence.observed_frames < 4:
             report[path.name] = "fewer than 4 frames with a face"
             continue
-        report[path.name] = clip_smoothing_accuracy(head, sequence, TrackerConfig(), smoothing)
+        report[path.name] = clip_smoothing_accuracy(head, sequence, tracker_config, smoothing)
     return report
 
 
@@ -854,6 +862,33 @@ def _run_blender_addon(args: argparse.Namespace) -> int:
 
     count = build_addon_zip(args.out)
     print(f"wrote {args.out} ({count} files): install it in Blender with Edit > Preferences > Add-ons > Install from Disk")
+    return 0
+
+
+def _add_config(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    config = subparsers.add_parser(
+        "config",
+        help="print a command's configuration as TOML: its defaults, or a file checked and resolved",
+        description="Print every configuration key COMMAND reads, as a TOML file to start from "
+        "('run_stream.py config track > my.toml', edit, then 'run_stream.py track ... --config my.toml'). "
+        "With --config FILE, FILE is checked and printed resolved over the defaults, as COMMAND would use it.",
+    )
+    config.add_argument("for_command", choices=CONFIGURED_COMMANDS, metavar="COMMAND", help=", ".join(CONFIGURED_COMMANDS))
+    config.add_argument("--config", type=existing_file, default=None, metavar="FILE", help="a configuration file or a result's meta.json")
+    config.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    config.set_defaults(handler=_run_config, threads=1)
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    from command_configs import COMMAND_CONFIGS
+    from engine.config import dump_toml, resolve
+
+    resolved = resolve(COMMAND_CONFIGS[args.for_command](), args.config)
+    origin = f"{args.config} resolved over the defaults" if args.config else "the defaults"
+    header = (f"flame-live {args.for_command} configuration: {origin}.\n"
+              f"Use: run_stream.py {args.for_command} ... --config FILE (options given there override the file).\n"
+              'Optional values are "none" when unset. Remove keys to keep their defaults.')  # fmt: skip
+    sys.stdout.write(dump_toml(resolved, header))
     return 0
 
 

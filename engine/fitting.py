@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
 import torch
 
-from engine.camera import focal_from_fov, project, project_with_jacobian
+from engine.camera import FOV_RANGE_DEG, focal_from_fov, project, project_with_jacobian
+from engine.config import Range
 from engine.flame import rodrigues, rotation_log
 from engine.frames import FrameParams
 from engine.head_model import JAW, LEFT_EYE, NECK, RIGHT_EYE, ROOT, has_eyes
@@ -44,7 +46,7 @@ class Priors:
     neck: float = 50.0
     eyes: float = 2.0
     eye_coupling: float = 50.0  # the two eyes look the same way
-    fov_deg: float = 50.0
+    fov_deg: Annotated[float, Range(*FOV_RANGE_DEG)] = 50.0
     fov: float = 2.0  # on log(focal)
 
 

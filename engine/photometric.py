@@ -34,12 +34,14 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import cv2
 import numpy as np
 import torch
 
 from engine.camera import FLIP, Camera
+from engine.config import Range
 from engine.evaluation import OUTER_EYE_CORNERS
 from engine.fitting import fitted_joints
 from engine.flame import rodrigues
@@ -76,7 +78,7 @@ class PhotometricWeights:
 
 @dataclass
 class PhotometricConfig:
-    size: int = 128
+    size: Annotated[int, Range(32, 1024)] = 128
     """Side of the square crop around the face, in pixels, that is rendered and compared."""
     crop_scale: float = 1.5
     """Crop side as a multiple of the landmarks' bounding box."""

@@ -39,9 +39,12 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
+from typing import Annotated
 
 import numpy as np
 from scipy.linalg import solveh_banded
+
+from engine.config import Range
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +76,12 @@ class SmoothingConfig:
     smoothing raise the landmark error, as a fraction of the per-frame fits' own.
     """
 
-    strength: float = 3.0
-    pose_strength: float = 40.0
+    strength: Annotated[float, Range(0, 1000)] = 3.0
+    pose_strength: Annotated[float, Range(0, 10000)] = 40.0
     robust: float = 2.0
-    order: int = 2
-    iterations: int = 6
-    reference_fps: float = 25.0
+    order: Annotated[int, Range(1, 3)] = 2
+    iterations: Annotated[int, Range(1)] = 6
+    reference_fps: Annotated[float, Range(1)] = 25.0
     max_error_rise: float = 0.05
 
     def strength_at(self, fps: float, pose: bool = False) -> float:

@@ -23,13 +23,14 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import cv2
 import numpy as np
 import torch
 
-from engine.camera import FLIP, Camera, fov_from_focal
+from engine.camera import FLIP, FOV_RANGE_DEG, Camera, fov_from_focal
+from engine.config import Range
 from engine.errors import UserError
 from engine.filters import OneEuroConfig, OneEuroFilter
 from engine.fitting import Calibration, FitConfig, FrameFitter, Targets, calibrate
@@ -48,18 +49,18 @@ _FLIP = np.array(FLIP)
 
 @dataclass
 class TrackerConfig:
-    n_shape: int = 100
-    n_exp: int = 50
+    n_shape: Annotated[int, Range(1)] = 100
+    n_exp: Annotated[int, Range(1)] = 50
     #: Vertical field of view in degrees that tracking starts with: the known one when ``fit_fov`` is False, else
     #: the first guess that calibration replaces; None: the webcam default (``fit.priors.fov_deg``).
-    fov_deg: float | None = None
+    fov_deg: Annotated[float, Range(*FOV_RANGE_DEG)] | None = None
     #: Estimate the field of view during calibration; False keeps ``fov_deg`` as given (``--fov``).
     fit_fov: bool = True
     #: An estimated FOV is kept only when the frames determined log(focal) this well (standard deviation; 0.1
     #: is about +-10 % in focal length); otherwise ``fov_deg`` (by default the webcam default) is used.
     fov_max_log_std: float = 0.05
     fit: FitConfig = field(default_factory=FitConfig)
-    calibration_frames: int = 8
+    calibration_frames: Annotated[int, Range(1)] = 8
     #: Live: how long to gather candidate frames before calibrating.
     calibration_seconds: float = 2.0
     candidate_pool: int = 64
@@ -68,7 +69,7 @@ class TrackerConfig:
     #: A fit whose weighted RMS landmark error exceeds this fraction of the face size counts as lost.
     loss_threshold: float = 0.06
     #: At least this fraction of the landmarks must be observed (finite) for a frame to be fitted.
-    min_observed_fraction: float = 0.5
+    min_observed_fraction: Annotated[float, Range(0, 1)] = 0.5
     #: Observed landmarks spanning less than this (bounding-box diagonal, pixels) are not a trackable face.
     min_face_px: float = 8.0
     #: Landmarks whose spread across their main direction is below this fraction of the spread along it

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +38,9 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from engine.atomic import write_json_atomic
+from engine.config import to_tree
 from engine.errors import UserError
+from engine.smoothing import SmoothingConfig
 from engine.tracker import TrackerConfig
 from offline import track_job
 from realtime.session import SESSION_FILE, VIDEO_FILE
@@ -83,6 +85,7 @@ class JobOptions:
     landmarker_task: Path | None
     flame: str | None  # a FLAME folder, "demo", or None for the models folder's choice
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    smoothing: SmoothingConfig | None = field(default_factory=SmoothingConfig)  # None: the per-frame fits
     save_vertices: bool = False
     overwrite: bool = False  # replace results of an input tracked with other options (track --overwrite)
     refine: RefineOptions | None = None  # None: no photometric refinement
@@ -90,17 +93,12 @@ class JobOptions:
     threads: int = 1  # PyTorch threads per input
 
     def fingerprint(self) -> dict[str, object]:
-        return _plain(
-            {
-                "flame": self.flame,
-                "n_shape": self.tracker.n_shape,
-                "n_exp": self.tracker.n_exp,
-                "fov_deg": self.tracker.fov_deg,
-                "save_vertices": self.save_vertices,
-                "refine": None if self.refine is None else asdict(self.refine),
-                "render": self.render,
-            }
-        )
+        return _plain({"flame": self.flame, **self.config_tree(), "save_vertices": self.save_vertices, "render": self.render})
+
+    def config_tree(self) -> dict[str, object]:
+        """How each input is made, as ``batch --config`` (and ``track --config``) read it."""
+        tree = track_job.tracking_config_tree(track_job.TrackOptions(self.tracker, smoothing=self.smoothing))
+        return tree if self.refine is None else {**tree, "refine": to_tree(self.refine)}
 
 
 @dataclass
@@ -314,7 +312,9 @@ def _track_and_refine(item: BatchInput, out_dir: Path, options: JobOptions) -> t
 
         open_source(str(source), realtime=False).stop()
     head = select_head_model(options.flame, options.models_dir, n_tex=TEXTURE_COMPONENTS if options.refine else 0)
-    track_options = track_job.TrackOptions(options.tracker, save_vertices=options.save_vertices, overwrite=options.overwrite, progress=False)
+    track_options = track_job.TrackOptions(
+        options.tracker, options.save_vertices, options.smoothing, overwrite=options.overwrite, progress=False
+    )
     tracked = track_job.track_input(source, out_dir, head, None if item.is_landmarks else options.landmarker_task, track_options)
     if options.refine is not None:
         from offline.refine_job import refine_session, refine_video
@@ -322,8 +322,7 @@ def _track_and_refine(item: BatchInput, out_dir: Path, options: JobOptions) -> t
         if item.is_session:
 
             def tracker_factory(image_size: tuple[int, int], n_shape: int, n_exp: int, known_fov_deg: float | None) -> Tracker:
-                config = TrackerConfig(n_shape=n_shape, n_exp=n_exp, fov_deg=known_fov_deg, fit_fov=known_fov_deg is None,
-                                       device=options.tracker.device)
+                config = replace(options.tracker, n_shape=n_shape, n_exp=n_exp, fov_deg=known_fov_deg, fit_fov=known_fov_deg is None)
                 return Tracker(head, image_size, config)
 
             refine_session(item.source, tracker_factory, out_dir / track_job.PHOTOMETRIC_DIR, options.landmarker_task, options.refine, progress=False)
@@ -547,6 +546,7 @@ def write_summary(plan: BatchPlan, options: JobOptions, fresh: dict[str, InputRe
         "format_version": SUMMARY_FORMAT_VERSION,
         "root": str(plan.root),
         "options": options.fingerprint(),
+        "config": options.config_tree(),
         "counts": {status: sum(line.status == status for line in lines) for status in ("done", "skipped", "failed", "pending")},
         "frames": frames,
         "inputs": [{key: value for key, value in asdict(line).items() if key != "options"} for line in lines],

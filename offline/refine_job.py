@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Annotated
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from engine.atomic import write_json_atomic, write_npz_atomic, write_png_atomic
+from engine.config import Range, to_tree
 from engine.errors import UserError
 from engine.evaluation import landmark_errors
 from engine.frames import FrameParams, FrameState, stack_reference, unstack_reference
@@ -61,8 +63,8 @@ FrameInput = tuple[np.ndarray, np.ndarray | None]
 @dataclass
 class RefineOptions:
     photometric: PhotometricConfig = field(default_factory=PhotometricConfig)
-    keyframes: int = 8
-    window: int = 8
+    keyframes: Annotated[int, Range(1)] = 8
+    window: Annotated[int, Range(1)] = 8
     #: A window is rejected when its mean landmark error rises more than this above the landmark fit's
     #: (fraction of the inter-ocular distance), or any of its frames rises more than ``frame_margin``.
     landmark_margin: float = 0.001
@@ -351,6 +353,8 @@ class SequenceRefiner:
             "rejected_windows": [list(pair) for pair in self.rejected_windows],
             "landmark_margin_iod": self.options.landmark_margin,
             "smoothing": None if self.options.smoothing is None else self.options.smoothing.describe(),
+            # How it was made, as `refine --config` (and `track --config`) read it.
+            "config": {"tracker": to_tree(self.tracker.config), "refine": to_tree(self.options)},
             "kept_landmark_fit_after_smoothing": self.kept_after_smoothing,
             "light": "9 SH coefficients per RGB channel, DECA's basis order and constants (engine.render)",
             "timings": self.timings,

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import av
 import cv2
@@ -73,7 +73,7 @@ _DEFAULT_CRF = 18
 
 @dataclass(frozen=True)
 class RenderOptions:
-    style: str = "overlay"
+    style: Literal["overlay", "side", "mesh"] = "overlay"
     landmarks: bool = False
     """Also draw the observed (green) and fitted (magenta) landmarks."""
     first_frame: int = 0

@@ -46,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 from engine.atomic import write_json_atomic, write_npz_atomic
+from engine.config import to_tree
 from engine.errors import UserError
 from engine.evaluation import reference_landmarks
 from engine.export import posed_vertices
@@ -68,7 +69,7 @@ META_FILE = "meta.json"
 PHOTOMETRIC_DIR = "photometric"
 #: What ``track --render`` writes beside the results (offline.render_job): a video, or a picture for one image.
 OVERLAY_VIDEO, OVERLAY_IMAGE = "overlay.mp4", "overlay.png"
-JOB_FORMAT_VERSION = 1
+JOB_FORMAT_VERSION = 2
 _FRAME_FILE = re.compile(r"\d{6}\.npz")
 _OUR_FILES = {JOB_FILE, LANDMARKS_FILE, CALIBRATION_FILE, UNSMOOTHED_FILE, STACK_FILE, META_FILE, PHOTOMETRIC_DIR, OVERLAY_VIDEO, OVERLAY_IMAGE}
 
@@ -396,7 +397,7 @@ def track_input(
                 "tracked %d frames at %.1f fps (MediaPipe alone: %.1f fps)",
                 sequence.n_frames, timings["frames_per_second"], timings["mediapipe_alone_fps"],
             )
-        _write_summary(out_dir, tracker, results, sequence, timings, smoothing)
+        _write_summary(out_dir, tracker, results, sequence, timings, smoothing, tracking_config_tree(options))
     return TrackResult(out_dir, tracker, sequence, results, timings, resumed)
 
 
@@ -408,12 +409,16 @@ def describe_job(source: str, head: HeadModel, options: TrackOptions) -> dict[st
         "source": source if "://" in source else str(Path(source).resolve()),
         "input": _fingerprint(source),
         "model_checksum": head.checksum,
-        "n_shape": options.tracker.n_shape,
-        "n_exp": options.tracker.n_exp,
-        "fov_deg": options.tracker.fov_deg,
+        "tracker": to_tree(options.tracker),
         "save_vertices": options.save_vertices,
         "smoothing": None if options.smoothing is None else options.smoothing.describe(),
     }
+
+
+def tracking_config_tree(options: TrackOptions) -> dict[str, object]:
+    """How a result was made, as ``track --config`` reads it (``meta.json``'s ``"config"``): the ``[tracker]`` and
+    ``[smoothing]`` tables of ``options`` (``strength = 0``: not smoothed)."""
+    return {"tracker": to_tree(options.tracker), "smoothing": to_tree(options.smoothing or SmoothingConfig(strength=0.0))}
 
 
 def _fingerprint(source: str) -> dict[str, int]:
@@ -605,8 +610,9 @@ def _load_frame(path: Path) -> dict[str, np.ndarray]:
 
 def _write_summary(
     out_dir: Path, tracker: Tracker, results: list[dict[str, np.ndarray]], sequence: LandmarkSequence,
-    timings: dict[str, float], smoothing: SmoothingConfig | None,
+    timings: dict[str, float], smoothing: SmoothingConfig | None, config: dict[str, object],
 ) -> None:
+    """``tracking.npz`` and, last, ``meta.json``: ``smoothing`` as used, ``config`` as asked for (``--config``)."""
     write_npz_atomic(out_dir / STACK_FILE, stack_reference(results))
     meta = {
         "format": "flame-live tracking",
@@ -622,6 +628,7 @@ def _write_summary(
         "n_shape": tracker.rig.layer.n_shape,
         "n_exp": tracker.rig.layer.n_exp,
         "smoothing": None if smoothing is None else smoothing.describe(),
+        "config": config,
         "conventions": "head_pose is zero; cam = (yaw, pitch, roll, x, y, z), world-to-view, radians, "
         "R = Rz(roll) Ry(yaw) Rx(pitch), OpenGL view (y up, -z forward); vertices in OpenCV camera space",
         "timings": timings,

@@ -30,10 +30,10 @@ from engine.model_files import find_face_landmarker, resolve_models_dir
 from flame_client import Subscriber
 from flame_client.messages import TOPIC_FRAME
 from realtime.detection import resized
-from realtime.live import LiveOptions, run_live
+from realtime.live import LiveOptions, live_tracker_config, run_live
 from realtime.outputs import PublisherOptions
 from realtime.pipeline import LiveConfig
-from realtime.sources import iter_frames
+from realtime.sources import SourceOptions, iter_frames
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def run_live_benchmark(
         realtime=realtime,
         flame=flame,
         models_dir=models_dir,
-        device=device,
+        tracker=live_tracker_config(device),
         publishers=PublisherOptions(zmq="tcp://127.0.0.1:*"),
         loop=LiveConfig(max_frames=max_frames, frame_size=frame_size, show_status=False, preview=preview),
     )
@@ -202,7 +202,8 @@ def _run_repeated(
     ``frames`` frames as fast as possible; frames resized to ``frame_size`` (None: the video's own size)."""
     address = f"tcp://127.0.0.1:{_free_port()}"
     options = LiveOptions(
-        source=str(video), realtime=frames is None, flame=flame, models_dir=models_dir, device=device, repeat=True,
+        source=str(video), realtime=frames is None, flame=flame, models_dir=models_dir, tracker=live_tracker_config(device),
+        source_options=SourceOptions(repeat=True),
         subscriber_wait_s=10.0,
         publishers=PublisherOptions(zmq=address), loop=LiveConfig(show_status=False, max_frames=frames, frame_size=frame_size),
     )  # fmt: skip

@@ -12,7 +12,9 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from engine.config import to_tree
 from engine.filters import OneEuroConfig
 from engine.landmarks import LandmarkerConfig
 from engine.model_files import find_face_landmarker, resolve_models_dir
@@ -23,7 +25,7 @@ from realtime.detection_process import DetectionProcess
 from realtime.outputs import PublisherOptions, close_all, open_publishers, wait_for_subscribers
 from realtime.pipeline import LiveConfig, LivePipeline
 from realtime.preview import PreviewWindow, display_available
-from realtime.recorder import SessionRecorder
+from realtime.recorder import RecorderOptions, SessionRecorder
 from realtime.session_metadata import session_metadata
 from realtime.sources import SourceOptions, open_source
 
@@ -40,21 +42,28 @@ class LiveOptions:
     flame: str | None = None
     """A FLAME folder, "demo", or None for FLAME when the models folder has it, else the demo head."""
     models_dir: Path | None = None
-    device: str = "cpu"
-    fov_deg: float | None = None
-    """Known vertical field of view; None estimates it during calibration."""
+    tracker: TrackerConfig = field(default_factory=lambda: live_tracker_config("cpu"))
     publishers: PublisherOptions = field(default_factory=PublisherOptions)
     record_dir: Path | None = None
     overwrite: bool = False
-    open_timeout_s: float = 5.0
-    reconnect_attempts: int = SourceOptions.reconnect_attempts
-    """How often a stream that dropped is reopened before the run ends with a failure status."""
-    repeat: bool = False
-    """Play a video file again whenever it ends (soak runs); stop with `max_frames` or the stop event."""
+    recorder: RecorderOptions = field(default_factory=RecorderOptions)
+    """How ``record_dir`` is written."""
+    source_options: SourceOptions = field(default_factory=SourceOptions)
+    """How the source opens and recovers; ``repeat`` plays a video file again whenever it ends (soak runs)."""
     subscriber_wait_s: float = 0.0
     """Before the first frame, wait up to this long for a first ZeroMQ subscriber (a soak that counts every
     frame); 0 starts at once, as a camera should."""
     loop: LiveConfig = field(default_factory=LiveConfig)
+
+    def config_tree(self) -> dict[str, Any]:
+        """How the run tracks, as ``live --config`` reads it (``session.json``'s ``"config"``)."""
+        return {"tracker": to_tree(self.tracker), "live": to_tree(self.loop), "source": to_tree(self.source_options),
+                "publishers": to_tree(self.publishers), "recorder": to_tree(self.recorder)}  # fmt: skip
+
+
+def live_tracker_config(device: str) -> TrackerConfig:
+    """Live tracking's defaults: the One Euro output filter, calibration in the background."""
+    return TrackerConfig(output_filter=OneEuroConfig(), device=device, calibrate_in_background=True)
 
 
 def run_live(options: LiveOptions, stop: threading.Event | None = None, recalibrate: threading.Event | None = None) -> LiveSummary:
@@ -69,13 +78,7 @@ def run_live(options: LiveOptions, stop: threading.Event | None = None, recalibr
     recalibrate = recalibrate or threading.Event()
     with contextlib.ExitStack() as stack:
         show_preview = options.loop.preview and display_available()
-        source = open_source(
-            options.source,
-            options.realtime,
-            SourceOptions(
-                open_timeout_s=options.open_timeout_s, reconnect_attempts=options.reconnect_attempts, repeat=options.repeat
-            ),
-        )
+        source = open_source(options.source, options.realtime, options.source_options)
         stack.callback(source.stop)
         publishers = open_publishers(options.publishers)
         stack.callback(close_all, publishers)
@@ -84,17 +87,13 @@ def run_live(options: LiveOptions, stop: threading.Event | None = None, recalibr
         head = select_head_model(options.flame, models_dir)
         width, height = options.loop.frame_size or source.size
         detector = stack.enter_context(DetectionProcess(LandmarkerConfig(find_face_landmarker(models_dir)), (height, width)))
-        tracker_config = TrackerConfig(
-            fov_deg=options.fov_deg, fit_fov=options.fov_deg is None, output_filter=OneEuroConfig(), device=options.device, calibrate_in_background=True
-        )
-        tracker = Tracker(head, (height, width), tracker_config)
-        log.info("tracking %s (%dx%d) with the %s on %s", source.description, width, height, head.name, options.device)
+        tracker = Tracker(head, (height, width), options.tracker)
+        log.info("tracking %s (%dx%d) with the %s on %s", source.description, width, height, head.name, options.tracker.device)
 
         recorder = None
         if options.record_dir is not None:
-            metadata = session_metadata(source, head, tracker, options.device, fov_fixed=options.fov_deg is not None,
-                                        landmarks_in_messages=options.loop.include_landmarks)
-            recorder = SessionRecorder(options.record_dir, source.fps, (width, height), metadata, overwrite=options.overwrite)
+            metadata = session_metadata(source, head, tracker, options.config_tree(), landmarks_in_messages=options.loop.include_landmarks)
+            recorder = SessionRecorder(options.record_dir, source.fps, (width, height), metadata, overwrite=options.overwrite, options=options.recorder)
             stack.enter_context(recorder)
         preview = None
         if show_preview:

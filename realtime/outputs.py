@@ -8,7 +8,7 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.errors import UserError
 from flame_client.messages import DEFAULT_ZMQ_ADDRESS
@@ -19,6 +19,7 @@ from realtime.publishers import (
     LiveLinkPublisher,
     OscPublisher,
     Publisher,
+    VmcOptions,
     VmcPublisher,
     ZmqPublisher,
 )
@@ -37,6 +38,8 @@ class PublisherOptions:
     osc: tuple[str, int] | None = None
     vmc: tuple[str, int] | None = None
     livelink: tuple[str, int] | None = None
+    vmc_avatar: VmcOptions = field(default_factory=VmcOptions)
+    """How the fit drives a VMC avatar (with ``vmc``)."""
 
 
 def parse_host_port(text: str, default_port: int, option: str) -> tuple[str, int]:
@@ -59,13 +62,20 @@ def publisher_options(
 
     Two UDP outputs aimed at one receiver port would interleave two protocols there: that is refused.
     """
-    udp_outputs = {
-        "--osc": None if osc is None else parse_host_port(osc, DEFAULT_OSC_PORT, "--osc"),
-        "--vmc": None if vmc is None else parse_host_port(vmc, DEFAULT_VMC_PORT, "--vmc"),
-        "--livelink": None if livelink is None else parse_host_port(livelink, DEFAULT_LIVELINK_PORT, "--livelink"),
-    }
+    options = PublisherOptions(
+        zmq=zmq,
+        osc=None if osc is None else parse_host_port(osc, DEFAULT_OSC_PORT, "--osc"),
+        vmc=None if vmc is None else parse_host_port(vmc, DEFAULT_VMC_PORT, "--vmc"),
+        livelink=None if livelink is None else parse_host_port(livelink, DEFAULT_LIVELINK_PORT, "--livelink"),
+    )
+    check_distinct_ports(options)
+    return options
+
+
+def check_distinct_ports(options: PublisherOptions) -> None:
+    """Refuse two UDP outputs aimed at one receiver port (they would interleave two protocols there)."""
     claimed: dict[tuple[str, int], str] = {}
-    for option, target in udp_outputs.items():
+    for option, target in (("--osc", options.osc), ("--vmc", options.vmc), ("--livelink", options.livelink)):
         if target is None:
             continue
         if target in claimed:
@@ -74,9 +84,6 @@ def publisher_options(
                 f"give each output its own port, e.g. {option} {target[0]}:{target[1] + 1}"
             )
         claimed[target] = option
-    return PublisherOptions(
-        zmq=zmq, osc=udp_outputs["--osc"], vmc=udp_outputs["--vmc"], livelink=udp_outputs["--livelink"]
-    )
 
 
 def open_publishers(options: PublisherOptions) -> list[Publisher]:
@@ -88,7 +95,7 @@ def open_publishers(options: PublisherOptions) -> list[Publisher]:
         if options.osc is not None:
             publishers.append(opened.enter_context(OscPublisher(*options.osc)))
         if options.vmc is not None:
-            publishers.append(opened.enter_context(VmcPublisher(*options.vmc)))
+            publishers.append(opened.enter_context(VmcPublisher(*options.vmc, options.vmc_avatar)))
         if options.livelink is not None:
             publishers.append(opened.enter_context(LiveLinkPublisher(*options.livelink)))
         opened.pop_all()

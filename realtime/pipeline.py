@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,7 +46,7 @@ from realtime.outputs import dropped_messages
 from realtime.preview import PreviewFrame, PreviewWindow
 from realtime.publishers import Publisher
 from realtime.recorder import SessionRecorder
-from realtime.refiner import LiveRefiner, RefinedIdentityHandoff
+from realtime.refiner import LiveRefiner, RefinedIdentityHandoff, RefinerConfig
 from realtime.session_metadata import calibration_metadata
 from realtime.sources import Frame, FrameSource, SourceLostError
 
@@ -73,6 +73,8 @@ class LiveConfig:
     refine: bool = False
     """Refine identity, texture and light photometrically from keyframes on a background thread, once the
     tracker has calibrated; the loop adopts each result between frames. Implies keyframe selection."""
+    refiner: RefinerConfig = field(default_factory=RefinerConfig)
+    """How the background refiner fits (with ``refine``)."""
     preview: bool = False
     show_status: bool = True
     """A status line once a second (one updating line on a terminal, else a log line)."""
@@ -253,7 +255,7 @@ class LivePipeline:
         # The refiner starts from the landmark calibration's identity, so it waits for it.
         if self.config.refine and self.refiner is None and self.tracker.calibrated and self.keyframes is not None:
             self.refiner = LiveRefiner(self.tracker.rig.head, self.keyframes.queue, lambda: self.tracker.rig.shape,
-                                       self.refined_identity.receive).start()
+                                       self.refined_identity.receive, self.config.refiner).start()
 
     def _reached_max_frames(self) -> bool:
         return self.config.max_frames is not None and self.frames >= self.config.max_frames

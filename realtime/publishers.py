@@ -40,10 +40,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 import zmq
 
+from engine.config import ANY_NUMBER, Range
 from engine.errors import UserError
 from flame_client.messages import (
     BLENDSHAPE_NAMES,
@@ -394,11 +395,11 @@ class VmcOptions:
     #: Move like the user's mirror image (the VTuber convention); False makes a puppet that copies the user.
     mirror: bool = True
     #: Fraction of the head's rotation given to the Neck bone; the rest goes to the Head bone.
-    neck_share: float = 0.5
+    neck_share: Annotated[float, Range(0, 1)] = 0.5
     #: Local bone positions sent with the rotations (metres, Unity axes). VMC carries positions and EVMC4U
     #: applies them by default, so zeros would collapse the head onto the neck; these are typical VRoid values.
-    neck_position: tuple[float, float, float] = (0.0, 0.1, 0.0)
-    head_position: tuple[float, float, float] = (0.0, 0.08, 0.0)
+    neck_position: Annotated[tuple[float, float, float], ANY_NUMBER] = (0.0, 0.1, 0.0)
+    head_position: Annotated[tuple[float, float, float], ANY_NUMBER] = (0.0, 0.08, 0.0)
 
 
 class VmcPublisher(_UdpSender):

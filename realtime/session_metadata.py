@@ -25,16 +25,18 @@ def camera_metadata(tracker: Tracker) -> dict[str, Any]:
 
 
 def session_metadata(
-    source: FrameSource, head: HeadModel, tracker: Tracker, device: str, fov_fixed: bool, landmarks_in_messages: bool
+    source: FrameSource, head: HeadModel, tracker: Tracker, config: dict[str, Any], landmarks_in_messages: bool
 ) -> dict[str, Any]:
-    """The metadata a recording starts with; ``calibration`` stays None until :func:`calibration_metadata`."""
+    """The metadata a recording starts with; ``calibration`` stays None until :func:`calibration_metadata`.
+    ``config`` is the resolved configuration the run tracks with, as ``live --config`` reads it."""
     return {
         "source": source.description,
         "source_fps": source.fps,
         "model": head.describe(),
-        "tracker": {"n_shape": tracker.rig.layer.n_shape, "n_exp": tracker.rig.layer.n_exp, "device": device},
+        "tracker": {"n_shape": tracker.rig.layer.n_shape, "n_exp": tracker.rig.layer.n_exp, "device": tracker.config.device},
         "camera": camera_metadata(tracker),
-        "fov_fixed": fov_fixed,
+        "fov_fixed": not tracker.config.fit_fov,
+        "config": config,
         "calibration": None,
         "schema_version": SCHEMA_VERSION,
         "landmarks_in_messages": landmarks_in_messages,
