@@ -94,10 +94,10 @@ class SessionReader:
             raise UserError(f"session {self.directory} is incomplete: {MESSAGES_FILE} is missing")
         self.video_path = self.directory / VIDEO_FILE if self.info.get("video") else None
         self._video_frame_count: int | None = None
-        if self._has_video_frames and not self.video_path.is_file():
-            raise UserError(f"session {self.directory} is incomplete: {VIDEO_FILE} is missing")
         if not self.closed_cleanly:
             log.info("%s was not closed (the recorder was interrupted); reading what was saved", self.directory)
+        elif self._has_video_frames and not self.video_path.is_file():
+            raise UserError(f"session {self.directory} is incomplete: {VIDEO_FILE} is missing")
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -207,8 +207,10 @@ class SessionReader:
         """
         if self.video_path is None:
             raise UserError(f"session {self.directory} was recorded without video")
-        if not self._has_video_frames or self.video_path.stat().st_size == 0:
-            return  # no frame was recorded, or the recorder was interrupted before writing one
+        if not self._has_video_frames or not self.video_path.is_file() or self.video_path.stat().st_size == 0:
+            # No frame was recorded, or the recorder was interrupted before the encoder created its file (the
+            # first frame's time is saved first) or wrote a frame.
+            return
         t_origin = self.info["video"]["t_origin"]
         try:
             container = av.open(str(self.video_path))

@@ -163,6 +163,21 @@ def test_incomplete_or_corrupt_session_raises_a_user_error(tmp_path, damage, mes
     assert "\n" not in str(raised.value)
 
 
+def test_a_session_killed_before_its_video_file_existed_reads_as_holding_no_frame(tmp_path):
+    """kill -9 between saving the first frame's time and the encoder creating video.mkv: not damage, no frame."""
+    recorder = SessionRecorder(tmp_path, 25.0, (32, 24), {})
+    recorder.write(Frame(np.zeros((24, 32, 3), np.uint8), 0, time.time(), time.monotonic()), "params", {"frame": 0})
+    recorder.close()
+    info = json.loads((tmp_path / SESSION_FILE).read_text())
+    info["closed"] = False
+    (tmp_path / SESSION_FILE).write_text(json.dumps(info))
+    (tmp_path / VIDEO_FILE).unlink()
+    reader = SessionReader(tmp_path)
+    assert not reader.closed_cleanly and reader.info["video"]["t_origin"] is not None
+    assert reader.video_frame_count() == 0 and list(reader.video_frames()) == []
+    assert [m.message for m in reader.messages()] == [{"frame": 0}]
+
+
 def test_missing_folder_raises_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         SessionReader(tmp_path / "nothing")
