@@ -229,7 +229,9 @@ class CpuFrameFitter:
         self.corrected_index = np.arange(n_corrected)
         self.projection = np.zeros((total, 2, 3))
         self.jacobian = np.empty((total, 2, size))  # rows: landmark, then u and v
-        self.scaled = np.empty((2 * total, size))
+        self.scaled = np.empty((2 * total, size))  # sqrt(w) J, sqrt(w) e and the step: reused by every iteration
+        self.scaled_residuals = np.empty(2 * total)
+        self.step = np.empty(size)
         self.group_weights_source: torch.Tensor | None = None
         self.group_weights = np.empty(0)
         self._priors(config)
@@ -376,7 +378,7 @@ class CpuFrameFitter:
         current, spare = self.slots
         self._evaluate(state, frame, anchor, current)
         damping = config.initial_damping
-        scaled, residuals, step = self.scaled, np.empty(len(self.scaled)), np.empty(self.size)
+        scaled, residuals, step = self.scaled, self.scaled_residuals, self.step
         # Chord steps exactly as FrameFitter.fit: the Jacobian is kept while steps are accepted.
         jacobian, fresh = None, False
         used = 0
