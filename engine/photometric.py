@@ -373,6 +373,13 @@ class PhotometricFitter:
         with torch.no_grad():
             return self._photometric(self.render(frames, batch), batch)[1].cpu().double().numpy()
 
+    def error_map(self, frames: FrameState, batch: FrameBatch) -> np.ndarray:
+        """(B, S, S) absolute RGB error of each pixel (mean of the channels) inside the face mask, 0 outside:
+        the per-pixel terms :meth:`image_error` averages."""
+        with torch.no_grad():
+            difference = (self.render(frames, batch).image - batch.images).abs().mean(-1) * batch.face_mask
+        return difference.cpu().double().numpy()
+
     # ------------------------------------------------------------------------------------------------ losses
     def _photometric(self, rendered, batch: FrameBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean robust RGB error over the face mask, and the per-frame mean absolute error.

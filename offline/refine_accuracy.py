@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 
 from engine.camera import Camera
 from engine.evaluation import fit_scores
+from engine.face_regions import REGION_NAMES, region_masks
 from engine.frames import FrameState
 from engine.head_model import HeadModel
 from engine.photometric import PhotometricFitter
@@ -47,12 +49,14 @@ def compare_refine_with_track(
                                  "frame_iterations": options.photometric.frame_iterations, "window": options.window,
                                  "smoothing": None if options.smoothing is None else options.smoothing.describe()}
     image_errors = _image_errors(fitter, clip, sequence.mp478, [results, refined], options.window)
+    report["largest_image_gain_frames"] = largest_gains(*image_errors)
     # MediaPipe's video mode, which both fits start from, trails motion; each frame detected on its own does
     # not, so the distance to it also credits a fit for motion the video mode's landmarks lag behind.
     independent, _ = detect_landmarks(clip, landmarker_task, max_frames=frames, progress=progress, independent=True)
     for name, arrays, error in (("track", results, image_errors[0]), ("refine", refined, image_errors[1])):
         against_independent = score_frames(head, arrays, independent.mp478, sequence.image_size, device)
-        report[name] = {**score_frames(head, arrays, sequence.mp478, sequence.image_size, device), "image_error_in_face_mask": error,
+        report[name] = {**score_frames(head, arrays, sequence.mp478, sequence.image_size, device), "image_error_in_face_mask": error.mean_of_frames(),
+                        "image_error_by_region": error.by_region(),
                         "landmark_error_vs_single_image_detection_iod_percent": against_independent["landmark_error_iod_percent"]}
     report["track"]["seconds_per_frame"] = track_seconds / len(results)
     report["track"]["cpu_seconds_per_frame"] = track_cpu_seconds / len(results)
@@ -100,21 +104,27 @@ def _scores(rig: HeadRig, arrays: list[dict[str, np.ndarray]], mp478: np.ndarray
                       np.array([s is not None for s in states]), mp478)
 
 
-def _image_errors(fitter: PhotometricFitter, clip: str, mp478: np.ndarray, results: list[list[dict]], window: int) -> list[float]:
-    """Mean absolute RGB error inside the face mask of each result, all rendered with the fitter's appearance."""
+def _image_errors(fitter: PhotometricFitter, clip: str, mp478: np.ndarray, results: list[list[dict]], window: int) -> list[ImageErrors]:
+    """Each result's mean absolute RGB error inside the face mask, overall and by face region (the face mask
+    within :mod:`engine.face_regions`' mouth, eyes and cheeks), all rendered with the fitter's appearance."""
     from realtime.sources import iter_frames
 
     states = [_states(fitter.rig, arrays) for arrays in results]
-    sums = [0.0] * len(results)
-    count = 0
+    errors = [ImageErrors() for _ in results]
     images, indices = [], []
+    camera = fitter.rig.camera
 
     def flush() -> None:
-        nonlocal count
         batch = fitter.prepare(images, [mp478[i] for i in indices])
+        # The crops' own pixels of MediaPipe's points: prepare scales and shifts the image by K's change.
+        scale = batch.K[:, 0, 0].cpu().numpy() / camera.focal
+        shift = batch.K[:, :2, 2].cpu().numpy() - scale[:, None] * np.asarray(camera.center)
+        regions = [region_masks(mp478[i] * s + d, (batch.size, batch.size)) for i, s, d in zip(indices, scale, shift)]
+        face = batch.face_mask.cpu().numpy()
         for k, sequence in enumerate(states):
-            sums[k] += float(fitter.image_error(FrameState.cat([sequence[i] for i in indices]), batch).sum())
-        count += len(indices)
+            maps = fitter.error_map(FrameState.cat([sequence[i] for i in indices]), batch)
+            for b, index in enumerate(indices):
+                errors[k].add(index, maps[b], face[b], {name: mask & face[b] for name, mask in regions[b].items()})
         images.clear()
         indices.clear()
 
@@ -128,4 +138,41 @@ def _image_errors(fitter: PhotometricFitter, clip: str, mp478: np.ndarray, resul
                 flush()
     if images:
         flush()
-    return [total / max(count, 1) for total in sums]
+    return errors
+
+
+@dataclass
+class ImageErrors:
+    """Sums of per-pixel absolute RGB errors inside the face mask, over the whole mask and by region."""
+
+    sums: dict[str, float] = field(default_factory=lambda: {name: 0.0 for name in ("face", *REGION_NAMES)})
+    pixels: dict[str, int] = field(default_factory=lambda: {name: 0 for name in ("face", *REGION_NAMES)})
+    per_frame: dict[str, dict[int, float]] = field(default_factory=lambda: {name: {} for name in ("face", *REGION_NAMES)})
+
+    def add(self, index: int, error_map: np.ndarray, face: np.ndarray, regions: dict[str, np.ndarray]) -> None:
+        for name, mask in {"face": face, **regions}.items():
+            count = int(mask.sum())
+            if count:
+                total = float(error_map[mask].sum())
+                self.sums[name] += total
+                self.pixels[name] += count
+                self.per_frame[name][index] = total / count
+
+    def mean_of_frames(self) -> float:
+        """The face mask's error averaged over frames (each frame's mean, as the fit's ``image_error``)."""
+        return float(np.mean(list(self.per_frame["face"].values()))) if self.per_frame["face"] else float("nan")
+
+    def by_region(self) -> dict[str, float]:
+        """Each region's error over all its pixels in all frames."""
+        return {name: self.sums[name] / self.pixels[name] if self.pixels[name] else float("nan") for name in REGION_NAMES}
+
+
+def largest_gains(before: ImageErrors, after: ImageErrors, count: int = 3) -> dict[str, list[tuple[int, float]]]:
+    """Per region (and 'face'), the ``count`` frames where ``after`` lowers the error most below ``before``:
+    (frame, error before - error after), largest first."""
+    gains = {}
+    for name in ("face", *REGION_NAMES):
+        shared = before.per_frame[name].keys() & after.per_frame[name].keys()
+        ranked = sorted(((i, before.per_frame[name][i] - after.per_frame[name][i]) for i in shared), key=lambda pair: -pair[1])
+        gains[name] = [(int(i), float(gain)) for i, gain in ranked[:count]]
+    return gains
