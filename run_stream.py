@@ -492,20 +492,27 @@ def _add_render(subparsers: argparse._SubParsersAction, common: argparse.Argumen
         help="draw the fitted head over the input frames (MP4 or PNGs)",
         description="Draw the fitted head of a result over its original frames, one output frame per input frame: "
         "the shaded mesh blended over the frame (overlay), input and overlay side by side (side; after "
-        "refine: input | textured render | overlay), or the mesh alone on grey (mesh). RESULT_DIR is a folder "
-        "written by track or refine (meta.json) or by live --record (session.json). Frames without a fit show "
-        "the input with a red border and 'no fit'.",
+        "refine: input | textured render | overlay), or the mesh alone on grey (mesh); compare draws another "
+        "result of the same input (--against, e.g. the track fit a refinement started from) beside this one, both "
+        "with the refinement's texture and light, over each fit's photometric error in the face mask and the "
+        "difference of the two, cropped around --zoom. RESULT_DIR is a folder written by track or refine "
+        "(meta.json) or by live --record (session.json). Frames without a fit show the input with a red border "
+        "and 'no fit'.",
     )
     render.add_argument("result", type=Path, metavar="RESULT_DIR", help="a track / refine output folder or a recorded session")
     render.add_argument("--out", type=Path, required=True, metavar="FILE.mp4|FILE.png|DIR",
                         help="H.264 video at the input's frame rate, one PNG (one frame), or a folder of PNGs")  # fmt: skip
-    render.add_argument("--style", choices=("overlay", "side", "mesh"), default=None, help="what to draw (default overlay)")
+    render.add_argument("--style", choices=("overlay", "side", "mesh", "compare"), default=None, help="what to draw (default overlay)")
     render.add_argument("--landmarks", action="store_true", default=None, help="also draw observed (green) and fitted (magenta) landmarks")
     render.add_argument("--frames", default=None, metavar="A:B", help="only input frames A..B-1 (A: or :B also work)")
     render.add_argument("--video", type=Path, default=None, metavar="PATH",
                         help="the input's video, image or image folder, when the result's own record of it is wrong or gone")  # fmt: skip
     render.add_argument("--appearance", type=Path, default=None, metavar="REFINE_DIR",
                         help="draw with this refinement's texture and lighting (compare a track fit with its refinement)")  # fmt: skip
+    render.add_argument("--against", type=Path, default=None, metavar="OTHER_DIR",
+                        help="--style compare: the result drawn beside RESULT_DIR, e.g. the track folder a refinement started from")  # fmt: skip
+    render.add_argument("--zoom", choices=("face", "mouth", "eyes", "cheeks"), default=None,
+                        help="--style compare: the face region every panel shows (default face)")  # fmt: skip
     render.add_argument("--overwrite", action="store_true", default=None, help="replace --out if it exists")
     _add_config_option(render)
     render.set_defaults(handler=_run_render)
@@ -518,7 +525,8 @@ def _run_render(args: argparse.Namespace) -> int:
 
     first, stop = parse_frame_range(args.frames) if args.frames else (None, None)
     given = {"first_frame": first, "stop_frame": NONE if args.frames and stop is None else stop, "video": args.video,
-             "overwrite": args.overwrite, "flame": args.flame, "models_dir": args.models, "appearance": args.appearance}  # fmt: skip
+             "overwrite": args.overwrite, "flame": args.flame, "models_dir": args.models, "appearance": args.appearance,
+             "against": args.against, "zoom": args.zoom}  # fmt: skip
     config = command_config("render", args, {f"render.{key}": value for key, value in given.items()})
     print(render_result(args.result, args.out, config.render).describe())
     return 0

@@ -185,3 +185,67 @@ def mark_invalid(canvas: np.ndarray, text: str = "no fit") -> None:
     canvas[:border] = canvas[-border:] = INVALID_RGB
     canvas[:, :border] = canvas[:, -border:] = INVALID_RGB
     draw_label(canvas, text, 1, INVALID_RGB)
+
+
+# ------------------------------------------------------------------------------- photometric error pictures
+#: Error (mean absolute RGB, 0..1) drawn at full brightness in an error map, and difference of two errors
+#: drawn at full colour in a difference map.
+ERROR_SCALE = 0.2
+DIFFERENCE_SCALE = 0.05
+#: Difference map colours: where the second fit's error is lower (blue) or higher (orange) than the first's.
+LOWER_RGB = (40, 150, 255)
+HIGHER_RGB = (255, 140, 0)
+
+
+def photometric_face_mask(mp478: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: the face mask the photometric fit scores, drawn at the image's own resolution (the convex
+    hull of the observed points, eroded by the same fraction of the face's crop)."""
+    from engine.photometric import PhotometricConfig, crop_box, face_mask
+
+    height, width = image_size
+    if not np.isfinite(mp478).all(axis=1).any():
+        return np.zeros((height, width), bool)
+    config = PhotometricConfig()
+    side = crop_box(mp478, config.crop_scale)[2]
+    return face_mask(mp478, max(height, width), round(config.mask_erosion * side))[:height, :width]
+
+
+def photometric_error(image: np.ndarray, painted: Painted | None, mask: np.ndarray) -> np.ndarray:
+    """(H, W) absolute RGB error (mean of the channels, 0..1) of a rendered head against the image inside
+    ``mask``, 0 outside: face pixels the head leaves uncovered compare with black, as in the fit."""
+    rendered = composite(np.zeros_like(image), painted, 1.0)
+    error = np.abs(rendered.astype(np.float32) - image.astype(np.float32)).mean(axis=2) / 255.0
+    return np.where(mask, error, 0.0)
+
+
+def error_picture(error: np.ndarray, mask: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """An error map as RGB: inferno colours inside ``mask`` (black 0, white :data:`ERROR_SCALE` and above), the
+    image dimmed to grey outside it."""
+    level = np.clip(error / ERROR_SCALE * 255.0, 0, 255).astype(np.uint8)
+    colored = cv2.cvtColor(cv2.applyColorMap(level, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+    return np.where(mask[..., None], colored, _dimmed(image))
+
+
+def difference_picture(first: np.ndarray, second: np.ndarray, mask: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """``first - second`` error as RGB inside ``mask``: blue where the second is lower, orange where it is
+    higher, black where equal, full colour at :data:`DIFFERENCE_SCALE`; the dimmed image outside."""
+    difference = first - second
+    strength = np.clip(np.abs(difference) / DIFFERENCE_SCALE, 0.0, 1.0)[..., None]
+    hue = np.where((difference > 0)[..., None], np.array(LOWER_RGB, np.float32), np.array(HIGHER_RGB, np.float32))
+    colored = (strength * hue + 0.5).astype(np.uint8)
+    return np.where(mask[..., None], colored, _dimmed(image))
+
+
+def _dimmed(image: np.ndarray) -> np.ndarray:
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    return np.repeat((grey // 3)[..., None], 3, axis=2)
+
+
+def zoomed(image: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
+    """The part of ``image`` inside ``box`` = (x0, y0, x1, y1) (grey beyond the image's edges) scaled to
+    ``size`` = (width, height), nearest pixels so that error maps stay exact."""
+    x0, y0, x1, y1 = box
+    width, height = size
+    scale = np.array([[width / (x1 - x0), 0.0, -x0 * width / (x1 - x0)], [0.0, height / (y1 - y0), -y0 * height / (y1 - y0)]])
+    return cv2.warpAffine(image, scale, (width, height), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=BACKGROUND_RGB)  # fmt: skip

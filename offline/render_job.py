@@ -7,7 +7,10 @@ frame:
 
 - ``overlay``: the shaded mesh blended over the frame (a refined fit: its textured, lit head, opaque);
 - ``side``: the input beside the overlay (a refined fit: input | textured render | overlay);
-- ``mesh``: the mesh alone on grey.
+- ``mesh``: the mesh alone on grey;
+- ``compare``: this result beside another of the same input (``against``, e.g. a ``track`` fit beside its
+  refinement), both drawn with one texture and light, over their per-pixel photometric error inside the face
+  mask and the difference of the two errors, every panel cropped around a face region (``zoom``).
 
 ``RenderOptions.appearance`` (``render --appearance REFINE_DIR``) draws any result with a refinement's texture
 and lighting, so a ``track`` fit and its refinement can be compared under one appearance.
@@ -40,6 +43,7 @@ from engine.atomic import write_png_atomic
 from engine.camera import Camera
 from engine.demo_head import DEMO_HEAD_NAME
 from engine.errors import UserError
+from engine.face_regions import REGION_NAMES, region_box, region_masks
 from engine.export import PARAMETER_KEYS, check_tracked_with, posed_vertices, read_parameter_arrays
 from engine.flame import FlameLayer
 from engine.frames import reference_from_message
@@ -51,17 +55,24 @@ from engine.overlay import (
     Appearance,
     LandmarkPairs,
     MeshPainter,
+    Painted,
     composite,
+    difference_picture,
     draw_label,
     draw_points,
+    error_picture,
     grey_canvas,
     mark_invalid,
+    photometric_error,
+    photometric_face_mask,
+    zoomed,
 )
 from offline.track_job import LANDMARKS_FILE, OVERLAY_IMAGE, OVERLAY_VIDEO, load_landmark_file
 
 log = logging.getLogger(__name__)
 
-STYLES = ("overlay", "side", "mesh")
+STYLES = ("overlay", "side", "mesh", "compare")
+ZOOMS = ("face", *REGION_NAMES)
 VIDEO_SUFFIXES = (".mp4",)
 IMAGE_SUFFIX = ".png"
 TRACK_FORMAT = "flame-live tracking"
@@ -69,11 +80,13 @@ REFINE_FORMAT = "flame-live photometric refinement"
 META_FILE = "meta.json"
 TEXTURE_FILE = "texture.png"
 _DEFAULT_CRF = 18
+#: ``compare``: (width, height) of each panel, shaped like the region it shows.
+PANEL_SIZES = {"face": (256, 256), "mouth": (300, 200), "eyes": (400, 160), "cheeks": (360, 180)}
 
 
 @dataclass(frozen=True)
 class RenderOptions:
-    style: Literal["overlay", "side", "mesh"] = "overlay"
+    style: Literal["overlay", "side", "mesh", "compare"] = "overlay"
     landmarks: bool = False
     """Also draw the observed (green) and fitted (magenta) landmarks."""
     first_frame: int = 0
@@ -90,6 +103,10 @@ class RenderOptions:
     models_dir: Path | None = None
     appearance: Path | None = None
     """A refine folder whose texture and lighting draw this result (None: the result's own)."""
+    against: Path | None = None
+    """``compare``: the result drawn beside this one (None with any other style)."""
+    zoom: Literal["face", "mouth", "eyes", "cheeks"] = "face"
+    """``compare``: the face region every panel is cropped around."""
 
 
 @dataclass(frozen=True)
@@ -399,52 +416,135 @@ class _PngWriter:
 class FrameComposer:
     """Turns one input frame and its fit into the output picture of a style."""
 
-    def __init__(self, head: HeadModel, record: FitRecord, options: RenderOptions) -> None:
-        any_frame = next(iter(record.params.values()))
-        self.layer = FlameLayer(head, any_frame["shape"].shape[1], any_frame["exp"].shape[1])
+    def __init__(self, head: HeadModel, record: FitRecord, options: RenderOptions, against: FitRecord | None = None) -> None:
+        self.layer = _layer(head, record)
         self.textured = record.appearance is not None
         self.painter = MeshPainter(head, record.appearance)
         self.pairs = LandmarkPairs.for_head(head) if options.landmarks else None
         self.options = options
         self.record = record
+        self.against = against
+        self.against_layer = None if against is None else _layer(head, against)
         self.demo_label = DEMO_HEAD_NAME if record.model.get("is_demo") else None
+
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of every output picture."""
+        height, width = self.record.image_size
+        if self.options.style == "compare":
+            panel_width, panel_height = PANEL_SIZES[self.options.zoom]
+            return 2 * panel_height, 3 * panel_width
+        return height, width * (1 if self.options.style != "side" else 3 if self.textured else 2)
 
     def compose(self, index: int, image: np.ndarray) -> tuple[np.ndarray, bool]:
         """The output picture of input frame ``index``, and whether it shows a fit."""
-        arrays = self.record.params.get(index)
-        valid = arrays is not None and bool(arrays["valid"][0]) and all(np.isfinite(arrays[key]).all() for key in (*PARAMETER_KEYS, "K"))
-        height, width = image.shape[:2]
-        painted = vertices = K = None
-        if valid:
-            vertices = posed_vertices(self.layer, arrays, space="camera")
-            K = arrays["K"][0].astype(np.float64)
-            light = arrays["light"][0].astype(np.float64) if self.textured and "light" in arrays else self.record.light
-            painted = self.painter.paint(vertices, K, (height, width), light)
-        alpha = 1.0 if self.textured else MESH_ALPHA
+        if self.options.style == "compare":
+            return self._compare(index, image)
         style = self.options.style
-        if style == "mesh":
-            main = composite(grey_canvas(height, width), painted, 1.0)
-        else:
-            main = composite(image.copy(), painted, alpha)
-        if valid and self.pairs is not None:
-            observed = self.record.observed.get(index)
-            draw_points(main, None if observed is None else self.pairs.observed(observed), OBSERVED_RGB, radius=2)
-            draw_points(main, self.pairs.fitted(vertices, K), FITTED_RGB)
-        if not valid:
-            mark_invalid(main)
+        alpha = 1.0 if self.textured else MESH_ALPHA
+        base = grey_canvas(*image.shape[:2]) if style == "mesh" else image.copy()
+        main, painted, valid = self._draw(self.record, self.layer, index, image, base, 1.0 if style == "mesh" else alpha)
         self._labels(main, index)
         if style != "side":
             return main, valid
         panels = [image]
         if self.textured:
-            panels.append(composite(grey_canvas(height, width), painted, 1.0))
+            panels.append(composite(grey_canvas(*image.shape[:2]), painted, 1.0))
         panels.append(main)
         return np.concatenate(panels, axis=1), valid
+
+    def _draw(self, record: FitRecord, layer: FlameLayer, index: int, image: np.ndarray, canvas: np.ndarray,
+              alpha: float) -> tuple[np.ndarray, Painted | None, bool]:
+        """``record``'s fit of frame ``index`` painted over ``canvas`` (with its landmarks when asked), the painted
+        head, and whether the frame has a valid fit (else the canvas is marked 'no fit')."""
+        arrays = record.params.get(index)
+        valid = arrays is not None and bool(arrays["valid"][0]) and all(np.isfinite(arrays[key]).all() for key in (*PARAMETER_KEYS, "K"))
+        painted = None
+        if valid:
+            vertices = posed_vertices(layer, arrays, space="camera")
+            K = arrays["K"][0].astype(np.float64)
+            painted = self.painter.paint(vertices, K, image.shape[:2], self._light(index))
+            composite(canvas, painted, alpha)
+            if self.pairs is not None:
+                observed = self.record.observed.get(index)
+                draw_points(canvas, None if observed is None else self.pairs.observed(observed), OBSERVED_RGB, radius=2)
+                draw_points(canvas, self.pairs.fitted(vertices, K), FITTED_RGB)
+        else:
+            mark_invalid(canvas)
+        return canvas, painted, valid
+
+    def _light(self, index: int) -> np.ndarray | None:
+        """The lighting every fit of frame ``index`` is drawn with: the borrowed one (``--appearance``), else the
+        refinement's own, else None (the default light of an untextured mesh)."""
+        if self.record.light is not None or not self.textured:
+            return self.record.light
+        for record in (self.record, self.against):
+            arrays = None if record is None else record.params.get(index)
+            if arrays is not None and "light" in arrays:
+                return arrays["light"][0].astype(np.float64)
+        return None
+
+    def _compare(self, index: int, image: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Input | the other fit | this fit over (error difference | their errors), cropped around the zoom region."""
+        height, width = image.shape[:2]
+        observed = self.record.observed.get(index)
+        observed = np.full((478, 2), np.nan) if observed is None else observed
+        mask = photometric_face_mask(observed, (height, width))
+        zoom = self.options.zoom
+        region = mask if zoom == "face" else mask & region_masks(observed, (height, width))[zoom]
+        box = _panel_box(observed, zoom, (height, width))
+        size = PANEL_SIZES[zoom]
+        fits, errors, valid_all = [], [], True
+        for record, layer in ((self.against, self.against_layer), (self.record, self.layer)):
+            drawn, painted, valid = self._draw(record, layer, index, image, image.copy(), 1.0)
+            valid_all &= valid
+            fits.append((record, zoomed(drawn, box, size)))
+            errors.append(photometric_error(image, painted, mask) if valid else None)
+        top = [zoomed(image, box, size)]
+        bottom = []
+        for (record, panel), error in zip(fits, errors):
+            draw_label(panel, record.kind, 0)
+            picture = zoomed(error_picture(np.zeros(mask.shape) if error is None else error, mask, image), box, size)
+            if error is not None:
+                region_text = "" if zoom == "face" else f", {zoom} {_mean(error, region):.4f}"
+                draw_label(picture, f"error: face {_mean(error, mask):.4f}{region_text}", 0)
+            top.append(panel)
+            bottom.append(picture)
+        first, second = (record.kind for record, _ in fits)
+        difference = difference_picture(*(np.zeros(mask.shape) if e is None else e for e in errors), mask, image)
+        legend = zoomed(difference, box, size)
+        draw_label(legend, f"{first} - {second} error", 0)
+        draw_label(legend, f"blue: {second} lower", 1)
+        self._labels(top[0], index)
+        return np.concatenate([np.concatenate(top, axis=1), np.concatenate([legend, *bottom], axis=1)], axis=0), valid_all
 
     def _labels(self, canvas: np.ndarray, index: int) -> None:
         draw_label(canvas, f"frame {index}", 0)
         if self.demo_label is not None:
             draw_label(canvas, self.demo_label, 0, bottom=True)
+
+
+def _layer(head: HeadModel, record: FitRecord) -> FlameLayer:
+    any_frame = next(iter(record.params.values()))
+    return FlameLayer(head, any_frame["shape"].shape[1], any_frame["exp"].shape[1])
+
+
+def _mean(error: np.ndarray, mask: np.ndarray) -> float:
+    return float(error[mask].mean()) if mask.any() else float("nan")
+
+
+def _panel_box(mp478: np.ndarray, zoom: str, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The part of the image a ``compare`` panel shows: the zoom region's box widened to the panel's shape, or
+    the whole image when the frame's landmarks are missing."""
+    height, width = image_size
+    box = region_box(mp478, zoom, margin=0.15 if zoom == "face" else 0.35)
+    if box is None:
+        return 0.0, 0.0, float(width), float(height)
+    x0, y0, x1, y1 = box
+    panel_width, panel_height = PANEL_SIZES[zoom]
+    half_width = max(x1 - x0, (y1 - y0) * panel_width / panel_height) / 2
+    half_height = half_width * panel_height / panel_width
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return cx - half_width, cy - half_height, cx + half_width, cy + half_height
 
 
 # -------------------------------------------------------------------------------------------------- the job
@@ -477,6 +577,7 @@ def render_result(result_dir: Path, out: Path, options: RenderOptions | None = N
     record = read_fit(Path(result_dir), options.video)
     if options.appearance is not None:
         record.appearance, record.light = borrowed_appearance(options.appearance, record.model.get("checksum"))
+    against = _compared_fit(record, options)
     if kind == "image" and options.stop_frame != options.first_frame + 1 and record.n_frames != 1:
         raise UserError(f"--out {out} holds one picture: pass --frames N:N+1 for frame N, or give FILE.mp4 or a folder")
     if record.frames is None and options.style != "mesh":
@@ -486,13 +587,14 @@ def render_result(result_dir: Path, out: Path, options: RenderOptions | None = N
         from engine.model_selection import select_head_model
 
         head = select_head_model(_flame_choice(record, options.flame), resolve_models_dir(options.models_dir))
-    any_frame = next(iter(record.params.values()))
-    check_tracked_with(Path(result_dir), record.model.get("checksum"), any_frame["shape"].shape[1], any_frame["exp"].shape[1], head)
+    check_tracked_with(Path(result_dir), record.model.get("checksum"), *_sizes(record), head)
     frames = record.frames or _grey_frames(record)
     n_input = record.n_frames if record.frames is None else None
     stop = options.stop_frame
-    composer = FrameComposer(head, record, options)
-    writer = _open_writer(out, kind, record, options)
+    if against is not None:
+        check_tracked_with(options.against, against.model.get("checksum"), *_sizes(against), head)
+    composer = FrameComposer(head, record, options, against)
+    writer = _open_writer(out, kind, record, options, composer.output_size())
     written = rendered = 0
     complete = False
     try:
@@ -535,16 +637,40 @@ def _expected_frames(record: FitRecord, options: RenderOptions, n_input: int | N
     return max(stop - options.first_frame, 0)
 
 
-def _open_writer(out: Path, kind: str, record: FitRecord, options: RenderOptions) -> _Mp4Writer | _PngWriter:
+def _compared_fit(record: FitRecord, options: RenderOptions) -> FitRecord | None:
+    """``--against``'s result for ``--style compare``, drawn with the same texture and light as ``record``
+    (which takes the refinement's appearance when it has none of its own); None for the other styles."""
+    if (options.style == "compare") != (options.against is not None):
+        raise UserError("--style compare and --against OTHER_DIR go together: compare this result with another of the same input")
+    if options.against is None:
+        return None
+    against = read_fit(Path(options.against), options.video)
+    if against.model.get("checksum") != record.model.get("checksum"):
+        raise UserError(f"--against {options.against} was fitted with another model than {record.directory}; compare fits of one model")
+    if against.image_size != record.image_size:
+        raise UserError(f"--against {options.against} was fitted on frames of another size than {record.directory}; compare fits of one input")
+    if record.appearance is None:
+        record.appearance = against.appearance
+    if record.appearance is None:
+        raise UserError("--style compare draws both fits with a refinement's texture and light: compare with a refine "
+                        "folder, or pass --appearance REFINE_DIR")  # fmt: skip
+    record.observed = record.observed or against.observed
+    return against
+
+
+def _sizes(record: FitRecord) -> tuple[int, int]:
+    any_frame = next(iter(record.params.values()))
+    return any_frame["shape"].shape[1], any_frame["exp"].shape[1]
+
+
+def _open_writer(out: Path, kind: str, record: FitRecord, options: RenderOptions, size: tuple[int, int]) -> _Mp4Writer | _PngWriter:
     if kind == "folder" and out.is_dir() and options.overwrite:
         # Only frames a render wrote go: the folder may hold other things of the user's.
         for old in out.glob("[0-9]" * 6 + IMAGE_SUFFIX):
             old.unlink()
     if kind != "video":
         return _PngWriter(out, single=kind == "image")
-    height, width = record.image_size
-    panels = 1 if options.style != "side" else 3 if record.appearance is not None else 2
-    return _Mp4Writer(out, (height, width * panels), record.fps or 25.0, options.crf)
+    return _Mp4Writer(out, size, record.fps or 25.0, options.crf)
 
 
 def parse_frame_range(text: str) -> tuple[int, int | None]:
