@@ -191,7 +191,7 @@ def mark_invalid(canvas: np.ndarray, text: str = "no fit") -> None:
 #: Error (mean absolute RGB, 0..1) drawn at full brightness in an error map, and difference of two errors
 #: drawn at full colour in a difference map.
 ERROR_SCALE = 0.2
-DIFFERENCE_SCALE = 0.05
+DIFFERENCE_SCALE = 0.03
 #: Difference map colours: where the second fit's error is lower (blue) or higher (orange) than the first's.
 LOWER_RGB = (40, 150, 255)
 HIGHER_RGB = (255, 140, 0)

@@ -50,6 +50,8 @@ from engine.frames import reference_from_message
 from engine.head_model import HeadModel
 from engine.overlay import (
     FITTED_RGB,
+    HIGHER_RGB,
+    LOWER_RGB,
     MESH_ALPHA,
     OBSERVED_RGB,
     Appearance,
@@ -513,7 +515,8 @@ class FrameComposer:
         difference = difference_picture(*(np.zeros(mask.shape) if e is None else e for e in errors), mask, image)
         legend = zoomed(difference, box, size)
         draw_label(legend, f"{first} - {second} error", 0)
-        draw_label(legend, f"blue: {second} lower", 1)
+        draw_label(legend, f"blue: {second} lower", 1, LOWER_RGB)
+        draw_label(legend, f"orange: {second} higher", 2, HIGHER_RGB)
         self._labels(top[0], index)
         return np.concatenate([np.concatenate(top, axis=1), np.concatenate([legend, *bottom], axis=1)], axis=0), valid_all
 

@@ -293,6 +293,13 @@ def test_smoothed_refine_keeps_track_s_landmark_fit_and_lowers_the_image_error_o
     assert refine["landmark_error_iod_percent"] <= track["landmark_error_iod_percent"] + 100 * options.landmark_margin
     assert refine["mouth_correlation"] >= min(0.97, track["mouth_correlation"])
     assert refine["image_error_in_face_mask"] < track["image_error_in_face_mask"]
+    print({name: {region: round(error, 5) for region, error in report[name]["image_error_by_region"].items()} for name in ("track", "refine")})
+    for region in ("mouth", "eyes"):  # where photometry corrects the landmark fit (cheeks barely change)
+        assert refine["image_error_by_region"][region] < track["image_error_by_region"][region], region
+    assert all(0 < error < 0.2 for error in track["image_error_by_region"].values())
+    mouth_gains = report["largest_image_gain_frames"]["mouth"]
+    assert len(mouth_gains) == 3 and all(0 <= frame < 40 for frame, _ in mouth_gains)
+    assert mouth_gains[0][1] >= mouth_gains[-1][1] > 0
     # Against MediaPipe run on each frame alone (no video-mode lag), which neither fit saw, refine is closer.
     key = "landmark_error_vs_single_image_detection_iod_percent"
     assert refine[key] < track[key], (refine[key], track[key])

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -21,10 +22,10 @@ from engine.camera import FLIP
 from engine.flame import FlameLayer, rodrigues
 from engine.frames import FrameParams
 from engine.model_selection import select_head_model
-from engine.overlay import BACKGROUND_RGB
+from engine.overlay import BACKGROUND_RGB, Painted, difference_picture, photometric_error
 from engine.synthetic import SyntheticMotion, synthetic_sequence
 from engine.tracker import Tracker, TrackerConfig
-from offline.render_job import RenderOptions, render_result
+from offline.render_job import PANEL_SIZES, RenderOptions, render_result
 from offline.track_job import LANDMARKS_FILE, LandmarkSequence, frame_path, load_landmark_file
 from realtime.sources import iter_frames
 
@@ -229,12 +230,18 @@ def test_a_recorded_session_renders_every_video_frame(session: Path, demo_head, 
     assert frames[0].shape == (288, 360, 3) and rate == 25.0
 
 
-def test_refine_render_draws_the_textured_head_and_side_shows_three_panels(session: Path, landmarker_task: Path, demo_head,
-                                                                          tmp_path: Path) -> None:
-    refined = tmp_path / "refined"
-    result = run_cli("refine", str(session), "--out", str(refined), "--size", "64", "--iterations", "1", "--render",
+@pytest.fixture(scope="module")
+def refined(session: Path, landmarker_task: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``refine --render`` of the recorded session, into a folder outside it (quick settings)."""
+    out = tmp_path_factory.mktemp("refined") / "refined"
+    result = run_cli("refine", str(session), "--out", str(out), "--size", "64", "--iterations", "1", "--render",
                      "--models", str(landmarker_task.parent))  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_refine_render_draws_the_textured_head_and_side_shows_three_panels(session: Path, refined: Path, landmarker_task: Path,
+                                                                          demo_head, tmp_path: Path) -> None:
     frames, _ = decoded(refined / "overlay.mp4")
     assert len(frames) == json.loads((refined / "meta.json").read_text())["frames"]
     # refine --out elsewhere than SESSION_DIR/refined: its result does not say where the video is.
@@ -258,6 +265,65 @@ def test_refine_render_draws_the_textured_head_and_side_shows_three_panels(sessi
     assert (live_head != head).mean() < 0.02  # both fits cover the same face, give or take its outline
 
 
+def panel(picture: np.ndarray, row: int, column: int, zoom: str = "face") -> np.ndarray:
+    """One panel of a ``compare`` picture, without the label lines at its top."""
+    width, height = PANEL_SIZES[zoom]
+    return picture[row * height + 3 * LABEL_ROWS : (row + 1) * height, column * width : (column + 1) * width]
+
+
+def test_compare_shows_where_the_better_fit_has_the_lower_photometric_error(tracked_clip, refined: Path, demo_head,
+                                                                            tmp_path: Path) -> None:
+    """The track fit against a copy moved 1 cm sideways (about 7 px), both with the refinement's texture and light:
+    the moved fit's error is higher, and the difference map is blue (the track fit lower) almost everywhere it is
+    coloured."""
+    track_dir, _ = tracked_clip
+    moved = tmp_path / "moved"
+    shutil.copytree(track_dir, moved)
+    for path in moved.glob("[0-9]" * 6 + ".npz"):
+        with np.load(path) as saved:
+            arrays = {key: saved[key] for key in saved.files}
+        arrays["cam"][0, 3] += 0.01
+        np.savez(path, **arrays)
+    out = tmp_path / "compare.png"
+    options = RenderOptions(style="compare", against=moved, appearance=refined, first_frame=40, stop_frame=41, progress=False)
+    assert render_result(track_dir, out, options, demo_head).rendered_frames == 1
+    picture = cv2.cvtColor(cv2.imread(str(out)), cv2.COLOR_BGR2RGB).astype(int)
+    assert picture.shape == (2 * 256, 3 * 256, 3)
+    difference = panel(picture, 1, 0)
+    blue = (difference[..., 2] > difference[..., 0] + 40).sum()
+    orange = (difference[..., 0] > difference[..., 2] + 40).sum()
+    print(f"difference map: {blue} blue, {orange} orange pixels")
+    assert blue > 1000 and blue > 5 * orange
+
+    def mask_brightness(error_panel: np.ndarray) -> float:  # inferno pixels (the face mask); outside it is grey
+        colored = error_panel.max(axis=2) - error_panel.min(axis=2) > 20
+        return float(error_panel[colored].sum(axis=1).mean())
+
+    assert mask_brightness(panel(picture, 1, 1)) > 1.3 * mask_brightness(panel(picture, 1, 2))  # moved | track
+    # The track fit over the input: textured face pixels in the middle of the panel, the frame around them.
+    assert np.abs(panel(picture, 0, 2).astype(int) - panel(picture, 0, 0).astype(int)).max(axis=2).mean() > 5
+
+    options = replace(options, zoom="mouth", against=track_dir)
+    render_result(track_dir, tmp_path / "mouth.png", replace(options, overwrite=True), demo_head)
+    mouth = cv2.cvtColor(cv2.imread(str(tmp_path / "mouth.png")), cv2.COLOR_BGR2RGB).astype(int)
+    assert mouth.shape == (2 * 200, 3 * 300, 3)
+    same = panel(mouth, 1, 0, "mouth")  # one fit against itself: no difference anywhere
+    assert (same.max(axis=2) - same.min(axis=2)).max() == 0
+    assert np.array_equal(panel(mouth, 1, 1, "mouth"), panel(mouth, 1, 2, "mouth"))
+
+
+def test_photometric_error_counts_uncovered_face_pixels_against_black() -> None:
+    image = np.full((20, 30, 3), 100, np.uint8)
+    painted = Painted(np.full((10, 10, 3), 150, np.uint8), np.ones((10, 10), bool), (5, 5, 15, 15))
+    mask = np.zeros((20, 30), bool)
+    mask[:, :20] = True
+    error = photometric_error(image, painted, mask)
+    assert np.allclose(error[10, 10], 50 / 255) and np.allclose(error[2, 2], 100 / 255) and error[10, 25] == 0
+    lower = difference_picture(error, error * 0.5, mask, image)
+    assert lower[10, 10, 2] > lower[10, 10, 0]  # the second lower: blue
+    assert tuple(lower[10, 25]) == (33, 33, 33)  # outside the mask: the image dimmed
+
+
 @pytest.fixture(scope="module")
 def cli_errors(tracked_clip, landmarker_task: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess]:
     """Each kind of bad input, as its own `render` process, all at once (they spend most of their time starting)."""
@@ -278,6 +344,8 @@ def cli_errors(tracked_clip, landmarker_task: Path, tmp_path_factory: pytest.Tem
         "frames": ["render", str(track_dir), "--out", str(folder / "c.mp4"), "--frames", "5:2"],
         "picture": ["render", str(track_dir), "--out", str(folder / "one.png")],
         "appearance": ["render", str(track_dir), "--out", str(folder / "d.mp4"), "--appearance", str(track_dir)],
+        "compare_alone": ["render", str(track_dir), "--out", str(folder / "e.mp4"), "--style", "compare"],
+        "compare_untextured": ["render", str(track_dir), "--out", str(folder / "f.mp4"), "--style", "compare", "--against", str(track_dir)],
     }
     processes = {
         name: subprocess.Popen([sys.executable, str(REPO / "run_stream.py"), *args, *models], cwd=REPO, stdout=subprocess.PIPE,
@@ -301,6 +369,8 @@ def cli_errors(tracked_clip, landmarker_task: Path, tmp_path_factory: pytest.Tem
         ("frames", "--frames 5:2: expected A:B"),
         ("picture", "holds one picture: pass --frames N:N+1"),
         ("appearance", "not a refine output folder"),
+        ("compare_alone", "--style compare and --against OTHER_DIR go together"),
+        ("compare_untextured", "draws both fits with a refinement's texture and light"),
     ],
 )
 def test_bad_input_is_one_clear_line(cli_errors: dict, case: str, expected: str) -> None:
