@@ -75,6 +75,17 @@ def mesh_on_face(rendered: list[np.ndarray], inputs: list[np.ndarray], landmarks
     return inside / inside_total, outside / outside_total
 
 
+def moved_copy(result_dir: Path, out: Path, metres: float) -> Path:
+    """A copy of a track folder with every frame's head moved sideways by ``metres``."""
+    shutil.copytree(result_dir, out)
+    for path in out.glob("[0-9]" * 6 + ".npz"):
+        with np.load(path) as saved:
+            arrays = {key: saved[key] for key in saved.files}
+        arrays["cam"][0, 3] += metres
+        np.savez(path, **arrays)
+    return out
+
+
 @pytest.fixture(scope="module")
 def demo_head(landmarker_task: Path):
     return select_head_model("demo", landmarker_task.parent)
@@ -107,13 +118,7 @@ def test_track_render_video_has_every_input_frame_at_the_input_size_and_rate_wit
 
 def test_a_misplaced_camera_is_caught(tracked_clip, clip_frames, demo_head, tmp_path: Path) -> None:
     track_dir, sequence = tracked_clip
-    shifted = tmp_path / "shifted"
-    shutil.copytree(track_dir, shifted)
-    for path in shifted.glob("[0-9]" * 6 + ".npz"):
-        with np.load(path) as saved:
-            arrays = {key: saved[key] for key in saved.files}
-        arrays["cam"][0, 3] += 0.03  # 3 cm to the side: about 20 px at this distance
-        np.savez(path, **arrays)
+    shifted = moved_copy(track_dir, tmp_path / "shifted", 0.03)  # 3 cm to the side: about 20 px at this distance
     render_result(shifted, tmp_path / "shifted.mp4", RenderOptions(progress=False), demo_head)
     frames, _ = decoded(tmp_path / "shifted.mp4")
     inside, outside = mesh_on_face(frames, clip_frames, sequence.mp478)
@@ -277,13 +282,7 @@ def test_compare_shows_where_the_better_fit_has_the_lower_photometric_error(trac
     the moved fit's error is higher, and the difference map is blue (the track fit lower) almost everywhere it is
     coloured."""
     track_dir, _ = tracked_clip
-    moved = tmp_path / "moved"
-    shutil.copytree(track_dir, moved)
-    for path in moved.glob("[0-9]" * 6 + ".npz"):
-        with np.load(path) as saved:
-            arrays = {key: saved[key] for key in saved.files}
-        arrays["cam"][0, 3] += 0.01
-        np.savez(path, **arrays)
+    moved = moved_copy(track_dir, tmp_path / "moved", 0.01)
     out = tmp_path / "compare.png"
     options = RenderOptions(style="compare", against=moved, appearance=refined, first_frame=40, stop_frame=41, progress=False)
     assert render_result(track_dir, out, options, demo_head).rendered_frames == 1
