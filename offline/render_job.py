@@ -43,7 +43,7 @@ from engine.atomic import write_png_atomic
 from engine.camera import Camera
 from engine.demo_head import DEMO_HEAD_NAME
 from engine.errors import UserError
-from engine.face_regions import REGION_NAMES, region_box, region_masks
+from engine.face_regions import region_box, region_masks
 from engine.export import PARAMETER_KEYS, check_tracked_with, posed_vertices, read_parameter_arrays
 from engine.flame import FlameLayer
 from engine.frames import reference_from_message
@@ -74,7 +74,6 @@ from offline.track_job import LANDMARKS_FILE, OVERLAY_IMAGE, OVERLAY_VIDEO, load
 log = logging.getLogger(__name__)
 
 STYLES = ("overlay", "side", "mesh", "compare")
-ZOOMS = ("face", *REGION_NAMES)
 VIDEO_SUFFIXES = (".mp4",)
 IMAGE_SUFFIX = ".png"
 TRACK_FORMAT = "flame-live tracking"
@@ -527,8 +526,7 @@ class FrameComposer:
 
 
 def _layer(head: HeadModel, record: FitRecord) -> FlameLayer:
-    any_frame = next(iter(record.params.values()))
-    return FlameLayer(head, any_frame["shape"].shape[1], any_frame["exp"].shape[1])
+    return FlameLayer(head, *_sizes(record))
 
 
 def _mean(error: np.ndarray, mask: np.ndarray) -> float:
@@ -662,6 +660,7 @@ def _compared_fit(record: FitRecord, options: RenderOptions) -> FitRecord | None
 
 
 def _sizes(record: FitRecord) -> tuple[int, int]:
+    """(identity, expression) coefficients per frame of a result."""
     any_frame = next(iter(record.params.values()))
     return any_frame["shape"].shape[1], any_frame["exp"].shape[1]
 
