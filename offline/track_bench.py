@@ -40,7 +40,7 @@ def bench_track(video: str | Path, head: HeadModel, landmarker_task: Path) -> di
         "track_seconds": seconds,
         "track_fps": frames / seconds,
         "track_over_mediapipe_alone": frames / seconds / alone_fps,
-        # CPU per frame, decoding included on both sides; track's counts MediaPipe's process too.
+        # CPU per frame: MediaPipe's process alone, against the whole job (both processes, decoding included).
         "mediapipe_alone_cpu_ms_per_frame": (before["cpu_ms_per_frame"] + after["cpu_ms_per_frame"]) / 2,
         "track_cpu_ms_per_frame": cpu * 1e3 / frames,
         "stages_s": {key: value for key, value in result.timings.items() if key.endswith("_s")},

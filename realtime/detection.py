@@ -1,11 +1,11 @@
 """The live loop's detection stage: MediaPipe in a process of its own, fed by a thread, ahead of the fitting stage.
 
-The stage's thread takes the newest frame from the source's latest-frame slot, resizes it to the loop's frame
-size and hands it to MediaPipe's process (:mod:`realtime.detection_process`); when the source delivers every
-frame (a file read flat out), it submits the next frame while one is detected, so MediaPipe never waits for
-this process; a camera's newest frame goes alone, as soon as MediaPipe is free. Each result goes to the fitting
-stage through a one-result hand-off: it waits while the fitting stage is busy, so no detected frame ages there,
-and the frames captured meanwhile are replaced (and counted) in the source's slot instead.
+The stage's thread takes the newest frame from the source's latest-frame slot and resizes it to the loop's frame
+size straight into MediaPipe's shared memory (:mod:`realtime.detection_process`); when the source delivers every
+frame (a file read flat out), it keeps the next frames queued while one is detected, so MediaPipe never waits
+for this process; a camera's newest frame goes alone, as soon as MediaPipe is free. Each result goes to the
+fitting stage through a one-result hand-off: it waits while the fitting stage is busy, so no detected frame
+ages there, and the frames captured meanwhile are replaced (and counted) in the source's slot instead.
 """
 
 from __future__ import annotations
@@ -14,18 +14,16 @@ import collections
 import threading
 from dataclasses import dataclass, replace
 
-import cv2
-import numpy as np
-
 from engine.landmarks import FaceObservation
 from realtime.detection_process import DetectionProcess
 from realtime.handoff import DropOldestQueue
 from realtime.sources import Frame, FrameSource
 
 #: Frames in MediaPipe's process at once when the source delivers every frame (a file read flat out): one
-#: being detected, the next one waiting for it, so MediaPipe never waits. A camera's frames go one at a time:
-#: a frame waiting behind another would be older when its turn comes than the newest one in the slot.
-IN_FLIGHT = 2
+#: being detected and two waiting for it, so MediaPipe never waits, even when this process's threads wait for a
+#: core or the interpreter lock for as long as a detection takes. A camera's frames go one at a time: a frame
+#: waiting behind another would be older when its turn comes than the newest one in the slot.
+IN_FLIGHT = 3
 
 
 @dataclass(frozen=True)
@@ -33,18 +31,16 @@ class Detected:
     """A frame with its landmarks, handed from the detection stage to the fitting stage."""
 
     frame: Frame
+    """The frame; its image is the one MediaPipe saw (resized to the loop's size) when the stage keeps images,
+    else the source's own."""
     frame_time: float
     """Seconds on the clock the frame was shot on (see ``FrameSource.frame_time``)."""
     observation: FaceObservation | None
     """MediaPipe's landmarks and blendshapes; None when it found no face."""
     mediapipe_ms: float
     """MediaPipe's own time for the frame, measured in its process."""
-
-
-def resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """`image` at (width, height) `size`: area averaging when shrinking, bilinear when enlarging."""
-    shrinking = size[0] * size[1] < image.shape[0] * image.shape[1]
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    idle_ms: float = 0.0
+    """How long MediaPipe's process waited for this frame after the one before (see ``Detection.idle_ms``)."""
 
 
 class DetectionStage:
@@ -54,15 +50,16 @@ class DetectionStage:
     source ends, ``finished`` is true once every detected frame was taken.
     """
 
-    def __init__(self, source: FrameSource, detector: DetectionProcess) -> None:
-        """Frames are resized to the detection process's image size (the loop's frame size) when they differ."""
+    def __init__(self, source: FrameSource, detector: DetectionProcess, keep_images: bool = True) -> None:
+        """Frames are resized to the detection process's image size (the loop's frame size) when they differ;
+        ``keep_images`` hands each resized image on with its frame (for recording, preview, keyframes), else
+        the resized image lives only in MediaPipe's shared memory."""
         if detector.slots < IN_FLIGHT:
             raise ValueError(f"the detection process needs at least {IN_FLIGHT} slots, it has {detector.slots}")
         self._source = source
         self._detector = detector
+        self._keep_images = keep_images
         self._in_flight = IN_FLIGHT if source.delivers_every_frame else 1
-        height, width = detector.image_size
-        self._frame_size = (width, height)
         self._handoff: DropOldestQueue[Detected] = DropOldestQueue(1)
         self._thread = threading.Thread(target=self._run, name="flame-live-detection", daemon=True)
 
@@ -98,7 +95,7 @@ class DetectionStage:
                 detection = self._detector.collect(timeout_s=0.1)
                 if detection is not None:
                     frame, frame_time = submitted.popleft()
-                    if not self._handoff.hand_over(Detected(frame, frame_time, detection.observation, detection.mediapipe_ms)):
+                    if not self._handoff.hand_over(Detected(frame, frame_time, detection.observation, detection.mediapipe_ms, detection.idle_ms)):
                         break
         except BaseException as exc:  # noqa: BLE001 - handed to the fitting stage, which raises it
             error = exc
@@ -106,8 +103,8 @@ class DetectionStage:
             self._handoff.close(error)
 
     def _submit(self, frame: Frame) -> tuple[Frame, float]:
-        if frame.image.shape[1::-1] != self._frame_size:
-            frame = replace(frame, image=resized(frame.image, self._frame_size))
         frame_time = self._source.frame_time(frame)
-        self._detector.submit(frame.image, round(frame_time * 1000.0))
+        seen = self._detector.submit(frame.image, round(frame_time * 1000.0), resize=True)
+        if self._keep_images and seen.shape != frame.image.shape:
+            frame = replace(frame, image=seen.copy())  # the slot is reused once the frame is collected
         return frame, frame_time

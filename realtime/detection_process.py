@@ -34,6 +34,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from engine.head_model import ModelFileError
@@ -42,7 +43,7 @@ from flame_client.messages import BLENDSHAPE_NAMES
 
 log = logging.getLogger(__name__)
 
-#: Frames in flight by default: one being detected, one waiting in the pipe, one being read back.
+#: Frames in flight by default: one being detected, two waiting in the pipe (see ``realtime.detection.IN_FLIGHT``).
 DEFAULT_SLOTS = 3
 _START_TIMEOUT_S = 120.0  # the worker imports MediaPipe and loads the model; a busy machine takes its time
 _STOP_TIMEOUT_S = 5.0
@@ -60,6 +61,16 @@ class Detection:
     observation: FaceObservation | None
     mediapipe_ms: float
     """MediaPipe's own time for the frame, measured in the worker (no waiting, no copying)."""
+    idle_ms: float = 0.0
+    """How long the worker waited for this frame after answering the one before (next to nothing when the frame
+    was already waiting for it; 0 for the first frame): time MediaPipe could have worked but had nothing to do."""
+
+
+def resized(image: np.ndarray, size: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """`image` at (width, height) `size`: area averaging when shrinking, bilinear when enlarging; written into
+    `out` when given (no allocation)."""
+    shrinking = size[0] * size[1] < image.shape[0] * image.shape[1]
+    return cv2.resize(image, size, dst=out, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
 class _Ring:
@@ -163,8 +174,10 @@ class DetectionProcess:
         """Frames submitted and not yet collected."""
         return len(self._in_flight)
 
-    def submit(self, image_rgb: np.ndarray, timestamp_ms: int | None = None) -> None:
-        """Copy an (H, W, 3) uint8 RGB image of the process's size into a free slot and start its detection.
+    def submit(self, image_rgb: np.ndarray, timestamp_ms: int | None = None, resize: bool = False) -> np.ndarray:
+        """Copy an (H, W, 3) uint8 RGB image of the process's size into a free slot and start its detection;
+        with ``resize``, an image of another size is resized into the slot instead (:func:`resized`, no copy
+        in between). Returns the slot's image, the frame as MediaPipe sees it: a view, valid until collected.
 
         In VIDEO mode ``timestamp_ms`` must rise (the worker bumps one that does not, as FaceLandmarker
         does); None stamps it with the worker's clock. Raises when every slot is in flight.
@@ -173,14 +186,20 @@ class DetectionProcess:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image_rgb.shape} {image_rgb.dtype}")
         if not self._free:
             raise RuntimeError(f"all {self.slots} slots are in flight: collect a detection first")
-        if image_rgb.shape[:2] != self.image_size:
+        same_size = image_rgb.shape[:2] == self.image_size
+        if not same_size and not resize:
             raise ValueError(f"this detection process takes {self.image_size[1]}x{self.image_size[0]} images, "
                              f"not {image_rgb.shape[1]}x{image_rgb.shape[0]}")
         slot = self._free[0]
-        np.copyto(self._live_ring().images[slot], image_rgb)
+        image = self._live_ring().images[slot]
+        if same_size:
+            np.copyto(image, image_rgb)
+        else:
+            resized(image_rgb, (self.image_size[1], self.image_size[0]), out=image)
         self._send((slot, None if timestamp_ms is None else int(timestamp_ms)))
         self._free.popleft()
         self._in_flight.append(slot)
+        return image
 
     def collect(self, timeout_s: float | None = None) -> Detection | None:
         """The oldest frame in flight, detected; None if it is not done within ``timeout_s`` (None: wait)."""
@@ -193,13 +212,13 @@ class DetectionProcess:
         reply = self._receive()
         if reply[0] == "failed":
             raise DetectionProcessError(f"MediaPipe failed in the detection process: {reply[1]}")
-        slot, found, timestamp_ms, mediapipe_ms = reply
+        slot, found, timestamp_ms, mediapipe_ms, idle_ms = reply
         expected = self._in_flight.popleft()
         if slot != expected:
             raise DetectionProcessError(f"the detection process answered for slot {slot}, expected {expected}")
         observation = self._live_ring().observation(slot, timestamp_ms) if found else None
         self._free.append(slot)
-        return Detection(observation, mediapipe_ms)
+        return Detection(observation, mediapipe_ms, idle_ms)
 
     def detect(self, image_rgb: np.ndarray, timestamp_ms: int | None = None) -> FaceObservation | None:
         """Find the face in one image and wait for it (as FaceLandmarker.detect); None when there is none."""
@@ -293,7 +312,7 @@ def _start_worker(worker_end: Connection) -> subprocess.Popen:
 
 def _worker_main(descriptor: int) -> None:
     """The worker: read its configuration, then answer each (slot, timestamp) request with (slot, found,
-    timestamp, ms) until told to stop (None) or until the parent is gone (end-of-file)."""
+    timestamp, MediaPipe's ms, ms idle before the request) until told to stop (None) or until the parent is gone (end-of-file)."""
     connection = Connection(descriptor)
     try:
         config, memory_name, image_size, slots, verbose = connection.recv()
@@ -325,6 +344,7 @@ def _serve(config: LandmarkerConfig, ring: _Ring, connection: Connection) -> Non
     gc.collect()
     gc.freeze()  # MediaPipe and the model stay for good: later collections need not walk them
     connection.send(("ready",))
+    answered: float | None = None  # when the last answer went out: the wait for a request is idle time from there
     with landmarker:
         while True:
             try:
@@ -335,6 +355,7 @@ def _serve(config: LandmarkerConfig, ring: _Ring, connection: Connection) -> Non
                 return
             slot, timestamp_ms = request
             started = time.perf_counter()
+            idle_ms = 0.0 if answered is None else (started - answered) * 1e3
             try:
                 observation = landmarker.detect(ring.images[slot], timestamp_ms)
             except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
@@ -345,6 +366,7 @@ def _serve(config: LandmarkerConfig, ring: _Ring, connection: Connection) -> Non
                 ring.store(slot, observation)
             timestamp_ms = observation.timestamp_ms if observation is not None else 0
             try:
-                connection.send((slot, observation is not None, timestamp_ms, mediapipe_ms))
+                connection.send((slot, observation is not None, timestamp_ms, mediapipe_ms, idle_ms))
             except (BrokenPipeError, OSError):
                 return
+            answered = time.perf_counter()

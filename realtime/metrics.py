@@ -33,10 +33,15 @@ class LiveSummary:
     """Frames the source captured but the loop had no time for."""
     publisher_dropped: int
     duration_s: float
+    """From the start of the loop to the last frame's publication (closing down is not counted)."""
     fps: float
     latency_p50_ms: float
     latency_p95_ms: float
     """Capture to publish, over the last ``summary_window`` frames."""
+    added_p50_ms: float
+    added_p95_ms: float
+    """What the loop adds to MediaPipe per frame: capture to publish minus the frame's own MediaPipe time
+    (waiting for a core or for MediaPipe, resizing, hand-offs, fitting, publishing), over the same frames."""
     mediapipe_ms: float
     tracker_ms: float
     """Median per-frame times of the two stages."""
@@ -51,6 +56,10 @@ class LiveSummary:
     fitting_cpu_max_ms: float = 0.0
     """CPU time of the fitting stage's thread per frame (fit and publish) after the warm-up frames: the work
     itself, without the waits for a core or the interpreter lock that the wall-clock times include."""
+    mediapipe_idle_share: float = float("nan")
+    """After the warm-up frames, the share of the time MediaPipe's process waited for a frame (its idle time
+    over idle plus detection time): near 0 when the loop keeps it busy (flat out), large when frames come
+    slower than it detects them (a camera)."""
     cpu_ms_per_frame: float = float("nan")
     """CPU time per frame of this process (every thread) and MediaPipe's together, from the first frame to
     the last: the loop's whole cost, decoding included, start-up excluded."""
@@ -113,11 +122,13 @@ class StageTimes:
 
     def __init__(self, capacity: int) -> None:
         self.latency_ms = Samples(capacity)
+        self.added_ms = Samples(capacity)
         self.mediapipe_ms = Samples(capacity)
         self.tracker_ms = Samples(capacity)
 
     def add(self, latency_ms: float, mediapipe_ms: float, tracker_ms: float) -> None:
         self.latency_ms.add(latency_ms)
+        self.added_ms.add(latency_ms - mediapipe_ms)
         self.mediapipe_ms.add(mediapipe_ms)
         self.tracker_ms.add(tracker_ms)
 
@@ -160,25 +171,32 @@ class LiveMetrics:
         self._fitting_cpu_ms = Samples(summary_window)  # after the warm-up frames
         self._status = StatusLine(show_status)
         self._recorded = 0
+        self._mediapipe_busy_ms = 0.0  # after the warm-up frames
+        self._mediapipe_idle_ms = 0.0
         self._started = time.monotonic()
+        self._last_frame = self._started
         self._last_report = (self._started, 0)  # (monotonic time, frames recorded) at the last report
 
     def start(self) -> None:
         """The run begins now: fps and the duration count from here."""
-        self._started = time.monotonic()
+        self._started = self._last_frame = time.monotonic()
         self._last_report = (self._started, self._recorded)
 
     def record_frame(
-        self, latency_ms: float, mediapipe_ms: float, tracker_ms: float, frame_ms: float, fitting_cpu_ms: float
+        self, latency_ms: float, mediapipe_ms: float, tracker_ms: float, frame_ms: float, fitting_cpu_ms: float,
+        mediapipe_idle_ms: float = 0.0,
     ) -> None:
-        """One processed frame: capture->publish latency, the two stages' times, the whole frame's, and the CPU
-        time the fitting stage spent on it."""
+        """One processed frame, just published: capture->publish latency, the two stages' times, the whole
+        frame's, the CPU time the fitting stage spent on it, and how long MediaPipe waited for it."""
+        self._last_frame = time.monotonic()
         self._recorded += 1
         self._recent.add(latency_ms, mediapipe_ms, tracker_ms)
         self._history.add(latency_ms, mediapipe_ms, tracker_ms)
         if self._recorded > self.warmup_frames:
             self._frame_ms.add(frame_ms)
             self._fitting_cpu_ms.add(fitting_cpu_ms)
+            self._mediapipe_busy_ms += mediapipe_ms
+            self._mediapipe_idle_ms += mediapipe_idle_ms
 
     def report_due(self) -> bool:
         return time.monotonic() - self._last_report[0] >= self.interval_s
@@ -215,8 +233,9 @@ class LiveMetrics:
 
     def summary(self, counts: LiveCounts, cpu_seconds: float = float("nan")) -> LiveSummary:
         """The run so far, over the longer history; ``cpu_seconds``: CPU time the loop's processes used in it."""
-        duration_s = time.monotonic() - self._started
+        duration_s = self._last_frame - self._started
         history = self._history
+        mediapipe_ms = self._mediapipe_busy_ms + self._mediapipe_idle_ms
         return LiveSummary(
             frames=counts.frames,
             valid_frames=counts.valid_frames,
@@ -226,6 +245,8 @@ class LiveMetrics:
             fps=counts.frames / duration_s if duration_s > 0 else 0.0,
             latency_p50_ms=history.latency_ms.percentile(50),
             latency_p95_ms=history.latency_ms.percentile(95),
+            added_p50_ms=history.added_ms.percentile(50),
+            added_p95_ms=history.added_ms.percentile(95),
             mediapipe_ms=history.mediapipe_ms.percentile(50),
             tracker_ms=history.tracker_ms.percentile(50),
             tracker_max_ms=history.tracker_ms.maximum(),
@@ -235,6 +256,7 @@ class LiveMetrics:
             frame_max_ms=self._frame_ms.maximum(),
             fitting_cpu_median_ms=self._fitting_cpu_ms.percentile(50),
             fitting_cpu_max_ms=self._fitting_cpu_ms.maximum(),
+            mediapipe_idle_share=self._mediapipe_idle_ms / mediapipe_ms if mediapipe_ms > 0 else float("nan"),
             cpu_ms_per_frame=cpu_seconds * 1e3 / counts.frames if counts.frames else float("nan"),
             preview_frames=counts.preview_frames,
             preview_draw_ms=counts.preview_draw_ms,

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -129,9 +130,11 @@ class LivePipeline:
     def run(self, stop: threading.Event | None = None) -> LiveSummary:
         """Track until the source ends, `max_frames` are processed, the preview closes or `stop` is set."""
         stop = stop or threading.Event()
-        # MediaPipe and the capture thread need the other cores; PyTorch's small solves gain nothing from threads.
-        torch_threads = torch.get_num_threads()
+        # MediaPipe and the capture thread need the other cores; PyTorch's small solves gain nothing from threads,
+        # and OpenCV's pool, spinning between two resizes of a frame, costs about as much CPU as the resizes themselves (measured).
+        torch_threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
         torch.set_num_threads(1)
+        cv2.setNumThreads(1)
         # Short GIL slices: a background thread (calibration, refinement) then delays a frame by at most ~1 ms
         # each time the fitting stage wants the interpreter back, instead of Python's default 5 ms.
         switch_interval = sys.getswitchinterval()
@@ -143,7 +146,8 @@ class LivePipeline:
         self.metrics.start()
         cpu_started = self._cpu_seconds()
         self._publish_shape_if_changed()
-        detection = DetectionStage(self.source, self.detector)
+        keep_images = self.recorder is not None or self.preview is not None or self.keyframes is not None
+        detection = DetectionStage(self.source, self.detector, keep_images)
         self.source.start()
         detection.start()
         try:
@@ -171,6 +175,7 @@ class LivePipeline:
                 self.refiner.stop()
             self.metrics.end_status_line()
             torch.set_num_threads(torch_threads)
+            cv2.setNumThreads(cv2_threads)
             sys.setswitchinterval(switch_interval)
             gc.unfreeze()
         return self.metrics.summary(self._counts(), self._cpu_seconds() - cpu_started)
@@ -197,7 +202,7 @@ class LivePipeline:
         self.valid_frames += int(tracked.valid)
         frame_ms = detected.mediapipe_ms + (time.perf_counter() - fit_started) * 1e3
         fitting_cpu_ms = (time.thread_time() - cpu_started) * 1e3
-        self.metrics.record_frame(latency_ms, detected.mediapipe_ms, fit_ms, frame_ms, fitting_cpu_ms)
+        self.metrics.record_frame(latency_ms, detected.mediapipe_ms, fit_ms, frame_ms, fitting_cpu_ms, detected.idle_ms)
         if self.recorder is not None:
             self.recorder.write(frame, TOPIC_FRAME, message)
         self._offer_keyframe(detected, tracked)
