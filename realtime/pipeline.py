@@ -1,16 +1,14 @@
 """The live loop: newest frame -> MediaPipe -> tracker -> ``flame.frame`` -> publishers, recorder and keyframes.
 
 Two stages run at once, so that the loop keeps MediaPipe's own rate: the detection stage
-(:mod:`realtime.detection`: a thread feeding MediaPipe's own process, :mod:`realtime.detection_process`, so
-that MediaPipe and the solver never wait for each other's interpreter lock) takes the newest frame from the
-source and finds its landmarks, while the fitting stage (the calling thread, this module) fits and publishes
-the frame before it. Threads: the
-source's capture thread fills a one-frame slot (a frame the loop had no time for is replaced and counted as
-dropped); the detection stage hands each result over through a one-result slot (it waits while the fitting
-stage is busy, so no frame ages there); the recorder writes in its own thread; the tracker calibrates in its
-own thread; the refiner prepares identities on its own. Nothing queues without bound: the slots hold one item,
-publishers drop what they cannot send at once, the recorder's queue is bounded, and the keyframe queue drops
-its oldest entry when full.
+(:mod:`realtime.detection`: MediaPipe in a process of its own, :mod:`realtime.detection_process`, so that
+MediaPipe and the solver never wait for each other's interpreter lock) finds the landmarks of the newest frame
+while the fitting stage (this module) fits and publishes the frame before it; one thread, the caller's, feeds
+the one and runs the other. Threads: the source's capture thread fills a one-frame slot (a frame the loop had
+no time for is replaced and counted as dropped); the recorder writes in its own thread; the tracker calibrates
+in its own thread; the refiner prepares identities on its own. Nothing queues without bound: the slot holds one
+frame, MediaPipe's process at most three, publishers drop what they cannot send at once, the recorder's queue
+is bounded, and the keyframe queue drops its oldest entry when full.
 
 Per frame, in the fitting stage (:meth:`LivePipeline._process`): adopt a refined identity or start a
 recalibration (between frames), fit, ``flame.shape`` if the identity changed, ``flame.frame`` to every
@@ -149,12 +147,11 @@ class LivePipeline:
         keep_images = self.recorder is not None or self.preview is not None or self.keyframes is not None
         detection = DetectionStage(self.source, self.detector, keep_images)
         self.source.start()
-        detection.start()
         try:
             while not stop.is_set() and not self._reached_max_frames():
                 try:
                     detected = detection.get(timeout=0.1)
-                except SourceLostError as error:  # raised in the detection stage, handed over here
+                except SourceLostError as error:  # the capture thread's, raised where its frames are taken
                     log.error("%s", error)
                     self.source_lost = str(error)
                     break
@@ -167,7 +164,6 @@ class LivePipeline:
                     self.metrics.report(self._counts(), self.publishers)
             self.metrics.report(self._counts(), self.publishers)  # the last figures, also for short runs
         finally:
-            detection.stop()
             self.source.stop()
             if self.keyframes is not None:
                 self.keyframes.queue.close()
