@@ -17,7 +17,7 @@ import pytest
 
 from engine.head_model import ModelFileError
 from engine.landmarks import FaceLandmarker, LandmarkerConfig
-from realtime.detection_process import DetectionProcess, DetectionProcessError
+from realtime.detection_process import DetectionProcess, DetectionProcessError, resized
 from realtime.sources import iter_frames
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_the_worker_finds_the_same_faces_with_frames_in_flight(frames: list[np.n
         single = process.detect(frames[-1], FRAMES * 40)
     assert all(e is not None for e in expected), "every frame of the clip shows a face"
     for want, got in zip(expected, collected, strict=True):
-        assert got.observation is not None and got.mediapipe_ms > 0
+        assert got.observation is not None and got.mediapipe_ms > 0 and got.idle_ms >= 0
         np.testing.assert_array_equal(got.observation.points, want.points)
         np.testing.assert_array_equal(got.observation.depth, want.depth)
         np.testing.assert_array_equal(got.observation.blendshapes, want.blendshapes)
@@ -80,6 +80,18 @@ def test_the_worker_finds_the_same_faces_with_frames_in_flight(frames: list[np.n
         assert got.observation.image_size == (height, width) and got.observation.timestamp_ms == want.timestamp_ms
     assert single is not None and single.image_size == (height, width)
     assert not Path("/dev/shm", process.memory_name).exists(), "closing frees the shared memory"
+
+
+def test_a_frame_resized_into_the_ring_is_detected_as_the_resized_frame(frames: list[np.ndarray], landmarker_task: Path) -> None:
+    config = LandmarkerConfig(landmarker_task, running_mode="image")
+    with DetectionProcess(config, (480, 640)) as process:
+        seen = process.submit(frames[0], resize=True)
+        np.testing.assert_array_equal(seen, resized(frames[0], (640, 480)))  # the slot, as MediaPipe sees it
+        in_place = process.collect()
+        copied = process.detect(resized(frames[0], (640, 480)))
+    assert in_place is not None and in_place.observation is not None and copied is not None
+    np.testing.assert_array_equal(in_place.observation.points, copied.points)
+    assert in_place.observation.image_size == (480, 640)
 
 
 def test_an_image_of_another_size_or_type_is_refused(frames: list[np.ndarray], landmarker_task: Path) -> None:

@@ -33,7 +33,7 @@ from engine.model_selection import select_head_model
 from engine.tracker import Tracker, TrackerConfig
 from flame_client import BLENDSHAPE_NAMES, Subscriber, validate
 from flame_client.messages import TOPIC_FRAME, TOPIC_METRICS, TOPIC_SHAPE, metrics_message
-from realtime.detection_process import DetectionProcess
+from realtime.detection_process import DetectionProcess, resized
 from realtime.keyframes import KeyframeConfig
 from realtime.outputs import PublisherOptions, close_all, open_publishers, parse_host_port
 from realtime.metrics import LiveSummary
@@ -114,7 +114,7 @@ def build_pipeline(
     """The live loop's real parts for a clip or folder (read frame by frame unless ``realtime``); returns the
     pipeline and what to close."""
     source = open_source(str(source_path), realtime=realtime)
-    width, height = source.size
+    width, height = config.get("frame_size") or source.size
     head = select_head_model("demo", task.parent)
     detector = DetectionProcess(LandmarkerConfig(task), (height, width))
     tracker = Tracker(head, (height, width), TrackerConfig(output_filter=OneEuroConfig()))
@@ -205,6 +205,8 @@ def test_summary_has_frame_times_after_the_warm_up(live_run: LiveRun) -> None:
     summary = live_run.summary
     assert summary.frames > LiveConfig().warmup_frames
     assert 0 < summary.mediapipe_ms < summary.frame_median_ms <= summary.frame_max_ms
+    assert summary.added_p50_ms <= summary.added_p95_ms and summary.added_p95_ms <= summary.latency_p95_ms
+    assert 0 <= summary.mediapipe_idle_share <= 1
 
 
 def test_identity_is_published_at_start_and_after_calibration(live_run: LiveRun) -> None:
@@ -285,6 +287,28 @@ def test_novel_frames_become_keyframes_for_the_refiner(live_run: LiveRun) -> Non
     assert selector.queue.dropped == selector.selected - len(selector.queue)
     keyframe = selector.queue.get(timeout=0)
     assert keyframe.image.shape == (288, 360, 3) and keyframe.landmarks.shape == (478, 2) and keyframe.tracked.valid
+
+
+def test_frames_are_tracked_and_kept_at_the_loops_size(shared_clips: Path, landmarker_task: Path) -> None:
+    """Resized into MediaPipe's ring, a frame kept for later (a keyframe) is the frame MediaPipe saw, not its
+    slot, which later frames overwrite."""
+    size = (320, 256)
+    pipeline, closables = build_pipeline(
+        shared_clips / GRID_CLIP, landmarker_task, [], frame_size=size, max_frames=24, keyframes=KeyframeConfig(queue_size=8)
+    )
+    try:
+        summary = pipeline.run()
+    finally:
+        for closable in closables:
+            closable.close()
+    assert summary.frames == 24 and summary.valid_frames > 0
+    assert pipeline.keyframes is not None
+    keyframes = [pipeline.keyframes.queue.get(timeout=0) for _ in range(len(pipeline.keyframes.queue))]
+    assert len(keyframes) >= 2, "a face turning up and moving makes more than one keyframe"
+    originals = {frame.index: frame.image for frame in iter_frames(str(shared_clips / GRID_CLIP)) if frame.index < 24}
+    for keyframe in keyframes:
+        np.testing.assert_array_equal(keyframe.image, resized(originals[keyframe.frame_index], size))
+        assert np.all((keyframe.landmarks >= 0) & (keyframe.landmarks <= size)), "landmarks are pixels of the resized frame"
 
 
 def test_refined_identity_is_adopted_and_published_with_texture_and_light(shared_clips: Path, landmarker_task: Path) -> None:
