@@ -1,8 +1,8 @@
 """The one hand-off between the live threads: a bounded queue whose producer never has to wait.
 
 Every stage of the live loop passes work on through a :class:`DropOldestQueue`: the capture thread frames to
-the detection stage (room for one: the newest frame wins), the detection stage results to the fitting stage,
-the fitting stage keyframes to the refiner and results to the preview window. When the queue is full,
+the loop's thread (room for one: the newest frame wins), the loop's thread keyframes to the refiner and results
+to the preview window. When the queue is full,
 :meth:`DropOldestQueue.offer` drops the oldest waiting item and counts it, so a slow consumer costs dropped
 items, never a stalled producer or a growing backlog; a producer that must deliver everything (a file read
 frame by frame) uses :meth:`DropOldestQueue.hand_over`, which waits for room instead. :meth:`DropOldestQueue.close`
