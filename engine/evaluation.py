@@ -186,13 +186,25 @@ def landmark_errors(rig: HeadRig, shape: np.ndarray, exp: np.ndarray, pose: np.n
     distance (a fraction; NaN where the detector saw no face), as :func:`fit_scores` measures it."""
     observed = rig.targets.pixels(mp478, None)
     iod = np.linalg.norm(mp478[:, OUTER_EYE_CORNERS[0]] - mp478[:, OUTER_EYE_CORNERS[1]], axis=1)
-    return _errors_over_iod(model_landmark_pixels(rig, shape, exp, pose, transl), observed, iod)
+    return errors_over_iod(model_landmark_pixels(rig, shape, exp, pose, transl), observed, iod)
 
 
-def _errors_over_iod(model: np.ndarray, observed: np.ndarray, iod: np.ndarray) -> np.ndarray:
+def errors_over_iod(model: np.ndarray, observed: np.ndarray, iod: np.ndarray) -> np.ndarray:
+    """(T,) each frame's mean distance of ``model`` to ``observed`` points (T, N, 2) over its ``iod``."""
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a frame without a face is all NaN: its error is NaN
         return np.nanmean(np.linalg.norm(model - observed, axis=2), axis=1) / iod
+
+
+def still_jitter(model: np.ndarray, observed: np.ndarray, still_frames: int = 20) -> float:
+    """RMS frame-to-frame motion (pixels) of the (T, N, 2) ``model`` points (NaN where not fitted) over the
+    ``still_frames`` consecutive frames where the detector's ``observed`` points move least: the jitter of
+    :func:`fit_scores`."""
+    observed_motion = np.nanmean(np.linalg.norm(np.diff(observed, axis=0), axis=2), axis=1)
+    window = np.convolve(np.nan_to_num(observed_motion, nan=np.inf), np.ones(still_frames - 1), mode="valid")
+    start = int(np.argmin(window)) if len(window) else 0
+    steps = np.linalg.norm(np.diff(model[start : start + still_frames], axis=0), axis=2)
+    return float(np.sqrt(np.nanmean(steps**2)))
 
 
 def fit_scores(
@@ -212,12 +224,8 @@ def fit_scores(
     observed = rig.targets.pixels(mp478, None)
     iod = np.linalg.norm(mp478[:, OUTER_EYE_CORNERS[0]] - mp478[:, OUTER_EYE_CORNERS[1]], axis=1)
     usable = np.asarray(valid, bool) & np.isfinite(iod)
-    errors = _errors_over_iod(model, observed, iod)[usable]
+    errors = errors_over_iod(model, observed, iod)[usable]
     model[~usable] = np.nan
-    observed_motion = np.nanmean(np.linalg.norm(np.diff(observed, axis=0), axis=2), axis=1)
-    window = np.convolve(np.nan_to_num(observed_motion, nan=np.inf), np.ones(still_frames - 1), mode="valid")
-    start = int(np.argmin(window)) if len(window) else 0
-    steps = np.linalg.norm(np.diff(model[start : start + still_frames], axis=0), axis=2)
     mouth, eyes = _opening_pairs(rig)
 
     def correlation(pair: tuple[int, int]) -> float:
@@ -230,7 +238,7 @@ def fit_scores(
         "valid_frames": int(usable.sum()),
         "landmark_error_iod_percent": 100.0 * float(errors.mean()),
         "landmark_error_iod_percent_worst_frame": 100.0 * float(errors.max()),
-        "jitter_px": float(np.sqrt(np.nanmean(steps**2))),
+        "jitter_px": still_jitter(model, observed, still_frames),
         "mouth_correlation": correlation(mouth),
         "blink_correlation": float(np.mean([correlation(pair) for pair in eyes])),
     }

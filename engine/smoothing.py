@@ -31,6 +31,10 @@ principle, in the landmarks' own space).
 
 Each run of consecutive valid frames is smoothed on its own: a lost face and its re-acquisition are not
 bridged. Invalid frames (they hold the last good parameters) are left as they are.
+
+:func:`smooth_linear` is the same smoother without reweighting, for corrections to an already smoothed fit
+(photometric refinement's): they have no noise of their own to measure, and their fast content is what
+their caller limits.
 """
 
 from __future__ import annotations
@@ -151,6 +155,20 @@ def _normal_matrix(weights: np.ndarray, order: int) -> np.ndarray:
             # Row i of D touches frames i..i+order: it adds w_i s_a s_b at (i+a, i+b).
             np.add.at(banded[order - (b - a)], rows + b, weights * stencil[a] * stencil[b])
     return banded
+
+
+def smooth_linear(values: np.ndarray, strengths: np.ndarray, order: int = 2) -> np.ndarray:
+    """(T, D) ``values`` (one contiguous run) smoothed by a linear Whittaker smoother: column d minimises
+    ``sum (x - y)^2 + strengths[d] * sum (order-th difference of x)^2``, with no reweighting (every
+    acceleration is penalised alike). Columns of equal strength share one banded factorisation."""
+    smoothed = values.astype(np.float64, copy=True)
+    if len(values) <= order:
+        return smoothed
+    for strength in np.unique(strengths[strengths > 0]):
+        columns = strengths == strength
+        normal = _normal_matrix(np.full(len(values) - order, float(strength)), order)
+        smoothed[:, columns] = solveh_banded(normal, smoothed[:, columns], lower=False, check_finite=False)
+    return smoothed
 
 
 def valid_runs(valid: np.ndarray) -> list[slice]:

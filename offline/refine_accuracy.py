@@ -65,7 +65,9 @@ def compare_refine_with_track(
     report["refine"]["identity_seconds"] = timings.get("identity_s", float("nan"))
     report["refine"]["rejected_windows"] = timings.get("rejected_windows", 0)
     report["refine"]["smoothing_seconds"] = timings.get("smoothing_s", 0.0)
-    report["refine"]["kept_landmark_fit_after_smoothing"] = timings.get("kept_landmark_fit_after_smoothing", 0)
+    # The strengths the corrections to track's fit were smoothed with (NaN: every frame kept track's fit).
+    report["refine"]["correction_strength"] = timings.get("correction_strength", 0.0)
+    report["refine"]["correction_pose_strength"] = timings.get("correction_pose_strength", 0.0)
     return report
 
 

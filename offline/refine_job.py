@@ -26,10 +26,12 @@ version in ``meta.json``):
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated
 from pathlib import Path
 
@@ -40,14 +42,15 @@ from tqdm import tqdm
 from engine.atomic import write_json_atomic, write_npz_atomic, write_png_atomic
 from engine.config import Range, to_tree
 from engine.errors import UserError
-from engine.evaluation import landmark_errors
+from engine.evaluation import OUTER_EYE_CORNERS, errors_over_iod, model_landmark_pixels, still_jitter
 from engine.frames import FrameParams, FrameState, stack_reference, unstack_reference
+from engine.head_model import NECK, ROOT
 from engine.photometric import PhotometricConfig, PhotometricFitter
 from engine.rig import HeadRig
-from engine.smoothing import SmoothingConfig
+from engine.smoothing import SmoothingConfig, smooth_linear, valid_runs
 from engine.tracker import Tracker, diversity_feature, select_diverse
 from engine.versions import software_versions
-from offline.track_job import UNSMOOTHED_FILE, LandmarkSequence, smooth_frames, track_sequence
+from offline.track_job import UNSMOOTHED_FILE, LandmarkSequence, track_sequence
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,14 @@ REFINE_FORMAT_VERSION = 1
 #: Texture-space components refinement fits when the model has a texture space (as the reference tracker does).
 TEXTURE_COMPONENTS = 50
 IDENTITY_FILE = "identity.npz"
+#: The refinement's corrections are smoothed at track's strengths times CORRECTION_STRENGTH_FACTOR**k,
+#: k = 0..CORRECTION_STRENGTH_STEPS (the last: all but a linear trend), or held constant, for the head pose and
+#: the face each.
+CORRECTION_STRENGTH_FACTOR = 10.0
+CORRECTION_STRENGTH_STEPS = 5
+#: The smoothed refinement's still-frames jitter must stay this fraction below the landmark fit's, so that
+#: rounding (frame files hold float32) never puts it above.
+_JITTER_TOLERANCE = 1e-5
 
 #: One frame's input: RGB image, MediaPipe 478 landmarks (pixels, NaN unobserved) or None.
 FrameInput = tuple[np.ndarray, np.ndarray | None]
@@ -69,9 +80,8 @@ class RefineOptions:
     #: (fraction of the inter-ocular distance), or any of its frames rises more than ``frame_margin``.
     landmark_margin: float = 0.001
     frame_margin: float = 0.005
-    #: The final pass over the whole refined sequence, ``track``'s (None: the per-window fits are the result).
-    #: A smoothed frame whose landmark error rises more than ``landmark_margin`` above the landmark fit's
-    #: keeps the landmark fit.
+    #: The final pass over the whole refined sequence: its corrections to the landmark fit are smoothed at
+    #: these strengths or stronger, as the guards demand (None: the per-window fits are the result).
     smoothing: SmoothingConfig | None = field(default_factory=SmoothingConfig)
 
 
@@ -104,7 +114,8 @@ class SequenceRefiner:
         self.timings: dict[str, float] = {}
         self.rejected_windows: list[tuple[int, int]] = []  # (first, last) frame of each rejected window
         self.windows = 0
-        self.kept_after_smoothing: list[int] = []  # frames whose smoothed refinement lost to the landmark fit
+        # The strengths the corrections were smoothed with (None: every frame kept the landmark fit).
+        self.correction_smoothing: SmoothingConfig | None = None
         self._landmarks: list[np.ndarray | None] = []  # each frame's detector landmarks, for the smoothing guard
         self._refined_now: set[int] = set()  # frames refined by this run (not resumed from their files)
 
@@ -257,8 +268,9 @@ class SequenceRefiner:
 
     # --------------------------------------------------------------------------------------------- smoothing
     def _smooth_and_rewrite(self, states: list[FrameState | None], progress: bool) -> None:
-        """Smooth the refined sequence, keep the landmark fit where smoothing costs landmark accuracy, and
-        rewrite every frame file; the refined frames are kept first, so an interrupted pass starts again."""
+        """Smooth the refinement's corrections to the landmark fit over the whole sequence, as little as the
+        guards allow (:meth:`_smooth_corrections`), and rewrite every refined frame file; the refined frames
+        are kept first, so an interrupted pass starts again from them."""
         started = time.perf_counter()
         unsmoothed = self.out_dir / UNSMOOTHED_FILE
         raw: list[dict[str, np.ndarray]] = []
@@ -269,36 +281,72 @@ class SequenceRefiner:
             # Frames refined by this run replace their earlier versions; the others are the earlier refinement.
             raw = [self._load_arrays(i) if i in self._refined_now or i >= len(raw) else raw[i] for i in range(len(states))]
             write_npz_atomic(unsmoothed, stack_reference(raw))
-        smoothed = smooth_frames(raw, self.options.smoothing, self.fps or 25.0)
-        self.kept_after_smoothing = self._frames_worse_than_landmark_fit(states, smoothed)
-        for index in self.kept_after_smoothing:
-            self._write(index, states[index], float(raw[index]["image_error"][0]), refined=False)
-        kept = set(self.kept_after_smoothing)
-        for index, arrays in enumerate(tqdm(smoothed, desc="smooth", unit="frame", disable=not progress, leave=False)):
-            if index not in kept:
-                write_npz_atomic(self._frame_path(index), arrays)
+        final = self._smooth_corrections(states, [state_from_reference(self.tracker.rig, arrays) for arrays in raw], progress)
+        kept_landmark_fit = self.correction_smoothing is None
+        for index, state in enumerate(final):
+            if state is not None:
+                refined = bool(raw[index]["refined"][0]) and not kept_landmark_fit
+                self._write(index, state, float(raw[index]["image_error"][0]), refined=refined)
         self.timings["smoothing_s"] = time.perf_counter() - started
-        self.timings["kept_landmark_fit_after_smoothing"] = len(kept)
-        if kept:
-            log.warning("%d frame(s) keep the landmark fit: smoothing raised their landmark error more than %.2f %% "
-                        "of the inter-ocular distance above it", len(kept), 100 * self.options.landmark_margin)
+        used = self.correction_smoothing
+        self.timings["correction_strength"] = float("nan") if used is None else used.strength
+        self.timings["correction_pose_strength"] = float("nan") if used is None else used.pose_strength
+        if kept_landmark_fit:
+            log.warning("every frame keeps the landmark fit: even its most smoothed refinement moved the landmarks "
+                        "more than track's where the face is still, or raised their error above the margin")
 
-    def _frames_worse_than_landmark_fit(self, states: list[FrameState | None], smoothed: list[dict[str, np.ndarray]]) -> list[int]:
-        """Frames whose smoothed landmark error exceeds the landmark fit's by more than ``landmark_margin``."""
-        checked = [i for i, state in enumerate(states) if state is not None and bool(smoothed[i]["valid"][0])
-                   and self._landmarks[i] is not None]
-        if not checked:
-            return []
-        mp478 = np.stack([self._landmarks[i] for i in checked])
-        shape = self.tracker.rig.shape.cpu().numpy()
+    def _smooth_corrections(self, states: list[FrameState | None], raw: list[FrameState | None],
+                            progress: bool) -> list[FrameState | None]:
+        """The landmark fit plus the refinement's corrections to it, smoothed over the whole sequence.
 
-        def errors(frames: list[FrameState]) -> np.ndarray:
-            stacked = FrameState.cat(frames)
-            return landmark_errors(self.tracker.rig, shape, stacked.exp.cpu().numpy(), stacked.pose.cpu().numpy(),
-                                   stacked.transl.cpu().numpy(), mp478)
-
-        rise = errors([state_from_reference(self.tracker.rig, smoothed[i]) for i in checked]) - errors([states[i] for i in checked])
-        return [index for index, value in zip(checked, rise) if value > self.options.landmark_margin]
+        The corrections (refined minus landmark fit: photometry moves what drifts slowly, and partly undoes
+        the detector's lag behind motion) are smoothed linearly (:func:`engine.smoothing.smooth_linear`),
+        the head pose and the face each at ``track``'s strength times 1, 10, ... 10^5. Of these candidates the
+        one whose landmarks stay closest to the unsmoothed refinement's is kept among those that pass both
+        guards: the landmarks move no more than the landmark fit's over the frames where the detector's are
+        stillest (:func:`engine.evaluation.still_jitter`), and their error (distance to the detector's over
+        the inter-ocular distance) rises at most ``landmark_margin`` on average and ``frame_margin`` in any
+        frame. When none passes, every frame keeps the landmark fit.
+        """
+        rig, config = self.tracker.rig, self.options.smoothing
+        fps = self.fps or 25.0
+        both = np.array([s is not None and r is not None for s, r in zip(states, raw)])
+        measured = both & np.array([points is not None for points in self._landmarks])
+        if not measured.any():
+            self.correction_smoothing = None
+            return states
+        filler = next(s for s, ok in zip(states, both) if ok)
+        anchor = FrameState.cat([s if ok else filler for s, ok in zip(states, both)])
+        corrections = _flat(FrameState.cat([r.minus(s) if ok else filler.minus(filler) for s, r, ok in zip(states, raw, both)]))
+        judge = _LandmarkJudge(rig, self._landmarks, measured)
+        fitted_pixels, fitted_errors = judge.measure(anchor)
+        allowed_jitter = (1.0 - _JITTER_TOLERANCE) * judge.jitter(fitted_pixels)
+        raw_pixels, _ = judge.measure(anchor.plus(_unflat(corrections, anchor)))
+        pose_columns = _pose_columns(anchor)
+        best: tuple[float, FrameState, SmoothingConfig] | None = None
+        candidates = list(_correction_settings(config))
+        for used in tqdm(candidates, desc="smooth", unit="setting", disable=not progress, leave=False):
+            strengths = np.where(pose_columns, used.strength_at(fps, pose=True), used.strength_at(fps))
+            smoothed = corrections.copy()
+            for run in valid_runs(both):
+                smoothed[run] = smooth_linear(corrections[run], np.where(np.isinf(strengths), 0.0, strengths), config.order)
+                # An infinite strength: one constant correction over the run.
+                smoothed[run][:, np.isinf(strengths)] = corrections[run][:, np.isinf(strengths)].mean(axis=0)
+            candidate = anchor.plus(_unflat(smoothed, anchor))
+            pixels, errors = judge.measure(candidate)
+            rise = errors - fitted_errors
+            passes = (judge.jitter(pixels) <= allowed_jitter and np.nanmean(rise) <= self.options.landmark_margin
+                      and np.nanmax(rise) <= self.options.frame_margin)
+            distance = judge.distance(pixels, raw_pixels)
+            if passes and (best is None or distance < best[0]):
+                best = (distance, candidate, used)
+        if best is None:
+            self.correction_smoothing = None
+            return states
+        _, chosen, self.correction_smoothing = best
+        log.info("refinement's corrections smoothed with strength %.3g (head pose %.3g)",
+                 self.correction_smoothing.strength, self.correction_smoothing.pose_strength)
+        return [chosen.index(slice(i, i + 1)) if ok else None for i, ok in enumerate(both)]
 
     def _with_memory_guard(self, fit: Callable):
         try:
@@ -355,12 +403,74 @@ class SequenceRefiner:
             "smoothing": None if self.options.smoothing is None else self.options.smoothing.describe(),
             # How it was made, as `refine --config` (and `track --config`) read it.
             "config": {"tracker": to_tree(self.tracker.config), "refine": to_tree(self.options)},
-            "kept_landmark_fit_after_smoothing": self.kept_after_smoothing,
+            "correction_smoothing": None if self.options.smoothing is None else {
+                "kept_landmark_fit": self.correction_smoothing is None,
+                "strength": None if self.correction_smoothing is None else self.correction_smoothing.strength,
+                "pose_strength": None if self.correction_smoothing is None else self.correction_smoothing.pose_strength,
+            },
             "light": "9 SH coefficients per RGB channel, DECA's basis order and constants (engine.render)",
             "timings": self.timings,
             "versions": software_versions(),
         }
         write_json_atomic(self.out_dir / "meta.json", meta)
+
+
+def _correction_settings(config: SmoothingConfig) -> Iterator[SmoothingConfig]:
+    """``config`` with its face and head-pose strengths each raised by every power of
+    :data:`CORRECTION_STRENGTH_FACTOR` up to :data:`CORRECTION_STRENGTH_STEPS`, then to infinity (a
+    constant correction)."""
+    factors = [CORRECTION_STRENGTH_FACTOR**k for k in range(CORRECTION_STRENGTH_STEPS + 1)] + [math.inf]
+    for face, pose in itertools.product(factors, repeat=2):
+        yield replace(config, strength=config.strength * face, pose_strength=config.pose_strength * pose)
+
+
+def _flat(frames: FrameState) -> np.ndarray:
+    """(T, D) float64 columns of a batch of frames: expression, joint rotations (axis-angle), translation."""
+    parts = (frames.exp, frames.pose.reshape(len(frames.pose), -1), frames.transl)
+    return np.concatenate([part.detach().cpu().double().numpy() for part in parts], axis=1)
+
+
+def _unflat(columns: np.ndarray, like: FrameState) -> FrameState:
+    """The inverse of :func:`_flat`, in ``like``'s dtype and device."""
+    n_exp, n_pose = like.exp.shape[1], like.pose[0].numel()
+    options = {"dtype": like.exp.dtype, "device": like.exp.device}
+    return FrameState(torch.as_tensor(columns[:, :n_exp], **options),
+                      torch.as_tensor(columns[:, n_exp : n_exp + n_pose], **options).reshape(like.pose.shape),
+                      torch.as_tensor(columns[:, n_exp + n_pose :], **options))
+
+
+def _pose_columns(like: FrameState) -> np.ndarray:
+    """Which of :func:`_flat`'s columns are the head pose (root and neck rotation, translation), which
+    ``track`` smooths with its own strength."""
+    joints = np.zeros(like.pose.shape[1:], dtype=bool)
+    joints[[ROOT, NECK]] = True
+    return np.concatenate([np.zeros(like.exp.shape[1], dtype=bool), joints.reshape(-1), np.ones(3, dtype=bool)])
+
+
+class _LandmarkJudge:
+    """A sequence's fitted landmarks against the detector's, as ``bench --accuracy --refine`` scores them."""
+
+    def __init__(self, rig: HeadRig, landmarks: list[np.ndarray | None], measured: np.ndarray) -> None:
+        self.rig = rig
+        mp478 = np.stack([np.full((478, 2), np.nan) if points is None else points for points in landmarks])
+        self.observed = rig.targets.pixels(mp478, None)
+        self.iod = np.linalg.norm(mp478[:, OUTER_EYE_CORNERS[0]] - mp478[:, OUTER_EYE_CORNERS[1]], axis=1)
+        self.measured = measured
+        self.shape = rig.shape.cpu().numpy()
+
+    def measure(self, frames: FrameState) -> tuple[np.ndarray, np.ndarray]:
+        """The frames' landmark pixels (NaN in frames not measured) and each frame's error over the IOD."""
+        exp, pose, transl = (part.detach().cpu().numpy() for part in (frames.exp, frames.pose, frames.transl))
+        pixels = model_landmark_pixels(self.rig, self.shape, exp, pose, transl)
+        pixels[~self.measured] = np.nan
+        return pixels, errors_over_iod(pixels, self.observed, self.iod)
+
+    def jitter(self, pixels: np.ndarray) -> float:
+        return still_jitter(pixels, self.observed)
+
+    def distance(self, pixels: np.ndarray, other: np.ndarray) -> float:
+        """Mean distance (pixels) between two fits' landmarks."""
+        return float(np.nanmean(np.linalg.norm(pixels - other, axis=-1)))
 
 
 def refine_video(
