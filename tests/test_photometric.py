@@ -236,13 +236,18 @@ def test_refine_command_refines_a_real_live_recording_without_losing_the_landmar
 
     repo = Path(__file__).resolve().parents[1]
     models = ["--flame", "demo", "--models", str(landmarker_task.parent)]
+
+    def run(command: str, *arguments: str, timeout: float) -> subprocess.CompletedProcess:
+        # Every step says why it failed: the one failure seen (under load, in the full suite) left no cause.
+        result = subprocess.run([sys.executable, str(repo / "run_stream.py"), command, *arguments, *models],
+                                capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, f"{command} exited with {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+        return result
+
     session = tmp_path / "session"
-    live = [sys.executable, str(repo / "run_stream.py"), "live", "--source", str(shared_clips / "bbaf2n.mpg"),
-            "--as-fast-as-possible", "--no-zmq", "--landmarks", "--record", str(session), *models]  # fmt: skip
-    assert subprocess.run(live, capture_output=True, text=True, timeout=300).returncode == 0
-    refine = [sys.executable, str(repo / "run_stream.py"), "refine", str(session), "--size", "64", "--iterations", "2", *models]
-    result = subprocess.run(refine, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    run("live", "--source", str(shared_clips / "bbaf2n.mpg"), "--as-fast-as-possible", "--no-zmq", "--landmarks",
+        "--record", str(session), timeout=600)
+    run("refine", str(session), "--size", "64", "--iterations", "2", timeout=900)
     out = session / "refined"
     refined = load_frames(out)
     meta = json.loads((out / "meta.json").read_text())
@@ -253,9 +258,7 @@ def test_refine_command_refines_a_real_live_recording_without_losing_the_landmar
     # The README's last step: the refined folder and the raw session as animated glTF rigs (the rig itself is
     # checked in test_gltf_export.py).
     for params, texture in ((out, True), (session, False)):
-        export = [sys.executable, str(repo / "run_stream.py"), "export", "--gltf", str(tmp_path / "head.glb"), "--params", str(params), *models]
-        result = subprocess.run(export, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr
+        result = run("export", "--gltf", str(tmp_path / "head.glb"), "--params", str(params), timeout=600)
         assert f"{len(refined)} frames" in result.stdout and ("texture.png" in result.stdout) == texture, result.stdout
 
     reader = SessionReader(session)
@@ -264,9 +267,7 @@ def test_refine_command_refines_a_real_live_recording_without_losing_the_landmar
     width, height = reader.frame_size
     np.savez(tmp_path / "landmarks.npz", mp478=mp478, image_size=(height, width), fps=25.0)
     fov = float(refined[0]["fov"][0])  # the recorded camera's, which refinement keeps
-    track = [sys.executable, str(repo / "run_stream.py"), "track", str(tmp_path / "landmarks.npz"), "--out", str(tmp_path / "track"),
-             "--fov", str(fov), *models]  # fmt: skip
-    assert subprocess.run(track, capture_output=True, text=True, timeout=300).returncode == 0
+    run("track", str(tmp_path / "landmarks.npz"), "--out", str(tmp_path / "track"), "--fov", str(fov), timeout=600)
     head = build_demo_head(landmarker_task)
     tracked = score_frames(head, load_frames(tmp_path / "track"), mp478, (height, width))
     scores = score_frames(head, refined, mp478, (height, width))
@@ -280,8 +281,9 @@ def test_smoothed_refine_keeps_track_s_landmark_fit_and_lowers_the_image_error_o
     shared_clips: Path, landmarker_task: Path
 ) -> None:
     """``bench --accuracy --refine`` on the first frames of a real clip, both results smoothed over the whole
-    sequence as ``track`` smooths: refine stays within its margin of track's landmark error, keeps the mouth
-    curve, and fits the image better."""
+    sequence: refine stays within its margin of track's landmark error, moves its landmarks no more than track
+    where the face is still (before the corrections were smoothed under that guard: 5.6 % more), keeps the
+    mouth curve, and fits the image better."""
     from engine.demo_head import build_demo_head
     from offline.refine_accuracy import compare_refine_with_track
 
@@ -291,6 +293,7 @@ def test_smoothed_refine_keeps_track_s_landmark_fit_and_lowers_the_image_error_o
     track, refine = report["track"], report["refine"]
     assert report["smoothing"] == options.smoothing.describe()
     assert refine["landmark_error_iod_percent"] <= track["landmark_error_iod_percent"] + 100 * options.landmark_margin
+    assert refine["jitter_px"] <= track["jitter_px"], (refine["jitter_px"], track["jitter_px"])
     assert refine["mouth_correlation"] >= min(0.97, track["mouth_correlation"])
     assert refine["image_error_in_face_mask"] < track["image_error_in_face_mask"]
     print({name: {region: round(error, 5) for region, error in report[name]["image_error_by_region"].items()} for name in ("track", "refine")})

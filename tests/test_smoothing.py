@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.smoothing import SmoothingConfig, noise_level, smooth_sequence, smooth_within_fit, valid_runs
+from engine.smoothing import SmoothingConfig, noise_level, smooth_linear, smooth_sequence, smooth_within_fit, valid_runs
 
 FPS = 25.0
 
@@ -48,6 +48,24 @@ def test_noise_is_cut_while_a_blink_keeps_most_of_its_depth() -> None:
     assert smoothed[blink, 0].mean() > 0.75, "a 6-frame blink keeps most of its depth"
     assert np.corrcoef(smoothed[:, 0], truth[:, 0])[0, 1] > 0.97
     np.testing.assert_allclose(noise_level(noisy - truth), 0.03, rtol=0.25)
+
+
+def test_linear_smoothing_of_corrections_keeps_a_ramp_and_flattens_window_kinks_by_its_strength() -> None:
+    """Refinement's corrections are piecewise linear (one slope per window): they have no noise for the robust
+    smoother to measure, so it would leave them as they are; the linear smoother flattens their kinks, more the
+    stronger it is, and keeps a straight ramp (no acceleration to penalise)."""
+    frames = np.arange(40, dtype=np.float64)
+    ramp = 0.01 * frames
+    kinks = np.interp(frames, [0, 8, 16, 24, 32, 39], [0.0, 0.3, -0.2, 0.25, 0.0, 0.1])
+    values = np.stack([ramp, kinks, kinks], axis=1)
+    robust = smooth_sequence({"exp": values, "valid": np.ones(40, bool)}, SmoothingConfig(strength=1000.0), 25.0)["exp"]
+    assert noise_level(values)[1] < 1e-12 and np.abs(robust - values).max() < 1e-3
+
+    smoothed = smooth_linear(values, np.array([1e4, 10.0, 1e4]))
+    assert np.allclose(smoothed[:, 0], ramp)
+    acceleration = [float(np.abs(np.diff(smoothed[:, k], n=2)).max()) for k in (1, 2)]
+    assert acceleration[1] < acceleration[0] < float(np.abs(np.diff(kinks, n=2)).max())
+    assert np.array_equal(smooth_linear(values, np.zeros(3)), values)
 
 
 def test_per_sequence_arrays_and_invalid_frames_are_untouched_and_runs_are_not_bridged() -> None:
