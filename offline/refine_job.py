@@ -6,18 +6,18 @@ landmark calibration's shape; without a texture space a detailed albedo map is t
 keyframes' pixels. Every frame is then corrected in windows of consecutive frames, each window's corrections
 tied to the one before it, so smoothness runs across the whole sequence. A window whose landmark error rises
 above the landmark fit's by more than a margin is rejected (logged and counted in ``meta.json``): its frames
-keep the landmark fit. Once every frame is refined, the refined parameters are smoothed over the whole
-sequence with ``track``'s smoother (:mod:`engine.smoothing`, past and future frames), and a frame whose
-landmark error the smoothed result raises above the landmark fit's by more than the margin keeps the landmark
-fit. The landmark fit refinement starts from is itself ``track``'s smoothed one. Output in ``DIR`` (format
-version in ``meta.json``):
+keep the landmark fit. Once every frame is refined, the corrections to the landmark fit are smoothed over the
+whole sequence (past and future frames), as little as two guards allow: the landmarks move no more than the
+landmark fit's where the detector's are stillest, and their error stays within the margins of the landmark
+fit's (else every frame keeps the landmark fit). The landmark fit refinement starts from is itself ``track``'s
+smoothed one. Output in ``DIR`` (format version in ``meta.json``):
 
 - ``identity.npz``: ``shape``, ``tex`` (texture-space coefficients, or the coarse estimated albedo map),
   ``light`` (9, 3) SH coefficients, and ``albedo_map`` (the detailed map, when gathered); written first,
   reused when a run is resumed;
 - ``{frame:06d}.npz``: the reference format of ``offline.track_job`` plus ``tex``, ``light``,
   ``image_error`` (of the refinement, before smoothing) and ``refined`` (False where the window was
-  rejected or the frame keeps the landmark fit after smoothing); frames whose file exists are skipped, so an
+  rejected or every frame keeps the landmark fit after smoothing); frames whose file exists are skipped, so an
   interrupted run resumes where it stopped;
 - ``unsmoothed.npz``: with smoothing, once every frame is refined, the refined frames stacked before the
   smoothing pass rewrites every frame file; an interrupted pass starts again from it (as ``track``'s does);

@@ -54,7 +54,7 @@ from engine.frames import FRAME_FORMAT_VERSION, stack_reference, unstack_referen
 from engine.head_model import HeadModel
 from engine.landmarks import N_LANDMARKS, LandmarkerConfig
 from engine.rig import HeadRig
-from engine.smoothing import SmoothingConfig, smooth_sequence, smooth_within_fit
+from engine.smoothing import SmoothingConfig, smooth_within_fit
 from engine.tracker import Tracker, TrackerConfig, diversity_feature, select_diverse
 from engine.versions import software_versions
 
@@ -250,11 +250,6 @@ def track_sequence(
     if smoothing is not None:
         frames, _ = smooth_tracked(tracker.rig, sequence, frames, smoothing)
     return tracker, frames, timings
-
-
-def smooth_frames(frames: list[dict[str, np.ndarray]], smoothing: SmoothingConfig, fps: float) -> list[dict[str, np.ndarray]]:
-    """Per-frame reference arrays smoothed over the whole sequence (:func:`engine.smoothing.smooth_sequence`)."""
-    return unstack_reference(smooth_sequence(stack_reference(frames), smoothing, fps))
 
 
 def landmark_fit_error(rig: HeadRig, sequence: LandmarkSequence) -> Callable[[dict[str, np.ndarray]], float]:
