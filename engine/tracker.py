@@ -399,6 +399,13 @@ class Tracker:
         self._calibration_thread = threading.Thread(target=work, name="flame-live-calibration", daemon=True)
         self._calibration_thread.start()
 
+    def close(self) -> None:
+        """Wait for a background calibration still running. Its thread is a daemon that runs PyTorch: one still
+        running when the interpreter exits aborts the process (SIGABRT, "terminate called without an active
+        exception"), as ``live`` did when a short clip ended during calibration on a busy machine."""
+        if self._calibration_thread is not None:
+            self._calibration_thread.join()
+
     def _adopt_background_calibration(self) -> None:
         """Between frames: take the identity that the calibration thread finished, if any."""
         if self._calibration_thread is None:

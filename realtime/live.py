@@ -88,6 +88,7 @@ def run_live(options: LiveOptions, stop: threading.Event | None = None, recalibr
         width, height = options.loop.frame_size or source.size
         detector = stack.enter_context(DetectionProcess(LandmarkerConfig(find_face_landmarker(models_dir)), (height, width)))
         tracker = Tracker(head, (height, width), options.tracker)
+        stack.callback(tracker.close)
         log.info("tracking %s (%dx%d) with the %s on %s", source.description, width, height, head.name, options.tracker.device)
 
         recorder = None

@@ -80,6 +80,34 @@ def test_background_calibration_adopts_the_identity_that_calibrating_in_line_fin
     assert background.rig.camera == in_line.rig.camera
 
 
+def test_a_process_that_closes_its_tracker_during_a_background_calibration_exits_cleanly(flame_dir: Path) -> None:
+    """A daemon thread still running PyTorch when the interpreter exits aborts the process (SIGABRT, "terminate
+    called without an active exception"): ``live --record`` of a 3 s clip did so under load, when the clip ended
+    during the background calibration. ``close()`` (``live`` calls it on the way out) waits for the calibration."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from engine.assets import load_flame
+from engine.synthetic import SyntheticMotion, synthetic_sequence
+from engine.tracker import Tracker, TrackerConfig
+config = TrackerConfig(n_shape=50, n_exp=20, calibration_seconds=0.5, calibrate_in_background=True)
+tracker = Tracker(load_flame({str(flame_dir)!r}, n_shape=50, n_exp=20), (512, 512), config)
+sequence = synthetic_sequence(tracker.rig.layer, SyntheticMotion(frames=14, seed=9))
+for index in range(14):
+    tracker.track(sequence.mp478[index], sequence.lmk68[index], timestamp=index / 25)
+assert not tracker.calibrated, "the calibration runs in the background"
+tracker.close()
+tracker.track(sequence.mp478[13], sequence.lmk68[13], timestamp=14 / 25)
+print("calibrated" if tracker.calibrated else "not calibrated")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "calibrated", "close() returns once the calibration is done"
+
+
 def test_a_prepared_identity_is_adopted_between_frames(flame_dir: Path) -> None:
     head = load_flame(flame_dir, n_shape=20, n_exp=10)
     tracker = Tracker(head, (512, 512), TrackerConfig(n_shape=20, n_exp=10))
