@@ -199,7 +199,9 @@ def errors_over_iod(model: np.ndarray, observed: np.ndarray, iod: np.ndarray) ->
 def still_jitter(model: np.ndarray, observed: np.ndarray, still_frames: int = 20) -> float:
     """RMS frame-to-frame motion (pixels) of the (T, N, 2) ``model`` points (NaN where not fitted) over the
     ``still_frames`` consecutive frames where the detector's ``observed`` points move least: the jitter of
-    :func:`fit_scores`."""
+    :func:`fit_scores`. A single frame does not move (0)."""
+    if len(model) < 2:
+        return 0.0
     observed_motion = np.nanmean(np.linalg.norm(np.diff(observed, axis=0), axis=2), axis=1)
     window = np.convolve(np.nan_to_num(observed_motion, nan=np.inf), np.ones(still_frames - 1), mode="valid")
     start = int(np.argmin(window)) if len(window) else 0

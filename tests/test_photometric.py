@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import threading
@@ -154,6 +155,17 @@ def test_sequence_refinement_writes_every_frame_and_resumes(scene: dict, tmp_pat
     assert (tmp_path / "000003.npz").is_file()
     for name in ("000000.npz", "000001.npz"):
         assert (tmp_path / name).stat().st_mtime_ns == written[name], f"{name} was refined again"
+
+
+def test_a_single_frame_is_refined_and_smoothed_as_a_sequence_of_one(scene: dict, tmp_path: Path) -> None:
+    """``track IMAGE --photometric``: the smoothing pass and its guards take a sequence of one frame."""
+    tracker, initial = _landmark_fit(scene)
+    options = RefineOptions(PhotometricConfig(size=64, identity_iterations=2, frame_iterations=2), keyframes=1)
+    SequenceRefiner(tracker, tmp_path, options).run(
+        [initial.index(slice(0, 1))], lambda: iter([(scene["images"][0], scene["sequence"].mp478[0])]), progress=False)
+    with np.load(tmp_path / "000000.npz") as frame:
+        assert frame["valid"][0] and np.isfinite(frame["exp"]).all()
+    assert json.loads((tmp_path / "meta.json").read_text())["correction_smoothing"]["kept_landmark_fit"] is False
 
 
 def test_live_refiner_publishes_identity_from_keyframes(scene: dict) -> None:
