@@ -1,24 +1,26 @@
-"""The per-frame tracking solve of one frame on the CPU, in float64 NumPy on preallocated buffers.
+"""The per-frame tracking solve of one frame on the CPU: float64 tables and compiled (numba) kernels.
 
 :class:`engine.fitting.FrameFitter` solves batches with PyTorch on any device; for the live case (one frame,
 about 200 residuals x 60 unknowns) its cost is PyTorch's per-operation overhead, not arithmetic. This solver
 runs the same Levenberg-Marquardt iterations (same residuals, priors, damping, chord steps and stopping
-rules, see FrameFitter.fit), with the work laid out so that each step is a few products on buffers made
-once per identity:
+rules, see FrameFitter.fit) as a few kernel calls per iteration, on tables and buffers made once per identity:
 
-- points: every landmark is sum_j Rw_j S_lj + W_lj o_j + transl (see engine.landmark_model), i.e. one
-  product M D of a (3, 4 Ja + 1) matrix of world rotations, joint offsets and translation with a stacked
-  (4 Ja + 1, L) matrix of rest shares S, skinning weights W and ones. S is one matrix-vector product of a
-  basis in [expression, pose features, 1], over only the (landmark, joint) pairs with a skinning weight;
-- Jacobian: the bases rotated by the world rotations in one product (expression and pose-corrective columns
-  together), the arms of every fitted joint in one product like the points, their cross products with the
-  joint axes in one batched product, and the projection applied per row;
-- normal equations: H = (sqrt(w) J)^T (sqrt(w) J) (a symmetric rank-k product) and one LAPACK positive
-  definite solve.
+- tables: a landmark is sum_j Rw_j (S_lj - W_lj Jr_j) + W_lj Pw_j + transl (see engine.landmark_model), a
+  sum over its (landmark, joint) *pairs* with a skinning weight (about 1.3 per landmark). Per pair, one table
+  holds the basis of its share [S_lj - W_lj Jr_j; W_lj] in [expression, pose features, 1] (the rest joint
+  Jr_j folded in), another the basis of its Jacobian (expression and fitted pose-corrective columns); the
+  contour has its own pairs per yaw row;
+- :func:`_evaluate`: joint transforms down the tree, the pairs' shares (one matrix-vector product), points,
+  robust residuals and the prior;
+- :func:`_jacobian`: per pair, its landmark's projection times the joint's world rotation times the pair's
+  basis, and the closed-form rotation columns from each fitted joint's arm, straight into the rows of J;
+- the normal equations: H = (sqrt(w) J)^T (sqrt(w) J) as NumPy's symmetric rank-k product (half the work of
+  the general product a kernel would make of it), then :func:`_damped_step`'s damped Cholesky solve.
 
-Everything that depends only on the identity and the camera (tables per contour row, index arrays, prior
-weights) is built in the constructor, which the tracker runs when it adopts an identity, off the hot path.
-Results equal FrameFitter's in float64 to rounding (tests compare both on synthetic sequences).
+Everything that depends only on the identity and the camera (tables for every contour row, index arrays,
+prior weights) is built in the constructor, which the tracker runs when it adopts an identity, off the hot
+path; the kernels are compiled (or loaded from numba's cache) there too. Results equal FrameFitter's in
+float64 to rounding (tests compare both on synthetic sequences).
 """
 
 from __future__ import annotations
@@ -41,71 +43,23 @@ from engine.timing import synchronizer
 
 log = logging.getLogger(__name__)
 
-_NEGATIVE_GENERATORS = -GENERATORS
-_EYE = np.eye(3)
-
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     """A float64 copy of a tensor on any device."""
     return tensor.numpy(force=True).astype(np.float64)
 
 
-def _index(indices: list[int]) -> int | slice | np.ndarray:
-    """The cheapest NumPy index that selects ``indices``: one integer, a slice, or else an array."""
-    if len(set(indices)) == 1:
-        return indices[0]
-    if indices == list(range(indices[0], indices[-1] + 1)):
-        return slice(indices[0], indices[-1] + 1)
-    return np.array(indices)
-
-
-class _Bases:
-    """One LandmarkTable's landmarks (the static points, or every row of the contour) in the solver's layouts.
-
-    A landmark's share of active joint a is T_a [S_la - W_la Jr_a; W_la], with T_a = [Rw_a | Pw_a] the joint's
-    world transform: the rest joint Jr_a (linear in the expression) is folded into the rest share here.
-    ``values`` gives these 4-vectors: rows (active joint, xyzw, landmark) that are not zero everywhere, columns
-    [expression, pose features, 1]; ``positions`` says where each row goes in the stacked matrix D.
-    ``rotated`` holds the Jacobian's bases joint-major, (3 Ja, L, width): per landmark the expression columns,
-    then the pose-corrective columns of the fitted joints below the root.
-    """
-
-    def __init__(self, table: LandmarkTable, first: int, total: int, layout: _Layout, joint_rest: np.ndarray, joint_basis: np.ndarray) -> None:
-        weight = np.swapaxes(_numpy(table.weight), -1, -2)  # (.., Ja, n)
-        rest = np.moveaxis(_numpy(table.rest), -3, -1) - weight[..., None, :] * joint_rest[:, :, None]  # (.., Ja, 3, n)
-        coeff = _numpy(table.coeff_basis) - weight[..., None, :, None] * joint_basis[:, :, None, :]  # (.., Ja, 3, n, E)
-        lead = weight.shape[:-2]
-        active, _, count, n_exp = coeff.shape[-4:]
-        values = np.zeros((*lead, active, 4, count, layout.n_values))
-        values[..., :3, :, :n_exp] = coeff
-        if layout.corrected:
-            pose = _numpy(table.pose_basis)  # (.., Ja, 3, n, 9 (J-1))
-            values[..., :3, :, n_exp:-1] = pose
-        values[..., :3, :, -1] = rest
-        values[..., 3, :, -1] = weight
-        values = values.reshape(*lead, active * 4 * count, -1)
-        # Rows that are zero for every landmark (no skinning weight) are left out.
-        keep = np.flatnonzero(np.abs(values).reshape(-1, *values.shape[-2:]).max(axis=(0, 2)) > 0)
-        self.values = np.ascontiguousarray(values[..., keep, :])
-        rows, landmarks = np.divmod(np.arange(active * 4 * count), count)
-        self.positions = (rows * total + first + landmarks)[keep]
-        self.count = count
-        width = layout.width
-        rotated = np.zeros((*lead, active * 3, count, width))
-        rotated[..., :n_exp] = coeff.reshape(*lead, active * 3, count, n_exp)
-        if layout.corrected:
-            rotated[..., n_exp:] = pose[..., layout.pose_features].reshape(*lead, active * 3, count, -1)
-        self.rotated = rotated.reshape(*lead, active * 3, count * width)
-
-
 class _Layout:
-    """Sizes and index arrays shared by the bases and buffers of one fitter."""
+    """Sizes and joint lists shared by the tables and buffers of one fitter."""
 
     def __init__(self, model: LandmarkModel, config: FitConfig) -> None:
         self.joints = fitted_joints(model.n_joints, config)
         self.n_exp = model.n_coeffs
         self.size = self.n_exp + 3 * len(self.joints) + 3
         self.active = model.static.joints.cpu().numpy()
+        self.parents = np.array(model.parents, dtype=np.int64)
+        if any(self.parents[joint] >= joint for joint in range(1, len(self.parents))):
+            raise ValueError("every joint must come after its parent")
         # Pose-corrective features are 9 per joint below the root: the fitted joints below the root move them.
         self.corrected = [joint for joint in self.joints if joint > 0] if model.static.has_pose_correctives else []
         if self.corrected and self.joints[1:] != self.corrected:
@@ -115,247 +69,235 @@ class _Layout:
         self.n_values = self.n_exp + (9 * (model.n_joints - 1) if self.corrected else 0) + 1
 
 
-class _Evaluation:
-    """One state's landmarks, residuals and prior, in buffers reused from frame to frame (two per fitter:
-    the current state's and a candidate's)."""
+def _table_pairs(
+    table: LandmarkTable, first: int, layout: _Layout, joint_rest: np.ndarray, joint_basis: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """The pairs of one LandmarkTable, per row of its leading dimension (the contour's yaw rows; one for the
+    static landmarks): landmarks (P,) (numbered from ``first``), joints (P,), skinning weights (P,), share
+    bases (4 P, V) and Jacobian bases (P, 3, width), in landmark order. ``joint_rest`` (Ja, 3) and
+    ``joint_basis`` (Ja, 3, E) are the active joints' rest locations and their expression bases."""
+    lead = table.weight.shape[:-2]
+    weight = _numpy(table.weight).reshape(-1, *table.weight.shape[-2:])  # (R, n, Ja)
+    rest = _numpy(table.rest).reshape(weight.shape + (3,)) - weight[..., None] * joint_rest  # (R, n, Ja, 3)
+    coeff = np.moveaxis(_numpy(table.coeff_basis).reshape(-1, *table.coeff_basis.shape[len(lead) :]), 3, 1)  # (R, n, Ja, 3, E)
+    coeff = coeff - weight[..., None, None] * joint_basis
+    n_exp = layout.n_exp
+    shares = np.zeros(weight.shape + (4, layout.n_values))
+    shares[..., :3, :n_exp] = coeff
+    shares[..., :3, -1] = rest
+    shares[..., 3, -1] = weight
+    bases = np.zeros(weight.shape + (3, layout.width))
+    bases[..., :n_exp] = coeff
+    if layout.corrected:
+        pose = np.moveaxis(_numpy(table.pose_basis).reshape(-1, *table.pose_basis.shape[len(lead) :]), 3, 1)  # (R, n, Ja, 3, 9 (J-1))
+        shares[..., :3, n_exp:-1] = pose
+        bases[..., n_exp:] = pose[..., layout.pose_features]
+    # Only the pairs with a skinning weight (their bases are zero otherwise).
+    kept = np.abs(shares).max(axis=(-2, -1)) > 0
+    pairs = []
+    for row in range(weight.shape[0]):
+        landmarks, active = np.nonzero(kept[row])
+        pairs.append((
+            first + landmarks, layout.active[active], weight[row, landmarks, active],
+            shares[row, landmarks, active].reshape(-1, layout.n_values), bases[row, landmarks, active],
+        ))  # fmt: skip
+    return pairs
 
-    def __init__(self, layout: _Layout, n_landmarks: int, n_joints: int) -> None:
-        active = len(layout.active)
-        self.values = np.zeros(layout.n_values)
-        self.values[-1] = 1.0
-        self.features = self.values[layout.n_exp : -1].reshape(-1, 9)
-        # Joint transforms [R | t; 0 0 0 1]: local (rotation and offset from the parent), and in the world.
-        self.local = np.zeros((n_joints, 4, 4))
-        self.local[:, 3, 3] = 1.0
-        self.world = self.local.copy()
-        self.world_rot = self.world[:, :3, :3]
-        self.world_pos = self.world[:, :3, 3]
-        # D: the 4-vector shares of each active joint (4 Ja rows: xyz, then the skinning weight), and ones.
-        # M: each active joint's world transform [Rw | Pw], and the translation.
-        self.stacked = np.zeros((4 * active + 1, n_landmarks))
-        self.stacked[-1] = 1.0
-        self.weight_rows = self.stacked[: 4 * active].reshape(active, 4, n_landmarks)[:, 3]
-        self.matrix = np.zeros((3, 4 * active + 1))
-        self.transform_block = self.matrix[:, : 4 * active].reshape(3, active, 4)
-        self.translation = self.matrix[:, -1]
-        self.points = np.empty((3, n_landmarks))
-        self.errors = np.empty((2, n_landmarks))
-        self.row: int | None = None
-        self.weights = np.empty(n_landmarks)
-        self.squared = np.empty(n_landmarks)  # squared residual over the Cauchy scale squared
+
+class _Pairs:
+    """The (landmark, joint) pairs of every landmark: those of each contour row, then the static landmarks'.
+
+    ``spans[row]`` (2, 2) holds [start, end) of contour row ``row``'s pairs and of the static ones (a model
+    without contour has one row, whose contour span is empty). Per pair: ``landmarks`` (P,) (contour first,
+    as the solver numbers landmarks), ``joints`` (P,), ``weights`` (P,) the skinning weight W_lj, ``shares``
+    (4 P, V): rows x, y, z, w of [S_lj - W_lj Jr_j; W_lj] as bases in [expression, pose features, 1], and
+    ``bases`` (P, 3, width): d(S_lj - W_lj Jr_j) / d[expression, fitted joints' pose features].
+    """
+
+    def __init__(self, model: LandmarkModel, layout: _Layout, joint_rest: np.ndarray, joint_basis: np.ndarray) -> None:
+        n_contour = model.contour.weight.shape[-2] if model.contour is not None else 0
+        self.n_landmarks = n_contour + model.static.weight.shape[-2]
+        parts = _table_pairs(model.contour, 0, layout, joint_rest, joint_basis) if model.contour is not None else []
+        parts += _table_pairs(model.static, n_contour, layout, joint_rest, joint_basis)
+        self.landmarks, self.joints, self.weights, self.shares, self.bases = (
+            np.ascontiguousarray(np.concatenate(arrays)) for arrays in zip(*parts)
+        )
+        bounds = np.cumsum([0] + [len(part[0]) for part in parts])
+        static = bounds[-2:]
+        self.spans = np.array([[[bounds[row], bounds[row + 1]], static] for row in range(len(parts) - 1)] or [[[0, 0], static]])
+        self.count = int(bounds[-1])
+
+
+class _Evaluation:
+    """One state's joints, landmarks, residuals and prior, in buffers reused from frame to frame (two per
+    fitter: the current state's and a candidate's)."""
+
+    def __init__(self, layout: _Layout, pairs: _Pairs) -> None:
+        n_joints, n_landmarks = len(layout.parents), pairs.n_landmarks
+        self.values = np.zeros(layout.n_values)  # [expression, pose features, 1]
+        self.world_rot = np.zeros((n_joints, 3, 3))
+        self.world_pos = np.zeros((n_joints, 3))
+        self.contributions = np.zeros((pairs.count, 3))  # each pair's share of its landmark, in the world
+        self.points = np.zeros((n_landmarks, 3))
+        self.errors = np.zeros((n_landmarks, 2))
+        self.squared = np.zeros(n_landmarks)  # squared residual over the Cauchy scale squared
+        self.weights = np.zeros(n_landmarks)
+        self.prior_rows = np.zeros((2, layout.size))
+        self.prior_gradient = np.zeros(layout.size)
+        self.prior_diagonal = np.zeros(layout.size)
+        self.row = 0  # the contour row of the state
         self.cost = 0.0
-        self.prior_gradient = np.empty(layout.size)
-        self.prior_diagonal = self.prior_gradient
 
 
 class _Frame:
-    """One frame's observations in the solver's layout."""
+    """One frame's observations in the solver's layout: residual = (point * focal * (1, -1) / depth + offset) * mask."""
 
-    def __init__(self, targets: Targets, group_weights: np.ndarray, config: FitConfig, focal: float, center: tuple[float, float]) -> None:
-        pixels = _numpy(targets.pixels[0]).T  # (2, L), NaN where not observed
-        observed = targets.observed[0].numpy(force=True)
-        self.face_size = float(targets.face_size[0])
-        scale = config.noise * self.face_size  # pixels per unit of normalised residual
-        # The residual (pixel - target) / scale as (points * focal_signs / depth + offsets) * unit_mask.
-        self.focal_signs = np.array([[focal], [-focal]])
-        self.offsets = np.where(observed, np.array(center)[:, None] - pixels, 0.0)
+    def __init__(
+        self, pixels: np.ndarray, observed: np.ndarray, face_size: float, group_weights: np.ndarray, config: FitConfig, focal: float,
+        center: tuple[float, float],
+    ) -> None:
+        scale = config.noise * face_size  # pixels per unit of normalised residual
+        self.face_size = face_size
+        self.focal = focal
+        self.offsets = np.where(observed[:, None], np.array(center) - pixels, 0.0)  # (L, 2)
         self.unit_mask = observed / scale
         self.focal_over_scale = focal / scale
         self.group_weights = np.where(observed, group_weights, 0.0)
         self.cost_weights = self.group_weights * config.robust_scale**2
 
 
+class _Anchor:
+    """What the prior compares a state with: the prediction (temporal terms) or, without one, nothing (the
+    motion weights are zero, so the prior's second row adds nothing)."""
+
+    def __init__(self, fitter: CpuFrameFitter, prediction: _State | None) -> None:
+        self.offset = np.zeros((2, fitter.size))
+        if prediction is None:
+            self.inverse = fitter.no_rotations
+        else:
+            self.inverse = np.ascontiguousarray(prediction.rotations[fitter.fitted].transpose(0, 2, 1))
+            self.offset[1, : fitter.n_exp], self.offset[1, -3:] = prediction.exp, prediction.transl
+        self.weights, self.diagonals = fitter.prior_terms[prediction is not None]
+
+
+@dataclass
+class _State:
+    exp: np.ndarray  # (E,)
+    rotations: np.ndarray  # (J, 3, 3)
+    transl: np.ndarray  # (3,)
+
+
+def _state(params: FrameParams) -> _State:
+    return _State(_numpy(params.exp[0]), _numpy(params.rotations[0]), _numpy(params.transl[0]))
+
+
 class CpuFrameFitter:
-    """FrameFitter.fit for one frame at a time, in NumPy on the CPU, whatever device the model lives on.
+    """FrameFitter.fit for one frame at a time on the CPU, whatever device the model lives on.
 
     Built once per identity (``model`` from LandmarkModel.with_fixed_shape), like FrameFitter; every table and
-    buffer the solve needs is made here.
+    buffer the solve needs is made here, and the kernels are compiled or loaded here.
     """
 
     def __init__(self, model: LandmarkModel, config: FitConfig) -> None:
-        compile_kernels()
         self.model = model
         self.config = config
         layout = self.layout = _Layout(model, config)
         self.joints = layout.joints
         self.n_exp = n_exp = layout.n_exp
-        self.size = size = layout.size
-        parents = list(model.parents)
-        # The kinematic tree level by level (children of the root, their children, ...): one product per level.
-        depth = [0] * len(parents)
-        for joint in range(1, len(parents)):
-            depth[joint] = depth[parents[joint]] + 1
-        self.levels = [
-            (_index(level), _index([parents[j] for j in level]))
-            for level in ([j for j in range(1, len(depth)) if depth[j] == d] for d in range(1, max(depth, default=0) + 1))
-        ]
-        self.joint_rest = _numpy(model.joint_rest)  # (J, 3)
+        self.size = layout.size
+        self.fitted = np.array(self.joints, dtype=np.int64)
+        self.parents = layout.parents
+        joint_rest = _numpy(model.joint_rest)  # (J, 3)
         self.joint_coeff_basis = _numpy(model.joint_coeff_basis)  # (J, 3, E)
-        self.joint_coeff_rows = self.joint_coeff_basis.reshape(-1, n_exp)
-        self.joint_offset_basis = self.joint_coeff_basis - self.joint_coeff_basis[[max(p, 0) for p in parents]]
+        parent_or_self = [max(parent, 0) for parent in model.parents]
         # Each joint's offset from its parent (the root's from the origin), linear in the expression.
-        self.local_rest = self.joint_rest - self.joint_rest[[max(p, 0) for p in parents]] * (np.array(parents) >= 0)[:, None]
-        self.local_rest[0] = self.joint_rest[0]
+        self.joint_offset_basis = self.joint_coeff_basis - self.joint_coeff_basis[parent_or_self]
+        self.local_rest = joint_rest - joint_rest[parent_or_self]
+        self.local_rest[0] = joint_rest[0]
         self.local_basis = self.joint_offset_basis.copy()
         self.local_basis[0] = self.joint_coeff_basis[0]
-        self.local_basis = self.local_basis.reshape(-1, n_exp)
-        active = self.active = _index(layout.active.tolist())
-        self.fitted = _index(self.joints)
-        # Which active joints move with each fitted joint (itself and those below it).
-        self.subtree = _numpy(model.subtree)[np.ix_(self.joints, layout.active)]  # (F, Ja)
-        n_contour = model.contour.weight.shape[-2] if model.contour is not None else 0
-        self.n_landmarks = total = n_contour + model.static.weight.shape[-2]
-        joint_rest, joint_basis = self.joint_rest[layout.active], self.joint_coeff_basis[layout.active]
-        self.static = _Bases(model.static, n_contour, total, layout, joint_rest, joint_basis)
-        self.contour = _Bases(model.contour, 0, total, layout, joint_rest, joint_basis) if model.contour is not None else None
-        self.slots = [_Evaluation(layout, total, model.n_joints) for _ in range(2)]
-        # Jacobian buffers: the bases rotated to the world (3, L, width), expression then pose-corrective columns.
-        fitted = len(self.joints)
-        self.rotated = np.zeros((3, total, layout.width))
-        self.rotated_rows = self.rotated.reshape(3, total * layout.width)
-        self.d_exp = self.rotated[:, :, :n_exp].transpose(1, 0, 2)  # (L, 3, E)
-        self.d_pose = self.rotated[:, :, n_exp:].reshape(3 * total, -1)
-        n_active = len(layout.active)
-        self.arm_matrix = np.zeros((fitted * 3, 4 * n_active + 1))
-        self.arm_block = self.arm_matrix[:, : 4 * n_active].reshape(fitted, 3, n_active, 4)
-        self.subtree_block = self.subtree[:, None, :, None]
-        # Block-diagonal (3 F, 9 F): row (k, c), column (x, k, a) holds (-[e_c]x Rw_k)[x, a].
-        self.turns = np.zeros((3 * fitted, 9 * fitted))
-        self.turn_blocks = self.turns.reshape(fitted, 3, 3, fitted, 3)
-        self.fitted_index = np.arange(fitted)
-        n_corrected = len(layout.corrected)
-        self.pose_derivative = np.zeros((9 * n_corrected, 3 * n_corrected))
-        self.pose_blocks = self.pose_derivative.reshape(n_corrected, 9, n_corrected, 3)
-        self.corrected_index = np.arange(n_corrected)
-        self.projection = np.zeros((total, 2, 3))
-        self.jacobian = np.empty((total, 2, size))  # rows: landmark, then u and v
-        self.scaled = np.empty((2 * total, size))  # sqrt(w) J, sqrt(w) e and the step: reused by every iteration
-        self.scaled_residuals = np.empty(2 * total)
-        self.step = np.empty(size)
+        # Which joints move with each fitted joint (itself and those below it).
+        self.subtree = _numpy(model.subtree)[self.joints] > 0  # (F, J)
+        self.pairs = _Pairs(model, layout, joint_rest[layout.active], self.joint_coeff_basis[layout.active])
+        self.has_contour = model.contour is not None
+        self.n_landmarks = self.pairs.n_landmarks
+        self.slots = [_Evaluation(layout, self.pairs) for _ in range(2)]
+        self.arms = np.zeros((self.n_landmarks, len(self.joints), 3))
+        self.jacobian = np.zeros((2 * self.n_landmarks, self.size))  # rows: landmark, then u and v
+        self.scaled = np.zeros_like(self.jacobian)  # sqrt(w) J, sqrt(w) e and the step: reused by every iteration
+        self.scaled_residuals = np.zeros(2 * self.n_landmarks)
+        self.step = np.zeros(self.size)
+        self.no_rotations = np.ascontiguousarray(np.broadcast_to(np.eye(3), (len(self.joints), 3, 3)))
         self.group_weights_source: torch.Tensor | None = None
-        self.group_weights = np.empty(0)
+        self.group_weights = np.zeros(self.n_landmarks)
         self._priors(config)
+        self._compile()
 
     def _priors(self, config: FitConfig) -> None:
         """The prior and motion weights of [exp, fitted joint angles, translation]: FrameFitter's, in NumPy."""
         block = FrameBlock(self.n_exp, self.joints, config, {"dtype": torch.float64, "device": "cpu"}, self.model.layer.n_eyelids)
-        self.prior_weight, self.motion_weight = block.prior_weight.numpy(), block.motion_weight.numpy()
-        self.coupling = block.coupling.numpy()
+        prior_weight, motion_weight = block.prior_weight.numpy(), block.motion_weight.numpy()
+        self.coupling = np.ascontiguousarray(block.coupling.numpy())
         self.jaw_opening = block.jaw_opening
-        overclosed_weight = self.prior_weight.copy()
+        overclosed_weight = prior_weight.copy()
         overclosed_weight[self.jaw_opening] = config.priors.jaw_overclose
-        # Per use (without, with a prediction), and per jaw (not, over-closed): the weights of the parameter
-        # vector and of its change since the prediction, and the Hessian diagonal they give.
-        self.prior_terms = []
-        for motion in (np.zeros(self.size), self.motion_weight):
-            weights = [np.stack([weight, motion]) for weight in (self.prior_weight, overclosed_weight)]
-            self.prior_terms.append((weights, [weight + motion for weight in (self.prior_weight, overclosed_weight)]))
+        # Per use (without, with a prediction): per jaw (not, over-closed) the weights of the parameter vector
+        # and of its change since the prediction (2, 2, size), and the Hessian diagonals they give (2, size).
+        self.prior_terms = [
+            (np.stack([np.stack([weight, motion]) for weight in (prior_weight, overclosed_weight)]),
+             np.stack([weight + motion for weight in (prior_weight, overclosed_weight)]))
+            for motion in (np.zeros(self.size), motion_weight)
+        ]  # fmt: skip
 
-    # ------------------------------------------------------------------------------------------ evaluation
+    def _compile(self) -> None:
+        """Run every kernel once on this fitter's own buffers, so that numba compiles (or loads from its cache)
+        each for exactly the argument types that frames pass, here rather than during a frame."""
+        global _kernels_ready
+        started = time.perf_counter()
+        state = _State(np.zeros(self.n_exp), np.ascontiguousarray(np.broadcast_to(np.eye(3), (len(self.parents), 3, 3))), np.array([0.0, 0.0, -1.0]))
+        pixels = np.zeros((self.n_landmarks, 2))
+        frame = _Frame(pixels, np.ones(self.n_landmarks, dtype=bool), 100.0, np.ones(self.n_landmarks), self.config, 500.0, (0.0, 0.0))
+        slot = self._evaluate(state, frame, _Anchor(self, state), self.slots[0])
+        self._linearise(state, slot, frame)
+        _weigh_rows(self.jacobian, slot.weights, slot.errors, self.scaled, self.scaled_residuals)
+        _damped_step(
+            self.scaled.T @ self.scaled, self.scaled, self.scaled_residuals, self.coupling, slot.prior_diagonal, slot.prior_gradient, 1e-3,
+            self.step,
+        )
+        self._apply(state, self.step)
+        if not _kernels_ready:
+            _kernels_ready = True
+            log.info("per-frame solver kernels ready in %.2f s (numba: compiled on first use, loaded from its cache after)", time.perf_counter() - started)
+
+    # ------------------------------------------------------------------------------------- kernel arguments
     def _evaluate(self, state: _State, frame: _Frame, anchor: _Anchor, slot: _Evaluation) -> _Evaluation:
-        """Fill ``slot`` with the landmarks, residuals, cost and prior of ``state``."""
-        exp, rotations = state.exp, state.rotations
-        local, world = slot.local, slot.world
-        local[:, :3, :3] = rotations
-        local[:, :3, 3] = self.local_rest + (self.local_basis @ exp).reshape(-1, 3)
-        world[0] = local[0]
-        for joints, parents in self.levels:
-            world[joints] = world[parents] @ local[joints]
-        values = slot.values
-        values[: self.n_exp] = exp
-        if self.layout.corrected:
-            np.subtract(rotations[1:].reshape(-1, 9), _EYE.ravel(), out=slot.features)
-        stacked = slot.stacked
-        stacked.put(self.static.positions, self.static.values @ values)
-        if self.contour is not None:
-            slot.row = row = contour_row(rotations[0])
-            stacked.put(self.contour.positions, self.contour.values[row] @ values)
-        # Every landmark is sum_j [Rw_j | Pw_j] [S_lj - W_lj Jr_j; W_lj] + transl: one product.
-        slot.transform_block[...] = world[self.active, :3].transpose(1, 0, 2)
-        slot.translation[:] = state.transl
-        points = np.matmul(slot.matrix, stacked, out=slot.points)
-        # u = f x / (-z) + cx, v = f (-y) / (-z) + cy; errors normalised, zero where not observed.
-        errors = np.multiply(points[:2], frame.focal_signs / np.maximum(-points[2], MIN_DEPTH), out=slot.errors)
-        errors += frame.offsets
-        errors *= frame.unit_mask
-        squared = errors * errors
-        relative = np.add(squared[0], squared[1], out=slot.squared)
-        relative *= 1.0 / self.config.robust_scale**2
-        np.divide(frame.group_weights, 1.0 + relative, out=slot.weights)
-        slot.cost = float(frame.cost_weights @ np.log1p(relative)) + self._prior(state, anchor, slot)
+        """Fill ``slot`` with the joints, landmarks, residuals, cost and prior of ``state``."""
+        pairs = self.pairs
+        slot.row = contour_row(state.rotations[0]) if self.has_contour else 0
+        slot.cost = _evaluate(
+            state.exp, state.rotations, state.transl, self.parents, self.local_rest, self.local_basis, bool(self.layout.corrected),
+            pairs.spans[slot.row], pairs.landmarks, pairs.joints, pairs.shares, frame.focal, frame.offsets, frame.unit_mask,
+            frame.group_weights, frame.cost_weights, 1.0 / self.config.robust_scale**2, self.fitted, anchor.inverse, anchor.offset,
+            anchor.weights, anchor.diagonals, self.coupling, self.jaw_opening, slot.values, slot.world_rot, slot.world_pos,
+            slot.contributions, slot.points, slot.errors, slot.squared, slot.weights, slot.prior_rows, slot.prior_gradient,
+            slot.prior_diagonal,
+        )  # fmt: skip
         return slot
 
-    def _prior(self, state: _State, anchor: _Anchor, slot: _Evaluation) -> float:
-        """The prior's cost; its gradient and Hessian diagonal go into ``slot`` (FrameBlock.prior in NumPy).
-
-        The parameter vector [exp, joint angles, translation] and its change since the prediction are the two
-        rows of one array, so that both terms are a few products.
-        """
-        rotations = state.rotations[self.fitted]
-        rows = anchor.rows
-        rows[:, : self.n_exp] = state.exp
-        rows[:, self.n_exp : -3] = axis_angles(np.concatenate([rotations, anchor.inverse @ rotations])).reshape(2, -1)
-        rows[:, -3:] = state.transl
-        rows -= anchor.offset
-        overclosed = bool(rows[0, self.jaw_opening] < 0)
-        weighted = anchor.weights[overclosed] * rows
-        coupled = rows[0] @ self.coupling
-        np.add(weighted[0], weighted[1], out=slot.prior_gradient)
-        slot.prior_gradient += coupled
-        slot.prior_diagonal = anchor.diagonals[overclosed]
-        return 0.5 * (float(np.vdot(weighted, rows)) + float(coupled @ rows[0]))
-
-    def _jacobian(self, state: _State, slot: _Evaluation, frame: _Frame) -> np.ndarray:
+    def _linearise(self, state: _State, slot: _Evaluation, frame: _Frame) -> np.ndarray:
         """(2L, size) d residual / d [exp, rotation increments of the fitted joints, translation], rows (landmark, u|v)."""
-        world_rot, world_pos, active, n_exp = slot.world_rot, slot.world_pos, self.active, self.n_exp
-        # The bases rotated to the world: expression and pose-corrective columns in one product per table.
-        rotation_rows = slot.transform_block[:, :, :3].reshape(3, -1)
-        if self.contour is not None:
-            split = self.contour.count * self.layout.width
-            np.matmul(rotation_rows, self.contour.rotated[slot.row], out=self.rotated_rows[:, :split])
-            np.matmul(rotation_rows, self.static.rotated, out=self.rotated_rows[:, split:])
-        else:
-            np.matmul(rotation_rows, self.static.rotated, out=self.rotated_rows)
-        # Projection u = f x / (-z), v = f (-y) / (-z), divided by the residual scale: a 2x3 matrix per landmark,
-        # applied to each block of d points / d parameters in one batched product.
-        points, projection, jacobian, fitted = slot.points, self.projection, self.jacobian, len(self.joints)
-        inverse_depth = 1.0 / np.maximum(-points[2], MIN_DEPTH)
-        scale = frame.focal_over_scale * inverse_depth
-        projection[:, 0, 0] = scale
-        np.negative(scale, out=projection[:, 1, 1])
-        projection[:, 0, 2] = scale * points[0] * inverse_depth
-        projection[:, 1, 2] = -scale * points[1] * inverse_depth
-        # d points / d exp also moves the joints: + sum_j W_lj dPw_j/dc (the bases hold - Rw_j W_lj dJr_j/dc).
-        d_pos = np.empty_like(self.joint_coeff_basis)
-        d_pos[0] = self.joint_coeff_basis[0]
-        for joints, parents in self.levels:
-            d_pos[joints] = world_rot[parents] @ self.joint_offset_basis[joints] + d_pos[parents]
-        joint_term = slot.weight_rows.T @ d_pos[active].reshape(slot.weight_rows.shape[0], -1)  # (L, 3 E)
-        np.matmul(projection, self.d_exp + joint_term.reshape(-1, 3, n_exp), out=jacobian[:, :, :n_exp])
-        # d points / d rotation increment a of joint k: -[arm_lk]x Rw_k e_a = sum_c arm_lkc (-[e_c]x Rw_k) e_a,
-        # with arm_lk = sum over the joints below k of their shares - W_below Pw_k: one product with D, like
-        # the points, then one with the block-diagonal matrix of the fitted joints' turns.
-        np.multiply(slot.transform_block, self.subtree_block, out=self.arm_block)
-        self.arm_block[..., 3] -= world_pos[self.fitted][:, :, None] * self.subtree[:, None, :]
-        arms = self.arm_matrix @ slot.stacked  # (3 F, L)
-        self.turn_blocks[self.fitted_index, :, :, self.fitted_index] = _NEGATIVE_GENERATORS @ world_rot[self.fitted][:, None]
-        d_rot = (arms.T @ self.turns).reshape(-1, 3, 3 * fitted)  # (L, xyz, (k, a))
-        if self.layout.corrected:
-            # d vec(R_k)/d delta_a = vec(R_k [e_a]x), through the pose-corrective bases rotated to the world.
-            self.pose_blocks[self.corrected_index, :, self.corrected_index, :] = (
-                (state.rotations[self.layout.corrected][:, None] @ GENERATORS).transpose(0, 2, 3, 1).reshape(-1, 9, 3)
-            )
-            d_rot[:, :, 3:] += (self.d_pose @ self.pose_derivative).reshape(3, -1, d_rot.shape[2] - 3).transpose(1, 0, 2)
-        np.matmul(projection, d_rot, out=jacobian[:, :, n_exp : n_exp + 3 * fitted])
-        jacobian[:, :, -3:] = projection  # d points / d translation is the identity
-        return jacobian.reshape(-1, self.size)
+        pairs = self.pairs
+        _jacobian(
+            slot.points, state.rotations, slot.world_rot, slot.world_pos, pairs.spans[slot.row], pairs.landmarks, pairs.joints,
+            pairs.weights, pairs.bases, slot.contributions, self.joint_coeff_basis, self.joint_offset_basis, self.parents, self.fitted,
+            self.subtree, bool(self.layout.corrected), frame.focal_over_scale, self.arms, self.jacobian,
+        )  # fmt: skip
+        return self.jacobian
+
+    def _apply(self, state: _State, step: np.ndarray) -> _State:
+        return _State(*_apply_step(state.exp, state.rotations, state.transl, step, self.fitted))
 
     # ----------------------------------------------------------------------------------------------- solve
-    def _apply(self, state: _State, step: np.ndarray) -> _State:
-        rotations = state.rotations.copy()
-        rotations[self.fitted] = state.rotations[self.fitted] @ rotation_matrices(step[self.n_exp : -3].reshape(-1, 3))
-        return _State(state.exp + step[: self.n_exp], rotations, state.transl + step[-3:])
-
     def fit(
         self,
         params: FrameParams,
@@ -372,7 +314,8 @@ class CpuFrameFitter:
         iterations = config.track_iterations if iterations is None else iterations
         if targets.weights is not self.group_weights_source:  # the same tensor for every frame of a tracker
             self.group_weights_source, self.group_weights = targets.weights, _numpy(targets.weights)
-        frame = _Frame(targets, self.group_weights, config, float(focal), center)
+        pixels = targets.pixels[0].numpy(force=True).astype(np.float64)
+        frame = _Frame(pixels, targets.observed[0].numpy(force=True), float(targets.face_size[0]), self.group_weights, config, float(focal), center)
         anchor = _Anchor(self, None if prediction is None else _state(prediction))
         state = _state(params)
         current, spare = self.slots
@@ -384,7 +327,7 @@ class CpuFrameFitter:
         used = 0
         for used in range(1, iterations + 1):
             if jacobian is None:
-                jacobian, fresh = self._jacobian(state, current, frame), True
+                jacobian, fresh = self._linearise(state, current, frame), True
             _weigh_rows(jacobian, current.weights, current.errors, scaled, residuals)
             # NumPy computes a product of an array with its own transpose as a symmetric rank-k update, half the
             # work of the general product a compiled kernel would make of it.
@@ -421,15 +364,304 @@ class CpuFrameFitter:
         return FitResult(params, values[-2:-1], values[-1:], used)
 
 
+_kernels_ready = False
+
+
+# ------------------------------------------------------------------------------------------------- kernels
+# Compiled with numba (engine.jit): a frame's arithmetic is small, so NumPy's per-call overhead would cost more
+# than the work. Shapes: J joints, F fitted joints, L landmarks, P pairs, E expression coefficients, V values
+# [expression, pose features, 1], size = E + 3 F + 3 unknowns.
+
+
+@compiled
+def _world_transforms(
+    exp: np.ndarray, rotations: np.ndarray, parents: np.ndarray, local_rest: np.ndarray, local_basis: np.ndarray,
+    world_rot: np.ndarray, world_pos: np.ndarray,
+) -> None:
+    """Each joint's world rotation Rw (J, 3, 3) and location Pw (J, 3) into ``world_rot`` and ``world_pos``.
+
+    ``rotations`` (J, 3, 3) are the local rotations; a joint's offset from its parent is local_rest (J, 3) +
+    local_basis (J, 3, E) @ exp (E,); ``parents`` (J,) lists each joint's parent, which comes before it.
+    """
+    offset = np.empty(3)
+    for joint in range(rotations.shape[0]):
+        for x in range(3):
+            total = local_rest[joint, x]
+            for c in range(exp.shape[0]):
+                total += local_basis[joint, x, c] * exp[c]
+            offset[x] = total
+        if joint == 0:
+            world_rot[0] = rotations[0]
+            world_pos[0] = offset
+            continue
+        parent = parents[joint]
+        for x in range(3):
+            world_pos[joint, x] = world_pos[parent, x]
+            for y in range(3):
+                world_pos[joint, x] += world_rot[parent, x, y] * offset[y]
+                world_rot[joint, x, y] = 0.0
+                for z in range(3):
+                    world_rot[joint, x, y] += world_rot[parent, x, z] * rotations[joint, z, y]
+
+
+@compiled
+def _landmark_points(
+    values: np.ndarray, spans: np.ndarray, landmarks: np.ndarray, joints: np.ndarray, shares: np.ndarray, world_rot: np.ndarray,
+    world_pos: np.ndarray, transl: np.ndarray, contributions: np.ndarray, points: np.ndarray,
+) -> None:
+    """The landmarks (L, 3) into ``points``: transl (3,) plus the contribution Rw_j s + w Pw_j of each pair in
+    ``spans`` (2, 2) ([start, end) of the contour row's pairs and of the static ones), with [s; w] =
+    shares[4 p : 4 p + 4] (4 P, V) @ values (V,). Contributions (P, 3) are kept for the Jacobian's arms."""
+    for landmark in range(points.shape[0]):
+        points[landmark] = transl
+    for span in range(2):
+        start, end = spans[span, 0], spans[span, 1]
+        if start == end:
+            continue
+        share = shares[4 * start : 4 * end] @ values
+        for pair in range(start, end):
+            joint, landmark, first = joints[pair], landmarks[pair], 4 * (pair - start)
+            for x in range(3):
+                total = world_pos[joint, x] * share[first + 3]
+                for y in range(3):
+                    total += world_rot[joint, x, y] * share[first + y]
+                contributions[pair, x] = total
+                points[landmark, x] += total
+
+
+@compiled
+def _residuals(
+    points: np.ndarray, focal: float, offsets: np.ndarray, unit_mask: np.ndarray, group_weights: np.ndarray, cost_weights: np.ndarray,
+    inverse_scale_squared: float, errors: np.ndarray, squared: np.ndarray, weights: np.ndarray,
+) -> float:
+    """The Cauchy-robust data cost of ``points`` (L, 3); normalised residuals (L, 2) into ``errors``, their
+    squared norm over the Cauchy scale squared (L,) into ``squared`` and the robust weights (L,) into ``weights``.
+
+    Projection u = f x / (-z) + cx, v = f (-y) / (-z) + cy; the residual (pixel - target) / scale is
+    (u - cx, v - cy) plus ``offsets`` (L, 2), times ``unit_mask`` (L,) (1 / scale, zero where not observed).
+    """
+    cost = 0.0
+    for landmark in range(points.shape[0]):
+        factor = focal / max(-points[landmark, 2], MIN_DEPTH)
+        u = (points[landmark, 0] * factor + offsets[landmark, 0]) * unit_mask[landmark]
+        v = (points[landmark, 1] * -factor + offsets[landmark, 1]) * unit_mask[landmark]
+        errors[landmark, 0], errors[landmark, 1] = u, v
+        relative = (u * u + v * v) * inverse_scale_squared
+        squared[landmark] = relative
+        weights[landmark] = group_weights[landmark] / (1.0 + relative)
+        cost += cost_weights[landmark] * math.log1p(relative)
+    return cost
+
+
+@compiled
+def _prior(
+    exp: np.ndarray, rotations: np.ndarray, transl: np.ndarray, fitted: np.ndarray, inverse: np.ndarray, offset: np.ndarray,
+    term_weights: np.ndarray, term_diagonals: np.ndarray, coupling: np.ndarray, jaw_opening: int, rows: np.ndarray,
+    gradient: np.ndarray, diagonal: np.ndarray,
+) -> float:
+    """The prior's cost (FrameBlock.prior); its gradient (size,) and Hessian diagonal (size,) into ``gradient``
+    and ``diagonal``.
+
+    ``rows`` (2, size) receives the parameter vector [exp, fitted joints' angles, transl] and its change since
+    the prediction: the latter's angles are those of inverse (F, 3, 3) @ rotations[fitted] (the prediction's
+    rotations transposed), and offset (2, size) is subtracted (zero, then the prediction's exp and transl).
+    term_weights (2, 2, size) weigh the rows and term_diagonals (2, size) are their Hessian diagonals, first
+    with the jaw open, then over-closed; ``coupling`` (size, size) couples the eyes.
+    """
+    n_exp, count, size = exp.shape[0], fitted.shape[0], rows.shape[1]
+    both = np.empty((2 * count, 3, 3))
+    for index in range(count):
+        both[index] = rotations[fitted[index]]
+        for x in range(3):
+            for y in range(3):
+                both[count + index, x, y] = (
+                    inverse[index, x, 0] * both[index, 0, y] + inverse[index, x, 1] * both[index, 1, y] + inverse[index, x, 2] * both[index, 2, y]
+                )
+    angles = axis_angles(both)
+    for row in range(2):
+        rows[row, :n_exp] = exp
+        for index in range(count):
+            rows[row, n_exp + 3 * index : n_exp + 3 * index + 3] = angles[row * count + index]
+        rows[row, size - 3 :] = transl
+        for column in range(size):
+            rows[row, column] -= offset[row, column]
+    overclosed = 1 if rows[0, jaw_opening] < 0 else 0
+    weights = term_weights[overclosed]
+    cost = 0.0
+    for column in range(size):
+        coupled = 0.0
+        for other in range(size):
+            coupled += rows[0, other] * coupling[other, column]
+        first, second = weights[0, column] * rows[0, column], weights[1, column] * rows[1, column]
+        gradient[column] = first + second + coupled
+        diagonal[column] = term_diagonals[overclosed, column]
+        cost += first * rows[0, column] + second * rows[1, column] + coupled * rows[0, column]
+    return 0.5 * cost
+
+
+@compiled
+def _evaluate(
+    exp: np.ndarray, rotations: np.ndarray, transl: np.ndarray, parents: np.ndarray, local_rest: np.ndarray, local_basis: np.ndarray,
+    corrected: bool, spans: np.ndarray, landmarks: np.ndarray, joints: np.ndarray, shares: np.ndarray, focal: float,
+    offsets: np.ndarray, unit_mask: np.ndarray, group_weights: np.ndarray, cost_weights: np.ndarray, inverse_scale_squared: float,
+    fitted: np.ndarray, inverse: np.ndarray, offset: np.ndarray, term_weights: np.ndarray, term_diagonals: np.ndarray,
+    coupling: np.ndarray, jaw_opening: int, values: np.ndarray, world_rot: np.ndarray, world_pos: np.ndarray,
+    contributions: np.ndarray, points: np.ndarray, errors: np.ndarray, squared: np.ndarray, weights: np.ndarray, rows: np.ndarray,
+    gradient: np.ndarray, diagonal: np.ndarray,
+) -> float:
+    """One state's cost (data and prior), through the four kernels above; the arguments are theirs.
+
+    ``values`` (V,) receives [exp, pose features, 1]: the pose features (rotations[1:] - I, flattened) only
+    where ``corrected`` (the model has pose correctives), else V = E + 1.
+    """
+    n_exp = exp.shape[0]
+    values[:n_exp] = exp
+    if corrected:
+        for joint in range(1, rotations.shape[0]):
+            for x in range(3):
+                for y in range(3):
+                    values[n_exp + 9 * (joint - 1) + 3 * x + y] = rotations[joint, x, y] - (1.0 if x == y else 0.0)
+    values[-1] = 1.0
+    _world_transforms(exp, rotations, parents, local_rest, local_basis, world_rot, world_pos)
+    _landmark_points(values, spans, landmarks, joints, shares, world_rot, world_pos, transl, contributions, points)
+    cost = _residuals(points, focal, offsets, unit_mask, group_weights, cost_weights, inverse_scale_squared, errors, squared, weights)
+    return cost + _prior(exp, rotations, transl, fitted, inverse, offset, term_weights, term_diagonals, coupling, jaw_opening, rows, gradient, diagonal)
+
+
+@compiled
+def _projections(points: np.ndarray, focal_over_scale: float) -> np.ndarray:
+    """(L, 2, 3) d residual / d point of each landmark: u = f x / (-z), v = f (-y) / (-z) over the residual scale."""
+    projections = np.zeros((points.shape[0], 2, 3))
+    for landmark in range(points.shape[0]):
+        inverse_depth = 1.0 / max(-points[landmark, 2], MIN_DEPTH)
+        scale = focal_over_scale * inverse_depth
+        projections[landmark, 0, 0] = scale
+        projections[landmark, 1, 1] = -scale
+        projections[landmark, 0, 2] = scale * points[landmark, 0] * inverse_depth
+        projections[landmark, 1, 2] = -scale * points[landmark, 1] * inverse_depth
+    return projections
+
+
+@compiled
+def _joint_location_derivatives(world_rot: np.ndarray, joint_coeff_basis: np.ndarray, joint_offset_basis: np.ndarray, parents: np.ndarray) -> np.ndarray:
+    """(J, 3, E) d Pw_j / d exp: the root's rest basis, then down the tree Rw_parent @ offset basis + the parent's."""
+    derivatives = np.empty_like(joint_coeff_basis)
+    derivatives[0] = joint_coeff_basis[0]
+    for joint in range(1, parents.shape[0]):
+        parent = parents[joint]
+        for x in range(3):
+            for c in range(derivatives.shape[2]):
+                derivatives[joint, x, c] = (
+                    world_rot[parent, x, 0] * joint_offset_basis[joint, 0, c] + world_rot[parent, x, 1] * joint_offset_basis[joint, 1, c]
+                    + world_rot[parent, x, 2] * joint_offset_basis[joint, 2, c] + derivatives[parent, x, c]
+                )  # fmt: skip
+    return derivatives
+
+
+@compiled
+def _pose_feature_derivatives(rotations: np.ndarray, corrected: np.ndarray) -> np.ndarray:
+    """(C, 9, 3) d vec(R_k) / d delta_a = vec(R_k [e_a]x) of each corrected joint k (C,): its pose features' change."""
+    derivatives = np.empty((corrected.shape[0], 9, 3))
+    for index in range(corrected.shape[0]):
+        rotation = rotations[corrected[index]]
+        for axis in range(3):
+            for x in range(3):
+                for y in range(3):
+                    derivatives[index, 3 * x + y, axis] = (
+                        rotation[x, 0] * GENERATORS[axis, 0, y] + rotation[x, 1] * GENERATORS[axis, 1, y] + rotation[x, 2] * GENERATORS[axis, 2, y]
+                    )
+    return derivatives
+
+
+@compiled
+def _pair_columns(
+    projection: np.ndarray, rotation: np.ndarray, weight: float, basis: np.ndarray, location_derivative: np.ndarray,
+    pose_derivatives: np.ndarray, n_exp: int, rows: np.ndarray,
+) -> None:
+    """Add one pair's expression and pose-corrective columns to its landmark's two rows (2, size) of J.
+
+    d point / d exp = Rw_j basis[:, :E] + W_lj d Pw_j / d exp (``location_derivative`` (3, E)); the
+    corrected joints' rotation columns get Rw_j basis[:, E:] (3, 9 C) through ``pose_derivatives`` (C, 9, 3).
+    ``projection`` (2, 3) maps d point to d residual.
+    """
+    for axis in range(2):
+        row = rows[axis]
+        p0, p1, p2 = projection[axis, 0], projection[axis, 1], projection[axis, 2]
+        # This row of projection @ rotation.
+        t0 = p0 * rotation[0, 0] + p1 * rotation[1, 0] + p2 * rotation[2, 0]
+        t1 = p0 * rotation[0, 1] + p1 * rotation[1, 1] + p2 * rotation[2, 1]
+        t2 = p0 * rotation[0, 2] + p1 * rotation[1, 2] + p2 * rotation[2, 2]
+        w0, w1, w2 = weight * p0, weight * p1, weight * p2
+        for column in range(n_exp):
+            row[column] += (
+                t0 * basis[0, column] + t1 * basis[1, column] + t2 * basis[2, column]
+                + w0 * location_derivative[0, column] + w1 * location_derivative[1, column] + w2 * location_derivative[2, column]
+            )  # fmt: skip
+        for index in range(pose_derivatives.shape[0]):
+            column = n_exp + 3 * (index + 1)  # the corrected joints are the fitted joints after the root
+            for feature in range(9):
+                source = n_exp + 9 * index + feature
+                change = t0 * basis[0, source] + t1 * basis[1, source] + t2 * basis[2, source]
+                for angle in range(3):
+                    row[column + angle] += change * pose_derivatives[index, feature, angle]
+
+
+@compiled
+def _jacobian(
+    points: np.ndarray, rotations: np.ndarray, world_rot: np.ndarray, world_pos: np.ndarray, spans: np.ndarray, landmarks: np.ndarray,
+    joints: np.ndarray, weights: np.ndarray, bases: np.ndarray, contributions: np.ndarray, joint_coeff_basis: np.ndarray,
+    joint_offset_basis: np.ndarray, parents: np.ndarray, fitted: np.ndarray, subtree: np.ndarray, corrected: bool,
+    focal_over_scale: float, arms: np.ndarray, jacobian: np.ndarray,
+) -> None:
+    """(2 L, size) d residual / d [exp, fitted joints' rotation increments, transl] into ``jacobian``, rows
+    (landmark, u | v), at a state that :func:`_evaluate` left in ``points``, ``world_rot``, ``world_pos`` and
+    ``contributions``.
+
+    Per pair in ``spans``: :func:`_pair_columns`, and its share of the arm of each fitted joint above it
+    (``subtree`` (F, J)): arm_lk = sum over the pairs below k of (contribution - W_lj Pw_k), kept in ``arms``
+    (L, F, 3). Then a rotation increment delta_a of fitted joint k moves the landmark by -[arm_lk]x Rw_k e_a
+    = Rw_k e_a x arm_lk, and translation by the identity.
+    """
+    n_exp, size = joint_coeff_basis.shape[2], jacobian.shape[1]
+    projections = _projections(points, focal_over_scale)
+    location_derivatives = _joint_location_derivatives(world_rot, joint_coeff_basis, joint_offset_basis, parents)
+    pose_derivatives = _pose_feature_derivatives(rotations, fitted[1:] if corrected else fitted[:0])
+    jacobian[:] = 0.0
+    arms[:] = 0.0
+    for span in range(2):
+        for pair in range(spans[span, 0], spans[span, 1]):
+            landmark, joint, weight = landmarks[pair], joints[pair], weights[pair]
+            _pair_columns(
+                projections[landmark], world_rot[joint], weight, bases[pair], location_derivatives[joint], pose_derivatives, n_exp,
+                jacobian[2 * landmark : 2 * landmark + 2],
+            )
+            for index in range(fitted.shape[0]):
+                if subtree[index, joint]:
+                    for x in range(3):
+                        arms[landmark, index, x] += contributions[pair, x] - weight * world_pos[fitted[index], x]
+    for landmark in range(points.shape[0]):
+        projection = projections[landmark]
+        for index in range(fitted.shape[0]):
+            rotation, arm = world_rot[fitted[index]], arms[landmark, index]
+            for angle in range(3):
+                r0, r1, r2 = rotation[0, angle], rotation[1, angle], rotation[2, angle]
+                m0, m1, m2 = r1 * arm[2] - r2 * arm[1], r2 * arm[0] - r0 * arm[2], r0 * arm[1] - r1 * arm[0]
+                for axis in range(2):
+                    jacobian[2 * landmark + axis, n_exp + 3 * index + angle] += (
+                        projection[axis, 0] * m0 + projection[axis, 1] * m1 + projection[axis, 2] * m2
+                    )
+        jacobian[2 * landmark : 2 * landmark + 2, size - 3 :] = projection
+
 
 @compiled
 def _weigh_rows(jacobian: np.ndarray, weights: np.ndarray, errors: np.ndarray, scaled: np.ndarray, residuals: np.ndarray) -> None:
-    """sqrt(w) J into ``scaled`` and sqrt(w) e into ``residuals`` (rows: landmark, then u and v), compiled (numba)."""
+    """sqrt(w) J (2 L, size) into ``scaled`` and sqrt(w) e (2 L,) into ``residuals``, from the robust weights
+    (L,) and the residuals (L, 2)."""
     for landmark in range(weights.shape[0]):
         root = math.sqrt(weights[landmark])
         for axis in range(2):
             row = 2 * landmark + axis
-            residuals[row] = errors[axis, landmark] * root
+            residuals[row] = errors[landmark, axis] * root
             for column in range(jacobian.shape[1]):
                 scaled[row, column] = jacobian[row, column] * root
 
@@ -481,51 +713,25 @@ def _damped_step(
     predicted = -(gradient @ step) - 0.5 * (step @ (hessian @ step))
     return predicted, largest
 
-_kernels_ready = False
 
-
-def compile_kernels() -> None:
-    """Compile the solver's numba kernels (or load them from numba's cache) once per process, so that no
-    frame pays for it: CpuFrameFitter calls this when it is made, i.e. at start-up and identity adoption."""
-    global _kernels_ready
-    if _kernels_ready:
-        return
-    started = time.perf_counter()
-    size, count = 3, 2
-    jacobian = np.ones((2 * count, size))
-    scaled, residuals = np.empty_like(jacobian), np.empty(2 * count)
-    _weigh_rows(jacobian, np.ones(count), np.ones((2, count)), scaled, residuals)
-    _damped_step(scaled.T @ scaled, scaled, residuals, np.eye(size), np.ones(size), np.ones(size), 1e-3, np.empty(size))
-    rotation_matrices(axis_angles(np.eye(3)[None]))
-    _kernels_ready = True
-    log.info("per-frame solver kernels ready in %.2f s (numba: compiled on first use, loaded from its cache after)", time.perf_counter() - started)
-
-
-class _Anchor:
-    """What the prior compares a state with: the prediction (temporal terms) or, without one, nothing (the
-    motion weights are zero, so the second row of the prior's array adds nothing)."""
-
-    def __init__(self, fitter: CpuFrameFitter, prediction: _State | None) -> None:
-        n_exp, fitted = fitter.n_exp, fitter.fitted
-        self.rows = np.empty((2, fitter.size))
-        self.offset = np.zeros((2, fitter.size))
-        if prediction is None:
-            self.inverse = np.broadcast_to(_EYE, (len(fitter.joints), 3, 3))
-        else:
-            self.inverse = prediction.rotations[fitted].transpose(0, 2, 1)
-            self.offset[1, :n_exp], self.offset[1, -3:] = prediction.exp, prediction.transl
-        self.weights, self.diagonals = fitter.prior_terms[prediction is not None]
-
-
-@dataclass
-class _State:
-    exp: np.ndarray  # (E,)
-    rotations: np.ndarray  # (J, 3, 3)
-    transl: np.ndarray  # (3,)
-
-
-def _state(params: FrameParams) -> _State:
-    return _State(_numpy(params.exp[0]), _numpy(params.rotations[0]), _numpy(params.transl[0]))
+@compiled
+def _apply_step(exp: np.ndarray, rotations: np.ndarray, transl: np.ndarray, step: np.ndarray, fitted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The state after ``step`` (size,): exp (E,) and transl (3,) plus their parts, and each fitted joint's
+    rotation (of ``rotations`` (J, 3, 3)) times the rotation of its increment, as new arrays."""
+    n_exp, count = exp.shape[0], fitted.shape[0]
+    increments = np.empty((count, 3))
+    for index in range(count):
+        increments[index] = step[n_exp + 3 * index : n_exp + 3 * index + 3]
+    turns = rotation_matrices(increments)
+    turned = rotations.copy()
+    for index in range(count):
+        rotation = rotations[fitted[index]]
+        for x in range(3):
+            for y in range(3):
+                turned[fitted[index], x, y] = (
+                    rotation[x, 0] * turns[index, 0, y] + rotation[x, 1] * turns[index, 1, y] + rotation[x, 2] * turns[index, 2, y]
+                )
+    return exp + step[:n_exp], turned, transl + step[n_exp + 3 * count :]
 
 
 def faster_frame_solver(model: LandmarkModel, config: FitConfig, image_size: tuple[int, int], focal: float, repeats: int = 10) -> str:
