@@ -259,11 +259,9 @@ class CpuFrameFitter:
         frame = _Frame(pixels, np.ones(self.n_landmarks, dtype=bool), 100.0, np.ones(self.n_landmarks), self.config, 500.0, (0.0, 0.0))
         slot = self._evaluate(state, frame, _Anchor(self, state), self.slots[0])
         self._linearise(state, slot, frame)
-        _weigh_rows(self.jacobian, slot.weights, slot.errors, self.scaled, self.scaled_residuals)
-        _damped_step(
-            self.scaled.T @ self.scaled, self.scaled, self.scaled_residuals, self.coupling, slot.prior_diagonal, slot.prior_gradient, 1e-3,
-            self.step,
-        )
+        count = _weigh_rows(self.jacobian, slot.weights, slot.errors, self.scaled, self.scaled_residuals)
+        rows = self.scaled[:count]
+        _damped_step(rows.T @ rows, rows, self.scaled_residuals[:count], self.coupling, slot.prior_diagonal, slot.prior_gradient, 1e-3, self.step)
         self._apply(state, self.step)
         if not _kernels_ready:
             _kernels_ready = True
@@ -290,7 +288,7 @@ class CpuFrameFitter:
         _jacobian(
             slot.points, state.rotations, slot.world_rot, slot.world_pos, pairs.spans[slot.row], pairs.landmarks, pairs.joints,
             pairs.weights, pairs.bases, slot.contributions, self.joint_coeff_basis, self.joint_offset_basis, self.parents, self.fitted,
-            self.subtree, bool(self.layout.corrected), frame.focal_over_scale, self.arms, self.jacobian,
+            self.subtree, bool(self.layout.corrected), frame.group_weights, frame.focal_over_scale, self.arms, self.jacobian,
         )  # fmt: skip
         return self.jacobian
 
@@ -328,12 +326,13 @@ class CpuFrameFitter:
         for used in range(1, iterations + 1):
             if jacobian is None:
                 jacobian, fresh = self._linearise(state, current, frame), True
-            _weigh_rows(jacobian, current.weights, current.errors, scaled, residuals)
+            count = _weigh_rows(jacobian, current.weights, current.errors, scaled, residuals)
+            rows = scaled[:count]
             # NumPy computes a product of an array with its own transpose as a symmetric rank-k update, half the
             # work of the general product a compiled kernel would make of it.
-            hessian = scaled.T @ scaled
+            hessian = rows.T @ rows
             predicted, largest = _damped_step(
-                hessian, scaled, residuals, self.coupling, current.prior_diagonal, current.prior_gradient, damping, step
+                hessian, rows, residuals[:count], self.coupling, current.prior_diagonal, current.prior_gradient, damping, step
             )
             candidate = self._apply(state, step)
             if predicted < config.cost_tolerance * current.cost:
@@ -611,7 +610,7 @@ def _jacobian(
     points: np.ndarray, rotations: np.ndarray, world_rot: np.ndarray, world_pos: np.ndarray, spans: np.ndarray, landmarks: np.ndarray,
     joints: np.ndarray, weights: np.ndarray, bases: np.ndarray, contributions: np.ndarray, joint_coeff_basis: np.ndarray,
     joint_offset_basis: np.ndarray, parents: np.ndarray, fitted: np.ndarray, subtree: np.ndarray, corrected: bool,
-    focal_over_scale: float, arms: np.ndarray, jacobian: np.ndarray,
+    group_weights: np.ndarray, focal_over_scale: float, arms: np.ndarray, jacobian: np.ndarray,
 ) -> None:
     """(2 L, size) d residual / d [exp, fitted joints' rotation increments, transl] into ``jacobian``, rows
     (landmark, u | v), at a state that :func:`_evaluate` left in ``points``, ``world_rot``, ``world_pos`` and
@@ -620,7 +619,8 @@ def _jacobian(
     Per pair in ``spans``: :func:`_pair_columns`, and its share of the arm of each fitted joint above it
     (``subtree`` (F, J)): arm_lk = sum over the pairs below k of (contribution - W_lj Pw_k), kept in ``arms``
     (L, F, 3). Then a rotation increment delta_a of fitted joint k moves the landmark by -[arm_lk]x Rw_k e_a
-    = Rw_k e_a x arm_lk, and translation by the identity.
+    = Rw_k e_a x arm_lk, and translation by the identity. Rows of landmarks whose ``group_weights`` (L,) is zero
+    (unobserved in this frame) are left zero: no iteration of the frame weighs them.
     """
     n_exp, size = joint_coeff_basis.shape[2], jacobian.shape[1]
     projections = _projections(points, focal_over_scale)
@@ -631,6 +631,8 @@ def _jacobian(
     for span in range(2):
         for pair in range(spans[span, 0], spans[span, 1]):
             landmark, joint, weight = landmarks[pair], joints[pair], weights[pair]
+            if group_weights[landmark] == 0.0:
+                continue
             _pair_columns(
                 projections[landmark], world_rot[joint], weight, bases[pair], location_derivatives[joint], pose_derivatives, n_exp,
                 jacobian[2 * landmark : 2 * landmark + 2],
@@ -640,6 +642,8 @@ def _jacobian(
                     for x in range(3):
                         arms[landmark, index, x] += contributions[pair, x] - weight * world_pos[fitted[index], x]
     for landmark in range(points.shape[0]):
+        if group_weights[landmark] == 0.0:
+            continue
         projection = projections[landmark]
         for index in range(fitted.shape[0]):
             rotation, arm = world_rot[fitted[index]], arms[landmark, index]
@@ -654,16 +658,22 @@ def _jacobian(
 
 
 @compiled
-def _weigh_rows(jacobian: np.ndarray, weights: np.ndarray, errors: np.ndarray, scaled: np.ndarray, residuals: np.ndarray) -> None:
-    """sqrt(w) J (2 L, size) into ``scaled`` and sqrt(w) e (2 L,) into ``residuals``, from the robust weights
-    (L,) and the residuals (L, 2)."""
+def _weigh_rows(jacobian: np.ndarray, weights: np.ndarray, errors: np.ndarray, scaled: np.ndarray, residuals: np.ndarray) -> int:
+    """sqrt(w) J (2 L, size) into the first rows of ``scaled`` and sqrt(w) e into ``residuals``, from the robust
+    weights (L,) and the residuals (L, 2); returns how many rows that is. Landmarks of weight zero (unobserved)
+    are left out: their rows would be zero, and the normal equations cost less without them."""
+    count = 0
     for landmark in range(weights.shape[0]):
+        if weights[landmark] == 0.0:
+            continue
         root = math.sqrt(weights[landmark])
         for axis in range(2):
             row = 2 * landmark + axis
-            residuals[row] = errors[landmark, axis] * root
+            residuals[count] = errors[landmark, axis] * root
             for column in range(jacobian.shape[1]):
-                scaled[row, column] = jacobian[row, column] * root
+                scaled[count, column] = jacobian[row, column] * root
+            count += 1
+    return count
 
 
 @compiled
