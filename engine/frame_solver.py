@@ -6,10 +6,10 @@ runs the same Levenberg-Marquardt iterations (same residuals, priors, damping, c
 rules, see FrameFitter.fit) as a few kernel calls per iteration, on tables and buffers made once per identity:
 
 - tables: a landmark is sum_j Rw_j (S_lj - W_lj Jr_j) + W_lj Pw_j + transl (see engine.landmark_model), a
-  sum over its (landmark, joint) *pairs* with a skinning weight (about 1.3 per landmark). Per pair, one table
-  holds the basis of its share [S_lj - W_lj Jr_j; W_lj] in [expression, pose features, 1] (the rest joint
-  Jr_j folded in), another the basis of its Jacobian (expression and fitted pose-corrective columns); the
-  contour has its own pairs per yaw row;
+  sum over its (landmark, joint) *pairs* with a skinning weight (about 1.3 per landmark). Per pair, the table
+  holds S_lj - W_lj Jr_j as a basis in [expression, pose features, 1] (the rest joint Jr_j folded in), whose
+  columns are also the pair's expression and pose-feature derivatives; the contour has its own pairs per yaw
+  row;
 - :func:`_evaluate`: joint transforms down the tree, the pairs' shares (one matrix-vector product), points,
   robust residuals and the prior;
 - :func:`_jacobian`: per pair, its landmark's projection times the joint's world rotation times the pair's
@@ -64,43 +64,32 @@ class _Layout:
         self.corrected = [joint for joint in self.joints if joint > 0] if model.static.has_pose_correctives else []
         if self.corrected and self.joints[1:] != self.corrected:
             raise ValueError("the root must be the first fitted joint")
-        self.pose_features = np.concatenate([np.arange(9 * (j - 1), 9 * j) for j in self.corrected]) if self.corrected else None
-        self.width = self.n_exp + 9 * len(self.corrected)
         self.n_values = self.n_exp + (9 * (model.n_joints - 1) if self.corrected else 0) + 1
 
 
 def _table_pairs(
     table: LandmarkTable, first: int, layout: _Layout, joint_rest: np.ndarray, joint_basis: np.ndarray
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """The pairs of one LandmarkTable, per row of its leading dimension (the contour's yaw rows; one for the
-    static landmarks): landmarks (P,) (numbered from ``first``), joints (P,), skinning weights (P,), share
-    bases (4 P, V) and Jacobian bases (P, 3, width), in landmark order. ``joint_rest`` (Ja, 3) and
-    ``joint_basis`` (Ja, 3, E) are the active joints' rest locations and their expression bases."""
+    static landmarks): landmarks (P,) (numbered from ``first``), joints (P,), skinning weights (P,) and bases
+    (3 P, V), in landmark order. ``joint_rest`` (Ja, 3) and ``joint_basis`` (Ja, 3, E) are the active joints'
+    rest locations and their expression bases."""
     lead = table.weight.shape[:-2]
     weight = _numpy(table.weight).reshape(-1, *table.weight.shape[-2:])  # (R, n, Ja)
     rest = _numpy(table.rest).reshape(weight.shape + (3,)) - weight[..., None] * joint_rest  # (R, n, Ja, 3)
     coeff = np.moveaxis(_numpy(table.coeff_basis).reshape(-1, *table.coeff_basis.shape[len(lead) :]), 3, 1)  # (R, n, Ja, 3, E)
-    coeff = coeff - weight[..., None, None] * joint_basis
     n_exp = layout.n_exp
-    shares = np.zeros(weight.shape + (4, layout.n_values))
-    shares[..., :3, :n_exp] = coeff
-    shares[..., :3, -1] = rest
-    shares[..., 3, -1] = weight
-    bases = np.zeros(weight.shape + (3, layout.width))
-    bases[..., :n_exp] = coeff
+    bases = np.zeros(weight.shape + (3, layout.n_values))
+    bases[..., :n_exp] = coeff - weight[..., None, None] * joint_basis
+    bases[..., -1] = rest
     if layout.corrected:
-        pose = np.moveaxis(_numpy(table.pose_basis).reshape(-1, *table.pose_basis.shape[len(lead) :]), 3, 1)  # (R, n, Ja, 3, 9 (J-1))
-        shares[..., :3, n_exp:-1] = pose
-        bases[..., n_exp:] = pose[..., layout.pose_features]
+        bases[..., n_exp:-1] = np.moveaxis(_numpy(table.pose_basis).reshape(-1, *table.pose_basis.shape[len(lead) :]), 3, 1)
     # Only the pairs with a skinning weight (their bases are zero otherwise).
-    kept = np.abs(shares).max(axis=(-2, -1)) > 0
+    kept = (weight != 0) | (np.abs(bases).max(axis=(-2, -1)) > 0)
     pairs = []
     for row in range(weight.shape[0]):
         landmarks, active = np.nonzero(kept[row])
-        pairs.append((
-            first + landmarks, layout.active[active], weight[row, landmarks, active],
-            shares[row, landmarks, active].reshape(-1, layout.n_values), bases[row, landmarks, active],
-        ))  # fmt: skip
+        pairs.append((first + landmarks, layout.active[active], weight[row, landmarks, active], bases[row, landmarks, active].reshape(-1, layout.n_values)))
     return pairs
 
 
@@ -109,9 +98,9 @@ class _Pairs:
 
     ``spans[row]`` (2, 2) holds [start, end) of contour row ``row``'s pairs and of the static ones (a model
     without contour has one row, whose contour span is empty). Per pair: ``landmarks`` (P,) (contour first,
-    as the solver numbers landmarks), ``joints`` (P,), ``weights`` (P,) the skinning weight W_lj, ``shares``
-    (4 P, V): rows x, y, z, w of [S_lj - W_lj Jr_j; W_lj] as bases in [expression, pose features, 1], and
-    ``bases`` (P, 3, width): d(S_lj - W_lj Jr_j) / d[expression, fitted joints' pose features].
+    as the solver numbers landmarks), ``joints`` (P,), ``weights`` (P,) the skinning weight W_lj, and
+    ``bases`` (3 P, V): rows x, y, z of S_lj - W_lj Jr_j as a basis in [expression, pose features, 1], whose
+    expression and pose-feature columns are also the pair's derivatives.
     """
 
     def __init__(self, model: LandmarkModel, layout: _Layout, joint_rest: np.ndarray, joint_basis: np.ndarray) -> None:
@@ -119,9 +108,7 @@ class _Pairs:
         self.n_landmarks = n_contour + model.static.weight.shape[-2]
         parts = _table_pairs(model.contour, 0, layout, joint_rest, joint_basis) if model.contour is not None else []
         parts += _table_pairs(model.static, n_contour, layout, joint_rest, joint_basis)
-        self.landmarks, self.joints, self.weights, self.shares, self.bases = (
-            np.ascontiguousarray(np.concatenate(arrays)) for arrays in zip(*parts)
-        )
+        self.landmarks, self.joints, self.weights, self.bases = (np.ascontiguousarray(np.concatenate(arrays)) for arrays in zip(*parts))
         bounds = np.cumsum([0] + [len(part[0]) for part in parts])
         static = bounds[-2:]
         self.spans = np.array([[[bounds[row], bounds[row + 1]], static] for row in range(len(parts) - 1)] or [[[0, 0], static]])
@@ -274,7 +261,7 @@ class CpuFrameFitter:
         slot.row = contour_row(state.rotations[0]) if self.has_contour else 0
         slot.cost = _evaluate(
             state.exp, state.rotations, state.transl, self.parents, self.local_rest, self.local_basis, bool(self.layout.corrected),
-            pairs.spans[slot.row], pairs.landmarks, pairs.joints, pairs.shares, frame.focal, frame.offsets, frame.unit_mask,
+            pairs.spans[slot.row], pairs.landmarks, pairs.joints, pairs.weights, pairs.bases, frame.focal, frame.offsets, frame.unit_mask,
             frame.group_weights, frame.cost_weights, 1.0 / self.config.robust_scale**2, self.fitted, anchor.inverse, anchor.offset,
             anchor.weights, anchor.diagonals, self.coupling, self.jaw_opening, slot.values, slot.world_rot, slot.world_pos,
             slot.contributions, slot.points, slot.errors, slot.squared, slot.weights, slot.prior_rows, slot.prior_gradient,
@@ -405,25 +392,25 @@ def _world_transforms(
 
 @compiled
 def _landmark_points(
-    values: np.ndarray, spans: np.ndarray, landmarks: np.ndarray, joints: np.ndarray, shares: np.ndarray, world_rot: np.ndarray,
-    world_pos: np.ndarray, transl: np.ndarray, contributions: np.ndarray, points: np.ndarray,
+    values: np.ndarray, spans: np.ndarray, landmarks: np.ndarray, joints: np.ndarray, weights: np.ndarray, bases: np.ndarray,
+    world_rot: np.ndarray, world_pos: np.ndarray, transl: np.ndarray, contributions: np.ndarray, points: np.ndarray,
 ) -> None:
-    """The landmarks (L, 3) into ``points``: transl (3,) plus the contribution Rw_j s + w Pw_j of each pair in
-    ``spans`` (2, 2) ([start, end) of the contour row's pairs and of the static ones), with [s; w] =
-    shares[4 p : 4 p + 4] (4 P, V) @ values (V,). Contributions (P, 3) are kept for the Jacobian's arms."""
+    """The landmarks (L, 3) into ``points``: transl (3,) plus the contribution Rw_j s + W Pw_j of each pair in
+    ``spans`` (2, 2) ([start, end) of the contour row's pairs and of the static ones), with s = bases[3 p : 3 p
+    + 3] (3 P, V) @ values (V,) and W = weights[p]. Contributions (P, 3) are kept for the Jacobian's arms."""
     for landmark in range(points.shape[0]):
         points[landmark] = transl
     for span in range(2):
         start, end = spans[span, 0], spans[span, 1]
         if start == end:
             continue
-        share = shares[4 * start : 4 * end] @ values
+        shares = bases[3 * start : 3 * end] @ values
         for pair in range(start, end):
-            joint, landmark, first = joints[pair], landmarks[pair], 4 * (pair - start)
+            joint, landmark, first = joints[pair], landmarks[pair], 3 * (pair - start)
             for x in range(3):
-                total = world_pos[joint, x] * share[first + 3]
+                total = world_pos[joint, x] * weights[pair]
                 for y in range(3):
-                    total += world_rot[joint, x, y] * share[first + y]
+                    total += world_rot[joint, x, y] * shares[first + y]
                 contributions[pair, x] = total
                 points[landmark, x] += total
 
@@ -501,7 +488,7 @@ def _prior(
 @compiled
 def _evaluate(
     exp: np.ndarray, rotations: np.ndarray, transl: np.ndarray, parents: np.ndarray, local_rest: np.ndarray, local_basis: np.ndarray,
-    corrected: bool, spans: np.ndarray, landmarks: np.ndarray, joints: np.ndarray, shares: np.ndarray, focal: float,
+    corrected: bool, spans: np.ndarray, landmarks: np.ndarray, joints: np.ndarray, pair_weights: np.ndarray, bases: np.ndarray, focal: float,
     offsets: np.ndarray, unit_mask: np.ndarray, group_weights: np.ndarray, cost_weights: np.ndarray, inverse_scale_squared: float,
     fitted: np.ndarray, inverse: np.ndarray, offset: np.ndarray, term_weights: np.ndarray, term_diagonals: np.ndarray,
     coupling: np.ndarray, jaw_opening: int, values: np.ndarray, world_rot: np.ndarray, world_pos: np.ndarray,
@@ -522,7 +509,7 @@ def _evaluate(
                     values[n_exp + 9 * (joint - 1) + 3 * x + y] = rotations[joint, x, y] - (1.0 if x == y else 0.0)
     values[-1] = 1.0
     _world_transforms(exp, rotations, parents, local_rest, local_basis, world_rot, world_pos)
-    _landmark_points(values, spans, landmarks, joints, shares, world_rot, world_pos, transl, contributions, points)
+    _landmark_points(values, spans, landmarks, joints, pair_weights, bases, world_rot, world_pos, transl, contributions, points)
     cost = _residuals(points, focal, offsets, unit_mask, group_weights, cost_weights, inverse_scale_squared, errors, squared, weights)
     return cost + _prior(exp, rotations, transl, fitted, inverse, offset, term_weights, term_diagonals, coupling, jaw_opening, rows, gradient, diagonal)
 
@@ -575,12 +562,13 @@ def _pose_feature_derivatives(rotations: np.ndarray, corrected: np.ndarray) -> n
 @compiled
 def _pair_columns(
     projection: np.ndarray, rotation: np.ndarray, weight: float, basis: np.ndarray, location_derivative: np.ndarray,
-    pose_derivatives: np.ndarray, n_exp: int, rows: np.ndarray,
+    corrected: np.ndarray, pose_derivatives: np.ndarray, n_exp: int, rows: np.ndarray,
 ) -> None:
     """Add one pair's expression and pose-corrective columns to its landmark's two rows (2, size) of J.
 
-    d point / d exp = Rw_j basis[:, :E] + W_lj d Pw_j / d exp (``location_derivative`` (3, E)); the
-    corrected joints' rotation columns get Rw_j basis[:, E:] (3, 9 C) through ``pose_derivatives`` (C, 9, 3).
+    d point / d exp = Rw_j basis[:, :E] + W_lj d Pw_j / d exp (``basis`` (3, V) the pair's, ``location_derivative``
+    (3, E)); the rotation columns of each corrected joint k (``corrected`` (C,): the fitted joints after the
+    root) get Rw_j times the basis of k's 9 pose features, through ``pose_derivatives`` (C, 9, 3).
     ``projection`` (2, 3) maps d point to d residual.
     """
     for axis in range(2):
@@ -596,10 +584,10 @@ def _pair_columns(
                 t0 * basis[0, column] + t1 * basis[1, column] + t2 * basis[2, column]
                 + w0 * location_derivative[0, column] + w1 * location_derivative[1, column] + w2 * location_derivative[2, column]
             )  # fmt: skip
-        for index in range(pose_derivatives.shape[0]):
-            column = n_exp + 3 * (index + 1)  # the corrected joints are the fitted joints after the root
+        for index in range(corrected.shape[0]):
+            column = n_exp + 3 * (index + 1)
             for feature in range(9):
-                source = n_exp + 9 * index + feature
+                source = n_exp + 9 * (corrected[index] - 1) + feature
                 change = t0 * basis[0, source] + t1 * basis[1, source] + t2 * basis[2, source]
                 for angle in range(3):
                     row[column + angle] += change * pose_derivatives[index, feature, angle]
@@ -625,7 +613,8 @@ def _jacobian(
     n_exp, size = joint_coeff_basis.shape[2], jacobian.shape[1]
     projections = _projections(points, focal_over_scale)
     location_derivatives = _joint_location_derivatives(world_rot, joint_coeff_basis, joint_offset_basis, parents)
-    pose_derivatives = _pose_feature_derivatives(rotations, fitted[1:] if corrected else fitted[:0])
+    corrected_joints = fitted[1:] if corrected else fitted[:0]
+    pose_derivatives = _pose_feature_derivatives(rotations, corrected_joints)
     jacobian[:] = 0.0
     arms[:] = 0.0
     for span in range(2):
@@ -634,7 +623,8 @@ def _jacobian(
             if group_weights[landmark] == 0.0:
                 continue
             _pair_columns(
-                projections[landmark], world_rot[joint], weight, bases[pair], location_derivatives[joint], pose_derivatives, n_exp,
+                projections[landmark], world_rot[joint], weight, bases[3 * pair : 3 * pair + 3], location_derivatives[joint], corrected_joints,
+                pose_derivatives, n_exp,
                 jacobian[2 * landmark : 2 * landmark + 2],
             )
             for index in range(fitted.shape[0]):
