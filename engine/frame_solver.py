@@ -44,6 +44,10 @@ from engine.timing import synchronizer
 log = logging.getLogger(__name__)
 
 
+#: NumPy's dtype of each PyTorch dtype a result may have (others are converted from float64 by PyTorch).
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     """A float64 copy of a tensor on any device."""
     return tensor.numpy(force=True).astype(np.float64)
@@ -137,20 +141,28 @@ class _Evaluation:
 
 
 class _Frame:
-    """One frame's observations in the solver's layout: residual = (point * focal * (1, -1) / depth + offset) * mask."""
+    """One frame's observations in the solver's layout, in buffers reused from frame to frame: a landmark's
+    residual is (point * focal * (1, -1) / depth + offset) * unit_mask (see :func:`_residuals`)."""
 
-    def __init__(
+    def __init__(self, n_landmarks: int) -> None:
+        self.offsets = np.zeros((n_landmarks, 2))
+        self.unit_mask = np.zeros(n_landmarks)
+        self.group_weights = np.zeros(n_landmarks)
+        self.cost_weights = np.zeros(n_landmarks)
+        self.face_size = self.focal = self.focal_over_scale = 1.0
+
+    def observe(
         self, pixels: np.ndarray, observed: np.ndarray, face_size: float, group_weights: np.ndarray, config: FitConfig, focal: float,
         center: tuple[float, float],
-    ) -> None:
+    ) -> _Frame:
+        """Take one frame's pixels (L, 2) float64, observed (L,) bool and face size (pixels)."""
         scale = config.noise * face_size  # pixels per unit of normalised residual
-        self.face_size = face_size
-        self.focal = focal
-        self.offsets = np.where(observed[:, None], np.array(center) - pixels, 0.0)  # (L, 2)
-        self.unit_mask = observed / scale
-        self.focal_over_scale = focal / scale
-        self.group_weights = np.where(observed, group_weights, 0.0)
-        self.cost_weights = self.group_weights * config.robust_scale**2
+        self.face_size, self.focal, self.focal_over_scale = face_size, focal, focal / scale
+        _observations(
+            pixels, observed, group_weights, center[0], center[1], scale, config.robust_scale**2, self.offsets, self.unit_mask,
+            self.group_weights, self.cost_weights,
+        )
+        return self
 
 
 class _Anchor:
@@ -209,6 +221,7 @@ class CpuFrameFitter:
         self.has_contour = model.contour is not None
         self.n_landmarks = self.pairs.n_landmarks
         self.slots = [_Evaluation(layout, self.pairs) for _ in range(2)]
+        self.frame = _Frame(self.n_landmarks)
         self.arms = np.zeros((self.n_landmarks, len(self.joints), 3))
         self.jacobian = np.zeros((2 * self.n_landmarks, self.size))  # rows: landmark, then u and v
         self.scaled = np.zeros_like(self.jacobian)  # sqrt(w) J, sqrt(w) e and the step: reused by every iteration
@@ -242,8 +255,8 @@ class CpuFrameFitter:
         global _kernels_ready
         started = time.perf_counter()
         state = _State(np.zeros(self.n_exp), np.ascontiguousarray(np.broadcast_to(np.eye(3), (len(self.parents), 3, 3))), np.array([0.0, 0.0, -1.0]))
-        pixels = np.zeros((self.n_landmarks, 2))
-        frame = _Frame(pixels, np.ones(self.n_landmarks, dtype=bool), 100.0, np.ones(self.n_landmarks), self.config, 500.0, (0.0, 0.0))
+        observed = np.ones(self.n_landmarks, dtype=bool)
+        frame = self.frame.observe(np.zeros((self.n_landmarks, 2)), observed, 100.0, np.ones(self.n_landmarks), self.config, 500.0, (0.0, 0.0))
         slot = self._evaluate(state, frame, _Anchor(self, state), self.slots[0])
         self._linearise(state, slot, frame)
         count = _weigh_rows(self.jacobian, slot.weights, slot.errors, self.scaled, self.scaled_residuals)
@@ -300,9 +313,11 @@ class CpuFrameFitter:
         if targets.weights is not self.group_weights_source:  # the same tensor for every frame of a tracker
             self.group_weights_source, self.group_weights = targets.weights, _numpy(targets.weights)
         pixels = targets.pixels[0].numpy(force=True).astype(np.float64)
-        frame = _Frame(pixels, targets.observed[0].numpy(force=True), float(targets.face_size[0]), self.group_weights, config, float(focal), center)
-        anchor = _Anchor(self, None if prediction is None else _state(prediction))
+        frame = self.frame.observe(
+            pixels, targets.observed[0].numpy(force=True), float(targets.face_size[0]), self.group_weights, config, float(focal), center
+        )
         state = _state(params)
+        anchor = _Anchor(self, None if prediction is None else state if prediction is params else _state(prediction))
         current, spare = self.slots
         self._evaluate(state, frame, anchor, current)
         damping = config.initial_damping
@@ -341,13 +356,14 @@ class CpuFrameFitter:
         weights = slot.weights
         mean_square = float(weights @ slot.squared) * self.config.robust_scale**2 / max(float(np.add.reduce(weights)), 1e-12)
         rms_px = math.sqrt(mean_square) * self.config.noise * frame.face_size
-        # One conversion to a tensor; parameters, cost and error are views of it.
-        packed = np.concatenate([state.exp, state.rotations.ravel(), state.transl, (slot.cost, rms_px)])
-        values = torch.from_numpy(packed).to(device=like.exp.device, dtype=like.exp.dtype)
+        # One array in the result's dtype; the tensors share its memory (torch.from_numpy costs less than views).
+        dtype = _NUMPY_DTYPES.get(like.exp.dtype, np.float64)
+        packed = np.concatenate([state.exp, state.rotations.ravel(), state.transl, (slot.cost, rms_px)]).astype(dtype)
         n_exp, n_joints = len(state.exp), len(state.rotations)
         rotations_end = n_exp + 9 * n_joints
-        params = FrameParams(values[None, :n_exp], values[n_exp:rotations_end].reshape(1, n_joints, 3, 3), values[None, rotations_end:-2])
-        return FitResult(params, values[-2:-1], values[-1:], used)
+        parts = (packed[None, :n_exp], packed[n_exp:rotations_end].reshape(1, n_joints, 3, 3), packed[None, rotations_end:-2], packed[-2:-1], packed[-1:])
+        exp, rotations, transl, cost, rms = (torch.from_numpy(part).to(device=like.exp.device, dtype=like.exp.dtype) for part in parts)
+        return FitResult(FrameParams(exp, rotations, transl), cost, rms, used)
 
 
 _kernels_ready = False
@@ -357,6 +373,23 @@ _kernels_ready = False
 # Compiled with numba (engine.jit): a frame's arithmetic is small, so NumPy's per-call overhead would cost more
 # than the work. Shapes: J joints, F fitted joints, L landmarks, P pairs, E expression coefficients, V values
 # [expression, pose features, 1], size = E + 3 F + 3 unknowns.
+
+
+@compiled
+def _observations(
+    pixels: np.ndarray, observed: np.ndarray, group_weights: np.ndarray, center_x: float, center_y: float, scale: float,
+    robust_scale_squared: float, offsets: np.ndarray, unit_mask: np.ndarray, weights: np.ndarray, cost_weights: np.ndarray,
+) -> None:
+    """One frame's terms of :func:`_residuals` from its pixels (L, 2) and ``observed`` (L,): offsets (L, 2) =
+    center - pixel, unit_mask (L,) = 1 / scale, the landmarks' ``group_weights`` (L,) into ``weights`` and
+    times the Cauchy scale squared into ``cost_weights``; all zero where not observed."""
+    for landmark in range(observed.shape[0]):
+        if observed[landmark]:
+            offsets[landmark, 0], offsets[landmark, 1] = center_x - pixels[landmark, 0], center_y - pixels[landmark, 1]
+            unit_mask[landmark], weights[landmark] = 1.0 / scale, group_weights[landmark]
+        else:
+            offsets[landmark, 0] = offsets[landmark, 1] = unit_mask[landmark] = weights[landmark] = 0.0
+        cost_weights[landmark] = weights[landmark] * robust_scale_squared
 
 
 @compiled

@@ -22,6 +22,7 @@ import torch
 
 from engine.fitting import FitConfig, Targets, landmark_weights
 from engine.head_model import HeadModel, MediapipeEmbedding
+from engine.jit import compiled
 from engine.landmark_model import LandmarkModel
 from engine.landmarks import LEFT_IRIS_CENTER, N_LANDMARKS, RIGHT_IRIS_CENTER, MediapipeTo68, to_68
 
@@ -95,24 +96,36 @@ def tracking_head(head: HeadModel) -> HeadModel:
     return replace(head, mediapipe=reduced)
 
 
-def spans_a_face(points: np.ndarray, min_size_px: float, min_aspect: float) -> bool:
-    """Whether observed points (N, 2), in pixels, can be a face at all.
+@compiled
+def spans_a_face(pixels: np.ndarray, usable: np.ndarray, min_size_px: float, min_aspect: float) -> bool:
+    """Whether the observed points pixels[usable] (pixels (N, 2) float64, usable (N,) bool) can be a face at all.
 
     Points that all coincide, lie on a line, or fit in a box a few pixels wide fix no head pose: a fit to
     them puts the head anywhere (all-equal points put it 1e14 m away), so such frames are not tracked.
     ``min_aspect`` is the smallest ratio of the points' spread across to along their main direction.
+    Compiled (numba): the tracker asks it of every frame.
     """
-    points = np.asarray(points, dtype=np.float64)
-    if len(points) < 3:
-        return False
-    width, height = np.maximum.reduce(points) - np.minimum.reduce(points)
-    if math.hypot(width, height) < min_size_px:
+    count = 0
+    low_x = low_y = math.inf
+    high_x = high_y = -math.inf
+    sum_x = sum_y = 0.0
+    for index in range(usable.shape[0]):
+        if usable[index]:
+            x, y = pixels[index, 0], pixels[index, 1]
+            low_x, low_y, high_x, high_y = min(low_x, x), min(low_y, y), max(high_x, x), max(high_y, y)
+            sum_x, sum_y = sum_x + x, sum_y + y
+            count += 1
+    if count < 3 or math.hypot(high_x - low_x, high_y - low_y) < min_size_px:
         return False
     # The spreads are the square roots of the eigenvalues of the centred points' 2x2 scatter matrix.
-    centred = points - np.add.reduce(points) / len(points)
-    (xx, xy), (_, yy) = centred.T @ centred
+    mean_x, mean_y = sum_x / count, sum_y / count
+    xx = xy = yy = 0.0
+    for index in range(usable.shape[0]):
+        if usable[index]:
+            x, y = pixels[index, 0] - mean_x, pixels[index, 1] - mean_y
+            xx, xy, yy = xx + x * x, xy + x * y, yy + y * y
     middle, radius = (xx + yy) / 2, math.hypot((xx - yy) / 2, xy)
-    return bool(max(middle - radius, 0.0) >= min_aspect**2 * (middle + radius))
+    return max(middle - radius, 0.0) >= min_aspect**2 * (middle + radius)
 
 
 class TargetBuilder:

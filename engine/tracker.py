@@ -128,6 +128,7 @@ class Tracker:
             head, self._first_camera, self.config.n_shape, self.config.n_exp, self.config.fit, self.config.device, self.config.dtype
         )
         self._weighted_landmarks = self.rig.targets.weights.numpy(force=True) > 0
+        spans_a_face(np.zeros((3, 2)), np.ones(3, dtype=bool), 1.0, 0.0)  # compiled (or loaded) now, not on the first frame
         #: Where the FOV comes from: "given" (--fov), "estimated", or "default" (the frames did not determine it).
         self.fov_source = "default" if self.config.fit_fov else "given"
         #: The standard deviation of log(focal) the last calibration's frames allowed (None: not estimated).
@@ -182,7 +183,8 @@ class Tracker:
         usable = targets.observed[0].numpy(force=True) & self._weighted_landmarks
         if np.count_nonzero(usable) < self.config.min_observed_fraction * usable.size:
             return False
-        return spans_a_face(targets.pixels[0].numpy(force=True)[usable], self.config.min_face_px, self.config.min_face_aspect)
+        pixels = targets.pixels[0].numpy(force=True).astype(np.float64)
+        return spans_a_face(pixels, usable, float(self.config.min_face_px), float(self.config.min_face_aspect))
 
     def cold_start(self, targets: Targets, model: LandmarkModel | None = None, exp: torch.Tensor | None = None) -> FrameParams:
         """Rigid pose from PnP of the neutral model's landmarks; expression zero, joints at rest."""
