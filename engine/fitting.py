@@ -29,6 +29,7 @@ from engine.config import Range
 from engine.flame import rodrigues, rotation_log
 from engine.frames import FrameParams
 from engine.head_model import JAW, LEFT_EYE, NECK, RIGHT_EYE, ROOT, has_eyes
+from engine.jit import compiled
 from engine.landmark_model import LandmarkEvaluation, LandmarkModel
 
 
@@ -90,15 +91,30 @@ class Targets:
     weights: torch.Tensor  # (L,) group weight of each landmark
 
     def __post_init__(self) -> None:
-        # In NumPy: for a frame's few hundred points PyTorch's per-operation overhead costs more than the work.
-        pixels = self.pixels.numpy(force=True)
-        observed = np.logical_and.reduce(np.isfinite(pixels), axis=-1)
-        low = np.minimum.reduce(np.where(observed[..., None], pixels, np.inf), axis=1)
-        high = np.maximum.reduce(np.where(observed[..., None], pixels, -np.inf), axis=1)
+        # Compiled: for a frame's few hundred points even NumPy's per-call overhead costs more than the work.
+        observed, extent = _observed_extent(self.pixels.numpy(force=True))
         self.observed = torch.from_numpy(observed).to(self.pixels.device)  # (B, L)
         #: (B,) bounding-box diagonal of the observed points, in pixels. PyTorch's norm, to the bit as before:
         #: the fits (and calibration, with a poorly conditioned identity space) follow this scale.
-        self.face_size = torch.linalg.vector_norm(torch.from_numpy(high - low), dim=-1).clamp_min(1.0).to(self.pixels.device)
+        self.face_size = torch.linalg.vector_norm(torch.from_numpy(extent), dim=-1).clamp_min(1.0).to(self.pixels.device)
+
+
+@compiled
+def _observed_extent(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which landmarks of pixels (B, L, 2) are observed (both coordinates finite): (B, L) bool, and the extent
+    (B, 2) of each item's observed points' bounding box in the pixels' dtype (-inf without any)."""
+    batch, count = pixels.shape[0], pixels.shape[1]
+    observed = np.zeros((batch, count), dtype=np.bool_)
+    low = np.full((batch, 2), np.inf, dtype=pixels.dtype)
+    high = np.full((batch, 2), -np.inf, dtype=pixels.dtype)
+    for item in range(batch):
+        for landmark in range(count):
+            x, y = pixels[item, landmark, 0], pixels[item, landmark, 1]
+            if math.isfinite(x) and math.isfinite(y):
+                observed[item, landmark] = True
+                low[item, 0], low[item, 1] = min(low[item, 0], x), min(low[item, 1], y)
+                high[item, 0], high[item, 1] = max(high[item, 0], x), max(high[item, 1], y)
+    return observed, high - low
 
 
 def landmark_weights(model: LandmarkModel, config: FitConfig) -> torch.Tensor:

@@ -141,6 +141,7 @@ class TargetBuilder:
         #: (68,) bool, the converted 68 points left to the MediaPipe embedding.
         self.covered68 = covered_68_points(self.mediapipe_indices) if fits_both else np.zeros(68, dtype=bool)
         self.dtype, self.device = model.joint_rest.dtype, model.joint_rest.device
+        Targets(torch.zeros(1, 1, 2, dtype=self.dtype), self.weights)  # its kernel compiled (or loaded) now, not on the first frame
 
     def pixels(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> np.ndarray:
         """(B, L, 2) float pixels in the model's landmark order from (B, 478, 2) and/or (B, 68, 2) arrays."""

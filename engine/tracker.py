@@ -234,13 +234,16 @@ class Tracker:
             return last.clone()
         t0, before = self._history[-2]
         ratio = min((timestamp - t1) / max(t1 - t0, 1e-3), 2.0) * 0.5  # damped: half the observed velocity
-        # The head's rotation continued in NumPy: a few 3x3 products cost less there than PyTorch's per-call overhead.
-        last_root = last.rotations[0, 0].numpy(force=True).astype(np.float64)
-        spin = axis_angles((before.rotations[0, 0].numpy(force=True).T @ last_root)[None])
-        predicted = last.clone()
-        predicted.rotations[0, 0] = torch.from_numpy(last_root @ rotation_matrices(spin * ratio)[0])
-        predicted.transl = last.transl + (last.transl - before.transl) * ratio
-        return predicted
+        # In NumPy (in the parameters' dtype, as PyTorch would): a few 3x3 products and 3-vectors cost less there
+        # than PyTorch's per-operation overhead.
+        rotations, before_root = last.rotations.numpy(force=True).copy(), before.rotations.numpy(force=True)[0, 0]
+        last_root = rotations[0, 0].astype(np.float64)
+        spin = axis_angles((before_root.T @ last_root)[None])
+        rotations[0, 0] = last_root @ rotation_matrices(spin * ratio)[0]
+        last_transl, before_transl = last.transl.numpy(force=True), before.transl.numpy(force=True)
+        transl = last_transl + (last_transl - before_transl) * ratio
+        device = last.transl.device
+        return FrameParams(last.exp.clone(), torch.from_numpy(rotations).to(device), torch.from_numpy(transl).to(device))
 
     # -------------------------------------------------------------------------------------------- tracking
     def track(self, mp478: np.ndarray | None, lmk68: np.ndarray | None = None, timestamp: float | None = None) -> TrackedFrame:
