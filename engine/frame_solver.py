@@ -187,7 +187,8 @@ class _State:
 
 
 def _state(params: FrameParams) -> _State:
-    return _State(_numpy(params.exp[0]), _numpy(params.rotations[0]), _numpy(params.transl[0]))
+    # Indexing the arrays rather than the tensors: PyTorch's indexing costs more than NumPy's.
+    return _State(*(tensor.numpy(force=True)[0].astype(np.float64) for tensor in (params.exp, params.rotations, params.transl)))
 
 
 class CpuFrameFitter:

@@ -228,7 +228,8 @@ def frame_from_params(
 
 def params_row(params: FrameParams, row: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One frame of a batch as float64 NumPy (exp (E,), pose (J, 3) axis-angle, transl (3,))."""
-    exp, rotations, transl = (t[row].numpy(force=True).astype(np.float64) for t in (params.exp, params.rotations, params.transl))
+    # Indexing the arrays rather than the tensors: PyTorch's indexing costs more than NumPy's.
+    exp, rotations, transl = (t.numpy(force=True)[row].astype(np.float64) for t in (params.exp, params.rotations, params.transl))
     return exp, axis_angles(rotations), transl
 
 
