@@ -93,7 +93,8 @@ def _table_pairs(
     pairs = []
     for row in range(weight.shape[0]):
         landmarks, active = np.nonzero(kept[row])
-        pairs.append((first + landmarks, layout.active[active], weight[row, landmarks, active], bases[row, landmarks, active].reshape(-1, layout.n_values)))
+        selected = (row, landmarks, active)
+        pairs.append((first + landmarks, layout.active[active], weight[selected], bases[selected].reshape(-1, layout.n_values)))
     return pairs
 
 
@@ -225,7 +226,7 @@ class CpuFrameFitter:
         self.frame = _Frame(self.n_landmarks)
         self.arms = np.zeros((self.n_landmarks, len(self.joints), 3))
         self.jacobian = np.zeros((2 * self.n_landmarks, self.size))  # rows: landmark, then u and v
-        self.scaled = np.zeros_like(self.jacobian)  # sqrt(w) J, sqrt(w) e and the step: reused by every iteration
+        self.scaled = np.zeros_like(self.jacobian)  # sqrt(w) J of the weighted rows, then sqrt(w) e and the step: reused by every iteration
         self.scaled_residuals = np.zeros(2 * self.n_landmarks)
         self.step = np.zeros(self.size)
         self.no_rotations = np.ascontiguousarray(np.broadcast_to(np.eye(3), (len(self.joints), 3, 3)))
@@ -255,18 +256,23 @@ class CpuFrameFitter:
         each for exactly the argument types that frames pass, here rather than during a frame."""
         global _kernels_ready
         started = time.perf_counter()
-        state = _State(np.zeros(self.n_exp), np.ascontiguousarray(np.broadcast_to(np.eye(3), (len(self.parents), 3, 3))), np.array([0.0, 0.0, -1.0]))
-        observed = np.ones(self.n_landmarks, dtype=bool)
-        frame = self.frame.observe(np.zeros((self.n_landmarks, 2)), observed, 100.0, np.ones(self.n_landmarks), self.config, 500.0, (0.0, 0.0))
+        rest = np.ascontiguousarray(np.broadcast_to(np.eye(3), (len(self.parents), 3, 3)))
+        state = _State(np.zeros(self.n_exp), rest, np.array([0.0, 0.0, -1.0]))
+        total = self.n_landmarks
+        frame = self.frame.observe(np.zeros((total, 2)), np.ones(total, dtype=bool), 100.0, np.ones(total), self.config, 500.0, (0.0, 0.0))
         slot = self._evaluate(state, frame, _Anchor(self, state), self.slots[0])
         self._linearise(state, slot, frame)
         count = _weigh_rows(self.jacobian, slot.weights, slot.errors, self.scaled, self.scaled_residuals)
         rows = self.scaled[:count]
-        _damped_step(rows.T @ rows, rows, self.scaled_residuals[:count], self.coupling, slot.prior_diagonal, slot.prior_gradient, 1e-3, self.step)
+        residuals = self.scaled_residuals[:count]
+        _damped_step(rows.T @ rows, rows, residuals, self.coupling, slot.prior_diagonal, slot.prior_gradient, 1e-3, self.step)
         self._apply(state, self.step)
         if not _kernels_ready:
             _kernels_ready = True
-            log.info("per-frame solver kernels ready in %.2f s (numba: compiled on first use, loaded from its cache after)", time.perf_counter() - started)
+            log.info(
+                "per-frame solver kernels ready in %.2f s (numba: compiled on first use, loaded from its cache after)",
+                time.perf_counter() - started,
+            )
 
     # ------------------------------------------------------------------------------------- kernel arguments
     def _evaluate(self, state: _State, frame: _Frame, anchor: _Anchor, slot: _Evaluation) -> _Evaluation:
@@ -362,7 +368,8 @@ class CpuFrameFitter:
         packed = np.concatenate([state.exp, state.rotations.ravel(), state.transl, (slot.cost, rms_px)]).astype(dtype)
         n_exp, n_joints = len(state.exp), len(state.rotations)
         rotations_end = n_exp + 9 * n_joints
-        parts = (packed[None, :n_exp], packed[n_exp:rotations_end].reshape(1, n_joints, 3, 3), packed[None, rotations_end:-2], packed[-2:-1], packed[-1:])
+        rotations = packed[n_exp:rotations_end].reshape(1, n_joints, 3, 3)
+        parts = (packed[None, :n_exp], rotations, packed[None, rotations_end:-2], packed[-2:-1], packed[-1:])
         exp, rotations, transl, cost, rms = (torch.from_numpy(part).to(device=like.exp.device, dtype=like.exp.dtype) for part in parts)
         return FitResult(FrameParams(exp, rotations, transl), cost, rms, used)
 
@@ -495,8 +502,9 @@ def _prior(
         for x in range(3):
             for y in range(3):
                 both[count + index, x, y] = (
-                    inverse[index, x, 0] * both[index, 0, y] + inverse[index, x, 1] * both[index, 1, y] + inverse[index, x, 2] * both[index, 2, y]
-                )
+                    inverse[index, x, 0] * both[index, 0, y] + inverse[index, x, 1] * both[index, 1, y]
+                    + inverse[index, x, 2] * both[index, 2, y]
+                )  # fmt: skip
     angles = axis_angles(both)
     for row in range(2):
         rows[row, :n_exp] = exp
@@ -522,7 +530,8 @@ def _prior(
 @compiled
 def _evaluate(
     exp: np.ndarray, rotations: np.ndarray, transl: np.ndarray, parents: np.ndarray, local_rest: np.ndarray, local_basis: np.ndarray,
-    corrected: bool, spans: np.ndarray, landmarks: np.ndarray, joints: np.ndarray, pair_weights: np.ndarray, bases: np.ndarray, focal: float,
+    corrected: bool, spans: np.ndarray, landmarks: np.ndarray, joints: np.ndarray, pair_weights: np.ndarray, bases: np.ndarray,
+    focal: float,
     offsets: np.ndarray, unit_mask: np.ndarray, group_weights: np.ndarray, cost_weights: np.ndarray, inverse_scale_squared: float,
     fitted: np.ndarray, inverse: np.ndarray, offset: np.ndarray, term_weights: np.ndarray, term_diagonals: np.ndarray,
     coupling: np.ndarray, jaw_opening: int, values: np.ndarray, world_rot: np.ndarray, world_pos: np.ndarray,
@@ -545,7 +554,9 @@ def _evaluate(
     _world_transforms(exp, rotations, parents, local_rest, local_basis, world_rot, world_pos)
     _landmark_points(values, spans, landmarks, joints, pair_weights, bases, world_rot, world_pos, transl, contributions, points)
     cost = _residuals(points, focal, offsets, unit_mask, group_weights, cost_weights, inverse_scale_squared, errors, squared, weights)
-    return cost + _prior(exp, rotations, transl, fitted, inverse, offset, term_weights, term_diagonals, coupling, jaw_opening, rows, gradient, diagonal)
+    return cost + _prior(
+        exp, rotations, transl, fitted, inverse, offset, term_weights, term_diagonals, coupling, jaw_opening, rows, gradient, diagonal
+    )
 
 
 @compiled
@@ -563,7 +574,9 @@ def _projections(points: np.ndarray, focal_over_scale: float) -> np.ndarray:
 
 
 @compiled
-def _joint_location_derivatives(world_rot: np.ndarray, joint_coeff_basis: np.ndarray, joint_offset_basis: np.ndarray, parents: np.ndarray) -> np.ndarray:
+def _joint_location_derivatives(
+    world_rot: np.ndarray, joint_coeff_basis: np.ndarray, joint_offset_basis: np.ndarray, parents: np.ndarray
+) -> np.ndarray:
     """(J, 3, E) d Pw_j / d exp: the root's rest basis, then down the tree Rw_parent @ offset basis + the parent's."""
     derivatives = np.empty_like(joint_coeff_basis)
     derivatives[0] = joint_coeff_basis[0]
@@ -588,8 +601,9 @@ def _pose_feature_derivatives(rotations: np.ndarray, corrected: np.ndarray) -> n
             for x in range(3):
                 for y in range(3):
                     derivatives[index, 3 * x + y, axis] = (
-                        rotation[x, 0] * GENERATORS[axis, 0, y] + rotation[x, 1] * GENERATORS[axis, 1, y] + rotation[x, 2] * GENERATORS[axis, 2, y]
-                    )
+                        rotation[x, 0] * GENERATORS[axis, 0, y] + rotation[x, 1] * GENERATORS[axis, 1, y]
+                        + rotation[x, 2] * GENERATORS[axis, 2, y]
+                    )  # fmt: skip
     return derivatives
 
 
@@ -657,8 +671,8 @@ def _jacobian(
             if group_weights[landmark] == 0.0:
                 continue
             _pair_columns(
-                projections[landmark], world_rot[joint], weight, bases[3 * pair : 3 * pair + 3], location_derivatives[joint], corrected_joints,
-                pose_derivatives, n_exp,
+                projections[landmark], world_rot[joint], weight, bases[3 * pair : 3 * pair + 3], location_derivatives[joint],
+                corrected_joints, pose_derivatives, n_exp,
                 jacobian[2 * landmark : 2 * landmark + 2],
             )
             for index in range(fitted.shape[0]):
@@ -749,7 +763,9 @@ def _damped_step(
 
 
 @compiled
-def _apply_step(exp: np.ndarray, rotations: np.ndarray, transl: np.ndarray, step: np.ndarray, fitted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _apply_step(
+    exp: np.ndarray, rotations: np.ndarray, transl: np.ndarray, step: np.ndarray, fitted: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The state after ``step`` (size,): exp (E,) and transl (3,) plus their parts, and each fitted joint's
     rotation (of ``rotations`` (J, 3, 3)) times the rotation of its increment, as new arrays."""
     n_exp, count = exp.shape[0], fitted.shape[0]
