@@ -1,26 +1,29 @@
 """Offline tracking of a video, an image, a folder of images or a landmarks file into per-frame .npz files.
 
-Two passes over the landmarks: a quick pass with the mean identity gives every frame's head pose and
-expression, from which the most diverse frames are chosen for calibration (identity and FOV, over the
-whole input rather than only its first seconds); the second pass tracks every frame with that identity
-frozen, warm-started, without the live output filter.
+Identity and FOV are calibrated first, on the most diverse of a sample of frames spread over the whole
+input (:mod:`offline.identity_survey`: each sampled frame detected on its own and tracked with the mean
+identity); then one pass over the input overlaps decoding (a thread), MediaPipe (a process of its own, a
+few frames in flight) and tracking with that identity frozen, warm-started, without the live output
+filter (this thread), each frame tracked as soon as it is detected. A landmarks file is surveyed whole.
 
-:func:`track_input` writes everything as it goes, so an interrupted run keeps its work and the same call
+:func:`track_input` keeps everything as it goes, so an interrupted run keeps its work and the same call
 continues it. Output in ``DIR`` (format version in ``meta.json``), in the order it is written:
 
 - ``job.json``: what is tracked (input path and fingerprint, model checksum, options); a folder holding
   another job is refused, and cleared only on request (``overwrite``);
-- ``landmarks.npz``: MediaPipe's landmarks of every frame, in the landmarks-file format ``track`` reads;
 - ``calibration.npz``: the identity (``shape``) and focal length (pixels) every frame is tracked with, and
   where the focal length comes from (``fov_source``: given, estimated, default) with how well the frames
   determined it (``fov_log_std``);
+- ``fits-{first:06d}-{end:06d}.npz``: the per-frame fits as they are tracked, a few frames per file
+  (:mod:`offline.fit_journal`); what an interrupted run keeps, removed once written elsewhere;
+- ``landmarks.npz``: MediaPipe's landmarks of every frame, in the landmarks-file format ``track`` reads;
+- ``unsmoothed.npz``: the per-frame fits stacked, before smoothing (without smoothing it is not written).
+  The smoothing pass (:mod:`engine.smoothing`, past and future frames) starts from it, also after an
+  interruption;
 - ``{frame:06d}.npz``: the reference tracker's keys (``shape exp head_pose jaw_pose neck_pose eye_pose
   cam fov K``, leading dimension 1), ``valid``, ``format_version``, ``model_checksum``, and with
-  ``save_vertices`` the posed mesh in camera space; one file per frame, each written atomically;
-- ``unsmoothed.npz``: once every frame is tracked, the per-frame fits stacked, before smoothing. Then the
-  smoothing pass (:mod:`engine.smoothing`, past and future frames) rewrites every frame file with the
-  smoothed parameters; interrupted, it starts again from ``unsmoothed.npz`` (the per-frame fits are never
-  lost, and a frame file is either the fit or its smoothed version). Without smoothing it is not written;
+  ``save_vertices`` the posed mesh in camera space; one file per frame, each written once (atomically, made
+  durable together by one sync of the file system);
 - ``tracking.npz``: the final frames' arrays stacked over frames;
 - ``meta.json``: model files and checksums, image size, fps, FOV, versions and timings. Written last and
   atomically: a folder with ``meta.json`` holds a complete result (:func:`is_complete`).
@@ -37,7 +40,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -45,7 +48,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.atomic import write_json_atomic, write_npz_atomic
+from engine.atomic import sync_file_system, write_json_atomic, write_npz_atomic
 from engine.config import to_tree
 from engine.errors import UserError
 from engine.evaluation import reference_landmarks
@@ -55,8 +58,10 @@ from engine.head_model import HeadModel
 from engine.landmarks import N_LANDMARKS, LandmarkerConfig
 from engine.rig import HeadRig
 from engine.smoothing import SmoothingConfig, smooth_within_fit
-from engine.tracker import Tracker, TrackerConfig, diversity_feature, select_diverse
+from engine.tracker import Tracker, TrackerConfig
 from engine.versions import software_versions
+from offline.fit_journal import FitJournal, FrameWriter, discard_journal, is_chunk_file, journaled_frames, read_journal
+from offline.identity_survey import Survey, frame_count, sample_indices, survey_samples
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +74,12 @@ META_FILE = "meta.json"
 PHOTOMETRIC_DIR = "photometric"
 #: What ``track --render`` writes beside the results (offline.render_job): a video, or a picture for one image.
 OVERLAY_VIDEO, OVERLAY_IMAGE = "overlay.mp4", "overlay.png"
-JOB_FORMAT_VERSION = 2
+JOB_FORMAT_VERSION = 3
 _FRAME_FILE = re.compile(r"\d{6}\.npz")
 _OUR_FILES = {JOB_FILE, LANDMARKS_FILE, CALIBRATION_FILE, UNSMOOTHED_FILE, STACK_FILE, META_FILE, PHOTOMETRIC_DIR, OVERLAY_VIDEO, OVERLAY_IMAGE}
-
-
+#: Frames tracked between two detections while catching up with the detector (after the calibration), so
+#: that MediaPipe never waits for the next frame.
+_CATCH_UP_FRAMES = 2
 @dataclass
 class LandmarkSequence:
     """2D landmarks of a whole input, NaN where unobserved; a frame with no face is all NaN."""
@@ -138,43 +144,43 @@ def load_landmark_file(path: Path) -> LandmarkSequence:
     return LandmarkSequence(sequences["mp478"], sequences["lmk68"], (height, width), fps, str(path))
 
 
-def detect_landmarks(
-    source: str, task_path: Path, max_frames: int | None = None, progress: bool = True, survey: Survey | None = None,
-    independent: bool = False,
-) -> tuple[LandmarkSequence, list[float]]:
-    """Run MediaPipe over every frame (or the first ``max_frames``) of a video, image or image folder.
 
-    A video is tracked in MediaPipe's video mode (each frame starts from the previous frame's face; its
-    landmarks trail motion), unless ``independent``: every frame is then detected on its own, as a single
-    image (slower and noisier, but without the lag). Three things overlap: decoding (a thread), MediaPipe (a
-    process of its own, a few frames in flight) and this thread, which stores each frame's landmarks and,
-    given a ``survey``, surveys the frame at once. Also returns MediaPipe's own milliseconds per frame.
-    """
-    from realtime.detection_process import DetectionProcess
-    from realtime.sources import iter_frames, open_source, read_ahead
+
+def _video_mode(source: str, independent: bool) -> str:
+    """MediaPipe's mode for ``source``: a single image, or ``independent``, is detected as an image."""
+    suffix = Path(source).suffix.lower()
+    single_image = Path(source).is_file() and suffix in {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff"}
+    return "image" if single_image or independent else "video"
+
+
+def probe_source(source: str) -> tuple[tuple[int, int], float]:
+    """A video's, image's or folder's (height, width) and frame rate (25 when it states none)."""
+    from realtime.sources import open_source
 
     with open_source(source, realtime=False) as probe:
-        fps = probe.fps or 25.0
         width, height = probe.size
-    single_image = Path(source).is_file() and Path(source).suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff"}
-    mode = "image" if single_image or independent else "video"
-    if survey is not None:
-        survey.begin((height, width), float(fps))
-    points: list[np.ndarray] = []
-    timings: list[float] = []
-    with (
-        DetectionProcess(LandmarkerConfig(task_path, running_mode=mode), (height, width)) as detector,
-        tqdm(desc="landmarks", unit="frame", leave=False, total=max_frames, disable=not progress) as bar,
-    ):
+        return (height, width), float(probe.fps or 25.0)
 
-        def take() -> None:
+
+def iter_detections(
+    source: str, task_path: Path, image_size: tuple[int, int], fps: float, mode: str, max_frames: int | None = None
+) -> Iterator[tuple[int, np.ndarray | None, float]]:
+    """Each frame's (index, MediaPipe's 478 points in float64 pixels or None, MediaPipe's milliseconds), in
+    order. Three things overlap: decoding (a thread), MediaPipe (a process of its own, a few frames in
+    flight) and the caller's work on each frame, done while the frames after it are being detected."""
+    from realtime.detection_process import DetectionProcess
+    from realtime.sources import iter_frames, read_ahead
+
+    height, width = image_size
+    collected = 0
+    with DetectionProcess(LandmarkerConfig(task_path, running_mode=mode), image_size) as detector:
+
+        def take() -> tuple[int, np.ndarray | None, float]:
+            nonlocal collected
             detection = detector.collect()
-            timings.append(detection.mediapipe_ms)
             found = detection.observation
-            points.append(np.full((N_LANDMARKS, 2), np.nan) if found is None else found.points.astype(np.float64))
-            if survey is not None:
-                survey.add(len(points) - 1, None if found is None else points[-1])
-            bar.update()
+            collected += 1
+            return collected - 1, None if found is None else found.points.astype(np.float64), detection.mediapipe_ms
 
         for frame in read_ahead(iter_frames(source)):
             if max_frames is not None and frame.index >= max_frames:
@@ -185,67 +191,51 @@ def detect_landmarks(
                     f"{width}x{height}; one run tracks one camera, so put the images of each size in a folder of their own"
                 )
             if detector.in_flight == detector.slots:
-                take()
+                yield take()
             detector.submit(frame.image, None if mode == "image" else int(round(frame.index * 1000 / fps)))
         while detector.in_flight:
-            take()
+            yield take()
+
+
+def detect_landmarks(
+    source: str, task_path: Path, max_frames: int | None = None, progress: bool = True, independent: bool = False,
+) -> tuple[LandmarkSequence, list[float]]:
+    """Run MediaPipe over every frame (or the first ``max_frames``) of a video, image or image folder.
+
+    A video is tracked in MediaPipe's video mode (each frame starts from the previous frame's face; its
+    landmarks trail motion), unless ``independent``: every frame is then detected on its own, as a single
+    image (slower and noisier, but without the lag). Also returns MediaPipe's own milliseconds per frame.
+    """
+    image_size, fps = probe_source(source)
+    points: list[np.ndarray] = []
+    timings: list[float] = []
+    detections = iter_detections(source, task_path, image_size, fps, _video_mode(source, independent), max_frames)
+    for _, found, mediapipe_ms in tqdm(detections, desc="landmarks", unit="frame", leave=False, total=max_frames, disable=not progress):
+        points.append(np.full((N_LANDMARKS, 2), np.nan) if found is None else found)
+        timings.append(mediapipe_ms)
     if not points:
         raise UserError(f"{source} holds no frames")
-    return LandmarkSequence(np.stack(points), None, (height, width), float(fps), source), timings
-
-
-class Survey:
-    """The survey pass: every frame tracked with the mean identity, to find the most diverse frames, on which
-    identity and FOV are then calibrated. Frames are added in order, during detection or afterwards."""
-
-    def __init__(self, head: HeadModel, config: TrackerConfig) -> None:
-        self._head = head
-        # The survey only needs poses and expressions with the mean identity: it never calibrates itself.
-        self._config = replace(config, calibration_seconds=math.inf)
-        self._scout: Tracker | None = None
-        self._fps = 25.0
-        self.candidates: list[int] = []
-        self._features: list[np.ndarray] = []
-        self._added = 0
-        self.seconds = 0.0
-        """Time spent surveying."""
-
-    def begin(self, image_size: tuple[int, int], fps: float) -> None:
-        self._scout = Tracker(self._head, image_size, self._config)
-        self._fps = fps
-
-    def add(self, index: int, mp478: np.ndarray | None, lmk68: np.ndarray | None = None) -> None:
-        if self._scout is None:
-            raise RuntimeError("Survey.begin first")
-        started = time.perf_counter()
-        frame = self._scout.track(mp478, lmk68, timestamp=index / self._fps)
-        if frame.valid:
-            self.candidates.append(index)
-            self._features.append(diversity_feature(frame.pose, frame.exp))
-        self._added += 1
-        self.seconds += time.perf_counter() - started
-
-    @property
-    def surveyed(self) -> int:
-        """Frames added so far."""
-        return self._added
-
-    def choose(self, count: int) -> list[int]:
-        """The ``count`` most diverse frames with a face (fewer when fewer were tracked)."""
-        return [self.candidates[i] for i in select_diverse(self._features, count)]
+    return LandmarkSequence(np.stack(points), None, image_size, fps, source), timings
 
 
 def track_sequence(
     sequence: LandmarkSequence, head: HeadModel, config: TrackerConfig, progress: bool = True,
-    smoothing: SmoothingConfig | None = None,
+    smoothing: SmoothingConfig | None = None, landmarker_task: Path | None = None,
 ) -> tuple[Tracker, list[dict[str, np.ndarray]], dict[str, float]]:
-    """Calibrate on the most diverse frames of the whole sequence, then track every frame, in memory; with
-    ``smoothing``, smoothed over the whole sequence as :func:`track_input` does."""
+    """Calibrate, then track every frame, in memory; with ``smoothing``, smoothed over the whole sequence as
+    :func:`track_input` does. With ``landmarker_task``, calibrated as ``track`` calibrates a video (on a
+    sample of the frames of ``sequence.source`` up to ``sequence.n_frames``, each detected on its own);
+    otherwise on the survey of every frame, as for a landmarks file."""
     tracker = Tracker(head, sequence.image_size, config)
     timings: dict[str, float] = {}
-    single = calibrate_on_sequence(tracker, sequence, timings, progress)
-    if single is not None:
-        return tracker, [single], timings
+    if landmarker_task is not None and sequence.n_frames > 1:
+        survey = Survey(head, config, sequence.image_size, sequence.fps)
+        survey_samples(sequence.source, landmarker_task, sample_indices(sequence.n_frames, config.candidate_pool), sequence.image_size, survey)
+        calibrate_on_survey(tracker, survey, sequence.source, timings)
+    else:
+        single = calibrate_on_sequence(tracker, sequence, timings, progress)
+        if single is not None:
+            return tracker, [single], timings
     frames = list(track_frames(tracker, sequence, 0, progress))
     if smoothing is not None:
         frames, _ = smooth_tracked(tracker.rig, sequence, frames, smoothing)
@@ -277,12 +267,21 @@ def smooth_tracked(
     return unstack_reference(smoothed), used
 
 
+def calibrate_on_survey(tracker: Tracker, survey: Survey, source: str, timings: dict[str, float]) -> None:
+    """Calibrate identity and FOV on the most diverse frames of ``survey``."""
+    timings["survey_s"] = survey.seconds
+    if not survey.candidates:
+        raise UserError(f"no face could be tracked in {source}")
+    started = time.perf_counter()
+    tracker.calibrate([survey.landmarks[i] for i in survey.choose(tracker.config.calibration_frames)])
+    timings["calibration_s"] = time.perf_counter() - started
+
+
 def calibrate_on_sequence(
-    tracker: Tracker, sequence: LandmarkSequence, timings: dict[str, float], progress: bool = True,
-    survey: Survey | None = None,
+    tracker: Tracker, sequence: LandmarkSequence, timings: dict[str, float], progress: bool = True
 ) -> dict[str, np.ndarray] | None:
-    """Calibrate identity and FOV on the most diverse frames, which a survey pass with the mean identity finds
-    (``survey``: one already run over every frame, during detection).
+    """Calibrate identity and FOV on the most diverse frames, which a survey of every frame with the mean
+    identity finds.
 
     A single image is fitted on its own: its arrays are returned, as no tracking pass follows.
     """
@@ -294,17 +293,10 @@ def calibrate_on_sequence(
         result = tracker.calibrate([(mp478, lmk68)])
         timings["fit_s"] = time.perf_counter() - started
         return tracker.rig.reference_arrays(tracker.frame_from(result.frames.params, float(result.frames.rms_px[0])))
-    if survey is None:
-        survey = Survey(tracker.rig.head, tracker.config)
-        survey.begin(sequence.image_size, sequence.fps)
-        for index in tqdm(range(sequence.n_frames), desc="survey", unit="frame", disable=not progress, leave=False):
-            survey.add(index, *sequence.frame(index))
-    timings["survey_s"] = survey.seconds
-    if not survey.candidates:
-        raise UserError(f"no face could be tracked in {sequence.source}")
-    started = time.perf_counter()
-    tracker.calibrate([sequence.frame(i) for i in survey.choose(tracker.config.calibration_frames)])
-    timings["calibration_s"] = time.perf_counter() - started
+    survey = Survey(tracker.rig.head, tracker.config, sequence.image_size, sequence.fps)
+    for index in tqdm(range(sequence.n_frames), desc="survey", unit="frame", disable=not progress, leave=False):
+        survey.add(index, *sequence.frame(index))
+    calibrate_on_survey(tracker, survey, sequence.source, timings)
     return None
 
 
@@ -345,6 +337,8 @@ class TrackResult:
         return sum(bool(r["valid"][0]) for r in self.results)
 
 
+
+
 def frame_path(out_dir: Path, index: int) -> Path:
     return Path(out_dir) / f"{index:06d}.npz"
 
@@ -355,9 +349,13 @@ def is_complete(out_dir: Path) -> bool:
 
 
 def written_frames(out_dir: Path) -> int:
-    """How many frame files ``out_dir`` holds (what an interrupted run has kept)."""
+    """How many frames ``out_dir`` keeps: the frames an interrupted run tracked (its journal, or its stacked
+    fits once every frame was tracked), or the frame files of a finished one."""
     out_dir = Path(out_dir)
-    return sum(1 for path in out_dir.iterdir() if _FRAME_FILE.fullmatch(path.name)) if out_dir.is_dir() else 0
+    if not out_dir.is_dir():
+        return 0
+    files = sum(1 for path in out_dir.iterdir() if _FRAME_FILE.fullmatch(path.name))
+    return max(files, journaled_frames(out_dir), _stacked_frames(out_dir / UNSMOOTHED_FILE))
 
 
 def track_input(
@@ -365,7 +363,7 @@ def track_input(
 ) -> TrackResult:
     """Track a video, image, image folder or landmarks .npz into ``out_dir`` (see the module docstring).
 
-    Resumable: frames, landmarks and calibration already in ``out_dir`` for the same job are reused, so
+    Resumable: the calibration and the frames already tracked in ``out_dir`` for the same job are reused, so
     calling it again after an interruption continues where it stopped; on a complete folder it only loads.
     ``landmarker_task`` (MediaPipe's model) is needed unless the input is a landmarks file.
     """
@@ -374,25 +372,38 @@ def track_input(
     started = time.perf_counter()
     prepare_output_dir(out_dir, describe_job(source, head, options), options.overwrite)
     timings: dict[str, float] = {}
-    # Without a calibration yet, the survey runs while MediaPipe detects the frames that follow.
-    survey = None if (out_dir / CALIBRATION_FILE).is_file() else Survey(head, options.tracker)
-    sequence = _landmarks(source, out_dir, landmarker_task, timings, options.progress, survey)
-    tracker = Tracker(head, sequence.image_size, options.tracker)
-    _calibration(tracker, sequence, out_dir, timings, options.progress, survey if survey and survey.surveyed else None)
-    results, resumed = _track_and_write(tracker, sequence, out_dir, options, timings)
-    if not is_complete(out_dir):
-        smoothing = options.smoothing
-        if smoothing is not None:
-            results, smoothing = _smooth_and_rewrite(tracker, results, sequence, out_dir, options, timings)
-        timings["total_s"] = time.perf_counter() - started
-        if "mediapipe_ms_per_frame" in timings and resumed == 0:  # the whole job ran now: its rate beside MediaPipe's
-            timings["frames_per_second"] = sequence.n_frames / timings["total_s"]
-            timings["mediapipe_alone_fps"] = 1e3 / timings["mediapipe_ms_per_frame"]
-            log.info(
-                "tracked %d frames at %.1f fps (MediaPipe alone: %.1f fps)",
-                sequence.n_frames, timings["frames_per_second"], timings["mediapipe_alone_fps"],
-            )
-        _write_summary(out_dir, tracker, results, sequence, timings, smoothing, tracking_config_tree(options))
+    if is_complete(out_dir):
+        return _load_complete(source, out_dir, head, options)
+    results = _kept_fits(out_dir)
+    resumed = len(results)
+    if resumed:
+        log.info("resuming %s after %d tracked frames", out_dir, resumed)
+    sequence = _saved_landmarks(source, out_dir)
+    if sequence is None and landmarker_task is None:
+        raise UserError(f"{source} needs MediaPipe's face_landmarker.task to find its landmarks")
+    n_frames = None if sequence is not None else frame_count(source)
+    if sequence is None and (n_frames is None or n_frames < 2):  # one image, or a stream of unknown length
+        sequence = _detect_all(source, out_dir, landmarker_task, timings, options.progress)
+    if sequence is not None:
+        tracker = Tracker(head, sequence.image_size, options.tracker)
+        single = _calibration_from_sequence(tracker, sequence, out_dir, timings, options.progress)
+        results = [single] if single is not None else _track_known(tracker, sequence, out_dir, results, options, timings)
+    else:
+        sequence, tracker = _detect_and_track(source, out_dir, head, landmarker_task, n_frames, results, options, timings)
+    smoothing = options.smoothing
+    if smoothing is not None:
+        results, smoothing = _smooth(tracker, results, sequence, out_dir, options, timings)
+    _write_frame_files(out_dir, tracker, results, options, timings)
+    timings["total_s"] = time.perf_counter() - started
+    if "mediapipe_ms_per_frame" in timings and resumed == 0:  # the whole job ran now: its rate beside MediaPipe's
+        timings["frames_per_second"] = sequence.n_frames / timings["total_s"]
+        timings["mediapipe_alone_fps"] = 1e3 / timings["mediapipe_ms_per_frame"]
+        log.info(
+            "tracked %d frames at %.1f fps (MediaPipe alone: %.1f fps)",
+            sequence.n_frames, timings["frames_per_second"], timings["mediapipe_alone_fps"],
+        )
+    _write_summary(out_dir, tracker, results, sequence, timings, smoothing, tracking_config_tree(options))
+    discard_journal(out_dir)
     return TrackResult(out_dir, tracker, sequence, results, timings, resumed)
 
 
@@ -455,8 +466,10 @@ def prepare_output_dir(out_dir: Path, job: dict[str, object], overwrite: bool) -
         write_json_atomic(out_dir / JOB_FILE, job)
 
 
+
+
 def _written_by_track(name: str) -> bool:
-    return name in _OUR_FILES or _FRAME_FILE.fullmatch(name) is not None or name.endswith(".tmp")
+    return name in _OUR_FILES or _FRAME_FILE.fullmatch(name) is not None or is_chunk_file(name) or name.endswith(".tmp")
 
 
 def _read_job(path: Path) -> dict[str, object] | None:
@@ -466,68 +479,257 @@ def _read_job(path: Path) -> dict[str, object] | None:
         return None
 
 
-def _landmarks(
-    source: str, out_dir: Path, landmarker_task: Path | None, timings: dict[str, float], progress: bool, survey: Survey | None
-) -> LandmarkSequence:
-    saved = out_dir / LANDMARKS_FILE
+def _load_stacked(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as saved:
+        return {key: saved[key] for key in saved.files}
+
+
+def _stacked_frames(path: Path) -> int:
+    """Frames in a stacked .npz (0 when there is none)."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            return len(saved["valid"])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return 0
+
+
+def _load_complete(source: str, out_dir: Path, head: HeadModel, options: TrackOptions) -> TrackResult:
+    """A finished folder, loaded: its landmarks, calibration and final frames."""
+    discard_journal(out_dir)  # left by a run stopped just after meta.json
+    sequence = _saved_landmarks(source, out_dir)
+    if sequence is None:
+        raise UserError(f"{out_dir} is complete but its {LANDMARKS_FILE} is missing; add --overwrite to track again")
+    tracker = Tracker(head, sequence.image_size, options.tracker)
+    _load_calibration(tracker, out_dir)
+    results = unstack_reference(_load_stacked(out_dir / STACK_FILE))
+    return TrackResult(out_dir, tracker, sequence, results, {}, len(results))
+
+
+def _kept_fits(out_dir: Path) -> list[dict[str, np.ndarray]]:
+    """The per-frame fits an interrupted run kept: all of them stacked (the smoothing pass was next), or its journal."""
+    unsmoothed = out_dir / UNSMOOTHED_FILE
+    if unsmoothed.is_file():
+        return unstack_reference(_load_stacked(unsmoothed))
+    return read_journal(out_dir)
+
+
+def _saved_landmarks(source: str, out_dir: Path) -> LandmarkSequence | None:
+    """The landmarks of every frame when known: a landmarks file's, or those an earlier run detected."""
     if Path(source).suffix.lower() == ".npz":
         return load_landmark_file(Path(source))
-    if saved.is_file():
-        return replace(load_landmark_file(saved), source=source)
-    if landmarker_task is None:
-        raise UserError(f"{source} needs MediaPipe's face_landmarker.task to find its landmarks")
+    saved = out_dir / LANDMARKS_FILE
+    return replace(load_landmark_file(saved), source=source) if saved.is_file() else None
+
+
+def _save_landmarks(out_dir: Path, sequence: LandmarkSequence) -> None:
+    write_npz_atomic(out_dir / LANDMARKS_FILE, {"mp478": sequence.mp478, "image_size": np.array(sequence.image_size), "fps": np.array(sequence.fps)})
+
+
+def _detect_all(source: str, out_dir: Path, landmarker_task: Path, timings: dict[str, float], progress: bool) -> LandmarkSequence:
+    """Every frame's landmarks first (one image, or an input whose length is not known up front)."""
     started = time.perf_counter()
-    sequence, mediapipe_ms = detect_landmarks(source, landmarker_task, progress=progress, survey=survey)
+    sequence, mediapipe_ms = detect_landmarks(source, landmarker_task, progress=progress)
     timings["landmarks_s"] = time.perf_counter() - started
     timings["mediapipe_ms_per_frame"] = sum(mediapipe_ms) / len(mediapipe_ms)
-    write_npz_atomic(saved, {"mp478": sequence.mp478, "image_size": np.array(sequence.image_size), "fps": np.array(sequence.fps)})
+    _save_landmarks(out_dir, sequence)
     return sequence
 
 
-def _calibration(
-    tracker: Tracker, sequence: LandmarkSequence, out_dir: Path, timings: dict[str, float], progress: bool, survey: Survey | None
-) -> None:
+def _load_calibration(tracker: Tracker, out_dir: Path) -> bool:
+    """Adopt the identity and focal length saved in ``out_dir``; False when there are none yet."""
     saved = out_dir / CALIBRATION_FILE
-    if saved.is_file():
-        with np.load(saved) as calibration:
-            tracker.adopt_calibration(torch.as_tensor(calibration["shape"]), float(calibration["focal"]))
-            if "fov_source" in calibration.files:
-                tracker.fov_source = str(calibration["fov_source"])
-                tracker.fov_log_std = float(calibration["fov_log_std"]) if np.isfinite(calibration["fov_log_std"]) else None
-        return
-    single = calibrate_on_sequence(tracker, sequence, timings, progress, survey)
-    if single is not None:
-        write_npz_atomic(frame_path(out_dir, 0), single)
+    if not saved.is_file():
+        return False
+    with np.load(saved) as calibration:
+        tracker.adopt_calibration(torch.as_tensor(calibration["shape"]), float(calibration["focal"]))
+        if "fov_source" in calibration.files:
+            tracker.fov_source = str(calibration["fov_source"])
+            tracker.fov_log_std = float(calibration["fov_log_std"]) if np.isfinite(calibration["fov_log_std"]) else None
+    return True
+
+
+def _save_calibration(tracker: Tracker, out_dir: Path) -> None:
     spread = np.nan if tracker.fov_log_std is None else tracker.fov_log_std
-    write_npz_atomic(saved, {
+    write_npz_atomic(out_dir / CALIBRATION_FILE, {
         "shape": tracker.rig.shape.cpu().numpy(), "focal": np.array(tracker.rig.camera.focal),
         "fov_source": np.array(tracker.fov_source), "fov_log_std": np.array(spread),
     })  # fmt: skip
 
 
-def _track_and_write(
-    tracker: Tracker, sequence: LandmarkSequence, out_dir: Path, options: TrackOptions, timings: dict[str, float]
-) -> tuple[list[dict[str, np.ndarray]], int]:
-    """Load the frames already written, continue the tracker from them, and track and write the rest."""
-    results: list[dict[str, np.ndarray]] = []
-    while len(results) < sequence.n_frames and frame_path(out_dir, len(results)).is_file():
-        results.append(_load_frame(frame_path(out_dir, len(results))))
-    resumed = len(results)
-    if resumed == sequence.n_frames:
-        return results, resumed
-    if resumed:
-        log.info("resuming %s at frame %d of %d", out_dir, resumed, sequence.n_frames)
-        valid = [index for index, arrays in enumerate(results) if bool(arrays["valid"][0])]
-        previous = [(index / sequence.fps, tracker.rig.params_from_reference(results[index])) for index in valid[-2:]]
-        tracker.resume_after(previous, last_valid=bool(results[-1]["valid"][0]))
+def _calibration_from_sequence(
+    tracker: Tracker, sequence: LandmarkSequence, out_dir: Path, timings: dict[str, float], progress: bool
+) -> dict[str, np.ndarray] | None:
+    """Calibrate on landmarks known up front (or adopt the saved calibration); a single image's fit is
+    returned (and journaled), as no tracking pass follows."""
+    if _load_calibration(tracker, out_dir):
+        return None
+    single = calibrate_on_sequence(tracker, sequence, timings, progress)
+    if single is not None:
+        with FitJournal(out_dir, 0) as journal:
+            journal.add(single)
+    _save_calibration(tracker, out_dir)
+    return single
+
+
+def _resume_tracker(tracker: Tracker, results: list[dict[str, np.ndarray]], fps: float) -> None:
+    """Continue a calibrated tracker after the frames an interrupted run kept (warm start, filters)."""
+    valid = [index for index, arrays in enumerate(results) if bool(arrays["valid"][0])]
+    previous = [(index / fps, tracker.rig.params_from_reference(results[index])) for index in valid[-2:]]
+    tracker.resume_after(previous, last_valid=bool(results[-1]["valid"][0]))
+
+
+def _track_known(
+    tracker: Tracker, sequence: LandmarkSequence, out_dir: Path, results: list[dict[str, np.ndarray]], options: TrackOptions,
+    timings: dict[str, float],
+) -> list[dict[str, np.ndarray]]:
+    """Track the frames of known landmarks after those kept, journaling each."""
+    if len(results) >= sequence.n_frames:
+        return results
+    if results:
+        _resume_tracker(tracker, results, sequence.fps)
     started = time.perf_counter()
-    with FrameWriter() as writer:
-        for arrays in track_frames(tracker, sequence, resumed, options.progress):
-            writer.write(frame_path(out_dir, len(results)), _stored_frame(tracker, arrays, options.save_vertices))
+    with FitJournal(out_dir, len(results)) as journal:
+        for arrays in track_frames(tracker, sequence, len(results), options.progress):
+            journal.add(arrays)
             results.append(arrays)
     timings["tracking_s"] = time.perf_counter() - started
-    timings["tracking_ms_per_frame"] = timings["tracking_s"] * 1e3 / (sequence.n_frames - resumed)
-    return results, resumed
+    return results
+
+
+class _SampledCalibration:
+    """The calibration of a video or image folder, made on a thread of its own from a sample of frames
+    (:mod:`offline.identity_survey`) while the main pass starts detecting; or adopted from ``out_dir``."""
+
+    def __init__(
+        self, tracker: Tracker, source: str, landmarker_task: Path, n_frames: int, image_size: tuple[int, int], fps: float,
+        out_dir: Path, timings: dict[str, float],
+    ) -> None:
+        self._tracker, self._out_dir, self._timings = tracker, out_dir, timings
+        self._calibrated = _load_calibration(tracker, out_dir)
+        self._done = threading.Event()
+        self._outcome: Future[bool] = Future()
+        if self._calibrated:
+            self._done.set()
+            return
+        indices = sample_indices(n_frames, tracker.config.candidate_pool)
+        thread = threading.Thread(target=self._run, args=(source, landmarker_task, indices, image_size, fps), name="identity survey", daemon=True)
+        thread.start()
+
+    def _run(self, source: str, landmarker_task: Path, indices: list[int], image_size: tuple[int, int], fps: float) -> None:
+        try:
+            started = time.perf_counter()
+            survey = Survey(self._tracker.rig.head, self._tracker.config, image_size, fps)
+            survey_samples(source, landmarker_task, indices, image_size, survey)
+            self._timings["sampled_survey_s"] = time.perf_counter() - started
+            found = bool(survey.candidates)
+            if found:
+                calibrate_on_survey(self._tracker, survey, source, self._timings)
+                _save_calibration(self._tracker, self._out_dir)
+            self._outcome.set_result(found)
+        except BaseException as error:  # noqa: BLE001 - raised in the main thread by ready()/wait()
+            self._outcome.set_exception(error)
+        finally:
+            self._done.set()
+
+    def ready(self) -> bool:
+        """Whether the tracker is calibrated (a failed survey raises here)."""
+        if not self._calibrated and self._done.is_set():
+            self._calibrated = self._outcome.result()
+        return self._calibrated
+
+    def wait(self) -> bool:
+        """Wait for the survey; False when no sampled frame showed a face."""
+        self._done.wait()
+        return self.ready()
+
+    def calibrated_otherwise(self) -> None:
+        """The tracker was calibrated another way (on every frame, when the sample showed no face)."""
+        self._calibrated = True
+
+
+def _detect_and_track(
+    source: str, out_dir: Path, head: HeadModel, landmarker_task: Path, n_frames: int, results: list[dict[str, np.ndarray]],
+    options: TrackOptions, timings: dict[str, float],
+) -> tuple[LandmarkSequence, Tracker]:
+    """One pass over a video or image folder: each frame decoded, detected (video mode) and, once the
+    calibration is ready, tracked and journaled, appending to ``results``. Frames an interrupted run kept are
+    detected again (MediaPipe's video mode continues from each frame's face, so its landmarks are those of
+    an uninterrupted run) but not tracked again."""
+    image_size, fps = probe_source(source)
+    tracker = Tracker(head, image_size, options.tracker)
+    calibration = _SampledCalibration(tracker, source, landmarker_task, n_frames, image_size, fps, out_dir, timings)
+    if results:
+        _resume_tracker(tracker, results, fps)
+    points: list[np.ndarray] = []
+    mediapipe_ms: list[float] = []
+    tracking_seconds = 0.0
+    started = time.perf_counter()
+    with FitJournal(out_dir, len(results)) as journal, tqdm(
+        desc="track", unit="frame", total=n_frames, initial=len(results), disable=not options.progress
+    ) as bar:
+
+        def catch_up(limit: float) -> None:
+            nonlocal tracking_seconds
+            if not calibration.ready():
+                return
+            begun = time.perf_counter()
+            while len(results) < len(points) and limit > 0:
+                index = len(results)
+                frame = tracker.track(None if np.isnan(points[index]).all() else points[index], None, timestamp=index / fps)
+                arrays = tracker.rig.reference_arrays(frame)
+                journal.add(arrays)
+                results.append(arrays)
+                bar.update()
+                limit -= 1
+            tracking_seconds += time.perf_counter() - begun
+
+        for _, found, milliseconds in iter_detections(source, landmarker_task, image_size, fps, "video"):
+            points.append(np.full((N_LANDMARKS, 2), np.nan) if found is None else found)
+            mediapipe_ms.append(milliseconds)
+            catch_up(_CATCH_UP_FRAMES)
+        if not points:
+            raise UserError(f"{source} holds no frames")
+        sequence = LandmarkSequence(np.stack(points), None, image_size, fps, source)
+        if not calibration.wait():  # no face in the sample: survey every frame, now that all are detected
+            calibrate_on_sequence(tracker, sequence, timings, options.progress)
+            _save_calibration(tracker, out_dir)
+            calibration.calibrated_otherwise()
+        catch_up(math.inf)
+    timings["stream_s"] = time.perf_counter() - started
+    timings["tracking_s"] = tracking_seconds
+    timings["mediapipe_ms_per_frame"] = sum(mediapipe_ms) / len(mediapipe_ms)
+    _save_landmarks(out_dir, sequence)
+    return sequence, tracker
+
+
+def _smooth(
+    tracker: Tracker, results: list[dict[str, np.ndarray]], sequence: LandmarkSequence, out_dir: Path, options: TrackOptions,
+    timings: dict[str, float],
+) -> tuple[list[dict[str, np.ndarray]], SmoothingConfig]:
+    """Keep the per-frame fits stacked (``unsmoothed.npz``, from which an interrupted run smooths again), then
+    smooth the whole sequence. Returns the smoothed frames and the smoothing settings used."""
+    unsmoothed = out_dir / UNSMOOTHED_FILE
+    if not unsmoothed.is_file():
+        write_npz_atomic(unsmoothed, stack_reference(results))
+    discard_journal(out_dir)
+    started = time.perf_counter()
+    smoothed, used = smooth_tracked(tracker.rig, sequence, results, options.smoothing)
+    timings["smoothing_s"] = time.perf_counter() - started
+    return smoothed, used
+
+
+def _write_frame_files(
+    out_dir: Path, tracker: Tracker, frames: list[dict[str, np.ndarray]], options: TrackOptions, timings: dict[str, float]
+) -> None:
+    """Every frame's file, each written once (atomically, on a few threads), then made durable together by
+    one sync of the file system: what they hold is kept durably already (journal or ``unsmoothed.npz``), and
+    the folder is complete only once ``meta.json`` follows."""
+    started = time.perf_counter()
+    with FrameWriter() as writer:
+        for index, arrays in enumerate(tqdm(frames, desc="write", unit="frame", disable=not options.progress, leave=False)):
+            writer.write(frame_path(out_dir, index), _stored_frame(tracker, arrays, options.save_vertices), durable=False)
+    sync_file_system(out_dir)
+    timings["frame_files_s"] = time.perf_counter() - started
 
 
 def _stored_frame(tracker: Tracker, arrays: dict[str, np.ndarray], save_vertices: bool) -> dict[str, np.ndarray]:
@@ -535,72 +737,6 @@ def _stored_frame(tracker: Tracker, arrays: dict[str, np.ndarray], save_vertices
     if not save_vertices:
         return arrays
     return {**arrays, "vertices": posed_vertices(tracker.rig.layer, arrays, space="camera")[None].astype(np.float32)}
-
-
-class FrameWriter:
-    """Writes frame files atomically on a few threads, so that their fsyncs (several milliseconds each on a
-    disk) overlap the tracking and each other (the file system commits concurrent ones together).
-
-    At most ``depth`` writes wait. Leaving the ``with`` block, also on Ctrl-C or an error, waits for every
-    write already handed over, so an interrupted run keeps a gap-free run of frame files. A failed write is
-    raised by the next ``write`` or on leaving.
-    """
-
-    def __init__(self, threads: int = 4, depth: int = 64) -> None:
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="frame writer")
-        self._room = threading.BoundedSemaphore(depth)
-        self._errors: list[BaseException] = []
-
-    def write(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
-        self._raise_failure()
-        self._room.acquire()
-        future = self._pool.submit(write_npz_atomic, path, arrays)
-        future.add_done_callback(self._finished)
-
-    def _finished(self, future: Future) -> None:
-        self._room.release()
-        if future.exception() is not None:
-            self._errors.append(future.exception())
-
-    def _raise_failure(self) -> None:
-        if self._errors:
-            raise self._errors[0]
-
-    def __enter__(self) -> FrameWriter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._pool.shutdown(wait=True)
-        if exc_info[0] is None:
-            self._raise_failure()
-
-
-def _smooth_and_rewrite(
-    tracker: Tracker, results: list[dict[str, np.ndarray]], sequence: LandmarkSequence, out_dir: Path,
-    options: TrackOptions, timings: dict[str, float],
-) -> tuple[list[dict[str, np.ndarray]], SmoothingConfig]:
-    """Smooth the whole sequence and rewrite every frame file; the per-frame fits are kept first. Returns the
-    smoothed frames and the smoothing settings used."""
-    unsmoothed = out_dir / UNSMOOTHED_FILE
-    if unsmoothed.is_file():  # an interrupted smoothing pass: frame files may already be smoothed
-        with np.load(unsmoothed, allow_pickle=False) as saved:
-            raw = {key: saved[key] for key in saved.files}
-    else:
-        raw = stack_reference(results)
-        write_npz_atomic(unsmoothed, raw)
-    started = time.perf_counter()
-    smoothed, used = smooth_tracked(tracker.rig, sequence, unstack_reference(raw), options.smoothing)
-    with FrameWriter() as writer:
-        for index, arrays in enumerate(tqdm(smoothed, desc="smooth", unit="frame", disable=not options.progress, leave=False)):
-            writer.write(frame_path(out_dir, index), _stored_frame(tracker, arrays, options.save_vertices))
-    timings["smoothing_s"] = time.perf_counter() - started
-    return smoothed, used
-
-
-def _load_frame(path: Path) -> dict[str, np.ndarray]:
-    """A written frame's reference arrays (without the posed mesh, which the stacked file does not hold)."""
-    with np.load(path, allow_pickle=False) as saved:
-        return {key: saved[key] for key in saved.files if key != "vertices"}
 
 
 def _write_summary(

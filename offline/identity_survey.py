@@ -1,0 +1,116 @@
+"""The identity survey of offline tracking: frames tracked with the mean identity, to find the most diverse
+(head pose and expression), on which identity and FOV are then calibrated.
+
+``track`` surveys a sample spread evenly over the whole input, detected up front (:func:`survey_samples`:
+each sampled frame on its own, MediaPipe's image mode, in a process of its own), so the calibration is
+ready a moment after the start and every frame can be tracked as soon as it is detected. A landmarks file
+is surveyed whole (:class:`Survey` over every frame).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import av
+import numpy as np
+
+from engine.head_model import HeadModel
+from engine.landmarks import LandmarkerConfig
+from engine.tracker import Tracker, TrackerConfig, diversity_feature, select_diverse
+
+log = logging.getLogger(__name__)
+
+
+class Survey:
+    """Frames tracked with the mean identity, in order (with gaps, for a sample), remembering which were
+    tracked and how each looked (pose and expression), to choose the most diverse for calibration."""
+
+    def __init__(self, head: HeadModel, config: TrackerConfig, image_size: tuple[int, int], fps: float) -> None:
+        # The survey only needs poses and expressions with the mean identity: it never calibrates itself.
+        self._scout = Tracker(head, image_size, replace(config, calibration_seconds=math.inf))
+        self._fps = fps
+        self.candidates: list[int] = []
+        self.landmarks: dict[int, tuple[np.ndarray | None, np.ndarray | None]] = {}
+        """The candidates' landmarks (mp478, lmk68), to calibrate on."""
+        self._features: list[np.ndarray] = []
+        self.surveyed = 0
+        """Frames added so far."""
+        self.seconds = 0.0
+        """Time spent surveying."""
+
+    def add(self, index: int, mp478: np.ndarray | None, lmk68: np.ndarray | None = None) -> None:
+        started = time.perf_counter()
+        frame = self._scout.track(mp478, lmk68, timestamp=index / self._fps)
+        if frame.valid:
+            self.candidates.append(index)
+            self.landmarks[index] = (mp478, lmk68)
+            self._features.append(diversity_feature(frame.pose, frame.exp))
+        self.surveyed += 1
+        self.seconds += time.perf_counter() - started
+
+    def choose(self, count: int) -> list[int]:
+        """The ``count`` most diverse frames with a face (fewer when fewer were tracked)."""
+        return [self.candidates[i] for i in select_diverse(self._features, count)]
+
+
+def frame_count(source: str) -> int | None:
+    """How many frames a video file, image or folder of images holds (None: not known without decoding it).
+
+    A video's packets are counted (no decoding); a folder's image files. Unreadable frames, skipped when
+    decoding, make this an upper bound."""
+    from realtime.sources import IMAGE_SUFFIXES
+
+    path = Path(source)
+    if "://" in source or not path.exists():
+        return None
+    if path.is_dir():
+        return sum(1 for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return 1
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return sum(1 for packet in container.demux(stream) if packet.size)
+    except (av.error.FFmpegError, IndexError):
+        return None
+
+
+def sample_indices(n_frames: int, count: int) -> list[int]:
+    """``count`` frame indices spread evenly over ``n_frames`` (every frame when there are no more)."""
+    if n_frames <= count:
+        return list(range(n_frames))
+    return sorted({int((i + 0.5) * n_frames / count) for i in range(count)})
+
+
+def survey_samples(source: str, task_path: Path, indices: list[int], image_size: tuple[int, int], survey: Survey) -> None:
+    """Detect the frames ``indices`` of ``source`` each on its own (MediaPipe's image mode, in its own
+    process, a few in flight while the next is decoded) and add them to ``survey`` in order."""
+    from realtime.detection_process import DetectionProcess
+    from realtime.sources import iter_frames
+
+    wanted = set(indices)
+    last = max(indices)
+    submitted: collections.deque[int] = collections.deque()
+    with DetectionProcess(LandmarkerConfig(task_path, running_mode="image"), image_size) as detector:
+
+        def take() -> None:
+            detection = detector.collect()
+            found = detection.observation
+            survey.add(submitted.popleft(), None if found is None else found.points.astype(np.float64))
+
+        for frame in iter_frames(source):
+            if frame.index > last:
+                break
+            if frame.index not in wanted or frame.image.shape[:2] != image_size:
+                continue
+            if detector.in_flight == detector.slots:
+                take()
+            detector.submit(frame.image)
+            submitted.append(frame.index)
+        while detector.in_flight:
+            take()
