@@ -741,7 +741,7 @@ def _bench_smoothing(head, args: argparse.Namespace, models_dir: Path, status, t
         if sequence.observed_frames < 4:
             report[path.name] = "fewer than 4 frames with a face"
             continue
-        report[path.name] = clip_smoothing_accuracy(head, sequence, tracker_config, smoothing)
+        report[path.name] = clip_smoothing_accuracy(head, sequence, tracker_config, smoothing, find_face_landmarker(models_dir))
     return report
 
 

@@ -71,8 +71,8 @@ def sync_file_system(folder: Path) -> None:
         os.close(descriptor)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    write_atomic(path, lambda stream: stream.write(data))
+def write_bytes_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    write_atomic(path, lambda stream: stream.write(data), durable)
 
 
 def _json_default(value: object) -> object:
@@ -88,8 +88,8 @@ def write_json_atomic(path: Path, document: Any) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], durable: bool = True) -> None:
-    write_atomic(path, lambda stream: np.savez(stream, **arrays), durable)
+def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    write_atomic(path, lambda stream: np.savez(stream, **arrays))
 
 
 def write_png_atomic(path: Path, image_rgb: np.ndarray) -> None:

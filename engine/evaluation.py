@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -334,12 +335,15 @@ def synthetic_smoothing_accuracy(head: HeadModel, motion: SyntheticMotion, confi
     return report
 
 
-def clip_smoothing_accuracy(head: HeadModel, sequence: LandmarkSequence, config: TrackerConfig, smoothing: SmoothingConfig) -> dict[str, float]:
-    """Track a real clip's landmarks offline as ``track`` does, then smooth as it does: :func:`smoothing_accuracy`,
-    and the head pose's smoothing strength used (at 25 fps)."""
+def clip_smoothing_accuracy(
+    head: HeadModel, sequence: LandmarkSequence, config: TrackerConfig, smoothing: SmoothingConfig, landmarker_task: Path | None = None
+) -> dict[str, float]:
+    """Track a real clip's landmarks offline as ``track`` does (with ``landmarker_task``, calibrated on a sample of
+    the clip's frames detected up front, as ``track`` calibrates a video), then smooth as it does:
+    :func:`smoothing_accuracy`, and the head pose's smoothing strength used (at 25 fps)."""
     from offline.track_job import smooth_tracked, track_sequence
 
-    tracker, frames, _ = track_sequence(sequence, head, config, progress=False)
+    tracker, frames, _ = track_sequence(sequence, head, config, progress=False, landmarker_task=landmarker_task)
     smoothed, used = smooth_tracked(tracker.rig, sequence, frames, smoothing)
     report = smoothing_accuracy(tracker.rig, sequence.mp478, stack_reference(frames), stack_reference(smoothed))
     return {"fps": sequence.fps, "pose_strength_used": used.pose_strength, **report}

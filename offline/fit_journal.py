@@ -13,57 +13,17 @@ crash a later chunk may exist without an earlier one).
 from __future__ import annotations
 
 import re
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from engine.atomic import write_npz_atomic
 from engine.frames import stack_reference, unstack_reference
+from offline.frame_files import FrameWriter
 
 CHUNK_FRAMES = 32
 CHUNK_SECONDS = 0.5
 _CHUNK_FILE = re.compile(r"fits-(\d{6})-(\d{6})\.npz")
-
-
-class FrameWriter:
-    """Writes files atomically on a few threads, so that their fsyncs (several milliseconds each on a disk)
-    overlap the tracking and each other (the file system commits concurrent ones together).
-
-    At most ``depth`` writes wait. Leaving the ``with`` block, also on Ctrl-C or an error, waits for every
-    write already handed over. A failed write is raised by the next ``write`` or on leaving.
-    """
-
-    def __init__(self, threads: int = 4, depth: int = 64) -> None:
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="frame writer")
-        self._room = threading.BoundedSemaphore(depth)
-        self._errors: list[BaseException] = []
-
-    def write(self, path: Path, arrays: dict[str, np.ndarray], durable: bool = True) -> None:
-        """Hand over one file; ``durable=False`` skips its fsync (see :func:`engine.atomic.write_atomic`)."""
-        self._raise_failure()
-        self._room.acquire()
-        future = self._pool.submit(write_npz_atomic, path, arrays, durable)
-        future.add_done_callback(self._finished)
-
-    def _finished(self, future: Future) -> None:
-        self._room.release()
-        if future.exception() is not None:
-            self._errors.append(future.exception())
-
-    def _raise_failure(self) -> None:
-        if self._errors:
-            raise self._errors[0]
-
-    def __enter__(self) -> FrameWriter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._pool.shutdown(wait=True)
-        if exc_info[0] is None:
-            self._raise_failure()
 
 
 def chunk_path(out_dir: Path, first: int, end: int) -> Path:

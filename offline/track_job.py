@@ -1,7 +1,7 @@
 """Offline tracking of a video, an image, a folder of images or a landmarks file into per-frame .npz files.
 
 Identity and FOV are calibrated first, on the most diverse of a sample of frames spread over the whole
-input (:mod:`offline.identity_survey`: each sampled frame detected on its own and tracked with the mean
+input (:mod:`offline.identity_survey`: the sampled frames detected up front and tracked with the mean
 identity); then one pass over the input overlaps decoding (a thread), MediaPipe (a process of its own, a
 few frames in flight) and tracking with that identity frozen, warm-started, without the live output
 filter (this thread), each frame tracked as soon as it is detected. A landmarks file is surveyed whole.
@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -60,8 +61,12 @@ from engine.rig import HeadRig
 from engine.smoothing import SmoothingConfig, smooth_within_fit
 from engine.tracker import Tracker, TrackerConfig
 from engine.versions import software_versions
-from offline.fit_journal import FitJournal, FrameWriter, discard_journal, is_chunk_file, journaled_frames, read_journal
-from offline.identity_survey import Survey, frame_count, sample_indices, survey_samples
+from offline.fit_journal import FitJournal, discard_journal, is_chunk_file, journaled_frames, read_journal
+from offline.frame_files import FrameWriter, npz_bytes
+from offline.identity_survey import SURVEY_SAMPLES, Survey, frame_count, sample_indices, survey_samples
+
+if TYPE_CHECKING:
+    from realtime.detection_process import DetectionProcess
 
 log = logging.getLogger(__name__)
 
@@ -163,38 +168,37 @@ def probe_source(source: str) -> tuple[tuple[int, int], float]:
 
 
 def iter_detections(
-    source: str, task_path: Path, image_size: tuple[int, int], fps: float, mode: str, max_frames: int | None = None
+    source: str, detector: DetectionProcess, image_size: tuple[int, int], fps: float, mode: str, max_frames: int | None = None
 ) -> Iterator[tuple[int, np.ndarray | None, float]]:
     """Each frame's (index, MediaPipe's 478 points in float64 pixels or None, MediaPipe's milliseconds), in
-    order. Three things overlap: decoding (a thread), MediaPipe (a process of its own, a few frames in
-    flight) and the caller's work on each frame, done while the frames after it are being detected."""
-    from realtime.detection_process import DetectionProcess
+    order, from ``detector`` (MediaPipe's process, made for ``image_size`` and ``mode``). Three things overlap:
+    decoding (a thread), MediaPipe (a few frames in flight) and the caller's work on each frame, done while
+    the frames after it are being detected."""
     from realtime.sources import iter_frames, read_ahead
 
     height, width = image_size
     collected = 0
-    with DetectionProcess(LandmarkerConfig(task_path, running_mode=mode), image_size) as detector:
 
-        def take() -> tuple[int, np.ndarray | None, float]:
-            nonlocal collected
-            detection = detector.collect()
-            found = detection.observation
-            collected += 1
-            return collected - 1, None if found is None else found.points.astype(np.float64), detection.mediapipe_ms
+    def take() -> tuple[int, np.ndarray | None, float]:
+        nonlocal collected
+        detection = detector.collect()
+        found = detection.observation
+        collected += 1
+        return collected - 1, None if found is None else found.points.astype(np.float64), detection.mediapipe_ms
 
-        for frame in read_ahead(iter_frames(source)):
-            if max_frames is not None and frame.index >= max_frames:
-                break
-            if frame.image.shape[:2] != (height, width):
-                raise UserError(
-                    f"{source}: image {frame.index + 1} is {frame.image.shape[1]}x{frame.image.shape[0]} but the first is "
-                    f"{width}x{height}; one run tracks one camera, so put the images of each size in a folder of their own"
-                )
-            if detector.in_flight == detector.slots:
-                yield take()
-            detector.submit(frame.image, None if mode == "image" else int(round(frame.index * 1000 / fps)))
-        while detector.in_flight:
+    for frame in read_ahead(iter_frames(source)):
+        if max_frames is not None and frame.index >= max_frames:
+            break
+        if frame.image.shape[:2] != (height, width):
+            raise UserError(
+                f"{source}: image {frame.index + 1} is {frame.image.shape[1]}x{frame.image.shape[0]} but the first is "
+                f"{width}x{height}; one run tracks one camera, so put the images of each size in a folder of their own"
+            )
+        if detector.in_flight == detector.slots:
             yield take()
+        detector.submit(frame.image, None if mode == "image" else int(round(frame.index * 1000 / fps)))
+    while detector.in_flight:
+        yield take()
 
 
 def detect_landmarks(
@@ -209,10 +213,14 @@ def detect_landmarks(
     image_size, fps = probe_source(source)
     points: list[np.ndarray] = []
     timings: list[float] = []
-    detections = iter_detections(source, task_path, image_size, fps, _video_mode(source, independent), max_frames)
-    for _, found, mediapipe_ms in tqdm(detections, desc="landmarks", unit="frame", leave=False, total=max_frames, disable=not progress):
-        points.append(np.full((N_LANDMARKS, 2), np.nan) if found is None else found)
-        timings.append(mediapipe_ms)
+    from realtime.detection_process import DetectionProcess
+
+    mode = _video_mode(source, independent)
+    with DetectionProcess(LandmarkerConfig(task_path, running_mode=mode), image_size) as detector:
+        detections = iter_detections(source, detector, image_size, fps, mode, max_frames)
+        for _, found, mediapipe_ms in tqdm(detections, desc="landmarks", unit="frame", leave=False, total=max_frames, disable=not progress):
+            points.append(np.full((N_LANDMARKS, 2), np.nan) if found is None else found)
+            timings.append(mediapipe_ms)
     if not points:
         raise UserError(f"{source} holds no frames")
     return LandmarkSequence(np.stack(points), None, image_size, fps, source), timings
@@ -224,13 +232,14 @@ def track_sequence(
 ) -> tuple[Tracker, list[dict[str, np.ndarray]], dict[str, float]]:
     """Calibrate, then track every frame, in memory; with ``smoothing``, smoothed over the whole sequence as
     :func:`track_input` does. With ``landmarker_task``, calibrated as ``track`` calibrates a video (on a
-    sample of the frames of ``sequence.source`` up to ``sequence.n_frames``, each detected on its own);
+    sample of the frames of ``sequence.source`` up to ``sequence.n_frames``, detected up front);
     otherwise on the survey of every frame, as for a landmarks file."""
     tracker = Tracker(head, sequence.image_size, config)
     timings: dict[str, float] = {}
     if landmarker_task is not None and sequence.n_frames > 1:
         survey = Survey(head, config, sequence.image_size, sequence.fps)
-        survey_samples(sequence.source, landmarker_task, sample_indices(sequence.n_frames, config.candidate_pool), sequence.image_size, survey)
+        indices = sample_indices(sequence.n_frames, SURVEY_SAMPLES)
+        survey_samples(sequence.source, landmarker_task, indices, sequence.image_size, sequence.fps, survey)
         calibrate_on_survey(tracker, survey, sequence.source, timings)
     else:
         single = calibrate_on_sequence(tracker, sequence, timings, progress)
@@ -597,31 +606,44 @@ def _track_known(
 
 
 class _SampledCalibration:
-    """The calibration of a video or image folder, made on a thread of its own from a sample of frames
-    (:mod:`offline.identity_survey`) while the main pass starts detecting; or adopted from ``out_dir``."""
+    """The calibration of a video or image folder from a sample of its frames (:mod:`offline.identity_survey`),
+    surveyed on a thread of its own while the main pass starts detecting; the tracker it calibrates is
+    handed over with :meth:`attach` (made meanwhile). Without ``needed`` (a saved calibration was adopted)
+    it is ready at once."""
 
     def __init__(
-        self, tracker: Tracker, source: str, landmarker_task: Path, n_frames: int, image_size: tuple[int, int], fps: float,
-        out_dir: Path, timings: dict[str, float],
+        self, head: HeadModel, config: TrackerConfig, source: str, landmarker_task: Path, n_frames: int,
+        image_size: tuple[int, int], fps: float, out_dir: Path, timings: dict[str, float], needed: bool,
     ) -> None:
-        self._tracker, self._out_dir, self._timings = tracker, out_dir, timings
-        self._calibrated = _load_calibration(tracker, out_dir)
+        self._out_dir, self._timings = out_dir, timings
+        self._tracker: Tracker | None = None
+        self._attached = threading.Event()
         self._done = threading.Event()
         self._outcome: Future[bool] = Future()
-        if self._calibrated:
+        self._calibrated = not needed
+        if needed:
+            indices = sample_indices(n_frames, SURVEY_SAMPLES)
+            arguments = (head, config, source, landmarker_task, indices, image_size, fps)
+            threading.Thread(target=self._run, args=arguments, name="identity survey", daemon=True).start()
+        else:
             self._done.set()
-            return
-        indices = sample_indices(n_frames, tracker.config.candidate_pool)
-        thread = threading.Thread(target=self._run, args=(source, landmarker_task, indices, image_size, fps), name="identity survey", daemon=True)
-        thread.start()
 
-    def _run(self, source: str, landmarker_task: Path, indices: list[int], image_size: tuple[int, int], fps: float) -> None:
+    def attach(self, tracker: Tracker | None) -> None:
+        """The tracker to calibrate once the survey is done (None: the job failed before it was made)."""
+        self._tracker = tracker
+        self._attached.set()
+
+    def _run(
+        self, head: HeadModel, config: TrackerConfig, source: str, landmarker_task: Path, indices: list[int],
+        image_size: tuple[int, int], fps: float,
+    ) -> None:
         try:
             started = time.perf_counter()
-            survey = Survey(self._tracker.rig.head, self._tracker.config, image_size, fps)
-            survey_samples(source, landmarker_task, indices, image_size, survey)
+            survey = Survey(head, config, image_size, fps)
+            survey_samples(source, landmarker_task, indices, image_size, fps, survey)
             self._timings["sampled_survey_s"] = time.perf_counter() - started
-            found = bool(survey.candidates)
+            self._attached.wait()
+            found = bool(survey.candidates) and self._tracker is not None
             if found:
                 calibrate_on_survey(self._tracker, survey, source, self._timings)
                 _save_calibration(self._tracker, self._out_dir)
@@ -647,6 +669,22 @@ class _SampledCalibration:
         self._calibrated = True
 
 
+def _start_detector(config: LandmarkerConfig, image_size: tuple[int, int]) -> Future:
+    """MediaPipe's process, started on a thread (it takes a second or two to load) while the caller goes on."""
+    from realtime.detection_process import DetectionProcess
+
+    started: Future = Future()
+
+    def start() -> None:
+        try:
+            started.set_result(DetectionProcess(config, image_size))
+        except BaseException as error:  # noqa: BLE001 - raised by started.result()
+            started.set_exception(error)
+
+    threading.Thread(target=start, name="start MediaPipe", daemon=True).start()
+    return started
+
+
 def _detect_and_track(
     source: str, out_dir: Path, head: HeadModel, landmarker_task: Path, n_frames: int, results: list[dict[str, np.ndarray]],
     options: TrackOptions, timings: dict[str, float],
@@ -654,17 +692,30 @@ def _detect_and_track(
     """One pass over a video or image folder: each frame decoded, detected (video mode) and, once the
     calibration is ready, tracked and journaled, appending to ``results``. Frames an interrupted run kept are
     detected again (MediaPipe's video mode continues from each frame's face, so its landmarks are those of
-    an uninterrupted run) but not tracked again."""
+    an uninterrupted run) but not tracked again. MediaPipe's start and the identity survey's overlap the
+    making of the tracker."""
     image_size, fps = probe_source(source)
-    tracker = Tracker(head, image_size, options.tracker)
-    calibration = _SampledCalibration(tracker, source, landmarker_task, n_frames, image_size, fps, out_dir, timings)
-    if results:
-        _resume_tracker(tracker, results, fps)
+    detector_starting = _start_detector(LandmarkerConfig(landmarker_task, running_mode="video"), image_size)
+    needed = not (out_dir / CALIBRATION_FILE).is_file()
+    calibration = _SampledCalibration(head, options.tracker, source, landmarker_task, n_frames, image_size, fps, out_dir, timings, needed)
+    tracker = None
+    try:
+        tracker = Tracker(head, image_size, options.tracker)
+        if not needed:
+            _load_calibration(tracker, out_dir)
+        if results:
+            _resume_tracker(tracker, results, fps)
+        detector = detector_starting.result()
+    except BaseException:
+        detector_starting.add_done_callback(lambda started: started.exception() is None and started.result().close())
+        raise
+    finally:
+        calibration.attach(tracker)
     points: list[np.ndarray] = []
     mediapipe_ms: list[float] = []
     tracking_seconds = 0.0
     started = time.perf_counter()
-    with FitJournal(out_dir, len(results)) as journal, tqdm(
+    with detector, FitJournal(out_dir, len(results)) as journal, tqdm(
         desc="track", unit="frame", total=n_frames, initial=len(results), disable=not options.progress
     ) as bar:
 
@@ -683,7 +734,7 @@ def _detect_and_track(
                 limit -= 1
             tracking_seconds += time.perf_counter() - begun
 
-        for _, found, milliseconds in iter_detections(source, landmarker_task, image_size, fps, "video"):
+        for _, found, milliseconds in iter_detections(source, detector, image_size, fps, "video"):
             points.append(np.full((N_LANDMARKS, 2), np.nan) if found is None else found)
             mediapipe_ms.append(milliseconds)
             catch_up(_CATCH_UP_FRAMES)
@@ -727,7 +778,7 @@ def _write_frame_files(
     started = time.perf_counter()
     with FrameWriter() as writer:
         for index, arrays in enumerate(tqdm(frames, desc="write", unit="frame", disable=not options.progress, leave=False)):
-            writer.write(frame_path(out_dir, index), _stored_frame(tracker, arrays, options.save_vertices), durable=False)
+            writer.write_bytes(frame_path(out_dir, index), npz_bytes(_stored_frame(tracker, arrays, options.save_vertices)), durable=False)
     sync_file_system(out_dir)
     timings["frame_files_s"] = time.perf_counter() - started
 
