@@ -26,7 +26,7 @@ from engine.tracker import Tracker, TrackerConfig, diversity_feature, select_div
 
 log = logging.getLogger(__name__)
 
-SURVEY_SAMPLES = 32
+SURVEY_SAMPLES = 64
 """Frames surveyed for the calibration, spread evenly over the input (all of a shorter one)."""
 PRE_ROLL = 1
 """Frames detected just before each sampled one, so that MediaPipe's video mode finds the sampled face from
