@@ -36,6 +36,7 @@ def test_npz_bytes_load_as_what_np_savez_writes() -> None:
     assert zipfile.ZipFile(io.BytesIO(written)).testzip() is None
     reference = io.BytesIO()
     np.savez(reference, **arrays)
+    reference.seek(0)
     with np.load(io.BytesIO(written), allow_pickle=False) as ours, np.load(reference, allow_pickle=False) as numpy_s:
         assert ours.files == numpy_s.files
         for key in arrays:
@@ -76,18 +77,20 @@ def test_the_survey_sample_spreads_over_the_whole_input() -> None:
 def test_a_sample_without_a_face_falls_back_to_surveying_every_frame(
     landmarker_task: Path, shared_landmarks68: Path, tmp_path: Path
 ) -> None:
-    """64 images, the sampled ones (odd) blank: the calibration surveys every detected frame instead."""
+    """Twice as many images as the survey samples, the sampled ones (odd) blank: the calibration surveys every
+    detected frame instead."""
     import cv2
 
     portrait = cv2.imread(str(shared_landmarks68 / "takeo.ppm"))
     images = tmp_path / "images"
     images.mkdir()
-    assert sample_indices(64, SURVEY_SAMPLES) == list(range(1, 64, 2))
-    for index in range(64):
+    count = 2 * SURVEY_SAMPLES
+    assert sample_indices(count, SURVEY_SAMPLES) == list(range(1, count, 2))
+    for index in range(count):
         cv2.imwrite(str(images / f"{index:03d}.png"), portrait if index % 2 == 0 else np.full_like(portrait, 128))
     head = select_head_model("demo", landmarker_task.parent)
     result = track_input(images, tmp_path / "out", head, landmarker_task, TrackOptions(progress=False))
     valid = [bool(arrays["valid"][0]) for arrays in result.results]
-    assert len(valid) == 64 and all(valid[0::2]) and not any(valid[1::2])
-    assert "survey_s" in result.timings and written_frames(tmp_path / "out") == 64
+    assert len(valid) == count and all(valid[0::2]) and not any(valid[1::2])
+    assert "survey_s" in result.timings and written_frames(tmp_path / "out") == count
     assert not list((tmp_path / "out").glob("fits-*")), "the journal is gone once the result is complete"
