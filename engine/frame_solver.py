@@ -319,10 +319,10 @@ class CpuFrameFitter:
         iterations = config.track_iterations if iterations is None else iterations
         if targets.weights is not self.group_weights_source:  # the same tensor for every frame of a tracker
             self.group_weights_source, self.group_weights = targets.weights, _numpy(targets.weights)
-        pixels = targets.pixels[0].numpy(force=True).astype(np.float64)
-        frame = self.frame.observe(
-            pixels, targets.observed[0].numpy(force=True), float(targets.face_size[0]), self.group_weights, config, float(focal), center
-        )
+        # Arrays indexed, not tensors: PyTorch's indexing costs more than NumPy's.
+        pixels, observed = targets.pixels.numpy(force=True)[0].astype(np.float64), targets.observed.numpy(force=True)[0]
+        face_size = float(targets.face_size.numpy(force=True)[0])
+        frame = self.frame.observe(pixels, observed, face_size, self.group_weights, config, float(focal), center)
         state = _state(params)
         anchor = _Anchor(self, None if prediction is None else state if prediction is params else _state(prediction))
         current, spare = self.slots
@@ -370,7 +370,10 @@ class CpuFrameFitter:
         rotations_end = n_exp + 9 * n_joints
         rotations = packed[n_exp:rotations_end].reshape(1, n_joints, 3, 3)
         parts = (packed[None, :n_exp], rotations, packed[None, rotations_end:-2], packed[-2:-1], packed[-1:])
-        exp, rotations, transl, cost, rms = (torch.from_numpy(part).to(device=like.exp.device, dtype=like.exp.dtype) for part in parts)
+        tensors = [torch.from_numpy(part) for part in parts]
+        if like.exp.device.type != "cpu" or tensors[0].dtype != like.exp.dtype:
+            tensors = [tensor.to(device=like.exp.device, dtype=like.exp.dtype) for tensor in tensors]
+        exp, rotations, transl, cost, rms = tensors
         return FitResult(FrameParams(exp, rotations, transl), cost, rms, used)
 
 

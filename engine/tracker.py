@@ -180,10 +180,10 @@ class Tracker:
 
     def _observed_enough(self, targets: Targets) -> bool:
         """Enough landmarks observed, spanning a face (not a point, a line or a few pixels)."""
-        usable = targets.observed[0].numpy(force=True) & self._weighted_landmarks
+        usable = targets.observed.numpy(force=True)[0] & self._weighted_landmarks
         if np.count_nonzero(usable) < self.config.min_observed_fraction * usable.size:
             return False
-        pixels = targets.pixels[0].numpy(force=True).astype(np.float64)
+        pixels = targets.pixels.numpy(force=True)[0].astype(np.float64)
         return spans_a_face(pixels, usable, float(self.config.min_face_px), float(self.config.min_face_aspect))
 
     def cold_start(self, targets: Targets, model: LandmarkModel | None = None, exp: torch.Tensor | None = None) -> FrameParams:
