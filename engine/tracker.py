@@ -404,6 +404,11 @@ class Tracker:
         self._calibration_thread = threading.Thread(target=work, name="flame-live-calibration", daemon=True)
         self._calibration_thread.start()
 
+    @property
+    def calibrating_in_background(self) -> bool:
+        """A background calibration started and its identity not yet adopted (it may have just finished)."""
+        return self._calibration_thread is not None
+
     def close(self) -> None:
         """Wait for a background calibration still running. Its thread is a daemon that runs PyTorch: one still
         running when the interpreter exits aborts the process (SIGABRT, "terminate called without an active

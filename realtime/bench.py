@@ -84,6 +84,13 @@ def run_live_benchmark(
         "torch_threads": 1,
         **asdict(summary),
         "frame_max_over_median": summary.frame_max_ms / summary.frame_median_ms if summary.frame_median_ms else float("nan"),
+        # The slowest frame that a background calibration overlapped, and the slowest of the others.
+        "frame_max_over_median_during_calibration": (
+            summary.frame_max_during_calibration_ms / summary.frame_median_ms if summary.frame_median_ms else float("nan")
+        ),
+        "frame_max_over_median_outside_calibration": (
+            summary.frame_max_outside_calibration_ms / summary.frame_median_ms if summary.frame_median_ms else float("nan")
+        ),
         "fitting_cpu_max_over_median": (
             summary.fitting_cpu_max_ms / summary.fitting_cpu_median_ms if summary.fitting_cpu_median_ms else float("nan")
         ),

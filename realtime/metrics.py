@@ -63,6 +63,17 @@ class LiveSummary:
     cpu_ms_per_frame: float = float("nan")
     """CPU time per frame of this process (every thread) and MediaPipe's together, from the first frame to
     the last: the loop's whole cost, decoding included, start-up excluded."""
+    calibration_frames: int = 0
+    """Frames after the warm-up during which a background calibration ran (it shares the cores and the
+    interpreter lock with the loop)."""
+    frame_median_during_calibration_ms: float = 0.0
+    frame_max_during_calibration_ms: float = 0.0
+    frame_max_outside_calibration_ms: float = 0.0
+    """Per-frame times as ``frame_median_ms`` / ``frame_max_ms``, of those frames and of the others."""
+    mediapipe_median_during_calibration_ms: float = 0.0
+    mediapipe_median_outside_calibration_ms: float = 0.0
+    """MediaPipe's own time per frame (in its process), median over those frames and over the others: the part
+    of a frame that the calibration's CPU use slows on a busy machine."""
     preview_frames: int = 0
     """Frames the preview window drew (on its own thread; the others were replaced by newer ones)."""
     preview_draw_ms: float = 0.0
@@ -112,6 +123,11 @@ class Samples:
         if self._count == 0:
             return 0.0
         return float(np.percentile(self._values[: min(self._count, len(self._values))], q))
+
+    @property
+    def count(self) -> int:
+        """Values held (at most the capacity)."""
+        return min(self._count, len(self._values))
 
     def maximum(self) -> float:
         return float(self._values[: min(self._count, len(self._values))].max()) if self._count else 0.0
@@ -169,6 +185,10 @@ class LiveMetrics:
         self._history = StageTimes(summary_window)
         self._frame_ms = Samples(summary_window)  # after the warm-up frames
         self._fitting_cpu_ms = Samples(summary_window)  # after the warm-up frames
+        self._calibration_frame_ms = Samples(summary_window)  # after the warm-up, during a background calibration
+        self._other_frame_ms = Samples(summary_window)  # after the warm-up, the rest
+        self._calibration_mediapipe_ms = Samples(summary_window)
+        self._other_mediapipe_ms = Samples(summary_window)
         self._status = StatusLine(show_status)
         self._recorded = 0
         self._mediapipe_busy_ms = 0.0  # after the warm-up frames
@@ -184,10 +204,11 @@ class LiveMetrics:
 
     def record_frame(
         self, latency_ms: float, mediapipe_ms: float, tracker_ms: float, frame_ms: float, fitting_cpu_ms: float,
-        mediapipe_idle_ms: float = 0.0,
+        mediapipe_idle_ms: float = 0.0, calibrating: bool = False,
     ) -> None:
         """One processed frame, just published: capture->publish latency, the two stages' times, the whole
-        frame's, the CPU time the fitting stage spent on it, and how long MediaPipe waited for it."""
+        frame's, the CPU time the fitting stage spent on it, how long MediaPipe waited for it, and whether a
+        background calibration ran meanwhile."""
         self._last_frame = time.monotonic()
         self._recorded += 1
         self._recent.add(latency_ms, mediapipe_ms, tracker_ms)
@@ -195,6 +216,8 @@ class LiveMetrics:
         if self._recorded > self.warmup_frames:
             self._frame_ms.add(frame_ms)
             self._fitting_cpu_ms.add(fitting_cpu_ms)
+            (self._calibration_frame_ms if calibrating else self._other_frame_ms).add(frame_ms)
+            (self._calibration_mediapipe_ms if calibrating else self._other_mediapipe_ms).add(mediapipe_ms)
             self._mediapipe_busy_ms += mediapipe_ms
             self._mediapipe_idle_ms += mediapipe_idle_ms
 
@@ -256,6 +279,12 @@ class LiveMetrics:
             frame_max_ms=self._frame_ms.maximum(),
             fitting_cpu_median_ms=self._fitting_cpu_ms.percentile(50),
             fitting_cpu_max_ms=self._fitting_cpu_ms.maximum(),
+            calibration_frames=self._calibration_frame_ms.count,
+            frame_median_during_calibration_ms=self._calibration_frame_ms.percentile(50),
+            frame_max_during_calibration_ms=self._calibration_frame_ms.maximum(),
+            frame_max_outside_calibration_ms=self._other_frame_ms.maximum(),
+            mediapipe_median_during_calibration_ms=self._calibration_mediapipe_ms.percentile(50),
+            mediapipe_median_outside_calibration_ms=self._other_mediapipe_ms.percentile(50),
             mediapipe_idle_share=self._mediapipe_idle_ms / mediapipe_ms if mediapipe_ms > 0 else float("nan"),
             cpu_ms_per_frame=cpu_seconds * 1e3 / counts.frames if counts.frames else float("nan"),
             preview_frames=counts.preview_frames,

@@ -184,6 +184,7 @@ class LivePipeline:
         """Fit and publish one detected frame; False when the user closed the preview."""
         frame, observation = detected.frame, detected.observation
         self._between_frames()
+        calibrating = self.tracker.calibrating_in_background  # it ran during this frame's detection, or still runs
         fit_started, cpu_started = time.perf_counter(), time.thread_time()
         tracked = self.tracker.track(None if observation is None else observation.points, timestamp=detected.frame_time)
         fit_ms = (time.perf_counter() - fit_started) * 1e3
@@ -198,7 +199,10 @@ class LivePipeline:
         self.valid_frames += int(tracked.valid)
         frame_ms = detected.mediapipe_ms + (time.perf_counter() - fit_started) * 1e3
         fitting_cpu_ms = (time.thread_time() - cpu_started) * 1e3
-        self.metrics.record_frame(latency_ms, detected.mediapipe_ms, fit_ms, frame_ms, fitting_cpu_ms, detected.idle_ms)
+        self.metrics.record_frame(
+            latency_ms, detected.mediapipe_ms, fit_ms, frame_ms, fitting_cpu_ms, detected.idle_ms,
+            calibrating or self.tracker.calibrating_in_background,
+        )
         if self.recorder is not None:
             self.recorder.write(frame, TOPIC_FRAME, message)
         self._offer_keyframe(detected, tracked)

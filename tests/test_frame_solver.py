@@ -76,7 +76,8 @@ def test_background_calibration_adopts_the_identity_that_calibrating_in_line_fin
         index += 1
         time.sleep(0.01)
     assert background.shape_version == 1
-    np.testing.assert_allclose(background.rig.shape.numpy(), in_line.rig.shape.numpy(), rtol=0, atol=1e-6)
+    # Bit for bit: on its own thread the calibration runs the same operations on the same frames.
+    assert torch.equal(background.rig.shape, in_line.rig.shape)
     assert background.rig.camera == in_line.rig.camera
 
 

@@ -207,6 +207,9 @@ def test_summary_has_frame_times_after_the_warm_up(live_run: LiveRun) -> None:
     assert 0 < summary.mediapipe_ms < summary.frame_median_ms <= summary.frame_max_ms
     assert summary.added_p50_ms <= summary.added_p95_ms and summary.added_p95_ms <= summary.latency_p95_ms
     assert 0 <= summary.mediapipe_idle_share <= 1
+    # Frames that a background calibration overlapped and the others split the frames after the warm-up.
+    assert 0 <= summary.calibration_frames <= summary.frames - LiveConfig().warmup_frames
+    assert max(summary.frame_max_during_calibration_ms, summary.frame_max_outside_calibration_ms) == summary.frame_max_ms
 
 
 def test_identity_is_published_at_start_and_after_calibration(live_run: LiveRun) -> None:
