@@ -16,13 +16,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
 
 from engine.head_model import HeadModel
-from engine.landmarks import LandmarkerConfig
 from engine.tracker import Tracker, TrackerConfig, diversity_feature, select_diverse
+
+if TYPE_CHECKING:
+    from realtime.detection_process import DetectionProcess
 
 log = logging.getLogger(__name__)
 
@@ -98,32 +101,29 @@ def sample_indices(n_frames: int, count: int) -> list[int]:
 
 
 def survey_samples(
-    source: str, task_path: Path, indices: list[int], image_size: tuple[int, int], fps: float, survey: Survey
+    source: str, detector: DetectionProcess, indices: list[int], image_size: tuple[int, int], fps: float, survey: Survey
 ) -> None:
-    """Detect the frames ``indices`` of ``source`` in MediaPipe's video mode (in its own process, a few in
-    flight while the next is decoded), each after the :data:`PRE_ROLL` frames before it, and add them to
-    ``survey`` in order."""
-    from realtime.detection_process import DetectionProcess
-
+    """Detect the frames ``indices`` of ``source`` with ``detector`` (MediaPipe's process in video mode, made
+    for ``image_size``; a few frames in flight while the next is decoded), each after the :data:`PRE_ROLL`
+    frames before it, and add them to ``survey`` in order."""
     sampled = set(indices)
     wanted = {index - back for index in indices for back in range(PRE_ROLL + 1) if index >= back}
     submitted: collections.deque[int] = collections.deque()
-    with DetectionProcess(LandmarkerConfig(task_path, running_mode="video"), image_size) as detector:
 
-        def take() -> None:
-            index, found = submitted.popleft(), detector.collect().observation
-            if index in sampled:
-                survey.add(index, None if found is None else found.points.astype(np.float64))
+    def take() -> None:
+        index, found = submitted.popleft(), detector.collect().observation
+        if index in sampled:
+            survey.add(index, None if found is None else found.points.astype(np.float64))
 
-        for index, image in _sampled_frames(source, wanted):
-            if image.shape[:2] != image_size:
-                continue
-            if detector.in_flight == detector.slots:
-                take()
-            detector.submit(image, int(round(index * 1000 / fps)))
-            submitted.append(index)
-        while detector.in_flight:
+    for index, image in _sampled_frames(source, wanted):
+        if image.shape[:2] != image_size:
+            continue
+        if detector.in_flight == detector.slots:
             take()
+        detector.submit(image, int(round(index * 1000 / fps)))
+        submitted.append(index)
+    while detector.in_flight:
+        take()
 
 
 def _sampled_frames(source: str, wanted: set[int]) -> Iterator[tuple[int, np.ndarray]]:

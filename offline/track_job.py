@@ -31,6 +31,7 @@ continues it. Output in ``DIR`` (format version in ``meta.json``), in the order 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -237,9 +238,12 @@ def track_sequence(
     tracker = Tracker(head, sequence.image_size, config)
     timings: dict[str, float] = {}
     if landmarker_task is not None and sequence.n_frames > 1:
+        from realtime.detection_process import DetectionProcess
+
         survey = Survey(head, config, sequence.image_size, sequence.fps)
         indices = sample_indices(sequence.n_frames, SURVEY_SAMPLES)
-        survey_samples(sequence.source, landmarker_task, indices, sequence.image_size, sequence.fps, survey)
+        with DetectionProcess(LandmarkerConfig(landmarker_task, running_mode="video"), sequence.image_size) as detector:
+            survey_samples(sequence.source, detector, indices, sequence.image_size, sequence.fps, survey)
         calibrate_on_survey(tracker, survey, sequence.source, timings)
     else:
         single = calibrate_on_sequence(tracker, sequence, timings, progress)
@@ -605,64 +609,64 @@ def _track_known(
     return results
 
 
-class _SampledCalibration:
-    """The calibration of a video or image folder from a sample of its frames (:mod:`offline.identity_survey`),
-    surveyed on a thread of its own while the main pass starts detecting; the tracker it calibrates is
-    handed over with :meth:`attach` (made meanwhile). Without ``needed`` (a saved calibration was adopted)
-    it is ready at once."""
+class _CalibratedTracker:
+    """The tracker of a video or image folder, made on a thread of its own while MediaPipe starts and the main
+    pass detects its first frames (making it loads the solver's compiled kernels: a second or two), then
+    calibrated there on a sample of the input (:mod:`offline.identity_survey`), or given the calibration
+    saved in ``out_dir`` and continued after the frames an interrupted run kept."""
 
     def __init__(
         self, head: HeadModel, config: TrackerConfig, source: str, landmarker_task: Path, n_frames: int,
-        image_size: tuple[int, int], fps: float, out_dir: Path, timings: dict[str, float], needed: bool,
+        image_size: tuple[int, int], fps: float, out_dir: Path, kept: list[dict[str, np.ndarray]], timings: dict[str, float],
     ) -> None:
-        self._out_dir, self._timings = out_dir, timings
-        self._tracker: Tracker | None = None
-        self._attached = threading.Event()
+        self.tracker: Tracker | None = None
+        self._calibrated = False
         self._done = threading.Event()
         self._outcome: Future[bool] = Future()
-        self._calibrated = not needed
-        if needed:
-            indices = sample_indices(n_frames, SURVEY_SAMPLES)
-            arguments = (head, config, source, landmarker_task, indices, image_size, fps)
-            threading.Thread(target=self._run, args=arguments, name="identity survey", daemon=True).start()
-        else:
-            self._done.set()
-
-    def attach(self, tracker: Tracker | None) -> None:
-        """The tracker to calibrate once the survey is done (None: the job failed before it was made)."""
-        self._tracker = tracker
-        self._attached.set()
+        arguments = (head, config, source, landmarker_task, n_frames, image_size, fps, out_dir, kept, timings)
+        threading.Thread(target=self._run, args=arguments, name="calibration", daemon=True).start()
 
     def _run(
-        self, head: HeadModel, config: TrackerConfig, source: str, landmarker_task: Path, indices: list[int],
-        image_size: tuple[int, int], fps: float,
+        self, head: HeadModel, config: TrackerConfig, source: str, landmarker_task: Path, n_frames: int,
+        image_size: tuple[int, int], fps: float, out_dir: Path, kept: list[dict[str, np.ndarray]], timings: dict[str, float],
     ) -> None:
         try:
+            if (out_dir / CALIBRATION_FILE).is_file():
+                tracker = Tracker(head, image_size, config)
+                _load_calibration(tracker, out_dir)
+                if kept:
+                    _resume_tracker(tracker, kept, fps)
+                self.tracker = tracker
+                self._outcome.set_result(True)
+                return
             started = time.perf_counter()
-            survey = Survey(head, config, image_size, fps)
-            survey_samples(source, landmarker_task, indices, image_size, fps, survey)
-            self._timings["sampled_survey_s"] = time.perf_counter() - started
-            self._attached.wait()
-            found = bool(survey.candidates) and self._tracker is not None
-            if found:
-                calibrate_on_survey(self._tracker, survey, source, self._timings)
-                _save_calibration(self._tracker, self._out_dir)
-            self._outcome.set_result(found)
+            # The survey's MediaPipe starts while both trackers are made.
+            with _opened(_start_detector(LandmarkerConfig(landmarker_task, running_mode="video"), image_size)) as starting:
+                tracker = Tracker(head, image_size, config)
+                survey = Survey(head, config, image_size, fps)
+                survey_samples(source, starting.result(), sample_indices(n_frames, SURVEY_SAMPLES), image_size, fps, survey)
+            timings["sampled_survey_s"] = time.perf_counter() - started
+            self.tracker = tracker
+            if survey.candidates:
+                calibrate_on_survey(tracker, survey, source, timings)
+                _save_calibration(tracker, out_dir)
+            self._outcome.set_result(bool(survey.candidates))
         except BaseException as error:  # noqa: BLE001 - raised in the main thread by ready()/wait()
             self._outcome.set_exception(error)
         finally:
             self._done.set()
 
     def ready(self) -> bool:
-        """Whether the tracker is calibrated (a failed survey raises here)."""
+        """Whether the tracker is made and calibrated (an error on the thread is raised here)."""
         if not self._calibrated and self._done.is_set():
             self._calibrated = self._outcome.result()
         return self._calibrated
 
-    def wait(self) -> bool:
-        """Wait for the survey; False when no sampled frame showed a face."""
+    def wait(self) -> Tracker:
+        """The tracker, once made and surveyed (uncalibrated when no sampled frame showed a face)."""
         self._done.wait()
-        return self.ready()
+        self.ready()
+        return self.tracker
 
     def calibrated_otherwise(self) -> None:
         """The tracker was calibrated another way (on every frame, when the sample showed no face)."""
@@ -685,37 +689,33 @@ def _start_detector(config: LandmarkerConfig, image_size: tuple[int, int]) -> Fu
     return started
 
 
+@contextlib.contextmanager
+def _opened(starting: Future) -> Iterator[Future]:
+    """The process :func:`_start_detector` starts (``starting.result()``), closed on leaving: at once if it has
+    started, or as soon as it has (the caller may leave before)."""
+    try:
+        yield starting
+    finally:
+        starting.add_done_callback(lambda started: started.exception() is None and started.result().close())
+
+
 def _detect_and_track(
     source: str, out_dir: Path, head: HeadModel, landmarker_task: Path, n_frames: int, results: list[dict[str, np.ndarray]],
     options: TrackOptions, timings: dict[str, float],
 ) -> tuple[LandmarkSequence, Tracker]:
     """One pass over a video or image folder: each frame decoded, detected (video mode) and, once the
-    calibration is ready, tracked and journaled, appending to ``results``. Frames an interrupted run kept are
-    detected again (MediaPipe's video mode continues from each frame's face, so its landmarks are those of
-    an uninterrupted run) but not tracked again. MediaPipe's start and the identity survey's overlap the
-    making of the tracker."""
+    tracker is calibrated, tracked and journaled, appending to ``results``. Frames an interrupted run kept
+    are detected again (MediaPipe's video mode continues from each frame's face, so its landmarks are those
+    of an uninterrupted run) but not tracked again. Detection starts as soon as MediaPipe has; the tracker
+    is made and calibrated meanwhile (:class:`_CalibratedTracker`)."""
     image_size, fps = probe_source(source)
     detector_starting = _start_detector(LandmarkerConfig(landmarker_task, running_mode="video"), image_size)
-    needed = not (out_dir / CALIBRATION_FILE).is_file()
-    calibration = _SampledCalibration(head, options.tracker, source, landmarker_task, n_frames, image_size, fps, out_dir, timings, needed)
-    tracker = None
-    try:
-        tracker = Tracker(head, image_size, options.tracker)
-        if not needed:
-            _load_calibration(tracker, out_dir)
-        if results:
-            _resume_tracker(tracker, results, fps)
-        detector = detector_starting.result()
-    except BaseException:
-        detector_starting.add_done_callback(lambda started: started.exception() is None and started.result().close())
-        raise
-    finally:
-        calibration.attach(tracker)
+    calibration = _CalibratedTracker(head, options.tracker, source, landmarker_task, n_frames, image_size, fps, out_dir, list(results), timings)
     points: list[np.ndarray] = []
     mediapipe_ms: list[float] = []
     tracking_seconds = 0.0
     started = time.perf_counter()
-    with detector, FitJournal(out_dir, len(results)) as journal, tqdm(
+    with _opened(detector_starting) as starting, FitJournal(out_dir, len(results)) as journal, tqdm(
         desc="track", unit="frame", total=n_frames, initial=len(results), disable=not options.progress
     ) as bar:
 
@@ -723,6 +723,7 @@ def _detect_and_track(
             nonlocal tracking_seconds
             if not calibration.ready():
                 return
+            tracker = calibration.tracker
             begun = time.perf_counter()
             while len(results) < len(points) and limit > 0:
                 index = len(results)
@@ -734,14 +735,15 @@ def _detect_and_track(
                 limit -= 1
             tracking_seconds += time.perf_counter() - begun
 
-        for _, found, milliseconds in iter_detections(source, detector, image_size, fps, "video"):
+        for _, found, milliseconds in iter_detections(source, starting.result(), image_size, fps, "video"):
             points.append(np.full((N_LANDMARKS, 2), np.nan) if found is None else found)
             mediapipe_ms.append(milliseconds)
             catch_up(_CATCH_UP_FRAMES)
         if not points:
             raise UserError(f"{source} holds no frames")
         sequence = LandmarkSequence(np.stack(points), None, image_size, fps, source)
-        if not calibration.wait():  # no face in the sample: survey every frame, now that all are detected
+        tracker = calibration.wait()
+        if not calibration.ready():  # no face in the sample: survey every frame, now that all are detected
             calibrate_on_sequence(tracker, sequence, timings, options.progress)
             _save_calibration(tracker, out_dir)
             calibration.calibrated_otherwise()
