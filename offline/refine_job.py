@@ -105,11 +105,15 @@ def load_appearance(fitter: PhotometricFitter, path: Path) -> None:
 class SequenceRefiner:
     """Refines one sequence into an output folder; see the module docstring."""
 
-    def __init__(self, tracker: Tracker, out_dir: Path, options: RefineOptions | None = None, fps: float | None = None) -> None:
+    def __init__(
+        self, tracker: Tracker, out_dir: Path, options: RefineOptions | None = None, fps: float | None = None,
+        source: str | None = None,
+    ) -> None:
         self.tracker = tracker
         self.out_dir = Path(out_dir)
         self.options = options or RefineOptions()
         self.fps = fps  # of the frames, recorded in meta.json so the sequence can be animated at its own rate
+        self.source = source  # the refined video, recorded in meta.json so `render` finds its frames
         self.fitter = PhotometricFitter(tracker.rig, self.options.photometric)
         self.timings: dict[str, float] = {}
         self.rejected_windows: list[tuple[int, int]] = []  # (first, last) frame of each rejected window
@@ -389,6 +393,7 @@ class SequenceRefiner:
             "format": "flame-live photometric refinement",
             "format_version": REFINE_FORMAT_VERSION,
             "model": self.tracker.rig.head.describe(),
+            "source": self.source,
             "frames": n_frames,
             "fps": self.fps,
             "valid_frames": int(sum(bool(a["valid"][0]) for a in loaded)),
@@ -492,7 +497,8 @@ def refine_video(
 
     with open_source(source, realtime=False) as probe:
         fps = probe.fps
-    return SequenceRefiner(tracker, out_dir, options, fps).run(states, frames, progress)
+    recorded = source if "://" in source else str(Path(source).resolve())
+    return SequenceRefiner(tracker, out_dir, options, fps, recorded).run(states, frames, progress)
 
 
 def refine_session(
@@ -554,7 +560,8 @@ def refine_session(
             points = landmarks[frame.index]
             yield frame.image, points if np.isfinite(points).any() else None
 
-    return SequenceRefiner(tracker, out_dir, options, reader.fps).run(states, frames, progress)
+    video = str(reader.video_path.resolve())
+    return SequenceRefiner(tracker, out_dir, options, reader.fps, video).run(states, frames, progress)
 
 
 def _session_landmarks(reader, messages: dict[int, dict], n_frames: int, landmarker_task: Path | None) -> np.ndarray:

@@ -264,6 +264,8 @@ def test_refine_command_refines_a_real_live_recording_without_losing_the_landmar
     refined = load_frames(out)
     meta = json.loads((out / "meta.json").read_text())
     assert len(refined) == meta["frames"] >= 70 and meta["fps"] == pytest.approx(25.0), "bbaf2n.mpg is 25 fps"
+    # `render` finds the refined frames' video through meta.json, wherever the refinement was written.
+    assert meta["source"] == str((session / "video.mkv").resolve())
     assert all(bool(frame["valid"][0]) and np.isfinite(frame["exp"]).all() for frame in refined)
     assert refined[-1]["light"].shape == (1, 9, 3) and refined[-1]["tex"].shape[0] == 1
     assert cv2.imread(str(out / "texture.png")).shape == (256, 256, 3)
