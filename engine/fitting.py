@@ -99,6 +99,32 @@ class Targets:
         self.face_size = torch.linalg.vector_norm(torch.from_numpy(extent), dim=-1).clamp_min(1.0).to(self.pixels.device)
 
 
+@dataclass
+class FrameTargets:
+    """One frame's :class:`Targets` as NumPy arrays, for the per-frame solver on the CPU (engine.frame_solver):
+    a live frame makes no tensor. The same values as a batch of one's Targets (tests compare both)."""
+
+    pixels: np.ndarray  # (L, 2) float64 holding values of the model's dtype, NaN where not observed
+    weights: np.ndarray  # (L,) float64 group weight of each landmark
+    observed: np.ndarray  # (L,) bool
+    face_size: float  # bounding-box diagonal of the observed points, pixels
+
+    @staticmethod
+    def of(pixels: np.ndarray, weights: np.ndarray) -> FrameTargets:
+        """From pixels (L, 2) in the model's dtype (as Targets' tensor holds them) and float64 weights (L,)."""
+        observed, extent = _observed_extent(pixels[None])
+        return FrameTargets(pixels.astype(np.float64), weights, observed[0], max(_diagonal(extent[0]), 1.0))
+
+
+def _diagonal(extent: np.ndarray) -> float:
+    """The length of an extent (2,) as PyTorch's vector_norm computes it on the CPU in the extent's dtype: x^2
+    rounded to the dtype plus y^2 in one fused multiply-add, then the square root. For float32 (the tracker's
+    dtype) the float64 sum below stands in for the fused one (the tests compare it with PyTorch); float64 has
+    no wider type here and may differ from PyTorch in the last bit."""
+    x, y = extent
+    return float(np.sqrt(extent.dtype.type(float(x * x) + float(y) * float(y))))
+
+
 @compiled
 def _observed_extent(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Which landmarks of pixels (B, L, 2) are observed (both coordinates finite): (B, L) bool, and the extent

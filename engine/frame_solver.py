@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from engine.camera import MIN_DEPTH
-from engine.fitting import FitConfig, FitResult, FrameBlock, Targets, fitted_joints, landmark_weights
+from engine.fitting import FitConfig, FitResult, FrameBlock, FrameTargets, Targets, fitted_joints, landmark_weights
 from engine.flame import GENERATORS, axis_angles, contour_row, rotation_matrices
 from engine.frames import FrameParams
 from engine.jit import compiled
@@ -315,14 +315,29 @@ class CpuFrameFitter:
         """FrameFitter.fit for a batch of one frame: same arguments, same result."""
         if params.exp.shape[0] != 1:
             raise ValueError(f"CpuFrameFitter fits one frame at a time, not {params.exp.shape[0]}")
-        config = self.config
-        iterations = config.track_iterations if iterations is None else iterations
         if targets.weights is not self.group_weights_source:  # the same tensor for every frame of a tracker
             self.group_weights_source, self.group_weights = targets.weights, _numpy(targets.weights)
         # Arrays indexed, not tensors: PyTorch's indexing costs more than NumPy's.
-        pixels, observed = targets.pixels.numpy(force=True)[0].astype(np.float64), targets.observed.numpy(force=True)[0]
-        face_size = float(targets.face_size.numpy(force=True)[0])
-        frame = self.frame.observe(pixels, observed, face_size, self.group_weights, config, float(focal), center)
+        frame = FrameTargets(
+            targets.pixels.numpy(force=True)[0].astype(np.float64), self.group_weights, targets.observed.numpy(force=True)[0],
+            float(targets.face_size.numpy(force=True)[0]),
+        )
+        return self.fit_frame(params, frame, float(focal), center, prediction, iterations)
+
+    def fit_frame(
+        self,
+        params: FrameParams,
+        targets: FrameTargets,
+        focal: float,
+        center: tuple[float, float],
+        prediction: FrameParams | None = None,
+        iterations: int | None = None,
+    ) -> FitResult:
+        """:meth:`fit` with one frame's targets as arrays (TargetBuilder.frame), as the tracker fits each frame:
+        no tensor is made but the result's."""
+        config = self.config
+        iterations = config.track_iterations if iterations is None else iterations
+        frame = self.frame.observe(targets.pixels, targets.observed, targets.face_size, targets.weights, config, focal, center)
         state = _state(params)
         anchor = _Anchor(self, None if prediction is None else state if prediction is params else _state(prediction))
         current, spare = self.slots

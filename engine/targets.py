@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from engine.fitting import FitConfig, Targets, landmark_weights
+from engine.fitting import FitConfig, FrameTargets, Targets, landmark_weights
 from engine.head_model import HeadModel, MediapipeEmbedding
 from engine.jit import compiled
 from engine.landmark_model import LandmarkModel
@@ -141,6 +141,9 @@ class TargetBuilder:
         #: (68,) bool, the converted 68 points left to the MediaPipe embedding.
         self.covered68 = covered_68_points(self.mediapipe_indices) if fits_both else np.zeros(68, dtype=bool)
         self.dtype, self.device = model.joint_rest.dtype, model.joint_rest.device
+        #: The model's dtype in NumPy, and the weights as arrays: what :meth:`frame` makes without tensors.
+        self.numpy_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
+        self.weights_array = self.weights.numpy(force=True).astype(np.float64)
         Targets(torch.zeros(1, 1, 2, dtype=self.dtype), self.weights)  # its kernel compiled (or loaded) now, not on the first frame
 
     def pixels(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> np.ndarray:
@@ -170,3 +173,8 @@ class TargetBuilder:
     def build_frame(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> Targets:
         """The fitting targets of one frame (a batch of one) from (478, 2) and/or (68, 2) pixel arrays."""
         return self.build(None if mp478 is None else mp478[None], None if lmk68 is None else lmk68[None])
+
+    def frame(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> FrameTargets:
+        """:meth:`build_frame`'s targets as arrays (for the per-frame solver on the CPU): no tensor made."""
+        pixels = self.pixels(None if mp478 is None else mp478[None], None if lmk68 is None else lmk68[None])[0]
+        return FrameTargets.of(pixels.astype(self.numpy_dtype), self.weights_array)

@@ -33,7 +33,7 @@ from engine.camera import FLIP, FOV_RANGE_DEG, Camera, fov_from_focal
 from engine.config import Range
 from engine.errors import UserError
 from engine.filters import OneEuroConfig, OneEuroFilter
-from engine.fitting import Calibration, FitConfig, FrameFitter, Targets, calibrate
+from engine.fitting import Calibration, FitConfig, FitResult, FrameFitter, FrameTargets, Targets, calibrate
 from engine.flame import axis_angles, rotation_matrices
 from engine.frames import FrameParams, TrackedFrame, frame_from_params, params_row
 from engine.frame_solver import CpuFrameFitter, faster_frame_solver
@@ -176,15 +176,14 @@ class Tracker:
         """Whether one frame's landmarks can be fitted: enough observed, spanning a face."""
         if mp478 is None and lmk68 is None:
             return False
-        return self._observed_enough(self.rig.targets.build_frame(mp478, lmk68))
+        return self._observed_enough(self.rig.targets.frame(mp478, lmk68))
 
-    def _observed_enough(self, targets: Targets) -> bool:
+    def _observed_enough(self, targets: FrameTargets) -> bool:
         """Enough landmarks observed, spanning a face (not a point, a line or a few pixels)."""
-        usable = targets.observed.numpy(force=True)[0] & self._weighted_landmarks
+        usable = targets.observed & self._weighted_landmarks
         if np.count_nonzero(usable) < self.config.min_observed_fraction * usable.size:
             return False
-        pixels = targets.pixels.numpy(force=True)[0].astype(np.float64)
-        return spans_a_face(pixels, usable, float(self.config.min_face_px), float(self.config.min_face_aspect))
+        return spans_a_face(targets.pixels, usable, float(self.config.min_face_px), float(self.config.min_face_aspect))
 
     def cold_start(self, targets: Targets, model: LandmarkModel | None = None, exp: torch.Tensor | None = None) -> FrameParams:
         """Rigid pose from PnP of the neutral model's landmarks; expression zero, joints at rest."""
@@ -253,18 +252,18 @@ class Tracker:
         self._adopt_background_calibration()
         if mp478 is None and lmk68 is None:
             return self._invalid(started)
-        targets = self.rig.targets.build_frame(mp478, lmk68)
+        targets = self.rig.targets.frame(mp478, lmk68)
         if not self._observed_enough(targets):
             return self._invalid(started)
         warm = not self._lost and self._history and self.config.warm_start != "none"
         if warm:
             initial = self._predict(timestamp)
-            result = self.fitter.fit(initial, targets, self.rig.focal, self.rig.camera.center, prediction=initial)
+            result = self._fit(initial, targets, mp478, lmk68, prediction=initial)
         else:
-            initial = self.cold_start(targets)
-            result = self.fitter.fit(initial, targets, self.rig.focal, self.rig.camera.center, iterations=self.config.cold_iterations)
+            initial = self.cold_start(self.rig.targets.build_frame(mp478, lmk68))
+            result = self._fit(initial, targets, mp478, lmk68, iterations=self.config.cold_iterations)
         rms_px = float(result.rms_px[0])
-        face_size = float(targets.face_size[0])
+        face_size = targets.face_size
         params = result.params
         if not math.isfinite(rms_px) or rms_px > self.config.loss_threshold * face_size or not params.finite():
             log.debug("fit rejected: rms %.2f px for a face of %.0f px", rms_px, face_size)
@@ -276,6 +275,16 @@ class Tracker:
         frame = self._frame(params, True, rms_px, result.iterations, started, timestamp)
         self._last_frame = frame
         return frame
+
+    def _fit(
+        self, initial: FrameParams, targets: FrameTargets, mp478: np.ndarray | None, lmk68: np.ndarray | None,
+        prediction: FrameParams | None = None, iterations: int | None = None,
+    ) -> FitResult:
+        """One frame's fit: from the targets' arrays on the CPU solver, else from a batch of one's tensors."""
+        center = self.rig.camera.center
+        if isinstance(self.fitter, CpuFrameFitter):
+            return self.fitter.fit_frame(initial, targets, float(self.rig.focal), center, prediction, iterations)
+        return self.fitter.fit(initial, self.rig.targets.build_frame(mp478, lmk68), self.rig.focal, center, prediction, iterations)
 
     def _invalid(self, started: float, rms_px: float = float("nan"), iterations: int = 0) -> TrackedFrame:
         """No usable fit: hold the last good parameters, mark invalid, re-acquire from a cold start next."""

@@ -127,3 +127,19 @@ def test_auto_solves_frames_in_numpy_on_the_cpu_and_the_measured_choice_is_logge
         choice = faster_frame_solver(tracker.rig.fixed_landmarks, tracker.config.fit, (480, 640), tracker.rig.camera.focal, repeats=2)
     assert choice in ("numpy", "torch")
     assert any(record.message.startswith("per-frame solve:") for record in caplog.records)
+
+
+def test_frame_targets_hold_the_values_of_a_batch_of_ones_targets(flame_dir: Path) -> None:
+    """The tracker's per-frame targets (arrays) and the batched solver's (tensors) agree to the bit, face size
+    included (the fit's residual scale), with landmarks missing too."""
+    tracker = Tracker(load_flame(flame_dir, n_shape=20, n_exp=10), (480, 640))
+    rng = np.random.default_rng(3)
+    for index in range(200):
+        mp478 = (rng.random((478, 2)) * rng.uniform(20, 600) + rng.uniform(0, 200, 2)).astype(np.float64)
+        if index % 3 == 0:
+            mp478[rng.random(478) < 0.3] = np.nan
+        arrays, tensors = tracker.rig.targets.frame(mp478, None), tracker.rig.targets.build_frame(mp478, None)
+        np.testing.assert_array_equal(arrays.pixels, tensors.pixels[0].double().numpy())
+        np.testing.assert_array_equal(arrays.observed, tensors.observed[0].numpy())
+        assert arrays.face_size == float(tensors.face_size[0]), f"frame {index}"
+        np.testing.assert_array_equal(arrays.weights, tensors.weights.double().numpy())
