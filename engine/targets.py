@@ -24,7 +24,7 @@ from engine.fitting import FitConfig, FrameTargets, Targets, landmark_weights
 from engine.head_model import HeadModel, MediapipeEmbedding
 from engine.jit import compiled
 from engine.landmark_model import LandmarkModel
-from engine.landmarks import LEFT_IRIS_CENTER, N_LANDMARKS, RIGHT_IRIS_CENTER, MediapipeTo68, to_68
+from engine.landmarks import LEFT_IRIS_CENTER, N_LANDMARKS, RIGHT_IRIS_CENTER, MediapipeTo68, load_mediapipe_to_68, to_68
 
 
 def groups_for(model: HeadModel) -> tuple[str, ...]:
@@ -144,6 +144,8 @@ class TargetBuilder:
         #: The model's dtype in NumPy, and the weights as arrays: what :meth:`frame` makes without tensors.
         self.numpy_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
         self.weights_array = self.weights.numpy(force=True).astype(np.float64)
+        self.sources, self.source_weights = self._source_table()
+        self.frame(np.zeros((N_LANDMARKS, 2)), None)  # its kernel compiled (or loaded) now, not on the first frame
         Targets(torch.zeros(1, 1, 2, dtype=self.dtype), self.weights)  # its kernel compiled (or loaded) now, not on the first frame
 
     def pixels(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> np.ndarray:
@@ -165,6 +167,24 @@ class TargetBuilder:
                 out[:, part] = mp478[:, [LEFT_IRIS_CENTER, RIGHT_IRIS_CENTER]]
         return out
 
+    def _source_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Where each landmark's target comes from in MediaPipe's 478 points alone (what :meth:`pixels` does,
+        as a table for :func:`_gather`): (L, 3) MediaPipe indices and (L, 3) weights; a landmark with one source
+        is copied from ``sources[l, 0]`` (weights NaN), with none (-1) it is unobserved."""
+        sources = np.full((self.model.n_landmarks, 3), -1, dtype=np.int64)
+        weights = np.full((self.model.n_landmarks, 3), np.nan)
+        mapping = self.mapping or load_mediapipe_to_68()
+        for group, part in self.model.slices.items():
+            rows = np.arange(self.model.n_landmarks)[part]
+            if group == "lmk68":
+                kept = ~self.covered68
+                sources[rows[kept]], weights[rows[kept]] = mapping.triangles[kept], mapping.bary[kept]
+            elif group == "mediapipe":
+                sources[rows, 0] = self.mediapipe_indices
+            elif group == "eyes":
+                sources[rows, 0] = [LEFT_IRIS_CENTER, RIGHT_IRIS_CENTER]
+        return sources, weights
+
     def build(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> Targets:
         """The fitting targets of a batch of frames from (B, 478, 2) and/or (B, 68, 2) pixel arrays."""
         pixels = torch.as_tensor(self.pixels(mp478, lmk68), dtype=self.dtype, device=self.device)
@@ -176,5 +196,28 @@ class TargetBuilder:
 
     def frame(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> FrameTargets:
         """:meth:`build_frame`'s targets as arrays (for the per-frame solver on the CPU): no tensor made."""
-        pixels = self.pixels(None if mp478 is None else mp478[None], None if lmk68 is None else lmk68[None])[0]
-        return FrameTargets.of(pixels.astype(self.numpy_dtype), self.weights_array)
+        if lmk68 is None and mp478 is not None and mp478.shape[0] == N_LANDMARKS:  # live: one compiled gather
+            pixels = np.empty((self.model.n_landmarks, 2), dtype=self.numpy_dtype)
+            _gather(mp478, self.sources, self.source_weights.astype(mp478.dtype, copy=False), pixels)
+        else:
+            pixels = self.pixels(None if mp478 is None else mp478[None], None if lmk68 is None else lmk68[None])[0]
+        return FrameTargets.of(pixels.astype(self.numpy_dtype, copy=False), self.weights_array)
+
+
+@compiled
+def _gather(points: np.ndarray, sources: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
+    """MediaPipe's points (478, 2) -> the model's targets (L, 2) into ``out`` (in its dtype) by the table of
+    TargetBuilder._source_table: copies, barycentric 68 points (as engine.landmarks.to_68 sums them, in the
+    points' dtype) and NaN."""
+    for landmark in range(sources.shape[0]):
+        first = sources[landmark, 0]
+        for axis in range(2):
+            if first < 0:
+                out[landmark, axis] = np.nan
+            elif math.isnan(weights[landmark, 0]):
+                out[landmark, axis] = points[first, axis]
+            else:
+                total = points.dtype.type(0.0)
+                for corner in range(3):
+                    total += points[sources[landmark, corner], axis] * weights[landmark, corner]
+                out[landmark, axis] = total

@@ -138,6 +138,8 @@ def test_frame_targets_hold_the_values_of_a_batch_of_ones_targets(flame_dir: Pat
         mp478 = (rng.random((478, 2)) * rng.uniform(20, 600) + rng.uniform(0, 200, 2)).astype(np.float64)
         if index % 3 == 0:
             mp478[rng.random(478) < 0.3] = np.nan
+        if index % 2:  # MediaPipe's own dtype
+            mp478 = mp478.astype(np.float32)
         arrays, tensors = tracker.rig.targets.frame(mp478, None), tracker.rig.targets.build_frame(mp478, None)
         np.testing.assert_array_equal(arrays.pixels, tensors.pixels[0].double().numpy())
         np.testing.assert_array_equal(arrays.observed, tensors.observed[0].numpy())
