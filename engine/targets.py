@@ -196,7 +196,8 @@ class TargetBuilder:
 
     def frame(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> FrameTargets:
         """:meth:`build_frame`'s targets as arrays (for the per-frame solver on the CPU): no tensor made."""
-        if lmk68 is None and mp478 is not None and mp478.shape[0] == N_LANDMARKS:  # live: one compiled gather
+        live = lmk68 is None and mp478 is not None and mp478.shape[0] == N_LANDMARKS and mp478.dtype.kind == "f"
+        if live:  # MediaPipe's points alone: one compiled gather
             pixels = np.empty((self.model.n_landmarks, 2), dtype=self.numpy_dtype)
             _gather(mp478, self.sources, self.source_weights.astype(mp478.dtype, copy=False), pixels)
         else:
