@@ -23,6 +23,7 @@ TrackedFrame <-> reference ``.npz``       :func:`reference_arrays`              
 TrackedFrame <-> wire ``flame.frame``     :func:`frame_message_from`            :func:`frame_from_message`
 wire ``flame.frame`` -> reference         :func:`reference_from_message`        (through TrackedFrame)
 one frame's arrays <-> stacked arrays     :func:`stack_reference`               :func:`unstack_reference`
+FrameState <-> (T, D) float64 columns     :meth:`FrameState.columns`            :meth:`FrameState.from_columns`
 ========================================  ====================================  ==========================
 
 The fitting world is FLAME's frame with the camera at its origin looking down -z (``engine.camera``); OpenCV
@@ -187,6 +188,27 @@ class FrameState:
     @staticmethod
     def cat(states: list[FrameState]) -> FrameState:
         return FrameState(*(torch.cat([getattr(s, key) for s in states]) for key in ("exp", "pose", "transl")))
+
+    def columns(self) -> np.ndarray:
+        """(T, D) float64: expression, joint rotations (axis-angle), translation, one row per frame (for
+        filters that treat every parameter as a time series)."""
+        parts = (self.exp, self.pose.reshape(len(self.pose), -1), self.transl)
+        return np.concatenate([part.detach().cpu().double().numpy() for part in parts], axis=1)
+
+    def head_pose_columns(self) -> np.ndarray:
+        """(D,) bool: which of :meth:`columns` are the head pose (root and neck rotation, translation)."""
+        joints = np.zeros(self.pose.shape[1:], dtype=bool)
+        joints[[ROOT, NECK]] = True
+        return np.concatenate([np.zeros(self.exp.shape[1], dtype=bool), joints.reshape(-1), np.ones(3, dtype=bool)])
+
+    @staticmethod
+    def from_columns(columns: np.ndarray, like: FrameState) -> FrameState:
+        """The inverse of :meth:`columns`, in ``like``'s layout, dtype and device."""
+        n_exp, n_pose = like.exp.shape[1], like.pose[0].numel()
+        options = {"dtype": like.exp.dtype, "device": like.exp.device}
+        return FrameState(torch.as_tensor(columns[:, :n_exp], **options),
+                          torch.as_tensor(columns[:, n_exp : n_exp + n_pose], **options).reshape(-1, *like.pose.shape[1:]),
+                          torch.as_tensor(columns[:, n_exp + n_pose :], **options))
 
 
 # ---------------------------------------------------------------------------- fitting world <-> camera space

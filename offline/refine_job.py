@@ -44,7 +44,6 @@ from engine.config import Range, to_tree
 from engine.errors import UserError
 from engine.evaluation import OUTER_EYE_CORNERS, errors_over_iod, model_landmark_pixels, still_jitter
 from engine.frames import FrameParams, FrameState, stack_reference, unstack_reference
-from engine.head_model import NECK, ROOT
 from engine.photometric import PhotometricConfig, PhotometricFitter
 from engine.rig import HeadRig
 from engine.smoothing import SmoothingConfig, smooth_linear, valid_runs
@@ -321,12 +320,12 @@ class SequenceRefiner:
             return states
         filler = next(s for s, ok in zip(states, both) if ok)
         anchor = FrameState.cat([s if ok else filler for s, ok in zip(states, both)])
-        corrections = _flat(FrameState.cat([r.minus(s) if ok else filler.minus(filler) for s, r, ok in zip(states, raw, both)]))
+        corrections = FrameState.cat([r.minus(s) if ok else filler.minus(filler) for s, r, ok in zip(states, raw, both)]).columns()
         judge = _LandmarkJudge(rig, self._landmarks, measured)
         fitted_pixels, fitted_errors = judge.measure(anchor)
         allowed_jitter = (1.0 - _JITTER_TOLERANCE) * judge.jitter(fitted_pixels)
-        raw_pixels, _ = judge.measure(anchor.plus(_unflat(corrections, anchor)))
-        pose_columns = _pose_columns(anchor)
+        raw_pixels, _ = judge.measure(anchor.plus(FrameState.from_columns(corrections, anchor)))
+        pose_columns = anchor.head_pose_columns()
         best: tuple[float, FrameState, SmoothingConfig] | None = None
         candidates = list(_correction_settings(config))
         for used in tqdm(candidates, desc="smooth", unit="setting", disable=not progress, leave=False):
@@ -336,7 +335,7 @@ class SequenceRefiner:
                 smoothed[run] = smooth_linear(corrections[run], np.where(np.isinf(strengths), 0.0, strengths), config.order)
                 # An infinite strength: one constant correction over the run.
                 smoothed[run][:, np.isinf(strengths)] = corrections[run][:, np.isinf(strengths)].mean(axis=0)
-            candidate = anchor.plus(_unflat(smoothed, anchor))
+            candidate = anchor.plus(FrameState.from_columns(smoothed, anchor))
             pixels, errors = judge.measure(candidate)
             rise = errors - fitted_errors
             passes = (judge.jitter(pixels) <= allowed_jitter and np.nanmean(rise) <= self.options.landmark_margin
@@ -427,29 +426,6 @@ def _correction_settings(config: SmoothingConfig) -> Iterator[SmoothingConfig]:
     factors = [CORRECTION_STRENGTH_FACTOR**k for k in range(CORRECTION_STRENGTH_STEPS + 1)] + [math.inf]
     for face, pose in itertools.product(factors, repeat=2):
         yield replace(config, strength=config.strength * face, pose_strength=config.pose_strength * pose)
-
-
-def _flat(frames: FrameState) -> np.ndarray:
-    """(T, D) float64 columns of a batch of frames: expression, joint rotations (axis-angle), translation."""
-    parts = (frames.exp, frames.pose.reshape(len(frames.pose), -1), frames.transl)
-    return np.concatenate([part.detach().cpu().double().numpy() for part in parts], axis=1)
-
-
-def _unflat(columns: np.ndarray, like: FrameState) -> FrameState:
-    """The inverse of :func:`_flat`, in ``like``'s dtype and device."""
-    n_exp, n_pose = like.exp.shape[1], like.pose[0].numel()
-    options = {"dtype": like.exp.dtype, "device": like.exp.device}
-    return FrameState(torch.as_tensor(columns[:, :n_exp], **options),
-                      torch.as_tensor(columns[:, n_exp : n_exp + n_pose], **options).reshape(like.pose.shape),
-                      torch.as_tensor(columns[:, n_exp + n_pose :], **options))
-
-
-def _pose_columns(like: FrameState) -> np.ndarray:
-    """Which of :func:`_flat`'s columns are the head pose (root and neck rotation, translation), which
-    ``track`` smooths with its own strength."""
-    joints = np.zeros(like.pose.shape[1:], dtype=bool)
-    joints[[ROOT, NECK]] = True
-    return np.concatenate([np.zeros(like.exp.shape[1], dtype=bool), joints.reshape(-1), np.ones(3, dtype=bool)])
 
 
 class _LandmarkJudge:

@@ -14,6 +14,7 @@ from engine.camera import FLIP
 from engine.flame import FlameLayer, rodrigues
 from engine.frames import (
     FrameParams,
+    FrameState,
     TrackedFrame,
     camera_from_world,
     euler_from_matrix,
@@ -105,6 +106,20 @@ def test_frames_and_solver_batches_convert_both_ways() -> None:
     np.testing.assert_allclose(state.pose.numpy(), np.stack([f.pose for f in frames]), atol=1e-10)
     np.testing.assert_allclose(state.as_params().rotations.numpy(), params.rotations.numpy(), atol=1e-10)
     np.testing.assert_allclose(state_from_frames(frames, torch.float64).pose.numpy(), state.pose.numpy(), atol=1e-10)
+
+
+def test_solver_states_convert_to_columns_and_back() -> None:
+    state = state_from_frames([random_frame() for _ in range(4)], torch.float32)
+    columns = state.columns()
+    assert columns.dtype == np.float64 and columns.shape == (4, state.exp.shape[1] + state.pose[0].numel() + 3)
+    back = FrameState.from_columns(columns, state)
+    for key in ("exp", "pose", "transl"):
+        assert torch.equal(getattr(back, key), getattr(state, key))
+    head = state.head_pose_columns()
+    # The head pose is the root and neck rotations and the translation, nothing of the face.
+    moved = FrameState.from_columns(np.where(head, columns + 1.0, columns), state)
+    assert torch.equal(moved.exp, state.exp) and torch.equal(moved.pose[:, 2:], state.pose[:, 2:])
+    assert torch.allclose(moved.pose[:, :2], state.pose[:, :2] + 1) and torch.allclose(moved.transl, state.transl + 1)
 
 
 def test_a_frame_survives_the_reference_format_and_the_format_keeps_its_keys() -> None:
