@@ -238,7 +238,7 @@ def _add_tracking_options(parser: argparse.ArgumentParser) -> None:
 
 def _run_track(args: argparse.Namespace) -> int:
     from command_configs import active_smoothing, command_config
-    from engine.errors import UserError
+    from engine.errors import UserError, caused_by_ctrl_c
     from engine.model_files import find_face_landmarker, resolve_models_dir
     from engine.model_selection import select_head_model
     from offline.refine_job import TEXTURE_COMPONENTS
@@ -268,7 +268,9 @@ def _run_track(args: argparse.Namespace) -> int:
     options = TrackOptions(config.tracker, args.save_vertices, active_smoothing(config.smoothing), overwrite=args.overwrite)
     try:
         result = track_input(args.input, args.out, head, task, options)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemError) as error:
+        if not caused_by_ctrl_c(error):
+            raise
         print(f"interrupted: {written_frames(args.out)} frames are saved in {args.out}; run the same command again to continue", file=sys.stderr)
         return 130
     if result.resumed_frames == len(result.results):
@@ -927,14 +929,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from engine.errors import UserError
+    from engine.errors import UserError, caused_by_ctrl_c
 
     try:
         return int(args.handler(args) or 0)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemError) as error:
+        if not caused_by_ctrl_c(error):
+            raise
         return 130
 
 

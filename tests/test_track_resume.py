@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from engine.atomic import write_npz_atomic
+from engine.errors import caused_by_ctrl_c
 from offline.track_job import (
     CALIBRATION_FILE,
     FrameWriter,
@@ -85,6 +86,19 @@ def test_ctrl_c_keeps_the_frames_and_a_rerun_continues_to_the_same_result(
 
     again = run(command)
     assert again.returncode == 0 and "already holds this tracking" in again.stdout
+
+
+def test_a_ctrl_c_inside_a_compiled_kernel_counts_as_ctrl_c() -> None:
+    # What numba raises when a Ctrl-C lands while one of the solver's kernels returns (seen in CI): the
+    # interrupt must still end `track` with its "interrupted" line and status 130, not a traceback.
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:
+            raise SystemError("CPUDispatcher(<function _apply_step>) returned a result with an exception set") from interrupt
+    except SystemError as error:
+        assert caused_by_ctrl_c(error)
+    assert not caused_by_ctrl_c(SystemError("a real error")) and not caused_by_ctrl_c(ValueError("bad value"))
 
 
 def test_smoothing_is_a_final_pass_that_an_interruption_restarts_from_the_kept_fits(
