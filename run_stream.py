@@ -523,6 +523,7 @@ def _add_render(subparsers: argparse._SubParsersAction, common: argparse.Argumen
 def _run_render(args: argparse.Namespace) -> int:
     from command_configs import command_config
     from engine.config import NONE
+    from engine.errors import UserError
     from offline.render_job import parse_frame_range, render_result
 
     first, stop = parse_frame_range(args.frames) if args.frames else (None, None)
@@ -530,6 +531,8 @@ def _run_render(args: argparse.Namespace) -> int:
              "overwrite": args.overwrite, "flame": args.flame, "models_dir": args.models, "appearance": args.appearance,
              "against": args.against, "zoom": args.zoom}  # fmt: skip
     config = command_config("render", args, {f"render.{key}": value for key, value in given.items()})
+    if args.zoom is not None and config.render.style != "compare":
+        raise UserError(f"--zoom crops the panels of --style compare; with --style {config.render.style} leave it out")
     print(render_result(args.result, args.out, config.render).describe())
     return 0
 

@@ -344,6 +344,7 @@ def cli_errors(tracked_clip, landmarker_task: Path, tmp_path_factory: pytest.Tem
         "picture": ["render", str(track_dir), "--out", str(folder / "one.png")],
         "appearance": ["render", str(track_dir), "--out", str(folder / "d.mp4"), "--appearance", str(track_dir)],
         "compare_alone": ["render", str(track_dir), "--out", str(folder / "e.mp4"), "--style", "compare"],
+        "zoom_alone": ["render", str(track_dir), "--out", str(folder / "z.mp4"), "--zoom", "mouth"],
         "compare_untextured": ["render", str(track_dir), "--out", str(folder / "f.mp4"), "--style", "compare", "--against", str(track_dir)],
     }
     processes = {
@@ -369,6 +370,7 @@ def cli_errors(tracked_clip, landmarker_task: Path, tmp_path_factory: pytest.Tem
         ("picture", "holds one picture: pass --frames N:N+1"),
         ("appearance", "not a refine output folder"),
         ("compare_alone", "--style compare and --against OTHER_DIR go together"),
+        ("zoom_alone", "--zoom crops the panels of --style compare"),
         ("compare_untextured", "draws both fits with a refinement's texture and light"),
     ],
 )
