@@ -27,7 +27,7 @@ import torch
 from engine.camera import FOV_RANGE_DEG, focal_from_fov, project, project_with_jacobian
 from engine.config import Range
 from engine.flame import rodrigues, rotation_log
-from engine.frames import FrameParams
+from engine.frames import FrameArrays, FrameParams
 from engine.head_model import JAW, LEFT_EYE, NECK, RIGHT_EYE, ROOT, has_eyes
 from engine.jit import compiled
 from engine.landmark_model import LandmarkEvaluation, LandmarkModel
@@ -294,6 +294,21 @@ class FitResult:
     params: FrameParams
     cost: torch.Tensor  # (B,) final cost
     rms_px: torch.Tensor  # (B,) robustly weighted RMS landmark error in pixels
+    iterations: int
+
+    def frame(self, row: int = 0) -> FrameFit:
+        """One frame of the batch as a :class:`FrameFit`."""
+        return FrameFit(self.params.arrays(row), float(self.cost[row]), float(self.rms_px[row]), self.iterations)
+
+
+@dataclass
+class FrameFit:
+    """One frame's :class:`FitResult` in NumPy and floats (the per-frame CPU solver's, and what the tracker
+    takes from either solver)."""
+
+    params: FrameArrays
+    cost: float
+    rms_px: float  # a value of the parameters' dtype, as FitResult's tensor holds it
     iterations: int
 
 

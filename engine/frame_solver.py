@@ -34,18 +34,14 @@ import numpy as np
 import torch
 
 from engine.camera import MIN_DEPTH
-from engine.fitting import FitConfig, FitResult, FrameBlock, FrameTargets, Targets, fitted_joints, landmark_weights
+from engine.fitting import FitConfig, FitResult, FrameBlock, FrameFit, FrameTargets, Targets, fitted_joints, landmark_weights
 from engine.flame import GENERATORS, axis_angles, contour_row, rotation_matrices
-from engine.frames import FrameParams
+from engine.frames import FrameArrays, FrameParams
 from engine.jit import compiled
 from engine.landmark_model import LandmarkModel, LandmarkTable
 from engine.timing import synchronizer
 
 log = logging.getLogger(__name__)
-
-
-#: NumPy's dtype of each PyTorch dtype a result may have (others are converted from float64 by PyTorch).
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -170,7 +166,7 @@ class _Anchor:
     """What the prior compares a state with: the prediction (temporal terms) or, without one, nothing (the
     motion weights are zero, so the prior's second row adds nothing)."""
 
-    def __init__(self, fitter: CpuFrameFitter, prediction: _State | None) -> None:
+    def __init__(self, fitter: CpuFrameFitter, prediction: FrameArrays | None) -> None:
         self.offset = np.zeros((2, fitter.size))
         if prediction is None:
             self.inverse = fitter.no_rotations
@@ -178,18 +174,6 @@ class _Anchor:
             self.inverse = np.ascontiguousarray(prediction.rotations[fitter.fitted].transpose(0, 2, 1))
             self.offset[1, : fitter.n_exp], self.offset[1, -3:] = prediction.exp, prediction.transl
         self.weights, self.diagonals = fitter.prior_terms[prediction is not None]
-
-
-@dataclass
-class _State:
-    exp: np.ndarray  # (E,)
-    rotations: np.ndarray  # (J, 3, 3)
-    transl: np.ndarray  # (3,)
-
-
-def _state(params: FrameParams) -> _State:
-    # Indexing the arrays rather than the tensors: PyTorch's indexing costs more than NumPy's.
-    return _State(*(tensor.numpy(force=True)[0].astype(np.float64) for tensor in (params.exp, params.rotations, params.transl)))
 
 
 class CpuFrameFitter:
@@ -257,7 +241,7 @@ class CpuFrameFitter:
         global _kernels_ready
         started = time.perf_counter()
         rest = np.ascontiguousarray(np.broadcast_to(np.eye(3), (len(self.parents), 3, 3)))
-        state = _State(np.zeros(self.n_exp), rest, np.array([0.0, 0.0, -1.0]))
+        state = FrameArrays(np.zeros(self.n_exp), rest, np.array([0.0, 0.0, -1.0]))
         total = self.n_landmarks
         frame = self.frame.observe(np.zeros((total, 2)), np.ones(total, dtype=bool), 100.0, np.ones(total), self.config, 500.0, (0.0, 0.0))
         slot = self._evaluate(state, frame, _Anchor(self, state), self.slots[0])
@@ -275,7 +259,7 @@ class CpuFrameFitter:
             )
 
     # ------------------------------------------------------------------------------------- kernel arguments
-    def _evaluate(self, state: _State, frame: _Frame, anchor: _Anchor, slot: _Evaluation) -> _Evaluation:
+    def _evaluate(self, state: FrameArrays, frame: _Frame, anchor: _Anchor, slot: _Evaluation) -> _Evaluation:
         """Fill ``slot`` with the joints, landmarks, residuals, cost and prior of ``state``."""
         pairs = self.pairs
         slot.row = contour_row(state.rotations[0]) if self.has_contour else 0
@@ -289,7 +273,7 @@ class CpuFrameFitter:
         )  # fmt: skip
         return slot
 
-    def _linearise(self, state: _State, slot: _Evaluation, frame: _Frame) -> np.ndarray:
+    def _linearise(self, state: FrameArrays, slot: _Evaluation, frame: _Frame) -> np.ndarray:
         """(2L, size) d residual / d [exp, rotation increments of the fitted joints, translation], rows (landmark, u|v)."""
         pairs = self.pairs
         _jacobian(
@@ -299,8 +283,8 @@ class CpuFrameFitter:
         )  # fmt: skip
         return self.jacobian
 
-    def _apply(self, state: _State, step: np.ndarray) -> _State:
-        return _State(*_apply_step(state.exp, state.rotations, state.transl, step, self.fitted))
+    def _apply(self, state: FrameArrays, step: np.ndarray) -> FrameArrays:
+        return FrameArrays(*_apply_step(state.exp, state.rotations, state.transl, step, self.fitted))
 
     # ----------------------------------------------------------------------------------------------- solve
     def fit(
@@ -322,24 +306,29 @@ class CpuFrameFitter:
             targets.pixels.numpy(force=True)[0].astype(np.float64), self.group_weights, targets.observed.numpy(force=True)[0],
             float(targets.face_size.numpy(force=True)[0]),
         )
-        return self.fit_frame(params, frame, float(focal), center, prediction, iterations)
+        start = params.arrays()
+        anchor = None if prediction is None else start if prediction is params else prediction.arrays()
+        fitted = self.fit_frame(start, frame, float(focal), center, anchor, iterations)
+        options = {"dtype": params.exp.dtype, "device": params.exp.device}
+        cost, rms_px = (torch.tensor([value], **options) for value in (fitted.cost, fitted.rms_px))
+        return FitResult(fitted.params.as_params(params.exp.device), cost, rms_px, fitted.iterations)
 
     def fit_frame(
         self,
-        params: FrameParams,
+        params: FrameArrays,
         targets: FrameTargets,
         focal: float,
         center: tuple[float, float],
-        prediction: FrameParams | None = None,
+        prediction: FrameArrays | None = None,
         iterations: int | None = None,
-    ) -> FitResult:
-        """:meth:`fit` with one frame's targets as arrays (TargetBuilder.frame), as the tracker fits each frame:
-        no tensor is made but the result's."""
+    ) -> FrameFit:
+        """:meth:`fit` with one frame's parameters and targets as arrays (TargetBuilder.frame), as the tracker fits
+        each frame: no tensor is made. The result is in the dtype of ``params``."""
         config = self.config
         iterations = config.track_iterations if iterations is None else iterations
         frame = self.frame.observe(targets.pixels, targets.observed, targets.face_size, targets.weights, config, focal, center)
-        state = _state(params)
-        anchor = _Anchor(self, None if prediction is None else state if prediction is params else _state(prediction))
+        state = params.astype(np.float64)
+        anchor = _Anchor(self, None if prediction is None else state if prediction is params else prediction.astype(np.float64))
         current, spare = self.slots
         self._evaluate(state, frame, anchor, current)
         damping = config.initial_damping
@@ -372,24 +361,15 @@ class CpuFrameFitter:
                 jacobian = None
             if largest < config.step_tolerance or (accept and gain < config.cost_tolerance):
                 break
-        return self._result(state, current, frame, params, used)
+        return self._result(state, current, frame, params.exp.dtype, used)
 
-    def _result(self, state: _State, slot: _Evaluation, frame: _Frame, like: FrameParams, used: int) -> FitResult:
+    def _result(self, state: FrameArrays, slot: _Evaluation, frame: _Frame, dtype: np.dtype, used: int) -> FrameFit:
+        """The fit in ``dtype``, its cost and RMS error rounded to it as FrameFitter's tensors would hold them."""
         weights = slot.weights
         mean_square = float(weights @ slot.squared) * self.config.robust_scale**2 / max(float(np.add.reduce(weights)), 1e-12)
         rms_px = math.sqrt(mean_square) * self.config.noise * frame.face_size
-        # One array in the result's dtype; the tensors share its memory (torch.from_numpy costs less than views).
-        dtype = _NUMPY_DTYPES.get(like.exp.dtype, np.float64)
-        packed = np.concatenate([state.exp, state.rotations.ravel(), state.transl, (slot.cost, rms_px)]).astype(dtype)
-        n_exp, n_joints = len(state.exp), len(state.rotations)
-        rotations_end = n_exp + 9 * n_joints
-        rotations = packed[n_exp:rotations_end].reshape(1, n_joints, 3, 3)
-        parts = (packed[None, :n_exp], rotations, packed[None, rotations_end:-2], packed[-2:-1], packed[-1:])
-        tensors = [torch.from_numpy(part) for part in parts]
-        if like.exp.device.type != "cpu" or tensors[0].dtype != like.exp.dtype:
-            tensors = [tensor.to(device=like.exp.device, dtype=like.exp.dtype) for tensor in tensors]
-        exp, rotations, transl, cost, rms = tensors
-        return FitResult(FrameParams(exp, rotations, transl), cost, rms, used)
+        cost, rms_px = (float(value) for value in np.array([slot.cost, rms_px]).astype(dtype))
+        return FrameFit(state.astype(dtype), cost, rms_px, used)
 
 
 _kernels_ready = False

@@ -10,6 +10,9 @@ Three forms, each for a reason:
   solvers' state (rotations are updated multiplicatively, ``R <- R exp([delta])``).
 - :class:`FrameState`, a batch in PyTorch with joint rotations axis-angle: the photometric fitter's
   differentiable state (corrections are added to it).
+- :class:`FrameArrays`, one frame in NumPy with joint rotations as matrices: the per-frame CPU solver's
+  state (``engine.frame_solver``) and what the tracker keeps between frames, so that a tracked frame makes no
+  tensor. In the tracker's dtype (float32 or float64), holding a batch of one's FrameParams values exactly.
 
 Conversions (each with its inverse; ``tests/test_frames.py`` round-trips every pair):
 
@@ -18,6 +21,8 @@ from -> to                                forward                               
 ========================================  ====================================  ==========================
 fitting world <-> OpenCV camera space     :func:`camera_from_world`             :func:`world_from_camera`
 FrameParams <-> FrameState                :meth:`FrameParams.as_state`          :meth:`FrameState.as_params`
+FrameParams (one row) <-> FrameArrays     :meth:`FrameParams.arrays`            :meth:`FrameArrays.as_params`
+TrackedFrame <-> FrameArrays              :func:`arrays_from_frame`             :func:`frame_from_params`
 TrackedFrame <-> FrameParams              :func:`params_from_frames`            :func:`frame_from_params`
 TrackedFrame <-> reference ``.npz``       :func:`reference_arrays`              :func:`frame_from_reference`
 TrackedFrame <-> wire ``flame.frame``     :func:`frame_message_from`            :func:`frame_from_message`
@@ -52,7 +57,7 @@ import numpy as np
 import torch
 
 from engine.camera import FLIP
-from engine.flame import axis_angles, rodrigues, rotation_log
+from engine.flame import axis_angles, rodrigues, rotation_log, rotation_matrices
 from engine.head_model import JAW, LEFT_EYE, NECK, RIGHT_EYE, ROOT, has_eyes
 from flame_client.messages import frame_message
 from flame_client.rotations import euler_matrix
@@ -144,6 +149,12 @@ class FrameParams:
         """The same frames with axis-angle rotations (the inverse of :meth:`FrameState.as_params`)."""
         return FrameState(self.exp, self.pose(), self.transl)
 
+    def arrays(self, row: int = 0) -> FrameArrays:
+        """One frame of the batch as NumPy arrays of the same dtype and values (the inverse of
+        :meth:`FrameArrays.as_params`)."""
+        # Indexing the arrays rather than the tensors: PyTorch's indexing costs more than NumPy's.
+        return FrameArrays(*(tensor.numpy(force=True)[row] for tensor in (self.exp, self.rotations, self.transl)))
+
     def finite(self) -> bool:
         # In NumPy: called for every tracked frame, where PyTorch's per-operation overhead outweighs the work.
         return all(np.logical_and.reduce(np.isfinite(t.numpy(force=True)), axis=None) for t in (self.exp, self.rotations, self.transl))
@@ -159,6 +170,42 @@ class FrameParams:
         return FrameParams(
             torch.zeros(batch, n_exp, **options), torch.eye(3, **options).expand(batch, n_joints, 3, 3), torch.zeros(batch, 3, **options)
         )
+
+
+#: The NumPy dtype of each PyTorch dtype that FrameArrays holds.
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+@dataclass
+class FrameArrays:
+    """One frame's parameters in NumPy, joint rotations as matrices (the per-frame CPU solver's state).
+
+    Never changed in place once made: the tracker keeps the same arrays as its history and prediction.
+    """
+
+    exp: np.ndarray  # (E,)
+    rotations: np.ndarray  # (J, 3, 3) local joint rotations; root = head rotation in the world
+    transl: np.ndarray  # (3,)
+
+    def as_params(self, device: str | torch.device = "cpu") -> FrameParams:
+        """A batch of one with the same dtype and values (the inverse of :meth:`FrameParams.arrays`)."""
+        return FrameParams(*(torch.from_numpy(np.array(array[None])).to(device) for array in (self.exp, self.rotations, self.transl)))
+
+    def astype(self, dtype: type[np.floating]) -> FrameArrays:
+        """The same frame in another dtype (new arrays)."""
+        return FrameArrays(self.exp.astype(dtype), self.rotations.astype(dtype), self.transl.astype(dtype))
+
+    def axis_angle(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float64 exp (E,), pose (J, 3) axis-angle and transl (3,): what :func:`frame_from_params` takes."""
+        return self.exp.astype(np.float64), axis_angles(self.rotations.astype(np.float64)), self.transl.astype(np.float64)
+
+    def finite(self) -> bool:
+        return bool(np.isfinite(self.exp).all() and np.isfinite(self.rotations).all() and np.isfinite(self.transl).all())
+
+    @staticmethod
+    def neutral(n_exp: int, n_joints: int, dtype: type[np.floating]) -> FrameArrays:
+        """Expression zero, every joint at rest, no translation."""
+        return FrameArrays(np.zeros(n_exp, dtype), np.tile(np.eye(3, dtype=dtype), (n_joints, 1, 1)), np.zeros(3, dtype))
 
 
 @dataclass
@@ -250,9 +297,14 @@ def frame_from_params(
 
 def params_row(params: FrameParams, row: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One frame of a batch as float64 NumPy (exp (E,), pose (J, 3) axis-angle, transl (3,))."""
-    # Indexing the arrays rather than the tensors: PyTorch's indexing costs more than NumPy's.
-    exp, rotations, transl = (t.numpy(force=True)[row].astype(np.float64) for t in (params.exp, params.rotations, params.transl))
-    return exp, axis_angles(rotations), transl
+    return params.arrays(row).axis_angle()
+
+
+def arrays_from_frame(frame: TrackedFrame, dtype: type[np.floating] = np.float64) -> FrameArrays:
+    """The inverse of ``frame_from_params(*arrays.axis_angle(), ...)``: a frame's fitting-world parameters (its
+    expression with the eyelid weights, if any) with rotation matrices, in ``dtype``."""
+    pose = np.ascontiguousarray(frame.pose, dtype=np.float64)
+    return FrameArrays(frame.expression().astype(dtype), rotation_matrices(pose).astype(dtype), frame.transl.astype(dtype))
 
 
 def params_from_frames(frames: list[TrackedFrame], dtype: torch.dtype, device: str | torch.device = "cpu") -> FrameParams:

@@ -33,9 +33,9 @@ from engine.camera import FLIP, FOV_RANGE_DEG, Camera, fov_from_focal
 from engine.config import Range
 from engine.errors import UserError
 from engine.filters import OneEuroConfig, OneEuroFilter
-from engine.fitting import Calibration, FitConfig, FitResult, FrameFitter, FrameTargets, Targets, calibrate
+from engine.fitting import Calibration, FitConfig, FrameFit, FrameFitter, FrameTargets, Targets, calibrate
 from engine.flame import axis_angles, rotation_matrices
-from engine.frames import FrameParams, TrackedFrame, frame_from_params, params_row
+from engine.frames import NUMPY_DTYPES, FrameArrays, FrameParams, TrackedFrame, frame_from_params
 from engine.frame_solver import CpuFrameFitter, faster_frame_solver
 from engine.head_model import HeadModel
 from engine.landmark_model import LandmarkModel
@@ -109,7 +109,7 @@ class _CalibrationOutcome:
 class _Candidate:
     mp478: np.ndarray | None
     lmk68: np.ndarray | None
-    params: FrameParams
+    params: FrameArrays
     feature: np.ndarray
 
 
@@ -120,6 +120,9 @@ class Tracker:
         self.config = config or TrackerConfig()
         if not self.config.fit_fov and self.config.fov_deg is None:
             raise UserError("a field of view that is not estimated must be given: set fov_deg (--fov DEG)")
+        if self.config.dtype not in NUMPY_DTYPES:
+            raise UserError(f"the tracker fits in float32 or float64, not {self.config.dtype}")
+        self._numpy_dtype = NUMPY_DTYPES[self.config.dtype]
         height, width = image_size
         #: The FOV tracking starts with: the given one, or the first guess an estimate falls back to.
         self.first_fov_deg = self.config.fov_deg if self.config.fov_deg is not None else self.config.fit.priors.fov_deg
@@ -138,9 +141,10 @@ class Tracker:
             on_cpu = torch.device(self.config.device).type == "cpu"
             self.frame_solver = "numpy" if on_cpu else faster_frame_solver(self.rig.fixed_landmarks, self.config.fit, image_size, self.rig.camera.focal)
         self.fitter = self._fitter(self.rig.fixed_landmarks)
+        self._focal = float(self.rig.focal)  # the rig's focal length in its dtype, as a float for the solver
         self.calibrated = False
         self.shape_version = 0
-        self._history: list[tuple[float, FrameParams]] = []  # last valid frames, newest last
+        self._history: list[tuple[float, FrameArrays]] = []  # last valid frames, newest last
         self._lost = True
         self._pool: list[_Candidate] = []
         self._pool_started: float | None = None
@@ -164,6 +168,7 @@ class Tracker:
     def _use(self, identity: TrackingIdentity) -> None:
         self.rig.use(identity.rig)
         self.fitter = identity.fitter
+        self._focal = float(self.rig.focal)
 
     @property
     def fov_deg(self) -> float:
@@ -227,22 +232,18 @@ class Tracker:
         offset = (center - np.array(self.rig.camera.center)) * depth / self.rig.camera.focal
         return np.eye(3), np.array([offset[0], offset[1], depth])
 
-    def _predict(self, timestamp: float) -> FrameParams:
+    def _predict(self, timestamp: float) -> FrameArrays:
         t1, last = self._history[-1]
         if self.config.warm_start != "velocity" or len(self._history) < 2:
-            return last.clone()
+            return last
         t0, before = self._history[-2]
         ratio = min((timestamp - t1) / max(t1 - t0, 1e-3), 2.0) * 0.5  # damped: half the observed velocity
-        # In NumPy (in the parameters' dtype, as PyTorch would): a few 3x3 products and 3-vectors cost less there
-        # than PyTorch's per-operation overhead.
-        rotations, before_root = last.rotations.numpy(force=True).copy(), before.rotations.numpy(force=True)[0, 0]
-        last_root = rotations[0, 0].astype(np.float64)
-        spin = axis_angles((before_root.T @ last_root)[None])
-        rotations[0, 0] = last_root @ rotation_matrices(spin * ratio)[0]
-        last_transl, before_transl = last.transl.numpy(force=True), before.transl.numpy(force=True)
-        transl = last_transl + (last_transl - before_transl) * ratio
-        device = last.transl.device
-        return FrameParams(last.exp.clone(), torch.from_numpy(rotations).to(device), torch.from_numpy(transl).to(device))
+        # In the parameters' dtype, as PyTorch would compute it (the root's turn in float64).
+        rotations = last.rotations.copy()
+        last_root = rotations[0].astype(np.float64)
+        spin = axis_angles((before.rotations[0].T @ last_root)[None])
+        rotations[0] = last_root @ rotation_matrices(spin * ratio)[0]
+        return FrameArrays(last.exp, rotations, last.transl + (last.transl - before.transl) * ratio)
 
     # -------------------------------------------------------------------------------------------- tracking
     def track(self, mp478: np.ndarray | None, lmk68: np.ndarray | None = None, timestamp: float | None = None) -> TrackedFrame:
@@ -260,9 +261,9 @@ class Tracker:
             initial = self._predict(timestamp)
             result = self._fit(initial, targets, mp478, lmk68, prediction=initial)
         else:
-            initial = self.cold_start(self.rig.targets.build_frame(mp478, lmk68))
+            initial = self.cold_start(self.rig.targets.build_frame(mp478, lmk68)).arrays()
             result = self._fit(initial, targets, mp478, lmk68, iterations=self.config.cold_iterations)
-        rms_px = float(result.rms_px[0])
+        rms_px = result.rms_px
         face_size = targets.face_size
         params = result.params
         if not math.isfinite(rms_px) or rms_px > self.config.loss_threshold * face_size or not params.finite():
@@ -277,14 +278,17 @@ class Tracker:
         return frame
 
     def _fit(
-        self, initial: FrameParams, targets: FrameTargets, mp478: np.ndarray | None, lmk68: np.ndarray | None,
-        prediction: FrameParams | None = None, iterations: int | None = None,
-    ) -> FitResult:
+        self, initial: FrameArrays, targets: FrameTargets, mp478: np.ndarray | None, lmk68: np.ndarray | None,
+        prediction: FrameArrays | None = None, iterations: int | None = None,
+    ) -> FrameFit:
         """One frame's fit: from the targets' arrays on the CPU solver, else from a batch of one's tensors."""
         center = self.rig.camera.center
         if isinstance(self.fitter, CpuFrameFitter):
-            return self.fitter.fit_frame(initial, targets, float(self.rig.focal), center, prediction, iterations)
-        return self.fitter.fit(initial, self.rig.targets.build_frame(mp478, lmk68), self.rig.focal, center, prediction, iterations)
+            return self.fitter.fit_frame(initial, targets, self._focal, center, prediction, iterations)
+        params = initial.as_params(self.config.device)
+        anchor = None if prediction is None else params if prediction is initial else prediction.as_params(self.config.device)
+        targets_batch = self.rig.targets.build_frame(mp478, lmk68)
+        return self.fitter.fit(params, targets_batch, self.rig.focal, center, anchor, iterations).frame()
 
     def _invalid(self, started: float, rms_px: float = float("nan"), iterations: int = 0) -> TrackedFrame:
         """No usable fit: hold the last good parameters, mark invalid, re-acquire from a cold start next."""
@@ -294,15 +298,15 @@ class Tracker:
         if self._last_frame is not None:
             fit_ms = (time.perf_counter() - started) * 1e3
             return self._last_frame.held(rms_px, iterations, fit_ms, self.calibrated, self.shape_version)
-        neutral = FrameParams.neutral(1, self.rig.layer.n_expression, self.rig.layer.n_joints, self.config.dtype)
+        neutral = FrameArrays.neutral(self.rig.layer.n_expression, self.rig.layer.n_joints, self._numpy_dtype)
         return self._frame(neutral, False, rms_px, iterations, started, None)
 
     def frame_from(self, params: FrameParams, rms_px: float = float("nan")) -> TrackedFrame:
         """A valid TrackedFrame for given parameters (batch of one), e.g. a calibration frame."""
-        return self._frame(params, True, rms_px, 0, time.perf_counter(), None)
+        return self._frame(params.arrays(), True, rms_px, 0, time.perf_counter(), None)
 
-    def _frame(self, params: FrameParams, valid: bool, rms_px: float, iterations: int, started: float, timestamp: float | None) -> TrackedFrame:
-        exp, pose, transl = params_row(params)
+    def _frame(self, params: FrameArrays, valid: bool, rms_px: float, iterations: int, started: float, timestamp: float | None) -> TrackedFrame:
+        exp, pose, transl = params.axis_angle()
         if self._filter is not None and timestamp is not None:
             packed = self._filter(np.concatenate([exp, pose.ravel(), transl]), timestamp)
             exp, pose, transl = packed[: exp.size], packed[exp.size : exp.size + pose.size].reshape(pose.shape), packed[-3:]
@@ -314,13 +318,14 @@ class Tracker:
         )
 
     # ----------------------------------------------------------------------------------------- calibration
-    def _offer_candidate(self, mp478: np.ndarray | None, lmk68: np.ndarray | None, params: FrameParams, timestamp: float) -> None:
+    def _offer_candidate(self, mp478: np.ndarray | None, lmk68: np.ndarray | None, params: FrameArrays, timestamp: float) -> None:
         if self._pool_started is None:
             self._pool_started = timestamp
-        feature = diversity_feature(params.pose()[0].cpu().double().numpy(), params.exp[0].cpu().double().numpy())
+        exp, pose, _ = params.axis_angle()
+        feature = diversity_feature(pose, exp)
         distinct = all(np.linalg.norm(feature - c.feature) > 0.02 for c in self._pool)
         if distinct and len(self._pool) < self.config.candidate_pool:
-            self._pool.append(_Candidate(None if mp478 is None else mp478.copy(), None if lmk68 is None else lmk68.copy(), params.clone(), feature))
+            self._pool.append(_Candidate(None if mp478 is None else mp478.copy(), None if lmk68 is None else lmk68.copy(), params, feature))
         if timestamp - self._pool_started >= self.config.calibration_seconds or len(self._pool) >= self.config.candidate_pool:
             self._calibrate_from_pool()
 
@@ -350,9 +355,9 @@ class Tracker:
         """Continue a sequence as if its earlier frames had been tracked by this tracker: ``previous`` holds
         the last (up to two) valid frames as (timestamp, parameters), oldest first, and ``last_valid`` says
         whether the frame just before the next one was tracked (else the next one starts cold)."""
-        self._history = [(t, params.clone()) for t, params in previous[-2:]]
+        self._history = [(t, params.arrays()) for t, params in previous[-2:]]
         self._lost = not (last_valid and self._history)
-        self._last_frame = self.frame_from(self._history[-1][1]) if self._history else None
+        self._last_frame = self._frame(self._history[-1][1], True, math.nan, 0, time.perf_counter(), None) if self._history else None
 
     def request_recalibration(self) -> None:
         """Gather new candidate frames and calibrate again (the current identity is kept meanwhile)."""
@@ -396,7 +401,7 @@ class Tracker:
     def _calibrate_from_pool(self) -> None:
         chosen = select_diverse([c.feature for c in self._pool], self.config.calibration_frames)
         candidates = [self._pool[i] for i in chosen]
-        observations, initial = [(c.mp478, c.lmk68) for c in candidates], [c.params for c in candidates]
+        observations, initial = [(c.mp478, c.lmk68) for c in candidates], [c.params.as_params(self.config.device) for c in candidates]
         self._pool, self._pool_started = [], None
         if not self.config.calibrate_in_background:
             self.calibrate(observations, initial)
