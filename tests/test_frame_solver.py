@@ -52,6 +52,35 @@ def test_numpy_solver_tracks_a_sequence_exactly_as_the_torch_solver(model_name: 
         np.testing.assert_allclose(got.rms_px, want.rms_px, rtol=1e-6, atol=1e-9, equal_nan=True)
 
 
+def test_warm_frames_on_the_numpy_solver_run_no_pytorch_operation(flame_dir: Path) -> None:
+    """A warm frame on the CPU solver stays in NumPy and numba from landmarks to TrackedFrame: every PyTorch
+    operation costs microseconds of dispatch, far more with the caches cold between live frames. The solver's
+    FrameParams entry point (the batched solver's signature) gives the same fit as the tracker's arrays."""
+    from torch.profiler import ProfilerActivity, profile
+
+    head = load_flame(flame_dir, n_shape=50, n_exp=20)
+    config = TrackerConfig(n_shape=50, n_exp=20, calibration_seconds=float("inf"))
+    tracker = Tracker(head, (512, 512), config)
+    sequence = synthetic_sequence(tracker.rig.layer, SyntheticMotion(frames=30, seed=4))
+    tracker.calibrate([(sequence.mp478[i], sequence.lmk68[i]) for i in range(0, 30, 6)])
+    for index in range(10):
+        assert tracker.track(sequence.mp478[index], sequence.lmk68[index], timestamp=index / 25).valid
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        for index in range(10, 30):
+            assert tracker.track(sequence.mp478[index], sequence.lmk68[index], timestamp=index / 25).valid
+    assert [event.key for event in profiled.key_averages()] == []
+
+    targets = tracker.rig.targets.frame(sequence.mp478[29], sequence.lmk68[29])
+    start = tracker.cold_start(tracker.rig.targets.build_frame(sequence.mp478[29], sequence.lmk68[29]))
+    center, focal = tracker.rig.camera.center, tracker.rig.focal
+    from_arrays = tracker.fitter.fit_frame(start.arrays(), targets, float(focal), center)
+    from_params = tracker.fitter.fit(start, tracker.rig.targets.build_frame(sequence.mp478[29], sequence.lmk68[29]), focal, center)
+    assert from_params.iterations == from_arrays.iterations and from_params.params.exp.dtype == torch.float32
+    for key in ("exp", "rotations", "transl"):
+        np.testing.assert_array_equal(getattr(from_params.params, key)[0].numpy(), getattr(from_arrays.params, key))
+    assert float(from_params.rms_px[0]) == from_arrays.rms_px and float(from_params.cost[0]) == from_arrays.cost
+
+
 def test_numpy_solver_refuses_batches(flame_dir: Path) -> None:
     tracker = Tracker(load_flame(flame_dir, n_shape=20, n_exp=10), (256, 256))
     params = tracker.cold_start(tracker.rig.targets.build(np.full((2, 478, 2), 128.0), None))

@@ -13,9 +13,11 @@ from engine.assets import load_flame
 from engine.camera import FLIP
 from engine.flame import FlameLayer, rodrigues
 from engine.frames import (
+    FrameArrays,
     FrameParams,
     FrameState,
     TrackedFrame,
+    arrays_from_frame,
     camera_from_world,
     euler_from_matrix,
     frame_from_message,
@@ -106,6 +108,46 @@ def test_frames_and_solver_batches_convert_both_ways() -> None:
     np.testing.assert_allclose(state.pose.numpy(), np.stack([f.pose for f in frames]), atol=1e-10)
     np.testing.assert_allclose(state.as_params().rotations.numpy(), params.rotations.numpy(), atol=1e-10)
     np.testing.assert_allclose(state_from_frames(frames, torch.float64).pose.numpy(), state.pose.numpy(), atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_batch_row_and_its_arrays_convert_both_ways_to_the_bit(dtype: torch.dtype) -> None:
+    """The tracker keeps FrameArrays between frames and hands FrameParams to the batched solver and to calibration:
+    both ways, a frame keeps its dtype and every bit."""
+    params = params_from_frames([random_frame() for _ in range(3)], dtype)
+    arrays = params.arrays(1)
+    assert arrays.exp.dtype == arrays.rotations.dtype == arrays.transl.dtype == {torch.float32: np.float32, torch.float64: np.float64}[dtype]
+    assert arrays.rotations.shape == (5, 3, 3)
+    back = arrays.as_params()
+    for key in ("exp", "rotations", "transl"):
+        assert torch.equal(getattr(back, key), getattr(params, key)[1:2]), key
+    back.exp += 1.0  # a batch made from arrays owns its memory: the solvers may not change the tracker's history
+    np.testing.assert_array_equal(arrays.exp, params.exp[1].numpy())
+    np.testing.assert_array_equal(np.stack(arrays.axis_angle()[1]), np.stack(params_row(params, 1)[1]))
+
+
+def test_a_frame_and_its_arrays_convert_both_ways() -> None:
+    for frame in (random_frame(), random_frame(n_joints=3, n_exp=4)):
+        arrays = arrays_from_frame(frame)
+        assert arrays.rotations.shape == (len(frame.pose), 3, 3)
+        np.testing.assert_allclose(arrays.rotations, rodrigues(torch.as_tensor(frame.pose)).numpy(), atol=1e-12)
+        exp, pose, transl = arrays.axis_angle()
+        assert_same_frame(frame_from_params(exp, pose, transl, root_joint(exp), frame.fov_deg), frame, atol=1e-10)
+    with_eyelids = random_frame()
+    with_eyelids.eyelids = np.array([0.2, 0.9])
+    np.testing.assert_array_equal(arrays_from_frame(with_eyelids, np.float32).exp, with_eyelids.expression().astype(np.float32))
+
+
+def test_neutral_arrays_are_a_neutral_batch_row_and_only_finite_arrays_are_finite() -> None:
+    neutral = FrameArrays.neutral(4, 5, np.float32)
+    expected = FrameParams.neutral(1, 4, 5, torch.float32).arrays()
+    for key in ("exp", "rotations", "transl"):
+        np.testing.assert_array_equal(getattr(neutral, key), getattr(expected, key))
+        assert getattr(neutral, key).dtype == np.float32
+    assert neutral.finite()
+    broken = neutral.astype(np.float64)
+    broken.rotations[2, 1, 1] = np.nan
+    assert neutral.finite() and not broken.finite()  # astype made new arrays
 
 
 def test_solver_states_convert_to_columns_and_back() -> None:
