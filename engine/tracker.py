@@ -38,6 +38,7 @@ from engine.flame import axis_angles, rotation_matrices
 from engine.frames import NUMPY_DTYPES, FrameArrays, FrameParams, TrackedFrame, frame_from_params
 from engine.frame_solver import CpuFrameFitter, faster_frame_solver
 from engine.head_model import HeadModel
+from engine.jit import compiled
 from engine.landmark_model import LandmarkModel
 from engine.rig import HeadRig, RigIdentity
 from engine.targets import spans_a_face
@@ -131,7 +132,11 @@ class Tracker:
             head, self._first_camera, self.config.n_shape, self.config.n_exp, self.config.fit, self.config.device, self.config.dtype
         )
         self._weighted_landmarks = self.rig.targets.weights.numpy(force=True) > 0
-        spans_a_face(np.zeros((3, 2)), np.ones(3, dtype=bool), 1.0, 0.0)  # compiled (or loaded) now, not on the first frame
+        # The kernels of a frame compiled (or loaded) now, not on the first frame.
+        spans_a_face(np.zeros((3, 2)), np.ones(3, dtype=bool), 1.0, 0.0)
+        rest = FrameArrays.neutral(1, 2, self._numpy_dtype)
+        _velocity_prediction(rest.rotations, rest.rotations, rest.transl, rest.transl, 0.5)
+        rest.finite()
         #: Where the FOV comes from: "given" (--fov), "estimated", or "default" (the frames did not determine it).
         self.fov_source = "default" if self.config.fit_fov else "given"
         #: The standard deviation of log(focal) the last calibration's frames allowed (None: not estimated).
@@ -238,12 +243,7 @@ class Tracker:
             return last
         t0, before = self._history[-2]
         ratio = min((timestamp - t1) / max(t1 - t0, 1e-3), 2.0) * 0.5  # damped: half the observed velocity
-        # In the parameters' dtype, as PyTorch would compute it (the root's turn in float64).
-        rotations = last.rotations.copy()
-        last_root = rotations[0].astype(np.float64)
-        spin = axis_angles((before.rotations[0].T @ last_root)[None])
-        rotations[0] = last_root @ rotation_matrices(spin * ratio)[0]
-        return FrameArrays(last.exp, rotations, last.transl + (last.transl - before.transl) * ratio)
+        return FrameArrays(last.exp, *_velocity_prediction(last.rotations, before.rotations, last.transl, before.transl, ratio))
 
     # -------------------------------------------------------------------------------------------- tracking
     def track(self, mp478: np.ndarray | None, lmk68: np.ndarray | None = None, timestamp: float | None = None) -> TrackedFrame:
@@ -518,6 +518,32 @@ def fit_single(
     if not math.isfinite(rms_px) or rms_px > tracker.config.loss_threshold * face_size or not result.frames.params.finite():
         return tracker.rig.reference_arrays(tracker._invalid(started, rms_px))
     return tracker.rig.reference_arrays(tracker.frame_from(result.frames.params, rms_px))
+
+
+@compiled
+def _velocity_prediction(
+    rotations: np.ndarray, before: np.ndarray, transl: np.ndarray, transl_before: np.ndarray, ratio: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The last frame's joint rotations (J, 3, 3) and translation (3,) moved on by ``ratio`` times their change
+    since the frame ``before``: the root turns by that share of its rotation between the two (in float64), the
+    translation moves in the parameters' dtype (each operation rounded to it, as NumPy's would be); the other
+    joints stay. New arrays, in the dtype of the last frame's."""
+    last_root = rotations[0].astype(np.float64)
+    relative = np.empty((1, 3, 3))  # before_root^T last_root
+    for x in range(3):
+        for y in range(3):
+            relative[0, x, y] = before[0, 0, x] * last_root[0, y] + before[0, 1, x] * last_root[1, y] + before[0, 2, x] * last_root[2, y]
+    turn = rotation_matrices(axis_angles(relative) * ratio)[0]
+    predicted = rotations.copy()
+    for x in range(3):
+        for y in range(3):
+            predicted[0, x, y] = last_root[x, 0] * turn[0, y] + last_root[x, 1] * turn[1, y] + last_root[x, 2] * turn[2, y]
+    share = np.empty(1, transl.dtype)
+    share[0] = ratio
+    moved = np.empty_like(transl)
+    for x in range(3):
+        moved[x] = transl[x] + (transl[x] - transl_before[x]) * share[0]
+    return predicted, moved
 
 
 def diversity_feature(pose: np.ndarray, exp: np.ndarray) -> np.ndarray:
