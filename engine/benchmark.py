@@ -149,63 +149,58 @@ def bench_threads(
 def bench_solve_against_mediapipe(
     head: HeadModel, video: str, task: Path, mp478: np.ndarray, image_size: tuple[int, int], fps: float, config: TrackerConfig, frames: int
 ) -> dict[str, float]:
-    """Warm per-frame tracking with the NumPy and the PyTorch solver (on ``config.device``) against MediaPipe.
+    """Warm per-frame tracking with the NumPy and the PyTorch solver (on ``config.device``) against MediaPipe,
+    as ``track`` runs them (:func:`offline.track_job.iter_detections`): frames decoded on a thread, detected
+    by MediaPipe in its own process a few frames ahead, and each fitted here as its landmarks come back.
+    Between two fits this process decodes, copies and waits, so the solver starts each frame with the caches
+    that the product leaves it, not the warm ones of tracking frame after frame (``tracking_clip``).
 
-    The three run in turn on every frame (MediaPipe on the frame's image, then each tracker on its landmarks),
-    so that a busy machine slows all three alike and the ratios hold. Both trackers share one calibration.
+    One pass per solver over the same frames, each fitting the landmarks detected in its pass; both trackers
+    share one calibration, made on ``mp478`` (the clip's landmarks). Times: wall and CPU of ``track()`` in
+    this process, and MediaPipe's own time per frame in its process.
     """
-    from engine.landmarks import FaceLandmarker, LandmarkerConfig
-    from realtime.sources import iter_frames
+    from engine.landmarks import LandmarkerConfig
+    from offline.track_job import iter_detections
+    from realtime.detection_process import DetectionProcess
 
     frames = min(frames, len(mp478))
     usable = [i for i in range(frames) if np.isfinite(mp478[i]).all()]
     chosen = usable[:: max(1, len(usable) // config.calibration_frames)][: config.calibration_frames]
     calibrated = Tracker(head, image_size, replace(config, calibration_seconds=float("inf")))
     calibrated.calibrate([(mp478[i], None) for i in chosen])
-    trackers = {}
+    sync = synchronizer(config.device)
+    passes: dict[str, dict[str, list[float]]] = {}
+    outcomes: dict[str, list[tuple[bool, int]]] = {}
     for solver in ("numpy", "torch"):
         tracker = Tracker(head, image_size, replace(config, frame_solver=solver, calibration_seconds=float("inf")))
         tracker.adopt_calibration(calibrated.rig.shape, calibrated.rig.camera.focal)
-        trackers[solver] = tracker
-    # Wall time, and the process's CPU time (all its threads: MediaPipe's own included): on a machine shared
-    # with other jobs, waiting for a core inflates wall times unevenly, CPU times much less.
-    samples: dict[str, list[float]] = {name: [] for name in ("mediapipe", "numpy", "torch")}
-    cpu: dict[str, list[float]] = {name: [] for name in samples}
-    outcomes: dict[str, list[tuple[bool, int]]] = {"numpy": [], "torch": []}
-    sync = synchronizer(config.device)
-    with FaceLandmarker(LandmarkerConfig(task)) as landmarker:
-        for frame in iter_frames(video):
-            if frame.index >= frames:
-                break
-            started, started_cpu = time.perf_counter(), time.process_time()
-            landmarker.detect(frame.image, round(frame.index * 1000 / fps))
-            samples["mediapipe"].append(time.perf_counter() - started)
-            cpu["mediapipe"].append(time.process_time() - started_cpu)
-            for solver, tracker in trackers.items():
-                points = mp478[frame.index] if np.isfinite(mp478[frame.index]).all() else None
+        times: dict[str, list[float]] = {"mediapipe": [], "solver": [], "solver_cpu": []}
+        outcomes[solver] = []
+        with DetectionProcess(LandmarkerConfig(task, running_mode="video"), image_size) as detector:
+            for index, points, mediapipe_ms in iter_detections(video, detector, image_size, fps, "video", frames):
                 started, started_cpu = time.perf_counter(), time.process_time()
-                result = tracker.track(points, timestamp=frame.index / fps)
+                result = tracker.track(points, timestamp=index / fps)
                 sync()
-                samples[solver].append(time.perf_counter() - started)
-                cpu[solver].append(time.process_time() - started_cpu)
+                times["solver"].append(time.perf_counter() - started)
+                times["solver_cpu"].append(time.process_time() - started_cpu)
+                times["mediapipe"].append(mediapipe_ms / 1e3)
                 outcomes[solver].append((result.valid, result.iterations))
-    warm = slice(min(10, len(samples["mediapipe"]) // 4), None)  # the first frames build tables and start cold
-    medians = {name: float(np.median(values[warm])) * 1e3 for name, values in samples.items()}
-    cpu_medians = {name: float(np.median(values[warm])) * 1e3 for name, values in cpu.items()}
-    valid = {name: [v for v, _ in values[warm]] for name, values in outcomes.items()}
+        tracker.close()
+        passes[solver] = times
+    warm = slice(min(10, frames // 4), None)  # the first frames build tables and start cold
+    median = {(solver, key): float(np.median(values[warm])) * 1e3 for solver, times in passes.items() for key, values in times.items()}
+    mediapipe_ms = median["numpy", "mediapipe"]
     return {
-        "frames": len(samples["mediapipe"]),
-        "mediapipe_median_ms": medians["mediapipe"],
-        "numpy_solver_median_ms": medians["numpy"],
-        "torch_solver_median_ms": medians["torch"],
-        "numpy_over_mediapipe": medians["numpy"] / medians["mediapipe"],
-        "torch_over_mediapipe": medians["torch"] / medians["mediapipe"],
-        "mediapipe_cpu_median_ms": cpu_medians["mediapipe"],
-        "numpy_solver_cpu_median_ms": cpu_medians["numpy"],
-        "numpy_over_mediapipe_cpu": cpu_medians["numpy"] / cpu_medians["mediapipe"],
+        "frames": len(passes["numpy"]["solver"]),
+        "mediapipe_median_ms": mediapipe_ms,
+        "numpy_solver_median_ms": median["numpy", "solver"],
+        "numpy_solver_cpu_median_ms": median["numpy", "solver_cpu"],
+        "torch_solver_median_ms": median["torch", "solver"],
+        "numpy_over_mediapipe": median["numpy", "solver"] / mediapipe_ms,
+        "torch_over_mediapipe": median["torch", "solver"] / median["torch", "mediapipe"],
         # What the medians are of: frames tracked (not held after a loss) and LM iterations per frame.
-        "numpy_valid_fraction": float(np.mean(valid["numpy"])),
-        "numpy_iterations_mean": float(np.mean([i for _, i in outcomes["numpy"][warm]])),
-        "torch_valid_fraction": float(np.mean(valid["torch"])),
-        "torch_over_numpy": medians["torch"] / medians["numpy"],
+        "numpy_valid_fraction": float(np.mean([valid for valid, _ in outcomes["numpy"][warm]])),
+        "numpy_iterations_mean": float(np.mean([iterations for _, iterations in outcomes["numpy"][warm]])),
+        "torch_valid_fraction": float(np.mean([valid for valid, _ in outcomes["torch"][warm]])),
+        "torch_over_numpy": median["torch", "solver"] / median["numpy", "solver"],
     }
