@@ -164,15 +164,15 @@ class _Frame:
 
 class _Anchor:
     """What the prior compares a state with: the prediction (temporal terms) or, without one, nothing (the
-    motion weights are zero, so the prior's second row adds nothing)."""
+    motion weights are zero, so the prior's second row adds nothing). A prediction's terms go into the fitter's
+    buffers, reused from frame to frame."""
 
     def __init__(self, fitter: CpuFrameFitter, prediction: FrameArrays | None) -> None:
-        self.offset = np.zeros((2, fitter.size))
         if prediction is None:
-            self.inverse = fitter.no_rotations
+            self.inverse, self.offset = fitter.no_rotations, fitter.no_offset
         else:
-            self.inverse = np.ascontiguousarray(prediction.rotations[fitter.fitted].transpose(0, 2, 1))
-            self.offset[1, : fitter.n_exp], self.offset[1, -3:] = prediction.exp, prediction.transl
+            self.inverse, self.offset = fitter.prediction_inverse, fitter.prediction_offset
+            _prediction_terms(prediction.exp, prediction.rotations, prediction.transl, fitter.fitted, self.inverse, self.offset)
         self.weights, self.diagonals = fitter.prior_terms[prediction is not None]
 
 
@@ -214,6 +214,9 @@ class CpuFrameFitter:
         self.scaled_residuals = np.zeros(2 * self.n_landmarks)
         self.step = np.zeros(self.size)
         self.no_rotations = np.ascontiguousarray(np.broadcast_to(np.eye(3), (len(self.joints), 3, 3)))
+        self.no_offset = np.zeros((2, self.size))
+        self.prediction_inverse = np.zeros_like(self.no_rotations)
+        self.prediction_offset = np.zeros((2, self.size))
         self.group_weights_source: torch.Tensor | None = None
         self.group_weights = np.zeros(self.n_landmarks)
         self._priors(config)
@@ -249,8 +252,10 @@ class CpuFrameFitter:
         count = _weigh_rows(self.jacobian, slot.weights, slot.errors, self.scaled, self.scaled_residuals)
         rows = self.scaled[:count]
         residuals = self.scaled_residuals[:count]
-        _damped_step(rows.T @ rows, rows, residuals, self.coupling, slot.prior_diagonal, slot.prior_gradient, 1e-3, self.step)
-        self._apply(state, self.step)
+        _step(
+            rows.T @ rows, rows, residuals, self.coupling, slot.prior_diagonal, slot.prior_gradient, 1e-3, self.step, state.exp,
+            state.rotations, state.transl, self.fitted,
+        )  # fmt: skip
         if not _kernels_ready:
             _kernels_ready = True
             log.info(
@@ -282,9 +287,6 @@ class CpuFrameFitter:
             self.subtree, bool(self.layout.corrected), frame.group_weights, frame.focal_over_scale, self.arms, self.jacobian,
         )  # fmt: skip
         return self.jacobian
-
-    def _apply(self, state: FrameArrays, step: np.ndarray) -> FrameArrays:
-        return FrameArrays(*_apply_step(state.exp, state.rotations, state.transl, step, self.fitted))
 
     # ----------------------------------------------------------------------------------------------- solve
     def fit(
@@ -344,10 +346,11 @@ class CpuFrameFitter:
             # NumPy computes a product of an array with its own transpose as a symmetric rank-k update, half the
             # work of the general product a compiled kernel would make of it.
             hessian = rows.T @ rows
-            predicted, largest = _damped_step(
-                hessian, rows, residuals[:count], self.coupling, current.prior_diagonal, current.prior_gradient, damping, step
-            )
-            candidate = self._apply(state, step)
+            predicted, largest, *moved = _step(
+                hessian, rows, residuals[:count], self.coupling, current.prior_diagonal, current.prior_gradient, damping, step,
+                state.exp, state.rotations, state.transl, self.fitted,
+            )  # fmt: skip
+            candidate = FrameArrays(*moved)
             if predicted < config.cost_tolerance * current.cost:
                 state = candidate
                 break
@@ -396,6 +399,19 @@ def _observations(
         else:
             offsets[landmark, 0] = offsets[landmark, 1] = unit_mask[landmark] = weights[landmark] = 0.0
         cost_weights[landmark] = weights[landmark] * robust_scale_squared
+
+
+@compiled
+def _prediction_terms(
+    exp: np.ndarray, rotations: np.ndarray, transl: np.ndarray, fitted: np.ndarray, inverse: np.ndarray, offset: np.ndarray
+) -> None:
+    """A prediction's terms of :func:`_prior`: the fitted joints' rotations transposed into ``inverse`` (F, 3, 3),
+    its expression (E,) and translation (3,) into the second row of ``offset`` (2, size), whose other entries
+    stay zero."""
+    for index in range(fitted.shape[0]):
+        inverse[index] = rotations[fitted[index]].T
+    offset[1, : exp.shape[0]] = exp
+    offset[1, offset.shape[1] - 3 :] = transl
 
 
 @compiled
@@ -758,6 +774,19 @@ def _damped_step(
         largest = max(largest, abs(solution[row]))
     predicted = -(gradient @ step) - 0.5 * (step @ (hessian @ step))
     return predicted, largest
+
+
+@compiled
+def _step(
+    hessian: np.ndarray, scaled: np.ndarray, residuals: np.ndarray, coupling: np.ndarray, prior_diagonal: np.ndarray,
+    prior_gradient: np.ndarray, damping: float, step: np.ndarray, exp: np.ndarray, rotations: np.ndarray, transl: np.ndarray,
+    fitted: np.ndarray,
+) -> tuple[float, float, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_damped_step` then :func:`_apply_step` in one call (the arguments are theirs): the predicted cost
+    decrease, the largest step component and the state after the step."""
+    predicted, largest = _damped_step(hessian, scaled, residuals, coupling, prior_diagonal, prior_gradient, damping, step)
+    exp, rotations, transl = _apply_step(exp, rotations, transl, step, fitted)
+    return predicted, largest, exp, rotations, transl
 
 
 @compiled

@@ -52,7 +52,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
@@ -273,23 +272,78 @@ class FrameState:
 def camera_from_world(rotation: np.ndarray, transl: np.ndarray, root: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(head_rot, head_trans) placing the model in OpenCV camera space, from the head rotation (3,) and
     translation (3,) in the fitting world and the root joint ``root`` (3,) it turns about."""
-    rot_world = cv2.Rodrigues(np.asarray(rotation, dtype=np.float64))[0]
+    as_float = np.float64
+    return _camera_from_world(np.asarray(rotation, dtype=as_float), np.asarray(transl, dtype=as_float), np.asarray(root, dtype=as_float))
+
+
+@compiled
+def _camera_from_world(rotation: np.ndarray, transl: np.ndarray, root: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`camera_from_world` compiled (numba): every tracked frame calls it."""
+    rot_world = matrix_from_rotation_vector(rotation)
     # x_cam = FLIP (R (x - J0) + J0 + transl): facing the camera, head_rot is a half turn about x.
-    head_rot = cv2.Rodrigues(_FLIP[:, None] * rot_world)[0][:, 0]
-    head_trans = _FLIP * (root - rot_world @ root + transl)
-    return head_rot, head_trans
+    flipped = rot_world.copy()
+    flipped[1:] = -flipped[1:]
+    head_trans = np.empty(3)
+    for x in range(3):
+        turned = rot_world[x, 0] * root[0] + rot_world[x, 1] * root[1] + rot_world[x, 2] * root[2]
+        head_trans[x] = (root[x] - turned + transl[x]) * (1.0 if x == 0 else -1.0)
+    return rotation_vector_from_matrix(flipped), head_trans
 
 
 def world_from_camera(head_rot: np.ndarray, head_trans: np.ndarray, root: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The inverse of :func:`camera_from_world`: (head rotation, translation) in the fitting world."""
-    rot_world = _FLIP[:, None] * cv2.Rodrigues(np.asarray(head_rot, dtype=np.float64))[0]
+    rot_world = _FLIP[:, None] * matrix_from_rotation_vector(np.asarray(head_rot, dtype=np.float64))
     return _world_from_view(rot_world, _FLIP * np.asarray(head_trans, dtype=np.float64), root)
 
 
 def _world_from_view(rot_world: np.ndarray, view_trans: np.ndarray, root: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Head rotation (axis-angle) and world translation from the view transform ``x_view = R x + t``."""
     # t = J0 - R J0 + transl, with J0 the root joint of the shaped, expressed template.
-    return cv2.Rodrigues(rot_world)[0][:, 0], view_trans - root + rot_world @ root
+    return rotation_vector_from_matrix(rot_world), view_trans - root + rot_world @ root
+
+
+@compiled
+def matrix_from_rotation_vector(vector: np.ndarray) -> np.ndarray:
+    """OpenCV's ``cv2.Rodrigues`` of a rotation vector (3,) float64: its rotation matrix (3, 3), exact at zero
+    (unlike :func:`engine.flame.rotation_matrices`, which is smoothed there for the solvers' derivatives).
+    Compiled (numba): OpenCV's call costs more than the arithmetic, far more with the caches cold."""
+    matrix = np.eye(3)
+    theta = math.sqrt(vector[0] * vector[0] + vector[1] * vector[1] + vector[2] * vector[2])
+    if theta < 2.220446049250313e-16:  # as OpenCV: below double precision's epsilon, no rotation
+        return matrix
+    cos, sin = math.cos(theta), math.sin(theta)
+    rest = 1.0 - cos
+    x, y, z = vector[0] / theta, vector[1] / theta, vector[2] / theta
+    matrix[0, 0], matrix[0, 1], matrix[0, 2] = cos + rest * x * x, rest * x * y - sin * z, rest * x * z + sin * y
+    matrix[1, 0], matrix[1, 1], matrix[1, 2] = rest * x * y + sin * z, cos + rest * y * y, rest * y * z - sin * x
+    matrix[2, 0], matrix[2, 1], matrix[2, 2] = rest * x * z - sin * y, rest * y * z + sin * x, cos + rest * z * z
+    return matrix
+
+
+@compiled
+def rotation_vector_from_matrix(matrix: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`matrix_from_rotation_vector` for a rotation matrix (3, 3) float64, as OpenCV's ``cv2.Rodrigues``
+    computes it (half turns included, where :func:`engine.flame.axis_angles` does not hold), without OpenCV's
+    re-orthonormalisation: our matrices are rotations to rounding."""
+    x, y, z = matrix[2, 1] - matrix[1, 2], matrix[0, 2] - matrix[2, 0], matrix[1, 0] - matrix[0, 1]
+    sin = math.sqrt((x * x + y * y + z * z) * 0.25)
+    cos = min(max((matrix[0, 0] + matrix[1, 1] + matrix[2, 2] - 1.0) * 0.5, -1.0), 1.0)
+    theta = math.acos(cos)
+    vector = np.zeros(3)
+    if sin < 1e-5:
+        if cos > 0:  # no rotation
+            return vector
+        # A half turn: the axis from the diagonal, its signs from the off-diagonal entries.
+        x = math.sqrt(max((matrix[0, 0] + 1.0) * 0.5, 0.0))
+        y = math.sqrt(max((matrix[1, 1] + 1.0) * 0.5, 0.0)) * (-1.0 if matrix[0, 1] < 0 else 1.0)
+        z = math.sqrt(max((matrix[2, 2] + 1.0) * 0.5, 0.0)) * (-1.0 if matrix[0, 2] < 0 else 1.0)
+        if abs(x) < abs(y) and abs(x) < abs(z) and (matrix[1, 2] > 0) != (y * z > 0):
+            z = -z
+        scale = theta / math.sqrt(x * x + y * y + z * z)
+    else:
+        scale = theta / (2.0 * sin)
+    vector[0], vector[1], vector[2] = x * scale, y * scale, z * scale
+    return vector
 
 
 # ------------------------------------------------------------------------------- TrackedFrame <-> FrameParams
@@ -347,7 +401,7 @@ def reference_arrays(frame: TrackedFrame, shape: np.ndarray, intrinsics: np.ndar
     """One frame in the reference tracker's per-frame format (leading dimension 1), plus ``valid``,
     ``format_version``, ``model_checksum`` and, from a model with eyelid blendshapes, ``eyelids`` (1, 2) (a key
     of ours: the reference keys stay as they are); ``shape`` (S,) is the identity, ``intrinsics`` K (3, 3)."""
-    rotation = cv2.Rodrigues(np.asarray(frame.head_rotation, dtype=np.float64))[0]
+    rotation = matrix_from_rotation_vector(np.asarray(frame.head_rotation, dtype=np.float64))
     arrays = {
         "shape": np.asarray(shape, dtype=np.float64)[None].astype(np.float32),
         "exp": frame.exp[None].astype(np.float32),
@@ -376,7 +430,7 @@ def frame_from_reference(arrays: Mapping[str, np.ndarray], n_joints: int, root_j
     view_trans = arrays["cam"][0, 3:].astype(np.float64)
     pose = model_pose(arrays, n_joints)
     pose[ROOT], transl = _world_from_view(rotation, view_trans, root_joint(exp))
-    head_rot = cv2.Rodrigues(_FLIP[:, None] * rotation)[0][:, 0]
+    head_rot = rotation_vector_from_matrix(_FLIP[:, None] * rotation)
     valid = bool(arrays["valid"][0]) if "valid" in arrays else True
     eyelids = arrays[EYELIDS_KEY][0].astype(np.float64) if EYELIDS_KEY in arrays else None
     fov_deg = float(np.asarray(arrays["fov"]).reshape(-1)[0])
@@ -434,7 +488,7 @@ def frame_from_message(message: Mapping[str, Any], n_joints: int, root_joint: Ro
 def reference_from_message(message: Mapping[str, Any], shape: np.ndarray, intrinsics: np.ndarray) -> dict[str, np.ndarray]:
     """A recorded ``flame.frame`` message as reference arrays: both are camera-space, so no root joint is needed
     (the same arrays as ``reference_arrays(frame_from_message(...))``, ``format_version`` and no checksum)."""
-    rotation = _FLIP[:, None] * cv2.Rodrigues(np.asarray(message["head_rot"], dtype=np.float64))[0]
+    rotation = _FLIP[:, None] * matrix_from_rotation_vector(np.asarray(message["head_rot"], dtype=np.float64))
 
     def row(values: Any) -> np.ndarray:
         return np.asarray(values, dtype=np.float32).reshape(1, -1)

@@ -97,8 +97,11 @@ def tracking_head(head: HeadModel) -> HeadModel:
 
 
 @compiled
-def spans_a_face(pixels: np.ndarray, usable: np.ndarray, min_size_px: float, min_aspect: float) -> bool:
-    """Whether the observed points pixels[usable] (pixels (N, 2) float64, usable (N,) bool) can be a face at all.
+def trackable_face(
+    pixels: np.ndarray, observed: np.ndarray, weighted: np.ndarray, min_fraction: float, min_size_px: float, min_aspect: float
+) -> bool:
+    """Whether one frame's points can be fitted: at least ``min_fraction`` of the weighted landmarks (``weighted``
+    (N,) bool) observed (``observed`` (N,) bool), and those points (of pixels (N, 2) float64) able to be a face.
 
     Points that all coincide, lie on a line, or fit in a box a few pixels wide fix no head pose: a fit to
     them puts the head anywhere (all-equal points put it 1e14 m away), so such frames are not tracked.
@@ -109,19 +112,21 @@ def spans_a_face(pixels: np.ndarray, usable: np.ndarray, min_size_px: float, min
     low_x = low_y = math.inf
     high_x = high_y = -math.inf
     sum_x = sum_y = 0.0
-    for index in range(usable.shape[0]):
-        if usable[index]:
+    for index in range(observed.shape[0]):
+        if observed[index] and weighted[index]:
             x, y = pixels[index, 0], pixels[index, 1]
             low_x, low_y, high_x, high_y = min(low_x, x), min(low_y, y), max(high_x, x), max(high_y, y)
             sum_x, sum_y = sum_x + x, sum_y + y
             count += 1
+    if count < min_fraction * observed.shape[0]:
+        return False
     if count < 3 or math.hypot(high_x - low_x, high_y - low_y) < min_size_px:
         return False
     # The spreads are the square roots of the eigenvalues of the centred points' 2x2 scatter matrix.
     mean_x, mean_y = sum_x / count, sum_y / count
     xx = xy = yy = 0.0
-    for index in range(usable.shape[0]):
-        if usable[index]:
+    for index in range(observed.shape[0]):
+        if observed[index] and weighted[index]:
             x, y = pixels[index, 0] - mean_x, pixels[index, 1] - mean_y
             xx, xy, yy = xx + x * x, xy + x * y, yy + y * y
     middle, radius = (xx + yy) / 2, math.hypot((xx - yy) / 2, xy)

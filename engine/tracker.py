@@ -41,7 +41,7 @@ from engine.head_model import HeadModel
 from engine.jit import compiled
 from engine.landmark_model import LandmarkModel
 from engine.rig import HeadRig, RigIdentity
-from engine.targets import spans_a_face
+from engine.targets import trackable_face
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Tracker:
         )
         self._weighted_landmarks = self.rig.targets.weights.numpy(force=True) > 0
         # The kernels of a frame compiled (or loaded) now, not on the first frame.
-        spans_a_face(np.zeros((3, 2)), np.ones(3, dtype=bool), 1.0, 0.0)
+        trackable_face(np.zeros((3, 2)), np.ones(3, dtype=bool), np.ones(3, dtype=bool), 0.5, 1.0, 0.0)
         rest = FrameArrays.neutral(1, 2, self._numpy_dtype)
         _velocity_prediction(rest.rotations, rest.rotations, rest.transl, rest.transl, 0.5)
         rest.finite()
@@ -146,7 +146,7 @@ class Tracker:
             on_cpu = torch.device(self.config.device).type == "cpu"
             self.frame_solver = "numpy" if on_cpu else faster_frame_solver(self.rig.fixed_landmarks, self.config.fit, image_size, self.rig.camera.focal)
         self.fitter = self._fitter(self.rig.fixed_landmarks)
-        self._focal = float(self.rig.focal)  # the rig's focal length in its dtype, as a float for the solver
+        self._camera_changed()
         self.calibrated = False
         self.shape_version = 0
         self._history: list[tuple[float, FrameArrays]] = []  # last valid frames, newest last
@@ -173,14 +173,19 @@ class Tracker:
     def _use(self, identity: TrackingIdentity) -> None:
         self.rig.use(identity.rig)
         self.fitter = identity.fitter
+        self._camera_changed()
+
+    def _camera_changed(self) -> None:
+        """What each frame reads of the rig's camera, as numbers: the focal length in the rig's dtype, and the FOV."""
         self._focal = float(self.rig.focal)
+        camera = self.rig.camera
+        self._fov_deg = self.first_fov_deg if camera == self._first_camera else camera.fov_deg
 
     @property
     def fov_deg(self) -> float:
         """The camera's vertical field of view in degrees, as frames, files and logs report it: exactly the given
         (or default) value until calibration sets the focal length, then the focal length's."""
-        camera = self.rig.camera
-        return self.first_fov_deg if camera == self._first_camera else camera.fov_deg
+        return self._fov_deg
 
     def can_fit(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> bool:
         """Whether one frame's landmarks can be fitted: enough observed, spanning a face."""
@@ -190,10 +195,11 @@ class Tracker:
 
     def _observed_enough(self, targets: FrameTargets) -> bool:
         """Enough landmarks observed, spanning a face (not a point, a line or a few pixels)."""
-        usable = targets.observed & self._weighted_landmarks
-        if np.count_nonzero(usable) < self.config.min_observed_fraction * usable.size:
-            return False
-        return spans_a_face(targets.pixels, usable, float(self.config.min_face_px), float(self.config.min_face_aspect))
+        config = self.config
+        return trackable_face(
+            targets.pixels, targets.observed, self._weighted_landmarks, float(config.min_observed_fraction), float(config.min_face_px),
+            float(config.min_face_aspect),
+        )
 
     def cold_start(self, targets: Targets, model: LandmarkModel | None = None, exp: torch.Tensor | None = None) -> FrameParams:
         """Rigid pose from PnP of the neutral model's landmarks; expression zero, joints at rest."""
@@ -312,7 +318,7 @@ class Tracker:
             exp, pose, transl = packed[: exp.size], packed[exp.size : exp.size + pose.size].reshape(pose.shape), packed[-3:]
         n_exp = self.rig.layer.n_exp
         return frame_from_params(
-            exp[:n_exp], pose, transl, self.rig.root_joint(exp), self.fov_deg, valid, rms_px, iterations,
+            exp[:n_exp], pose, transl, self.rig.root_joint(exp), self._fov_deg, valid, rms_px, iterations,
             (time.perf_counter() - started) * 1e3, self.calibrated, self.shape_version,
             eyelids=exp[n_exp:] if self.rig.layer.n_eyelids else None,
         )

@@ -24,10 +24,12 @@ from engine.frames import (
     frame_from_params,
     frame_from_reference,
     frame_message_from,
+    matrix_from_rotation_vector,
     params_from_frames,
     params_row,
     reference_arrays,
     reference_from_message,
+    rotation_vector_from_matrix,
     stack_reference,
     state_from_frames,
     unstack_reference,
@@ -71,6 +73,28 @@ def test_world_and_camera_space_convert_both_ways() -> None:
         back_rotation, back_transl = world_from_camera(head_rot, head_trans, root)
         np.testing.assert_allclose(back_rotation, rotation, atol=1e-12)
         np.testing.assert_allclose(back_transl, transl, atol=1e-12)
+
+
+def test_rotation_vectors_and_matrices_convert_as_opencv_does_half_turns_included() -> None:
+    """The compiled conversions that place every frame in camera space give OpenCV's Rodrigues, where a head
+    facing the camera is a half turn (FLIP R), exact ones and those within 1e-9 of it included."""
+    import cv2
+
+    axes = RNG.normal(0.0, 1.0, (200, 3))
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    vectors = [RNG.normal(0.0, 1.0, 3) for _ in range(300)] + [np.zeros(3), np.array([1e-17, 0.0, 0.0]), np.array([np.pi, 0.0, 0.0])]
+    vectors += [axis * (np.pi - gap) for axis in axes for gap in (0.0, 1e-9, 1e-6, 1e-3)]
+    for vector in vectors:
+        matrix = cv2.Rodrigues(vector)[0]
+        np.testing.assert_allclose(matrix_from_rotation_vector(vector), matrix, rtol=0, atol=1e-15)
+        back = rotation_vector_from_matrix(matrix)
+        # A half turn's vector has two signs: compare the rotations. Both OpenCV and we take a turn within about
+        # 1e-5 of a half turn for one: there the two agree with each other, less with the matrix.
+        near_half_turn = np.linalg.norm(vector) > np.pi - 1e-5
+        np.testing.assert_allclose(cv2.Rodrigues(back)[0], matrix, rtol=0, atol=1e-5 if near_half_turn else 1e-12)
+        np.testing.assert_allclose(cv2.Rodrigues(back)[0], cv2.Rodrigues(cv2.Rodrigues(matrix)[0])[0], rtol=0, atol=1e-7)
+        if np.linalg.norm(vector) < np.pi - 1e-3:
+            np.testing.assert_allclose(back, cv2.Rodrigues(matrix)[0][:, 0], rtol=0, atol=1e-12)
 
 
 def test_the_camera_space_placement_is_where_the_posed_mesh_is(flame_layer: FlameLayer) -> None:
