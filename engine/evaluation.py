@@ -17,7 +17,7 @@ import torch
 
 from engine.camera import project
 from engine.flame import FlameLayer, rodrigues
-from engine.frames import TrackedFrame, stack_reference, unstack_reference
+from engine.frames import TrackedFrame, stack_reference
 from engine.head_model import HeadModel
 from engine.rig import HeadRig
 from engine.synthetic import SyntheticMotion, synthetic_sequence
@@ -252,8 +252,7 @@ def fit_scores(
 
 def reference_landmarks(rig: HeadRig, stacked: dict[str, np.ndarray]) -> np.ndarray:
     """(T, L, 2) pixels of the rig's landmarks for stacked reference arrays (a track's frames)."""
-    # One batch conversion: per frame, the conversion to parameters cost more than the landmarks themselves.
-    params = rig.params_from_frames([rig.frame_from_reference(frame) for frame in unstack_reference(stacked)])
+    params = rig.params_from_reference_stack(stacked)
     with torch.no_grad():
         return rig.landmark_pixels(params).cpu().double().numpy()
 

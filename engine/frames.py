@@ -25,6 +25,7 @@ FrameParams (one row) <-> FrameArrays     :meth:`FrameParams.arrays`            
 TrackedFrame <-> FrameArrays              :func:`arrays_from_frame`             :func:`frame_from_params`
 TrackedFrame <-> FrameParams              :func:`params_from_frames`            :func:`frame_from_params`
 TrackedFrame <-> reference ``.npz``       :func:`reference_arrays`              :func:`frame_from_reference`
+stacked reference -> FrameParams          :func:`params_from_reference_stack`   (through TrackedFrame)
 TrackedFrame <-> wire ``flame.frame``     :func:`frame_message_from`            :func:`frame_from_message`
 wire ``flame.frame`` -> reference         :func:`reference_from_message`        (through TrackedFrame)
 one frame's arrays <-> stacked arrays     :func:`stack_reference`               :func:`unstack_reference`
@@ -69,6 +70,8 @@ FRAME_FORMAT_VERSION = 1
 EYELIDS_KEY = "eyelids"
 #: The root joint of the shaped template for an expression (E,) -> (3,) metres: ``HeadRig.root_joint``.
 RootJoint = Callable[[np.ndarray], np.ndarray]
+#: The same for T frames' expressions (T, E) -> (T, 3): ``HeadRig.root_joints``.
+RootJoints = Callable[[np.ndarray], np.ndarray]
 
 _FLIP = np.array(FLIP)
 
@@ -445,6 +448,44 @@ def model_pose(arrays: Mapping[str, np.ndarray], n_joints: int) -> np.ndarray:
     if has_eyes(n_joints):
         pose[LEFT_EYE : RIGHT_EYE + 1] = np.reshape(arrays["eye_pose"][0], (2, 3))
     return pose
+
+
+def params_from_reference_stack(
+    stacked: Mapping[str, np.ndarray], n_joints: int, root_joints: RootJoints, n_eyelids: int, dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+) -> FrameParams:
+    """Stacked reference arrays (each key (T, ...), as :func:`stack_reference` makes them) as the solvers' batch of
+    all T frames: what :func:`params_from_frames` makes of every frame's :func:`frame_from_reference`, computed for
+    all frames at once. ``root_joints`` gives the frames' root joints (``HeadRig.root_joints``); a model with
+    ``n_eyelids`` eyelid weights gets open lids where the arrays hold none."""
+    exp = np.asarray(stacked["exp"], dtype=np.float64)
+    frames = len(exp)
+    cam = np.asarray(stacked["cam"], dtype=np.float64)
+    rotation = _euler_matrices(cam[:, :3])
+    pose = np.zeros((frames, n_joints, 3))
+    pose[:, NECK], pose[:, JAW] = stacked["neck_pose"], stacked["jaw_pose"]
+    if has_eyes(n_joints):
+        pose[:, LEFT_EYE : RIGHT_EYE + 1] = np.reshape(stacked["eye_pose"], (frames, 2, 3))
+    # As _world_from_view, per frame: t = J0 - R J0 + transl.
+    root = root_joints(exp)
+    pose[:, ROOT] = axis_angles(rotation)
+    transl = cam[:, 3:] - root + (rotation @ root[..., None])[..., 0]
+    if EYELIDS_KEY in stacked:
+        exp = np.concatenate([exp, np.asarray(stacked[EYELIDS_KEY], dtype=np.float64)], axis=1)
+    elif n_eyelids:
+        exp = np.concatenate([exp, np.zeros((frames, n_eyelids))], axis=1)
+    options = {"dtype": dtype, "device": device}
+    return FrameParams(torch.as_tensor(exp, **options), rodrigues(torch.as_tensor(pose, **options)), torch.as_tensor(transl, **options))
+
+
+def _euler_matrices(angles: np.ndarray) -> np.ndarray:
+    """``flame_client.rotations.euler_matrix`` of (T, 3) (yaw, pitch, roll) rows: (T, 3, 3)."""
+    (cy, cp, cr), (sy, sp, sr) = np.cos(angles).T, np.sin(angles).T
+    zero, one = np.zeros_like(cy), np.ones_like(cy)
+    rz = np.stack([cr, -sr, zero, sr, cr, zero, zero, zero, one], axis=-1).reshape(-1, 3, 3)
+    ry = np.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], axis=-1).reshape(-1, 3, 3)
+    rx = np.stack([one, zero, zero, zero, cp, -sp, zero, sp, cp], axis=-1).reshape(-1, 3, 3)
+    return rz @ ry @ rx
 
 
 def stack_reference(frames: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

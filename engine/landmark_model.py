@@ -225,6 +225,38 @@ class LandmarkModel:
             self.add_jacobians(evaluation)
         return evaluation
 
+    def points(self, coeffs: torch.Tensor, rotations: torch.Tensor, transl: torch.Tensor) -> torch.Tensor:
+        """(B, L, 3) the landmarks alone, as :meth:`evaluate` gives them, for long batches (a whole track).
+
+        Without the per-joint contributions that the Jacobians need: each landmark is summed over the joints
+        in two batched products, l = sum_j Rw_j S_lj + W_lj (Pw_j - Rw_j Jr_j), with no (B, L, Ja, 3) posed
+        intermediates.
+        """
+        kin = self._kinematics(coeffs, rotations)
+        parts = [self._posed_points(table, coeffs, kin) for table in self._tables(rotations)]
+        return (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]) + transl[:, None]
+
+    def _posed_points(self, table: LandmarkTable, coeffs: torch.Tensor, kin: _Kinematics) -> torch.Tensor:
+        """(B, L, 3) one table's landmarks, posed (without the translation)."""
+        joints = table.joints
+        batch, count, active = coeffs.shape[0], table.weight.shape[-2], len(joints)
+        # Weighted rest points joint-major, (B, Ja * 3, L): rows are (joint, axis), as the world rotations' columns.
+        rest = self._joint_major_times(table.coeff_basis, coeffs)
+        if table.has_pose_correctives:
+            rest = rest + self._joint_major_times(table.pose_basis, kin.pose_feature)
+        rest = (rest.reshape(batch, active, 3, count) + table.rest.movedim(-3, -1)).reshape(batch, active * 3, count)
+        rot_w = kin.world_rot[:, joints]  # (B, Ja, 3, 3)
+        rotated = rot_w.permute(0, 2, 1, 3).reshape(batch, 3, active * 3) @ rest  # (B, 3, L): sum_j Rw_j S_lj
+        offsets = kin.world_pos[:, joints] - (rot_w @ kin.rest_joints[:, joints, :, None])[..., 0]  # (B, Ja, 3)
+        return rotated.transpose(1, 2) + self._table_weight(table) @ offsets
+
+    @staticmethod
+    def _joint_major_times(basis: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """A joint-major basis (.., Ja, 3, L, N) times per-item values (B, N): (B, Ja * 3 * L), contiguous."""
+        if basis.dim() == 4:  # shared by the batch: one product
+            return values @ basis.reshape(-1, basis.shape[-1]).T
+        return (basis.reshape(basis.shape[0], -1, basis.shape[-1]) @ values[..., None])[..., 0]
+
     def add_jacobians(self, evaluation: LandmarkEvaluation) -> LandmarkEvaluation:
         """Fill in d_coeffs and d_rotations of an evaluation (once; later calls do nothing)."""
         if evaluation.d_coeffs is not None:

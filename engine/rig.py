@@ -24,7 +24,14 @@ import torch
 from engine.camera import Camera, project
 from engine.fitting import FitConfig
 from engine.flame import FlameLayer
-from engine.frames import FrameParams, TrackedFrame, frame_from_reference, params_from_frames, reference_arrays
+from engine.frames import (
+    FrameParams,
+    TrackedFrame,
+    frame_from_reference,
+    params_from_frames,
+    params_from_reference_stack,
+    reference_arrays,
+)
 from engine.head_model import HeadModel
 from engine.landmark_model import LandmarkModel
 from engine.targets import TargetBuilder, groups_for, tracking_head
@@ -95,10 +102,14 @@ class HeadRig:
         ``exp`` may leave out the eyelid weights: they move no joint."""
         return self.identity.root_rest + self.identity.root_basis[:, : len(exp)] @ exp
 
+    def root_joints(self, exp: np.ndarray) -> np.ndarray:
+        """:meth:`root_joint` of T frames' expressions (T, E): (T, 3) metres."""
+        return self.identity.root_rest + exp @ self.identity.root_basis[:, : exp.shape[1]].T
+
     def landmark_pixels(self, params: FrameParams) -> torch.Tensor:
         """(B, L, 2) the landmark model's points for a batch of frames, in pixels, with the current identity."""
-        evaluation = self.identity.landmarks.evaluate(params.exp, params.rotations, params.transl, jacobians=False)
-        return project(evaluation.points, self.focal, self.camera.center)
+        points = self.identity.landmarks.points(params.exp, params.rotations, params.transl)
+        return project(points, self.focal, self.camera.center)
 
     # ------------------------------------------------------------------------ engine.frames, with this model
     def reference_arrays(self, frame: TrackedFrame) -> dict[str, np.ndarray]:
@@ -116,6 +127,14 @@ class HeadRig:
     def params_from_reference(self, arrays: Mapping[str, np.ndarray]) -> FrameParams:
         """One frame of reference arrays as the solvers' parameters (batch of one) in the rig's dtype."""
         return params_from_frames([self.frame_from_reference(arrays)], self.options["dtype"], self.options["device"])
+
+    def params_from_reference_stack(self, stacked: Mapping[str, np.ndarray]) -> FrameParams:
+        """Stacked reference arrays (a track's frames) as the solvers' batch, all frames converted at once: the
+        same as :meth:`params_from_frames` of every frame's :meth:`frame_from_reference`
+        (``engine.frames.params_from_reference_stack``)."""
+        return params_from_reference_stack(
+            stacked, self.layer.n_joints, self.root_joints, self.layer.n_eyelids, self.options["dtype"], self.options["device"]
+        )
 
     def params_from_frames(self, frames: list[TrackedFrame]) -> FrameParams:
         """Frames as the solvers' batch in the rig's dtype and device (``engine.frames.params_from_frames``)."""
