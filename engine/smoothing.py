@@ -49,6 +49,7 @@ import numpy as np
 from scipy.linalg import solveh_banded
 
 from engine.config import Range
+from engine.jit import compiled
 
 log = logging.getLogger(__name__)
 
@@ -122,31 +123,91 @@ def smooth_track(values: np.ndarray, strengths: np.ndarray, config: SmoothingCon
         return values.copy()
     sigma = noise_level(values)
     smoothed = values.copy()
-    for column in np.flatnonzero((sigma > 0) & (strengths > 0)):
-        smoothed[:, column] = _smooth_column(values[:, column], sigma[column], float(strengths[column]), config)
+    columns = np.flatnonzero((sigma > 0) & (strengths > 0))
+    if len(columns):
+        order = config.order
+        thresholds = config.robust * _DIFFERENCE_GAIN[order] * sigma[columns]
+        smoothed[:, columns] = _robust_whittaker(
+            np.ascontiguousarray(values[:, columns], dtype=np.float64), np.asarray(strengths, dtype=np.float64)[columns],
+            thresholds, _stencil(order), max(1, config.iterations),
+        )
     return smoothed
 
 
-def _smooth_column(y: np.ndarray, sigma: float, strength: float, config: SmoothingConfig) -> np.ndarray:
-    order = config.order
-    threshold = config.robust * _DIFFERENCE_GAIN[order] * sigma
+def _stencil(order: int) -> np.ndarray:
+    """The ``order``-th difference's coefficients (order + 1,), of x_i .. x_{i+order}, as ``np.diff`` weighs them."""
+    return np.array([(-1.0) ** (order - k) * math.comb(order, k) for k in range(order + 1)])
 
-    def cauchy_weights(x: np.ndarray) -> np.ndarray:
-        # Quadratic below the threshold; above it the pull fades (threshold^2 / |a|).
-        return 1.0 / (1.0 + (np.diff(x, n=order) / threshold) ** 2)
 
-    weights = np.ones(len(y) - order)
-    x = y
-    for _ in range(max(1, config.iterations)):
-        x = solveh_banded(_normal_matrix(strength * weights, order), y, lower=False, check_finite=False)
-        weights = cauchy_weights(x)
+@compiled
+def _robust_whittaker(tracks: np.ndarray, strengths: np.ndarray, thresholds: np.ndarray, stencil: np.ndarray, iterations: int) -> np.ndarray:
+    """Each column d of (T, D) ``tracks`` smoothed with lambda ``strengths[d]`` by ``iterations`` of reweighting:
+    each a solve of ``(I + D^T diag(lambda w) D) x = y`` by a banded Cholesky factorisation (as LAPACK's ``pbsv``,
+    which ``scipy.linalg.solveh_banded`` calls), then Cauchy weights ``w = 1 / (1 + (a / thresholds[d])^2)`` on
+    the result's differences ``a``.
+
+    Compiled (numba), all columns at once: a LAPACK call per column and iteration spent most of its time in
+    Python. The columns are the innermost loop, so that the factorisation's serial chain (a square root and
+    divisions per frame) runs for every column side by side, in vector registers.
+    """
+    frames, count = tracks.shape
+    order = len(stencil) - 1
+    rows = frames - order
+    x = np.empty_like(tracks)
+    band = np.empty((frames, order + 1, count))  # band[j, m] = A[j, j + m]: the upper triangle, row by row
+    weights = np.ones((rows, count))
+    differences = np.empty_like(tracks)
+    for iteration in range(iterations):
+        if iteration > 0:  # the previous solution's order-th differences, as np.diff takes them
+            differences[:] = x
+            for level in range(order):
+                for i in range(frames - level - 1):
+                    for d in range(count):
+                        differences[i, d] = differences[i + 1, d] - differences[i, d]
+            for i in range(rows):
+                for d in range(count):
+                    ratio = differences[i, d] / thresholds[d]
+                    weights[i, d] = 1.0 / (1.0 + ratio * ratio)
+        # Row i of D touches frames i..i+order: it adds lambda w_i s_a s_b at (i+a, i+b).
+        band[:, 0] = 1.0
+        band[:, 1:] = 0.0
+        for a in range(order + 1):
+            for b in range(a, order + 1):
+                for i in range(rows):
+                    for d in range(count):
+                        band[i + a, b - a, d] += strengths[d] * weights[i, d] * stencil[a] * stencil[b]
+        # A = U^T U, U upper triangular with ``order`` bands, in place of A.
+        for j in range(frames):
+            reach = min(order, frames - 1 - j)
+            for d in range(count):
+                pivot = math.sqrt(band[j, 0, d])
+                band[j, 0, d] = pivot
+                for m in range(1, reach + 1):
+                    band[j, m, d] /= pivot
+            for m in range(1, reach + 1):
+                for n in range(m, reach + 1):
+                    for d in range(count):
+                        band[j + m, n - m, d] -= band[j, m, d] * band[j, n, d]
+        # U^T z = y, then U x = z (z kept in x).
+        for j in range(frames):
+            for d in range(count):
+                total = tracks[j, d]
+                for i in range(max(0, j - order), j):
+                    total -= band[i, j - i, d] * x[i, d]
+                x[j, d] = total / band[j, 0, d]
+        for j in range(frames - 1, -1, -1):
+            for d in range(count):
+                total = x[j, d]
+                for m in range(1, min(order, frames - 1 - j) + 1):
+                    total -= band[j, m, d] * x[j + m, d]
+                x[j, d] = total / band[j, 0, d]
     return x
 
 
 def _normal_matrix(weights: np.ndarray, order: int) -> np.ndarray:
     """Upper banded form of I + D^T diag(weights) D, with D the (T-order, T) ``order``-th difference operator."""
     frames = len(weights) + order
-    stencil = np.array([(-1.0) ** (order - k) * math.comb(order, k) for k in range(order + 1)])
+    stencil = _stencil(order)
     banded = np.zeros((order + 1, frames))
     banded[order] = 1.0
     rows = np.arange(len(weights))
