@@ -41,7 +41,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -610,15 +610,18 @@ def _track_known(
 
 
 class _CalibratedTracker:
-    """The tracker of a video or image folder, made on a thread of its own while MediaPipe starts and the main
-    pass detects its first frames (making it loads the solver's compiled kernels: a second or two), then
+    """The tracker of a video or image folder, made on a thread of its own once MediaPipe's main process has
+    started (``main_detector``), while the main pass detects its first frames (making it loads the solver's
+    compiled kernels: a second or two), then
     calibrated there on a sample of the input (:mod:`offline.identity_survey`), or given the calibration
     saved in ``out_dir`` and continued after the frames an interrupted run kept."""
 
     def __init__(
         self, head: HeadModel, config: TrackerConfig, source: str, landmarker_task: Path, n_frames: int,
         image_size: tuple[int, int], fps: float, out_dir: Path, kept: list[dict[str, np.ndarray]], timings: dict[str, float],
+        main_detector: Future,
     ) -> None:
+        self._main_detector = main_detector
         self.tracker: Tracker | None = None
         self._calibrated = False
         self._done = threading.Event()
@@ -631,6 +634,9 @@ class _CalibratedTracker:
         image_size: tuple[int, int], fps: float, out_dir: Path, kept: list[dict[str, np.ndarray]], timings: dict[str, float],
     ) -> None:
         try:
+            # MediaPipe's main process starts first, alone: it sets the pace of the whole pass, and starting the
+            # survey's process and making the trackers beside it delayed its first frame by about half a second.
+            wait([self._main_detector])
             if (out_dir / CALIBRATION_FILE).is_file():
                 tracker = Tracker(head, image_size, config)
                 _load_calibration(tracker, out_dir)
@@ -710,7 +716,9 @@ def _detect_and_track(
     is made and calibrated meanwhile (:class:`_CalibratedTracker`)."""
     image_size, fps = probe_source(source)
     detector_starting = _start_detector(LandmarkerConfig(landmarker_task, running_mode="video"), image_size)
-    calibration = _CalibratedTracker(head, options.tracker, source, landmarker_task, n_frames, image_size, fps, out_dir, list(results), timings)
+    calibration = _CalibratedTracker(
+        head, options.tracker, source, landmarker_task, n_frames, image_size, fps, out_dir, list(results), timings, detector_starting
+    )
     points: list[np.ndarray] = []
     mediapipe_ms: list[float] = []
     tracking_seconds = 0.0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.assets import load_flame
-from engine.camera import FLIP
+from engine.camera import FLIP, Camera
 from engine.flame import FlameLayer, rodrigues
 from engine.frames import (
     FrameArrays,
@@ -35,6 +35,8 @@ from engine.frames import (
     unstack_reference,
     world_from_camera,
 )
+from engine.head_model import HeadModel
+from engine.rig import HeadRig
 from flame_client.messages import BLENDSHAPE_NAMES, TOPIC_FRAME, decode, encode
 from flame_client.rotations import euler_matrix
 
@@ -249,3 +251,59 @@ def test_a_neutral_batch_is_at_rest() -> None:
     neutral = FrameParams.neutral(2, 4, 5, torch.float32)
     assert neutral.finite()
     np.testing.assert_array_equal(neutral.pose().numpy(), np.zeros((2, 5, 3)))
+
+
+def _tracked_reference(rig: HeadRig, count: int, eyelids: bool) -> list[dict[str, np.ndarray]]:
+    """``count`` frames of random motion in the rig's reference format, with its identity and camera."""
+    n_eyes = rig.layer.n_eyelids if eyelids else 0
+    frames = []
+    for index in range(count):
+        exp = RNG.normal(0.0, 1.0, rig.layer.n_exp)
+        pose = RNG.normal(0.0, 0.25, (rig.layer.n_joints, 3))
+        transl = np.array([0.01, -0.02, -0.6]) + RNG.normal(0.0, 0.02, 3)
+        lids = RNG.uniform(0.0, 1.0, n_eyes) if n_eyes else None
+        frame = frame_from_params(exp, pose, transl, rig.root_joint(exp), fov_deg=40.0, valid=index % 5 != 3, eyelids=lids)
+        frames.append(rig.reference_arrays(frame))
+    return frames
+
+
+def _rig_with_identity(head: HeadModel, n_shape: int, n_exp: int) -> HeadRig:
+    rig = HeadRig(head, Camera.from_fov(640, 480, 40.0), n_shape, n_exp)
+    rig.use(rig.identity_for(torch.as_tensor(RNG.normal(0.0, 1.0, n_shape))))  # the root joint depends on the identity
+    return rig
+
+
+@pytest.fixture(scope="module")
+def eyelid_head(tmp_path_factory: pytest.TempPathFactory) -> HeadModel:
+    """The FLAME-format fixture with eye joints and eyelid blendshapes."""
+    from flame_fixtures import write_flame_folder
+
+    folder = write_flame_folder(tmp_path_factory.mktemp("flame_eyelids"), embeddings=("deca", "mediapipe"), texture=None, eyelids=True)
+    return load_flame(folder, n_shape=20, n_exp=10, n_tex=0)
+
+
+@pytest.mark.parametrize("eyelids", [True, False], ids=["with eyelid weights", "tracked without eyelids"])
+def test_stacked_reference_arrays_give_the_batch_of_their_frames(eyelid_head: HeadModel, eyelids: bool) -> None:
+    """All frames at once give the solver the same batch as converting them one by one (FLAME format with eyes and
+    eyelids; frames tracked without eyelid weights get open lids)."""
+    rig = _rig_with_identity(eyelid_head, 20, 10)
+    assert rig.layer.n_eyelids == 2 and rig.layer.n_joints == 5
+    frames = _tracked_reference(rig, 12, eyelids)
+    batched = rig.params_from_reference_stack(stack_reference(frames))
+    one_by_one = rig.params_from_frames([rig.frame_from_reference(arrays) for arrays in frames])
+    for key in ("exp", "rotations", "transl"):
+        np.testing.assert_allclose(getattr(batched, key).numpy(), getattr(one_by_one, key).numpy(), rtol=0, atol=1e-6, err_msg=key)
+    if not eyelids:
+        np.testing.assert_array_equal(batched.exp[:, -2:].numpy(), 0.0)
+
+
+def test_stacked_reference_arrays_of_the_demo_head_give_the_batch_of_their_frames(landmarker_task: Path) -> None:
+    from engine.demo_head import build_demo_head
+
+    head = build_demo_head(landmarker_task)
+    rig = _rig_with_identity(head, head.n_shape, head.n_exp)
+    frames = _tracked_reference(rig, 12, eyelids=False)
+    batched = rig.params_from_reference_stack(stack_reference(frames))
+    one_by_one = rig.params_from_frames([rig.frame_from_reference(arrays) for arrays in frames])
+    for key in ("exp", "rotations", "transl"):
+        np.testing.assert_allclose(getattr(batched, key).numpy(), getattr(one_by_one, key).numpy(), rtol=0, atol=1e-6, err_msg=key)
