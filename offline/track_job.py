@@ -744,6 +744,8 @@ def _detect_and_track(
             tracking_seconds += time.perf_counter() - begun
 
         for _, found, milliseconds in iter_detections(source, starting.result(), image_size, fps, "video"):
+            if not points:  # MediaPipe's start-up, the part of the pass when nothing is detected yet
+                timings["first_detection_s"] = time.perf_counter() - started
             points.append(np.full((N_LANDMARKS, 2), np.nan) if found is None else found)
             mediapipe_ms.append(milliseconds)
             catch_up(_CATCH_UP_FRAMES)

@@ -16,6 +16,6 @@ def test_bench_track_reports_the_job_beside_mediapipe_alone(shared_clips: Path, 
     assert math.isclose(report["track_over_mediapipe_alone"], report["track_fps"] / report["mediapipe_alone_fps"])
     assert report["track_cpu_ms_per_frame"] > 0 and report["mediapipe_alone_cpu_ms_per_frame"] > 0
     assert report["track_mediapipe_ms_per_frame"] > 0
-    assert {"sampled_survey_s", "calibration_s", "stream_s", "tracking_s", "smoothing_s", "frame_files_s"} <= set(report["stages_s"])
+    assert {"sampled_survey_s", "calibration_s", "first_detection_s", "stream_s", "tracking_s", "smoothing_s", "frame_files_s"} <= set(report["stages_s"])
     writes = report["frame_writes"]
     assert all(value > 0 for value in writes.values()) and set(writes) == {"atomic_fsync_each_ms", "as_track_writes_them_ms"}
