@@ -612,9 +612,9 @@ def _track_known(
 class _CalibratedTracker:
     """The tracker of a video or image folder, made on a thread of its own once MediaPipe's main process has
     started (``main_detector``), while the main pass detects its first frames (making it loads the solver's
-    compiled kernels: a second or two), then
-    calibrated there on a sample of the input (:mod:`offline.identity_survey`), or given the calibration
-    saved in ``out_dir`` and continued after the frames an interrupted run kept."""
+    compiled kernels: a second or two), then calibrated there on a sample of the input
+    (:mod:`offline.identity_survey`), or given the calibration saved in ``out_dir`` and continued after the
+    frames an interrupted run kept."""
 
     def __init__(
         self, head: HeadModel, config: TrackerConfig, source: str, landmarker_task: Path, n_frames: int,
