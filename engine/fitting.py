@@ -111,18 +111,31 @@ class FrameTargets:
 
     @staticmethod
     def of(pixels: np.ndarray, weights: np.ndarray) -> FrameTargets:
-        """From pixels (L, 2) in the model's dtype (as Targets' tensor holds them) and float64 weights (L,)."""
-        observed, extent = _observed_extent(pixels[None])
-        return FrameTargets(pixels.astype(np.float64), weights, observed[0], max(_diagonal(extent[0]), 1.0))
+        """From pixels (L, 2) in the model's dtype (as Targets' tensor holds them), C-contiguous, and float64
+        weights (L,)."""
+        pixels64, observed, face_size = frame_target_arrays(pixels)
+        return FrameTargets(pixels64, weights, observed, face_size)
 
 
+@compiled
+def frame_target_arrays(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """:class:`FrameTargets`' arrays of pixels (L, 2) in the model's dtype: the pixels in float64, which are
+    observed (L,) and the face size (compiled: one call per frame)."""
+    observed, extent = _observed_extent(pixels.reshape(1, pixels.shape[0], 2))
+    return pixels.astype(np.float64), observed[0], max(_diagonal(extent[0]), 1.0)
+
+
+@compiled
 def _diagonal(extent: np.ndarray) -> float:
     """The length of an extent (2,) as PyTorch's vector_norm computes it on the CPU in the extent's dtype: x^2
     rounded to the dtype plus y^2 in one fused multiply-add, then the square root. For float32 (the tracker's
     dtype) the float64 sum below stands in for the fused one (the tests compare it with PyTorch); float64 has
-    no wider type here and may differ from PyTorch in the last bit."""
-    x, y = extent
-    return float(np.sqrt(extent.dtype.type(float(x * x) + float(y) * float(y))))
+    no wider type here and may differ from PyTorch in the last bit. (np.float64, not float(): numba's float()
+    of a float32 stays a float32.)"""
+    x, y = extent[0], extent[1]
+    total = np.empty(1, extent.dtype)
+    total[0] = np.float64(x * x) + np.float64(y) * np.float64(y)
+    return np.float64(np.sqrt(total[0]))
 
 
 @compiled

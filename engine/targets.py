@@ -150,7 +150,11 @@ class TargetBuilder:
         self.numpy_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
         self.weights_array = self.weights.numpy(force=True).astype(np.float64)
         self.sources, self.source_weights = self._source_table()
-        self.frame(np.zeros((N_LANDMARKS, 2)), None)  # its kernel compiled (or loaded) now, not on the first frame
+        # The table's weights in each dtype MediaPipe's points come in, and the buffer they are gathered into.
+        self._source_weights = {np.dtype(dtype): self.source_weights.astype(dtype) for dtype in (np.float32, np.float64)}
+        self._gathered = np.empty((self.model.n_landmarks, 2), dtype=self.numpy_dtype)
+        for dtype in self._source_weights:  # its kernels compiled (or loaded) now, not on the first frame
+            self.frame(np.zeros((N_LANDMARKS, 2), dtype), None)
         Targets(torch.zeros(1, 1, 2, dtype=self.dtype), self.weights)  # its kernel compiled (or loaded) now, not on the first frame
 
     def pixels(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> np.ndarray:
@@ -201,12 +205,12 @@ class TargetBuilder:
 
     def frame(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> FrameTargets:
         """:meth:`build_frame`'s targets as arrays (for the per-frame solver on the CPU): no tensor made."""
-        live = lmk68 is None and mp478 is not None and mp478.shape[0] == N_LANDMARKS and mp478.dtype.kind == "f"
-        if live:  # MediaPipe's points alone: one compiled gather
-            pixels = np.empty((self.model.n_landmarks, 2), dtype=self.numpy_dtype)
-            _gather(mp478, self.sources, self.source_weights.astype(mp478.dtype, copy=False), pixels)
-        else:
-            pixels = self.pixels(None if mp478 is None else mp478[None], None if lmk68 is None else lmk68[None])[0]
+        live = lmk68 is None and mp478 is not None and mp478.shape[0] == N_LANDMARKS and mp478.dtype in self._source_weights
+        if live:  # MediaPipe's points alone: one compiled gather into a buffer that FrameTargets.of copies
+            # (compiled apart: numba compiling both in one function gave face sizes one float32 step off PyTorch's)
+            _gather(mp478, self.sources, self._source_weights[mp478.dtype], self._gathered)
+            return FrameTargets.of(self._gathered, self.weights_array)
+        pixels = self.pixels(None if mp478 is None else mp478[None], None if lmk68 is None else lmk68[None])[0]
         return FrameTargets.of(pixels.astype(self.numpy_dtype, copy=False), self.weights_array)
 
 
