@@ -253,7 +253,7 @@ class CpuFrameFitter:
         rows = self.scaled[:count]
         residuals = self.scaled_residuals[:count]
         _step(
-            rows.T @ rows, rows, residuals, self.coupling, slot.prior_diagonal, slot.prior_gradient, 1e-3, self.step, state.exp,
+            rows.T @ rows, False, rows, residuals, self.coupling, slot.prior_diagonal, slot.prior_gradient, 1e-3, self.step, state.exp,
             state.rotations, state.transl, self.fitted,
         )  # fmt: skip
         if not _kernels_ready:
@@ -336,19 +336,23 @@ class CpuFrameFitter:
         damping = config.initial_damping
         scaled, residuals, step = self.scaled, self.scaled_residuals, self.step
         # Chord steps exactly as FrameFitter.fit: the Jacobian is kept while steps are accepted.
-        jacobian, fresh = None, False
+        jacobian, fresh, hessian = None, False, None
         used = 0
         for used in range(1, iterations + 1):
             if jacobian is None:
                 jacobian, fresh = self._linearise(state, current, frame), True
-            count = _weigh_rows(jacobian, current.weights, current.errors, scaled, residuals)
-            rows = scaled[:count]
-            # NumPy computes a product of an array with its own transpose as a symmetric rank-k update, half the
-            # work of the general product a compiled kernel would make of it.
-            hessian = rows.T @ rows
+            # After a refused step from a fresh Jacobian, the state, its weights and so the rows and the normal
+            # equations are the previous iteration's: only the damping changes.
+            augmented = hessian is not None
+            if not augmented:
+                count = _weigh_rows(jacobian, current.weights, current.errors, scaled, residuals)
+                rows = scaled[:count]
+                # NumPy computes a product of an array with its own transpose as a symmetric rank-k update, half the
+                # work of the general product a compiled kernel would make of it.
+                hessian = rows.T @ rows
             predicted, largest, *moved = _step(
-                hessian, rows, residuals[:count], self.coupling, current.prior_diagonal, current.prior_gradient, damping, step,
-                state.exp, state.rotations, state.transl, self.fitted,
+                hessian, augmented, rows, residuals[:count], self.coupling, current.prior_diagonal, current.prior_gradient, damping,
+                step, state.exp, state.rotations, state.transl, self.fitted,
             )  # fmt: skip
             candidate = FrameArrays(*moved)
             if predicted < config.cost_tolerance * current.cost:
@@ -359,9 +363,9 @@ class CpuFrameFitter:
             gain = (current.cost - evaluated.cost) / max(current.cost, 1e-12)
             damping = min(max(damping / 3 if accept else damping * 10, 1e-7), 1e7)
             if accept:
-                state, current, spare, fresh = candidate, evaluated, current, False
+                state, current, spare, fresh, hessian = candidate, evaluated, current, False, None
             elif not fresh:
-                jacobian = None
+                jacobian, hessian = None, None
             if largest < config.step_tolerance or (accept and gain < config.cost_tolerance):
                 break
         return self._result(state, current, frame, params.exp.dtype, used)
@@ -730,23 +734,26 @@ def _weigh_rows(jacobian: np.ndarray, weights: np.ndarray, errors: np.ndarray, s
 
 @compiled
 def _damped_step(
-    hessian: np.ndarray, scaled: np.ndarray, residuals: np.ndarray, coupling: np.ndarray, prior_diagonal: np.ndarray,
+    hessian: np.ndarray, augmented: bool, scaled: np.ndarray, residuals: np.ndarray, coupling: np.ndarray, prior_diagonal: np.ndarray,
     prior_gradient: np.ndarray, damping: float, step: np.ndarray,
 ) -> tuple[float, float]:
     """The rest of one LM iteration's linear algebra, compiled (numba): it replaces a few dozen NumPy calls whose
     overhead exceeded their arithmetic.
 
-    ``hessian`` holds (sqrt(w) J)^T (sqrt(w) J) and receives the coupling and the prior's diagonal; the gradient
+    ``hessian`` holds (sqrt(w) J)^T (sqrt(w) J) and receives the coupling and the prior's diagonal (unless
+    ``augmented``: it holds them already, from a previous call with the same state); the gradient
     is (sqrt(w) J)^T sqrt(w) e + the prior's. Then the Marquardt step as engine.fitting's: (H + damping diag(H)
     + tiny I) step = -gradient, zero if that is not positive definite. ``step`` receives the step; returns the
     cost decrease the quadratic model predicts and the largest step component.
     """
     size = hessian.shape[0]
-    hessian += coupling
+    if not augmented:
+        hessian += coupling
     gradient = scaled.T @ residuals + prior_gradient
     largest_diagonal = 1e-9
     for index in range(size):
-        hessian[index, index] += prior_diagonal[index]
+        if not augmented:
+            hessian[index, index] += prior_diagonal[index]
         largest_diagonal = max(largest_diagonal, hessian[index, index])
     damped = hessian.copy()
     for index in range(size):
@@ -778,13 +785,13 @@ def _damped_step(
 
 @compiled
 def _step(
-    hessian: np.ndarray, scaled: np.ndarray, residuals: np.ndarray, coupling: np.ndarray, prior_diagonal: np.ndarray,
+    hessian: np.ndarray, augmented: bool, scaled: np.ndarray, residuals: np.ndarray, coupling: np.ndarray, prior_diagonal: np.ndarray,
     prior_gradient: np.ndarray, damping: float, step: np.ndarray, exp: np.ndarray, rotations: np.ndarray, transl: np.ndarray,
     fitted: np.ndarray,
 ) -> tuple[float, float, np.ndarray, np.ndarray, np.ndarray]:
     """:func:`_damped_step` then :func:`_apply_step` in one call (the arguments are theirs): the predicted cost
     decrease, the largest step component and the state after the step."""
-    predicted, largest = _damped_step(hessian, scaled, residuals, coupling, prior_diagonal, prior_gradient, damping, step)
+    predicted, largest = _damped_step(hessian, augmented, scaled, residuals, coupling, prior_diagonal, prior_gradient, damping, step)
     exp, rotations, transl = _apply_step(exp, rotations, transl, step, fitted)
     return predicted, largest, exp, rotations, transl
 

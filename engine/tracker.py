@@ -35,7 +35,7 @@ from engine.errors import UserError
 from engine.filters import OneEuroConfig, OneEuroFilter
 from engine.fitting import Calibration, FitConfig, FrameFit, FrameFitter, FrameTargets, Targets, calibrate
 from engine.flame import axis_angles, rotation_matrices
-from engine.frames import NUMPY_DTYPES, FrameArrays, FrameParams, TrackedFrame, frame_from_params
+from engine.frames import NUMPY_DTYPES, FrameArrays, FrameParams, TrackedFrame, camera_from_world, frame_from_params
 from engine.frame_solver import CpuFrameFitter, faster_frame_solver
 from engine.head_model import HeadModel
 from engine.jit import compiled
@@ -137,6 +137,7 @@ class Tracker:
         rest = FrameArrays.neutral(1, 2, self._numpy_dtype)
         _velocity_prediction(rest.rotations, rest.rotations, rest.transl, rest.transl, 0.5)
         rest.finite()
+        camera_from_world(np.zeros(3), np.zeros(3), np.zeros(3))
         #: Where the FOV comes from: "given" (--fov), "estimated", or "default" (the frames did not determine it).
         self.fov_source = "default" if self.config.fit_fov else "given"
         #: The standard deviation of log(focal) the last calibration's frames allowed (None: not estimated).

@@ -142,7 +142,8 @@ def test_a_batch_row_and_its_arrays_convert_both_ways_to_the_bit(dtype: torch.dt
     both ways, a frame keeps its dtype and every bit."""
     params = params_from_frames([random_frame() for _ in range(3)], dtype)
     arrays = params.arrays(1)
-    assert arrays.exp.dtype == arrays.rotations.dtype == arrays.transl.dtype == {torch.float32: np.float32, torch.float64: np.float64}[dtype]
+    numpy_dtype = {torch.float32: np.float32, torch.float64: np.float64}[dtype]
+    assert arrays.exp.dtype == arrays.rotations.dtype == arrays.transl.dtype == numpy_dtype
     assert arrays.rotations.shape == (5, 3, 3)
     back = arrays.as_params()
     for key in ("exp", "rotations", "transl"):
