@@ -41,7 +41,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -610,19 +610,18 @@ def _track_known(
 
 
 class _CalibratedTracker:
-    """The tracker of a video or image folder, made on a thread of its own once MediaPipe's main process has
-    started (``main_detector``), while the main pass detects its first frames (making it loads the solver's
-    compiled kernels: a second or two), then calibrated there on a sample of the input
-    (:mod:`offline.identity_survey`), or given the calibration saved in ``out_dir`` and continued after the
-    frames an interrupted run kept."""
+    """The tracker of a video or image folder, made on a thread of its own once the main pass has its first
+    detection (:meth:`begin`), while the pass goes on (making it loads the solver's compiled kernels: a second
+    or two), then calibrated there on a sample of the input (:mod:`offline.identity_survey`), or given the
+    calibration saved in ``out_dir`` and continued after the frames an interrupted run kept."""
 
     def __init__(
         self, head: HeadModel, config: TrackerConfig, source: str, landmarker_task: Path, n_frames: int,
         image_size: tuple[int, int], fps: float, out_dir: Path, kept: list[dict[str, np.ndarray]], timings: dict[str, float],
-        main_detector: Future,
     ) -> None:
-        self._main_detector = main_detector
         self.tracker: Tracker | None = None
+        self._begun = threading.Event()
+        self._abandoned = False
         self._calibrated = False
         self._done = threading.Event()
         self._outcome: Future[bool] = Future()
@@ -634,9 +633,13 @@ class _CalibratedTracker:
         image_size: tuple[int, int], fps: float, out_dir: Path, kept: list[dict[str, np.ndarray]], timings: dict[str, float],
     ) -> None:
         try:
-            # MediaPipe's main process starts first, alone: it sets the pace of the whole pass, and starting the
-            # survey's process and making the trackers beside it delayed its first frame by about half a second.
-            wait([self._main_detector])
+            # MediaPipe's main process starts first, alone, and answers its first frame: it sets the pace of the
+            # whole pass, and starting the survey's process and making the trackers beside it delayed that first
+            # frame by about half a second.
+            self._begun.wait()
+            if self._abandoned:
+                self._outcome.set_result(False)
+                return
             if (out_dir / CALIBRATION_FILE).is_file():
                 tracker = Tracker(head, image_size, config)
                 _load_calibration(tracker, out_dir)
@@ -661,6 +664,20 @@ class _CalibratedTracker:
             self._outcome.set_exception(error)
         finally:
             self._done.set()
+
+    def begin(self) -> None:
+        """Make and calibrate the tracker now (the main pass has its first detection)."""
+        self._begun.set()
+
+    def __enter__(self) -> _CalibratedTracker:
+        return self
+
+    def __exit__(self, error_type: type[BaseException] | None, *details: object) -> None:
+        """A pass that ends by an error (or Ctrl-C) before its first detection makes nothing: no survey process
+        is started for a process about to end."""
+        if error_type is not None:
+            self._abandoned = True
+            self._begun.set()
 
     def ready(self) -> bool:
         """Whether the tracker is made and calibrated (an error on the thread is raised here)."""
@@ -716,14 +733,14 @@ def _detect_and_track(
     is made and calibrated meanwhile (:class:`_CalibratedTracker`)."""
     image_size, fps = probe_source(source)
     detector_starting = _start_detector(LandmarkerConfig(landmarker_task, running_mode="video"), image_size)
-    calibration = _CalibratedTracker(
-        head, options.tracker, source, landmarker_task, n_frames, image_size, fps, out_dir, list(results), timings, detector_starting
+    calibrating = _CalibratedTracker(
+        head, options.tracker, source, landmarker_task, n_frames, image_size, fps, out_dir, list(results), timings
     )
     points: list[np.ndarray] = []
     mediapipe_ms: list[float] = []
     tracking_seconds = 0.0
     started = time.perf_counter()
-    with _opened(detector_starting) as starting, FitJournal(out_dir, len(results)) as journal, tqdm(
+    with calibrating as calibration, _opened(detector_starting) as starting, FitJournal(out_dir, len(results)) as journal, tqdm(
         desc="track", unit="frame", total=n_frames, initial=len(results), disable=not options.progress
     ) as bar:
 
@@ -746,6 +763,7 @@ def _detect_and_track(
         for _, found, milliseconds in iter_detections(source, starting.result(), image_size, fps, "video"):
             if not points:  # MediaPipe's start-up, the part of the pass when nothing is detected yet
                 timings["first_detection_s"] = time.perf_counter() - started
+                calibration.begin()
             points.append(np.full((N_LANDMARKS, 2), np.nan) if found is None else found)
             mediapipe_ms.append(milliseconds)
             catch_up(_CATCH_UP_FRAMES)
