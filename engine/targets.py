@@ -13,9 +13,11 @@ landmark group of the model takes its targets from them:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,19 +40,22 @@ def groups_for(model: HeadModel) -> tuple[str, ...]:
     return ("lmk68", "mediapipe", "eyes") if model.mediapipe is not None else ("lmk68", "eyes")
 
 
+#: MediaPipe's feature outlines, by the name of its connection set (``FaceLandmarksConnections``): shipped as
+#: data because importing MediaPipe in this process only to read them cost 0.6 to 0.7 s of CPU at every start
+#: (``tests/test_landmark_consistency.py`` checks them against the installed MediaPipe).
+MEDIAPIPE_OUTLINES_FILE = Path(__file__).parent / "data" / "mediapipe_outlines.json"
+
+
 @lru_cache(maxsize=1)
+def mediapipe_outlines() -> dict[str, frozenset[int]]:
+    """The landmark indices each of MediaPipe's feature connection sets joins, by the set's name."""
+    outlines = json.loads(MEDIAPIPE_OUTLINES_FILE.read_text())["outlines"]
+    return {name: frozenset(indices) for name, indices in outlines.items()}
+
+
 def mediapipe_contour_landmarks() -> np.ndarray:
     """MediaPipe's own feature contours (lips, eyes, brows, face oval, nose, irises): 160 of the 478 points."""
-    from mediapipe.tasks.python import vision
-
-    connections = vision.FaceLandmarksConnections
-    groups = (
-        connections.FACE_LANDMARKS_LIPS, connections.FACE_LANDMARKS_LEFT_EYE, connections.FACE_LANDMARKS_RIGHT_EYE,
-        connections.FACE_LANDMARKS_LEFT_EYEBROW, connections.FACE_LANDMARKS_RIGHT_EYEBROW,
-        connections.FACE_LANDMARKS_FACE_OVAL, connections.FACE_LANDMARKS_NOSE,
-        connections.FACE_LANDMARKS_LEFT_IRIS, connections.FACE_LANDMARKS_RIGHT_IRIS,
-    )  # fmt: skip
-    return np.array(sorted({index for group in groups for c in group for index in (c.start, c.end)}))
+    return np.array(sorted(set().union(*mediapipe_outlines().values())))
 
 
 #: iBUG 68 points (0-based) of each feature, with the MediaPipe connection set that outlines the same feature
@@ -72,12 +77,10 @@ def covered_68_points(landmark_indices: np.ndarray) -> np.ndarray:
     (metrical-tracker's 105 points hold all of the brows, eyes and lips and half of the nose). The jaw
     contour (iBUG 1-17) is never covered: FLAME's contour follows the silhouette as the head turns.
     """
-    from mediapipe.tasks.python import vision
-
     embedded = set(np.asarray(landmark_indices).tolist())
     covered = np.zeros(68, dtype=bool)
     for points, name in _FEATURES_68:
-        outline = {index for c in getattr(vision.FaceLandmarksConnections, name) for index in (c.start, c.end)}
+        outline = mediapipe_outlines()[name]
         covered[list(points)] = 2 * len(outline & embedded) >= len(outline)
     return covered
 

@@ -18,7 +18,7 @@ from engine.demo_head import build_demo_head
 from engine.flame import FlameLayer, rodrigues
 from engine.landmarks import load_mediapipe_to_68
 from engine.synthetic import SyntheticMotion, synthetic_sequence
-from engine.targets import TargetBuilder, covered_68_points, tracking_head
+from engine.targets import TargetBuilder, covered_68_points, mediapipe_contour_landmarks, mediapipe_outlines, tracking_head
 from engine.tracker import Tracker, TrackerConfig
 from offline.track_job import LandmarkSequence, calibrate_on_sequence
 
@@ -99,3 +99,12 @@ def test_a_biased_nose_tip_in_the_68_table_no_longer_pulls_the_fit(flame, mediap
     # With the MediaPipe embedding, the converted nose is not fitted: the fit does not move at all.
     both = _fitted_nose_tip(flame, mediapipe_points, biased) - _fitted_nose_tip(flame, mediapipe_points, table)
     assert np.abs(both).max() < 1e-9
+
+
+def test_shipped_outlines_are_those_of_the_installed_mediapipe() -> None:
+    outlines = mediapipe_outlines()
+    assert len(outlines) == 9
+    for name, indices in outlines.items():
+        connections = getattr(vision.FaceLandmarksConnections, name)
+        assert indices == {index for c in connections for index in (c.start, c.end)}, name
+    assert len(mediapipe_contour_landmarks()) == 160
