@@ -1,6 +1,6 @@
 """``bench --track VIDEO``: the offline ``track`` job against MediaPipe alone on the same frames, its stages, and
 what writing the frame files costs: each durably on its own (an fsync apiece) against how ``track`` writes them
-(encoded by :func:`offline.frame_files.npz_bytes`, atomic, one sync of the file system for all)."""
+(:func:`offline.frame_files.write_npz_files`: atomic, one sync of the file system for all)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.atomic import sync_file_system, write_npz_atomic
+from engine.atomic import write_npz_atomic
 from engine.head_model import HeadModel
-from offline.frame_files import FrameWriter, npz_bytes
+from offline.frame_files import write_npz_files
 from offline.track_job import TrackOptions, frame_path, track_input
 from realtime.bench import cpu_seconds, mediapipe_alone_benchmark
 
@@ -52,16 +52,14 @@ def bench_track(video: str | Path, head: HeadModel, landmarker_task: Path) -> di
 
 def _bench_frame_writes(folder: Path, arrays: dict[str, np.ndarray]) -> dict[str, float]:
     """Milliseconds per frame file: atomic with its own fsync, one after another; and as ``track`` writes them
-    (encoded here, written on FrameWriter's threads without fsync, then one sync of the file system)."""
+    (:func:`offline.frame_files.write_npz_files`: atomic without fsync, one after another, then one sync of the
+    file system)."""
     durable = []
     for index in range(WRITE_SAMPLES):
         started = time.perf_counter()
         write_npz_atomic(frame_path(folder, index), arrays)
         durable.append(time.perf_counter() - started)
     started = time.perf_counter()
-    with FrameWriter() as writer:
-        for index in range(WRITE_SAMPLES):
-            writer.write_bytes(frame_path(folder, WRITE_SAMPLES + index), npz_bytes(arrays), durable=False)
-    sync_file_system(folder)
+    write_npz_files(folder, ((frame_path(folder, WRITE_SAMPLES + index), arrays) for index in range(WRITE_SAMPLES)))
     batched = (time.perf_counter() - started) / WRITE_SAMPLES
     return {"atomic_fsync_each_ms": float(np.median(durable) * 1e3), "as_track_writes_them_ms": batched * 1e3}

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.atomic import sync_file_system, write_json_atomic, write_npz_atomic
+from engine.atomic import write_json_atomic, write_npz_atomic
 from engine.config import to_tree
 from engine.errors import UserError
 from engine.evaluation import reference_landmarks
@@ -63,7 +63,7 @@ from engine.smoothing import SmoothingConfig, smooth_within_fit
 from engine.tracker import Tracker, TrackerConfig
 from engine.versions import software_versions
 from offline.fit_journal import FitJournal, discard_journal, is_chunk_file, journaled_frames, read_journal
-from offline.frame_files import FrameWriter, npz_bytes
+from offline.frame_files import write_npz_files
 from offline.identity_survey import SURVEY_SAMPLES, Survey, frame_count, sample_indices, survey_samples
 
 if TYPE_CHECKING:
@@ -649,8 +649,10 @@ class _CalibratedTracker:
                 self._outcome.set_result(True)
                 return
             started = time.perf_counter()
-            # The survey's MediaPipe starts while both trackers are made.
-            with _opened(_start_detector(LandmarkerConfig(landmarker_task, running_mode="video"), image_size)) as starting:
+            # The survey's MediaPipe starts while both trackers are made, in the background: the main pass's
+            # MediaPipe sets the pace of the whole job, the survey need only finish well before it does.
+            survey_detector = _start_detector(LandmarkerConfig(landmarker_task, running_mode="video"), image_size, background=True)
+            with _opened(survey_detector) as starting:
                 tracker = Tracker(head, image_size, config)
                 survey = Survey(head, config, image_size, fps)
                 survey_samples(source, starting.result(), sample_indices(n_frames, SURVEY_SAMPLES), image_size, fps, survey)
@@ -696,15 +698,16 @@ class _CalibratedTracker:
         self._calibrated = True
 
 
-def _start_detector(config: LandmarkerConfig, image_size: tuple[int, int]) -> Future:
-    """MediaPipe's process, started on a thread (it takes a second or two to load) while the caller goes on."""
+def _start_detector(config: LandmarkerConfig, image_size: tuple[int, int], background: bool = False) -> Future:
+    """MediaPipe's process, started on a thread (it takes a second or two to load) while the caller goes on;
+    ``background``: at a lower CPU priority (:class:`DetectionProcess`)."""
     from realtime.detection_process import DetectionProcess
 
     started: Future = Future()
 
     def start() -> None:
         try:
-            started.set_result(DetectionProcess(config, image_size))
+            started.set_result(DetectionProcess(config, image_size, background=background))
         except BaseException as error:  # noqa: BLE001 - raised by started.result()
             started.set_exception(error)
 
@@ -802,14 +805,13 @@ def _smooth(
 def _write_frame_files(
     out_dir: Path, tracker: Tracker, frames: list[dict[str, np.ndarray]], options: TrackOptions, timings: dict[str, float]
 ) -> None:
-    """Every frame's file, each written once (atomically, on a few threads), then made durable together by
-    one sync of the file system: what they hold is kept durably already (journal or ``unsmoothed.npz``), and
-    the folder is complete only once ``meta.json`` follows."""
+    """Every frame's file, each written once (atomically), then made durable together by one sync of the file
+    system (:func:`offline.frame_files.write_npz_files`): what they hold is kept durably already (journal or
+    ``unsmoothed.npz``), and the folder is complete only once ``meta.json`` follows."""
     started = time.perf_counter()
-    with FrameWriter() as writer:
-        for index, arrays in enumerate(tqdm(frames, desc="write", unit="frame", disable=not options.progress, leave=False)):
-            writer.write_bytes(frame_path(out_dir, index), npz_bytes(_stored_frame(tracker, arrays, options.save_vertices)), durable=False)
-    sync_file_system(out_dir)
+    shown = tqdm(frames, desc="write", unit="frame", disable=not options.progress, leave=False)
+    files = ((frame_path(out_dir, index), _stored_frame(tracker, arrays, options.save_vertices)) for index, arrays in enumerate(shown))
+    write_npz_files(out_dir, files)
     timings["frame_files_s"] = time.perf_counter() - started
 
 

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: Frames in flight by default: one being detected, two waiting in the pipe (see ``realtime.detection.IN_FLIGHT``).
 DEFAULT_SLOTS = 3
+#: How far below its parent's CPU priority a background worker runs (``nice`` steps; 19 is the lowest).
+BACKGROUND_NICENESS = 10
 _START_TIMEOUT_S = 120.0  # the worker imports MediaPipe and loads the model; a busy machine takes its time
 _STOP_TIMEOUT_S = 5.0
 _ALIGNMENT = 64
@@ -128,8 +130,12 @@ class DetectionProcess:
     keep several frames in flight. Not thread-safe: one thread submits and collects.
     """
 
-    def __init__(self, config: LandmarkerConfig, image_size: tuple[int, int], slots: int = DEFAULT_SLOTS) -> None:
-        """``image_size`` is (height, width), the size of every frame submitted."""
+    def __init__(
+        self, config: LandmarkerConfig, image_size: tuple[int, int], slots: int = DEFAULT_SLOTS, background: bool = False
+    ) -> None:
+        """``image_size`` is (height, width), the size of every frame submitted. A ``background`` worker runs at
+        a lower CPU priority (Unix ``nice`` +:data:`BACKGROUND_NICENESS`): it takes the cores that the others
+        leave idle, so that it never slows a foreground MediaPipe beside it."""
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
         self.image_size = (int(image_size[0]), int(image_size[1]))
@@ -142,7 +148,7 @@ class DetectionProcess:
         self._closed = False
         self._process: subprocess.Popen | None = None
         try:
-            self._process = _start_worker(worker_end)
+            self._process = _start_worker(worker_end, BACKGROUND_NICENESS if background else 0)
             worker_end.close()  # only the worker holds it now, so its death reads as end-of-file here
             self._send((config, self._memory.name, self.image_size, slots, log.isEnabledFor(logging.DEBUG)))
             self._wait_until_ready()
@@ -295,8 +301,9 @@ class DetectionProcess:
             raise DetectionProcessError(f"the MediaPipe detection process could not start: {reply[1]}")
 
 
-def _start_worker(worker_end: Connection) -> subprocess.Popen:
-    """Start the worker as a fresh interpreter running :func:`_worker_main` on its end of the pipe.
+def _start_worker(worker_end: Connection, niceness: int) -> subprocess.Popen:
+    """Start the worker as a fresh interpreter running :func:`_worker_main` on its end of the pipe, ``niceness``
+    steps below this process's CPU priority.
 
     A plain subprocess, not multiprocessing's spawn, so the caller's main script is never imported again in
     the worker. It gets a session of its own, so Ctrl-C on the terminal reaches only this process, which
@@ -304,15 +311,17 @@ def _start_worker(worker_end: Connection) -> subprocess.Popen:
     """
     descriptor = worker_end.fileno()
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
-    code = f"from realtime.detection_process import _worker_main; _worker_main({descriptor})"
+    code = f"from realtime.detection_process import _worker_main; _worker_main({descriptor}, {int(niceness)})"
     return subprocess.Popen(
         [sys.executable, "-c", code], pass_fds=[descriptor], env=environment, stdin=subprocess.DEVNULL, start_new_session=True
     )
 
 
-def _worker_main(descriptor: int) -> None:
+def _worker_main(descriptor: int, niceness: int = 0) -> None:
     """The worker: read its configuration, then answer each (slot, timestamp) request with (slot, found,
     timestamp, MediaPipe's ms, ms idle before the request) until told to stop (None) or until the parent is gone (end-of-file)."""
+    if niceness and hasattr(os, "nice"):  # before MediaPipe loads: its start-up is background work too
+        os.nice(niceness)
     connection = Connection(descriptor)
     try:
         config, memory_name, image_size, slots, verbose = connection.recv()

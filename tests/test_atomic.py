@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from engine.atomic import write_atomic, write_bytes_atomic, write_json_atomic, write_npz_atomic, write_png_atomic
+from engine.atomic import write_atomic, write_bytes_atomic, write_bytes_replacing, write_json_atomic, write_npz_atomic, write_png_atomic
 
 
 def test_each_writer_round_trips(tmp_path: Path) -> None:
@@ -57,3 +58,29 @@ def test_png_round_trips_in_rgb_order(tmp_path: Path) -> None:
     image[..., 0] = 255  # red
     write_png_atomic(tmp_path / "red.png", image)
     assert cv2.imread(str(tmp_path / "red.png"))[0, 0].tolist() == [0, 0, 255]  # OpenCV reads BGR
+
+
+def test_replacing_writes_whole_files_with_the_users_permissions_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "000001.npz"
+    write_bytes_replacing(target, b"old")
+    write_bytes_replacing(target, b"new" * 100_000)  # over a file already there, larger than one write may take
+    assert target.read_bytes() == b"new" * 100_000
+    assert [p.name for p in tmp_path.iterdir()] == ["000001.npz"]
+    (tmp_path / ".000001.npz.tmp").write_bytes(b"left by a crash")
+    write_bytes_replacing(target, b"again")
+    assert target.read_bytes() == b"again" and [p.name for p in tmp_path.iterdir()] == ["000001.npz"]
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def test_replacing_that_fails_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "000001.npz"
+    write_bytes_replacing(target, b"old")
+    with pytest.raises(TypeError):
+        write_bytes_replacing(target, "not bytes")  # type: ignore[arg-type]
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["000001.npz"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -17,7 +17,7 @@ import pytest
 
 from engine.head_model import ModelFileError
 from engine.landmarks import FaceLandmarker, LandmarkerConfig
-from realtime.detection_process import DetectionProcess, DetectionProcessError, resized
+from realtime.detection_process import BACKGROUND_NICENESS, DetectionProcess, DetectionProcessError, resized
 from realtime.sources import iter_frames
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +92,16 @@ def test_a_frame_resized_into_the_ring_is_detected_as_the_resized_frame(frames: 
     assert in_place is not None and in_place.observation is not None and copied is not None
     np.testing.assert_array_equal(in_place.observation.points, copied.points)
     assert in_place.observation.image_size == (480, 640)
+
+
+def test_a_background_worker_runs_at_a_lower_priority_and_still_detects(frames: list[np.ndarray], landmarker_task: Path) -> None:
+    config = LandmarkerConfig(landmarker_task, running_mode="image")
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    with DetectionProcess(config, frames[0].shape[:2], background=True) as background, DetectionProcess(config, frames[0].shape[:2]) as foreground:
+        assert os.getpriority(os.PRIO_PROCESS, background.pid) == min(own + BACKGROUND_NICENESS, 19)
+        assert os.getpriority(os.PRIO_PROCESS, foreground.pid) == own
+        found = background.detect(frames[0])
+    assert found is not None and found.points.shape == (478, 2)
 
 
 def test_an_image_of_another_size_or_type_is_refused(frames: list[np.ndarray], landmarker_task: Path) -> None:

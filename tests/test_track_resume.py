@@ -17,9 +17,9 @@ import pytest
 
 from engine.atomic import write_npz_atomic
 from engine.errors import caused_by_ctrl_c
+from offline.frame_files import FrameWriter
 from offline.track_job import (
     CALIBRATION_FILE,
-    FrameWriter,
     JOB_FILE,
     LANDMARKS_FILE,
     META_FILE,

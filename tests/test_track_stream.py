@@ -14,7 +14,7 @@ import pytest
 from engine.frames import stack_reference
 from engine.model_selection import select_head_model
 from offline.fit_journal import CHUNK_FRAMES, FitJournal, chunk_path, journaled_frames, read_journal
-from offline.frame_files import npz_bytes
+from offline.frame_files import npz_bytes, write_npz_files
 from offline.identity_survey import SURVEY_SAMPLES, sample_indices
 from offline.track_job import TrackOptions, track_input, written_frames
 
@@ -44,6 +44,17 @@ def test_npz_bytes_load_as_what_np_savez_writes() -> None:
             np.testing.assert_array_equal(ours[key], numpy_s[key], err_msg=key)
     with pytest.raises(ValueError, match="object"):
         npz_bytes({"bad": np.array([{"a": 1}], dtype=object)})
+
+
+def test_frame_files_are_written_in_turn_each_readable(tmp_path: Path) -> None:
+    frames = [{"exp": np.full((1, 4), index, np.float32), "valid": np.array([index % 2 == 0])} for index in range(5)]
+    write_npz_files(tmp_path, ((tmp_path / f"{index:06d}.npz", arrays) for index, arrays in enumerate(frames)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{index:06d}.npz" for index in range(5)]
+    for index, arrays in enumerate(frames):
+        with np.load(tmp_path / f"{index:06d}.npz", allow_pickle=False) as stored:
+            assert stored.files == ["exp", "valid"]
+            np.testing.assert_array_equal(stored["exp"], arrays["exp"])
+            assert stored["valid"].tolist() == [index % 2 == 0]
 
 
 def frame(value: float) -> dict[str, np.ndarray]:
