@@ -301,7 +301,6 @@ class FrameBlock:
         return FrameParams(exp, rotations, params.transl + step[:, -3:])
 
 
-
 @dataclass
 class FitResult:
     params: FrameParams

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -188,7 +187,7 @@ class CpuFrameFitter:
         self.config = config
         layout = self.layout = _Layout(model, config)
         self.joints = layout.joints
-        self.n_exp = n_exp = layout.n_exp
+        self.n_exp = layout.n_exp
         self.size = layout.size
         self.fitted = np.array(self.joints, dtype=np.int64)
         self.parents = layout.parents

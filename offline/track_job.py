@@ -86,6 +86,8 @@ _OUR_FILES = {JOB_FILE, LANDMARKS_FILE, CALIBRATION_FILE, UNSMOOTHED_FILE, STACK
 #: Frames tracked between two detections while catching up with the detector (after the calibration), so
 #: that MediaPipe never waits for the next frame.
 _CATCH_UP_FRAMES = 2
+
+
 @dataclass
 class LandmarkSequence:
     """2D landmarks of a whole input, NaN where unobserved; a frame with no face is all NaN."""
@@ -148,8 +150,6 @@ def load_landmark_file(path: Path) -> LandmarkSequence:
         raise UserError(f"{path}: 'mp478' and 'lmk68' have different numbers of frames {sorted(lengths)}")
     fps = float(arrays["fps"]) if "fps" in arrays else 25.0
     return LandmarkSequence(sequences["mp478"], sequences["lmk68"], (height, width), fps, str(path))
-
-
 
 
 def _video_mode(source: str, independent: bool) -> str:
@@ -350,8 +350,6 @@ class TrackResult:
         return sum(bool(r["valid"][0]) for r in self.results)
 
 
-
-
 def frame_path(out_dir: Path, index: int) -> Path:
     return Path(out_dir) / f"{index:06d}.npz"
 
@@ -477,8 +475,6 @@ def prepare_output_dir(out_dir: Path, job: dict[str, object], overwrite: bool) -
         raise UserError(f"cannot create the output folder {out_dir} ({error.strerror})") from None
     if earlier != job:
         write_json_atomic(out_dir / JOB_FILE, job)
-
-
 
 
 def _written_by_track(name: str) -> bool:

@@ -187,8 +187,6 @@ def _reweighted_by_lapack(y: np.ndarray, strength: float, threshold: float, orde
 def test_every_column_is_smoothed_as_one_lapack_solve_per_iteration_would(order: int) -> None:
     """The compiled smoother (all columns at once) against the textbook iteration, column by column, to 1e-9:
     columns of other strengths and noise levels, blinks among them, a column without noise left as it is."""
-    from engine.smoothing import smooth_track
-
     rng = np.random.default_rng(order)
     frames = 300
     time = np.arange(frames) / FPS
