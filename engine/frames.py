@@ -461,7 +461,7 @@ def params_from_reference_stack(
     exp = np.asarray(stacked["exp"], dtype=np.float64)
     frames = len(exp)
     cam = np.asarray(stacked["cam"], dtype=np.float64)
-    rotation = _euler_matrices(cam[:, :3])
+    rotation = euler_matrix(*cam[:, :3].T)
     pose = np.zeros((frames, n_joints, 3))
     pose[:, NECK], pose[:, JAW] = stacked["neck_pose"], stacked["jaw_pose"]
     if has_eyes(n_joints):
@@ -476,16 +476,6 @@ def params_from_reference_stack(
         exp = np.concatenate([exp, np.zeros((frames, n_eyelids))], axis=1)
     options = {"dtype": dtype, "device": device}
     return FrameParams(torch.as_tensor(exp, **options), rodrigues(torch.as_tensor(pose, **options)), torch.as_tensor(transl, **options))
-
-
-def _euler_matrices(angles: np.ndarray) -> np.ndarray:
-    """``flame_client.rotations.euler_matrix`` of (T, 3) (yaw, pitch, roll) rows: (T, 3, 3)."""
-    (cy, cp, cr), (sy, sp, sr) = np.cos(angles).T, np.sin(angles).T
-    zero, one = np.zeros_like(cy), np.ones_like(cy)
-    rz = np.stack([cr, -sr, zero, sr, cr, zero, zero, zero, one], axis=-1).reshape(-1, 3, 3)
-    ry = np.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], axis=-1).reshape(-1, 3, 3)
-    rx = np.stack([one, zero, zero, zero, cp, -sp, zero, sp, cp], axis=-1).reshape(-1, 3, 3)
-    return rz @ ry @ rx
 
 
 def stack_reference(frames: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 #: The rotation that makes a FLAME head (y up, z toward the viewer) face an OpenCV camera (y down, z forward)
 #: upright: 180 degrees about x. A head that looks straight into the camera has ``head_rot`` equal to it.
@@ -47,12 +48,20 @@ def matrix_from_axis_angle(rotation_vector: np.ndarray) -> np.ndarray:
     return np.eye(3) + math.sin(angle) * skew + (1.0 - math.cos(angle)) * (skew @ skew)
 
 
-def euler_matrix(yaw: float, pitch: float, roll: float) -> np.ndarray:
-    """The tracking files' rotation ``R = Rz(roll) @ Ry(yaw) @ Rx(pitch)`` (``cam[:3]``), radians."""
+def euler_matrix(yaw: ArrayLike, pitch: ArrayLike, roll: ArrayLike) -> np.ndarray:
+    """The tracking files' rotation ``R = Rz(roll) @ Ry(yaw) @ Rx(pitch)`` (``cam[:3]``), radians: (3, 3) for
+    three angles, (T, 3, 3) for three arrays of T angles (a whole track's ``cam[:, :3].T``); float64, from the
+    sines and cosines in the angles' dtype."""
+    yaw, pitch, roll = np.broadcast_arrays(yaw, pitch, roll)
     cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
-    rz = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rx = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
+    zero, one = np.zeros(np.shape(cy)), np.ones(np.shape(cy))
+
+    def matrices(*entries: np.ndarray) -> np.ndarray:
+        return np.stack(entries, axis=-1).reshape(*np.shape(cy), 3, 3)
+
+    rz = matrices(cr, -sr, zero, sr, cr, zero, zero, zero, one)
+    ry = matrices(cy, zero, sy, zero, one, zero, -sy, zero, cy)
+    rx = matrices(one, zero, zero, zero, cp, -sp, zero, sp, cp)
     return rz @ ry @ rx
 
 
