@@ -46,7 +46,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import Annotated
 
 import numpy as np
-from scipy.linalg import solveh_banded
 
 from engine.config import Range
 from engine.jit import compiled
@@ -204,31 +203,18 @@ def _robust_whittaker(tracks: np.ndarray, strengths: np.ndarray, thresholds: np.
     return x
 
 
-def _normal_matrix(weights: np.ndarray, order: int) -> np.ndarray:
-    """Upper banded form of I + D^T diag(weights) D, with D the (T-order, T) ``order``-th difference operator."""
-    frames = len(weights) + order
-    stencil = _stencil(order)
-    banded = np.zeros((order + 1, frames))
-    banded[order] = 1.0
-    rows = np.arange(len(weights))
-    for a in range(order + 1):
-        for b in range(a, order + 1):
-            # Row i of D touches frames i..i+order: it adds w_i s_a s_b at (i+a, i+b).
-            np.add.at(banded[order - (b - a)], rows + b, weights * stencil[a] * stencil[b])
-    return banded
-
-
 def smooth_linear(values: np.ndarray, strengths: np.ndarray, order: int = 2) -> np.ndarray:
     """(T, D) ``values`` (one contiguous run) smoothed by a linear Whittaker smoother: column d minimises
     ``sum (x - y)^2 + strengths[d] * sum (order-th difference of x)^2``, with no reweighting (every
-    acceleration is penalised alike). Columns of equal strength share one banded factorisation."""
+    acceleration is penalised alike: the robust smoother's one solve, with an infinite threshold)."""
     smoothed = values.astype(np.float64, copy=True)
-    if len(values) <= order:
+    columns = np.flatnonzero(strengths > 0)
+    if len(values) <= order or not len(columns):
         return smoothed
-    for strength in np.unique(strengths[strengths > 0]):
-        columns = strengths == strength
-        normal = _normal_matrix(np.full(len(values) - order, float(strength)), order)
-        smoothed[:, columns] = solveh_banded(normal, smoothed[:, columns], lower=False, check_finite=False)
+    smoothed[:, columns] = _robust_whittaker(
+        np.ascontiguousarray(smoothed[:, columns]), np.asarray(strengths, dtype=np.float64)[columns], np.full(len(columns), np.inf),
+        _stencil(order), 1,
+    )
     return smoothed
 
 
