@@ -31,6 +31,12 @@ if TYPE_CHECKING:
 OUTER_EYE_CORNERS = (33, 263)
 
 
+def interocular_distance(mp478: np.ndarray) -> np.ndarray:
+    """The distance (pixels) between MediaPipe's outer eye corners of (..., 478, 2) points: (...,), NaN where
+    the detector saw no face. Landmark errors of real clips are given over it."""
+    return np.linalg.norm(mp478[..., OUTER_EYE_CORNERS[0], :] - mp478[..., OUTER_EYE_CORNERS[1], :], axis=-1)
+
+
 def similarity_aligned_error(estimate: np.ndarray, truth: np.ndarray) -> float:
     """Mean distance between two point sets after the best similarity transform of ``estimate`` (Umeyama)."""
     mu_e, mu_t = estimate.mean(axis=0), truth.mean(axis=0)
@@ -124,7 +130,7 @@ def clip_accuracy(head: HeadModel, mp478: np.ndarray, image_size: tuple[int, int
         model_points.append(projected)
         observed.append(target)
         if fit.valid and points is not None:
-            iod = np.linalg.norm(points[OUTER_EYE_CORNERS[0]] - points[OUTER_EYE_CORNERS[1]])
+            iod = interocular_distance(points)
             usable = np.isfinite(target).all(axis=1)
             errors.append(np.linalg.norm(projected[usable] - target[usable], axis=1).mean() / iod)
     model_points, observed = np.stack(model_points), np.stack(observed)
@@ -186,7 +192,7 @@ def landmark_errors(rig: HeadRig, shape: np.ndarray, exp: np.ndarray, pose: np.n
     """(T,) each frame's mean distance of the model's landmarks to MediaPipe's over the outer-eye-corner
     distance (a fraction; NaN where the detector saw no face), as :func:`fit_scores` measures it."""
     observed = rig.targets.pixels(mp478, None)
-    iod = np.linalg.norm(mp478[:, OUTER_EYE_CORNERS[0]] - mp478[:, OUTER_EYE_CORNERS[1]], axis=1)
+    iod = interocular_distance(mp478)
     return errors_over_iod(model_landmark_pixels(rig, shape, exp, pose, transl), observed, iod)
 
 
@@ -225,7 +231,7 @@ def fit_scores(
     count = len(mp478)
     model = model_landmark_pixels(rig, shape, exp, pose, transl)
     observed = rig.targets.pixels(mp478, None)
-    iod = np.linalg.norm(mp478[:, OUTER_EYE_CORNERS[0]] - mp478[:, OUTER_EYE_CORNERS[1]], axis=1)
+    iod = interocular_distance(mp478)
     usable = np.asarray(valid, bool) & np.isfinite(iod)
     errors = errors_over_iod(model, observed, iod)[usable]
     model[~usable] = np.nan
@@ -290,7 +296,7 @@ def smoothing_accuracy(rig: HeadRig, mp478: np.ndarray, raw: dict[str, np.ndarra
     mouth-opening curves follow the detector's (Pearson correlation) before and after.
     """
     observed = rig.targets.pixels(mp478, None)
-    iod = np.linalg.norm(mp478[:, OUTER_EYE_CORNERS[0]] - mp478[:, OUTER_EYE_CORNERS[1]], axis=-1)
+    iod = interocular_distance(mp478)
     valid = np.asarray(raw["valid"], dtype=bool).reshape(-1) & np.isfinite(iod)
     mouth, eyes = _opening_pairs(rig)
     pairs = {"eyes": list(eyes), "mouth": [mouth]}

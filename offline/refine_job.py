@@ -42,7 +42,7 @@ from tqdm import tqdm
 from engine.atomic import write_json_atomic, write_npz_atomic, write_png_atomic
 from engine.config import Range, to_tree
 from engine.errors import UserError
-from engine.evaluation import OUTER_EYE_CORNERS, errors_over_iod, model_landmark_pixels, still_jitter
+from engine.evaluation import errors_over_iod, interocular_distance, model_landmark_pixels, still_jitter
 from engine.frames import FrameParams, FrameState, stack_reference, unstack_reference
 from engine.photometric import PhotometricConfig, PhotometricFitter
 from engine.rig import HeadRig
@@ -435,7 +435,7 @@ class _LandmarkJudge:
         self.rig = rig
         mp478 = np.stack([np.full((478, 2), np.nan) if points is None else points for points in landmarks])
         self.observed = rig.targets.pixels(mp478, None)
-        self.iod = np.linalg.norm(mp478[:, OUTER_EYE_CORNERS[0]] - mp478[:, OUTER_EYE_CORNERS[1]], axis=1)
+        self.iod = interocular_distance(mp478)
         self.measured = measured
         self.shape = rig.shape.cpu().numpy()
 
