@@ -104,6 +104,35 @@ def test_a_background_worker_runs_at_a_lower_priority_and_still_detects(frames: 
     assert found is not None and found.points.shape == (478, 2)
 
 
+def test_the_worker_detects_without_loading_matplotlib(frames: list[np.ndarray], landmarker_task: Path) -> None:
+    """MediaPipe's drawing utilities import pyplot; the worker, which never draws, loads none of matplotlib's
+    compiled modules (read from the worker's memory map)."""
+    with DetectionProcess(LandmarkerConfig(landmarker_task, running_mode="image"), frames[0].shape[:2]) as detector:
+        assert detector.detect(frames[0]) is not None
+        mapped = Path(f"/proc/{detector.pid}/maps").read_text()
+    assert "mediapipe" in mapped
+    assert "matplotlib" not in mapped
+
+
+def test_deferred_drawing_modules_load_on_first_use() -> None:
+    """After :func:`defer_drawing_imports`, MediaPipe's vision package imports without matplotlib, and pyplot
+    still works through the name it was imported under (a fresh interpreter, real matplotlib)."""
+    code = textwrap.dedent("""
+        import sys
+        from realtime.detection_process import defer_drawing_imports
+        defer_drawing_imports()
+        from mediapipe.tasks.python import vision
+        from mediapipe.tasks.python.vision import drawing_utils
+        print(type(sys.modules["matplotlib.pyplot"]).__name__, "matplotlib._path" in sys.modules)
+        figure = drawing_utils.plt.figure()
+        print(type(figure).__name__, type(sys.modules["matplotlib.pyplot"]).__name__, sys.modules["matplotlib"].__version__ > "")
+    """)
+    environment = {**os.environ, "MPLBACKEND": "Agg"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=WAIT_S)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["_DeferredModule", "False", "Figure", "module", "True"]
+
+
 def test_an_image_of_another_size_or_type_is_refused(frames: list[np.ndarray], landmarker_task: Path) -> None:
     with DetectionProcess(LandmarkerConfig(landmarker_task, running_mode="image"), (480, 640)) as process:
         with pytest.raises(ValueError, match="takes 640x480 images, not 360x288"):
