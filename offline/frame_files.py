@@ -5,13 +5,16 @@ each on a disk) overlap the caller's work and each other: the journal's chunks, 
 :func:`write_npz_files` writes a folder's frame files one after the other, each atomic but without its own
 fsync, then makes them all durable by one sync of the file system. :func:`npz_bytes` encodes one frame file:
 the same .npz that ``np.savez`` writes (a zip of ``.npy`` members, stored uncompressed), assembled directly,
-as NumPy's zipfile path costs about four times as much per small file.
+as NumPy's zipfile path costs about four times as much per small file. :class:`FilePreparer` creates the
+empty temporaries those writes go through ahead of time, while a job waits on MediaPipe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+import os
 import struct
 import threading
 import zlib
@@ -21,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.atomic import sync_file_system, write_bytes_replacing, write_npz_atomic
+from engine.atomic import replacing_temporary, sync_file_system, write_bytes_replacing, write_npz_atomic
+from engine.cpu_priority import lower_thread_priority
 
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL_HEADER = struct.Struct("<IHHHHHHIIIHHHHHII")
@@ -112,3 +116,44 @@ class FrameWriter:
         self._pool.shutdown(wait=True)
         if exc_info[0] is None:
             self._raise_failure()
+
+
+class FilePreparer:
+    """Creates the empty temporary files (:func:`engine.atomic.replacing_temporary`) through which
+    :func:`write_npz_files` will write ``paths``, on a thread of its own at a low priority, while the caller
+    waits on other work (``track``: on MediaPipe). Creating a small file costs about four fifths of writing
+    one on ext4 (measured: 1,337 files, 0.25-0.66 s to create empty, then 0.08-0.12 s to fill and rename).
+
+    :meth:`discard`, in a ``finally``, removes the temporaries that no write used.
+    """
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._paths = paths
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._create, name="prepare files", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _create(self) -> None:
+        lower_thread_priority()
+        for path in self._paths:
+            if self._stop.is_set():
+                return
+            try:
+                os.close(os.open(replacing_temporary(path), os.O_WRONLY | os.O_CREAT, 0o666))  # the user's umask applies
+            except OSError:
+                return  # the writes create what is missing; their own errors are the ones to report
+
+    def stop(self) -> None:
+        """Stop creating (the writes create what is still missing) and wait for the thread."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def discard(self) -> None:
+        """:meth:`stop`, then remove the temporaries that no write used (all of them after an error or Ctrl-C)."""
+        self.stop()
+        for path in self._paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(replacing_temporary(path))

@@ -63,7 +63,7 @@ from engine.smoothing import SmoothingConfig, smooth_within_fit
 from engine.tracker import Tracker, TrackerConfig
 from engine.versions import software_versions
 from offline.fit_journal import FitJournal, discard_journal, is_chunk_file, journaled_frames, read_journal
-from offline.frame_files import write_npz_files
+from offline.frame_files import FilePreparer, write_npz_files
 from offline.identity_survey import SURVEY_SAMPLES, Survey, frame_count, sample_indices, survey_samples
 
 if TYPE_CHECKING:
@@ -395,16 +395,22 @@ def track_input(
     n_frames = None if sequence is not None else frame_count(source)
     if sequence is None and (n_frames is None or n_frames < 2):  # one image, or a stream of unknown length
         sequence = _detect_all(source, out_dir, landmarker_task, timings, options.progress)
-    if sequence is not None:
-        tracker = Tracker(head, sequence.image_size, options.tracker)
-        single = _calibration_from_sequence(tracker, sequence, out_dir, timings, options.progress)
-        results = [single] if single is not None else _track_known(tracker, sequence, out_dir, results, options, timings)
-    else:
-        sequence, tracker = _detect_and_track(source, out_dir, head, landmarker_task, n_frames, results, options, timings)
-    smoothing = options.smoothing
-    if smoothing is not None:
-        results, smoothing = _smooth(tracker, results, sequence, out_dir, options, timings)
-    _write_frame_files(out_dir, tracker, results, options, timings)
+    # Started with the pass over a video, which waits on MediaPipe; what no frame file used goes at the end.
+    frame_files = FilePreparer([frame_path(out_dir, index) for index in range(n_frames or 0)])
+    try:
+        if sequence is not None:
+            tracker = Tracker(head, sequence.image_size, options.tracker)
+            single = _calibration_from_sequence(tracker, sequence, out_dir, timings, options.progress)
+            results = [single] if single is not None else _track_known(tracker, sequence, out_dir, results, options, timings)
+        else:
+            sequence, tracker = _detect_and_track(source, out_dir, head, landmarker_task, n_frames, results, options, timings, frame_files)
+        smoothing = options.smoothing
+        if smoothing is not None:
+            results, smoothing = _smooth(tracker, results, sequence, out_dir, options, timings)
+        frame_files.stop()
+        _write_frame_files(out_dir, tracker, results, options, timings)
+    finally:
+        frame_files.discard()
     timings["total_s"] = time.perf_counter() - started
     if "mediapipe_ms_per_frame" in timings and resumed == 0:  # the whole job ran now: its rate beside MediaPipe's
         timings["frames_per_second"] = sequence.n_frames / timings["total_s"]
@@ -723,10 +729,11 @@ def _opened(starting: Future) -> Iterator[Future]:
 
 def _detect_and_track(
     source: str, out_dir: Path, head: HeadModel, landmarker_task: Path, n_frames: int, results: list[dict[str, np.ndarray]],
-    options: TrackOptions, timings: dict[str, float],
+    options: TrackOptions, timings: dict[str, float], frame_files: FilePreparer,
 ) -> tuple[LandmarkSequence, Tracker]:
     """One pass over a video or image folder: each frame decoded, detected (video mode) and, once the
-    tracker is calibrated, tracked and journaled, appending to ``results``. Frames an interrupted run kept
+    tracker is calibrated, tracked and journaled, appending to ``results``; ``frame_files`` is started with
+    the first detection. Frames an interrupted run kept
     are detected again (MediaPipe's video mode continues from each frame's face, so its landmarks are those
     of an uninterrupted run) but not tracked again. Detection starts as soon as MediaPipe has; the tracker
     is made and calibrated meanwhile (:class:`_CalibratedTracker`)."""
@@ -763,6 +770,7 @@ def _detect_and_track(
             if not points:  # MediaPipe's start-up, the part of the pass when nothing is detected yet
                 timings["first_detection_s"] = time.perf_counter() - started
                 calibration.begin()
+                frame_files.start()
             points.append(np.full((N_LANDMARKS, 2), np.nan) if found is None else found)
             mediapipe_ms.append(milliseconds)
             catch_up(_CATCH_UP_FRAMES)

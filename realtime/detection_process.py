@@ -39,6 +39,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from engine.cpu_priority import BACKGROUND_NICENESS
 from engine.head_model import ModelFileError
 from engine.landmarks import N_LANDMARKS, FaceLandmarker, FaceObservation, LandmarkerConfig
 from flame_client.messages import BLENDSHAPE_NAMES
@@ -47,8 +48,6 @@ log = logging.getLogger(__name__)
 
 #: Frames in flight by default: one being detected, two waiting in the pipe (see ``realtime.detection.IN_FLIGHT``).
 DEFAULT_SLOTS = 3
-#: How far below its parent's CPU priority a background worker runs (``nice`` steps; 19 is the lowest).
-BACKGROUND_NICENESS = 10
 _START_TIMEOUT_S = 120.0  # the worker imports MediaPipe and loads the model; a busy machine takes its time
 _STOP_TIMEOUT_S = 5.0
 _ALIGNMENT = 64

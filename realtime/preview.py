@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from engine.cpu_priority import lower_thread_priority
 from engine.demo_head import DEMO_HEAD_NAME
 from engine.export import posed_vertices
 from engine.flame import FlameLayer
@@ -51,15 +52,6 @@ def display_available() -> bool:
     return True
 
 
-def _lower_priority() -> None:
-    """Make the calling thread yield the CPU to tracking when both want it (Linux: threads have their own nice value)."""
-    if sys.platform.startswith("linux"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        except OSError as error:
-            log.debug("the preview thread keeps its priority (%s)", error)
-
-
 class _GuiThread:
     """The process's one HighGUI thread: runs each preview's drawing loop in turn."""
 
@@ -76,7 +68,7 @@ class _GuiThread:
 
     @staticmethod
     def _serve(jobs: queue.SimpleQueue) -> None:
-        _lower_priority()
+        lower_thread_priority()  # the preview yields the CPU to tracking when both want it
         while True:
             jobs.get()()
 

@@ -17,7 +17,8 @@ import pytest
 
 from engine.head_model import ModelFileError
 from engine.landmarks import FaceLandmarker, LandmarkerConfig
-from realtime.detection_process import BACKGROUND_NICENESS, DetectionProcess, DetectionProcessError, resized
+from engine.cpu_priority import BACKGROUND_NICENESS
+from realtime.detection_process import DetectionProcess, DetectionProcessError, resized
 from realtime.sources import iter_frames
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -68,11 +68,12 @@ def test_ctrl_c_keeps_the_frames_and_a_rerun_continues_to_the_same_result(
     kept = written_frames(out)
     assert 3 <= kept < 75 and not (out / META_FILE).exists(), "interrupted mid-way: frames kept, no completion marker"
     assert "Traceback" not in stderr and f"interrupted: {kept} frames are saved" in stderr
+    assert not list(out.glob(".*.tmp")), "the frame files' prepared temporaries are removed"
 
     resumed = run(command)
     assert resumed.returncode == 0, resumed.stderr
     assert f"continued an earlier run: {kept} frames were already written" in resumed.stdout
-    assert (out / META_FILE).is_file() and written_frames(out) == 75
+    assert (out / META_FILE).is_file() and written_frames(out) == 75 and not list(out.glob(".*"))
     with np.load(out / LANDMARKS_FILE) as a, np.load(uninterrupted / LANDMARKS_FILE) as b:
         np.testing.assert_array_equal(a["mp478"], b["mp478"])
     with np.load(out / CALIBRATION_FILE) as a, np.load(uninterrupted / CALIBRATION_FILE) as b:

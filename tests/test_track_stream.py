@@ -5,6 +5,7 @@ the sample shows no face. Real files, real MediaPipe."""
 from __future__ import annotations
 
 import io
+import time
 import zipfile
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import pytest
 from engine.frames import stack_reference
 from engine.model_selection import select_head_model
 from offline.fit_journal import CHUNK_FRAMES, FitJournal, chunk_path, journaled_frames, read_journal
-from offline.frame_files import npz_bytes, write_npz_files
+from engine.atomic import replacing_temporary
+from offline.frame_files import FilePreparer, npz_bytes, write_npz_files
 from offline.identity_survey import SURVEY_SAMPLES, sample_indices
 from offline.track_job import TrackOptions, track_input, written_frames
 
@@ -55,6 +57,25 @@ def test_frame_files_are_written_in_turn_each_readable(tmp_path: Path) -> None:
             assert stored.files == ["exp", "valid"]
             np.testing.assert_array_equal(stored["exp"], arrays["exp"])
             assert stored["valid"].tolist() == [index % 2 == 0]
+
+
+def test_prepared_temporaries_are_filled_by_the_writes_and_the_unused_ones_discarded(tmp_path: Path) -> None:
+    paths = [tmp_path / f"{index:06d}.npz" for index in range(6)]
+    preparer = FilePreparer(paths)
+    preparer.start()
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.iterdir())) < len(paths) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    preparer.stop()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(replacing_temporary(path).name for path in paths)
+    assert all(replacing_temporary(path).stat().st_size == 0 for path in paths)
+    frames = [{"exp": np.full((1, 4), index, np.float32)} for index in range(4)]  # fewer frames than prepared
+    write_npz_files(tmp_path, zip(paths, frames))
+    preparer.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name for path in paths[:4]]
+    for path, arrays in zip(paths, frames):
+        with np.load(path, allow_pickle=False) as stored:
+            np.testing.assert_array_equal(stored["exp"], arrays["exp"])
 
 
 def frame(value: float) -> dict[str, np.ndarray]:
