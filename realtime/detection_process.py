@@ -320,31 +320,33 @@ def _start_worker(worker_end: Connection, niceness: int) -> subprocess.Popen:
 
 class _DeferredModule(types.ModuleType):
     """Stands in for a module of :data:`DEFERRED_MODULES` in ``sys.modules`` until something reads an
-    attribute of it that it does not hold: then the real modules are imported and the read is answered from them."""
+    attribute of it that it does not hold: then the real module is imported and the read is answered from it."""
 
     def __getattr__(self, name: str) -> object:
+        root = self.__name__.partition(".")[0]
         for module_name in DEFERRED_MODULES:
-            if isinstance(sys.modules.get(module_name), _DeferredModule):
+            if module_name.partition(".")[0] == root and isinstance(sys.modules.get(module_name), _DeferredModule):
                 del sys.modules[module_name]
         return getattr(importlib.import_module(self.__name__), name)
 
 
-#: Imported on first use, not on import, in the worker: MediaPipe's vision package imports its drawing
-#: utilities, which import matplotlib's pyplot, half of MediaPipe's import time (0.3 s); the worker never draws.
-DEFERRED_MODULES = ("matplotlib", "matplotlib.pyplot")
+#: Imported on first use, not on import, in the worker, which never uses them: MediaPipe's vision package
+#: imports its drawing utilities, which import matplotlib's pyplot (half of MediaPipe's import time, 0.3 s),
+#: and its audio package imports sounddevice, which loads PortAudio (0.05 s).
+DEFERRED_MODULES = ("matplotlib", "matplotlib.pyplot", "sounddevice")
 
 
-def defer_drawing_imports() -> None:
+def defer_unused_imports() -> None:
     """Put stand-ins for :data:`DEFERRED_MODULES` in ``sys.modules`` (before MediaPipe is imported), each
-    imported for real on its first use. ``import matplotlib.pyplot as plt`` then binds the stand-in."""
-    package, *submodules = DEFERRED_MODULES
-    if package in sys.modules:
-        return
-    stand_in = _DeferredModule(package)
-    for module_name in submodules:
+    imported for real on its first use; a submodule's stand-in is also its parent's attribute, so
+    ``import matplotlib.pyplot as plt`` binds the stand-in. A module already imported stays as it is."""
+    for module_name in DEFERRED_MODULES:
+        parent, _, child = module_name.rpartition(".")
+        if module_name.partition(".")[0] in sys.modules and not isinstance(sys.modules.get(parent), _DeferredModule):
+            continue
         sys.modules[module_name] = _DeferredModule(module_name)
-        setattr(stand_in, module_name.rpartition(".")[2], sys.modules[module_name])
-    sys.modules[package] = stand_in
+        if parent:
+            setattr(sys.modules[parent], child, sys.modules[module_name])
 
 
 def _worker_main(descriptor: int, niceness: int = 0) -> None:
@@ -352,7 +354,7 @@ def _worker_main(descriptor: int, niceness: int = 0) -> None:
     timestamp, MediaPipe's ms, ms idle before the request) until told to stop (None) or until the parent is gone (end-of-file)."""
     if niceness and hasattr(os, "nice"):  # before MediaPipe loads: its start-up is background work too
         os.nice(niceness)
-    defer_drawing_imports()
+    defer_unused_imports()
     connection = Connection(descriptor)
     try:
         config, memory_name, image_size, slots, verbose = connection.recv()

@@ -105,33 +105,34 @@ def test_a_background_worker_runs_at_a_lower_priority_and_still_detects(frames: 
     assert found is not None and found.points.shape == (478, 2)
 
 
-def test_the_worker_detects_without_loading_matplotlib(frames: list[np.ndarray], landmarker_task: Path) -> None:
-    """MediaPipe's drawing utilities import pyplot; the worker, which never draws, loads none of matplotlib's
-    compiled modules (read from the worker's memory map)."""
+def test_the_worker_detects_without_loading_matplotlib_or_portaudio(frames: list[np.ndarray], landmarker_task: Path) -> None:
+    """MediaPipe's drawing utilities import pyplot, its audio package sounddevice; the worker, which uses
+    neither (nor ZeroMQ), loads none of their compiled libraries (read from the worker's memory map)."""
     with DetectionProcess(LandmarkerConfig(landmarker_task, running_mode="image"), frames[0].shape[:2]) as detector:
         assert detector.detect(frames[0]) is not None
         mapped = Path(f"/proc/{detector.pid}/maps").read_text()
     assert "mediapipe" in mapped
-    assert "matplotlib" not in mapped
+    assert "matplotlib" not in mapped and "_cffi_backend" not in mapped  # sounddevice's PortAudio binding
+    assert "libzmq" not in mapped  # the worker needs the schema of flame_client, not its subscriber
 
 
 def test_deferred_drawing_modules_load_on_first_use() -> None:
-    """After :func:`defer_drawing_imports`, MediaPipe's vision package imports without matplotlib, and pyplot
+    """After :func:`defer_unused_imports`, MediaPipe imports without matplotlib or sounddevice, and pyplot
     still works through the name it was imported under (a fresh interpreter, real matplotlib)."""
     code = textwrap.dedent("""
         import sys
-        from realtime.detection_process import defer_drawing_imports
-        defer_drawing_imports()
+        from realtime.detection_process import defer_unused_imports
+        defer_unused_imports()
         from mediapipe.tasks.python import vision
         from mediapipe.tasks.python.vision import drawing_utils
-        print(type(sys.modules["matplotlib.pyplot"]).__name__, "matplotlib._path" in sys.modules)
+        print(type(sys.modules["matplotlib.pyplot"]).__name__, "matplotlib._path" in sys.modules, type(sys.modules["sounddevice"]).__name__)
         figure = drawing_utils.plt.figure()
         print(type(figure).__name__, type(sys.modules["matplotlib.pyplot"]).__name__, sys.modules["matplotlib"].__version__ > "")
     """)
     environment = {**os.environ, "MPLBACKEND": "Agg"}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=WAIT_S)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["_DeferredModule", "False", "Figure", "module", "True"]
+    assert result.stdout.split() == ["_DeferredModule", "False", "_DeferredModule", "Figure", "module", "True"]
 
 
 def test_an_image_of_another_size_or_type_is_refused(frames: list[np.ndarray], landmarker_task: Path) -> None:

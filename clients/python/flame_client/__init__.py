@@ -21,7 +21,6 @@ from flame_client.messages import (
     decode,
     validate,
 )
-from flame_client.subscriber import Subscriber, SubscriberError
 
 __all__ = [
     "BLENDSHAPE_NAMES",
@@ -37,3 +36,13 @@ __all__ = [
     "decode",
     "validate",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``Subscriber`` and ``SubscriberError`` load ZeroMQ on first use: processes that only need the schema
+    (``flame_client.messages``, such as the tracker's MediaPipe worker) never load it."""
+    if name in ("Subscriber", "SubscriberError"):
+        from flame_client import subscriber
+
+        return getattr(subscriber, name)
+    raise AttributeError(f"module 'flame_client' has no attribute {name!r}")
