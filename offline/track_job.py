@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from engine.atomic import write_json_atomic, write_npz_atomic
 from engine.config import to_tree
+from engine.cpu_priority import lower_thread_priority
 from engine.errors import UserError
 from engine.evaluation import reference_landmarks
 from engine.export import posed_vertices
@@ -643,6 +644,7 @@ class _CalibratedTracker:
                 self._outcome.set_result(False)
                 return
             if (out_dir / CALIBRATION_FILE).is_file():
+                lower_thread_priority()  # see below
                 tracker = Tracker(head, image_size, config)
                 _load_calibration(tracker, out_dir)
                 if kept:
@@ -654,6 +656,10 @@ class _CalibratedTracker:
             # The survey's MediaPipe starts while both trackers are made, in the background: the main pass's
             # MediaPipe sets the pace of the whole job, the survey need only finish well before it does.
             survey_detector = _start_detector(LandmarkerConfig(landmarker_task, running_mode="video"), image_size, background=True)
+            # Making the trackers (loading the solver's kernels), decoding the sample and calibrating can wait
+            # too: this thread yields the cores to MediaPipe's main process whenever both want them. Lowered
+            # only now, as the survey's process would otherwise start lower still and could starve on a busy machine.
+            lower_thread_priority()
             with _opened(survey_detector) as starting:
                 tracker = Tracker(head, image_size, config)
                 survey = Survey(head, config, image_size, fps)
