@@ -3,8 +3,10 @@
 Identity and FOV are calibrated first, on the most diverse of a sample of frames spread over the whole
 input (:mod:`offline.identity_survey`: the sampled frames detected up front and tracked with the mean
 identity); then one pass over the input overlaps decoding (a thread), MediaPipe (a process of its own, a
-few frames in flight) and tracking with that identity frozen, warm-started, without the live output
-filter (this thread), each frame tracked as soon as it is detected. A landmarks file is surveyed whole.
+few frames in flight, fed by this thread) and tracking with that identity frozen, warm-started, without the
+live output filter (a thread at a lower priority, which yields the cores to MediaPipe), each frame tracked as
+soon as it is detected. A landmarks file is surveyed whole. Work that can wait (making and calibrating the
+tracker, creating the frame files) runs at a lower priority too.
 
 :func:`track_input` keeps everything as it goes, so an interrupted run keeps its work and the same call
 continues it. Output in ``DIR`` (format version in ``meta.json``), in the order it is written:
@@ -34,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import re
 import shutil
 import threading
@@ -84,9 +85,6 @@ OVERLAY_VIDEO, OVERLAY_IMAGE = "overlay.mp4", "overlay.png"
 JOB_FORMAT_VERSION = 3
 _FRAME_FILE = re.compile(r"\d{6}\.npz")
 _OUR_FILES = {JOB_FILE, LANDMARKS_FILE, CALIBRATION_FILE, UNSMOOTHED_FILE, STACK_FILE, META_FILE, PHOTOMETRIC_DIR, OVERLAY_VIDEO, OVERLAY_IMAGE}
-#: Frames tracked between two detections while catching up with the detector (after the calibration), so
-#: that MediaPipe never waits for the next frame.
-_CATCH_UP_FRAMES = 2
 
 
 @dataclass
@@ -733,6 +731,89 @@ def _opened(starting: Future) -> Iterator[Future]:
         starting.add_done_callback(lambda started: started.exception() is None and started.result().close())
 
 
+class _FittingStage:
+    """The pass's fitting stage: tracks each detected frame (appended to ``points`` by the caller) after those in
+    ``results``, journaling each and appending it to ``results``, on a thread of its own at a lower priority.
+    MediaPipe's main process sets the pace of the pass, so this thread yields it the cores whenever both want
+    them, and the caller's thread only keeps MediaPipe fed.
+
+    :meth:`start` (once the tracker is calibrated) tracks the frames detected so far, then each one announced
+    by :meth:`detected`; :meth:`finish` waits for every frame in ``points``. Leaving the ``with`` block (also on
+    Ctrl-C or an error) stops after the frame being tracked and waits for it, so the journal holds every frame
+    in ``results``. An error on the thread is raised by the next call.
+    """
+
+    def __init__(
+        self, points: list[np.ndarray], results: list[dict[str, np.ndarray]], journal: FitJournal, bar: tqdm, fps: float
+    ) -> None:
+        self._points, self._results, self._journal, self._bar, self._fps = points, results, journal, bar, fps
+        self._changed = threading.Condition()
+        self._ending = self._stopping = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self.seconds = 0.0  # spent tracking
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def start(self, tracker: Tracker) -> None:
+        self._thread = threading.Thread(target=self._run, args=(tracker,), name="fitting", daemon=True)
+        self._thread.start()
+
+    def detected(self) -> None:
+        """A frame was appended to ``points``."""
+        self._raise_failure()
+        with self._changed:
+            self._changed.notify()
+
+    def finish(self) -> None:
+        """Wait until every frame in ``points`` is tracked."""
+        with self._changed:
+            self._ending = True
+            self._changed.notify()
+        if self._thread is not None:
+            self._thread.join()
+        self._raise_failure()
+
+    def _run(self, tracker: Tracker) -> None:
+        lower_thread_priority()
+        try:
+            while True:
+                with self._changed:
+                    while len(self._results) >= len(self._points) and not (self._ending or self._stopping):
+                        self._changed.wait()
+                    if self._stopping or len(self._results) >= len(self._points):
+                        return
+                index = len(self._results)
+                begun = time.perf_counter()
+                observed = self._points[index]
+                frame = tracker.track(None if np.isnan(observed).all() else observed, None, timestamp=index / self._fps)
+                arrays = tracker.rig.reference_arrays(frame)
+                self._journal.add(arrays)
+                self._results.append(arrays)
+                self.seconds += time.perf_counter() - begun
+                self._bar.update()
+        except BaseException as error:  # noqa: BLE001 - raised in the caller's thread
+            self._error = error
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> _FittingStage:
+        return self
+
+    def __exit__(self, error_type: type[BaseException] | None, *details: object) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify()
+        if self._thread is not None:
+            self._thread.join()
+        if error_type is None:
+            self._raise_failure()
+
+
 def _detect_and_track(
     source: str, out_dir: Path, head: HeadModel, landmarker_task: Path, n_frames: int, results: list[dict[str, np.ndarray]],
     options: TrackOptions, timings: dict[str, float], frame_files: FilePreparer,
@@ -750,28 +831,10 @@ def _detect_and_track(
     )
     points: list[np.ndarray] = []
     mediapipe_ms: list[float] = []
-    tracking_seconds = 0.0
     started = time.perf_counter()
     with calibrating as calibration, _opened(detector_starting) as starting, FitJournal(out_dir, len(results)) as journal, tqdm(
         desc="track", unit="frame", total=n_frames, initial=len(results), disable=not options.progress
-    ) as bar:
-
-        def catch_up(limit: float) -> None:
-            nonlocal tracking_seconds
-            if not calibration.ready():
-                return
-            tracker = calibration.tracker
-            begun = time.perf_counter()
-            while len(results) < len(points) and limit > 0:
-                index = len(results)
-                frame = tracker.track(None if np.isnan(points[index]).all() else points[index], None, timestamp=index / fps)
-                arrays = tracker.rig.reference_arrays(frame)
-                journal.add(arrays)
-                results.append(arrays)
-                bar.update()
-                limit -= 1
-            tracking_seconds += time.perf_counter() - begun
-
+    ) as bar, _FittingStage(points, results, journal, bar, fps) as fitting:
         for _, found, milliseconds in iter_detections(source, starting.result(), image_size, fps, "video"):
             if not points:  # MediaPipe's start-up, the part of the pass when nothing is detected yet
                 timings["first_detection_s"] = time.perf_counter() - started
@@ -779,7 +842,10 @@ def _detect_and_track(
                 frame_files.start()
             points.append(np.full((N_LANDMARKS, 2), np.nan) if found is None else found)
             mediapipe_ms.append(milliseconds)
-            catch_up(_CATCH_UP_FRAMES)
+            if fitting.started:
+                fitting.detected()
+            elif calibration.ready():
+                fitting.start(calibration.tracker)
         if not points:
             raise UserError(f"{source} holds no frames")
         sequence = LandmarkSequence(np.stack(points), None, image_size, fps, source)
@@ -788,9 +854,11 @@ def _detect_and_track(
             calibrate_on_sequence(tracker, sequence, timings, options.progress)
             _save_calibration(tracker, out_dir)
             calibration.calibrated_otherwise()
-        catch_up(math.inf)
+        if not fitting.started:
+            fitting.start(tracker)
+        fitting.finish()
     timings["stream_s"] = time.perf_counter() - started
-    timings["tracking_s"] = tracking_seconds
+    timings["tracking_s"] = fitting.seconds
     timings["mediapipe_ms_per_frame"] = sum(mediapipe_ms) / len(mediapipe_ms)
     _save_landmarks(out_dir, sequence)
     return sequence, tracker
