@@ -25,6 +25,7 @@ import av
 import cv2
 import numpy as np
 
+from engine.cpu_priority import lower_thread_priority
 from engine.errors import UserError
 from realtime.handoff import DropOldestQueue
 
@@ -538,13 +539,16 @@ def open_source(spec: str | int, realtime: bool = True, options: SourceOptions |
     return FrameSource(_open_reader(str(spec), options or SourceOptions()), realtime)
 
 
-def read_ahead(frames: Iterator[Frame], depth: int = 4) -> Iterator[Frame]:
+def read_ahead(frames: Iterator[Frame], depth: int = 4, background: bool = False) -> Iterator[Frame]:
     """The same frames, decoded up to ``depth`` ahead in a thread of its own (decoding overlaps the caller's
-    work on each frame); an error while reading is raised here, after the frames before it."""
+    work on each frame), at a lower CPU priority if ``background`` (the frames waiting cover its delays); an
+    error while reading is raised here, after the frames before it."""
     handoff: DropOldestQueue[Frame] = DropOldestQueue(depth)
 
     def read() -> None:
         error: BaseException | None = None
+        if background:
+            lower_thread_priority()
         try:
             for frame in frames:
                 if not handoff.hand_over(frame):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
+from engine.cpu_priority import BACKGROUND_NICENESS
 from engine.errors import UserError
 from realtime.sources import (
     Frame,
@@ -130,6 +133,25 @@ def test_read_ahead_gives_the_same_frames_then_the_reading_error(tmp_path):
         for frame in read_ahead(failing()):
             seen.append(frame.index)
     assert seen == list(range(12)), "the frames before the error arrive first"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads have their own nice value on Linux only")
+def test_read_ahead_in_the_background_decodes_at_a_lower_priority(tmp_path):
+    folder = tmp_path / "images"
+    write_numbered_pngs(folder, 3)
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def frames_with(priorities):  # run by the reading thread: notes its priority at each frame
+        for frame in iter_frames(str(folder)):
+            priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            yield frame
+
+    background: list[int] = []
+    foreground: list[int] = []
+    assert len(list(read_ahead(frames_with(background), background=True))) == 3
+    assert len(list(read_ahead(frames_with(foreground)))) == 3
+    assert background == [min(own + BACKGROUND_NICENESS, 19)] * 3 and foreground == [own] * 3
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own, "the caller's thread keeps its priority"
 
 
 def test_single_image_is_a_one_frame_source(tmp_path):
