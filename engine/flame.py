@@ -145,6 +145,7 @@ def _contour_rows(yaw_deg: torch.Tensor) -> torch.Tensor:
     return torch.where(yaw < 0, negative, yaw)
 
 
+@compiled
 def contour_row(root_rotation: np.ndarray) -> int:
     """The contour table row of one head rotation (3, 3): :meth:`FlameLayer.contour_rows` for a single frame."""
     yaw = -math.degrees(math.atan2(-root_rotation[2, 0], math.hypot(root_rotation[0, 0], root_rotation[1, 0])))

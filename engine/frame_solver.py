@@ -35,7 +35,7 @@ import torch
 from engine.camera import MIN_DEPTH
 from engine.fitting import FitConfig, FitResult, FrameBlock, FrameFit, FrameTargets, Targets, fitted_joints, landmark_weights
 from engine.flame import GENERATORS, axis_angles, contour_row, rotation_matrices
-from engine.frames import FrameArrays, FrameParams
+from engine.frames import NUMPY_DTYPES, FrameArrays, FrameParams
 from engine.jit import compiled
 from engine.landmark_model import LandmarkModel, LandmarkTable
 from engine.timing import synchronizer
@@ -115,71 +115,65 @@ class _Pairs:
         self.count = int(bounds[-1])
 
 
-class _Evaluation:
-    """One state's joints, landmarks, residuals and prior, in buffers reused from frame to frame (two per
-    fitter: the current state's and a candidate's)."""
+class _Workspace:
+    """Every buffer a frame's solve writes, made once per fitter and reused from frame to frame.
+
+    The two evaluation slots (the current state's and a candidate's) are stacked on a leading axis of 2:
+    ``values`` (2, V) [expression, pose features, 1], ``world_rot`` (2, J, 3, 3), ``world_pos`` (2, J, 3),
+    ``contributions`` (2, P, 3) each pair's share of its landmark in the world, ``points`` (2, L, 3),
+    ``errors`` (2, L, 2) normalised residuals, ``squared`` (2, L) their squared norm over the Cauchy scale
+    squared, ``weights`` (2, L) robust weights, ``prior_rows`` (2, 2, size), ``prior_gradient`` and
+    ``prior_diagonal`` (2, size). A frame's observations: ``offsets`` (L, 2), ``unit_mask``,
+    ``frame_weights`` and ``cost_weights`` (L,) (see :func:`_residuals`); its prediction's terms of the
+    prior: ``inverse`` (F, 3, 3) and ``offset`` (2, size) (see :func:`_prior`). The linear algebra: ``arms``
+    (L, F, 3), ``jacobian`` (2 L, size), ``scaled`` (2 L, size) and ``scaled_residuals`` (2 L,) its weighted
+    rows, ``hessian`` and ``factor`` (size, size), ``step`` (size,).
+    """
 
     def __init__(self, layout: _Layout, pairs: _Pairs) -> None:
-        n_joints, n_landmarks = len(layout.parents), pairs.n_landmarks
-        self.values = np.zeros(layout.n_values)  # [expression, pose features, 1]
-        self.world_rot = np.zeros((n_joints, 3, 3))
-        self.world_pos = np.zeros((n_joints, 3))
-        self.contributions = np.zeros((pairs.count, 3))  # each pair's share of its landmark, in the world
-        self.points = np.zeros((n_landmarks, 3))
-        self.errors = np.zeros((n_landmarks, 2))
-        self.squared = np.zeros(n_landmarks)  # squared residual over the Cauchy scale squared
-        self.weights = np.zeros(n_landmarks)
-        self.prior_rows = np.zeros((2, layout.size))
-        self.prior_gradient = np.zeros(layout.size)
-        self.prior_diagonal = np.zeros(layout.size)
-        self.row = 0  # the contour row of the state
-        self.cost = 0.0
-
-
-class _Frame:
-    """One frame's observations in the solver's layout, in buffers reused from frame to frame: a landmark's
-    residual is (point * focal * (1, -1) / depth + offset) * unit_mask (see :func:`_residuals`)."""
-
-    def __init__(self, n_landmarks: int) -> None:
+        n_joints, n_landmarks, size, n_fitted = len(layout.parents), pairs.n_landmarks, layout.size, len(layout.joints)
+        self.values = np.zeros((2, layout.n_values))
+        self.world_rot = np.zeros((2, n_joints, 3, 3))
+        self.world_pos = np.zeros((2, n_joints, 3))
+        self.contributions = np.zeros((2, pairs.count, 3))
+        self.points = np.zeros((2, n_landmarks, 3))
+        self.errors = np.zeros((2, n_landmarks, 2))
+        self.squared = np.zeros((2, n_landmarks))
+        self.weights = np.zeros((2, n_landmarks))
+        self.prior_rows = np.zeros((2, 2, size))
+        self.prior_gradient = np.zeros((2, size))
+        self.prior_diagonal = np.zeros((2, size))
         self.offsets = np.zeros((n_landmarks, 2))
         self.unit_mask = np.zeros(n_landmarks)
-        self.group_weights = np.zeros(n_landmarks)
+        self.frame_weights = np.zeros(n_landmarks)
         self.cost_weights = np.zeros(n_landmarks)
-        self.face_size = self.focal = self.focal_over_scale = 1.0
+        self.inverse = np.zeros((n_fitted, 3, 3))
+        self.offset = np.zeros((2, size))
+        self.arms = np.zeros((n_landmarks, n_fitted, 3))
+        self.jacobian = np.zeros((2 * n_landmarks, size))  # rows: landmark, then u and v
+        self.scaled = np.zeros_like(self.jacobian)
+        self.scaled_residuals = np.zeros(2 * n_landmarks)
+        self.hessian = np.zeros((size, size))
+        self.factor = np.zeros((size, size))
+        self.step = np.zeros(size)
 
-    def observe(
-        self, pixels: np.ndarray, observed: np.ndarray, face_size: float, group_weights: np.ndarray, config: FitConfig, focal: float,
-        center: tuple[float, float],
-    ) -> _Frame:
-        """Take one frame's pixels (L, 2) float64, observed (L,) bool and face size (pixels)."""
-        scale = config.noise * face_size  # pixels per unit of normalised residual
-        self.face_size, self.focal, self.focal_over_scale = face_size, focal, focal / scale
-        _observations(
-            pixels, observed, group_weights, center[0], center[1], scale, config.robust_scale**2, self.offsets, self.unit_mask,
-            self.group_weights, self.cost_weights,
-        )
-        return self
-
-
-class _Anchor:
-    """What the prior compares a state with: the prediction (temporal terms) or, without one, nothing (the
-    motion weights are zero, so the prior's second row adds nothing). A prediction's terms go into the fitter's
-    buffers, reused from frame to frame."""
-
-    def __init__(self, fitter: CpuFrameFitter, prediction: FrameArrays | None) -> None:
-        if prediction is None:
-            self.inverse, self.offset = fitter.no_rotations, fitter.no_offset
-        else:
-            self.inverse, self.offset = fitter.prediction_inverse, fitter.prediction_offset
-            _prediction_terms(prediction.exp, prediction.rotations, prediction.transl, fitter.fitted, self.inverse, self.offset)
-        self.weights, self.diagonals = fitter.prior_terms[prediction is not None]
+    def arguments(self) -> tuple[np.ndarray, ...]:
+        """The buffers in the order :func:`_solve_frame` takes them."""
+        return (
+            self.values, self.world_rot, self.world_pos, self.contributions, self.points, self.errors, self.squared, self.weights,
+            self.prior_rows, self.prior_gradient, self.prior_diagonal, self.offsets, self.unit_mask, self.frame_weights,
+            self.cost_weights, self.inverse, self.offset, self.arms, self.jacobian, self.scaled, self.scaled_residuals, self.hessian,
+            self.factor, self.step,
+        )  # fmt: skip
 
 
 class CpuFrameFitter:
     """FrameFitter.fit for one frame at a time on the CPU, whatever device the model lives on.
 
     Built once per identity (``model`` from LandmarkModel.with_fixed_shape), like FrameFitter; every table and
-    buffer the solve needs is made here, and the kernels are compiled or loaded here.
+    buffer the solve needs is made here, and the kernel is compiled or loaded here. A frame's whole solve is
+    one call of :func:`_solve_frame`: between live frames the caches are cold, and each Python-level call and
+    object then costs far more than its arithmetic.
     """
 
     def __init__(self, model: LandmarkModel, config: FitConfig) -> None:
@@ -205,21 +199,19 @@ class CpuFrameFitter:
         self.pairs = _Pairs(model, layout, joint_rest[layout.active], self.joint_coeff_basis[layout.active])
         self.has_contour = model.contour is not None
         self.n_landmarks = self.pairs.n_landmarks
-        self.slots = [_Evaluation(layout, self.pairs) for _ in range(2)]
-        self.frame = _Frame(self.n_landmarks)
-        self.arms = np.zeros((self.n_landmarks, len(self.joints), 3))
-        self.jacobian = np.zeros((2 * self.n_landmarks, self.size))  # rows: landmark, then u and v
-        self.scaled = np.zeros_like(self.jacobian)  # sqrt(w) J of the weighted rows, then sqrt(w) e and the step: reused by every iteration
-        self.scaled_residuals = np.zeros(2 * self.n_landmarks)
-        self.step = np.zeros(self.size)
-        self.no_rotations = np.ascontiguousarray(np.broadcast_to(np.eye(3), (len(self.joints), 3, 3)))
-        self.no_offset = np.zeros((2, self.size))
-        self.prediction_inverse = np.zeros_like(self.no_rotations)
-        self.prediction_offset = np.zeros((2, self.size))
+        self.workspace = _Workspace(layout, self.pairs)
         self.group_weights_source: torch.Tensor | None = None
         self.group_weights = np.zeros(self.n_landmarks)
         self._priors(config)
-        self._compile()
+        pairs = self.pairs
+        # What every frame passes to _solve_frame after its own arguments, in the kernel's order.
+        self.tables = (
+            config.noise, config.robust_scale, config.initial_damping, config.cost_tolerance, config.step_tolerance, self.parents,
+            self.local_rest, self.local_basis, bool(layout.corrected), self.has_contour, pairs.spans, pairs.landmarks, pairs.joints,
+            pairs.weights, pairs.bases, self.joint_coeff_basis, self.joint_offset_basis, self.fitted, self.subtree, self.coupling,
+            self.jaw_opening, self.prior_weights, self.prior_diagonals, *self.workspace.arguments(),
+        )  # fmt: skip
+        self._compile(NUMPY_DTYPES[model.joint_rest.dtype])
 
     def _priors(self, config: FitConfig) -> None:
         """The prior and motion weights of [exp, fitted joint angles, translation]: FrameFitter's, in NumPy."""
@@ -229,63 +221,31 @@ class CpuFrameFitter:
         self.jaw_opening = block.jaw_opening
         overclosed_weight = prior_weight.copy()
         overclosed_weight[self.jaw_opening] = config.priors.jaw_overclose
-        # Per use (without, with a prediction): per jaw (not, over-closed) the weights of the parameter vector
-        # and of its change since the prediction (2, 2, size), and the Hessian diagonals they give (2, size).
-        self.prior_terms = [
-            (np.stack([np.stack([weight, motion]) for weight in (prior_weight, overclosed_weight)]),
-             np.stack([weight + motion for weight in (prior_weight, overclosed_weight)]))
-            for motion in (np.zeros(self.size), motion_weight)
-        ]  # fmt: skip
+        # Per use (without, with a prediction), per jaw (not, over-closed): the weights of the parameter vector
+        # and of its change since the prediction, prior_weights (2, 2, 2, size), and the Hessian diagonals they
+        # give, prior_diagonals (2, 2, size).
+        motions = (np.zeros(self.size), motion_weight)
+        self.prior_weights = np.array([[[weight, motion] for weight in (prior_weight, overclosed_weight)] for motion in motions])
+        self.prior_diagonals = np.array([[weight + motion for weight in (prior_weight, overclosed_weight)] for motion in motions])
 
-    def _compile(self) -> None:
-        """Run every kernel once on this fitter's own buffers, so that numba compiles (or loads from its cache)
-        each for exactly the argument types that frames pass, here rather than during a frame."""
+    def _compile(self, dtype: type[np.floating]) -> None:
+        """Solve one made-up frame in ``dtype`` (the model's, which the tracker's parameters share), so that numba
+        compiles (or loads from its cache) the kernel for exactly the argument types that frames pass, here
+        rather than during a frame."""
         global _kernels_ready
         started = time.perf_counter()
-        rest = np.ascontiguousarray(np.broadcast_to(np.eye(3), (len(self.parents), 3, 3)))
-        state = FrameArrays(np.zeros(self.n_exp), rest, np.array([0.0, 0.0, -1.0]))
+        rest = np.ascontiguousarray(np.broadcast_to(np.eye(3, dtype=dtype), (len(self.parents), 3, 3)))
+        state = FrameArrays(np.zeros(self.n_exp, dtype), rest, np.array([0.0, 0.0, -1.0], dtype))
         total = self.n_landmarks
-        frame = self.frame.observe(np.zeros((total, 2)), np.ones(total, dtype=bool), 100.0, np.ones(total), self.config, 500.0, (0.0, 0.0))
-        slot = self._evaluate(state, frame, _Anchor(self, state), self.slots[0])
-        self._linearise(state, slot, frame)
-        count = _weigh_rows(self.jacobian, slot.weights, slot.errors, self.scaled, self.scaled_residuals)
-        rows = self.scaled[:count]
-        residuals = self.scaled_residuals[:count]
-        _step(
-            rows.T @ rows, False, rows, residuals, self.coupling, slot.prior_diagonal, slot.prior_gradient, 1e-3, self.step, state.exp,
-            state.rotations, state.transl, self.fitted,
-        )  # fmt: skip
+        targets = FrameTargets(np.zeros((total, 2)), np.ones(total), np.ones(total, dtype=bool), 100.0)
+        for prediction in (None, state):
+            self.fit_frame(state, targets, 500.0, (0.0, 0.0), prediction)
         if not _kernels_ready:
             _kernels_ready = True
             log.info(
                 "per-frame solver kernels ready in %.2f s (numba: compiled on first use, loaded from its cache after)",
                 time.perf_counter() - started,
             )
-
-    # ------------------------------------------------------------------------------------- kernel arguments
-    def _evaluate(self, state: FrameArrays, frame: _Frame, anchor: _Anchor, slot: _Evaluation) -> _Evaluation:
-        """Fill ``slot`` with the joints, landmarks, residuals, cost and prior of ``state``."""
-        pairs = self.pairs
-        slot.row = contour_row(state.rotations[0]) if self.has_contour else 0
-        slot.cost = _evaluate(
-            state.exp, state.rotations, state.transl, self.parents, self.local_rest, self.local_basis, bool(self.layout.corrected),
-            pairs.spans[slot.row], pairs.landmarks, pairs.joints, pairs.weights, pairs.bases, frame.focal, frame.offsets, frame.unit_mask,
-            frame.group_weights, frame.cost_weights, 1.0 / self.config.robust_scale**2, self.fitted, anchor.inverse, anchor.offset,
-            anchor.weights, anchor.diagonals, self.coupling, self.jaw_opening, slot.values, slot.world_rot, slot.world_pos,
-            slot.contributions, slot.points, slot.errors, slot.squared, slot.weights, slot.prior_rows, slot.prior_gradient,
-            slot.prior_diagonal,
-        )  # fmt: skip
-        return slot
-
-    def _linearise(self, state: FrameArrays, slot: _Evaluation, frame: _Frame) -> np.ndarray:
-        """(2L, size) d residual / d [exp, rotation increments of the fitted joints, translation], rows (landmark, u|v)."""
-        pairs = self.pairs
-        _jacobian(
-            slot.points, state.rotations, slot.world_rot, slot.world_pos, pairs.spans[slot.row], pairs.landmarks, pairs.joints,
-            pairs.weights, pairs.bases, slot.contributions, self.joint_coeff_basis, self.joint_offset_basis, self.parents, self.fitted,
-            self.subtree, bool(self.layout.corrected), frame.group_weights, frame.focal_over_scale, self.arms, self.jacobian,
-        )  # fmt: skip
-        return self.jacobian
 
     # ----------------------------------------------------------------------------------------------- solve
     def fit(
@@ -324,58 +284,14 @@ class CpuFrameFitter:
         iterations: int | None = None,
     ) -> FrameFit:
         """:meth:`fit` with one frame's parameters and targets as arrays (TargetBuilder.frame), as the tracker fits
-        each frame: no tensor is made. The result is in the dtype of ``params``."""
-        config = self.config
-        iterations = config.track_iterations if iterations is None else iterations
-        frame = self.frame.observe(targets.pixels, targets.observed, targets.face_size, targets.weights, config, focal, center)
-        state = params.astype(np.float64)
-        anchor = _Anchor(self, None if prediction is None else state if prediction is params else prediction.astype(np.float64))
-        current, spare = self.slots
-        self._evaluate(state, frame, anchor, current)
-        damping = config.initial_damping
-        scaled, residuals, step = self.scaled, self.scaled_residuals, self.step
-        # Chord steps exactly as FrameFitter.fit: the Jacobian is kept while steps are accepted.
-        jacobian, fresh, hessian = None, False, None
-        used = 0
-        for used in range(1, iterations + 1):
-            if jacobian is None:
-                jacobian, fresh = self._linearise(state, current, frame), True
-            # After a refused step from a fresh Jacobian, the state, its weights and so the rows and the normal
-            # equations are the previous iteration's: only the damping changes.
-            augmented = hessian is not None
-            if not augmented:
-                count = _weigh_rows(jacobian, current.weights, current.errors, scaled, residuals)
-                rows = scaled[:count]
-                # NumPy computes a product of an array with its own transpose as a symmetric rank-k update, half the
-                # work of the general product a compiled kernel would make of it.
-                hessian = rows.T @ rows
-            predicted, largest, *moved = _step(
-                hessian, augmented, rows, residuals[:count], self.coupling, current.prior_diagonal, current.prior_gradient, damping,
-                step, state.exp, state.rotations, state.transl, self.fitted,
-            )  # fmt: skip
-            candidate = FrameArrays(*moved)
-            if predicted < config.cost_tolerance * current.cost:
-                state = candidate
-                break
-            evaluated = self._evaluate(candidate, frame, anchor, spare)
-            accept = math.isfinite(evaluated.cost) and evaluated.cost <= current.cost
-            gain = (current.cost - evaluated.cost) / max(current.cost, 1e-12)
-            damping = min(max(damping / 3 if accept else damping * 10, 1e-7), 1e7)
-            if accept:
-                state, current, spare, fresh, hessian = candidate, evaluated, current, False, None
-            elif not fresh:
-                jacobian, hessian = None, None
-            if largest < config.step_tolerance or (accept and gain < config.cost_tolerance):
-                break
-        return self._result(state, current, frame, params.exp.dtype, used)
-
-    def _result(self, state: FrameArrays, slot: _Evaluation, frame: _Frame, dtype: np.dtype, used: int) -> FrameFit:
-        """The fit in ``dtype``, its cost and RMS error rounded to it as FrameFitter's tensors would hold them."""
-        weights = slot.weights
-        mean_square = float(weights @ slot.squared) * self.config.robust_scale**2 / max(float(np.add.reduce(weights)), 1e-12)
-        rms_px = math.sqrt(mean_square) * self.config.noise * frame.face_size
-        cost, rms_px = (float(value) for value in np.array([slot.cost, rms_px]).astype(dtype))
-        return FrameFit(state.astype(dtype), cost, rms_px, used)
+        each frame: no tensor is made. The result is in the dtype of ``params`` (``prediction``'s must match)."""
+        anchor = params if prediction is None else prediction
+        exp, rotations, transl, cost, rms_px, used = _solve_frame(
+            params.exp, params.rotations, params.transl, anchor.exp, anchor.rotations, anchor.transl, prediction is not None,
+            targets.pixels, targets.observed, targets.weights, targets.face_size, focal, float(center[0]), float(center[1]),
+            self.config.track_iterations if iterations is None else iterations, *self.tables,
+        )  # fmt: skip
+        return FrameFit(FrameArrays(exp, rotations, transl), cost, rms_px, used)
 
 
 _kernels_ready = False
@@ -732,67 +648,99 @@ def _weigh_rows(jacobian: np.ndarray, weights: np.ndarray, errors: np.ndarray, s
 
 
 @compiled
-def _damped_step(
-    hessian: np.ndarray, augmented: bool, scaled: np.ndarray, residuals: np.ndarray, coupling: np.ndarray, prior_diagonal: np.ndarray,
-    prior_gradient: np.ndarray, damping: float, step: np.ndarray,
-) -> tuple[float, float]:
-    """The rest of one LM iteration's linear algebra, compiled (numba): it replaces a few dozen NumPy calls whose
-    overhead exceeded their arithmetic.
+def _gram(scaled: np.ndarray, count: int, hessian: np.ndarray) -> None:
+    """(sqrt(w) J)^T (sqrt(w) J) of the first ``count`` rows of ``scaled`` (2 L, size) into ``hessian``
+    (size, size): the upper triangle four rows at a time (each entry read and written once per four rows,
+    the inner loop over contiguous columns so that it vectorises), then mirrored."""
+    size = hessian.shape[0]
+    hessian[:] = 0.0
+    first = 0
+    while first + 4 <= count:
+        r0, r1, r2, r3 = scaled[first], scaled[first + 1], scaled[first + 2], scaled[first + 3]
+        for row in range(size):
+            a0, a1, a2, a3 = r0[row], r1[row], r2[row], r3[row]
+            for column in range(row, size):
+                hessian[row, column] += a0 * r0[column] + a1 * r1[column] + a2 * r2[column] + a3 * r3[column]
+        first += 4
+    for index in range(first, count):
+        rest = scaled[index]
+        for row in range(size):
+            for column in range(row, size):
+                hessian[row, column] += rest[row] * rest[column]
+    for row in range(size):
+        for column in range(row):
+            hessian[row, column] = hessian[column, row]
 
-    ``hessian`` holds (sqrt(w) J)^T (sqrt(w) J) and receives the coupling and the prior's diagonal (unless
-    ``augmented``: it holds them already, from a previous call with the same state); the gradient
-    is (sqrt(w) J)^T sqrt(w) e + the prior's. Then the Marquardt step as engine.fitting's: (H + damping diag(H)
-    + tiny I) step = -gradient, zero if that is not positive definite. ``step`` receives the step; returns the
-    cost decrease the quadratic model predicts and the largest step component.
+
+@compiled
+def _damped_step(
+    hessian: np.ndarray, augmented: bool, scaled: np.ndarray, residuals: np.ndarray, count: int, coupling: np.ndarray,
+    prior_diagonal: np.ndarray, prior_gradient: np.ndarray, damping: float, factor: np.ndarray, step: np.ndarray,
+) -> tuple[float, float]:
+    """The rest of one LM iteration's linear algebra.
+
+    ``hessian`` (size, size) holds (sqrt(w) J)^T (sqrt(w) J) and receives the coupling and the prior's diagonal
+    (unless ``augmented``: it holds them already, from a previous call with the same state); the gradient is
+    (sqrt(w) J)^T sqrt(w) e (the first ``count`` rows of ``scaled`` (2 L, size) and ``residuals`` (2 L,)) + the
+    prior's. Then the Marquardt step as engine.fitting's: (H + damping diag(H) + tiny I) step = -gradient, zero
+    if that is not positive definite, by a Cholesky factorisation U^T U in ``factor`` (size, size), row by row
+    so that every inner loop runs over contiguous entries. ``step`` (size,) receives the step; returns the cost
+    decrease the quadratic model predicts and the largest step component.
     """
     size = hessian.shape[0]
     if not augmented:
         hessian += coupling
-    gradient = scaled.T @ residuals + prior_gradient
+    gradient = prior_gradient.copy()
+    for row in range(count):
+        residual = residuals[row]
+        for column in range(size):
+            gradient[column] += scaled[row, column] * residual
     largest_diagonal = 1e-9
     for index in range(size):
         if not augmented:
             hessian[index, index] += prior_diagonal[index]
         largest_diagonal = max(largest_diagonal, hessian[index, index])
-    damped = hessian.copy()
+    factor[:] = hessian
     for index in range(size):
-        damped[index, index] += hessian[index, index] * damping + 1e-9 * largest_diagonal
+        factor[index, index] += hessian[index, index] * damping + 1e-9 * largest_diagonal
     step[:] = 0.0
-    try:
-        lower = np.linalg.cholesky(damped)
-    except Exception:  # not positive definite: no step
-        return 0.0, 0.0
-    # L L^T x = gradient by substitution; the step is -x.
+    for row in range(size):
+        pivot = factor[row, row]
+        if not pivot > 0.0:  # not positive definite (or not finite): no step
+            return 0.0, 0.0
+        pivot = math.sqrt(pivot)
+        factor[row, row] = pivot
+        for column in range(row + 1, size):
+            factor[row, column] /= pivot
+        for below in range(row + 1, size):
+            share = factor[row, below]
+            for column in range(below, size):
+                factor[below, column] -= share * factor[row, column]
+    # U^T U x = gradient by substitution (U^T forward, U backward); the step is -x.
     solution = gradient.copy()
     for row in range(size):
-        for column in range(row):
-            solution[row] -= lower[row, column] * solution[column]
-        solution[row] /= lower[row, row]
-    for row in range(size - 1, -1, -1):
+        solution[row] /= factor[row, row]
+        value = solution[row]
         for column in range(row + 1, size):
-            solution[row] -= lower[column, row] * solution[column]
-        solution[row] /= lower[row, row]
+            solution[column] -= value * factor[row, column]
+    for row in range(size - 1, -1, -1):
+        value = solution[row]
+        for column in range(row + 1, size):
+            value -= factor[row, column] * solution[column]
+        solution[row] = value / factor[row, row]
     if not np.isfinite(np.sum(solution)):
         return 0.0, 0.0
     largest = 0.0
     for row in range(size):
         step[row] = -solution[row]
         largest = max(largest, abs(solution[row]))
-    predicted = -(gradient @ step) - 0.5 * (step @ (hessian @ step))
+    predicted = 0.0
+    for row in range(size):
+        curvature = 0.0
+        for column in range(size):
+            curvature += hessian[row, column] * step[column]
+        predicted -= gradient[row] * step[row] + 0.5 * step[row] * curvature
     return predicted, largest
-
-
-@compiled
-def _step(
-    hessian: np.ndarray, augmented: bool, scaled: np.ndarray, residuals: np.ndarray, coupling: np.ndarray, prior_diagonal: np.ndarray,
-    prior_gradient: np.ndarray, damping: float, step: np.ndarray, exp: np.ndarray, rotations: np.ndarray, transl: np.ndarray,
-    fitted: np.ndarray,
-) -> tuple[float, float, np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_damped_step` then :func:`_apply_step` in one call (the arguments are theirs): the predicted cost
-    decrease, the largest step component and the state after the step."""
-    predicted, largest = _damped_step(hessian, augmented, scaled, residuals, coupling, prior_diagonal, prior_gradient, damping, step)
-    exp, rotations, transl = _apply_step(exp, rotations, transl, step, fitted)
-    return predicted, largest, exp, rotations, transl
 
 
 @compiled
@@ -815,6 +763,123 @@ def _apply_step(
                     rotation[x, 0] * turns[index, 0, y] + rotation[x, 1] * turns[index, 1, y] + rotation[x, 2] * turns[index, 2, y]
                 )
     return exp + step[:n_exp], turned, transl + step[n_exp + 3 * count :]
+
+
+@compiled
+def _solve_frame(
+    exp: np.ndarray, rotations: np.ndarray, transl: np.ndarray, prediction_exp: np.ndarray, prediction_rotations: np.ndarray,
+    prediction_transl: np.ndarray, predicted: bool, pixels: np.ndarray, observed: np.ndarray, group_weights: np.ndarray,
+    face_size: float, focal: float, center_x: float, center_y: float, iterations: int,
+    noise: float, robust_scale: float, initial_damping: float, cost_tolerance: float, step_tolerance: float, parents: np.ndarray,
+    local_rest: np.ndarray, local_basis: np.ndarray, corrected: bool, has_contour: bool, spans: np.ndarray, landmarks: np.ndarray,
+    joints: np.ndarray, pair_weights: np.ndarray, bases: np.ndarray, joint_coeff_basis: np.ndarray, joint_offset_basis: np.ndarray,
+    fitted: np.ndarray, subtree: np.ndarray, coupling: np.ndarray, jaw_opening: int, prior_weights: np.ndarray,
+    prior_diagonals: np.ndarray,
+    values: np.ndarray, world_rot: np.ndarray, world_pos: np.ndarray, contributions: np.ndarray, points: np.ndarray,
+    errors: np.ndarray, squared: np.ndarray, weights: np.ndarray, prior_rows: np.ndarray, prior_gradient: np.ndarray,
+    prior_diagonal: np.ndarray, offsets: np.ndarray, unit_mask: np.ndarray, frame_weights: np.ndarray, cost_weights: np.ndarray,
+    inverse: np.ndarray, offset: np.ndarray, arms: np.ndarray, jacobian: np.ndarray, scaled: np.ndarray,
+    scaled_residuals: np.ndarray, hessian: np.ndarray, factor: np.ndarray, step: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float, int]:
+    """One frame's whole solve: FrameFitter.fit's Levenberg-Marquardt iterations (residuals, priors, damping,
+    chord steps and stopping rules), in one call.
+
+    The frame: the start exp (E,), rotations (J, 3, 3) and transl (3,) in the tracker's dtype, the prediction
+    in the same (used where ``predicted``), pixels (L, 2) float64, ``observed`` (L,), the landmarks'
+    ``group_weights`` (L,), the face size (pixels), the camera's focal length and centre, and at most
+    ``iterations`` iterations. Then the fitter's settings and tables (CpuFrameFitter.tables: the arguments of
+    :func:`_evaluate` and :func:`_jacobian`, ``spans`` (rows, 2, 2) per contour row, the prior's
+    ``prior_weights`` (2, 2, 2, size) and ``prior_diagonals`` (2, 2, size) without and with a prediction) and
+    the buffers of :class:`_Workspace`. Returns the fitted exp, rotations and transl in the start's dtype, and
+    the cost and RMS error in pixels rounded to it (as FrameFitter's tensors would hold them), and the number
+    of iterations run.
+    """
+    scale = noise * face_size  # pixels per unit of normalised residual
+    focal_over_scale = focal / scale
+    _observations(
+        pixels, observed, group_weights, center_x, center_y, scale, robust_scale * robust_scale, offsets, unit_mask, frame_weights,
+        cost_weights,
+    )  # fmt: skip
+    use = 1 if predicted else 0
+    if predicted:
+        _prediction_terms(
+            prediction_exp.astype(np.float64), prediction_rotations.astype(np.float64), prediction_transl.astype(np.float64), fitted,
+            inverse, offset,
+        )  # fmt: skip
+    else:  # no prediction: the motion weights are zero, so the prior's second row adds nothing
+        offset[:] = 0.0
+        for index in range(fitted.shape[0]):
+            inverse[index] = np.eye(3)
+    term_weights, term_diagonals = prior_weights[use], prior_diagonals[use]
+    inverse_scale_squared = 1.0 / (robust_scale * robust_scale)
+    state_exp, state_rotations, state_transl = exp.astype(np.float64), rotations.astype(np.float64), transl.astype(np.float64)
+    rows = np.zeros(2, np.int64)  # each slot's contour row
+    costs = np.zeros(2)
+    current = 0
+    rows[current] = contour_row(state_rotations[0]) if has_contour else 0
+    costs[current] = _evaluate(
+        state_exp, state_rotations, state_transl, parents, local_rest, local_basis, corrected, spans[rows[current]], landmarks, joints,
+        pair_weights, bases, focal, offsets, unit_mask, frame_weights, cost_weights, inverse_scale_squared, fitted, inverse, offset,
+        term_weights, term_diagonals, coupling, jaw_opening, values[current], world_rot[current], world_pos[current],
+        contributions[current], points[current], errors[current], squared[current], weights[current], prior_rows[current],
+        prior_gradient[current], prior_diagonal[current],
+    )  # fmt: skip
+    damping = initial_damping
+    # Chord steps exactly as FrameFitter.fit: the Jacobian is kept while steps are accepted.
+    linearised, fresh, augmented = False, False, False
+    count = used = 0
+    while used < iterations:
+        used += 1
+        if not linearised:
+            _jacobian(
+                points[current], state_rotations, world_rot[current], world_pos[current], spans[rows[current]], landmarks, joints,
+                pair_weights, bases, contributions[current], joint_coeff_basis, joint_offset_basis, parents, fitted, subtree, corrected,
+                frame_weights, focal_over_scale, arms, jacobian,
+            )  # fmt: skip
+            linearised, fresh = True, True
+        # After a refused step from a fresh Jacobian, the state, its weights and so the rows and the normal
+        # equations are the previous iteration's: only the damping changes.
+        if not augmented:
+            count = _weigh_rows(jacobian, weights[current], errors[current], scaled, scaled_residuals)
+            _gram(scaled, count, hessian)
+        decrease, largest = _damped_step(
+            hessian, augmented, scaled, scaled_residuals, count, coupling, prior_diagonal[current], prior_gradient[current], damping,
+            factor, step,
+        )  # fmt: skip
+        augmented = True
+        moved_exp, moved_rotations, moved_transl = _apply_step(state_exp, state_rotations, state_transl, step, fitted)
+        if decrease < cost_tolerance * costs[current]:
+            state_exp, state_rotations, state_transl = moved_exp, moved_rotations, moved_transl
+            break
+        spare = 1 - current
+        rows[spare] = contour_row(moved_rotations[0]) if has_contour else 0
+        costs[spare] = _evaluate(
+            moved_exp, moved_rotations, moved_transl, parents, local_rest, local_basis, corrected, spans[rows[spare]], landmarks, joints,
+            pair_weights, bases, focal, offsets, unit_mask, frame_weights, cost_weights, inverse_scale_squared, fitted, inverse, offset,
+            term_weights, term_diagonals, coupling, jaw_opening, values[spare], world_rot[spare], world_pos[spare],
+            contributions[spare], points[spare], errors[spare], squared[spare], weights[spare], prior_rows[spare],
+            prior_gradient[spare], prior_diagonal[spare],
+        )  # fmt: skip
+        accept = math.isfinite(costs[spare]) and costs[spare] <= costs[current]
+        gain = (costs[current] - costs[spare]) / max(costs[current], 1e-12)
+        damping = min(max(damping / 3 if accept else damping * 10, 1e-7), 1e7)
+        if accept:
+            state_exp, state_rotations, state_transl = moved_exp, moved_rotations, moved_transl
+            current, fresh, augmented = spare, False, False
+        elif not fresh:
+            linearised, augmented = False, False
+        if largest < step_tolerance or (accept and gain < cost_tolerance):
+            break
+    # The RMS error in pixels of the robust-weighted residuals.
+    weighted = total = 0.0
+    for landmark in range(weights.shape[1]):
+        weighted += weights[current, landmark] * squared[current, landmark]
+        total += weights[current, landmark]
+    rms_px = math.sqrt(weighted * robust_scale * robust_scale / max(total, 1e-12)) * noise * face_size
+    rounded = np.empty(2, exp.dtype)
+    rounded[0], rounded[1] = costs[current], rms_px
+    dtype = exp.dtype
+    return state_exp.astype(dtype), state_rotations.astype(dtype), state_transl.astype(dtype), float(rounded[0]), float(rounded[1]), used
 
 
 def faster_frame_solver(model: LandmarkModel, config: FitConfig, image_size: tuple[int, int], focal: float, repeats: int = 10) -> str:
