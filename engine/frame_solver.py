@@ -115,58 +115,6 @@ class _Pairs:
         self.count = int(bounds[-1])
 
 
-class _Workspace:
-    """Every buffer a frame's solve writes, made once per fitter and reused from frame to frame.
-
-    The two evaluation slots (the current state's and a candidate's) are stacked on a leading axis of 2:
-    ``values`` (2, V) [expression, pose features, 1], ``world_rot`` (2, J, 3, 3), ``world_pos`` (2, J, 3),
-    ``contributions`` (2, P, 3) each pair's share of its landmark in the world, ``points`` (2, L, 3),
-    ``errors`` (2, L, 2) normalised residuals, ``squared`` (2, L) their squared norm over the Cauchy scale
-    squared, ``weights`` (2, L) robust weights, ``prior_rows`` (2, 2, size), ``prior_gradient`` and
-    ``prior_diagonal`` (2, size). A frame's observations: ``offsets`` (L, 2), ``unit_mask``,
-    ``frame_weights`` and ``cost_weights`` (L,) (see :func:`_residuals`); its prediction's terms of the
-    prior: ``inverse`` (F, 3, 3) and ``offset`` (2, size) (see :func:`_prior`). The linear algebra: ``arms``
-    (L, F, 3), ``jacobian`` (2 L, size), ``scaled`` (2 L, size) and ``scaled_residuals`` (2 L,) its weighted
-    rows, ``hessian`` and ``factor`` (size, size), ``step`` (size,).
-    """
-
-    def __init__(self, layout: _Layout, pairs: _Pairs) -> None:
-        n_joints, n_landmarks, size, n_fitted = len(layout.parents), pairs.n_landmarks, layout.size, len(layout.joints)
-        self.values = np.zeros((2, layout.n_values))
-        self.world_rot = np.zeros((2, n_joints, 3, 3))
-        self.world_pos = np.zeros((2, n_joints, 3))
-        self.contributions = np.zeros((2, pairs.count, 3))
-        self.points = np.zeros((2, n_landmarks, 3))
-        self.errors = np.zeros((2, n_landmarks, 2))
-        self.squared = np.zeros((2, n_landmarks))
-        self.weights = np.zeros((2, n_landmarks))
-        self.prior_rows = np.zeros((2, 2, size))
-        self.prior_gradient = np.zeros((2, size))
-        self.prior_diagonal = np.zeros((2, size))
-        self.offsets = np.zeros((n_landmarks, 2))
-        self.unit_mask = np.zeros(n_landmarks)
-        self.frame_weights = np.zeros(n_landmarks)
-        self.cost_weights = np.zeros(n_landmarks)
-        self.inverse = np.zeros((n_fitted, 3, 3))
-        self.offset = np.zeros((2, size))
-        self.arms = np.zeros((n_landmarks, n_fitted, 3))
-        self.jacobian = np.zeros((2 * n_landmarks, size))  # rows: landmark, then u and v
-        self.scaled = np.zeros_like(self.jacobian)
-        self.scaled_residuals = np.zeros(2 * n_landmarks)
-        self.hessian = np.zeros((size, size))
-        self.factor = np.zeros((size, size))
-        self.step = np.zeros(size)
-
-    def arguments(self) -> tuple[np.ndarray, ...]:
-        """The buffers in the order :func:`_solve_frame` takes them."""
-        return (
-            self.values, self.world_rot, self.world_pos, self.contributions, self.points, self.errors, self.squared, self.weights,
-            self.prior_rows, self.prior_gradient, self.prior_diagonal, self.offsets, self.unit_mask, self.frame_weights,
-            self.cost_weights, self.inverse, self.offset, self.arms, self.jacobian, self.scaled, self.scaled_residuals, self.hessian,
-            self.factor, self.step,
-        )  # fmt: skip
-
-
 class CpuFrameFitter:
     """FrameFitter.fit for one frame at a time on the CPU, whatever device the model lives on.
 
@@ -199,17 +147,16 @@ class CpuFrameFitter:
         self.pairs = _Pairs(model, layout, joint_rest[layout.active], self.joint_coeff_basis[layout.active])
         self.has_contour = model.contour is not None
         self.n_landmarks = self.pairs.n_landmarks
-        self.workspace = _Workspace(layout, self.pairs)
         self.group_weights_source: torch.Tensor | None = None
         self.group_weights = np.zeros(self.n_landmarks)
         self._priors(config)
         pairs = self.pairs
         # What every frame passes to _solve_frame after its own arguments, in the kernel's order.
+        settings = np.array([config.noise, config.robust_scale, config.initial_damping, config.cost_tolerance, config.step_tolerance])
         self.tables = (
-            config.noise, config.robust_scale, config.initial_damping, config.cost_tolerance, config.step_tolerance, self.parents,
-            self.local_rest, self.local_basis, bool(layout.corrected), self.has_contour, pairs.spans, pairs.landmarks, pairs.joints,
-            pairs.weights, pairs.bases, self.joint_coeff_basis, self.joint_offset_basis, self.fitted, self.subtree, self.coupling,
-            self.jaw_opening, self.prior_weights, self.prior_diagonals, *self.workspace.arguments(),
+            settings, self.parents, self.local_rest, self.local_basis, bool(layout.corrected), self.has_contour, pairs.spans,
+            pairs.landmarks, pairs.joints, pairs.weights, pairs.bases, self.joint_coeff_basis, self.joint_offset_basis, self.fitted,
+            self.subtree, self.coupling, self.jaw_opening, self.prior_weights, self.prior_diagonals,
         )  # fmt: skip
         self._compile(NUMPY_DTYPES[model.joint_rest.dtype])
 
@@ -769,17 +716,11 @@ def _apply_step(
 def _solve_frame(
     exp: np.ndarray, rotations: np.ndarray, transl: np.ndarray, prediction_exp: np.ndarray, prediction_rotations: np.ndarray,
     prediction_transl: np.ndarray, predicted: bool, pixels: np.ndarray, observed: np.ndarray, group_weights: np.ndarray,
-    face_size: float, focal: float, center_x: float, center_y: float, iterations: int,
-    noise: float, robust_scale: float, initial_damping: float, cost_tolerance: float, step_tolerance: float, parents: np.ndarray,
+    face_size: float, focal: float, center_x: float, center_y: float, iterations: int, settings: np.ndarray, parents: np.ndarray,
     local_rest: np.ndarray, local_basis: np.ndarray, corrected: bool, has_contour: bool, spans: np.ndarray, landmarks: np.ndarray,
     joints: np.ndarray, pair_weights: np.ndarray, bases: np.ndarray, joint_coeff_basis: np.ndarray, joint_offset_basis: np.ndarray,
     fitted: np.ndarray, subtree: np.ndarray, coupling: np.ndarray, jaw_opening: int, prior_weights: np.ndarray,
     prior_diagonals: np.ndarray,
-    values: np.ndarray, world_rot: np.ndarray, world_pos: np.ndarray, contributions: np.ndarray, points: np.ndarray,
-    errors: np.ndarray, squared: np.ndarray, weights: np.ndarray, prior_rows: np.ndarray, prior_gradient: np.ndarray,
-    prior_diagonal: np.ndarray, offsets: np.ndarray, unit_mask: np.ndarray, frame_weights: np.ndarray, cost_weights: np.ndarray,
-    inverse: np.ndarray, offset: np.ndarray, arms: np.ndarray, jacobian: np.ndarray, scaled: np.ndarray,
-    scaled_residuals: np.ndarray, hessian: np.ndarray, factor: np.ndarray, step: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float, int]:
     """One frame's whole solve: FrameFitter.fit's Levenberg-Marquardt iterations (residuals, priors, damping,
     chord steps and stopping rules), in one call.
@@ -787,13 +728,35 @@ def _solve_frame(
     The frame: the start exp (E,), rotations (J, 3, 3) and transl (3,) in the tracker's dtype, the prediction
     in the same (used where ``predicted``), pixels (L, 2) float64, ``observed`` (L,), the landmarks'
     ``group_weights`` (L,), the face size (pixels), the camera's focal length and centre, and at most
-    ``iterations`` iterations. Then the fitter's settings and tables (CpuFrameFitter.tables: the arguments of
-    :func:`_evaluate` and :func:`_jacobian`, ``spans`` (rows, 2, 2) per contour row, the prior's
-    ``prior_weights`` (2, 2, 2, size) and ``prior_diagonals`` (2, 2, size) without and with a prediction) and
-    the buffers of :class:`_Workspace`. Returns the fitted exp, rotations and transl in the start's dtype, and
+    ``iterations`` iterations. Then the fitter's tables (CpuFrameFitter.tables): ``settings`` (5,) FitConfig's
+    noise, robust_scale, initial_damping, cost_tolerance and step_tolerance, the arguments of :func:`_evaluate`
+    and :func:`_jacobian`, ``spans`` (rows, 2, 2) per contour row, the prior's ``prior_weights`` (2, 2, 2,
+    size) and ``prior_diagonals`` (2, 2, size) without and with a prediction.
+
+    Its buffers are made here: each is an argument fewer, and numba's per-argument cost at every call, far
+    larger with the caches cold, exceeds that of a small allocation (the allocator hands back the same memory
+    frame after frame). Returns the fitted exp, rotations and transl in the start's dtype, and
     the cost and RMS error in pixels rounded to it (as FrameFitter's tensors would hold them), and the number
     of iterations run.
     """
+    noise, robust_scale, initial_damping, cost_tolerance, step_tolerance = settings
+    n_joints, n_landmarks, n_pairs, n_fitted = parents.shape[0], group_weights.shape[0], landmarks.shape[0], fitted.shape[0]
+    size, n_values = coupling.shape[0], bases.shape[1]
+    # Two evaluation slots (the current state's and a candidate's) stacked on a leading axis of 2: [expression,
+    # pose features, 1], joints, each pair's share of its landmark in the world, points, normalised residuals,
+    # their squared norm over the Cauchy scale squared, robust weights and the prior's terms.
+    values, world_rot, world_pos = np.zeros((2, n_values)), np.zeros((2, n_joints, 3, 3)), np.zeros((2, n_joints, 3))
+    contributions, points, errors = np.zeros((2, n_pairs, 3)), np.zeros((2, n_landmarks, 3)), np.zeros((2, n_landmarks, 2))
+    squared, weights = np.zeros((2, n_landmarks)), np.zeros((2, n_landmarks))
+    prior_rows, prior_gradient, prior_diagonal = np.zeros((2, 2, size)), np.zeros((2, size)), np.zeros((2, size))
+    # The frame's observations (see _residuals) and its prediction's terms of the prior (see _prior).
+    offsets, unit_mask = np.zeros((n_landmarks, 2)), np.zeros(n_landmarks)
+    frame_weights, cost_weights = np.zeros(n_landmarks), np.zeros(n_landmarks)
+    inverse, offset = np.zeros((n_fitted, 3, 3)), np.zeros((2, size))
+    # The linear algebra: J's rows (landmark, then u and v), their weighted copies, the normal equations.
+    arms, jacobian = np.zeros((n_landmarks, n_fitted, 3)), np.zeros((2 * n_landmarks, size))
+    scaled, scaled_residuals = np.empty((2 * n_landmarks, size)), np.zeros(2 * n_landmarks)
+    hessian, factor, step = np.zeros((size, size)), np.zeros((size, size)), np.zeros(size)
     scale = noise * face_size  # pixels per unit of normalised residual
     focal_over_scale = focal / scale
     _observations(
@@ -807,8 +770,7 @@ def _solve_frame(
             inverse, offset,
         )  # fmt: skip
     else:  # no prediction: the motion weights are zero, so the prior's second row adds nothing
-        offset[:] = 0.0
-        for index in range(fitted.shape[0]):
+        for index in range(n_fitted):
             inverse[index] = np.eye(3)
     term_weights, term_diagonals = prior_weights[use], prior_diagonals[use]
     inverse_scale_squared = 1.0 / (robust_scale * robust_scale)
