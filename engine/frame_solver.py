@@ -597,23 +597,25 @@ def _weigh_rows(jacobian: np.ndarray, weights: np.ndarray, errors: np.ndarray, s
 @compiled
 def _gram(scaled: np.ndarray, count: int, hessian: np.ndarray) -> None:
     """(sqrt(w) J)^T (sqrt(w) J) of the first ``count`` rows of ``scaled`` (2 L, size) into ``hessian``
-    (size, size): the upper triangle four rows at a time (each entry read and written once per four rows,
-    the inner loop over contiguous columns so that it vectorises), then mirrored."""
+    (size, size): the upper triangle four rows at a time (each entry read and written once per four rows),
+    then mirrored. The inner loops run over slices from index 0, which numba's code vectorises; indexing from
+    a variable start instead costs a negative-index check per entry and runs about twice as slow."""
     size = hessian.shape[0]
     hessian[:] = 0.0
     first = 0
     while first + 4 <= count:
-        r0, r1, r2, r3 = scaled[first], scaled[first + 1], scaled[first + 2], scaled[first + 3]
         for row in range(size):
-            a0, a1, a2, a3 = r0[row], r1[row], r2[row], r3[row]
-            for column in range(row, size):
-                hessian[row, column] += a0 * r0[column] + a1 * r1[column] + a2 * r2[column] + a3 * r3[column]
+            a0, a1, a2, a3 = scaled[first, row], scaled[first + 1, row], scaled[first + 2, row], scaled[first + 3, row]
+            out = hessian[row, row:]
+            r0, r1, r2, r3 = scaled[first, row:], scaled[first + 1, row:], scaled[first + 2, row:], scaled[first + 3, row:]
+            for column in range(out.shape[0]):
+                out[column] += a0 * r0[column] + a1 * r1[column] + a2 * r2[column] + a3 * r3[column]
         first += 4
     for index in range(first, count):
-        rest = scaled[index]
         for row in range(size):
-            for column in range(row, size):
-                hessian[row, column] += rest[row] * rest[column]
+            share, out, rest = scaled[index, row], hessian[row, row:], scaled[index, row:]
+            for column in range(out.shape[0]):
+                out[column] += share * rest[column]
     for row in range(size):
         for column in range(row):
             hessian[row, column] = hessian[column, row]
@@ -657,19 +659,21 @@ def _damped_step(
             return 0.0, 0.0
         pivot = math.sqrt(pivot)
         factor[row, row] = pivot
-        for column in range(row + 1, size):
-            factor[row, column] /= pivot
+        pivot_row = factor[row, row + 1 :]
+        for column in range(pivot_row.shape[0]):
+            pivot_row[column] /= pivot
         for below in range(row + 1, size):
-            share = factor[row, below]
-            for column in range(below, size):
-                factor[below, column] -= share * factor[row, column]
+            # Slices from index 0 (see _gram).
+            share, target, source = factor[row, below], factor[below, below:], factor[row, below:]
+            for column in range(target.shape[0]):
+                target[column] -= share * source[column]
     # U^T U x = gradient by substitution (U^T forward, U backward); the step is -x.
     solution = gradient.copy()
     for row in range(size):
         solution[row] /= factor[row, row]
-        value = solution[row]
-        for column in range(row + 1, size):
-            solution[column] -= value * factor[row, column]
+        value, target, source = solution[row], solution[row + 1 :], factor[row, row + 1 :]
+        for column in range(target.shape[0]):
+            target[column] -= value * source[column]
     for row in range(size - 1, -1, -1):
         value = solution[row]
         for column in range(row + 1, size):
