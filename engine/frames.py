@@ -200,7 +200,7 @@ class FrameArrays:
 
     def axis_angle(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """float64 exp (E,), pose (J, 3) axis-angle and transl (3,): what :func:`frame_from_params` takes."""
-        return self.exp.astype(np.float64), axis_angles(self.rotations.astype(np.float64)), self.transl.astype(np.float64)
+        return _axis_angle(self.exp, self.rotations, self.transl)
 
     def finite(self) -> bool:
         return _all_finite(self.exp, self.rotations, self.transl)
@@ -209,6 +209,12 @@ class FrameArrays:
     def neutral(n_exp: int, n_joints: int, dtype: type[np.floating]) -> FrameArrays:
         """Expression zero, every joint at rest, no translation."""
         return FrameArrays(np.zeros(n_exp, dtype), np.tile(np.eye(3, dtype=dtype), (n_joints, 1, 1)), np.zeros(3, dtype))
+
+
+@compiled
+def _axis_angle(exp: np.ndarray, rotations: np.ndarray, transl: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:meth:`FrameArrays.axis_angle` compiled (numba): one call per tracked frame where NumPy would make four."""
+    return exp.astype(np.float64), axis_angles(rotations.astype(np.float64)), transl.astype(np.float64)
 
 
 @compiled

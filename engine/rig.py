@@ -33,6 +33,7 @@ from engine.frames import (
     reference_arrays,
 )
 from engine.head_model import HeadModel
+from engine.jit import compiled
 from engine.landmark_model import LandmarkModel
 from engine.targets import TargetBuilder, groups_for, tracking_head
 
@@ -99,8 +100,8 @@ class HeadRig:
     def root_joint(self, exp: np.ndarray) -> np.ndarray:
         """The root joint of the shaped, expressed template (the pivot of the head rotation), metres.
 
-        ``exp`` may leave out the eyelid weights: they move no joint."""
-        return self.identity.root_rest + self.identity.root_basis[:, : len(exp)] @ exp
+        ``exp`` (E,) float64 may leave out the eyelid weights: they move no joint."""
+        return _root_joint(self.identity.root_rest, self.identity.root_basis, exp)
 
     def root_joints(self, exp: np.ndarray) -> np.ndarray:
         """:meth:`root_joint` of T frames' expressions (T, E): (T, 3) metres."""
@@ -139,3 +140,16 @@ class HeadRig:
     def params_from_frames(self, frames: list[TrackedFrame]) -> FrameParams:
         """Frames as the solvers' batch in the rig's dtype and device (``engine.frames.params_from_frames``)."""
         return params_from_frames(frames, self.options["dtype"], self.options["device"])
+
+
+@compiled
+def _root_joint(rest: np.ndarray, basis: np.ndarray, exp: np.ndarray) -> np.ndarray:
+    """rest (3,) + basis (3, >= E) @ exp (E,), compiled (numba): every tracked frame asks for its root joint,
+    and NumPy's slice and product cost far more than the arithmetic with the caches cold."""
+    joint = np.empty(3)
+    for x in range(3):
+        total = 0.0
+        for column in range(exp.shape[0]):
+            total += basis[x, column] * exp[column]
+        joint[x] = rest[x] + total
+    return joint

@@ -137,6 +137,7 @@ class Tracker:
         rest = FrameArrays.neutral(1, 2, self._numpy_dtype)
         _velocity_prediction(rest.rotations, rest.rotations, rest.transl, rest.transl, 0.5)
         rest.finite()
+        self.rig.root_joint(rest.axis_angle()[0])
         camera_from_world(np.zeros(3), np.zeros(3), np.zeros(3))
         #: Where the FOV comes from: "given" (--fov), "estimated", or "default" (the frames did not determine it).
         self.fov_source = "default" if self.config.fit_fov else "given"
