@@ -606,6 +606,8 @@ def _gram(scaled: np.ndarray, count: int, hessian: np.ndarray) -> None:
     while first + 4 <= count:
         for row in range(size):
             a0, a1, a2, a3 = scaled[first, row], scaled[first + 1, row], scaled[first + 2, row], scaled[first + 3, row]
+            if a0 == 0.0 and a1 == 0.0 and a2 == 0.0 and a3 == 0.0:
+                continue  # adds nothing: a landmark's rows are zero in the expressions and joints that do not move it
             out = hessian[row, row:]
             r0, r1, r2, r3 = scaled[first, row:], scaled[first + 1, row:], scaled[first + 2, row:], scaled[first + 3, row:]
             for column in range(out.shape[0]):
