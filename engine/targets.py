@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.fitting import FitConfig, FrameTargets, Targets, landmark_weights
+from engine.fitting import FitConfig, FrameTargets, Targets, frame_target_arrays, landmark_weights
 from engine.head_model import HeadModel, MediapipeEmbedding
 from engine.jit import compiled
 from engine.landmark_model import LandmarkModel
@@ -209,12 +209,22 @@ class TargetBuilder:
     def frame(self, mp478: np.ndarray | None, lmk68: np.ndarray | None) -> FrameTargets:
         """:meth:`build_frame`'s targets as arrays (for the per-frame solver on the CPU): no tensor made."""
         live = lmk68 is None and mp478 is not None and mp478.shape[0] == N_LANDMARKS and mp478.dtype in self._source_weights
-        if live:  # MediaPipe's points alone: one compiled gather into a buffer that FrameTargets.of copies
-            # (compiled apart: numba compiling both in one function gave face sizes one float32 step off PyTorch's)
-            _gather(mp478, self.sources, self._source_weights[mp478.dtype], self._gathered)
-            return FrameTargets.of(self._gathered, self.weights_array)
+        if live:  # MediaPipe's points alone: one compiled call gathers them into a buffer and makes the arrays
+            pixels, observed, face_size = _gathered_targets(mp478, self.sources, self._source_weights[mp478.dtype], self._gathered)
+            return FrameTargets(pixels, self.weights_array, observed, face_size)
         pixels = self.pixels(None if mp478 is None else mp478[None], None if lmk68 is None else lmk68[None])[0]
         return FrameTargets.of(pixels.astype(self.numpy_dtype, copy=False), self.weights_array)
+
+
+@compiled
+def _gathered_targets(
+    points: np.ndarray, sources: np.ndarray, weights: np.ndarray, out: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`_gather` into ``out``, then :func:`engine.fitting.frame_target_arrays` of it, in one call (each
+    kept a function of its own: numba compiling both as one body gave face sizes one float32 step off
+    PyTorch's)."""
+    _gather(points, sources, weights, out)
+    return frame_target_arrays(out)
 
 
 @compiled

@@ -132,6 +132,10 @@ class Tracker:
             head, self._first_camera, self.config.n_shape, self.config.n_exp, self.config.fit, self.config.device, self.config.dtype
         )
         self._weighted_landmarks = self.rig.targets.weights.numpy(force=True) > 0
+        #: trackable_face's limits, as the floats its compiled code takes.
+        self._face_limits = (
+            float(self.config.min_observed_fraction), float(self.config.min_face_px), float(self.config.min_face_aspect)
+        )
         # The kernels of a frame compiled (or loaded) now, not on the first frame.
         trackable_face(np.zeros((3, 2)), np.ones(3, dtype=bool), np.ones(3, dtype=bool), 0.5, 1.0, 0.0)
         rest = FrameArrays.neutral(1, 2, self._numpy_dtype)
@@ -178,9 +182,11 @@ class Tracker:
         self._camera_changed()
 
     def _camera_changed(self) -> None:
-        """What each frame reads of the rig's camera, as numbers: the focal length in the rig's dtype, and the FOV."""
+        """What each frame reads of the rig's camera, as numbers: the focal length in the rig's dtype, the centre,
+        and the FOV."""
         self._focal = float(self.rig.focal)
         camera = self.rig.camera
+        self._center = camera.center
         self._fov_deg = self.first_fov_deg if camera == self._first_camera else camera.fov_deg
 
     @property
@@ -197,11 +203,7 @@ class Tracker:
 
     def _observed_enough(self, targets: FrameTargets) -> bool:
         """Enough landmarks observed, spanning a face (not a point, a line or a few pixels)."""
-        config = self.config
-        return trackable_face(
-            targets.pixels, targets.observed, self._weighted_landmarks, float(config.min_observed_fraction), float(config.min_face_px),
-            float(config.min_face_aspect),
-        )
+        return trackable_face(targets.pixels, targets.observed, self._weighted_landmarks, *self._face_limits)
 
     def cold_start(self, targets: Targets, model: LandmarkModel | None = None, exp: torch.Tensor | None = None) -> FrameParams:
         """Rigid pose from PnP of the neutral model's landmarks; expression zero, joints at rest."""
@@ -290,7 +292,7 @@ class Tracker:
         prediction: FrameArrays | None = None, iterations: int | None = None,
     ) -> FrameFit:
         """One frame's fit: from the targets' arrays on the CPU solver, else from a batch of one's tensors."""
-        center = self.rig.camera.center
+        center = self._center
         if isinstance(self.fitter, CpuFrameFitter):
             return self.fitter.fit_frame(initial, targets, self._focal, center, prediction, iterations)
         params = initial.as_params(self.config.device)
