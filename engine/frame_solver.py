@@ -3,7 +3,9 @@
 :class:`engine.fitting.FrameFitter` solves batches with PyTorch on any device; for the live case (one frame,
 about 200 residuals x 60 unknowns) its cost is PyTorch's per-operation overhead, not arithmetic. This solver
 runs the same Levenberg-Marquardt iterations (same residuals, priors, damping, chord steps and stopping
-rules, see FrameFitter.fit) as a few kernel calls per iteration, on tables and buffers made once per identity:
+rules, see FrameFitter.fit) as one compiled call per frame, :func:`_solve_frame`, on tables made once per
+identity. Between live frames the caches are cold (the frame was decoded on the same core), and then every
+Python-level call, NumPy call and kernel argument costs far more than its arithmetic:
 
 - tables: a landmark is sum_j Rw_j (S_lj - W_lj Jr_j) + W_lj Pw_j + transl (see engine.landmark_model), a
   sum over its (landmark, joint) *pairs* with a skinning weight (about 1.3 per landmark). Per pair, the table
@@ -14,8 +16,10 @@ rules, see FrameFitter.fit) as a few kernel calls per iteration, on tables and b
   robust residuals and the prior;
 - :func:`_jacobian`: per pair, its landmark's projection times the joint's world rotation times the pair's
   basis, and the closed-form rotation columns from each fitted joint's arm, straight into the rows of J;
-- the normal equations: H = (sqrt(w) J)^T (sqrt(w) J) as NumPy's symmetric rank-k product (half the work of
-  the general product a kernel would make of it), then :func:`_damped_step`'s damped Cholesky solve.
+- the normal equations: H = (sqrt(w) J)^T (sqrt(w) J) by :func:`_gram` (the upper triangle, skipping the
+  columns a landmark does not depend on), then :func:`_damped_step`'s damped Cholesky solve, both in loops
+  that numba vectorises: warm, up to 1.5 times NumPy's symmetric rank-k product and LAPACK's factorisation
+  (FLAME-sized), but without the calls into them, which cost more than that with the caches cold.
 
 Everything that depends only on the identity and the camera (tables for every contour row, index arrays,
 prior weights) is built in the constructor, which the tracker runs when it adopts an identity, off the hot
@@ -118,8 +122,8 @@ class _Pairs:
 class CpuFrameFitter:
     """FrameFitter.fit for one frame at a time on the CPU, whatever device the model lives on.
 
-    Built once per identity (``model`` from LandmarkModel.with_fixed_shape), like FrameFitter; every table and
-    buffer the solve needs is made here, and the kernel is compiled or loaded here. A frame's whole solve is
+    Built once per identity (``model`` from LandmarkModel.with_fixed_shape), like FrameFitter; every table the
+    solve needs is made here, and the kernel is compiled or loaded here. A frame's whole solve is
     one call of :func:`_solve_frame`: between live frames the caches are cold, and each Python-level call and
     object then costs far more than its arithmetic.
     """
