@@ -787,15 +787,19 @@ def _solve_frame(
     state_exp, state_rotations, state_transl = exp.astype(np.float64), rotations.astype(np.float64), transl.astype(np.float64)
     rows = np.zeros(2, np.int64)  # each slot's contour row
     costs = np.zeros(2)
+
+    def evaluate(slot: int, exp: np.ndarray, rotations: np.ndarray, transl: np.ndarray) -> None:
+        """A state's contour row, cost and terms into ``slot`` (numba compiles this closure into the kernel)."""
+        rows[slot] = contour_row(rotations[0]) if has_contour else 0
+        costs[slot] = _evaluate(
+            exp, rotations, transl, parents, local_rest, local_basis, corrected, spans[rows[slot]], landmarks, joints, pair_weights,
+            bases, focal, offsets, unit_mask, frame_weights, cost_weights, inverse_scale_squared, fitted, inverse, offset, term_weights,
+            term_diagonals, coupling, jaw_opening, values[slot], world_rot[slot], world_pos[slot], contributions[slot], points[slot],
+            errors[slot], squared[slot], weights[slot], prior_rows[slot], prior_gradient[slot], prior_diagonal[slot],
+        )  # fmt: skip
+
     current = 0
-    rows[current] = contour_row(state_rotations[0]) if has_contour else 0
-    costs[current] = _evaluate(
-        state_exp, state_rotations, state_transl, parents, local_rest, local_basis, corrected, spans[rows[current]], landmarks, joints,
-        pair_weights, bases, focal, offsets, unit_mask, frame_weights, cost_weights, inverse_scale_squared, fitted, inverse, offset,
-        term_weights, term_diagonals, coupling, jaw_opening, values[current], world_rot[current], world_pos[current],
-        contributions[current], points[current], errors[current], squared[current], weights[current], prior_rows[current],
-        prior_gradient[current], prior_diagonal[current],
-    )  # fmt: skip
+    evaluate(current, state_exp, state_rotations, state_transl)
     damping = initial_damping
     # Chord steps exactly as FrameFitter.fit: the Jacobian is kept while steps are accepted.
     linearised, fresh, augmented = False, False, False
@@ -824,14 +828,7 @@ def _solve_frame(
             state_exp, state_rotations, state_transl = moved_exp, moved_rotations, moved_transl
             break
         spare = 1 - current
-        rows[spare] = contour_row(moved_rotations[0]) if has_contour else 0
-        costs[spare] = _evaluate(
-            moved_exp, moved_rotations, moved_transl, parents, local_rest, local_basis, corrected, spans[rows[spare]], landmarks, joints,
-            pair_weights, bases, focal, offsets, unit_mask, frame_weights, cost_weights, inverse_scale_squared, fitted, inverse, offset,
-            term_weights, term_diagonals, coupling, jaw_opening, values[spare], world_rot[spare], world_pos[spare],
-            contributions[spare], points[spare], errors[spare], squared[spare], weights[spare], prior_rows[spare],
-            prior_gradient[spare], prior_diagonal[spare],
-        )  # fmt: skip
+        evaluate(spare, moved_exp, moved_rotations, moved_transl)
         accept = math.isfinite(costs[spare]) and costs[spare] <= costs[current]
         gain = (costs[current] - costs[spare]) / max(costs[current], 1e-12)
         damping = min(max(damping / 3 if accept else damping * 10, 1e-7), 1e7)
