@@ -731,14 +731,19 @@ def _opened(starting: Future) -> Iterator[Future]:
         starting.add_done_callback(lambda started: started.exception() is None and started.result().close())
 
 
+#: Detected frames the fitting stage waits for before it fits them, one after the other: a thread woken for
+#: each frame finds its caches cold every time (MediaPipe ran on the core in between).
+FIT_BATCH = 8
+
+
 class _FittingStage:
     """The pass's fitting stage: tracks each detected frame (appended to ``points`` by the caller) after those in
     ``results``, journaling each and appending it to ``results``, on a thread of its own at a lower priority.
     MediaPipe's main process sets the pace of the pass, so this thread yields it the cores whenever both want
     them, and the caller's thread only keeps MediaPipe fed.
 
-    :meth:`start` (once the tracker is calibrated) tracks the frames detected so far, then each one announced
-    by :meth:`detected`; :meth:`finish` waits for every frame in ``points``. Leaving the ``with`` block (also on
+    :meth:`start` (once the tracker is calibrated) tracks the frames detected so far, then those announced by
+    :meth:`detected`, :data:`FIT_BATCH` at a time; :meth:`finish` waits for every frame in ``points``. Leaving the ``with`` block (also on
     Ctrl-C or an error) stops after the frame being tracked and waits for it, so the journal holds every frame
     in ``results``. An error on the thread is raised by the next call.
     """
@@ -781,19 +786,22 @@ class _FittingStage:
         try:
             while True:
                 with self._changed:
-                    while len(self._results) >= len(self._points) and not (self._ending or self._stopping):
+                    while len(self._points) - len(self._results) < FIT_BATCH and not (self._ending or self._stopping):
                         self._changed.wait()
                     if self._stopping or len(self._results) >= len(self._points):
                         return
-                index = len(self._results)
+                    end = len(self._points)
                 begun = time.perf_counter()
-                observed = self._points[index]
-                frame = tracker.track(None if np.isnan(observed).all() else observed, None, timestamp=index / self._fps)
-                arrays = tracker.rig.reference_arrays(frame)
-                self._journal.add(arrays)
-                self._results.append(arrays)
+                for index in range(len(self._results), end):
+                    observed = self._points[index]
+                    frame = tracker.track(None if np.isnan(observed).all() else observed, None, timestamp=index / self._fps)
+                    arrays = tracker.rig.reference_arrays(frame)
+                    self._journal.add(arrays)
+                    self._results.append(arrays)
+                    if self._stopping:
+                        break
                 self.seconds += time.perf_counter() - begun
-                self._bar.update()
+                self._bar.update(len(self._results) - self._bar.n)
         except BaseException as error:  # noqa: BLE001 - raised in the caller's thread
             self._error = error
 
