@@ -186,7 +186,7 @@ def iter_detections(
         collected += 1
         return collected - 1, None if found is None else found.points.astype(np.float64), detection.mediapipe_ms
 
-    for frame in read_ahead(iter_frames(source), background=True):  # MediaPipe wins the cores; frames in flight cover the wait
+    for frame in read_ahead(iter_frames(source), depth=8, background=True):  # MediaPipe wins the cores
         if max_frames is not None and frame.index >= max_frames:
             break
         if frame.image.shape[:2] != (height, width):

@@ -5,7 +5,8 @@ the loop's thread (room for one: the newest frame wins), the loop's thread keyfr
 to the preview window. When the queue is full,
 :meth:`DropOldestQueue.offer` drops the oldest waiting item and counts it, so a slow consumer costs dropped
 items, never a stalled producer or a growing backlog; a producer that must deliver everything (a file read
-frame by frame) uses :meth:`DropOldestQueue.hand_over`, which waits for room instead. :meth:`DropOldestQueue.close`
+frame by frame) uses :meth:`DropOldestQueue.hand_over` (or :meth:`DropOldestQueue.hand_over_all`, a burst
+at once), which waits for room instead. :meth:`DropOldestQueue.close`
 ends the stream, optionally with the error that ended it: consumers take what is left, then get None (or the
 error, raised).
 """
@@ -72,6 +73,19 @@ class DropOldestQueue(Generic[Item]):
             if self._closed:
                 return False
             self._items.append(item)
+            self._condition.notify_all()
+            return True
+
+    def hand_over_all(self, items: list[Item]) -> bool:
+        """Wait until there is room for all of ``items`` (at most the capacity), then add them in order; False
+        if the queue closed meanwhile. A producer working in bursts wakes once per burst, not once per item."""
+        if len(items) > self._items.maxlen:
+            raise ValueError(f"{len(items)} items do not fit a queue of {self._items.maxlen}")
+        with self._condition:
+            self._condition.wait_for(lambda: len(self._items) + len(items) <= self._items.maxlen or self._closed)
+            if self._closed:
+                return False
+            self._items.extend(items)
             self._condition.notify_all()
             return True
 

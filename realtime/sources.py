@@ -541,21 +541,29 @@ def open_source(spec: str | int, realtime: bool = True, options: SourceOptions |
 
 def read_ahead(frames: Iterator[Frame], depth: int = 4, background: bool = False) -> Iterator[Frame]:
     """The same frames, decoded up to ``depth`` ahead in a thread of its own (decoding overlaps the caller's
-    work on each frame), at a lower CPU priority if ``background`` (the frames waiting cover its delays); an
-    error while reading is raised here, after the frames before it."""
+    work on each frame); an error while reading is raised here, after the frames before it. A ``background``
+    reader runs at a lower CPU priority and decodes in bursts of half of ``depth``: woken once per burst, its
+    caches are cold once per burst, not once per frame, and the frames waiting cover its delays."""
     handoff: DropOldestQueue[Frame] = DropOldestQueue(depth)
+    burst = max(depth // 2, 1) if background else 1
 
     def read() -> None:
         error: BaseException | None = None
+        decoded: list[Frame] = []
         if background:
             lower_thread_priority()
         try:
             for frame in frames:
-                if not handoff.hand_over(frame):
-                    return  # the consumer stopped
+                decoded.append(frame)
+                if len(decoded) == burst:
+                    if not handoff.hand_over_all(decoded):
+                        return  # the consumer stopped
+                    decoded = []
         except BaseException as exc:  # noqa: BLE001 - raised in the consumer
             error = exc
         finally:
+            if decoded:
+                handoff.hand_over_all(decoded)
             handoff.close(error)
             close = getattr(frames, "close", None)
             if close is not None:

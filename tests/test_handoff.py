@@ -56,6 +56,21 @@ def test_hand_over_waits_for_room_and_drops_nothing() -> None:
     assert queue.get() == 1 and queue.dropped == 0
 
 
+def test_hand_over_all_waits_for_room_for_the_whole_burst() -> None:
+    queue: DropOldestQueue[int] = DropOldestQueue(4)
+    assert queue.hand_over_all([0, 1, 2])
+    burst_done = threading.Event()
+    producer = threading.Thread(target=lambda: queue.hand_over_all([3, 4]) and burst_done.set())
+    producer.start()
+    assert not burst_done.wait(0.1), "two items do not fit beside three in four places"
+    assert queue.get() == 0
+    producer.join(5)
+    assert burst_done.is_set()
+    assert [queue.get() for _ in range(4)] == [1, 2, 3, 4] and queue.dropped == 0
+    with pytest.raises(ValueError):
+        queue.hand_over_all([0] * 5)
+
+
 def test_close_releases_a_waiting_consumer_and_a_waiting_producer() -> None:
     queue: DropOldestQueue[int] = DropOldestQueue(1)
     queue.hand_over(0)
