@@ -36,7 +36,6 @@ from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from engine.cpu_priority import BACKGROUND_NICENESS
@@ -72,6 +71,8 @@ class Detection:
 def resized(image: np.ndarray, size: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
     """`image` at (width, height) `size`: area averaging when shrinking, bilinear when enlarging; written into
     `out` when given (no allocation)."""
+    import cv2  # here, not at the top: MediaPipe's worker imports this module and never resizes (see DEFERRED_MODULES)
+
     shrinking = size[0] * size[1] < image.shape[0] * image.shape[1]
     return cv2.resize(image, size, dst=out, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
@@ -331,9 +332,10 @@ class _DeferredModule(types.ModuleType):
 
 
 #: Imported on first use, not on import, in the worker, which never uses them: MediaPipe's vision package
-#: imports its drawing utilities, which import matplotlib's pyplot (half of MediaPipe's import time, 0.3 s),
-#: and its audio package imports sounddevice, which loads PortAudio (0.05 s).
-DEFERRED_MODULES = ("matplotlib", "matplotlib.pyplot", "sounddevice")
+#: imports its drawing utilities, which import matplotlib's pyplot (half of MediaPipe's import time, 0.3 s)
+#: and OpenCV (0.05-0.1 s; the parent resizes frames into the ring), and its audio package imports
+#: sounddevice, which loads PortAudio (0.05 s).
+DEFERRED_MODULES = ("matplotlib", "matplotlib.pyplot", "cv2", "sounddevice")
 
 
 def defer_unused_imports() -> None:

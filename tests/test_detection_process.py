@@ -106,13 +106,13 @@ def test_a_background_worker_runs_at_a_lower_priority_and_still_detects(frames: 
 
 
 def test_the_worker_detects_without_loading_matplotlib_or_portaudio(frames: list[np.ndarray], landmarker_task: Path) -> None:
-    """MediaPipe's drawing utilities import pyplot, its audio package sounddevice; the worker, which uses
-    neither (nor ZeroMQ), loads none of their compiled libraries (read from the worker's memory map)."""
+    """MediaPipe's drawing utilities import pyplot and OpenCV, its audio package sounddevice; the worker, which
+    uses none of them (nor ZeroMQ), loads none of their compiled libraries (read from the worker's memory map)."""
     with DetectionProcess(LandmarkerConfig(landmarker_task, running_mode="image"), frames[0].shape[:2]) as detector:
         assert detector.detect(frames[0]) is not None
         mapped = Path(f"/proc/{detector.pid}/maps").read_text()
     assert "mediapipe" in mapped
-    assert "matplotlib" not in mapped and "_cffi_backend" not in mapped  # sounddevice's PortAudio binding
+    assert "matplotlib" not in mapped and "cv2" not in mapped and "_cffi_backend" not in mapped  # _cffi: sounddevice's
     assert "libzmq" not in mapped  # the worker needs the schema of flame_client, not its subscriber
 
 
