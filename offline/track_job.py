@@ -5,8 +5,8 @@ input (:mod:`offline.identity_survey`: the sampled frames detected up front and 
 identity); then one pass over the input overlaps decoding (a thread), MediaPipe (a process of its own, a
 few frames in flight, fed by this thread) and tracking with that identity frozen, warm-started, without the
 live output filter (a thread at a lower priority, which yields the cores to MediaPipe), each frame tracked as
-soon as it is detected. A landmarks file is surveyed whole. Work that can wait (making and calibrating the
-tracker, creating the frame files) runs at a lower priority too.
+soon as it is detected. A landmarks file is surveyed whole. Work that can wait (decoding ahead, making and
+calibrating the tracker, creating the frame files) runs at a lower priority too.
 
 :func:`track_input` keeps everything as it goes, so an interrupted run keeps its work and the same call
 continues it. Output in ``DIR`` (format version in ``meta.json``), in the order it is written:
@@ -743,9 +743,9 @@ class _FittingStage:
     them, and the caller's thread only keeps MediaPipe fed.
 
     :meth:`start` (once the tracker is calibrated) tracks the frames detected so far, then those announced by
-    :meth:`detected`, :data:`FIT_BATCH` at a time; :meth:`finish` waits for every frame in ``points``. Leaving the ``with`` block (also on
-    Ctrl-C or an error) stops after the frame being tracked and waits for it, so the journal holds every frame
-    in ``results``. An error on the thread is raised by the next call.
+    :meth:`detected`, :data:`FIT_BATCH` at a time; :meth:`finish` waits for every frame in ``points``. Leaving
+    the ``with`` block (also on Ctrl-C or an error) stops after the frame being tracked and waits for it, so the
+    journal holds every frame in ``results``. An error on the thread is raised by the next call.
     """
 
     def __init__(
