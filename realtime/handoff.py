@@ -68,13 +68,7 @@ class DropOldestQueue(Generic[Item]):
 
     def hand_over(self, item: Item) -> bool:
         """Wait until there is room, then add `item`; False if the queue closed meanwhile."""
-        with self._condition:
-            self._condition.wait_for(lambda: len(self._items) < self._items.maxlen or self._closed)
-            if self._closed:
-                return False
-            self._items.append(item)
-            self._condition.notify_all()
-            return True
+        return self.hand_over_all([item])
 
     def hand_over_all(self, items: list[Item]) -> bool:
         """Wait until there is room for all of ``items`` (at most the capacity), then add them in order; False
