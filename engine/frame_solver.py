@@ -4,8 +4,8 @@
 about 200 residuals x 60 unknowns) its cost is PyTorch's per-operation overhead, not arithmetic. This solver
 runs the same Levenberg-Marquardt iterations (same residuals, priors, damping, chord steps and stopping
 rules, see FrameFitter.fit) as one compiled call per frame, :func:`_solve_frame`, on tables made once per
-identity. Between live frames the caches are cold (the frame was decoded on the same core), and then every
-Python-level call, NumPy call and kernel argument costs far more than its arithmetic:
+identity. Between live frames the caches are cold (the fitting thread sleeps while MediaPipe's process and the
+decoding run), and then every Python-level call, NumPy call and kernel argument costs far more than its arithmetic:
 
 - tables: a landmark is sum_j Rw_j (S_lj - W_lj Jr_j) + W_lj Pw_j + transl (see engine.landmark_model), a
   sum over its (landmark, joint) *pairs* with a skinning weight (about 1.3 per landmark). Per pair, the table
@@ -845,9 +845,9 @@ def _solve_frame(
         weighted += weights[current, landmark] * squared[current, landmark]
         total += weights[current, landmark]
     rms_px = math.sqrt(weighted * robust_scale * robust_scale / max(total, 1e-12)) * noise * face_size
-    rounded = np.empty(2, exp.dtype)
-    rounded[0], rounded[1] = costs[current], rms_px
     dtype = exp.dtype
+    rounded = np.empty(2, dtype)
+    rounded[0], rounded[1] = costs[current], rms_px
     return state_exp.astype(dtype), state_rotations.astype(dtype), state_transl.astype(dtype), float(rounded[0]), float(rounded[1]), used
 
 
